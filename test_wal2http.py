@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 
 import pytest
 import trio
@@ -467,3 +468,539 @@ class TestDeliveryLoop:
             nursery.cancel_scope.cancel()
         assert sink.batches == [[1, 2, 3], [4, 5]]
         assert ack.flushed_lsn == 30
+
+
+# =====================================================================================================
+# Running wal2http against the test cluster
+# =====================================================================================================
+
+
+def make_env(cluster, dbname: str, **overrides) -> dict[str, str]:
+    env = {"DATABASE_URL": cluster.url(dbname), "SLOT_NAME": dbname, "FEEDBACK_INTERVAL_SECS": "0.2",
+           "LOG_LEVEL": "DEBUG"}
+    env.update({k.upper(): str(v) for k, v in overrides.items()})
+    return env
+
+
+def make_config(cluster, dbname: str, **overrides):
+    config, mode = w.load_config([], make_env(cluster, dbname, **overrides))
+    assert mode == "run"
+    return config
+
+
+class MemorySink:
+    """A sink that keeps what it is given; `gate` (a trio.Event) can hold deliveries back."""
+
+    name = "memory"
+
+    def __init__(self, batch_size: int = 1000):
+        self.batch_size = batch_size
+        self.events: list[dict] = []
+        self.gate: trio.Event | None = None
+        self._changed = trio.Event()
+
+    async def deliver(self, events):
+        if self.gate is not None:
+            await self.gate.wait()
+        self.events.extend(events)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, count: int, timeout: float = 30) -> list[dict]:
+        with trio.fail_after(timeout):
+            while len(self.events) < count:
+                await self._changed.wait()
+        return self.events
+
+    async def check(self):
+        return "ok"
+
+    async def aclose(self):
+        pass
+
+
+@contextlib.asynccontextmanager
+async def running(config, sink=None):
+    """wal2http.run in this process until the block ends; yields (sink, ack tracker)."""
+    sink = sink or MemorySink()
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        ack = await nursery.start(lambda task_status: w.run(config, sink=sink, stop=stop, task_status=task_status))
+        yield sink, ack
+        stop.set()
+
+
+async def sql(cluster, dbname: str, *statements: str) -> list[tuple]:
+    """Run statements as the superuser over our own (non-replication) connection."""
+    info = w.parse_database_url(cluster.url(dbname), {})
+    rows = []
+    async with w.open_pg_connection(info, replication=False) as conn:
+        for statement in statements:
+            rows = await conn.simple_query(statement)
+    return rows
+
+
+async def slot_confirmed(cluster, dbname: str, slot: str | None = None) -> int:
+    """The slot's confirmed_flush_lsn (the tests name each database's slot after the database)."""
+    rows = await sql(cluster, dbname, "SELECT confirmed_flush_lsn FROM pg_replication_slots "
+                                      f"WHERE slot_name = {w.quote_literal(slot or dbname)}")
+    return w.parse_lsn(rows[0][0]) if rows and rows[0][0] else 0
+
+
+async def wait_until(predicate, timeout: float = 30, interval: float = 0.05):
+    """Poll an async or sync condition until it holds (for state outside this process)."""
+    with trio.fail_after(timeout):
+        while True:
+            result = predicate()
+            if hasattr(result, "__await__"):
+                result = await result
+            if result:
+                return result
+            await trio.sleep(interval)
+
+
+def data_events(events):
+    return [e for e in events if e["op"] != "message"]
+
+
+# =====================================================================================================
+# PostgreSQL: connection and authentication
+# =====================================================================================================
+
+
+class TestConnection:
+    @pytest.mark.parametrize("user, password, sslmode, tls", [
+        ("postgres", None, "disable", False),
+        ("postgres", None, "prefer", True),
+        ("scram_user", SCRAM_PASSWORD, "require", True),
+        ("scram_user", SCRAM_PASSWORD, "disable", False),
+        ("md5_user", MD5_PASSWORD, "require", True),
+    ])
+    async def test_authentication_methods(self, cluster, user, password, sslmode, tls):
+        info = w.parse_database_url(cluster.url("postgres", user, password, sslmode=sslmode), {})
+        async with w.open_pg_connection(info) as conn:
+            assert isinstance(conn.stream, trio.SSLStream) == tls
+            rows = await conn.simple_query("SELECT current_user, current_setting('TimeZone'), "
+                                           "current_setting('DateStyle')")
+            assert rows == [(user, "UTC", "ISO, MDY")]
+            assert conn.server_version_num >= 100000
+
+    async def test_scram_over_verify_full(self, cluster):
+        url = (f"postgresql://scram_user:{urllib.parse.quote(SCRAM_PASSWORD)}@localhost:{cluster.port}/postgres"
+               f"?sslmode=verify-full&sslrootcert={cluster.ca_file}")
+        async with w.open_pg_connection(w.parse_database_url(url, {})) as conn:
+            assert isinstance(conn.stream, trio.SSLStream)
+            assert await conn.simple_query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == [("t",)]
+
+    async def test_verify_full_refuses_unknown_ca(self, cluster, tmp_path):
+        import trustme
+        other = tmp_path / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(other))
+        url = cluster.url("postgres", "scram_user", "x", sslmode="verify-full", sslrootcert=str(other))
+        with pytest.raises(w.AuthenticationError, match="TLS verification"):
+            async with w.open_pg_connection(w.parse_database_url(url, {})):
+                pass
+
+    async def test_verify_ca_with_ip_host(self, cluster):
+        url = cluster.url("postgres", "scram_user", urllib.parse.quote(SCRAM_PASSWORD),
+                          sslmode="verify-ca", sslrootcert=cluster.ca_file)
+        async with w.open_pg_connection(w.parse_database_url(url, {})) as conn:
+            assert isinstance(conn.stream, trio.SSLStream)
+
+    @pytest.mark.parametrize("user", ["scram_user", "md5_user"])
+    async def test_wrong_password(self, cluster, user):
+        url = cluster.url("postgres", user, "not-the-password", sslmode="require")
+        with pytest.raises(w.AuthenticationError) as info:
+            async with w.open_pg_connection(w.parse_database_url(url, {})):
+                pass
+        assert "password authentication failed" in str(info.value)
+        assert "not-the-password" not in str(info.value)
+
+    async def test_missing_password(self, cluster):
+        url = cluster.url("postgres", "scram_user", None, sslmode="disable")
+        with pytest.raises(w.AuthenticationError, match="PGPASSWORD"):
+            async with w.open_pg_connection(w.parse_database_url(url, {})):
+                pass
+
+    async def test_unix_socket(self, cluster):
+        url = f"postgresql://postgres@{urllib.parse.quote(cluster.socket_dir, safe='')}:{cluster.port}/postgres"
+        async with w.open_pg_connection(w.parse_database_url(url, {})) as conn:
+            assert await conn.simple_query("SELECT 1") == [("1",)]
+
+    async def test_refused_port_is_connection_lost(self):
+        info = w.parse_database_url(f"postgresql://u@127.0.0.1:{free_port()}/d?sslmode=disable", {})
+        with pytest.raises(w.ConnectionLost, match="cannot connect"):
+            async with w.open_pg_connection(info):
+                pass
+
+    async def test_silent_server_times_out(self):
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+            info = w.parse_database_url(f"postgresql://u@127.0.0.1:{port}/d?connect_timeout=1", {})
+            with pytest.raises(w.ConnectionLost, match="connect_timeout"):
+                async with w.open_pg_connection(info):
+                    pass
+
+    async def test_server_error_from_query(self, cluster):
+        info = w.parse_database_url(cluster.url("postgres"), {})
+        async with w.open_pg_connection(info, replication=False) as conn:
+            with pytest.raises(w.ServerError) as error:
+                await conn.simple_query("SELECT 1/0")
+            assert error.value.sqlstate == "22012"
+            assert await conn.simple_query("SELECT 2") == [("2",)]  # the connection is still usable
+
+
+# =====================================================================================================
+# PostgreSQL: end to end, in process
+# =====================================================================================================
+
+
+class TestEndToEnd:
+    async def test_insert_update_delete_default_identity(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, name text, n int)")
+        async with running(make_config(cluster, db)) as (sink, ack):
+            await sql(cluster, db, "INSERT INTO t VALUES (1, 'a', 10), (2, 'b', 20)",
+                      "UPDATE t SET name = 'c' WHERE id = 1",
+                      "UPDATE t SET id = 3 WHERE id = 2",
+                      "DELETE FROM t WHERE id = 3",
+                      "TRUNCATE t")
+            events = await sink.wait_for(6)
+        ops = [(e["op"], e["key"], e["new"], e["old"]) for e in events]
+        assert ops == [
+            ("insert", {"id": 1}, {"id": 1, "name": "a", "n": 10}, None),
+            ("insert", {"id": 2}, {"id": 2, "name": "b", "n": 20}, None),
+            ("update", {"id": 1}, {"id": 1, "name": "c", "n": 10}, None),
+            ("update", {"id": 3}, {"id": 3, "name": "b", "n": 20}, {"id": 2}),
+            ("delete", {"id": 3}, None, {"id": 3}),
+            ("truncate", None, None, None),
+        ]
+        first = events[0]
+        assert list(first) == ["id", "op", "schema", "table", "key", "new", "old", "unchanged_toast",
+                               "xid", "lsn", "commit_lsn", "commit_time", "seq"]
+        assert (first["schema"], first["table"], first["seq"]) == ("public", "t", 0)
+        assert events[1]["seq"] == 1 and events[1]["xid"] == first["xid"]
+        assert first["id"] == f"{first['commit_lsn']}:0"
+        assert first["commit_time"].endswith("Z")
+        assert events[5]["cascade"] is False and events[5]["restart_identity"] is False
+
+    async def test_replica_identity_full_and_nothing(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE f (id int PRIMARY KEY, v text)", "ALTER TABLE f REPLICA IDENTITY FULL",
+                  "CREATE TABLE n (id int, v text)", "ALTER TABLE n REPLICA IDENTITY NOTHING")
+        async with running(make_config(cluster, db)) as (sink, ack):
+            await sql(cluster, db, "INSERT INTO f VALUES (1, 'a')", "UPDATE f SET v = 'b'", "DELETE FROM f",
+                      "INSERT INTO n VALUES (1, 'x')")
+            events = await sink.wait_for(4)
+        insert, update, delete, other = events
+        assert update["key"] == {"id": 1, "v": "b"}  # FULL: every column is the identity
+        assert update["old"] == {"id": 1, "v": "a"} and update["new"] == {"id": 1, "v": "b"}
+        assert delete["old"] == {"id": 1, "v": "b"} and delete["new"] is None
+        assert other["key"] is None and other["new"] == {"id": 1, "v": "x"}
+
+    async def test_unchanged_toast(self, cluster, db):
+        big = "x" * 100_000
+        await sql(cluster, db, "CREATE TABLE d (id int PRIMARY KEY, big text, n int)",
+                  "ALTER TABLE d ALTER big SET STORAGE EXTERNAL",
+                  "CREATE TABLE f (id int PRIMARY KEY, big text, n int)", "ALTER TABLE f REPLICA IDENTITY FULL",
+                  "ALTER TABLE f ALTER big SET STORAGE EXTERNAL")
+        async with running(make_config(cluster, db)) as (sink, ack):
+            await sql(cluster, db, f"INSERT INTO d VALUES (1, '{big}', 1)", "UPDATE d SET n = 2",
+                      f"INSERT INTO f VALUES (1, '{big}', 1)", "UPDATE f SET n = 2")
+            events = await sink.wait_for(4)
+        plain, full = events[1], events[3]
+        assert plain["new"] == {"id": 1, "n": 2} and plain["unchanged_toast"] == ["big"]
+        assert full["new"] == {"id": 1, "big": big, "n": 2} and full["unchanged_toast"] == []
+
+    async def test_logical_messages(self, cluster, db):
+        async with running(make_config(cluster, db)) as (sink, ack):
+            await sql(cluster, db, "SELECT pg_logical_emit_message(true, 'p', 'héllo')",
+                      "SELECT pg_logical_emit_message(false, 'q', '\\xff00'::bytea)")
+            events = await sink.wait_for(2)
+        tx, nontx = events
+        assert (tx["op"], tx["prefix"], tx["content"], tx["transactional"]) == ("message", "p", "héllo", True)
+        assert tx["schema"] is None and tx["table"] is None and tx["seq"] == 0
+        assert nontx["content_base64"] == base64.b64encode(b"\xff\x00").decode()
+        assert nontx["transactional"] is False
+        assert nontx["xid"] is None and nontx["commit_lsn"] is None and nontx["commit_time"] is None
+        assert nontx["id"] == f"{nontx['lsn']}:m"
+
+    async def test_schema_change_mid_stream(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE s (id int PRIMARY KEY, a text)")
+        async with running(make_config(cluster, db)) as (sink, ack):
+            await sql(cluster, db, "INSERT INTO s VALUES (1, 'one')",
+                      "ALTER TABLE s ADD COLUMN b int DEFAULT 7", "INSERT INTO s VALUES (2, 'two', 8)",
+                      "ALTER TABLE s RENAME COLUMN a TO aa", "INSERT INTO s VALUES (3, 'three', 9)",
+                      "ALTER TABLE s DROP COLUMN b", "INSERT INTO s VALUES (4, 'four')",
+                      "ALTER TABLE s ALTER COLUMN aa TYPE int USING length(aa)", "INSERT INTO s VALUES (5, 55)")
+            events = await sink.wait_for(5)
+        assert [e["new"] for e in events] == [
+            {"id": 1, "a": "one"}, {"id": 2, "a": "two", "b": 8}, {"id": 3, "aa": "three", "b": 9},
+            {"id": 4, "aa": "four"}, {"id": 5, "aa": 55}]
+
+    async def test_commit_order_across_concurrent_transactions(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE c (id int PRIMARY KEY, tx text)")
+        info = w.parse_database_url(cluster.url(db), {})
+        async with running(make_config(cluster, db)) as (sink, ack):
+            async with w.open_pg_connection(info, replication=False) as a, \
+                    w.open_pg_connection(info, replication=False) as b:
+                await a.simple_query("BEGIN")
+                await b.simple_query("BEGIN")
+                await a.simple_query("INSERT INTO c VALUES (1, 'a')")
+                await b.simple_query("INSERT INTO c VALUES (2, 'b')")
+                await a.simple_query("INSERT INTO c VALUES (3, 'a')")
+                await b.simple_query("COMMIT")
+                await a.simple_query("COMMIT")
+            events = await sink.wait_for(3)
+        assert [(e["new"]["id"], e["seq"]) for e in events] == [(2, 0), (1, 0), (3, 1)]
+        assert events[1]["xid"] == events[2]["xid"] != events[0]["xid"]
+
+    async def test_savepoint_xid_is_top_level_and_rollback_to_savepoint(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE sp (id int PRIMARY KEY)")
+        async with running(make_config(cluster, db)) as (sink, ack):
+            await sql(cluster, db, "BEGIN; INSERT INTO sp VALUES (1); SAVEPOINT a; INSERT INTO sp VALUES (2); "
+                                   "ROLLBACK TO SAVEPOINT a; SAVEPOINT b; INSERT INTO sp VALUES (3); "
+                                   "RELEASE SAVEPOINT b; COMMIT",
+                      "INSERT INTO sp VALUES (4)")
+            events = await sink.wait_for(3)
+        assert [e["new"]["id"] for e in events] == [1, 3, 4]
+        assert events[0]["xid"] == events[1]["xid"]
+
+    async def test_confirmed_flush_never_passes_undelivered_and_advances_when_idle(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE a (id int PRIMARY KEY)")
+        sink = MemorySink()
+        async with running(make_config(cluster, db), sink) as (sink, ack):
+            await sql(cluster, db, "INSERT INTO a VALUES (1)")
+            await sink.wait_for(1)
+            delivered_end = await wait_until(lambda: ack.flushed_lsn)
+            sink.gate = trio.Event()  # hold the next transaction back
+            (lsn,), = await sql(cluster, db, "INSERT INTO a VALUES (2) RETURNING pg_current_wal_insert_lsn()")
+            held_lsn = w.parse_lsn(lsn)
+            await wait_until(lambda: ack.received_lsn > held_lsn)  # it has reached us...
+            await wait_until(lambda: ack.in_flight == 1)
+            # ...and several status updates later the slot still has not passed it.
+            for _ in range(3):
+                before = trio.current_time()
+                await wait_until(lambda: trio.current_time() - before > 0.25)
+                assert ack.flushed_lsn < held_lsn
+                assert await slot_confirmed(cluster, db) < held_lsn
+            assert len(sink.events) == 1
+            sink.gate.set()
+            await sink.wait_for(2)
+            await wait_until(lambda: slot_confirmed(cluster, db), timeout=10)
+            await wait_until(lambda: _gt(slot_confirmed(cluster, db), held_lsn))
+            # Idle: unrelated WAL (no publication change) still moves the slot forward.
+            (current,), = await sql(cluster, db, "CREATE TABLE unrelated_ddl (x int)",
+                                    "SELECT pg_current_wal_insert_lsn()")
+            await wait_until(lambda: _ge(slot_confirmed(cluster, db), w.parse_lsn(current)))
+        assert delivered_end > 0
+
+    async def test_postgres_restart_is_survived(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE r (id int PRIMARY KEY)")
+        config = make_config(cluster, db)
+        async with running(config) as (sink, ack):
+            await sql(cluster, db, "INSERT INTO r VALUES (1)")
+            await sink.wait_for(1)
+            await trio.to_thread.run_sync(cluster.restart)
+            await wait_until(lambda: _can_connect(cluster, db), timeout=60)
+            await sql(cluster, db, "INSERT INTO r VALUES (2)")
+            events = await sink.wait_for(2, timeout=60)
+        ids = [e["new"]["id"] for e in events]
+        assert ids[-1] == 2 and set(ids) == {1, 2}
+
+
+async def _gt(awaitable, value):
+    return (await awaitable) > value
+
+
+async def _ge(awaitable, value):
+    return (await awaitable) >= value
+
+
+async def _can_connect(cluster, db):
+    try:
+        await sql(cluster, db, "SELECT 1")
+        return True
+    except w.Wal2HttpError:
+        return False
+
+
+# =====================================================================================================
+# PostgreSQL: the command line, as a process
+# =====================================================================================================
+
+SCRIPT = os.path.join(HERE, "wal2http.py")
+
+
+def cli_env(env: dict[str, str]) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "HOOK0_", "HTTP_", "EMAIL_"))}
+    base.pop("DATABASE_URL", None)
+    base.pop("EVENT_SINK", None)
+    base["PYTHONUNBUFFERED"] = "1"
+    return {**base, **env}
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], env=cli_env(env), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+class CliProcess:
+    """wal2http.py as a child process; collects stdout events and stderr lines."""
+
+    def __init__(self, env: dict[str, str], args=(), pause_after: int | None = None):
+        self.env, self.args = env, list(args)
+        self.pause_after = pause_after  # stop reading stdout after this many events (the pipe fills up)
+        self.events: list[dict] = []
+        self.stderr = b""
+        self.process = None
+        self._changed = trio.Event()
+
+    @contextlib.asynccontextmanager
+    async def running(self):
+        self.process = await trio.lowlevel.open_process(
+            [sys.executable, SCRIPT, *self.args], env=cli_env(self.env), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_stdout)
+                nursery.start_soon(self._read_stderr)
+                yield self
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.process.returncode is None:
+                self.process.kill()
+            with trio.CancelScope(shield=True):
+                await self.process.wait()
+
+    async def _read_stdout(self):
+        pending = b""
+        async for data in self.process.stdout:
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            self.events.extend(json.loads(line) for line in lines)
+            self._changed.set()
+            self._changed = trio.Event()
+            if self.pause_after is not None and len(self.events) >= self.pause_after:
+                await trio.sleep_forever()
+        self._changed.set()
+
+    async def _read_stderr(self):
+        async for data in self.process.stderr:
+            self.stderr += data
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_for(self, predicate, timeout: float = 60):
+        with trio.fail_after(timeout):
+            while not predicate(self):
+                if self.process.returncode is not None and not predicate(self):
+                    await trio.sleep(0)
+                await self._changed.wait()
+
+    async def wait_started(self):
+        await self.wait_for(lambda p: b"streaming from slot" in p.stderr)
+
+    async def wait_exit(self, timeout: float = 60) -> int:
+        with trio.fail_after(timeout):
+            return await self.process.wait()
+
+
+class TestCommandLine:
+    def test_help_lists_options(self):
+        result = run_cli(["--help"], {})
+        assert result.returncode == 0
+        for option in ("--database-url", "--slot-name", "--pub-name", "--event-sink", "--check", "--demo"):
+            assert option in result.stdout
+
+    def test_configuration_error_exits_2_with_one_line(self):
+        result = run_cli([], {"DATABASE_URL": "postgresql://u@h/d", "EVENT_SINK": "kafka"})
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            "wal2http: Event sink must be one of: 'http', 'hook0', or 'stdout'"]
+        assert result.stdout == ""
+
+    def test_wrong_password_exits_4_without_the_password(self, cluster, db):
+        url = cluster.url(db, "scram_user", "hunter2-wrong", sslmode="require")
+        result = run_cli([], {"DATABASE_URL": url})
+        assert result.returncode == 4, result.stderr
+        assert "password authentication failed" in result.stderr
+        assert "hunter2-wrong" not in result.stderr + result.stdout
+        assert "Traceback" not in result.stderr
+
+    def test_missing_publication_exits_4(self, cluster, db):
+        result = run_cli([], make_env(cluster, db, pub_name="nope"))
+        assert result.returncode == 4
+        assert "publication 'nope' does not exist" in result.stderr
+        assert "Traceback" not in result.stderr
+
+    def test_missing_slot_without_create_exits_4_with_sql(self, cluster, db):
+        result = run_cli([], make_env(cluster, db, create_slot="false", slot_name="absent"))
+        assert result.returncode == 4
+        assert "pg_create_logical_replication_slot('absent', 'pgoutput')" in result.stderr
+
+    def test_no_replication_privilege_exits_4(self, cluster, db):
+        result = run_cli([], {"DATABASE_URL": cluster.url(db, "norepl_user")})
+        assert result.returncode == 4, result.stderr
+        assert "Traceback" not in result.stderr
+
+    def test_check_passes(self, cluster, db):
+        result = run_cli(["--check"], make_env(cluster, db))
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        assert all(line.startswith("ok ") for line in lines) and len(lines) >= 5
+        assert any("wal_level" in line for line in lines)
+
+    def test_check_reports_failures(self, cluster, db):
+        result = run_cli(["--check"], make_env(cluster, db, pub_name="nope", create_slot="false"))
+        assert result.returncode == 4
+        assert "FAIL publication nope: " in result.stdout
+        assert f"FAIL slot {db}: " in result.stdout
+        assert "ok wal_level" in result.stdout
+
+    def test_check_unreachable_server_is_bounded(self):
+        started = time.monotonic()
+        result = run_cli(["--check"], {"DATABASE_URL": f"postgresql://u:pw@127.0.0.1:{free_port()}/d?connect_timeout=2"})
+        assert result.returncode == 4
+        assert result.stdout.startswith("FAIL connect: ")
+        assert time.monotonic() - started < 15
+
+    def test_demo(self):
+        result = run_cli(["--demo"], {}, timeout=120)
+        assert result.returncode == 0, result.stderr
+        events = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [e["op"] for e in events] == ["insert", "insert", "update", "message", "delete", "truncate"]
+        assert events[0]["new"]["amount"] == "19.90" and events[0]["new"]["tags"] == ["new", "web"]
+        assert "throwaway PostgreSQL is stopped and removed" in result.stderr
+
+    async def test_sigterm_exits_0_and_confirms(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE g (id int PRIMARY KEY)")
+        async with CliProcess(make_env(cluster, db)).running() as proc:
+            await proc.wait_started()
+            (lsn,), = await sql(cluster, db, "INSERT INTO g VALUES (1) RETURNING pg_current_wal_insert_lsn()")
+            await proc.wait_for(lambda p: len(p.events) == 1)
+            proc.process.send_signal(signal.SIGTERM)
+            assert await proc.wait_exit() == 0
+        assert await slot_confirmed(cluster, db) > w.parse_lsn(lsn)
+        assert b"Traceback" not in proc.stderr
+
+    async def test_kill_9_mid_stream_then_restart_delivers_everything(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE k (id int PRIMARY KEY)")
+        env = make_env(cluster, db)
+        async with CliProcess(env, pause_after=3000).running() as proc:
+            await proc.wait_started()
+            await sql(cluster, db, *[f"INSERT INTO k SELECT g FROM generate_series({i * 1000 + 1}, {(i + 1) * 1000}) g"
+                                     for i in range(20)])
+            await proc.wait_for(lambda p: len(p.events) >= 3000)
+            proc.process.kill()  # its stdout is full: it is stuck in the middle of the stream
+            await proc.wait_exit()
+        first = proc.events
+        assert len(first) < 20000
+        async with CliProcess(env).running() as proc:
+            await proc.wait_for(lambda p: first and len({e["new"]["id"] for e in first + p.events}) == 20000)
+            proc.process.send_signal(signal.SIGTERM)
+            assert await proc.wait_exit() == 0
+        seen = {}
+        for event in first + proc.events:
+            assert seen.setdefault(event["id"], event) == event  # a duplicate is the same event, same id
+        assert sorted(e["new"]["id"] for e in seen.values()) == list(range(1, 20001))

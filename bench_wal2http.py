@@ -1,0 +1,271 @@
+"""Benchmark wal2http against pg_recvlogical on the same WAL (run by hand, not in CI).
+
+    python bench_wal2http.py                 # throughput: pg_recvlogical vs wal2http stdout sink
+    python bench_wal2http.py --rows 50000    # fewer rows
+    python bench_wal2http.py --latency       # 200 single-row transactions/s for 10 s: p50/p99
+    python bench_wal2http.py --http          # also the HTTP sink, batch sizes 1 and 500
+
+It starts its own throwaway PostgreSQL (like --demo), creates one slot per consumer before the
+writes, writes the rows in transactions of 1,000, then lets each consumer drain its slot up to the
+same end LSN.  wal2http runs in a child process (so its peak RSS is its own) with the stdout sink
+writing to /dev/null, counting events to prove none is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import trio
+
+import wal2http as w
+
+TABLE_SQL = ("CREATE TABLE bench (id bigserial PRIMARY KEY, name text, amount numeric(12,2), "
+             "created_at timestamptz, payload jsonb)")
+INSERT_SQL = ("INSERT INTO bench (name, amount, created_at, payload) SELECT 'name-' || g, g * 1.25, now(), "
+              "jsonb_build_object('n', g, 'tag', 'bench', 'ok', true) FROM generate_series(1, {n}) g")
+
+
+async def _sql(url: str, *statements: str) -> list[tuple]:
+    rows: list[tuple] = []
+    async with w.open_pg_connection(w.parse_database_url(url, {}), replication=False) as conn:
+        for statement in statements:
+            rows = await conn.simple_query(statement)
+    return rows
+
+
+def sql(url: str, *statements: str) -> list[tuple]:
+    return trio.run(_sql, url, *statements)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The child: wal2http's stdout path to /dev/null, counting events, until the end LSN is confirmed.
+# ---------------------------------------------------------------------------------------------------
+
+
+class _CountingSink(w.StdoutSink):
+    def __init__(self, out, latencies=None):
+        super().__init__(out)
+        self.count = 0
+        self.latencies = latencies
+
+    async def deliver(self, events):
+        await super().deliver(events)
+        self.count += len(events)
+        if self.latencies is not None:
+            now = time.time()
+            for event in events:
+                self.latencies.append(now - _epoch(event["commit_time"]))
+
+
+def _epoch(text: str) -> float:
+    import datetime
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+
+
+async def _child(env: dict, end_lsn: int, expect: int, latency: bool) -> dict:
+    config, _ = w.load_config([], env)
+    latencies = [] if latency else None
+    sink = _CountingSink(open(os.devnull, "wb"), latencies)
+    if config.event_sink == "http":
+        sink = _CountingHttp(w.HttpSink(config))
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        started = time.perf_counter()
+        ack = await nursery.start(lambda task_status: w.run(config, sink=sink, stop=stop, task_status=task_status))
+        while ack.flushed_lsn < end_lsn or sink.count < expect:
+            await trio.sleep(0.005)
+        elapsed = time.perf_counter() - started
+        stop.set()
+    result = {"events": sink.count, "seconds": elapsed,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if latencies:
+        ordered = sorted(latencies)
+        result["p50_ms"] = 1000 * ordered[len(ordered) // 2]
+        result["p99_ms"] = 1000 * ordered[int(len(ordered) * 0.99)]
+    return result
+
+
+class _CountingHttp:
+    def __init__(self, sink):
+        self.sink, self.name, self.batch_size, self.count = sink, sink.name, sink.batch_size, 0
+
+    async def deliver(self, events):
+        await self.sink.deliver(events)
+        self.count += len(events)
+
+    async def check(self):
+        return await self.sink.check()
+
+    async def aclose(self):
+        await self.sink.aclose()
+
+
+def run_child(env: dict, end_lsn: int, expect: int, latency: bool = False) -> dict:
+    spec = json.dumps({"env": env, "end_lsn": end_lsn, "expect": expect, "latency": latency})
+    out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"wal2http child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# A minimal HTTP receiver that parses every body and counts events (for --http).
+# ---------------------------------------------------------------------------------------------------
+
+
+def start_receiver() -> tuple[subprocess.Popen, int]:
+    code = r'''
+import json, socket, sys, h11, trio
+count = 0
+async def handle(stream):
+    global count
+    conn = h11.Connection(h11.SERVER)
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            body = b""
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+            doc = json.loads(body) if body else {}
+            count += len(doc["events"]) if "events" in doc else 1
+            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[("content-length", "0")])))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+            conn.start_next_cycle()
+        elif isinstance(event, h11.ConnectionClosed):
+            return
+async def main():
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    print(listeners[0].socket.getsockname()[1], flush=True)
+    await trio.serve_listeners(handle, listeners)
+trio.run(main)
+'''
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    return proc, int(proc.stdout.readline())
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def pg_recvlogical(cluster: w.DemoCluster, slot: str, end_lsn: int) -> float:
+    binary = os.path.join(cluster.bin, "pg_recvlogical")
+    started = time.perf_counter()
+    subprocess.run([binary, "-d", cluster.url.replace("sslmode=disable", "sslmode=disable&dbname=postgres"),
+                    "--slot", slot, "--start", "-o", "proto_version=1", "-o", "publication_names=bench",
+                    "-E", w.format_lsn(end_lsn), "-f", os.devnull, "--no-loop"], check=True,
+                   **cluster_user_kwargs(cluster))
+    return time.perf_counter() - started
+
+
+def cluster_user_kwargs(cluster) -> dict:
+    return {}
+
+
+def throughput(args) -> None:
+    cluster = w.DemoCluster()
+    try:
+        cluster.start()
+        url = cluster.url
+        consumers = ["ref", "w2h"] + (["http1", "http500"] if args.http else [])
+        sql(url, TABLE_SQL, "CREATE PUBLICATION bench FOR ALL TABLES",
+            *[f"SELECT pg_create_logical_replication_slot('bench_{c}', 'pgoutput')" for c in consumers])
+        started = time.perf_counter()
+        sql(url, *[INSERT_SQL.format(n=1000) for _ in range(args.rows // 1000)])
+        print(f"wrote {args.rows} rows in {time.perf_counter() - started:.1f} s")
+        (end,), = sql(url, "SELECT pg_current_wal_lsn()")
+        end_lsn = w.parse_lsn(end)
+        ref_s = pg_recvlogical(cluster, "bench_ref", end_lsn)
+        ref_rate = args.rows / ref_s
+        print(f"pg_recvlogical: {ref_s:.2f} s, {ref_rate:,.0f} changes/s")
+        env = {"DATABASE_URL": url, "SLOT_NAME": "bench_w2h", "PUB_NAME": "bench", "CREATE_SLOT": "false",
+               "LOG_LEVEL": "WARNING"}
+        result = run_child(env, end_lsn, args.rows)
+        rate = result["events"] / result["seconds"]
+        print(f"wal2http stdout: {result['seconds']:.2f} s, {rate:,.0f} events/s "
+              f"({result['events']} events), ratio {rate / ref_rate:.2f}x, peak RSS {result['peak_rss_mb']:.1f} MB")
+        if args.http:
+            receiver, port = start_receiver()
+            try:
+                for batch, slot in ((1, "bench_http1"), (500, "bench_http500")):
+                    rows = args.rows if batch > 1 else min(args.rows, 20000)
+                    http_env = {**env, "SLOT_NAME": slot, "EVENT_SINK": "http",
+                                "HTTP_ENDPOINT_URL": f"http://127.0.0.1:{port}/hook", "HTTP_BATCH_SIZE": str(batch)}
+                    res = run_child(http_env, end_lsn, args.rows)
+                    r = res["events"] / res["seconds"]
+                    print(f"wal2http http batch={batch}: {res['seconds']:.2f} s, {r:,.0f} events/s, "
+                          f"{r / rate:.2f}x of stdout, peak RSS {res['peak_rss_mb']:.1f} MB")
+            finally:
+                receiver.kill()
+    finally:
+        cluster.remove()
+
+
+def latency(args) -> None:
+    cluster = w.DemoCluster()
+    try:
+        cluster.start()
+        url = cluster.url
+        sql(url, TABLE_SQL, "CREATE PUBLICATION bench FOR ALL TABLES",
+            "SELECT pg_create_logical_replication_slot('bench_lat', 'pgoutput')")
+        env = {"DATABASE_URL": url, "SLOT_NAME": "bench_lat", "PUB_NAME": "bench", "CREATE_SLOT": "false",
+               "LOG_LEVEL": "WARNING"}
+        total = args.rate * args.seconds
+        spec = json.dumps({"env": env, "end_lsn": 0, "expect": total, "latency": True})
+        child = subprocess.Popen([sys.executable, __file__, "--child", spec], stdout=subprocess.PIPE, text=True)
+        time.sleep(2)  # let it connect before the first commit (start-up is not what we measure)
+        trio.run(_write_paced, url, args.rate, args.seconds)
+        out, _ = child.communicate(timeout=120)
+        result = json.loads(out.splitlines()[-1])
+        print(f"latency commit->written: p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms "
+              f"over {result['events']} single-row transactions at {args.rate}/s")
+    finally:
+        cluster.remove()
+
+
+async def _write_paced(url: str, rate: int, seconds: int) -> None:
+    async with w.open_pg_connection(w.parse_database_url(url, {}), replication=False) as conn:
+        start = trio.current_time()
+        for i in range(rate * seconds):
+            await trio.sleep_until(start + i / rate)
+            await conn.simple_query(INSERT_SQL.format(n=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--latency", action="store_true")
+    parser.add_argument("--http", action="store_true")
+    parser.add_argument("--rate", type=int, default=200)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(trio.run(_child, spec["env"], spec["end_lsn"], spec["expect"], spec["latency"])))
+    elif args.latency:
+        latency(args)
+    else:
+        throughput(args)
+
+
+if __name__ == "__main__":
+    main()
