@@ -10,27 +10,46 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
+import datetime
+import email
+import email.policy
+import functools
 import glob
 import hashlib
 import hmac
 import itertools
 import json
+import logging
 import os
+import pathlib
 import pwd
+import random
+import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+import types
 import urllib.parse
+import uuid
+from contextlib import asynccontextmanager
+from functools import partial
 
+import h11
 import pytest
 import trio
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 
 import wal2http as w
+from wal2http import ProtocolError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRAM_PASSWORD = "sCr4m p@ss'word"
@@ -184,6 +203,844 @@ def db(cluster):
     cluster.psql("postgres", f"CREATE DATABASE {name}")
     cluster.psql(name, "CREATE PUBLICATION pub FOR ALL TABLES")
     return name
+
+
+DB_URL = "postgresql://app:Db-Pa55word-1@db.example.org:5432/app"
+DB_PASSWORD = "Db-Pa55word-1"
+APP_ID = "3f1c2a9e-8b7d-4c6e-9f0a-1b2c3d4e5f60"
+HOOK0 = {"HOOK0_API_URL": "https://hook0.example.org", "HOOK0_APPLICATION_ID": APP_ID,
+         "HOOK0_API_TOKEN": "Hook0-T0ken-Secret"}
+
+
+def load(env=None, argv=(), with_db=True):
+    environ = {"DATABASE_URL": DB_URL} if with_db else {}
+    environ.update(env or {})
+    return w.load_config(list(argv), environ)[0]
+
+
+def config_error(env=None, argv=(), with_db=True) -> str:
+    with pytest.raises(w.ConfigError) as info:
+        load(env, argv, with_db)
+    message = str(info.value)
+    assert "\n" not in message and message.strip() == message
+    return message
+
+
+# =====================================================================================================
+# Config
+# =====================================================================================================
+
+class TestConfig:
+    def test_defaults_match_the_contract(self):
+        config, mode = w.load_config([], {"DATABASE_URL": DB_URL})
+        assert mode == "run"
+        assert config.database_url == DB_URL and config.conninfo.host == "db.example.org"
+        assert dataclasses.replace(config, database_url=None, conninfo=None) == w.Config()
+        assert (config.slot_name, config.publications, config.create_slot) == ("sub", ("pub",), True)
+        assert (config.event_sink, config.feedback_interval_s, config.streaming) == ("stdout", 1.0, False)
+        assert (config.on_failure, config.dead_letter_file) == ("exit", "wal2http-dead-letter.jsonl")
+        assert (config.retry_max_attempts, config.retry_base_delay_s, config.retry_max_delay_s) == (5, 1.0, 30.0)
+        assert (config.log_level, config.http_batch_size, config.http_timeout_s) == ("INFO", 1, 10.0)
+        assert (config.http_headers, config.hook0_labels, config.email_to) == ((), (), ())
+        assert (config.email_smtp_port, config.email_smtp_tls) == (587, "starttls")
+        assert not config.hook0_table_events and not config.hook0_create_event_types
+
+    SETTINGS = [
+        ("SLOT_NAME", "my_slot_2", "slot_name", "my_slot_2"),
+        ("SLOT_NAME", "s" * 63, "slot_name", "s" * 63),
+        ("PUB_NAME", " orders , users,orders ", "publications", ("orders", "users")),
+        ("CREATE_SLOT", "No", "create_slot", False),
+        ("EVENT_SINK", "STDOUT", "event_sink", "stdout"),
+        ("FEEDBACK_INTERVAL_SECS", "0.25", "feedback_interval_s", 0.25),
+        ("STREAMING", "on", "streaming", True),
+        ("ON_FAILURE", "Retry", "on_failure", "retry"),
+        ("ON_FAILURE", "skip", "on_failure", "skip"),
+        ("DEAD_LETTER_FILE", "/var/lib/wal2http/dead.jsonl", "dead_letter_file", "/var/lib/wal2http/dead.jsonl"),
+        ("RETRY_MAX_ATTEMPTS", "1", "retry_max_attempts", 1),
+        ("RETRY_BASE_DELAY_MS", "0", "retry_base_delay_s", 0.0),
+        ("RETRY_MAX_DELAY_MS", "60000", "retry_max_delay_s", 60.0),
+        ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
+        ("HTTP_BATCH_SIZE", "50", "http_batch_size", 50),
+        ("HTTP_TIMEOUT_SECS", "2.5", "http_timeout_s", 2.5),
+        ("HTTP_HEADERS", '{"Authorization": "Bearer abc", "X-Team": "data"}', "http_headers",
+         (("Authorization", "Bearer abc"), ("X-Team", "data"))),
+        ("HTTP_SIGNING_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "http_signing_secret",
+         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        ("HTTP_SIGNING_SECRET", "plain secret", "http_signing_secret", "plain secret"),
+        ("HOOK0_TABLE_EVENTS", "1", "hook0_table_events", True),
+        ("HOOK0_CREATE_EVENT_TYPES", "YES", "hook0_create_event_types", True),
+        ("HOOK0_APPLICATION_ID", APP_ID.upper(), "hook0_application_id", APP_ID),
+        ("HOOK0_API_URL", "http://localhost:8081", "hook0_api_url", "http://localhost:8081"),
+        ("HOOK0_LABELS", '{"tenant": "acme", "n": 3, "ok": true, "x": 1.5, "gone": null}', "hook0_labels",
+         (("tenant", "acme"), ("n", "3"), ("ok", "true"), ("x", "1.5"))),
+        ("EMAIL_SMTP_HOST", "smtp.example.org", "email_smtp_host", "smtp.example.org"),
+        ("EMAIL_SMTP_USERNAME", "alerts", "email_smtp_username", "alerts"),
+        ("EMAIL_SMTP_PASSWORD", "pw", "email_smtp_password", "pw"),
+        ("EMAIL_FROM", "wal2http <w@example.org>", "email_from", "wal2http <w@example.org>"),
+        ("EMAIL_TO", " a@example.org , b@example.org ,", "email_to", ("a@example.org", "b@example.org")),
+        ("EMAIL_SMTP_PORT", "2525", "email_smtp_port", 2525),
+        ("EMAIL_SMTP_TLS", "NONE", "email_smtp_tls", "none"),
+    ]
+
+    @pytest.mark.parametrize("source", ["env", "flag", "flag="])
+    @pytest.mark.parametrize("variable,value,field,expected", SETTINGS)
+    def test_each_variable_from_env_or_flag(self, source, variable, value, field, expected):
+        flag = "--" + variable.lower().replace("_", "-")
+        if source == "env":
+            config = load({variable: value})
+        elif source == "flag":
+            config = load(argv=[flag, value])
+        else:
+            config = load(argv=[f"{flag}={value}"])
+        assert getattr(config, field) == expected
+
+    def test_every_option_mirrors_its_variable(self):
+        assert [option.flag for option in w.OPTIONS] == [
+            "--database-url", "--slot-name", "--pub-name", "--create-slot", "--event-sink",
+            "--feedback-interval-secs", "--streaming", "--on-failure", "--dead-letter-file",
+            "--retry-max-attempts", "--retry-base-delay-ms", "--retry-max-delay-ms", "--log-level",
+            "--http-endpoint-url", "--http-batch-size", "--http-timeout-secs", "--http-headers",
+            "--http-signing-secret", "--http-ca-file", "--hook0-api-url", "--hook0-application-id",
+            "--hook0-api-token", "--hook0-table-events", "--hook0-labels", "--hook0-create-event-types",
+            "--email-smtp-host", "--email-smtp-port", "--email-smtp-username", "--email-smtp-password",
+            "--email-from", "--email-to", "--email-smtp-tls"]
+
+    @pytest.mark.parametrize("env,argv,expected", [
+        ({}, [], "sub"),
+        ({"SLOT_NAME": "from_env"}, [], "from_env"),
+        ({"SLOT_NAME": "from_env"}, ["--slot-name", "from_flag"], "from_flag"),
+        ({}, ["--slot-name", "from_flag"], "from_flag"),
+        ({"SLOT_NAME": ""}, [], "sub"),  # an empty variable counts as unset
+        ({"SLOT_NAME": "from_env"}, ["--slot-name="], "sub"),  # an empty flag too, and wins
+    ])
+    def test_flag_over_environment_over_default(self, env, argv, expected):
+        assert load(env, argv).slot_name == expected
+
+    def test_database_url_flag_wins(self):
+        config = load({"DATABASE_URL": "postgresql://u@envhost/d"},
+                      ["--database-url", "postgresql://u@flaghost/d"], with_db=False)
+        assert config.conninfo.host == "flaghost"
+
+    @pytest.mark.parametrize("word,expected", [
+        ("true", True), ("TRUE", True), ("1", True), ("yes", True), ("Yes", True), ("on", True),
+        ("ON", True), ("false", False), ("False", False), ("0", False), ("no", False), ("NO", False),
+        ("off", False), (" off ", False)])
+    def test_booleans(self, word, expected):
+        for variable, field in (("CREATE_SLOT", "create_slot"), ("STREAMING", "streaming"),
+                                ("HOOK0_TABLE_EVENTS", "hook0_table_events"),
+                                ("HOOK0_CREATE_EVENT_TYPES", "hook0_create_event_types")):
+            assert getattr(load({variable: word}), field) is expected
+
+    def test_bare_boolean_flag_means_true(self):
+        config = load({"STREAMING": "false"}, ["--streaming", "--hook0-table-events"])
+        assert config.streaming and config.hook0_table_events
+        assert not load(argv=["--create-slot", "off"]).create_slot
+
+    @pytest.mark.parametrize("word", ["maybe", "2", "ja", "tru"])
+    def test_bad_boolean(self, word):
+        message = config_error({"CREATE_SLOT": word})
+        assert message.startswith("CREATE_SLOT must be true or false")
+
+    @pytest.mark.parametrize("env,expected", [
+        ({}, "stdout"),
+        ({"HTTP_ENDPOINT_URL": "https://hooks.example.org/in"}, "http"),
+        (HOOK0, "hook0"),
+        ({**HOOK0, "HTTP_ENDPOINT_URL": "https://hooks.example.org/in"}, "hook0"),
+        ({"HOOK0_API_URL": "https://h0", "HOOK0_APPLICATION_ID": APP_ID,
+          "HTTP_ENDPOINT_URL": "https://hooks.example.org/in"}, "http"),
+        ({"HOOK0_API_URL": "https://h0", "HOOK0_API_TOKEN": "t"}, "stdout"),
+        ({**HOOK0, "EVENT_SINK": "stdout"}, "stdout"),
+        ({**HOOK0, "HTTP_ENDPOINT_URL": "https://x.example", "EVENT_SINK": "Http"}, "http"),
+        ({"HTTP_ENDPOINT_URL": "https://x.example", "EVENT_SINK": ""}, "http"),
+    ])
+    def test_sink_priority_rule(self, env, expected):
+        assert load(env).event_sink == expected
+
+    @pytest.mark.parametrize("env,port,tls", [
+        ({}, 587, "starttls"),
+        ({"EMAIL_SMTP_PORT": "465"}, 465, "ssl"),
+        ({"EMAIL_SMTP_PORT": "25"}, 25, "starttls"),
+        ({"EMAIL_SMTP_TLS": "ssl"}, 465, "ssl"),
+        ({"EMAIL_SMTP_TLS": "starttls"}, 587, "starttls"),
+        ({"EMAIL_SMTP_TLS": "none"}, 587, "none"),
+        ({"EMAIL_SMTP_TLS": "starttls", "EMAIL_SMTP_PORT": "465"}, 465, "starttls"),
+        ({"EMAIL_SMTP_TLS": "ssl", "EMAIL_SMTP_PORT": "2465"}, 2465, "ssl"),
+    ])
+    def test_smtp_port_and_tls_defaults(self, env, port, tls):
+        config = load(env)
+        assert (config.email_smtp_port, config.email_smtp_tls) == (port, tls)
+
+    EXACT_ERRORS = [
+        ({"EVENT_SINK": "kafka"}, "Event sink must be one of: 'http', 'hook0', or 'stdout'"),
+        ({"EVENT_SINK": "stdout2"}, "Event sink must be one of: 'http', 'hook0', or 'stdout'"),
+        ({"EVENT_SINK": "http"}, "HTTP event sink specified but missing HTTP_ENDPOINT_URL"),
+        ({"EVENT_SINK": "HTTP", **HOOK0}, "HTTP event sink specified but missing HTTP_ENDPOINT_URL"),
+        ({"EVENT_SINK": "hook0"}, "Hook0 event sink specified but missing required configuration "
+                                  "(api_url, application_id, or api_token)"),
+    ] + [
+        ({"EVENT_SINK": "hook0", **{k: v for k, v in HOOK0.items() if k != missing}},
+         "Hook0 event sink specified but missing required configuration "
+         "(api_url, application_id, or api_token)") for missing in HOOK0
+    ]
+
+    @pytest.mark.parametrize("env,message", EXACT_ERRORS)
+    def test_contract_error_messages(self, env, message):
+        assert config_error(env) == message
+
+    NAMED_ERRORS = [
+        ("HTTP_ENDPOINT_URL", "ftp://files.example.org/in"),
+        ("HTTP_ENDPOINT_URL", "hooks.example.org/in"),
+        ("HTTP_ENDPOINT_URL", "https://"),
+        ("HTTP_ENDPOINT_URL", "https://host:99999/"),
+        ("HOOK0_API_URL", "hook0.example.org"),
+        ("HOOK0_APPLICATION_ID", "not-a-uuid"),
+        ("ON_FAILURE", "explode"),
+        ("FEEDBACK_INTERVAL_SECS", "0"),
+        ("FEEDBACK_INTERVAL_SECS", "-1"),
+        ("FEEDBACK_INTERVAL_SECS", "soon"),
+        ("FEEDBACK_INTERVAL_SECS", "inf"),
+        ("FEEDBACK_INTERVAL_SECS", "nan"),
+        ("RETRY_MAX_ATTEMPTS", "0"),
+        ("RETRY_MAX_ATTEMPTS", "1.5"),
+        ("RETRY_BASE_DELAY_MS", "-1"),
+        ("RETRY_MAX_DELAY_MS", "x"),
+        ("RETRY_BASE_DELAY_MS", "40000"),  # above the default maximum of 30000
+        ("HTTP_BATCH_SIZE", "0"),
+        ("HTTP_TIMEOUT_SECS", "0"),
+        ("HTTP_HEADERS", "[1, 2]"),
+        ("HTTP_HEADERS", "{bad json"),
+        ("HTTP_HEADERS", '{"X-Count": 1}'),
+        ("HTTP_HEADERS", '{"bad name": "x"}'),
+        ("HTTP_HEADERS", '{"Content-Length": "10"}'),
+        ("HTTP_HEADERS", '{"X-A": "a\\r\\nX-Injected: 1"}'),
+        ("HTTP_SIGNING_SECRET", "whsec_***not base64***"),
+        ("HTTP_CA_FILE", "/nonexistent/ca.pem"),
+        ("HOOK0_LABELS", '["a"]'),
+        ("HOOK0_LABELS", '{"a": {"nested": 1}}'),
+        ("LOG_LEVEL", "verbose"),
+        ("EMAIL_SMTP_TLS", "tls"),
+        ("EMAIL_SMTP_PORT", "0"),
+        ("EMAIL_SMTP_PORT", "smtp"),
+        ("EMAIL_TO", "ops@example.org, nobody"),
+        ("EMAIL_FROM", "wal2http"),
+        ("SLOT_NAME", "My-Slot"),
+        ("SLOT_NAME", "s" * 64),
+        ("PUB_NAME", "a,,b"),
+        ("CREATE_SLOT", "maybe"),
+        ("STREAMING", "2"),
+        ("DATABASE_URL", "postgresql://u:pw@h/d?sslmode=sometimes"),
+    ]
+
+    @pytest.mark.parametrize("variable,value", NAMED_ERRORS)
+    def test_errors_name_the_variable(self, variable, value):
+        assert variable in config_error({variable: value})
+
+    def test_base_delay_above_max_delay(self):
+        message = config_error({"RETRY_BASE_DELAY_MS": "5000", "RETRY_MAX_DELAY_MS": "1000"})
+        assert message == "RETRY_BASE_DELAY_MS (5000) must not be larger than RETRY_MAX_DELAY_MS (1000)"
+
+    def test_database_url_required_except_in_demo(self):
+        assert config_error(with_db=False).startswith("DATABASE_URL is required")
+        assert config_error({"DATABASE_URL": "  "}, with_db=False).startswith("DATABASE_URL is required")
+        assert config_error(argv=["--check"], with_db=False).startswith("DATABASE_URL is required")
+        config, mode = w.load_config(["--demo"], {})
+        assert mode == "demo" and config.database_url is None and config.conninfo is None
+
+    def test_modes(self):
+        assert w.load_config(["--check"], {"DATABASE_URL": DB_URL})[1] == "check"
+        assert w.load_config([], {"DATABASE_URL": DB_URL})[1] == "run"
+        assert "--check" in config_error(argv=["--check", "--demo"])
+
+    @pytest.mark.parametrize("argv,shown", [
+        (["--databse-url", "postgresql://u:Typo-Secret-9@h/d"], "--databse-url"),
+        (["--databse-url=postgresql://u:Typo-Secret-9@h/d"], "--databse-url"),
+        (["stray", "Typo-Secret-9"], "unexpected arguments"),
+        (["--slot-name"], "--slot-name"),
+        (["--slot"], "--slot"),  # no abbreviations: options stay unambiguous as new ones are added
+    ])
+    def test_command_line_errors_are_config_errors_without_values(self, argv, shown):
+        message = config_error(argv=argv)
+        assert shown in message and "Typo-Secret-9" not in message
+
+    def test_help_lists_every_option_variable_and_default(self, capsys, monkeypatch):
+        monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a help text
+        with pytest.raises(SystemExit) as info:
+            w.load_config(["--help"], {})
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        options = " ".join(out.split("options:", 1)[1].split())
+        for option in w.OPTIONS:
+            assert f"{option.flag} {option.variable}" in options or f"{option.flag} [" in options
+            assert f"[env {option.variable}; default: {option.default}]" in options
+        for flag in ("--check", "--demo", "--version", "--help"):
+            assert flag in out
+        assert "default: sub]" in out and "default: wal2http-dead-letter.jsonl]" in out
+
+    def test_version(self, capsys):
+        with pytest.raises(SystemExit) as info:
+            w.load_config(["--version"], {})
+        assert info.value.code == 0
+        assert w.__version__ in capsys.readouterr().out
+
+    SECRETS = {
+        "DATABASE_URL": ("postgresql://app:Secret-Db-Pw-77@db.example.org/app", "Secret-Db-Pw-77"),
+        "HOOK0_API_TOKEN": ("Secret-Hook0-Token-77", "Secret-Hook0-Token-77"),
+        "EMAIL_SMTP_PASSWORD": ("Secret-Smtp-Pw-77", "Secret-Smtp-Pw-77"),
+        "HTTP_SIGNING_SECRET": ("Secret-Signing-77", "Secret-Signing-77"),
+        "HTTP_HEADERS": ('{"Authorization": "Bearer Secret-Header-77"}', "Secret-Header-77"),
+    }
+    BAD_NEIGHBOURS = [  # (variable, bad value, the secret that value itself carries)
+        ("EVENT_SINK", "hook0", None), ("EVENT_SINK", "http", None),
+        ("EVENT_SINK", "Secret-Hook0-Token-77", None), ("ON_FAILURE", "Secret-Smtp-Pw-77", None),
+        ("SLOT_NAME", "Secret-Signing-77", None), ("HTTP_ENDPOINT_URL", "Secret-Header-77", None),
+        ("HOOK0_APPLICATION_ID", "Secret-Db-Pw-77", None), ("EMAIL_TO", "Secret-Smtp-Pw-77", None),
+        ("RETRY_MAX_ATTEMPTS", "0", None),
+        ("HTTP_ENDPOINT_URL", "ftp://user:Url-Secret-77@h/", "Url-Secret-77"),
+        ("HTTP_HEADERS", '{"Authorization": "Hdr-Secret-77", "X": 1}', "Hdr-Secret-77"),
+        ("HTTP_HEADERS", '{"Authorization": "Hdr-Secret-77", "bad name": "x"}', "Hdr-Secret-77"),
+        ("HTTP_HEADERS", '{"Authorization": "Hdr-Secret-77", "Host": "x"}', "Hdr-Secret-77"),
+        ("HTTP_HEADERS", '{"Authorization": "Hdr-Secret-77\\n"}', "Hdr-Secret-77"),
+        ("HTTP_SIGNING_SECRET", "whsec_Sign-Secret-77!", "Sign-Secret-77"),
+        ("DATABASE_URL", "postgresql://app:Db-Secret-77@db/app?sslmode=Db-Secret-77", "Db-Secret-77"),
+        ("DATABASE_URL", "postgresql://app:Db-Secret-77@db:port/app", "Db-Secret-77"),
+        ("DATABASE_URL", "postgresql://app:Db/Secret-77@db/app", "Secret-77"),
+        ("DATABASE_URL", "postgresql://app:Db-Secret-77@db/app?application_name=x&foo=1", "Db-Secret-77"),
+        ("DATABASE_URL", "host=db password=Db-Secret-77 bogus=1", "Db-Secret-77"),
+        ("DATABASE_URL", "host=db password=Db-Secret 77 port=1", "77"),
+        ("DATABASE_URL", "host=db password=Db-Secret-77 Xyz-77=1", "Xyz-77"),
+        ("DATABASE_URL", "host=db password=Db-Secret-77 xyzsecret=1", "xyzsecret"),
+        ("DATABASE_URL", "host=db password='Db-Secret-77", "Db-Secret-77"),
+        ("DATABASE_URL", "host=db,db2 password=Db-Secret-77", "Db-Secret-77"),
+    ]
+
+    @pytest.mark.parametrize("secret_variable", list(SECRETS))
+    @pytest.mark.parametrize("variable,bad,carried", BAD_NEIGHBOURS)
+    def test_no_secret_in_any_error(self, secret_variable, variable, bad, carried):
+        value, secret = self.SECRETS[secret_variable]
+        env = {secret_variable: value, variable: bad}
+        env.setdefault("DATABASE_URL", DB_URL)
+        message = config_error(env, with_db=False)
+        if secret_variable != variable:
+            assert secret not in message
+        if carried:
+            assert carried not in message
+
+    def test_no_secret_in_repr_or_description(self):
+        config = load({**HOOK0, "EMAIL_SMTP_PASSWORD": "Secret-Smtp-Pw-77",
+                       "HTTP_SIGNING_SECRET": "Secret-Signing-77",
+                       "HTTP_HEADERS": '{"Authorization": "Bearer Secret-Header-77"}'})
+        for text in (repr(config), w.describe_config(config)):
+            for secret in (DB_PASSWORD, "Hook0-T0ken-Secret", "Secret-Smtp-Pw-77", "Secret-Signing-77",
+                           "Secret-Header-77"):
+                assert secret not in text
+        assert set(w.config_secrets(config)) == {DB_PASSWORD, "Hook0-T0ken-Secret", "Secret-Smtp-Pw-77",
+                                                "Secret-Signing-77", "Bearer Secret-Header-77"}
+
+    def test_describe_config(self):
+        config = load({"HTTP_ENDPOINT_URL": "https://user:Url-Pw-1@hooks.example.org:8443/in?token=Tok-1",
+                       "SLOT_NAME": "orders_slot", "PUB_NAME": "a,b", "EMAIL_SMTP_HOST": "smtp",
+                       "EMAIL_FROM": "w@example.org", "EMAIL_TO": "ops@example.org"})
+        line = w.describe_config(config)
+        assert "\n" not in line
+        assert "sink=http https://hooks.example.org:8443/in" in line
+        assert "slot=orders_slot publications=a,b" in line
+        assert "database=postgresql://app:***@db.example.org:5432/app" in line
+        assert "alerts=ops@example.org" in line
+        assert "Url-Pw-1" not in line and "Tok-1" not in line
+        hook0 = w.describe_config(load(HOOK0))
+        assert "sink=hook0 https://hook0.example.org" in hook0 and APP_ID in hook0
+        assert "database=(demo)" in w.describe_config(w.load_config(["--demo"], {})[0])
+
+    @pytest.mark.parametrize("env,enabled,warning", [
+        ({}, False, None),
+        ({"EMAIL_SMTP_HOST": "smtp", "EMAIL_FROM": "w@x.org", "EMAIL_TO": "o@x.org"}, True, None),
+        ({"EMAIL_SMTP_HOST": "smtp"}, False, "missing: EMAIL_FROM, EMAIL_TO"),
+        ({"EMAIL_TO": "o@x.org", "EMAIL_FROM": "w@x.org"}, False, "missing: EMAIL_SMTP_HOST"),
+        ({"EMAIL_SMTP_HOST": "smtp", "EMAIL_FROM": "w@x.org", "EMAIL_TO": "o@x.org",
+          "EMAIL_SMTP_USERNAME": "u"}, True, "set together"),
+        ({"EMAIL_SMTP_HOST": "smtp", "EMAIL_FROM": "w@x.org", "EMAIL_TO": "o@x.org",
+          "EMAIL_SMTP_USERNAME": "u", "EMAIL_SMTP_PASSWORD": "p", "EMAIL_SMTP_TLS": "none"},
+         True, "unencrypted"),
+        ({"HOOK0_API_URL": "https://h0.example"}, False, "HOOK0_* settings are ignored"),
+        ({**HOOK0, "HTTP_ENDPOINT_URL": "https://x.example"}, False, "HTTP_ENDPOINT_URL is ignored"),
+    ])
+    def test_email_enabled_and_warnings(self, env, enabled, warning):
+        config = load(env)
+        assert w.email_enabled(config) is enabled
+        warnings = w.config_warnings(config)
+        if warning is None:
+            assert warnings == []
+        else:
+            assert any(warning in text for text in warnings), warnings
+        assert all("\n" not in text and "p" != text for text in warnings)
+
+    def test_http_ca_file_must_exist(self, tmp_path):
+        ca = tmp_path / "ca.pem"
+        ca.write_text("-----BEGIN CERTIFICATE-----\n")
+        assert load({"HTTP_CA_FILE": str(ca)}).http_ca_file == str(ca)
+
+
+# =====================================================================================================
+# DATABASE_URL
+# =====================================================================================================
+
+PG_ENV = {"PGHOST": "envhost", "PGPORT": "6000", "PGUSER": "envuser", "PGPASSWORD": "envpw",
+          "PGDATABASE": "envdb", "PGSSLMODE": "verify-full", "PGSSLROOTCERT": "/env/root.crt",
+          "PGSSLCERT": "/env/client.crt", "PGSSLKEY": "/env/client.key", "PGCONNECT_TIMEOUT": "7",
+          "PGAPPNAME": "envapp"}
+
+
+def conninfo(text, **env):
+    env.setdefault("PGUSER", "osuser")
+    return w.parse_database_url(text, env)
+
+
+class TestConnInfo:
+    PARSED = [
+        ("postgresql://user:secret@db.example.com:5433/mydb",
+         dict(host="db.example.com", port=5433, user="user", password="secret", dbname="mydb")),
+        ("postgres://u@h/d", dict(host="h", port=5432, user="u", password=None, dbname="d")),
+        ("postgresql://us%40er:p%40ss%3Aw%2Fd%20x@h/my%20db",
+         dict(user="us@er", password="p@ss:w/d x", dbname="my db")),
+        ("postgresql://u:p@ss@h/d", dict(user="u", password="p@ss", host="h")),
+        ("postgresql://u:@h/d", dict(password=None)),
+        ("postgresql://u@[::1]:5433/d", dict(host="::1", port=5433)),
+        ("postgresql://[2001:db8::1]/d", dict(host="2001:db8::1", port=5432, user="osuser")),
+        ("postgresql://[fe80::1%25eth0]:5433/d", dict(host="fe80::1%eth0", port=5433)),
+        ("postgresql:///mydb?host=/var/run/postgresql", dict(host="/var/run/postgresql", dbname="mydb")),
+        ("postgresql://%2Fvar%2Frun%2Fpostgresql/mydb", dict(host="/var/run/postgresql", dbname="mydb")),
+        ("postgresql://%2Ftmp:5433", dict(host="/tmp", port=5433, dbname="osuser")),
+        ("postgresql://h/d?sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/c.pem&sslkey=/k.pem"
+         "&connect_timeout=5&application_name=my%20app",
+         dict(sslmode="verify-full", sslrootcert="/ca.pem", sslcert="/c.pem", sslkey="/k.pem",
+              connect_timeout_s=5.0, application_name="my app")),
+        ("postgresql://h/d?ssl=true", dict(sslmode="require")),
+        ("postgresql://h/d?sslmode=REQUIRE", dict(sslmode="require")),
+        ("postgresql://u@h:1/d?port=2&user=v&dbname=e", dict(port=2, user="v", dbname="e")),
+        ("postgresql://h/d?password=q%26p", dict(password="q&p")),
+        ("postgresql://h/d?keepalives=1&target_session_attrs=read-write&gssencmode=disable", dict(host="h")),
+        ("postgresql://", dict(host="localhost", port=5432, user="osuser", dbname="osuser")),
+        ("host=h port=5433 user=u password=secret dbname=d",
+         dict(host="h", port=5433, user="u", password="secret", dbname="d")),
+        ("  host = h   port= 5433\tdbname =d  ", dict(host="h", port=5433, dbname="d")),
+        (r"password='it\'s a \\ secret' user=u", dict(password="it's a \\ secret", user="u")),
+        (r"password=a\ b", dict(password="a b")),
+        ("password='' host=h", dict(password=None, host="h")),
+        ("application_name='my app' dbname='x y'", dict(application_name="my app", dbname="x y")),
+        ("host=/tmp dbname=x", dict(host="/tmp", dbname="x")),
+        ("host=h sslmode=disable keepalives_idle=30 client_encoding=UTF8 channel_binding=prefer",
+         dict(sslmode="disable")),
+        ("fallback_application_name=tool", dict(application_name="tool")),
+        ("application_name=mine fallback_application_name=tool", dict(application_name="mine")),
+        ("", dict(host="localhost", port=5432, user="osuser", dbname="osuser", sslmode="prefer",
+                  connect_timeout_s=10.0, application_name="wal2http", password=None)),
+        ("host=h connect_timeout=0", dict(connect_timeout_s=10.0)),
+        ("host=h connect_timeout=-5", dict(connect_timeout_s=10.0)),
+        ("host=h connect_timeout=1", dict(connect_timeout_s=2.0)),
+        ("host=h connect_timeout=30", dict(connect_timeout_s=30.0)),
+    ]
+
+    @pytest.mark.parametrize("text,expected", PARSED)
+    def test_parse(self, text, expected):
+        info = conninfo(text)
+        assert {name: getattr(info, name) for name in expected} == expected
+
+    def test_unix_socket_flag(self):
+        assert conninfo("host=/var/run/postgresql").is_unix_socket
+        assert not conninfo("host=db").is_unix_socket
+
+    def test_environment_fills_what_the_string_leaves_out(self):
+        info = w.parse_database_url("postgresql://", PG_ENV)
+        assert info == w.ConnInfo(host="envhost", port=6000, user="envuser", password="envpw",
+                                  dbname="envdb", sslmode="verify-full", sslrootcert="/env/root.crt",
+                                  sslcert="/env/client.crt", sslkey="/env/client.key",
+                                  connect_timeout_s=7.0, application_name="envapp")
+        assert w.parse_database_url("dbname=only", PG_ENV).host == "envhost"
+
+    @pytest.mark.parametrize("text", [
+        "postgresql://u:pw@h:5433/d?sslmode=disable&sslrootcert=/r&sslcert=/c&sslkey=/k"
+        "&connect_timeout=3&application_name=app",
+        "host=h port=5433 user=u password=pw dbname=d sslmode=disable sslrootcert=/r sslcert=/c "
+        "sslkey=/k connect_timeout=3 application_name=app",
+    ])
+    def test_string_wins_over_environment(self, text):
+        info = w.parse_database_url(text, PG_ENV)
+        assert info == w.ConnInfo(host="h", port=5433, user="u", password="pw", dbname="d",
+                                  sslmode="disable", sslrootcert="/r", sslcert="/c", sslkey="/k",
+                                  connect_timeout_s=3.0, application_name="app")
+
+    def test_defaults_without_environment(self, monkeypatch):
+        monkeypatch.setattr(w.getpass, "getuser", lambda: "alice")
+        info = w.parse_database_url("postgresql://", {})
+        assert info == w.ConnInfo(host="localhost", port=5432, user="alice", password=None,
+                                  dbname="alice", sslmode="prefer", sslrootcert=None, sslcert=None,
+                                  sslkey=None, connect_timeout_s=10.0, application_name="wal2http")
+        assert w.parse_database_url("postgresql://h/x", {"PGUSER": "bob"}).dbname == "x"
+        assert w.parse_database_url("user=carol", {}).dbname == "carol"
+
+    def test_unknown_os_user_falls_back_to_postgres(self, monkeypatch):
+        def no_user():
+            raise OSError("no user")
+        monkeypatch.setattr(w.getpass, "getuser", no_user)
+        assert w.parse_database_url("host=h", {}).user == "postgres"
+
+    def test_empty_environment_value_counts_as_unset(self):
+        assert conninfo("dbname=d", PGHOST="", PGPORT="").host == "localhost"
+
+    ERRORS = [
+        ("postgresql://u:s3cretPW@h/d?sslmode=bogus", "sslmode must be one of"),
+        ("host=h password=s3cretPW sslmode=always", "sslmode must be one of"),
+        ("postgresql://u:s3cretPW@h:abc/d", "port"),
+        ("postgresql://u:s3cretPW@h:0/d", "port"),
+        ("postgresql://u:s3cretPW@h:70000/d", "port"),
+        ("host=h port=５４３２ password=s3cretPW", "port"),
+        ("postgresql://u:s3cretPW@h1:5432,h2:5433/d", "several hosts"),
+        ("postgresql://u:s3cretPW@[::1]:5432,[::2]/d", "several hosts"),
+        ("host=a,b password=s3cretPW", "several hosts"),
+        ("host=a port=1,2 password=s3cretPW", "several ports"),
+        ("host=h foo=bar password=s3cretPW", "unsupported keyword 'foo'"),
+        ("postgresql://u:s3cretPW@h/d?foo=bar", "unsupported keyword 'foo'"),
+        ("host=h service=prod password=s3cretPW", "unsupported keyword 'service'"),
+        ("host=h gssencmode=require password=s3cretPW", "not supported"),
+        ("host=h channel_binding=require password=s3cretPW", "not supported"),
+        ("password='s3cretPW", "no closing quote"),
+        ("password='s3cretPW\\", "lone backslash"),
+        ("host password=s3cretPW", "missing its '='"),
+        ("password=s3cretPW x", "missing its '='"),
+        ("password=s3cret PW=1", "after the password"),
+        ("mydb", "must start with postgresql://"),
+        ("postgresql://u:%zzs3cretPW@h/d", "percent-encoding"),
+        ("postgresql://u:s3cretPW%ff@h/d", "UTF-8"),
+        ("postgresql://u:s3cretPW%00@h/d", "NUL"),
+        ("postgresql://u:s3cretPW@[::1/d", "']'"),
+        ("postgresql://u:s3cretPW@[::1]x/d", "']'"),
+        ("postgresql://u:s3cretPW@h/d?sslmode", "query parameter"),
+        ("http://u:s3cretPW@h/d", "must start with postgresql://"),
+        ("host=h connect_timeout=abc password=s3cretPW", "connect_timeout"),
+        ("host=h connect_timeout=2.5 password=s3cretPW", "connect_timeout"),
+    ]
+
+    @pytest.mark.parametrize("text,fragment", ERRORS)
+    def test_errors(self, text, fragment):
+        with pytest.raises(w.ConfigError) as info:
+            conninfo(text)
+        message = str(info.value)
+        assert fragment in message and "DATABASE_URL" in message and "\n" not in message
+        assert "s3cret" not in message and "PW" not in message
+
+    @pytest.mark.parametrize("variable,value,fragment", [
+        ("PGPORT", "abc", "port"), ("PGHOST", "a,b", "several hosts"),
+        ("PGSSLMODE", "strict", "sslmode"), ("PGCONNECT_TIMEOUT", "soon", "connect_timeout"),
+    ])
+    def test_environment_errors_name_both(self, variable, value, fragment):
+        with pytest.raises(w.ConfigError) as info:
+            w.parse_database_url("dbname=d", {variable: value, "PGPASSWORD": "s3cretPW"})
+        message = str(info.value)
+        assert fragment in message and "DATABASE_URL" in message and variable in message
+        assert "s3cretPW" not in message
+
+    @pytest.mark.parametrize("text,masked", [
+        ("postgresql://u:secret@h:5432/d?sslmode=require", "postgresql://u:***@h:5432/d?sslmode=require"),
+        ("postgres://u:s%40cret@[::1]:5433/d", "postgres://u:***@[::1]:5433/d"),
+        ("postgresql://u@h/d", "postgresql://u@h/d"),
+        ("postgresql://h/d", "postgresql://h/d"),
+        ("postgresql://u:p@ss@h/d", "postgresql://u:***@h/d"),
+        ("postgresql://u:p/ss@h/d", "postgresql://u:***@h/d"),
+        ("postgresql://u@h/d?password=secret&sslmode=require",
+         "postgresql://u@h/d?password=***&sslmode=require"),
+        ("host=h password=secret user=u", "host=h password=*** user=u"),
+        (r"host=h password = 'se cret\'x' user=u", "host=h password = *** user=u"),
+        ("host=h password='unterminated secret", "host=h password=***"),
+        ("host=h user=u", "host=h user=u"),
+        ("password=secret", "password=***"),
+    ])
+    def test_mask_url(self, text, masked):
+        assert w.mask_url(text) == masked
+        assert "secret" not in w.mask_url(text) and "p@ss" not in w.mask_url(text)
+
+
+# =====================================================================================================
+# Alerts
+# =====================================================================================================
+
+class RecordingHandler:
+    """aiosmtpd handler keeping every message it receives."""
+
+    def __init__(self):
+        self.messages = []
+
+    async def handle_DATA(self, server, session, envelope):
+        auth = session.auth_data
+        self.messages.append(types.SimpleNamespace(
+            mail_from=envelope.mail_from, rcpt_tos=list(envelope.rcpt_tos), tls=session.ssl is not None,
+            login=auth.login.decode() if auth else None,
+            mail=email.message_from_bytes(envelope.original_content, policy=email.policy.default)))
+        return "250 OK"
+
+
+class LoopbackController(Controller):
+    """aiosmtpd's Controller on an OS-chosen port (it checks readiness by connecting to .port)."""
+
+    def _trigger_server(self):
+        self.port = self.server.sockets[0].getsockname()[1]
+        super()._trigger_server()
+
+
+@contextlib.contextmanager
+def smtp_server(**kwargs):
+    handler = RecordingHandler()
+    controller = LoopbackController(handler, hostname="127.0.0.1", port=0, **kwargs)
+    controller.start()
+    try:
+        yield handler, controller.port
+    finally:
+        controller.stop()
+
+
+def mail_config(port, tls="none", **overrides):
+    settings = dict(email_smtp_host="127.0.0.1", email_smtp_port=port, email_smtp_tls=tls,
+                    email_from="wal2http@example.org", email_to=("ops@example.org",))
+    return w.Config(**{**settings, **overrides})
+
+
+@contextlib.asynccontextmanager
+async def running_alerter(config, **kwargs):
+    alerter = w.Alerter(config, **kwargs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(alerter.run)
+        yield alerter
+        nursery.cancel_scope.cancel()
+
+
+async def wait_until_true(predicate, timeout_s=10.0):
+    with trio.fail_after(timeout_s):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+def logged(caplog, fragment):
+    return [r for r in caplog.records if fragment in r.getMessage()]
+
+
+@pytest.fixture
+def tls_contexts():
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class TestAlerts:
+    async def test_alert_mail_arrives(self, caplog):
+        caplog.set_level(logging.DEBUG, logger="wal2http")
+        with smtp_server() as (handler, port):
+            async with running_alerter(mail_config(port, slot_name="orders")) as alerter:
+                alerter.alert("sink", "HTTP sink failing", "503 Service Unavailable from hooks.example.org")
+                await wait_until_true(lambda: handler.messages)
+        received = handler.messages[0]
+        assert received.mail_from == "wal2http@example.org"
+        assert received.rcpt_tos == ["ops@example.org"]
+        assert received.mail["Subject"] == "[wal2http] ALERT: HTTP sink failing"
+        assert received.mail["To"] == "ops@example.org"
+        body = received.mail.get_content()
+        assert "503 Service Unavailable from hooks.example.org" in body
+        assert "sink: HTTP sink failing" in body and "slot orders" in body
+        assert "Failing since:" in body and "Z (UTC)" in body
+        assert logged(caplog, "alert [sink]: HTTP sink failing")[0].levelno == logging.WARNING
+
+    async def test_several_recipients(self):
+        with smtp_server() as (handler, port):
+            config = mail_config(port, email_to=("a@example.org", "b@example.org", "c@example.net"))
+            async with running_alerter(config) as alerter:
+                alerter.alert("k", "subject", "body")
+                await wait_until_true(lambda: handler.messages)
+        assert handler.messages[0].rcpt_tos == ["a@example.org", "b@example.org", "c@example.net"]
+        assert handler.messages[0].mail["To"] == "a@example.org, b@example.org, c@example.net"
+
+    async def test_login_and_no_password_anywhere(self, caplog):
+        caplog.set_level(logging.DEBUG)
+        password = "Smtp-Pa55word-42"
+        logins = []
+
+        def authenticator(server, session, envelope, mechanism, auth_data):
+            logins.append((auth_data.login, auth_data.password))
+            return AuthResult(success=auth_data.password == password.encode(), auth_data=auth_data)
+
+        with smtp_server(authenticator=authenticator, auth_require_tls=False) as (handler, port):
+            config = mail_config(port, email_smtp_username="alerts", email_smtp_password=password)
+            async with running_alerter(config) as alerter:
+                # A careless caller that puts the secret in the text: it is scrubbed.
+                alerter.alert("auth", f"failed with {password}", f"password was {password}")
+                await wait_until_true(lambda: handler.messages)
+        assert logins == [(b"alerts", password.encode())]
+        assert handler.messages[0].login == "alerts"
+        raw = handler.messages[0].mail.as_string()
+        assert password not in raw and "***" in raw
+        assert all(password not in record.getMessage() for record in caplog.records)
+
+    async def test_rejected_login_is_logged_without_password(self, caplog):
+        caplog.set_level(logging.DEBUG)
+        password = "Wrong-Pa55word-42"
+        with smtp_server(authenticator=lambda *args: AuthResult(success=False, handled=False),
+                         auth_require_tls=False) as (handler, port):
+            config = mail_config(port, email_smtp_username="alerts", email_smtp_password=password)
+            async with running_alerter(config) as alerter:
+                alerter.alert("k", "s", "b")
+                await wait_until_true(lambda: logged(caplog, "could not send alert mail"))
+        assert handler.messages == []
+        assert "SMTPAuthenticationError" in logged(caplog, "could not send alert mail")[0].getMessage()
+        assert all(password not in record.getMessage() for record in caplog.records)
+
+    async def test_same_alert_mailed_once_per_five_minutes(self):
+        clock = FakeClock()
+        with smtp_server() as (handler, port):
+            async with running_alerter(mail_config(port), now=clock) as alerter:
+                alerter.alert("sink", "failing", "first")
+                clock.now += w.ALERT_REPEAT_S - 1
+                alerter.alert("sink", "failing", "second, within 5 minutes")
+                alerter.alert("other", "marker", "a different key is not limited")
+                await wait_until_true(lambda: len(handler.messages) == 2)
+                clock.now += 1
+                alerter.alert("sink", "failing", "third, 5 minutes after the first")
+                await wait_until_true(lambda: len(handler.messages) == 3)
+        bodies = [m.mail.get_content() for m in handler.messages]
+        assert "first" in bodies[0] and "a different key" in bodies[1] and "third" in bodies[2]
+
+    async def test_recovered_mail_only_after_an_alert(self, caplog):
+        caplog.set_level(logging.DEBUG, logger="wal2http")
+        clock = FakeClock()
+        with smtp_server() as (handler, port):
+            async with running_alerter(mail_config(port), now=clock) as alerter:
+                alerter.recovered("never-failed", "HTTP sink", "nothing to recover from")
+                alerter.alert("sink", "HTTP sink failing", "503")
+                alerter.recovered("sink", "HTTP sink delivers again", "after 3 attempts")
+                alerter.recovered("sink", "HTTP sink delivers again", "a second recovery is not mailed")
+                alerter.alert("sink", "HTTP sink failing", "again, right after recovery: mailed")
+                await wait_until_true(lambda: len(handler.messages) == 3)
+        subjects = [m.mail["Subject"] for m in handler.messages]
+        assert subjects == ["[wal2http] ALERT: HTTP sink failing",
+                            "[wal2http] RECOVERED: HTTP sink delivers again",
+                            "[wal2http] ALERT: HTTP sink failing"]
+        recovered = handler.messages[1].mail.get_content()
+        assert "after 3 attempts" in recovered and "Recovered at:" in recovered
+        assert "Failing since:" in recovered
+        assert logged(caplog, "recovered [sink]")[0].levelno == logging.INFO
+
+    async def test_starttls_verified_with_trustme(self, tls_contexts):
+        server_context, client_context = tls_contexts
+        with smtp_server(tls_context=server_context, require_starttls=True) as (handler, port):
+            async with running_alerter(mail_config(port, tls="starttls"),
+                                       ssl_context=client_context) as alerter:
+                alerter.alert("k", "over starttls", "body")
+                await wait_until_true(lambda: handler.messages)
+        assert handler.messages[0].tls
+
+    async def test_starttls_with_untrusted_certificate_fails_cleanly(self, tls_contexts, caplog):
+        server_context, _ = tls_contexts
+        with smtp_server(tls_context=server_context, require_starttls=True) as (handler, port):
+            async with running_alerter(mail_config(port, tls="starttls")) as alerter:
+                alerter.alert("k", "s", "b")
+                await wait_until_true(lambda: logged(caplog, "could not send alert mail"))
+        assert handler.messages == []
+        assert "CERTIFICATE_VERIFY_FAILED" in logged(caplog, "could not send alert mail")[0].getMessage()
+
+    async def test_implicit_tls(self, tls_contexts):
+        server_context, client_context = tls_contexts
+        with smtp_server(ssl_context=server_context) as (handler, port):
+            async with running_alerter(mail_config(port, tls="ssl"), ssl_context=client_context) as alerter:
+                alerter.alert("k", "over smtps", "body")
+                await wait_until_true(lambda: handler.messages)
+        assert handler.messages[0].mail["Subject"] == "[wal2http] ALERT: over smtps"
+
+    async def test_dead_smtp_server_never_blocks_or_raises(self, caplog):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]  # closed when the block ends: connections are refused
+        async with running_alerter(mail_config(port)) as alerter:
+            alerter.alert("first", "s1", "b")
+            await wait_until_true(lambda: len(logged(caplog, "could not send alert mail")) == 1)
+            alerter.alert("second", "s2", "b")  # the run task keeps going
+            await wait_until_true(lambda: len(logged(caplog, "could not send alert mail")) == 2)
+        assert "[wal2http] ALERT: s2" in logged(caplog, "could not send alert mail")[1].getMessage()
+
+    async def test_slow_smtp_server_never_blocks_or_raises(self, caplog):
+        with socket.socket() as silent:  # accepts TCP connections (backlog), never answers
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)
+            config = mail_config(silent.getsockname()[1])
+            async with running_alerter(config, smtp_timeout_s=0.5) as alerter:
+                start = trio.current_time()
+                alerter.alert("first", "s1", "b")
+                alerter.alert("second", "s2", "b")
+                assert trio.current_time() - start < 0.1
+                assert not logged(caplog, "could not send alert mail")  # still waiting on the server
+                await wait_until_true(lambda: len(logged(caplog, "could not send alert mail")) == 2)
+        assert all("timed out" in r.getMessage() for r in logged(caplog, "could not send alert mail"))
+
+    async def test_run_cancels_promptly_while_a_send_hangs(self):
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)
+            with trio.fail_after(5):
+                async with running_alerter(mail_config(silent.getsockname()[1]),
+                                           smtp_timeout_s=30) as alerter:
+                    alerter.alert("k", "s", "b")
+                    await trio.sleep(0.2)  # let the worker thread start its connection
+
+    async def test_full_queue_drops_and_never_raises(self, caplog):
+        sent = []
+        alerter = w.Alerter(mail_config(25), send_mail=sent.append, queue_size=1)
+        alerter.alert("a", "s", "b")  # queued (run is not started yet)
+        alerter.alert("b", "s", "b")  # dropped
+        assert logged(caplog, "alert mail for [b] dropped")
+        alerter.alert("b", "s", "b")  # not marked as mailed: tried again
+        assert len(logged(caplog, "alert mail for [b] dropped")) == 2
+
+    async def test_failing_send_mail_is_logged_and_the_task_goes_on(self, caplog):
+        sent = []
+
+        def send_mail(message):
+            if "boom" in message["Subject"]:
+                raise OSError("connection reset")
+            sent.append(message)
+
+        async with running_alerter(mail_config(25), send_mail=send_mail) as alerter:
+            alerter.alert("a", "boom", "b")
+            alerter.alert("b", "fine", "b")
+            await wait_until_true(lambda: sent)
+        assert "OSError: connection reset" in logged(caplog, "could not send alert mail")[0].getMessage()
+        assert sent[0]["Subject"] == "[wal2http] ALERT: fine"
+
+    async def test_without_email_alerts_are_logged_only(self, caplog):
+        caplog.set_level(logging.DEBUG, logger="wal2http")
+        sent = []
+        async with running_alerter(w.Config(), send_mail=sent.append) as alerter:
+            alerter.alert("k", "subject", "body")
+            alerter.recovered("k", "back", "body")
+            await trio.sleep(0)
+        assert sent == []
+        assert logged(caplog, "alert [k]: subject")[0].levelno == logging.WARNING
+        assert logged(caplog, "recovered [k]: back")[0].levelno == logging.INFO
+
+    def test_build_alert_message_keeps_the_subject_on_one_line(self):
+        from datetime import datetime, timezone
+        moment = datetime(2026, 11, 27, 16, 25, 11, tzinfo=timezone.utc)
+        message = w.build_alert_message(mail_config(25), kind="ALERT", key="k",
+                                        subject="line one\r\nBcc: evil@example.org", body="details",
+                                        since=moment, now=moment)
+        assert message["Subject"] == "[wal2http] ALERT: line one Bcc: evil@example.org"
+        assert message["Bcc"] is None
+        assert "Failing since: 2026-11-27T16:25:11Z (UTC)" in message.get_content()
 
 
 # =====================================================================================================
@@ -468,6 +1325,2559 @@ class TestDeliveryLoop:
             nursery.cancel_scope.cancel()
         assert sink.batches == [[1, 2, 3], [4, 5]]
         assert ack.flushed_lsn == 30
+
+
+EVENT_KEYS = ["id", "op", "schema", "table", "key", "new", "old", "unchanged_toast", "xid", "lsn",
+              "commit_lsn", "commit_time", "seq"]
+
+
+# =====================================================================================================
+# Encoders: pgoutput messages from their fields (the docs' layouts, written independently here)
+# =====================================================================================================
+
+def _string(text: str) -> bytes:
+    return text.encode() + b"\0"
+
+
+def _xid(xid: int | None) -> bytes:
+    return b"" if xid is None else struct.pack(">I", xid)
+
+
+def encode_tuple(values) -> bytes:
+    out = [struct.pack(">H", len(values))]
+    for value in values:
+        if value is None:
+            out.append(b"n")
+        elif value is w.UNCHANGED_TOAST:
+            out.append(b"u")
+        elif isinstance(value, bytes):
+            out.append(b"b" + struct.pack(">I", len(value)) + value)
+        else:
+            raw = value.encode()
+            out.append(b"t" + struct.pack(">I", len(raw)) + raw)
+    return b"".join(out)
+
+
+def encode_pgoutput(m) -> bytes:
+    """The bytes of a decoded message (a dataclass of the module), for round trips."""
+    cls = type(m)
+    if cls is w.Begin:
+        return b"B" + struct.pack(">QqI", m.final_lsn, m.commit_time, m.xid)
+    if cls is w.Message:
+        return (b"M" + _xid(m.xid) + struct.pack(">BQ", int(m.transactional), m.lsn) + _string(m.prefix)
+                + struct.pack(">I", len(m.content)) + m.content)
+    if cls is w.Commit:
+        return b"C" + struct.pack(">BQQq", m.flags, m.commit_lsn, m.end_lsn, m.commit_time)
+    if cls is w.Origin:
+        return b"O" + struct.pack(">Q", m.commit_lsn) + _string(m.name)
+    if cls is w.Relation:
+        columns = b"".join(struct.pack(">B", c.flags) + _string(c.name) + struct.pack(">Ii", c.type_oid, c.type_modifier)
+                           for c in m.columns)
+        return (b"R" + _xid(m.xid) + struct.pack(">I", m.oid) + _string(m.namespace) + _string(m.name)
+                + m.replica_identity.encode() + struct.pack(">H", len(m.columns)) + columns)
+    if cls is w.Type:
+        return b"Y" + _xid(m.xid) + struct.pack(">I", m.oid) + _string(m.namespace) + _string(m.name)
+    if cls is w.Insert:
+        return b"I" + _xid(m.xid) + struct.pack(">I", m.relid) + b"N" + encode_tuple(m.new)
+    if cls is w.Update:
+        old = b"" if m.old_kind is None else m.old_kind.encode() + encode_tuple(m.old)
+        return b"U" + _xid(m.xid) + struct.pack(">I", m.relid) + old + b"N" + encode_tuple(m.new)
+    if cls is w.Delete:
+        return b"D" + _xid(m.xid) + struct.pack(">I", m.relid) + m.old_kind.encode() + encode_tuple(m.old)
+    if cls is w.Truncate:
+        return (b"T" + _xid(m.xid) + struct.pack(">IB", len(m.relids), m.options)
+                + struct.pack(f">{len(m.relids)}I", *m.relids))
+    if cls is w.StreamStart:
+        return b"S" + struct.pack(">IB", m.xid, int(m.first_segment))
+    if cls is w.StreamStop:
+        return b"E"
+    if cls is w.StreamCommit:
+        return b"c" + struct.pack(">IBQQq", m.xid, m.flags, m.commit_lsn, m.end_lsn, m.commit_time)
+    if cls is w.StreamAbort:
+        tail = b"" if m.abort_lsn is None else struct.pack(">Qq", m.abort_lsn, m.abort_time)
+        return b"A" + struct.pack(">II", m.xid, m.subxid) + tail
+    if cls is w.BeginPrepare:
+        return b"b" + struct.pack(">QQqI", m.prepare_lsn, m.end_lsn, m.prepare_time, m.xid) + _string(m.gid)
+    if cls in (w.Prepare, w.StreamPrepare):
+        tag = b"P" if cls is w.Prepare else b"p"
+        return tag + struct.pack(">BQQqI", m.flags, m.prepare_lsn, m.end_lsn, m.prepare_time, m.xid) + _string(m.gid)
+    if cls is w.CommitPrepared:
+        return b"K" + struct.pack(">BQQqI", m.flags, m.commit_lsn, m.end_lsn, m.commit_time, m.xid) + _string(m.gid)
+    if cls is w.RollbackPrepared:
+        return b"r" + struct.pack(">BQQqqI", m.flags, m.prepare_end_lsn, m.rollback_end_lsn, m.prepare_time,
+                                  m.rollback_time, m.xid) + _string(m.gid)
+    raise AssertionError(cls)
+
+
+ORDERS_COLUMNS = (w.Column(1, "id", 20, -1), w.Column(0, "status", 25, -1), w.Column(0, "amount", 1700, 655366),
+                  w.Column(0, "meta", 3802, -1), w.Column(0, "created", 1184, -1))
+
+
+def orders(identity="d", oid=16400, xid=None, columns=ORDERS_COLUMNS, name="orders") -> w.Relation:
+    return w.Relation(xid, oid, "public", name, identity, columns)
+
+
+ROW = ("42", "paid", "19.90", '{"a": 1}', "2026-11-27 16:25:11.123456+00")
+ROW_JSON = {"id": 42, "status": "paid", "amount": "19.90", "meta": {"a": 1}, "created": "2026-11-27T16:25:11.123456Z"}
+
+# (message, in_stream): every message type of protocol versions 1-4, in both framings where it has two.
+SAMPLES = [
+    (w.Begin(0x16B37A0, 849_111_911_123_456, 771), False),
+    (w.Message(None, True, 0x16B3748, "audit", b"hello \xc3\xa9"), False),
+    (w.Message(None, False, 0x16B3748, "", b""), False),
+    (w.Message(771, True, 0x16B3748, "p", b"\x00\xff"), True),
+    (w.Commit(0, 0x16B37A0, 0x16B37D0, 849_111_911_123_456), False),
+    (w.Origin(0x1000, "node_a"), False),
+    (orders(), False),
+    (orders("f", xid=772), True),
+    (w.Relation(None, 1, "", "empty", "n", ()), False),
+    (w.Type(None, 16500, "public", "mood"), False),
+    (w.Type(773, 16501, "public", "_mood"), True),
+    (w.Insert(None, 16400, ROW), False),
+    (w.Insert(774, 16400, (None, w.UNCHANGED_TOAST, "", b"\x01\x02", "ü")), True),
+    (w.Insert(None, 16400, ()), False),
+    (w.Update(None, 16400, None, None, ROW), False),
+    (w.Update(None, 16400, "K", ("41", None, None, None, None), ROW), False),
+    (w.Update(775, 16400, "O", ROW, ROW), True),
+    (w.Delete(None, 16400, "K", ("42", None, None, None, None)), False),
+    (w.Delete(776, 16400, "O", ROW), True),
+    (w.Truncate(None, 3, (16400, 16401, 16402)), False),
+    (w.Truncate(777, 0, (16400,)), True),
+    (w.StreamStart(778, True), False),
+    (w.StreamStart(778, False), False),
+    (w.StreamStop(), False),
+    (w.StreamCommit(778, 0, 0x2000, 0x2030, 5), False),
+    (w.StreamAbort(778, 779), False),
+    (w.StreamAbort(778, 778, 0x3000, 6), False),
+    (w.BeginPrepare(0x10, 0x20, 7, 780, "gid-1"), False),
+    (w.Prepare(0, 0x10, 0x20, 7, 780, "gid-1"), False),
+    (w.CommitPrepared(0, 0x30, 0x40, 8, 780, "gid-1"), False),
+    (w.RollbackPrepared(0, 0x20, 0x50, 7, 9, 780, "gid-ü"), False),
+    (w.StreamPrepare(0, 0x10, 0x20, 7, 781, "gid-2"), False),
+]
+
+
+def _sample_id(sample) -> str:
+    message, in_stream = sample
+    return f"{type(message).__name__}{'-stream' if in_stream else ''}"
+
+
+def _valid_prefixes(message) -> set[int]:
+    """Prefix lengths that are themselves a valid message (the v2 form of a v4 Stream Abort)."""
+    if isinstance(message, w.StreamAbort) and message.abort_lsn is not None:
+        return {9}
+    return set()
+
+
+# =====================================================================================================
+# pgoutput decoder
+# =====================================================================================================
+
+class TestPgoutput:
+    @pytest.mark.parametrize("sample", SAMPLES, ids=[_sample_id(s) for s in SAMPLES])
+    def test_round_trip(self, sample):
+        message, in_stream = sample
+        assert w.decode_pgoutput(encode_pgoutput(message), in_stream) == message
+
+    @pytest.mark.parametrize("sample", SAMPLES, ids=[_sample_id(s) for s in SAMPLES])
+    def test_truncated_at_every_offset(self, sample):
+        message, in_stream = sample
+        data = encode_pgoutput(message)
+        name = w.PGOUTPUT_MESSAGE_NAMES[data[0]]
+        for size in range(len(data)):
+            if size in _valid_prefixes(message):
+                continue
+            with pytest.raises(ProtocolError) as caught:
+                w.decode_pgoutput(data[:size], in_stream)
+            if size:
+                assert f"malformed pgoutput {name} message" in str(caught.value)
+
+    @pytest.mark.parametrize("sample", SAMPLES, ids=[_sample_id(s) for s in SAMPLES])
+    def test_trailing_garbage(self, sample):
+        message, in_stream = sample
+        with pytest.raises(ProtocolError, match="trailing bytes"):
+            w.decode_pgoutput(encode_pgoutput(message) + b"\0", in_stream)
+
+    def test_fields_and_properties(self):
+        relation = w.decode_pgoutput(encode_pgoutput(orders()))
+        assert relation.replica_identity == "d"
+        assert [c.is_key for c in relation.columns] == [True, False, False, False, False]
+        assert relation.columns[2].type_modifier == 655366
+        truncate = w.decode_pgoutput(encode_pgoutput(w.Truncate(None, 1, (1,))))
+        assert (truncate.cascade, truncate.restart_identity) == (True, False)
+        truncate = w.decode_pgoutput(encode_pgoutput(w.Truncate(None, 2, (1,))))
+        assert (truncate.cascade, truncate.restart_identity) == (False, True)
+        insert = w.decode_pgoutput(encode_pgoutput(w.Insert(None, 1, (None, w.UNCHANGED_TOAST, "x", b"\0"))))
+        assert insert.new[1] is w.UNCHANGED_TOAST and repr(insert.new[1]) == "UNCHANGED_TOAST"
+        assert type(insert.new[3]) is bytes
+
+    def test_xid_only_inside_a_stream(self):
+        data = encode_pgoutput(w.Insert(900, 16400, ("1",)))
+        assert w.decode_pgoutput(data, True) == w.Insert(900, 16400, ("1",))
+        with pytest.raises(ProtocolError):
+            w.decode_pgoutput(data, False)
+
+    def test_decoder_table_covers_every_tag(self):
+        assert set(w.PGOUTPUT_DECODERS) == set(w.PGOUTPUT_MESSAGE_NAMES) == set(b"BMCORYIUDTSEcAbPKrp")
+        assert w.INSERT == ord("I") and w.STREAM_COMMIT == ord("c")
+
+    @pytest.mark.parametrize("data, reason", [
+        (b"", "empty"),
+        (b"Z\0\0\0\0", "unknown message type 0x5a"),
+        (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">H", 1) + b"x", "unknown tuple value kind 0x78"),
+        (b"I" + struct.pack(">I", 1) + b"X" + struct.pack(">H", 0), "expected 'N'"),
+        (b"U" + struct.pack(">I", 1) + b"K" + encode_tuple(("1",)) + b"K" + encode_tuple(("1",)), "expected 'N'"),
+        (b"D" + struct.pack(">I", 1) + b"N" + encode_tuple(("1",)), "expected 'K' or 'O'"),
+        (b"R" + struct.pack(">I", 1) + b"public\0t\0x" + struct.pack(">H", 0), "unknown replica identity"),
+        (b"R" + struct.pack(">I", 1) + b"pub\xfflic\0t\0d" + struct.pack(">H", 0), "invalid UTF-8"),
+        (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">H", 1) + b"t" + struct.pack(">I", 1) + b"\xff",
+         "invalid UTF-8"),
+        (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">H", 1) + b"t" + struct.pack(">I", 0xFFFFFFFF) + b"ab",
+         "truncated tuple data"),
+        (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">H", 0xFFFF) + b"n", "truncated"),
+        (b"T" + struct.pack(">IB", 0x7FFFFFFF, 0) + b"\0\0\0\1", "truncated"),
+        (b"M" + struct.pack(">BQ", 1, 5) + b"p\0" + struct.pack(">I", 0xFFFFFFF0) + b"abc", "truncated"),
+        (b"R" + struct.pack(">I", 1) + b"public\0t\0d" + struct.pack(">H", 500) + b"\0a\0", "truncated"),
+        (b"M" + struct.pack(">BQ", 1, 5) + b"p\xff\0" + struct.pack(">I", 0), "invalid UTF-8"),
+    ])
+    def test_corrupted(self, data, reason):
+        with pytest.raises(ProtocolError, match=reason):
+            w.decode_pgoutput(data, False)
+
+    def test_error_names_the_message(self):
+        data = encode_pgoutput(w.Insert(None, 16400, ROW))
+        with pytest.raises(ProtocolError, match="malformed pgoutput Insert message: truncated tuple data"):
+            w.decode_pgoutput(data[:-3])
+
+    @pytest.mark.parametrize("sample", SAMPLES, ids=[_sample_id(s) for s in SAMPLES])
+    def test_random_corruption_raises_only_protocol_error(self, sample):
+        message, in_stream = sample
+        data = encode_pgoutput(message)
+        rng = random.Random(len(data))
+        for _ in range(300):
+            mutated = bytearray(data)
+            for _ in range(rng.randint(1, 3)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            try:
+                w.decode_pgoutput(bytes(mutated), in_stream)
+            except ProtocolError:
+                pass
+
+
+# =====================================================================================================
+# Type conversion
+# =====================================================================================================
+
+TYPE_CASES = [
+    # (type oid, PostgreSQL text, JSON value): every row of CONTRACT.md section 3
+    (16, "t", True), (16, "f", False),
+    (21, "-32768", -32768), (23, "2147483647", 2147483647), (20, "-9223372036854775808", -9223372036854775808),
+    (26, "4294967295", 4294967295),
+    (700, "1.1", 1.1), (700, "NaN", "NaN"), (700, "Infinity", "Infinity"), (700, "-Infinity", "-Infinity"),
+    (701, "1e+300", 1e300), (701, "-1.7976931348623157e+308", -1.7976931348623157e308), (701, "0.1", 0.1),
+    (701, "NaN", "NaN"), (701, "-Infinity", "-Infinity"),
+    (1700, "19.90", "19.90"), (1700, "NaN", "NaN"), (1700, "-Infinity", "-Infinity"),
+    (1700, "123456789012345678901234567890.000000000000000001", "123456789012345678901234567890.000000000000000001"),
+    (114, '{"a": [1, 2.5, null]}', {"a": [1, 2.5, None]}), (3802, '{"a": 1}', {"a": 1}), (3802, '"x"', "x"),
+    (3802, "null", None), (3802, "12345678901234567890", 12345678901234567890),
+    (25, "hello", "hello"), (1043, "x y", "x y"), (1042, "ab  ", "ab  "), (18, "a", "a"), (19, "pg_class", "pg_class"),
+    (2950, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+    (1082, "2026-11-27", "2026-11-27"), (1082, "infinity", "infinity"), (1082, "0044-03-15 BC", "0044-03-15 BC"),
+    (1114, "2026-11-27 16:25:11.123456", "2026-11-27T16:25:11.123456"),
+    (1114, "2026-11-27 16:25:11", "2026-11-27T16:25:11"), (1114, "2026-11-27 16:25:11.5", "2026-11-27T16:25:11.5"),
+    (1114, "infinity", "infinity"), (1114, "-infinity", "-infinity"),
+    (1114, "0044-03-15 12:00:00 BC", "0044-03-15 12:00:00 BC"),
+    (1114, "275760-09-13 00:00:00", "275760-09-13T00:00:00"),
+    (1184, "2026-11-27 16:25:11.123456+00", "2026-11-27T16:25:11.123456Z"),
+    (1184, "2026-11-27 16:25:11+00", "2026-11-27T16:25:11Z"),
+    (1184, "2026-11-27 16:25:11.5+05:30", "2026-11-27T10:55:11.5Z"),
+    (1184, "2026-11-27 16:25:11-08", "2026-11-28T00:25:11Z"),
+    (1184, "infinity", "infinity"), (1184, "-infinity", "-infinity"),
+    (1184, "0044-03-15 12:00:00+00 BC", "0044-03-15 12:00:00+00 BC"),
+    (1083, "16:25:11.123456", "16:25:11.123456"), (1266, "16:25:11+00", "16:25:11+00"),
+    (1186, "1 year 2 mons 3 days 04:05:06.5", "1 year 2 mons 3 days 04:05:06.5"),
+    (17, "\\x0a0b", "Cgs="), (17, "\\x", ""), (17, "\\x00ff", "AP8="),
+    (869, "192.168.0.1/24", "192.168.0.1/24"), (790, "$1.00", "$1.00"), (3904, "[1,5)", "[1,5)"),
+    (600, "(1,2)", "(1,2)"), (142, "<a/>", "<a/>"), (16500, "happy", "happy"),
+]
+
+
+ARRAY_CASES = [
+    (1007, "{1,2,3}", [1, 2, 3]),
+    (1009, r'{"a,b","c\"d","e\\f"}', ["a,b", 'c"d', "e\\f"]),
+    (1009, '{NULL,"NULL",null,"null"}', [None, "NULL", None, "null"]),
+    (1007, "{{1,2},{3,4}}", [[1, 2], [3, 4]]),
+    (1007, "{{{1},{2}},{{3},{4}}}", [[[1], [2]], [[3], [4]]]),
+    (1007, "{{1,NULL},{NULL,4}}", [[1, None], [None, 4]]),
+    (1007, "{}", []), (1009, "{}", []),
+    (1007, "[0:1]={1,2}", [1, 2]),
+    (1007, "[0:1][-1:0]={{1,2},{3,4}}", [[1, 2], [3, 4]]),
+    (1009, '{""}', [""]), (1009, '{"a b"," "}', ["a b", " "]),
+    (1009, '{"{x}","a}b","\\\\"}', ["{x}", "a}b", "\\"]),
+    (1009, '{é,"ü x"}', ["é", "ü x"]),
+    (1009, '{{"a,b",NULL},{c,"d"}}', [["a,b", None], ["c", "d"]]),
+    (1000, "{t,f,NULL}", [True, False, None]),
+    (1001, '{"\\\\x0a0b",NULL}', ["Cgs=", None]),
+    (1002, '{a,"\\"",","}', ["a", '"', ","]),
+    (1003, "{pg_class,pg_type}", ["pg_class", "pg_type"]),
+    (1005, "{-1,2}", [-1, 2]), (1016, "{9223372036854775807}", [9223372036854775807]), (1028, "{26}", [26]),
+    (1014, '{"ab  ",c}', ["ab  ", "c"]), (1015, "{x,y}", ["x", "y"]),
+    (1021, "{1.5,NaN,Infinity,-Infinity}", [1.5, "NaN", "Infinity", "-Infinity"]),
+    (1022, "{1e+300,-0.5}", [1e300, -0.5]),
+    (1231, "{1.10,NaN}", ["1.10", "NaN"]),
+    (1115, '{"2026-11-27 16:25:11.5",infinity}', ["2026-11-27T16:25:11.5", "infinity"]),
+    (1185, '{"2026-11-27 16:25:11+00",-infinity}', ["2026-11-27T16:25:11Z", "-infinity"]),
+    (1182, "{2026-11-27,infinity}", ["2026-11-27", "infinity"]),
+    (1183, "{16:25:11}", ["16:25:11"]), (1270, "{16:25:11+00}", ["16:25:11+00"]),
+    (1187, '{"1 day","-00:00:01"}', ["1 day", "-00:00:01"]),
+    (2951, "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}", ["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]),
+    (199, '{"{\\"a\\": 1}","[1, 2]",NULL}', [{"a": 1}, [1, 2], None]),
+    (3807, '{"{\\"a\\": {\\"b\\": \\"c\\\\\\"d\\"}}"}', [{"a": {"b": 'c"d'}}]),
+    (1041, "{192.168.0.1,10.0.0.0/8}", ["192.168.0.1", "10.0.0.0/8"]),
+    (1017, '{"(1,2)","(3,4)"}', ["(1,2)", "(3,4)"]),
+    (3905, '{"[1,5)",empty}', ["[1,5)", "empty"]),
+]
+
+MALFORMED_ARRAYS = [
+    (1007, "{1,2"), (1007, "{1,,2}"), (1007, "{,1}"), (1007, "{1,}"), (1009, '{"a}'), (1009, '{"a"b}'),
+    (1007, "{x}"), (1007, "1,2"), (1007, "{{1,2}"), (1007, "{1,2}}"), (1007, "[0:1{1,2}"), (1007, "[a]={1}"),
+    (1009, "{a b}"), (1009, "{a}x"), (1009, ""), (199, '{"{bad"}'), (1000, "{x}"),
+    (1020, "{(1,1),(0,0);(2,2),(1,1)}"),  # box[]: ';' delimiter, kept as text
+]
+
+
+class TestTypes:
+    @pytest.mark.parametrize("oid, text, expected", TYPE_CASES + ARRAY_CASES)
+    def test_contract_value(self, oid, text, expected):
+        value = w.convert_value(oid, text)
+        assert value == expected and type(value) is type(expected)
+        json.dumps(value, allow_nan=False)  # always valid JSON
+
+    @pytest.mark.parametrize("oid, text", MALFORMED_ARRAYS)
+    def test_malformed_array_stays_text(self, oid, text):
+        assert w.convert_value(oid, text) == text
+
+    def test_null(self):
+        assert w.convert_value(23, None) is None
+
+    def test_custom_types_by_type_name(self):
+        assert w.convert_value(16501, "{happy,\"very sad\",NULL}", "_mood") == ["happy", "very sad", None]
+        assert w.convert_value(16500, "happy", "mood") == "happy"
+        assert w.converter_for(16500, "mood") is w.convert_text
+        assert w.converter_for(23) is int
+
+    @pytest.mark.parametrize("oid, text", [(23, "abc"), (16, "yes"), (3802, "{bad"), (701, "1e999"),
+                                           (114, "1e400"), (17, "\\xZZ"), (114, "[" * 100_000)])
+    def test_unreadable_text_stays_text(self, oid, text):
+        assert w.convert_value(oid, text) == text
+
+    def test_bytea_escape_format(self):
+        assert w.convert_value(17, "a\\\\b\\001") == base64.b64encode(b"a\\b\x01").decode()
+
+    def test_commit_time(self):
+        assert w.convert_commit_time(0) == "2000-01-01T00:00:00.000000Z"
+        assert w.convert_commit_time(849_111_911_123_456) == "2026-11-27T16:25:11.123456Z"
+        assert w.convert_commit_time(-1) == "1999-12-31T23:59:59.999999Z"
+
+    def test_every_array_type_has_an_element_type(self):
+        for array_oid in w.ARRAY_ELEMENT_TYPES:
+            assert w.convert_value(array_oid, "{}") == []
+
+
+# =====================================================================================================
+# Event envelope
+# =====================================================================================================
+
+COMMIT_LSN = 0x16B37A0
+END_LSN = 0x16B37D0
+COMMIT_TIME = 849_111_911_123_456
+COMMIT_TIME_TEXT = "2026-11-27T16:25:11.123456Z"
+
+
+class Feeder:
+    """Feeds messages with increasing wal_start; collects every chunk."""
+
+    def __init__(self, assembler: w.ChangeAssembler, lsn: int = 0x16B3700):
+        self.assembler = assembler
+        self.lsn = lsn
+        self.in_stream = False
+
+    def __call__(self, *messages, lsn: int | None = None) -> list[w.Chunk]:
+        chunks = []
+        if lsn is not None:
+            self.lsn = lsn
+        for message in messages:
+            chunks.extend(self.assembler.feed(self.lsn, encode_pgoutput(message)))
+            self.lsn += 0x10
+        return chunks
+
+
+def events_of(chunks) -> list[dict]:
+    return [event for chunk in chunks for event in chunk.events]
+
+
+def transaction(feed: Feeder, *changes, xid=771, relations=(orders(),)) -> list[w.Chunk]:
+    return feed(w.Begin(COMMIT_LSN, COMMIT_TIME, xid), *relations, *changes,
+                w.Commit(0, COMMIT_LSN, END_LSN, COMMIT_TIME))
+
+
+@pytest.fixture
+def feed():
+    assembler = w.ChangeAssembler()
+    yield Feeder(assembler)
+    assembler.close()
+
+
+class TestEnvelope:
+    def test_insert_event_exactly(self, feed):
+        chunks = transaction(feed, w.Insert(None, 16400, ROW))
+        assert len(chunks) == 1 and chunks[0].end_lsn == END_LSN
+        (event,) = chunks[0].events
+        assert list(event) == EVENT_KEYS
+        assert event == {
+            "id": "0/16B37A0:0", "op": "insert", "schema": "public", "table": "orders", "key": {"id": 42},
+            "new": ROW_JSON, "old": None, "unchanged_toast": [], "xid": 771, "lsn": "0/16B3720",
+            "commit_lsn": "0/16B37A0", "commit_time": COMMIT_TIME_TEXT, "seq": 0}
+        assert list(event["new"]) == ["id", "status", "amount", "meta", "created"]
+        json.dumps(event, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+    def test_seq_id_and_lsn(self, feed):
+        feed(w.Begin(0x1_0000_00AB, COMMIT_TIME, 9), orders())
+        chunks = feed(w.Insert(None, 16400, ROW), w.Insert(None, 16400, ROW), lsn=0xA_0000_0010)
+        chunks += feed(w.Commit(0, 0x1_0000_00AB, 0x1_0000_00FF, COMMIT_TIME))
+        events = events_of(chunks)
+        assert [e["id"] for e in events] == ["1/AB:0", "1/AB:1"]
+        assert [e["seq"] for e in events] == [0, 1]
+        assert [e["lsn"] for e in events] == ["A/10", "A/20"]
+        assert chunks[-1].end_lsn == 0x1_0000_00FF
+
+    def test_in_transaction(self, feed):
+        assert not feed.assembler.in_transaction
+        feed(w.Begin(COMMIT_LSN, COMMIT_TIME, 1))
+        assert feed.assembler.in_transaction
+        feed(w.Commit(0, COMMIT_LSN, END_LSN, COMMIT_TIME))
+        assert not feed.assembler.in_transaction and feed.assembler.open_streams == 0
+
+    def test_empty_transaction_still_ends_with_end_lsn(self, feed):
+        chunks = transaction(feed, relations=())
+        assert [(c.events, c.end_lsn) for c in chunks] == [([], END_LSN)]
+
+    def test_update_keeping_the_key(self, feed):
+        (event,) = events_of(transaction(feed, w.Update(None, 16400, None, None, ROW)))
+        assert event["op"] == "update" and event["old"] is None and event["key"] == {"id": 42}
+        assert event["new"] == ROW_JSON
+
+    def test_update_changing_the_key(self, feed):
+        old = ("41", None, None, None, None)
+        (event,) = events_of(transaction(feed, w.Update(None, 16400, "K", old, ROW)))
+        assert event["key"] == {"id": 42} and event["old"] == {"id": 41}
+
+    def test_update_replica_identity_full(self, feed):
+        old = ("42", "open", "19.90", '{"a": 0}', "2026-11-27 16:00:00+00")
+        (event,) = events_of(transaction(feed, w.Update(None, 16400, "O", old, ROW), relations=(orders("f", columns=tuple(
+            w.Column(1, c.name, c.type_oid, c.type_modifier) for c in ORDERS_COLUMNS)),)))
+        assert event["old"] == {"id": 42, "status": "open", "amount": "19.90", "meta": {"a": 0},
+                                "created": "2026-11-27T16:00:00Z"}
+        assert event["key"] == ROW_JSON  # FULL: every column is flagged as key
+
+    def test_delete_default_identity(self, feed):
+        (event,) = events_of(transaction(feed, w.Delete(None, 16400, "K", ("42", None, None, None, None))))
+        assert list(event) == EVENT_KEYS
+        assert (event["op"], event["key"], event["new"], event["old"]) == ("delete", {"id": 42}, None, {"id": 42})
+        assert event["unchanged_toast"] == []
+
+    def test_delete_full_identity(self, feed):
+        (event,) = events_of(transaction(feed, w.Delete(None, 16400, "O", ROW), relations=(orders("f"),)))
+        assert event["old"] == ROW_JSON and event["key"] == {"id": 42}
+
+    def test_replica_identity_nothing_has_no_key(self, feed):
+        (event,) = events_of(transaction(feed, w.Insert(None, 16400, ROW), relations=(orders("n"),)))
+        assert event["key"] is None
+
+    def test_no_flagged_column_has_no_key(self, feed):
+        columns = tuple(w.Column(0, c.name, c.type_oid, c.type_modifier) for c in ORDERS_COLUMNS)
+        (event,) = events_of(transaction(feed, w.Insert(None, 16400, ROW), relations=(orders(columns=columns),)))
+        assert event["key"] is None
+
+    def test_unchanged_toast_without_old(self, feed):
+        new = ("42", "paid", "19.90", w.UNCHANGED_TOAST, "2026-11-27 16:25:11.123456+00")
+        (event,) = events_of(transaction(feed, w.Update(None, 16400, None, None, new)))
+        assert "meta" not in event["new"] and event["unchanged_toast"] == ["meta"]
+
+    def test_unchanged_toast_filled_from_full_old_row(self, feed):
+        new = ("42", w.UNCHANGED_TOAST, "19.90", w.UNCHANGED_TOAST, "2026-11-27 16:25:11.123456+00")
+        old = ("42", "paid", "1.00", '{"a": 1}', "2026-11-27 16:00:00+00")
+        (event,) = events_of(transaction(feed, w.Update(None, 16400, "O", old, new), relations=(orders("f"),)))
+        assert event["new"] == ROW_JSON and list(event["new"]) == list(ROW_JSON)
+        assert event["unchanged_toast"] == []
+
+    def test_unchanged_toast_filled_from_key_only_where_it_has_it(self, feed):
+        new = ("43", "paid", "19.90", w.UNCHANGED_TOAST, "2026-11-27 16:25:11.123456+00")
+        (event,) = events_of(transaction(feed, w.Update(None, 16400, "K", ("42", None, None, None, None), new)))
+        assert event["unchanged_toast"] == ["meta"] and "meta" not in event["new"]
+        assert event["old"] == {"id": 42} and event["key"] == {"id": 43}
+
+    def test_truncate_several_tables(self, feed):
+        relations = (orders(), orders(oid=16401, name="lines"), orders(oid=16402, name="refunds"))
+        chunks = transaction(feed, w.Insert(None, 16400, ROW), w.Truncate(None, 3, (16401, 16402)),
+                             w.Truncate(None, 0, (16400,)), relations=relations)
+        events = events_of(chunks)
+        assert [(e["op"], e["table"], e["seq"]) for e in events] == [
+            ("insert", "orders", 0), ("truncate", "lines", 1), ("truncate", "refunds", 2), ("truncate", "orders", 3)]
+        first = events[1]
+        assert list(first) == EVENT_KEYS[:8] + ["cascade", "restart_identity"] + EVENT_KEYS[8:]
+        assert (first["key"], first["new"], first["old"], first["unchanged_toast"]) == (None, None, None, [])
+        assert (first["cascade"], first["restart_identity"]) == (True, True)
+        assert (events[3]["cascade"], events[3]["restart_identity"]) == (False, False)
+        assert events[1]["lsn"] == events[2]["lsn"] and events[1]["id"] != events[2]["id"]
+
+    def test_transactional_message_counts_in_seq(self, feed):
+        message = w.Message(None, True, 0x16B3790, "audit", "é".encode())
+        events = events_of(transaction(feed, w.Insert(None, 16400, ROW), message))
+        event = events[1]
+        assert list(event) == EVENT_KEYS[:8] + ["prefix", "content", "transactional"] + EVENT_KEYS[8:]
+        assert event == {"id": "0/16B37A0:1", "op": "message", "schema": None, "table": None, "key": None,
+                         "new": None, "old": None, "unchanged_toast": [], "prefix": "audit", "content": "é",
+                         "transactional": True, "xid": 771, "lsn": "0/16B3790", "commit_lsn": "0/16B37A0",
+                         "commit_time": COMMIT_TIME_TEXT, "seq": 1}
+
+    def test_non_transactional_binary_message_is_its_own_chunk(self, feed):
+        chunks = feed(w.Message(None, False, 0x16B3790, "bin", b"\xff\x00"))
+        assert len(chunks) == 1 and chunks[0].end_lsn is None
+        (event,) = chunks[0].events
+        assert list(event) == EVENT_KEYS[:8] + ["prefix", "content_base64", "transactional"] + EVENT_KEYS[8:]
+        assert event["id"] == "0/16B3790:m" and event["content_base64"] == "/wA="
+        assert (event["xid"], event["commit_lsn"], event["commit_time"], event["seq"]) == (None, None, None, None)
+        assert event["transactional"] is False
+
+    def test_non_transactional_message_inside_a_transaction_does_not_count(self, feed):
+        feed(w.Begin(COMMIT_LSN, COMMIT_TIME, 5), orders())
+        (chunk,) = feed(w.Message(None, False, 0x10, "p", b"x"))
+        assert chunk.events[0]["id"] == "0/10:m"
+        chunks = feed(w.Insert(None, 16400, ROW), w.Commit(0, COMMIT_LSN, END_LSN, COMMIT_TIME))
+        assert events_of(chunks)[0]["seq"] == 0
+
+    def test_chunking_a_big_transaction(self):
+        assembler = w.ChangeAssembler(chunk_events=1000)
+        chunks = transaction(Feeder(assembler), *[w.Insert(None, 16400, ROW)] * 2500)
+        assert [len(c.events) for c in chunks] == [1000, 1000, 500]
+        assert [c.end_lsn for c in chunks] == [None, None, END_LSN]
+        assert [e["seq"] for e in events_of(chunks)] == list(range(2500))
+
+    def test_chunks_leave_as_the_transaction_arrives(self):
+        feed = Feeder(w.ChangeAssembler(chunk_events=2))
+        assert feed(w.Begin(COMMIT_LSN, COMMIT_TIME, 5), orders(), w.Insert(None, 16400, ROW)) == []
+        (chunk,) = feed(w.Insert(None, 16400, ROW))
+        assert len(chunk.events) == 2 and chunk.end_lsn is None
+        (last,) = feed(w.Commit(0, COMMIT_LSN, END_LSN, COMMIT_TIME))
+        assert last.events == [] and last.end_lsn == END_LSN
+
+    def test_relation_change_mid_transaction(self, feed):
+        wider = orders(columns=ORDERS_COLUMNS + (w.Column(0, "note", 25, -1),))
+        events = events_of(transaction(feed, w.Insert(None, 16400, ROW), wider, w.Insert(None, 16400, ROW + ("hi",))))
+        assert "note" not in events[0]["new"] and events[1]["new"]["note"] == "hi"
+
+    def test_custom_types_from_type_messages(self, feed):
+        columns = (w.Column(1, "id", 23, -1), w.Column(0, "moods", 16501, -1), w.Column(0, "mood", 16500, -1))
+        relations = (w.Type(None, 16500, "public", "mood"), w.Type(None, 16501, "public", "_mood"),
+                     orders(columns=columns))
+        (event,) = events_of(transaction(feed, w.Insert(None, 16400, ("1", "{happy,sad}", "ok")), relations=relations))
+        assert event["new"] == {"id": 1, "moods": ["happy", "sad"], "mood": "ok"}
+
+    def test_unreadable_value_stays_text(self, feed):
+        (event,) = events_of(transaction(feed, w.Insert(None, 16400, ("x", "paid", "1", "{bad", "y"))))
+        assert event["new"] == {"id": "x", "status": "paid", "amount": "1", "meta": "{bad", "created": "y"}
+
+    def test_origin_is_ignored(self, feed):
+        chunks = transaction(feed, w.Origin(0x99, "elsewhere"), w.Insert(None, 16400, ROW))
+        assert len(events_of(chunks)) == 1
+
+    @pytest.mark.parametrize("message", [w.BeginPrepare(1, 2, 3, 4, "g"), w.Prepare(0, 1, 2, 3, 4, "g"),
+                                         w.CommitPrepared(0, 1, 2, 3, 4, "g"), w.RollbackPrepared(0, 1, 2, 3, 4, 5, "g"),
+                                         w.StreamPrepare(0, 1, 2, 3, 4, "g")])
+    def test_two_phase_is_refused(self, feed, message):
+        with pytest.raises(ProtocolError, match="two_phase was not requested"):
+            feed(message)
+
+    @pytest.mark.parametrize("messages, reason", [
+        ([w.Begin(COMMIT_LSN, 0, 1), w.Insert(None, 999, ("1",))], "unknown relation 999"),
+        ([w.Begin(COMMIT_LSN, 0, 1), w.Truncate(None, 0, (999,))], "unknown relation 999"),
+        ([w.Insert(None, 16400, ROW)], "Insert message outside a transaction"),
+        ([w.Message(None, True, 1, "p", b"")], "outside a transaction"),
+        ([w.Commit(0, COMMIT_LSN, END_LSN, 0)], "Commit message outside a transaction"),
+        ([w.Begin(COMMIT_LSN, 0, 1), w.Begin(COMMIT_LSN, 0, 1)], "Begin message inside a transaction"),
+        ([w.Begin(COMMIT_LSN, 0, 1), w.Commit(0, COMMIT_LSN + 1, END_LSN, 0)], "differs from the Begin"),
+        ([w.Begin(COMMIT_LSN, 0, 1), w.Insert(None, 16400, ("1", "2"))], "2 columns, but Relation public.orders has 5"),
+        ([w.Begin(COMMIT_LSN, 0, 1), w.Insert(None, 16400, (b"\0\0\0\1", None, None, None, None))], "binary"),
+        ([w.Begin(COMMIT_LSN, 2**62, 1)], "commit time out of range"),
+    ])
+    def test_protocol_errors(self, feed, messages, reason):
+        feed(orders())
+        with pytest.raises(ProtocolError, match=reason):
+            feed(*messages)
+
+
+# =====================================================================================================
+# Streamed transactions
+# =====================================================================================================
+
+XID = 800
+
+
+def stream_block(xid, *changes, first=False):
+    return (w.StreamStart(xid, first), *changes, w.StreamStop())
+
+
+def insert_in(xid, row=ROW, relid=16400):
+    return w.Insert(xid, relid, row)
+
+
+def ids_row(n: int) -> tuple:
+    return (str(n), "paid", "19.90", '{"a": 1}', "2026-11-27 16:25:11.123456+00")
+
+
+def stream_commit(xid=XID, commit_lsn=0x5000, end_lsn=0x5030):
+    return w.StreamCommit(xid, 0, commit_lsn, end_lsn, COMMIT_TIME)
+
+
+def spill_fds(directory: str) -> list[str]:
+    """Open file descriptors of this process on (unlinked) files in `directory`."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(directory):
+            found.append(target)
+    return found
+
+
+class TestStreaming:
+    def test_commit_delivers_everything_in_order(self, feed):
+        feed(*stream_block(XID, orders(xid=XID), insert_in(XID, ids_row(1)), first=True))
+        assert feed.assembler.open_streams == 1 and not feed.assembler.in_transaction
+        feed(*stream_block(XID, insert_in(801, ids_row(2)), w.Message(XID, True, 0x4000, "m", b"x"),
+                           w.Truncate(XID, 1, (16400,)), w.Delete(801, 16400, "K", ids_row(1))))
+        assert feed.assembler.open_streams == 1
+        chunks = feed(stream_commit())
+        assert feed.assembler.open_streams == 0
+        events = events_of(chunks)
+        assert [e["op"] for e in events] == ["insert", "insert", "message", "truncate", "delete"]
+        assert [e["id"] for e in events] == [f"0/5000:{n}" for n in range(5)]
+        assert {e["xid"] for e in events} == {XID}  # also the changes made in subtransaction 801
+        assert {e["commit_time"] for e in events} == {COMMIT_TIME_TEXT}
+        assert events[0]["new"]["id"] == 1 and events[1]["new"]["id"] == 2
+        assert [c.end_lsn for c in chunks] == [0x5030]
+        assert events[2]["lsn"] == "0/4000"
+
+    def test_abort_delivers_nothing(self, feed):
+        feed(*stream_block(XID, orders(xid=XID), insert_in(XID), first=True))
+        assert feed(w.StreamAbort(XID, XID)) == []
+        assert feed.assembler.open_streams == 0 and feed.assembler.buffered_bytes == 0
+        with pytest.raises(ProtocolError, match="never streamed"):
+            feed(stream_commit())
+
+    def test_parallel_abort_form(self, feed):
+        feed(*stream_block(XID, orders(xid=XID), insert_in(XID), first=True))
+        assert feed(w.StreamAbort(XID, XID, 0x6000, 1)) == []
+        assert feed.assembler.open_streams == 0
+
+    def test_subtransaction_abort_drops_only_its_changes(self, feed):
+        feed(*stream_block(XID, orders(xid=XID), insert_in(XID, ids_row(1)), insert_in(801, ids_row(2)),
+                           insert_in(802, ids_row(3)), first=True))
+        feed(w.StreamAbort(XID, 801))
+        feed(*stream_block(XID, insert_in(XID, ids_row(4)), insert_in(803, ids_row(5))))
+        feed(w.StreamAbort(XID, 803), w.StreamAbort(XID, 999))  # 999: a subtransaction that changed nothing
+        events = events_of(feed(stream_commit()))
+        assert [e["new"]["id"] for e in events] == [1, 3, 4]
+        assert [e["seq"] for e in events] == [0, 1, 2]
+
+    def test_interleaved_streams_and_plain_transactions(self, feed):
+        feed(orders())
+        feed(*stream_block(800, insert_in(800, ids_row(1)), first=True))
+        feed(*stream_block(900, insert_in(900, ids_row(10)), first=True))
+        plain = transaction(feed, w.Insert(None, 16400, ids_row(50)), relations=())
+        assert [e["new"]["id"] for e in events_of(plain)] == [50]  # not held back by the streams
+        feed(*stream_block(800, insert_in(800, ids_row(2))))
+        feed(*stream_block(900, insert_in(900, ids_row(11))))
+        assert feed.assembler.open_streams == 2
+        second = events_of(feed(stream_commit(900, 0x7000, 0x7010)))
+        first = events_of(feed(stream_commit(800, 0x8000, 0x8010)))
+        assert [e["new"]["id"] for e in second] == [10, 11] and {e["xid"] for e in second} == {900}
+        assert [e["new"]["id"] for e in first] == [1, 2] and first[0]["id"] == "0/8000:0"
+
+    def test_chunking_a_big_streamed_transaction(self):
+        feed = Feeder(w.ChangeAssembler(chunk_events=1000))
+        feed(*stream_block(XID, orders(xid=XID), *[insert_in(XID, ids_row(n)) for n in range(2500)], first=True))
+        chunks = list(feed(stream_commit()))
+        assert [len(c.events) for c in chunks] == [1000, 1000, 500]
+        assert [c.end_lsn for c in chunks] == [None, None, 0x5030]
+        assert [e["new"]["id"] for e in events_of(chunks)] == list(range(2500))
+
+    def test_spill_gives_identical_events_and_removes_its_file(self, tmp_path):
+        def run(spill_bytes):
+            assembler = w.ChangeAssembler(chunk_events=100, spill_bytes=spill_bytes, spill_dir=str(tmp_path))
+            feed = Feeder(assembler)
+            feed(*stream_block(XID, orders(xid=XID), *[insert_in(XID + n % 3, ids_row(n)) for n in range(500)],
+                               first=True))
+            feed(w.StreamAbort(XID, XID + 1))  # partly in the file already
+            feed(*stream_block(XID, *[insert_in(XID, ids_row(n)) for n in range(500, 700)]))
+            spilled = spill_fds(str(tmp_path))
+            chunks = feed(stream_commit())
+            events = []
+            for chunk in chunks:
+                events.extend(chunk.events)
+            assert spill_fds(str(tmp_path)) == [] and os.listdir(tmp_path) == []
+            return events, spilled
+
+        in_memory, spilled_none = run(16 * 2**20)
+        on_disk, spilled = run(2000)
+        assert spilled_none == [] and len(spilled) == 1
+        assert on_disk == in_memory
+        assert len(in_memory) == 700 - 167
+
+    def test_memory_stays_bounded(self, tmp_path):
+        bound = 20_000
+        assembler = w.ChangeAssembler(spill_bytes=bound, spill_dir=str(tmp_path))
+        feed = Feeder(assembler)
+        feed(orders(), w.StreamStart(800, True), w.StreamStop(), w.StreamStart(900, True))
+        largest = 0
+        for n in range(3000):
+            feed(insert_in(900 if n % 2 else 901, ids_row(n)))
+            largest = max(largest, assembler.buffered_bytes)
+            if n % 500 == 0:  # switch streams: the bound is over all of them
+                feed(w.StreamStop(), w.StreamStart(800, False), insert_in(800, ids_row(n)), w.StreamStop(),
+                     w.StreamStart(900, False))
+        feed(w.StreamStop())
+        assert 0 < largest <= bound
+        chunks = iter(assembler.feed(0x9000, encode_pgoutput(stream_commit(900))))
+        first = next(chunks)  # lazily: the first chunk before the rest is read
+        assert len(first.events) == 1000 and assembler.buffered_bytes <= bound
+        assert len(first.events) + sum(len(c.events) for c in chunks) == 3000
+        assert [e["new"]["id"] for e in events_of(feed(stream_commit(800)))] == list(range(0, 3000, 500))
+
+    def test_relation_change_mid_stream(self, feed):
+        narrow = orders(columns=ORDERS_COLUMNS[:2])
+        feed(narrow)
+        feed(*stream_block(XID, orders(xid=XID, columns=ORDERS_COLUMNS[:2]), insert_in(XID, ("1", "a")), first=True))
+        # a plain transaction in between changes the table and the cache
+        plain = transaction(feed, w.Insert(None, 16400, ids_row(2)), relations=(orders(),))
+        assert events_of(plain)[0]["new"] == {**ROW_JSON, "id": 2}
+        feed(*stream_block(XID, orders(xid=XID), insert_in(XID, ids_row(3)),
+                           orders(xid=XID, columns=ORDERS_COLUMNS[:3]), insert_in(XID, ("4", "b", "1.5"))))
+        events = events_of(feed(stream_commit()))
+        assert [e["new"] for e in events] == [{"id": 1, "status": "a"}, {**ROW_JSON, "id": 3},
+                                              {"id": 4, "status": "b", "amount": "1.5"}]
+        after = transaction(feed, w.Insert(None, 16400, ("5", "c", "2")), relations=())
+        assert events_of(after)[0]["new"] == {"id": 5, "status": "c", "amount": "2"}
+
+    def test_close_removes_spill_files_of_open_streams(self, tmp_path):
+        assembler = w.ChangeAssembler(spill_bytes=500, spill_dir=str(tmp_path))
+        Feeder(assembler)(*stream_block(XID, orders(xid=XID), *[insert_in(XID)] * 50, first=True))
+        assert len(spill_fds(str(tmp_path))) == 1
+        assembler.close()
+        assert spill_fds(str(tmp_path)) == [] and assembler.open_streams == 0
+
+    def test_stream_commit_must_be_consumed_before_feeding_on(self, feed):
+        feed(*stream_block(XID, orders(xid=XID), insert_in(XID), first=True))
+        chunks = feed.assembler.feed(0x10, encode_pgoutput(stream_commit()))
+        with pytest.raises(RuntimeError):
+            feed(orders())
+        assert len(events_of(chunks)) == 1
+        feed(orders())
+
+    @pytest.mark.parametrize("messages, reason", [
+        ([w.StreamStart(XID, False)], "never started"),
+        ([w.StreamStart(XID, True), w.StreamStop(), w.StreamStart(XID, True)], "starts again"),
+        ([w.StreamStart(XID, True), w.StreamStart(XID, False)], "Stream Start message inside"),
+        ([w.StreamStop()], "Stream Stop message outside a stream"),
+        ([w.StreamStart(XID, True), w.Begin(1, 0, 1)], "Begin message inside"),
+        ([w.Begin(1, 0, 1), w.StreamStart(XID, True)], "Stream Start message inside"),
+        ([w.StreamStart(XID, True), stream_commit()], "Stream Commit message inside a stream"),
+        ([w.StreamStart(XID, True), w.StreamAbort(XID, XID)], "Stream Abort message inside a stream"),
+        ([w.StreamStart(XID, True), w.Insert(XID, 999, ("1",))], "unknown relation 999"),
+        ([stream_commit()], "never streamed"),
+    ])
+    def test_protocol_errors(self, feed, messages, reason):
+        with pytest.raises(ProtocolError, match=reason):
+            feed(*messages)
+
+
+# Only while the parts live in wip/: wal2http.py is one directory up.  Removed at merge.
+
+
+SECRET_HEADER_VALUE = "Bearer s3cr3t-t0ken"   # must never appear in any message
+
+
+# =====================================================================================================
+# Helpers: scripted receiver, config, alerter, events
+# =====================================================================================================
+
+@dataclasses.dataclass
+class Reply:
+    """One scripted answer.  `hang`: never answer; `drop`: close the connection without answering;
+    `close_after`: answer with Connection: close; `silent_close_after`: answer, then close the
+    connection without saying so (a keep-alive timeout on the server side); `chunked`: send the
+    body in chunks without Content-Length."""
+
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    delay_s: float = 0.0
+    hang: bool = False
+    drop: bool = False
+    close_after: bool = False
+    silent_close_after: bool = False
+    chunked: bool = False
+
+
+@dataclasses.dataclass
+class Recorded:
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
+    connection: int  # index of the accepted connection it came on
+
+
+class ScriptedReceiver:
+    """Answers requests with the scripted replies in order, then with `default`."""
+
+    def __init__(self, replies=(), default: Reply | None = None):
+        self.replies = list(replies)
+        self.default = default or Reply(200)
+        self.requests: list[Recorded] = []
+        self.connections = 0
+        self.closed = 0  # connections this side has closed or seen closed
+        self.port = 0
+        self.host = "127.0.0.1"
+        self.scheme = "http"
+        self._changed = trio.Event()
+
+    @classmethod
+    @asynccontextmanager
+    async def serve(cls, replies=(), default: Reply | None = None, *, host: str = "127.0.0.1",
+                    ssl_context: ssl.SSLContext | None = None):
+        receiver = cls(replies, default)
+        async with trio.open_nursery() as nursery:
+            if ssl_context is None:
+                serve = functools.partial(trio.serve_tcp, receiver._handle, 0, host=host)
+            else:
+                serve = functools.partial(trio.serve_ssl_over_tcp, receiver._handle, 0, ssl_context,
+                                          host=host, https_compatible=True)
+            listeners = await nursery.start(serve)
+            listener = listeners[0] if ssl_context is None else listeners[0].transport_listener
+            receiver.host, receiver.port = host, listener.socket.getsockname()[1]
+            receiver.scheme = "http" if ssl_context is None else "https"
+            yield receiver
+            nursery.cancel_scope.cancel()
+
+    def url(self, path: str = "/hook", host: str | None = None) -> str:
+        host = host or self.host
+        bracketed = f"[{host}]" if ":" in host else host
+        return f"{self.scheme}://{bracketed}:{self.port}{path}"
+
+    async def wait_for(self, condition) -> None:
+        """Waits (no polling sleep) until condition(self) holds."""
+        while not condition(self):
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        index = self.connections
+        self.connections += 1
+        self._notify()
+        try:
+            await self._serve_connection(stream, index)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
+            pass  # the client went away or refused our certificate: nothing to answer
+        finally:
+            await trio.aclose_forcefully(stream)
+            self.closed += 1
+            self._notify()
+
+    async def _serve_connection(self, stream: trio.abc.Stream, index: int) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            request = await self._read_request(stream, conn, index)
+            if request is None:
+                return
+            reply = self.replies.pop(0) if self.replies else self.default
+            self.requests.append(request)
+            self._notify()
+            if reply.hang:
+                await trio.sleep_forever()
+            if reply.delay_s:
+                await trio.sleep(reply.delay_s)
+            if reply.drop:
+                return
+            await stream.send_all(self._encode_reply(conn, reply))
+            if conn.our_state is h11.MUST_CLOSE or reply.silent_close_after:
+                return
+            conn.start_next_cycle()
+
+    @staticmethod
+    async def _read_request(stream, conn: h11.Connection, index: int) -> Recorded | None:
+        request, body = None, bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                headers = {n.decode().lower(): v.decode() for n, v in request.headers}
+                return Recorded(request.method.decode(), request.target.decode(), headers, bytes(body), index)
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+
+    @staticmethod
+    def _encode_reply(conn: h11.Connection, reply: Reply) -> bytes:
+        headers = list(reply.headers)
+        if reply.chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        else:
+            headers.append(("Content-Length", str(len(reply.body))))
+        if reply.close_after:
+            headers.append(("Connection", "close"))
+        data = conn.send(h11.Response(status_code=reply.status, headers=headers))
+        pieces = [reply.body[i:i + 7] for i in range(0, len(reply.body), 7)] if reply.chunked else [reply.body]
+        for piece in pieces:
+            if piece:
+                data += conn.send(h11.Data(data=piece))
+        return data + conn.send(h11.EndOfMessage())
+
+
+@dataclasses.dataclass(frozen=True)
+class _HttpStandInConfig:
+    """The fields of Config this part reads (stand-in until wip_config's Config exists)."""
+
+    database_url: str | None = None
+    conninfo: object = None
+    event_sink: str = "http"
+    on_failure: str = "exit"
+    dead_letter_file: str = "wal2http-dead-letter.jsonl"
+    retry_max_attempts: int = 5
+    retry_base_delay_s: float = 1.0
+    retry_max_delay_s: float = 30.0
+    http_endpoint_url: str | None = None
+    http_batch_size: int = 1
+    http_timeout_s: float = 10.0
+    http_headers: tuple[tuple[str, str], ...] = ()
+    http_signing_secret: str | None = None
+    http_ca_file: str | None = None
+
+
+def http_config(**overrides):
+    try:
+        from wip_config import Config
+    except ImportError:
+        Config = _HttpStandInConfig
+    fields = dict(database_url=None, conninfo=None, event_sink="http")
+    fields.update(overrides)
+    return Config(**fields)
+
+
+class RecordingAlerter:
+    def __init__(self):
+        self.alerts: list[tuple[str, str, str]] = []
+        self.recoveries: list[tuple[str, str, str]] = []
+
+    def alert(self, key: str, subject: str, body: str) -> None:
+        self.alerts.append((key, subject, body))
+
+    def recovered(self, key: str, subject: str, body: str) -> None:
+        self.recoveries.append((key, subject, body))
+
+
+class RecordingSleep:
+    """Injected as ReliableSink's sleep: records the delays, returns at once."""
+
+    def __init__(self):
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        await trio.lowlevel.checkpoint()
+
+
+def make_events(count: int, start: int = 0) -> list[dict]:
+    return [{"id": f"0/16B37A0:{i}", "op": "insert", "schema": "public", "table": "orders",
+             "key": {"id": i}, "new": {"id": i, "note": "héllo ✓"}, "old": None, "unchanged_toast": [],
+             "xid": 771, "lsn": "0/16B3748", "commit_lsn": "0/16B37A0",
+             "commit_time": "2026-11-27T16:25:11.123456Z", "seq": i} for i in range(start, start + count)]
+
+
+def compact(value) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def standard_webhooks_signature(key: bytes, msg_id: str, timestamp: str, body: bytes) -> str:
+    """Independent reimplementation of the receiver side of the Standard Webhooks scheme."""
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def have_ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_tls(ca):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def ca_file(ca, tmp_path):
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+# =====================================================================================================
+# HTTP client
+# =====================================================================================================
+
+class TestHttpClient:
+    def test_parse_http_url(self):
+        endpoint = w.parse_http_url("https://user:pw@Example.COM:8443/a/b?x=1")
+        assert (endpoint.scheme, endpoint.host, endpoint.port, endpoint.target) == \
+            ("https", "example.com", 8443, "/a/b?x=1")
+        assert endpoint.host_header == "example.com:8443"
+        assert endpoint.authorization == "Basic " + base64.b64encode(b"user:pw").decode()
+        assert endpoint.where == "https://example.com:8443/a/b"   # no user info, no query
+        assert w.parse_http_url("http://[::1]/").host_header == "[::1]"
+        assert w.parse_http_url("http://[::1]:81").target == "/"
+
+    @pytest.mark.parametrize("url", ["ftp://host/", "host:80", "http://", "http://host:99999/"])
+    def test_parse_http_url_rejects(self, url):
+        with pytest.raises(w.ConfigError):
+            w.parse_http_url(url)
+
+    def test_invalid_header_is_a_config_error_without_the_value(self):
+        with pytest.raises(w.ConfigError) as info:
+            w.HttpClient("http://127.0.0.1:1/", timeout_s=1, headers=[("X-Token", "abc\r\nevil")])
+        assert "X-Token" in str(info.value) and "evil" not in str(info.value)
+
+    async def test_request_response_and_headers(self):
+        reply = Reply(201, headers=(("X-Multi", "a"), ("X-Multi", "b")), body=b"created")
+        async with ScriptedReceiver.serve([reply]) as receiver:
+            client = w.HttpClient(receiver.url("/base"), timeout_s=5, headers=[("Authorization", SECRET_HEADER_VALUE)])
+            response = await client.request("POST", "/base/x?y=1", headers=[("X-One", "1")], body=b"{}")
+            await client.aclose()
+        assert response == w.HttpResponse(201, {"x-multi": "a, b", "content-length": "7"}, b"created")
+        request = receiver.requests[0]
+        assert (request.method, request.target, request.body) == ("POST", "/base/x?y=1", b"{}")
+        assert request.headers["host"] == f"127.0.0.1:{receiver.port}"
+        assert request.headers["user-agent"] == f"wal2http/{w.__version__}"
+        assert request.headers["authorization"] == SECRET_HEADER_VALUE
+        assert request.headers["x-one"] == "1" and request.headers["content-length"] == "2"
+
+    async def test_chunked_response(self):
+        async with ScriptedReceiver.serve([Reply(200, body=b"0123456789" * 5, chunked=True)]) as receiver:
+            client = w.HttpClient(receiver.url(), timeout_s=5)
+            first = await client.request("GET", "/")
+            second = await client.request("GET", "/")
+            await client.aclose()
+        assert first.body == b"0123456789" * 5 and second.status == 200
+        assert receiver.connections == 1
+
+    async def test_keep_alive_reuses_one_connection(self):
+        async with ScriptedReceiver.serve() as receiver:
+            client = w.HttpClient(receiver.url(), timeout_s=5)
+            for _ in range(5):
+                assert (await client.request("POST", "/hook", body=b"x")).status == 200
+            await client.aclose()
+        assert receiver.connections == 1 and len(receiver.requests) == 5
+
+    async def test_reopens_after_connection_close(self):
+        async with ScriptedReceiver.serve([Reply(200, close_after=True)]) as receiver:
+            client = w.HttpClient(receiver.url(), timeout_s=5)
+            await client.request("POST", "/hook", body=b"1")
+            await client.request("POST", "/hook", body=b"2")
+            await client.aclose()
+        assert receiver.connections == 2
+        assert [(r.body, r.connection) for r in receiver.requests] == [(b"1", 0), (b"2", 1)]
+
+    async def test_resends_once_when_idle_connection_was_closed(self):
+        """The server closed the kept-alive connection without saying so: the next request fails
+        before any answer and is sent again, once, on a new connection."""
+        async with ScriptedReceiver.serve([Reply(200, silent_close_after=True)]) as receiver:
+            client = w.HttpClient(receiver.url(), timeout_s=5)
+            await client.request("POST", "/hook", body=b"1")
+            await receiver.wait_for(lambda r: r.closed == 1)
+            response = await client.request("POST", "/hook", body=b"2")
+            await client.aclose()
+        assert response.status == 200
+        assert [(r.body, r.connection) for r in receiver.requests] == [(b"1", 0), (b"2", 1)]
+
+    async def test_resend_on_reused_connection_may_duplicate(self):
+        """A reused connection dropped after the request was read, before any answer: sent again
+        once (documented: receivers deduplicate on ids)."""
+        async with ScriptedReceiver.serve([Reply(200), Reply(drop=True)]) as receiver:
+            client = w.HttpClient(receiver.url(), timeout_s=5)
+            await client.request("POST", "/hook", body=b"1")
+            assert (await client.request("POST", "/hook", body=b"2")).status == 200
+            await client.aclose()
+        assert [r.body for r in receiver.requests] == [b"1", b"2", b"2"]
+        assert receiver.connections == 2
+
+    async def test_no_resend_on_a_fresh_connection(self):
+        async with ScriptedReceiver.serve([Reply(drop=True)]) as receiver:
+            client = w.HttpClient(receiver.url(), timeout_s=5)
+            with pytest.raises(w.DeliveryError) as info:
+                await client.request("POST", "/hook", body=b"1")
+            await client.aclose()
+        assert info.value.retryable and f"127.0.0.1:{receiver.port}" in str(info.value)
+        assert len(receiver.requests) == 1 and receiver.connections == 1
+
+    async def test_connection_refused_is_retryable(self):
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            port = unused.getsockname()[1]   # bound but not listening: refused
+            client = w.HttpClient(f"http://127.0.0.1:{port}/", timeout_s=5,
+                                  headers=[("Authorization", SECRET_HEADER_VALUE)])
+            with pytest.raises(w.DeliveryError) as info:
+                await client.request("POST", "/", body=b"x")
+        assert info.value.retryable and f"127.0.0.1:{port}" in str(info.value)
+        assert SECRET_HEADER_VALUE not in str(info.value)
+
+    async def test_timeout_is_retryable_and_on_time(self):
+        async with ScriptedReceiver.serve([Reply(hang=True)]) as receiver:
+            client = w.HttpClient(receiver.url(), timeout_s=0.5, headers=[("Authorization", SECRET_HEADER_VALUE)])
+            started = trio.current_time()
+            with pytest.raises(w.DeliveryError) as info:
+                await client.request("POST", "/hook", body=b"x")
+            elapsed = trio.current_time() - started
+            # the next request opens a new connection (the hung one is closed)
+            assert (await client.request("POST", "/hook", body=b"y")).status == 200
+            await client.aclose()
+        assert info.value.retryable and "HTTP_TIMEOUT_SECS" in str(info.value)
+        assert SECRET_HEADER_VALUE not in str(info.value)
+        assert 0.5 <= elapsed < 2.0
+        assert receiver.connections == 2
+
+    async def test_body_read_only_up_to_the_bound(self):
+        huge = b"x" * (w.HTTP_MAX_BODY_BYTES * 4)
+        async with ScriptedReceiver.serve([Reply(500, body=huge), Reply(200, body=b"ok")]) as receiver:
+            client = w.HttpClient(receiver.url(), timeout_s=5)
+            response = await client.request("POST", "/hook", body=b"x")
+            assert response.status == 500 and response.body == huge[:w.HTTP_MAX_BODY_BYTES]
+            assert (await client.request("POST", "/hook", body=b"y")).body == b"ok"
+            await client.aclose()
+        assert receiver.connections == 2   # the unread rest made the first connection unusable
+
+    async def test_https_trusted_through_ca_file(self, server_tls, ca_file):
+        async with ScriptedReceiver.serve(ssl_context=server_tls) as receiver:
+            client = w.HttpClient(receiver.url(host="localhost"), timeout_s=5, ca_file=ca_file)
+            assert (await client.request("POST", "/hook", body=b"1")).status == 200
+            assert (await client.request("POST", "/hook", body=b"2")).status == 200
+            await client.aclose()
+        assert receiver.connections == 1 and [r.body for r in receiver.requests] == [b"1", b"2"]
+        assert receiver.requests[0].headers["host"] == f"localhost:{receiver.port}"
+
+    async def test_https_untrusted_certificate_is_refused(self, server_tls):
+        async with ScriptedReceiver.serve(ssl_context=server_tls) as receiver:
+            client = w.HttpClient(receiver.url(host="localhost"), timeout_s=5)   # system store only
+            with pytest.raises(w.DeliveryError) as info:
+                await client.request("POST", "/hook", body=b"1")
+        assert not info.value.retryable and "TLS verification" in str(info.value)
+        assert receiver.requests == []
+
+    async def test_https_wrong_hostname_is_refused(self, ca, ca_file):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("other.example").configure_cert(context)
+        async with ScriptedReceiver.serve(ssl_context=context) as receiver:
+            client = w.HttpClient(receiver.url(host="localhost"), timeout_s=5, ca_file=ca_file)
+            with pytest.raises(w.DeliveryError) as info:
+                await client.request("POST", "/hook", body=b"1")
+        assert not info.value.retryable and "TLS verification" in str(info.value)
+
+    def test_missing_ca_file_is_a_config_error(self, tmp_path):
+        with pytest.raises(w.ConfigError, match="HTTP_CA_FILE"):
+            w.HttpClient("https://localhost/", timeout_s=1, ca_file=str(tmp_path / "missing.pem"))
+
+    @pytest.mark.skipif(not have_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+    async def test_ipv6_literal(self):
+        async with ScriptedReceiver.serve(host="::1") as receiver:
+            client = w.HttpClient(receiver.url(), timeout_s=5)
+            assert (await client.request("POST", "/hook", body=b"x")).status == 200
+            await client.aclose()
+        assert receiver.requests[0].headers["host"] == f"[::1]:{receiver.port}"
+
+
+# =====================================================================================================
+# HTTP sink
+# =====================================================================================================
+
+class TestHttpSink:
+    def test_sign_webhook_standard_vector(self):
+        # The example of the Standard Webhooks reference libraries' tests.
+        body = b'{"test": 2432232314}'
+        assert w.sign_webhook("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                              1614265330, body) == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+    def test_sign_webhook_plain_secret_uses_utf8_bytes(self):
+        assert w.sign_webhook("pässword", "id", 5, b"{}") == \
+            standard_webhooks_signature("pässword".encode(), "id", "5", b"{}")
+
+    def test_bad_whsec_secret_is_a_config_error(self):
+        with pytest.raises(w.ConfigError, match="HTTP_SIGNING_SECRET"):
+            w.HttpSink(http_config(http_endpoint_url="http://127.0.0.1:1/", http_signing_secret="whsec_!!"))
+
+    @pytest.mark.parametrize("status, retryable", [
+        (200, None), (204, None), (408, True), (425, True), (429, True), (500, True), (503, True),
+        (400, False), (401, False), (404, False), (409, False), (422, False), (301, False)])
+    def test_classify_http_response(self, status, retryable):
+        error = w.classify_http_response(w.HttpResponse(status, {}, b"nope"), "http://h/x")
+        if retryable is None:
+            assert error is None
+        else:
+            assert error.retryable is retryable and f"HTTP {status}" in str(error) and "nope" in str(error)
+
+    def test_classify_shortens_the_body(self):
+        error = w.classify_http_response(w.HttpResponse(400, {}, b"e" * 5000), "http://h/x")
+        assert len(str(error)) < 300
+
+    @pytest.mark.parametrize("value, expected", [
+        ("7", 7.0), (" 120 ", 120.0), (None, None), ("soon", None), ("-3", None),
+        ("Wed, 21 Oct 2015 07:28:10 GMT", 10.0), ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0)])
+    def test_decode_retry_after(self, value, expected):
+        now = 1445412480.0   # Wed, 21 Oct 2015 07:28:00 GMT
+        assert w.decode_retry_after(value, now=now) == expected
+
+    def test_classify_reads_retry_after(self):
+        error = w.classify_http_response(w.HttpResponse(429, {"retry-after": "12"}, b""), "http://h/x")
+        assert error.retryable and error.retry_after == 12.0
+
+    async def test_single_events_one_request_each(self):
+        events = make_events(3)
+        async with ScriptedReceiver.serve() as receiver:
+            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url("/in?src=pg")))
+            await sink.deliver(events)
+            await sink.aclose()
+        assert [json.loads(r.body) for r in receiver.requests] == events
+        assert [r.body for r in receiver.requests] == [compact(e) for e in events]
+        for request, event in zip(receiver.requests, events):
+            assert (request.method, request.target) == ("POST", "/in?src=pg")
+            assert request.headers["idempotency-key"] == event["id"]
+            assert request.headers["content-type"] == "application/json"
+            assert request.headers["user-agent"] == f"wal2http/{w.__version__}"
+        assert receiver.connections == 1
+
+    async def test_batches_keep_the_order(self):
+        events = make_events(7)
+        async with ScriptedReceiver.serve() as receiver:
+            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url(), http_batch_size=3))
+            assert sink.batch_size == 3
+            await sink.deliver(events[:3])
+            await sink.deliver(events[3:6])
+            await sink.deliver(events[6:])
+            await sink.aclose()
+        bodies = [json.loads(r.body) for r in receiver.requests]
+        assert [len(b["events"]) for b in bodies] == [3, 3, 1]
+        assert [e for b in bodies for e in b["events"]] == events
+        assert receiver.requests[0].body == compact({"events": events[:3]})
+        assert "idempotency-key" not in receiver.requests[0].headers
+
+    async def test_custom_headers(self):
+        headers = (("Authorization", SECRET_HEADER_VALUE), ("X-Tenant", "acme"))
+        async with ScriptedReceiver.serve() as receiver:
+            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url(), http_headers=headers))
+            await sink.deliver(make_events(1))
+            await sink.aclose()
+        assert receiver.requests[0].headers["authorization"] == SECRET_HEADER_VALUE
+        assert receiver.requests[0].headers["x-tenant"] == "acme"
+
+    @pytest.mark.parametrize("secret, key", [
+        ("plain-secret", b"plain-secret"),
+        ("whsec_" + base64.b64encode(b"\x00\x01binary key\xff").decode(), b"\x00\x01binary key\xff")])
+    @pytest.mark.parametrize("batch_size", [1, 2])
+    async def test_signature_verifies(self, secret, key, batch_size):
+        events = make_events(2)
+        async with ScriptedReceiver.serve() as receiver:
+            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url(), http_batch_size=batch_size,
+                                          http_signing_secret=secret))
+            sink._clock = lambda: 1764260711.9
+            await sink.deliver(events)
+            await sink.aclose()
+        for request in receiver.requests:
+            headers = request.headers
+            assert headers["webhook-timestamp"] == "1764260711"
+            expected = standard_webhooks_signature(key, headers["webhook-id"], headers["webhook-timestamp"],
+                                                   request.body)
+            assert headers["webhook-signature"] == expected
+        assert [r.headers["webhook-id"] for r in receiver.requests] == [e["id"] for e in events][::batch_size]
+
+    async def test_failed_event_reports_the_delivered_count(self):
+        async with ScriptedReceiver.serve([Reply(200), Reply(200), Reply(503, headers=(("Retry-After", "4"),))]) \
+                as receiver:
+            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url()))
+            with pytest.raises(w.DeliveryError) as info:
+                await sink.deliver(make_events(5))
+            await sink.aclose()
+        error = info.value
+        assert (error.delivered, error.failed, error.retryable, error.retry_after) == (2, 1, True, 4.0)
+        assert len(receiver.requests) == 3
+
+    async def test_batch_failure_covers_the_batch(self):
+        async with ScriptedReceiver.serve([Reply(400, body=b'{"error":"bad"}')]) as receiver:
+            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url(), http_batch_size=10))
+            with pytest.raises(w.DeliveryError) as info:
+                await sink.deliver(make_events(4))
+            await sink.aclose()
+        assert (info.value.delivered, info.value.failed, info.value.retryable) == (0, 4, False)
+        assert "400" in str(info.value) and '{"error":"bad"}' in str(info.value)
+
+    async def test_secrets_never_in_errors_or_alerts(self):
+        secret = "whsec_" + base64.b64encode(b"k" * 24).decode()
+        echo = f"bad token {SECRET_HEADER_VALUE}, secret {secret}".encode()
+        alerter = RecordingAlerter()
+        async with ScriptedReceiver.serve([Reply(401, body=echo)]) as receiver:
+            config = http_config(http_endpoint_url=receiver.url(), http_signing_secret=secret,
+                                 http_headers=(("Authorization", SECRET_HEADER_VALUE),))
+            sink = w.ReliableSink(w.HttpSink(config), config, alerter, sleep=RecordingSleep())
+            with pytest.raises(w.DeliveryFailed) as info:
+                await sink.deliver(make_events(1))
+            await sink.aclose()
+        texts = [str(info.value)] + [body for _, _, body in alerter.alerts]
+        assert all("401" in t and "***" in t for t in texts)
+        assert not any(SECRET_HEADER_VALUE in t or secret in t for t in texts)
+
+    async def test_check_sends_no_event(self):
+        async with ScriptedReceiver.serve([Reply(405)]) as receiver:
+            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url("/hook")))
+            detail = await sink.check()
+            await sink.aclose()
+        assert "405" in detail and [(r.method, r.body) for r in receiver.requests] == [("OPTIONS", b"")]
+
+    async def test_check_raises_when_unreachable(self, server_tls):
+        async with ScriptedReceiver.serve(ssl_context=server_tls) as receiver:
+            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url(host="localhost")))
+            with pytest.raises(w.DeliveryError, match="TLS"):
+                await sink.check()
+
+
+# =====================================================================================================
+# Reliable delivery
+# =====================================================================================================
+
+class FlakySink:
+    """A sink failing as scripted: each entry is None (deliver all) or a DeliveryError to raise."""
+
+    name = "fake"
+    batch_size = 10
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.calls: list[list[str]] = []
+        self.delivered: list[str] = []
+
+    async def deliver(self, events):
+        self.calls.append([e["id"] for e in events])
+        outcome = self.script.pop(0) if self.script else None
+        if outcome is None:
+            self.delivered += [e["id"] for e in events]
+            return
+        self.delivered += [e["id"] for e in events[:outcome.delivered]]
+        raise outcome
+
+    async def check(self):
+        return "ok"
+
+    async def aclose(self):
+        pass
+
+
+def retryable(message="boom", **kwargs):
+    return w.DeliveryError(message, retryable=True, **kwargs)
+
+
+def fatal(message="bad request", **kwargs):
+    return w.DeliveryError(message, retryable=False, **kwargs)
+
+
+class TestReliableSink:
+    @pytest.mark.parametrize("retry_index, random_value, retry_after, expected", [
+        (0, 1.0, None, 1.0), (3, 1.0, None, 8.0), (10, 1.0, None, 30.0), (3, 0.5, None, 4.0),
+        (0, 0.0, None, 0.0), (0, 0.1, 12.0, 12.0), (0, 0.1, 500.0, 30.0)])
+    def test_compute_retry_delay(self, retry_index, random_value, retry_after, expected):
+        assert w.compute_retry_delay(retry_index, 1.0, 30.0, random_value, retry_after) == expected
+
+    async def test_500_500_200_delivered_once_after_retries(self, caplog):
+        events = make_events(1)
+        sleep = RecordingSleep()
+        alerter = RecordingAlerter()
+        async with ScriptedReceiver.serve([Reply(500), Reply(500)]) as receiver:
+            config = http_config(http_endpoint_url=receiver.url(), retry_base_delay_s=1.0, retry_max_delay_s=30.0)
+            sink = w.ReliableSink(w.HttpSink(config), config, alerter, sleep=sleep, random=lambda: 1.0)
+            with caplog.at_level(logging.WARNING, logger="wal2http"):
+                await sink.deliver(events)
+            await sink.aclose()
+        assert len(receiver.requests) == 3 and sleep.delays == [1.0, 2.0]
+        assert alerter.alerts == [] and alerter.recoveries == []
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 2 and "attempt 1 of 5" in warnings[0] and "retrying in 1.0 s" in warnings[0]
+        assert "attempt 2 of 5" in warnings[1]
+
+    async def test_retry_after_is_honoured(self):
+        sleep = RecordingSleep()
+        async with ScriptedReceiver.serve([Reply(429, headers=(("Retry-After", "7"),))]) as receiver:
+            config = http_config(http_endpoint_url=receiver.url())
+            sink = w.ReliableSink(w.HttpSink(config), config, RecordingAlerter(), sleep=sleep, random=lambda: 0.0)
+            await sink.deliver(make_events(1))
+            await sink.aclose()
+        assert len(receiver.requests) == 2 and sleep.delays == [7.0]
+
+    async def test_400_is_not_retried(self, tmp_path):
+        sleep = RecordingSleep()
+        alerter = RecordingAlerter()
+        async with ScriptedReceiver.serve([Reply(400, body=b"invalid payload")]) as receiver:
+            config = http_config(http_endpoint_url=receiver.url(), on_failure="exit")
+            sink = w.ReliableSink(w.HttpSink(config), config, alerter, sleep=sleep)
+            with pytest.raises(w.DeliveryFailed) as info:
+                await sink.deliver(make_events(1))
+            await sink.aclose()
+        assert len(receiver.requests) == 1 and sleep.delays == []
+        assert info.value.delivered == 0 and "invalid payload" in str(info.value)
+        assert len(alerter.alerts) == 1
+
+    async def test_timeouts_retried_with_autojump_clock(self, autojump_clock):
+        """Backoff in virtual time: the real trio.sleep, no waiting."""
+        config = http_config(retry_max_attempts=4, retry_base_delay_s=1.0, retry_max_delay_s=30.0)
+        sink = FlakySink([retryable(), retryable(), retryable()])
+        started = trio.current_time()
+        await w.ReliableSink(sink, config, RecordingAlerter(), random=lambda: 1.0).deliver(make_events(2))
+        assert trio.current_time() - started == pytest.approx(1.0 + 2.0 + 4.0)
+        assert sink.delivered == [e["id"] for e in make_events(2)]
+
+    async def test_exit_reports_the_delivered_count(self):
+        events = make_events(5)
+        alerter = RecordingAlerter()
+        config = http_config(on_failure="exit", retry_max_attempts=3)
+        sink = FlakySink([retryable("HTTP 503", delivered=2, failed=1), retryable("HTTP 503"), retryable("HTTP 503")])
+        with pytest.raises(w.DeliveryFailed) as info:
+            await w.ReliableSink(sink, config, alerter, sleep=RecordingSleep()).deliver(events)
+        assert info.value.delivered == 2 and events[2]["id"] in str(info.value)
+        assert sink.delivered == [e["id"] for e in events[:2]]
+        # after the partial success the rest is retried, never the delivered events again
+        assert sink.calls[1] == [e["id"] for e in events[2:]]
+        (key, subject, body), = alerter.alerts
+        assert "fake" in subject and events[2]["id"] in body and "HTTP 503" in body and "Failing since" in body
+
+    async def test_exit_counts_attempts_per_delivery(self):
+        """Progress resets the attempt count: failure, partial success (its failure is attempt 1
+        for the rest), failure, success: never 3 failures in a row for the same events."""
+        config = http_config(on_failure="exit", retry_max_attempts=3)
+        sink = FlakySink([retryable(), retryable(delivered=1, failed=1), retryable()])
+        await w.ReliableSink(sink, config, RecordingAlerter(), sleep=RecordingSleep()).deliver(make_events(3))
+        assert sink.delivered == [e["id"] for e in make_events(3)]
+
+    async def test_skip_dead_letters_and_goes_on(self, tmp_path, monkeypatch):
+        events = make_events(4)
+        path = tmp_path / "dead.jsonl"
+        path.write_text('{"id":"earlier"}\n')
+        alerter = RecordingAlerter()
+        config = http_config(on_failure="skip", dead_letter_file=str(path), retry_max_attempts=2)
+        sink = FlakySink([fatal("HTTP 400", delivered=1, failed=1), retryable(), retryable()])
+        fsynced = []
+        real_fsync = os.fsync
+
+        def recording_fsync(fd):
+            fsynced.append(os.fstat(fd).st_size)
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+        await w.ReliableSink(sink, config, alerter, sleep=RecordingSleep()).deliver(events)
+        lines = path.read_text(encoding="utf-8").splitlines()
+        assert lines[0] == '{"id":"earlier"}'   # appended, never truncated
+        assert [json.loads(line) for line in lines[1:]] == [events[1], events[2], events[3]]
+        assert lines[1] == compact(events[1]).decode()
+        assert fsynced and fsynced[-1] == path.stat().st_size   # the whole file was on disk
+        assert sink.delivered == [events[0]["id"]]
+        assert len(alerter.alerts) == 2 and str(path) in alerter.alerts[0][2]
+
+    async def test_skip_with_unwritable_dead_letter_file_exits(self, tmp_path):
+        config = http_config(on_failure="skip", dead_letter_file=str(tmp_path / "missing-dir" / "d.jsonl"))
+        events = make_events(3)
+        sink = FlakySink([fatal(delivered=1, failed=1)])
+        alerter = RecordingAlerter()
+        with pytest.raises(w.DeliveryFailed, match="DEAD_LETTER_FILE") as info:
+            await w.ReliableSink(sink, config, alerter, sleep=RecordingSleep()).deliver(events)
+        assert info.value.delivered == 1 and "missing-dir" in alerter.alerts[0][2]
+
+    async def test_skip_then_success_sends_recovered(self, tmp_path):
+        config = http_config(on_failure="skip", dead_letter_file=str(tmp_path / "d.jsonl"))
+        alerter = RecordingAlerter()
+        reliable = w.ReliableSink(FlakySink([fatal()]), config, alerter, sleep=RecordingSleep())
+        await reliable.deliver(make_events(1))
+        await reliable.deliver(make_events(1, start=1))
+        assert len(alerter.alerts) == 1 and len(alerter.recoveries) == 1
+
+    async def test_retry_keeps_going_at_max_delay_then_recovers(self):
+        events = make_events(3)
+        alerter = RecordingAlerter()
+        sleep = RecordingSleep()
+        config = http_config(on_failure="retry", retry_max_attempts=2, retry_base_delay_s=1.0, retry_max_delay_s=30.0)
+        sink = FlakySink([retryable(delivered=1, failed=1)] + [retryable()] * 6)
+        await w.ReliableSink(sink, config, alerter, sleep=sleep, random=lambda: 1.0).deliver(events)
+        assert sink.delivered == [e["id"] for e in events]
+        assert sleep.delays == [1.0] + [30.0] * 6
+        (key, _, body), = alerter.alerts
+        assert events[1]["id"] in body
+        (recovered_key, subject, _), = alerter.recoveries
+        assert recovered_key == key and "recovered" in subject
+
+    async def test_retry_is_cancellable(self, autojump_clock):
+        config = http_config(on_failure="retry", retry_max_attempts=1, retry_max_delay_s=30.0)
+        sink = FlakySink([fatal()] * 1000)
+        with trio.move_on_after(3600) as scope:
+            await w.ReliableSink(sink, config, RecordingAlerter()).deliver(make_events(1))
+        assert scope.cancelled_caught and 100 <= len(sink.calls) <= 125
+
+    async def test_sink_auth_error_propagates_at_once(self):
+        class Rejecting(FlakySink):
+            async def deliver(self, events):
+                self.calls.append(events)
+                raise w.SinkAuthError("token rejected")
+
+        sink = Rejecting([])
+        sleep = RecordingSleep()
+        with pytest.raises(w.SinkAuthError):
+            await w.ReliableSink(sink, http_config(on_failure="retry"), RecordingAlerter(), sleep=sleep).deliver(
+                make_events(1))
+        assert len(sink.calls) == 1 and sleep.delays == []
+
+    async def test_passes_the_sink_interface_through(self):
+        reliable = w.ReliableSink(FlakySink([]), http_config(), RecordingAlerter())
+        assert (reliable.name, reliable.batch_size, await reliable.check()) == ("fake", 10, "ok")
+        await reliable.aclose()
+
+
+APPLICATION_ID = "4fd3ed86-2a5a-4d45-9c1c-0fdf6c7e6c6a"
+TOKEN = "EoQBChoKBHRlc3QYAyIKCggIgAgSAxiBCB"   # shaped like a biscuit; never in any message
+
+
+# =====================================================================================================
+# Helpers: config, alerter
+# =====================================================================================================
+
+def hook0_config(**overrides):
+    """A Config with the Hook0 sink's fields (the config part's Config when it exists)."""
+    try:
+        from wip_config import Config
+    except ImportError:
+        Config = _Hook0StandInConfig
+    fields = dict(database_url=None, conninfo=None, event_sink="hook0", hook0_api_url="http://127.0.0.1:9",
+                  hook0_application_id=APPLICATION_ID, hook0_api_token=TOKEN,
+                  retry_max_attempts=3, retry_base_delay_s=0.01, retry_max_delay_s=30.0)
+    fields.update(overrides)
+    return Config(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hook0StandInConfig:
+    """Stand-in for wip_config.Config (DESIGN.md field names) while that part is being written."""
+
+    database_url: str | None = None
+    conninfo: object = None
+    slot_name: str = "sub"
+    publications: tuple[str, ...] = ("pub",)
+    create_slot: bool = True
+    event_sink: str = "stdout"
+    feedback_interval_s: float = 1.0
+    streaming: bool = False
+    on_failure: str = "exit"
+    dead_letter_file: str = "wal2http-dead-letter.jsonl"
+    retry_max_attempts: int = 5
+    retry_base_delay_s: float = 1.0
+    retry_max_delay_s: float = 30.0
+    log_level: str = "INFO"
+    http_endpoint_url: str | None = None
+    http_batch_size: int = 1
+    http_timeout_s: float = 10.0
+    http_headers: tuple[tuple[str, str], ...] = ()
+    http_signing_secret: str | None = None
+    http_ca_file: str | None = None
+    hook0_api_url: str | None = None
+    hook0_application_id: str | None = None
+    hook0_api_token: str | None = None
+    hook0_table_events: bool = False
+    hook0_labels: tuple[tuple[str, str], ...] = ()
+    hook0_create_event_types: bool = False
+    email_smtp_host: str | None = None
+    email_smtp_port: int = 587
+    email_smtp_username: str | None = None
+    email_smtp_password: str | None = None
+    email_from: str | None = None
+    email_to: tuple[str, ...] = ()
+    email_smtp_tls: str = "starttls"
+
+
+class FakeAlerter:
+    """Records alerts; like the real Alerter, `alert` never blocks and never raises."""
+
+    def __init__(self):
+        self.alerts: list[tuple[str, str, str]] = []
+        self.recoveries: list[tuple[str, str, str]] = []
+
+    def alert(self, key, subject, body):
+        self.alerts.append((key, subject, body))
+
+    def recovered(self, key, subject, body):
+        self.recoveries.append((key, subject, body))
+
+    def keys(self):
+        return [key for key, _, _ in self.alerts]
+
+
+def outbox_event(**row_overrides):
+    """An insert into public.outbox as the decode part emits it (CONTRACT.md section 3)."""
+    row = {"id": 7, "event_id": "0b7a5a5e-5f6b-4a53-9c1e-3a4f2b1c0d9e", "event_type": "billing.invoice.paid",
+           "created_at": "2026-11-27T16:25:11.123456Z", "payload": {"id": 1, "amount": "19.90", "note": "é"},
+           "metadata": {"source": "api"}, "labels": {"tenant": "acme"}}
+    row.update(row_overrides)
+    row = {key: value for key, value in row.items() if value is not _MISSING}
+    return {"id": "0/16B37A0:3", "op": "insert", "schema": "public", "table": "outbox", "key": {"id": 7},
+            "new": row, "old": None, "unchanged_toast": [], "xid": 771, "lsn": "0/16B3748",
+            "commit_lsn": "0/16B37A0", "commit_time": "2026-11-27T16:25:12.5Z", "seq": 3}
+
+
+_MISSING = object()
+
+
+def table_event(op="insert", event_id="0/16B37A0:0", table="items"):
+    new = None if op == "delete" else {"id": 1, "name": "widget"}
+    return {"id": event_id, "op": op, "schema": "public", "table": table, "key": {"id": 1}, "new": new,
+            "old": {"id": 1} if op == "delete" else None, "unchanged_toast": [], "xid": 771,
+            "lsn": "0/16B3748", "commit_lsn": "0/16B37A0", "commit_time": "2026-11-27T16:25:12Z", "seq": 0}
+
+
+def expected_body(**overrides):
+    body = {"application_id": APPLICATION_ID, "event_id": "0b7a5a5e-5f6b-4a53-9c1e-3a4f2b1c0d9e",
+            "event_type": "billing.invoice.paid", "payload": '{"id":1,"amount":"19.90","note":"é"}',
+            "payload_content_type": "application/json", "metadata": {"source": "api"},
+            "occurred_at": "2026-11-27T16:25:11.123456Z", "labels": {"tenant": "acme"}}
+    body.update(overrides)
+    return body
+
+
+# =====================================================================================================
+# Hook0 API double
+# =====================================================================================================
+# Follows Hook0's server: rate limiter, then bearer authentication (middleware), then the JSON body
+# extractor (Content-Type, types), then authorisation for the application, then validation (422),
+# then payload content type and payload, then the insert (duplicate event id: 409; unknown event
+# type: 400).  Scripted failures answer before everything, as the rate limiter does.
+
+@dataclasses.dataclass
+class RecordedRequest:
+    method: str
+    target: str
+    headers: dict[str, str]    # lower-case names
+    body: bytes
+    status: int = 0            # what the double answered
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    def json(self):
+        return json.loads(self.body)
+
+
+_PROBLEM_TITLES = {
+    "AuthNoAuthorizationHeader": (401, "No `Authorization` header was found in the HTTP request"),
+    "AuthInvalidAuthorizationHeader": (400, "`Authorization` header is invalid"),
+    "AuthInvalidBiscuit": (403, "Invalid Biscuit"),
+    "Forbidden": (403, "Insufficient rights"),
+    "JsonPayload": (400, "Provided body could not be decoded as JSON"),
+    "Validation": (422, "Provided input is malformed"),
+    "EventAlreadyIngested": (409, "Event already Ingested"),
+    "EventTypeDoesNotExist": (400, "Invalid event type"),
+    "EventInvalidPayloadContentType": (400, "Invalid event payload content type"),
+    "EventInvalidJsonPayload": (400, "Invalid event JSON payload"),
+    "EventInvalidBase64Payload": (400, "Invalid event base64 payload"),
+    "TooManyEventsToday": (429, "Exceeded number of events that can be ingested in this organization today"),
+    "RateLimited": (429, "Too many requests"),
+    "ServiceUnavailable": (503, "Service unavailable"),
+    "InternalServerError": (500, "Something wrong happened"),
+    "NotFound": (404, "Item not found"),
+}
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+_PAYLOAD_CONTENT_TYPES = ("text/plain", "application/json", "application/octet-stream+base64")
+
+
+def problem(problem_id, detail="", validation=None, headers=()):
+    """A Hook0 RFC 7807 answer: (status, headers, body)."""
+    status, title = _PROBLEM_TITLES[problem_id]
+    body = {"type": f"https://hook0.com/documentation/errors/{problem_id}", "title": title, "status": status,
+            "detail": detail, "id": problem_id, "validation": validation}
+    return status, [("content-type", "application/problem+json"), *headers], json.dumps(body).encode()
+
+
+class _Rejected(Exception):
+    def __init__(self, answer):
+        self.answer = answer
+
+
+class Hook0Double:
+    """A Hook0 API on 127.0.0.1 (port 0): `url` (no path: clients append /api/v1), `events`
+    (accepted event bodies), `event_types`, `requests` (every request with the status answered)."""
+
+    def __init__(self, *, token=TOKEN, application_id=APPLICATION_ID, event_types=("billing.invoice.paid",)):
+        self.token = token
+        self.application_id = application_id
+        self.event_types: set[str] = set(event_types)
+        self.events: list[dict] = []
+        self.requests: list[RecordedRequest] = []
+        self.url = ""
+        self._scripted: list[tuple[str, tuple]] = []
+        self._changed = trio.Event()
+
+    @classmethod
+    @asynccontextmanager
+    async def serve(cls, **kwargs):
+        """`async with Hook0Double.serve() as double:` listens until the block ends.  An exception
+        of the block comes out as itself, not wrapped in an ExceptionGroup by the nursery (trio
+        0.25+), so `pytest.raises` around the block works."""
+        double = cls(**kwargs)
+        body_error = None
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, double._serve_connection, 0, host="127.0.0.1"))
+            double.url = "http://127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
+            try:
+                yield double
+            except Exception as error:
+                body_error = error
+            nursery.cancel_scope.cancel()
+        if body_error is not None:
+            raise body_error
+
+    # -- scripting and waiting ------------------------------------------------------------------
+
+    def fail_next(self, kind, *, times=1, retry_after="7", path="/api/v1/event"):
+        """Answers the next `times` requests to `path` with a failure: "rate_limited_text" (the
+        rate limiter's text/plain 429), "rate_limited" (problem 429), "too_many_events_today",
+        "service_unavailable" (503), "internal" (500), or any problem id of _PROBLEM_TITLES."""
+        retry = [("retry-after", retry_after)] if retry_after else []
+        if kind == "rate_limited_text":
+            answer = (429, [("content-type", "text/plain; charset=utf-8"), *retry],
+                      f"Too many requests, retry in {retry_after or 1}s".encode())
+        else:
+            problem_id = {"rate_limited": "RateLimited", "too_many_events_today": "TooManyEventsToday",
+                          "service_unavailable": "ServiceUnavailable", "internal": "InternalServerError",
+                          }.get(kind, kind)
+            headers = retry if problem_id in ("RateLimited", "ServiceUnavailable") else []
+            answer = problem(problem_id, detail=f"scripted {problem_id}", headers=headers)
+        self._scripted.extend([(path, answer)] * times)
+
+    async def wait_for(self, predicate):
+        """Waits until predicate() holds, re-checked after every request."""
+        while not predicate():
+            await self._changed.wait()
+
+    # -- HTTP/1.1 with h11 ------------------------------------------------------------------------
+
+    async def _serve_connection(self, stream):
+        connection = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                request = await self._receive_request(connection, stream)
+                if request is None:
+                    return
+                status, headers, body = self._answer(request)
+                request.status = status
+                self.requests.append(request)
+                self._changed.set()
+                self._changed = trio.Event()
+                headers = [*headers, ("content-length", str(len(body)))]
+                await stream.send_all(connection.send(h11.Response(status_code=status, headers=headers)))
+                await stream.send_all(connection.send(h11.Data(data=body)))
+                await stream.send_all(connection.send(h11.EndOfMessage()))
+                if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
+                    return
+                connection.start_next_cycle()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            return
+        finally:
+            await stream.aclose()
+
+    @staticmethod
+    async def _receive_request(connection, stream):
+        request, body = None, bytearray()
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                connection.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                headers = {name.decode().lower(): value.decode() for name, value in request.headers}
+                return RecordedRequest(request.method.decode(), request.target.decode(), headers, bytes(body))
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+
+    # -- the API --------------------------------------------------------------------------------
+
+    def _answer(self, request):
+        path = request.path.rstrip("/")
+        for index, (scripted_path, answer) in enumerate(self._scripted):
+            if scripted_path == path:
+                del self._scripted[index]
+                return answer
+        routes = {("POST", "/api/v1/event"): self._ingest, ("GET", "/api/v1/event_types"): self._list_types,
+                  ("POST", "/api/v1/event_types"): self._create_type}
+        handler = routes.get((request.method, path))
+        if handler is None:
+            return problem("NotFound")
+        try:
+            self._authenticate(request)
+            return handler(request)
+        except _Rejected as rejected:
+            return rejected.answer
+
+    def _authenticate(self, request):
+        header = request.headers.get("authorization")
+        if header is None:
+            raise _Rejected(problem("AuthNoAuthorizationHeader"))
+        if not header.startswith("Bearer "):
+            raise _Rejected(problem("AuthInvalidAuthorizationHeader"))
+        if header[len("Bearer "):] != self.token:
+            raise _Rejected(problem("AuthInvalidBiscuit"))
+
+    def _json_body(self, request, fields):
+        """actix's Json extractor: Content-Type, syntax, and serde's field types (400 JsonPayload)."""
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise _Rejected(problem("JsonPayload", "Content-Type header should be set to 'application/json'"))
+        try:
+            body = json.loads(request.body)
+        except ValueError as error:
+            raise _Rejected(problem("JsonPayload", f"JSON deserialization error: {error}")) from None
+        if not isinstance(body, dict):
+            raise _Rejected(problem("JsonPayload", "JSON deserialization error: expected an object"))
+        for name, check in fields.items():
+            if not check(body.get(name)):      # a missing field is None: refused unless optional
+                raise _Rejected(problem("JsonPayload", f"JSON deserialization error: invalid or missing `{name}`"))
+        if body["application_id"] != self.application_id:
+            raise _Rejected(problem("Forbidden", "You don't have the right to access or edit this resource."))
+        return body
+
+    def _ingest(self, request):
+        body = self._json_body(request, {
+            "application_id": _is_uuid, "event_id": _is_uuid, "event_type": _is_str, "payload": _is_str,
+            "payload_content_type": _is_str, "occurred_at": _is_rfc3339, "labels": _is_string_map,
+            "metadata": lambda value: value is None or _is_string_map(value)})
+        errors = _validate_event(body)
+        if errors:
+            raise _Rejected(problem("Validation", "; ".join(errors.keys()), validation=errors))
+        _check_payload(body["payload_content_type"], body["payload"])
+        event_id = str(uuid.UUID(body["event_id"]))
+        if any(str(uuid.UUID(event["event_id"])) == event_id for event in self.events):
+            return problem("EventAlreadyIngested")
+        if body["event_type"] not in self.event_types:
+            return problem("EventTypeDoesNotExist", "Event type does not exist or was deactivated. "
+                                                    "You should (re)create it.")
+        self.events.append(body)
+        received_at = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+        return 201, [("content-type", "application/json")], json.dumps(
+            {"application_id": body["application_id"], "event_id": body["event_id"], "received_at": received_at}
+        ).encode()
+
+    def _list_types(self, request):
+        query = dict(part.split("=", 1) for part in request.target.partition("?")[2].split("&") if "=" in part)
+        if not _is_uuid(query.get("application_id")):
+            return 400, [("content-type", "text/plain")], b"Query deserialize error: missing field `application_id`"
+        if query["application_id"] != self.application_id:
+            return problem("Forbidden")
+        return 200, [("content-type", "application/json")], json.dumps(
+            [_event_type_json(name) for name in sorted(self.event_types)]).encode()
+
+    def _create_type(self, request):
+        body = self._json_body(request, {"application_id": _is_uuid, "service": _is_str,
+                                         "resource_type": _is_str, "verb": _is_str})
+        errors = {name: [_validation_error("length", f"{name} must be 1 to 50 characters")]
+                  for name in ("service", "resource_type", "verb") if not 1 <= len(body[name]) <= 50}
+        if errors:
+            raise _Rejected(problem("Validation", "; ".join(errors), validation=errors))
+        name = f"{body['service']}.{body['resource_type']}.{body['verb']}"
+        self.event_types.add(name)    # an existing type is reactivated: 201 too
+        return 201, [("content-type", "application/json")], json.dumps(_event_type_json(name)).encode()
+
+
+def _is_uuid(value):
+    try:
+        uuid.UUID(value)
+        return True
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def _is_str(value):
+    return isinstance(value, str)
+
+
+def _is_rfc3339(value):
+    return isinstance(value, str) and _RFC3339.fullmatch(value) is not None
+
+
+def _is_string_map(value):
+    return isinstance(value, dict) and all(isinstance(item, str) for item in value.values())
+
+
+def _validation_error(code, message):
+    return {"code": code, "message": message, "params": {}}
+
+
+def _validate_event(body):
+    """validator rules of EventPost: lengths in characters for event_type and payload, in bytes for
+    labels and metadata properties."""
+    errors = {}
+    if not 1 <= len(body["event_type"]) <= 200 or re.search(r"[\x00-\x1f\x7f-\x9f]", body["event_type"]):
+        errors["event_type"] = [_validation_error("length", "event_type must be 1 to 200 characters")]
+    if len(body["payload"]) > 699_050:
+        errors["payload"] = [_validation_error("length", "payload is at most 699050 characters")]
+    if not 1 <= len(body["payload_content_type"]) <= 100:
+        errors["payload_content_type"] = [_validation_error("length", "1 to 100 characters")]
+    for name, low, high in (("metadata", 0, 50), ("labels", 1, 10)):
+        values = body.get(name) or {}
+        if not low <= len(values) <= high:
+            errors[name] = [_validation_error(f"{name}-size", f"{name} must have {low} to {high} properties")]
+        elif any(not 1 <= len(text.encode()) <= 50 for item in values.items() for text in item):
+            errors[name] = [_validation_error(f"{name}-property-length",
+                                              f"{name} properties and values must be 1 to 50 bytes")]
+    return errors
+
+
+def _check_payload(content_type, payload):
+    if content_type not in _PAYLOAD_CONTENT_TYPES:
+        raise _Rejected(problem("EventInvalidPayloadContentType", "Valid content types are: "
+                                + ", ".join(_PAYLOAD_CONTENT_TYPES)))
+    if content_type == "application/json":
+        try:
+            json.loads(payload)
+        except ValueError as error:
+            raise _Rejected(problem("EventInvalidJsonPayload", f"not valid JSON: {error}.")) from None
+    elif content_type == "application/octet-stream+base64":
+        try:
+            base64.b64decode(payload, validate=True)
+        except ValueError as error:
+            raise _Rejected(problem("EventInvalidBase64Payload", f"not valid base64: {error}")) from None
+
+
+def _event_type_json(name):
+    service, resource_type, verb = name.split(".", 2)
+    return {"service_name": service, "resource_type_name": resource_type, "verb_name": verb,
+            "event_type_name": name}
+
+
+# =====================================================================================================
+# TestHook0Mapping: pure
+# =====================================================================================================
+
+class TestHook0Mapping:
+    def build(self, event, **config):
+        return w.build_hook0_event(event, hook0_config(**config), APPLICATION_ID)
+
+    def test_outbox_insert_exact_body(self):
+        assert self.build(outbox_event()) == expected_body()
+
+    def test_outbox_update_is_sent_like_an_insert(self):
+        event = {**outbox_event(), "op": "update"}
+        assert self.build(event) == expected_body()
+
+    @pytest.mark.parametrize("created_at, occurred_at", [
+        ("2026-11-27T16:25:11.123456Z", "2026-11-27T16:25:11.123456Z"),
+        ("2026-11-27T16:25:11Z", "2026-11-27T16:25:11Z"),
+        ("2026-11-27 16:25:11.5+00", "2026-11-27T16:25:11.5Z"),
+        ("2026-11-27T18:25:11.12+02:00", "2026-11-27T16:25:11.12Z"),
+        ("2026-11-27T00:30:00-05:30", "2026-11-27T06:00:00Z"),
+        ("2026-11-27T16:25:11.000100", "2026-11-27T16:25:11.0001Z"),   # no zone: UTC
+        ("0099-01-02T03:04:05+00", "0099-01-02T03:04:05Z"),
+    ])
+    def test_occurred_at_is_created_at_in_utc(self, created_at, occurred_at):
+        assert self.build(outbox_event(created_at=created_at))["occurred_at"] == occurred_at
+
+    def test_null_created_at_is_the_commit_time(self):
+        assert self.build(outbox_event(created_at=None))["occurred_at"] == "2026-11-27T16:25:12.5Z"
+
+    def test_labels_and_metadata_become_string_maps(self):
+        values = {"n": 3, "f": 1.5, "t": True, "no": False, "s": "é", "gone": None, "o": {"a": [1, "x"]},
+                  "l": [1, None]}
+        body = self.build(outbox_event(labels={"tenant": "acme", "n": 3, "gone": None}, metadata=values))
+        assert body["labels"] == {"tenant": "acme", "n": "3"}
+        assert body["metadata"] == {"n": "3", "f": "1.5", "t": "true", "no": "false", "s": "é",
+                                    "o": '{"a":[1,"x"]}', "l": "[1,null]"}
+
+    @pytest.mark.parametrize("metadata", [None, {}, {"gone": None}])
+    def test_null_or_empty_metadata_is_an_empty_object(self, metadata):
+        assert self.build(outbox_event(metadata=metadata))["metadata"] == {}
+
+    def test_payload_is_compact_json_text_of_any_json_value(self):
+        assert self.build(outbox_event(payload=[1, {"a": "ü"}]))["payload"] == '[1,{"a":"ü"}]'
+        assert self.build(outbox_event(payload="text"))["payload"] == '"text"'
+        assert self.build(outbox_event(payload=0))["payload"] == "0"
+
+    @pytest.mark.parametrize("labels", [None, {}, {"gone": None}])
+    def test_empty_labels_take_hook0_labels(self, labels):
+        body = self.build(outbox_event(labels=labels), hook0_labels=(("env", "prod"), ("team", "core")))
+        assert body["labels"] == {"env": "prod", "team": "core"}
+
+    def test_row_labels_win_over_hook0_labels(self):
+        body = self.build(outbox_event(), hook0_labels=(("env", "prod"),))
+        assert body["labels"] == {"tenant": "acme"}
+
+    @pytest.mark.parametrize("column, value, fragment", [
+        ("payload", None, "column payload is NULL or missing"),
+        ("payload", "x" * 699_049, "column payload is 699051 characters"),
+        ("event_id", None, "column event_id is NULL or missing"),
+        ("event_id", "not-a-uuid", "column event_id is 'not-a-uuid', not a UUID"),
+        ("event_id", 42, "column event_id is '42', not a UUID"),
+        ("event_type", None, "column event_type is NULL or missing"),
+        ("event_type", "", "column event_type is 0 characters long"),
+        ("event_type", "a" * 201, "column event_type is 201 characters long"),
+        ("event_type", "a.b\n", "column event_type contains control characters"),
+        ("event_type", 5, "column event_type is not text"),
+        ("labels", None, "column labels is empty and HOOK0_LABELS is not set"),
+        ("labels", {}, "column labels is empty and HOOK0_LABELS is not set"),
+        ("labels", ["acme"], "column labels is a JSON list, not an object"),
+        ("labels", "acme", "column labels is a JSON str, not an object"),
+        ("labels", {f"k{i}": "v" for i in range(11)}, "column labels has 11 entries; Hook0 accepts 1 to 10"),
+        ("labels", {"tenant": "é" * 26}, "column labels has a value of 52 bytes"),
+        ("labels", {"k" * 51: "v"}, "column labels has a key of 51 bytes"),
+        ("labels", {"tenant": ""}, "column labels has a value of 0 bytes"),
+        ("metadata", [1], "column metadata is a JSON list, not an object"),
+        ("metadata", {f"k{i}": i for i in range(51)}, "column metadata has 51 entries; Hook0 accepts 0 to 50"),
+        ("metadata", {"k": "v" * 51}, "column metadata has a value of 51 bytes"),
+        ("created_at", "infinity", "column created_at is 'infinity', not a date and time"),
+    ])
+    def test_undeliverable_row_names_table_and_column(self, column, value, fragment):
+        with pytest.raises(w.DeliveryError) as caught:
+            self.build(outbox_event(**{column: value}))
+        assert caught.value.retryable is False
+        assert "table public.outbox" in str(caught.value) and "event 0/16B37A0:3" in str(caught.value)
+        assert fragment in str(caught.value)
+
+    def test_largest_payload_is_accepted(self):
+        body = self.build(outbox_event(payload="x" * 699_048))
+        assert len(body["payload"]) == 699_050
+
+    def test_event_id_is_sent_in_canonical_form(self):
+        body = self.build(outbox_event(event_id="{0B7A5A5E5F6B4A539C1E3A4F2B1C0D9E}"))
+        assert body["event_id"] == "0b7a5a5e-5f6b-4a53-9c1e-3a4f2b1c0d9e"
+
+    def test_large_unchanged_payload_is_missing_not_a_crash(self):
+        event = outbox_event(payload=_MISSING)
+        event.update(op="update", unchanged_toast=["payload"])
+        with pytest.raises(w.DeliveryError, match="column payload is NULL or missing"):
+            self.build(event)
+
+    @pytest.mark.parametrize("table_events", [False, True])
+    def test_outbox_deletes_truncates_and_messages_are_ignored(self, table_events):
+        full_delete = {**outbox_event(), "op": "delete", "old": outbox_event()["new"], "new": None}
+        truncate = {**outbox_event(), "op": "truncate", "new": None, "key": None, "cascade": False,
+                    "restart_identity": False}
+        message = {"id": "0/1:m", "op": "message", "schema": None, "table": None, "prefix": "p",
+                   "content": "c", "transactional": False}
+        for event in (full_delete, truncate, message):
+            assert self.build(event, hook0_table_events=table_events) is None
+        key_only_delete = {**outbox_event(), "op": "delete", "old": {"id": 7}, "new": None}
+        assert w.build_hook0_event(key_only_delete, hook0_config(hook0_table_events=table_events), APPLICATION_ID,
+                                   known_outbox_tables={("public", "outbox")}) is None
+
+    def test_other_tables_are_ignored_without_table_events(self):
+        for op in ("insert", "update", "delete"):
+            assert self.build(table_event(op)) is None
+        # A table lacking one of the outbox columns is not an outbox table.
+        assert self.build(outbox_event(payload=_MISSING)) is None
+
+    def test_table_event_exact_body(self):
+        event = table_event("insert")
+        body = self.build(event, hook0_table_events=True, hook0_labels=(("env", "prod"), ("table", "x")))
+        assert body == {
+            "application_id": APPLICATION_ID,
+            "event_id": w.build_hook0_table_event_id(event, "sub"),
+            "event_type": "public.items.insert",
+            "payload": json.dumps(event, separators=(",", ":"), ensure_ascii=False),
+            "payload_content_type": "application/json",
+            "metadata": {},
+            "occurred_at": "2026-11-27T16:25:12Z",
+            "labels": {"env": "prod", "table": "items", "schema": "public"},
+        }
+
+    @pytest.mark.parametrize("op", ["insert", "update", "delete"])
+    def test_table_event_types_follow_the_operation(self, op):
+        assert self.build(table_event(op), hook0_table_events=True)["event_type"] == f"public.items.{op}"
+
+    def test_table_event_ids_are_deterministic(self):
+        first = self.build(table_event(event_id="0/16B37A0:0"), hook0_table_events=True)["event_id"]
+        again = self.build(table_event(event_id="0/16B37A0:0"), hook0_table_events=True)["event_id"]
+        other = self.build(table_event(event_id="0/16B37A0:1"), hook0_table_events=True)["event_id"]
+        assert first == again != other
+        assert uuid.UUID(first).version == 5
+        # Fixed forever: a changed namespace would re-send every table event after an upgrade.
+        assert w.HOOK0_TABLE_EVENT_NAMESPACE == uuid.UUID("86ce6e04-7559-46d8-9ac2-f6c5bdb0c64b")
+        assert first == str(uuid.uuid5(w.HOOK0_TABLE_EVENT_NAMESPACE, "sub:public.items:0/16B37A0:0"))
+
+    def test_table_name_too_long_for_a_label_is_undeliverable(self):
+        with pytest.raises(w.DeliveryError, match=r"table public\.t{51} to Hook0: column \(labels\) has a value of 51"):
+            self.build(table_event(table="t" * 51), hook0_table_events=True)
+
+    @pytest.mark.parametrize("url, base", [
+        ("https://hook0.example", "https://hook0.example/api/v1"),
+        ("https://hook0.example/", "https://hook0.example/api/v1"),
+        ("http://127.0.0.1:8081", "http://127.0.0.1:8081/api/v1"),
+        ("https://hook0.example/api/v1", "https://hook0.example/api/v1"),
+        ("https://hook0.example/api/v1/", "https://hook0.example/api/v1"),
+        ("https://example.com/hook0/api/v1//", "https://example.com/hook0/api/v1"),
+        ("https://example.com/custom", "https://example.com/custom"),
+    ])
+    def test_api_base(self, url, base):
+        assert w.hook0_api_base(url) == base
+
+    @pytest.mark.parametrize("event_type, parts", [
+        ("billing.invoice.paid", ("billing", "invoice", "paid")),
+        ("public.items.insert", ("public", "items", "insert")),
+        ("refund", None), ("a.b", None), ("a.b.c.d", None), ("a..c", None), ("a.b." + "v" * 51, None),
+    ])
+    def test_split_event_type(self, event_type, parts):
+        assert w.split_hook0_event_type(event_type) == parts
+
+    @pytest.mark.parametrize("header, body, seconds", [
+        ("7", b"", 7.0), (" 12 ", b"", 12.0), (None, b"Too many requests, retry in 3s", 3.0),
+        ("2", b"Too many requests, retry in 3s", 2.0),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", b"", 0.0), (None, b"", None), ("soon", b"", None),
+    ])
+    def test_retry_after(self, header, body, seconds):
+        assert w.decode_hook0_retry_after(header, body) == seconds
+
+    def test_decode_answer_both_429_forms(self):
+        text = w.HttpResponse(429, {"content-type": "text/plain; charset=utf-8", "retry-after": "4"},
+                              b"Too many requests, retry in 4s")
+        answer = w.decode_hook0_answer(text)
+        assert (answer.status, answer.problem_id, answer.retry_after_s) == (429, "", 4.0)
+        assert "Too many requests, retry in 4s" in answer.describe()
+        status, headers, body = problem("RateLimited", "slow down", headers=[("retry-after", "9")])
+        answer = w.decode_hook0_answer(w.HttpResponse(status, dict(headers), body))
+        assert (answer.status, answer.problem_id, answer.retry_after_s) == (429, "RateLimited", 9.0)
+
+    def test_decode_answer_never_raises_on_garbage(self):
+        answer = w.decode_hook0_answer(w.HttpResponse(500, {"content-type": "application/json"}, b"\xff{"))
+        assert answer.status == 500 and answer.problem_id == ""
+
+
+# =====================================================================================================
+# TestHook0Sink: against Hook0Double
+# =====================================================================================================
+
+class SleepRecorder:
+    """Injected as ReliableSink's sleep: records the delays without waiting them."""
+
+    def __init__(self):
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds):
+        self.delays.append(seconds)
+        await trio.lowlevel.checkpoint()
+
+
+@asynccontextmanager
+async def open_hook0(double_options=None, **config):
+    """A Hook0Double and a Hook0Sink configured for it."""
+    async with Hook0Double.serve(**(double_options or {})) as double:
+        alerter = FakeAlerter()
+        sink = w.Hook0Sink(hook0_config(hook0_api_url=double.url, **config), alerter)
+        try:
+            yield double, sink, alerter
+        finally:
+            await sink.aclose()
+
+
+def assert_no_token(*texts):
+    for text in texts:
+        assert TOKEN not in str(text)
+
+
+class TestHook0Sink:
+    async def test_outbox_row_arrives_as_exact_body(self):
+        async with open_hook0() as (double, sink, alerter):
+            await sink.deliver([outbox_event()])
+        assert double.events == [expected_body()]
+        request = double.requests[0]
+        assert (request.method, request.path, request.status) == ("POST", "/api/v1/event", 201)
+        assert request.headers["authorization"] == f"Bearer {TOKEN}"
+        assert request.headers["content-type"] == "application/json"
+        assert json.loads(request.body) == expected_body()
+        assert alerter.alerts == []
+
+    async def test_api_url_with_path_is_used_as_is(self):
+        async with Hook0Double.serve() as double:
+            sink = w.Hook0Sink(hook0_config(hook0_api_url=double.url + "/api/v1/"), FakeAlerter())
+            await sink.deliver([outbox_event()])
+            await sink.aclose()
+        assert [request.path for request in double.requests] == ["/api/v1/event"]
+
+    async def test_redelivery_answered_409_counts_as_delivered(self):
+        async with open_hook0() as (double, sink, alerter):
+            await sink.deliver([outbox_event()])
+            await sink.deliver([outbox_event()])     # e.g. after a restart before the ack
+        assert [request.status for request in double.requests] == [201, 409]
+        assert len(double.events) == 1
+
+    async def test_events_of_a_batch_are_sent_in_order(self):
+        ids = [str(uuid.UUID(int=n)) for n in range(1, 4)]
+        async with open_hook0() as (double, sink, alerter):
+            await sink.deliver([outbox_event(event_id=event_id) for event_id in ids])
+        assert [event["event_id"] for event in double.events] == ids
+
+    async def test_failure_in_a_batch_tells_how_many_were_delivered(self):
+        events = [outbox_event(event_id=str(uuid.UUID(int=1))),
+                  outbox_event(event_id=str(uuid.UUID(int=2)), event_type="billing.invoice.voided"),
+                  outbox_event(event_id=str(uuid.UUID(int=3)))]
+        async with open_hook0() as (double, sink, alerter):
+            with pytest.raises(w.DeliveryError) as caught:
+                await sink.deliver(events)
+            assert (caught.value.delivered, caught.value.failed, caught.value.retryable) == (1, 1, False)
+            assert [event["event_id"] for event in double.events] == [str(uuid.UUID(int=1))]
+            double.fail_next("service_unavailable", retry_after="7")
+            with pytest.raises(w.DeliveryError) as caught:
+                await sink.deliver(events[2:])
+        error = caught.value
+        assert (error.delivered, error.failed, error.retryable, error.retry_after) == (0, 1, True, 7.0)
+        assert "503 ServiceUnavailable" in str(error)
+
+    async def test_unknown_event_type_without_create_alerts_and_is_undeliverable(self):
+        async with open_hook0() as (double, sink, alerter):
+            with pytest.raises(w.DeliveryError) as caught:
+                await sink.deliver([outbox_event(event_type="billing.invoice.refunded")])
+        assert caught.value.retryable is False
+        assert "billing.invoice.refunded" in str(caught.value)
+        assert "HOOK0_CREATE_EVENT_TYPES" in str(caught.value)
+        assert alerter.keys() == ["hook0-event-type:billing.invoice.refunded"]
+        assert [(request.path, request.status) for request in double.requests] == [("/api/v1/event", 400)]
+        assert double.events == []
+
+    async def test_unknown_event_type_is_created_then_delivered(self):
+        async with open_hook0(hook0_create_event_types=True) as (double, sink, alerter):
+            await sink.deliver([outbox_event(event_type="billing.invoice.refunded")])
+        assert [(r.method, r.path, r.status) for r in double.requests] == [
+            ("POST", "/api/v1/event", 400), ("POST", "/api/v1/event_types", 201), ("POST", "/api/v1/event", 201)]
+        assert double.requests[1].json() == {"application_id": APPLICATION_ID, "service": "billing",
+                                             "resource_type": "invoice", "verb": "refunded"}
+        assert double.requests[1].headers["authorization"] == f"Bearer {TOKEN}"
+        assert "billing.invoice.refunded" in double.event_types
+        assert double.events == [expected_body(event_type="billing.invoice.refunded")]
+        assert alerter.alerts == []
+
+    async def test_event_type_that_cannot_be_created_is_undeliverable(self):
+        async with open_hook0(hook0_create_event_types=True) as (double, sink, alerter):
+            with pytest.raises(w.DeliveryError) as caught:
+                await sink.deliver([outbox_event(event_type="refund")])
+        assert caught.value.retryable is False
+        assert "'refund'" in str(caught.value) and "service.resource_type.verb" in str(caught.value)
+        assert [request.path for request in double.requests] == ["/api/v1/event"]
+
+    async def test_table_events_create_their_types_and_use_stable_ids(self):
+        events = [table_event("insert", "0/A:0"), table_event("update", "0/B:0"), table_event("delete", "0/C:0")]
+        async with open_hook0(hook0_table_events=True, hook0_create_event_types=True) as (double, sink, alerter):
+            for event in events:
+                await sink.deliver([event])
+            await sink.deliver([events[0]])   # redelivered after a restart: same id, 409
+        assert [event["event_type"] for event in double.events] == [
+            "public.items.insert", "public.items.update", "public.items.delete"]
+        assert [event["event_id"] for event in double.events] == [
+            w.build_hook0_table_event_id(event, "sub") for event in events]
+        assert double.requests[-1].status == 409
+        assert [json.loads(event["payload"]) for event in double.events] == events
+
+    async def test_rejected_token_is_an_auth_error_with_an_alert_never_retried(self, tmp_path):
+        async with open_hook0(double_options={"token": "another-token"}, on_failure="retry",
+                              dead_letter_file=str(tmp_path / "dead.jsonl")) as (double, sink, alerter):
+            reliable = w.ReliableSink(sink, sink.config, alerter, sleep=SleepRecorder())
+            with pytest.raises(w.SinkAuthError) as caught:
+                await reliable.deliver([outbox_event()])
+        assert caught.value.exit_code == 4
+        assert "HOOK0_API_TOKEN" in str(caught.value) and "403 AuthInvalidBiscuit" in str(caught.value)
+        assert [request.status for request in double.requests] == [403]
+        assert "hook0-auth" in alerter.keys()
+        assert_no_token(caught.value, *[text for alert in alerter.alerts for text in alert])
+        assert not (tmp_path / "dead.jsonl").exists()
+
+    async def test_empty_labels_with_hook0_labels_are_delivered(self):
+        async with open_hook0(hook0_labels=(("env", "prod"),)) as (double, sink, alerter):
+            await sink.deliver([outbox_event(labels={})])
+        assert double.events[0]["labels"] == {"env": "prod"}
+
+    async def test_empty_labels_without_hook0_labels_are_dead_lettered(self, tmp_path):
+        dead_letter = tmp_path / "dead.jsonl"
+        async with open_hook0(on_failure="skip", dead_letter_file=str(dead_letter)) as (double, sink, alerter):
+            reliable = w.ReliableSink(sink, sink.config, alerter, sleep=SleepRecorder())
+            await reliable.deliver([outbox_event(labels=None)])
+        assert double.requests == []
+        assert dead_letter.read_text().splitlines() == [
+            json.dumps(outbox_event(labels=None), separators=(",", ":"), ensure_ascii=False)]
+
+    async def test_null_payload_goes_to_the_dead_letter_file_in_stdout_format(self, tmp_path):
+        dead_letter = tmp_path / "dead.jsonl"
+        good = outbox_event(event_id=str(uuid.UUID(int=2)))
+        async with open_hook0(on_failure="skip", dead_letter_file=str(dead_letter)) as (double, sink, alerter):
+            reliable = w.ReliableSink(sink, sink.config, alerter, sleep=SleepRecorder())
+            await reliable.deliver([outbox_event(payload=None)])
+            await reliable.deliver([good])
+            with pytest.raises(w.DeliveryError, match="table public.outbox .*column payload is NULL"):
+                await sink.deliver([outbox_event(payload=None)])
+        assert dead_letter.read_text() == json.dumps(
+            outbox_event(payload=None), separators=(",", ":"), ensure_ascii=False) + "\n"
+        assert [event["event_id"] for event in double.events] == [good["new"]["event_id"]]
+        assert [request.status for request in double.requests] == [201]   # the NULL row was never sent
+
+    @pytest.mark.parametrize("kind", ["rate_limited_text", "rate_limited", "service_unavailable"])
+    async def test_retry_after_is_honoured(self, kind):
+        sleep = SleepRecorder()
+        async with open_hook0() as (double, sink, alerter):
+            double.fail_next(kind, times=2, retry_after="7")
+            reliable = w.ReliableSink(sink, sink.config, alerter, sleep=sleep)
+            await reliable.deliver([outbox_event()])
+        assert [request.status for request in double.requests][-1] == 201
+        assert [request.status for request in double.requests].count(201) == 1
+        assert 7 in sleep.delays and len(double.requests) == 3
+        assert double.events == [expected_body()]
+
+    async def test_retry_after_is_capped_at_the_maximum_delay(self):
+        sleep = SleepRecorder()
+        async with open_hook0(retry_max_delay_s=2.0) as (double, sink, alerter):
+            double.fail_next("rate_limited_text", retry_after="3600")
+            await w.ReliableSink(sink, sink.config, alerter, sleep=sleep).deliver([outbox_event()])
+        assert sleep.delays and max(sleep.delays) <= 2.0
+        assert len(double.events) == 1
+
+    @pytest.mark.parametrize("kind, status", [("rate_limited_text", 429), ("rate_limited", 429),
+                                              ("too_many_events_today", 429), ("service_unavailable", 503),
+                                              ("internal", 500)])
+    async def test_transient_answers_are_retryable(self, kind, status):
+        async with open_hook0() as (double, sink, alerter):
+            double.fail_next(kind)
+            with pytest.raises(w.DeliveryError) as caught:
+                await sink.deliver([outbox_event()])
+        assert caught.value.retryable is True
+        assert str(status) in str(caught.value)
+
+    async def test_daily_quota_alerts(self):
+        async with open_hook0() as (double, sink, alerter):
+            double.fail_next("too_many_events_today", times=2)
+            for _ in range(2):
+                with pytest.raises(w.DeliveryError):
+                    await sink.deliver([outbox_event()])
+        # The Alerter sends one mail per key per 5 minutes; the sink always uses the same key.
+        assert alerter.keys() == ["hook0-quota", "hook0-quota"]
+
+    @pytest.mark.parametrize("problem_id", ["Validation", "EventInvalidJsonPayload", "JsonPayload", "NotFound"])
+    async def test_other_client_errors_are_undeliverable_with_the_problem(self, problem_id):
+        async with open_hook0() as (double, sink, alerter):
+            double.fail_next(problem_id)
+            with pytest.raises(w.DeliveryError) as caught:
+                await sink.deliver([outbox_event()])
+        assert caught.value.retryable is False
+        assert problem_id in str(caught.value) and _PROBLEM_TITLES[problem_id][1] in str(caught.value)
+        assert "table public.outbox" in str(caught.value)
+
+    async def test_double_validation_is_reported(self):
+        """A 422 from Hook0 carries its validation object into the error."""
+        async with open_hook0() as (double, sink, alerter):
+            status, headers, body = problem("Validation", "labels: too many",
+                                            validation={"labels": [_validation_error("labels-size", "max 10")]})
+            double._scripted.append(("/api/v1/event", (status, headers, body)))
+            with pytest.raises(w.DeliveryError, match="422 Validation: .*labels-size"):
+                await sink.deliver([outbox_event()])
+
+    async def test_connection_refused_is_retryable(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        sink = w.Hook0Sink(hook0_config(hook0_api_url=f"http://127.0.0.1:{port}"), FakeAlerter())
+        with pytest.raises(w.DeliveryError) as caught:
+            await sink.deliver([outbox_event()])
+        await sink.aclose()
+        assert caught.value.retryable is True and caught.value.delivered == 0
+        assert_no_token(caught.value)
+
+    async def test_non_outbox_rows_warn_once_per_table(self, caplog):
+        caplog.set_level(logging.WARNING, logger="wal2http")
+        async with open_hook0() as (double, sink, alerter):
+            await sink.deliver([table_event("insert", "0/A:0"), table_event("update", "0/A:1"),
+                                table_event("insert", "0/A:2", table="other"), table_event("delete", "0/A:3")])
+        warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+        assert len(warnings) == 2
+        assert "public.items" in warnings[0] and "HOOK0_TABLE_EVENTS" in warnings[0]
+        assert "public.other" in warnings[1]
+        assert double.requests == []
+
+    async def test_outbox_delete_after_insert_is_ignored_with_table_events(self):
+        delete = {**outbox_event(), "op": "delete", "new": None, "old": {"id": 7}}
+        async with open_hook0(hook0_table_events=True) as (double, sink, alerter):
+            await sink.deliver([outbox_event(), delete])
+        assert [request.status for request in double.requests] == [201]
+
+    async def test_check_lists_event_types(self):
+        async with open_hook0() as (double, sink, alerter):
+            detail = await sink.check()
+        assert "accepts the token" in detail
+        request = double.requests[0]
+        assert (request.method, request.target, request.status) == (
+            "GET", f"/api/v1/event_types?application_id={APPLICATION_ID}", 200)
+        assert request.headers["authorization"] == f"Bearer {TOKEN}"
+        assert_no_token(detail)
+
+    async def test_check_with_a_rejected_token(self):
+        async with open_hook0(double_options={"token": "another-token"}) as (double, sink, alerter):
+            with pytest.raises(w.SinkAuthError) as caught:
+                await sink.check()
+        assert_no_token(caught.value)
+
+    async def test_check_with_a_failing_server(self):
+        async with open_hook0() as (double, sink, alerter):
+            double.fail_next("internal", path="/api/v1/event_types")
+            with pytest.raises(w.DeliveryError, match="500"):
+                await sink.check()
+
+    async def test_token_is_never_logged_or_alerted(self, caplog, tmp_path):
+        caplog.set_level(logging.DEBUG)
+        messages = []
+        async with open_hook0(on_failure="skip", dead_letter_file=str(tmp_path / "dead.jsonl"),
+                              retry_max_attempts=2) as (double, sink, alerter):
+            reliable = w.ReliableSink(sink, sink.config, alerter, sleep=SleepRecorder())
+            for kind, times in (("internal", 2), ("too_many_events_today", 2), ("Validation", 1)):
+                double.fail_next(kind, times=times)
+                await reliable.deliver([outbox_event(event_id=str(uuid.uuid4()))])
+            await reliable.deliver([outbox_event(event_type="billing.invoice.voided")])
+            double.token = "rotated"
+            for attempt in (sink.check(), sink.deliver([outbox_event()])):
+                with pytest.raises(w.SinkAuthError) as caught:
+                    await attempt
+                messages.append(caught.value)
+        assert {"hook0-quota", "hook0-event-type:billing.invoice.voided", "hook0-auth"} <= set(alerter.keys())
+        assert len(double.events) == 0 and len((tmp_path / "dead.jsonl").read_text().splitlines()) == 4
+        assert_no_token(*messages, *[record.getMessage() for record in caplog.records],
+                        *[text for alert in alerter.alerts for text in alert])
+
+    async def test_check_of_a_url_that_is_not_the_api(self):
+        async with open_hook0() as (double, sink, alerter):
+            double._scripted.append(("/api/v1/event_types", (200, [("content-type", "text/html")], b"<html>")))
+            with pytest.raises(w.DeliveryError, match="is HOOK0_API_URL the Hook0 API"):
+                await sink.check()
+
+    async def test_errors_of_the_block_come_out_unwrapped(self):
+        with pytest.raises(w.SinkAuthError):
+            async with open_hook0(double_options={"token": "another-token"}) as (double, sink, alerter):
+                await sink.deliver([outbox_event()])
+
+    def test_application_id_must_be_a_uuid(self):
+        with pytest.raises(w.ConfigError, match="HOOK0_APPLICATION_ID"):
+            w.Hook0Sink(hook0_config(hook0_application_id="acme"), FakeAlerter())
+
+
+# =====================================================================================================
+# The double itself: faithful to Hook0 where the sink never goes
+# =====================================================================================================
+
+class TestHook0Double:
+    async def send(self, double, method, target, body=None, *, token=TOKEN, content_type="application/json"):
+        headers = [("Content-Type", content_type)] if content_type else []
+        if token is not None:
+            headers.append(("Authorization", f"Bearer {token}"))
+        client = w.HttpClient(double.url, timeout_s=5.0, headers=headers)
+        data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
+        try:
+            response = await client.request(method, target, body=data)
+        finally:
+            await client.aclose()
+        answer = json.loads(response.body) if "json" in response.headers.get("content-type", "") else None
+        return response.status, (answer or {}).get("id") if isinstance(answer, dict) else answer
+
+    async def test_authentication(self):
+        async with Hook0Double.serve() as double:
+            assert await self.send(double, "POST", "/api/v1/event", expected_body(), token=None) == (
+                401, "AuthNoAuthorizationHeader")
+            assert await self.send(double, "POST", "/api/v1/event", expected_body(), token="x") == (
+                403, "AuthInvalidBiscuit")
+            assert await self.send(double, "POST", "/api/v1/event/", expected_body()) == (201, None)
+
+    @pytest.mark.parametrize("change, status, problem_id", [
+        ({"content_type": "text/plain"}, 400, "JsonPayload"),
+        ({"body": b"{"}, 400, "JsonPayload"),
+        ({"event_id": "nope"}, 400, "JsonPayload"),
+        ({"labels": {"n": 3}}, 400, "JsonPayload"),
+        ({"occurred_at": "27/11/2026"}, 400, "JsonPayload"),
+        ({"application_id": str(uuid.UUID(int=9))}, 403, "Forbidden"),
+        ({"event_type": ""}, 422, "Validation"),
+        ({"event_type": "x" * 201}, 422, "Validation"),
+        ({"labels": {}}, 422, "Validation"),
+        ({"labels": {str(i): "v" for i in range(11)}}, 422, "Validation"),
+        ({"labels": {"k": "v" * 51}}, 422, "Validation"),
+        ({"metadata": {str(i): "v" for i in range(51)}}, 422, "Validation"),
+        ({"payload": "[" * 699_051}, 422, "Validation"),
+        ({"payload_content_type": "text/html"}, 400, "EventInvalidPayloadContentType"),
+        ({"payload": "{"}, 400, "EventInvalidJsonPayload"),
+        ({"payload_content_type": "application/octet-stream+base64", "payload": "!!"}, 400,
+         "EventInvalidBase64Payload"),
+        ({"event_type": "billing.invoice.voided"}, 400, "EventTypeDoesNotExist"),
+        ({}, 201, None),
+        ({"metadata": None, "payload": "hi", "payload_content_type": "text/plain"}, 201, None),
+    ])
+    async def test_ingest_validation(self, change, status, problem_id):
+        change = dict(change)
+        content_type = change.pop("content_type", "application/json")
+        raw = change.pop("body", None)
+        async with Hook0Double.serve() as double:
+            body = raw if raw is not None else expected_body(**change)
+            assert await self.send(double, "POST", "/api/v1/event", body, content_type=content_type) == (
+                status, problem_id)
+            assert len(double.events) == (status == 201)
+
+    async def test_duplicate_event_id_and_event_types(self):
+        async with Hook0Double.serve(event_types=()) as double:
+            assert await self.send(double, "POST", "/api/v1/event", expected_body()) == (400, "EventTypeDoesNotExist")
+            created = {"application_id": APPLICATION_ID, "service": "billing", "resource_type": "invoice",
+                       "verb": "paid"}
+            assert await self.send(double, "POST", "/api/v1/event_types", created) == (201, None)
+            assert await self.send(double, "POST", "/api/v1/event_types", created) == (201, None)
+            assert await self.send(double, "POST", "/api/v1/event_types", {**created, "verb": ""}) == (
+                422, "Validation")
+            status, listed = await self.send(double, "GET", f"/api/v1/event_types?application_id={APPLICATION_ID}")
+            assert (status, [t["event_type_name"] for t in listed]) == (200, ["billing.invoice.paid"])
+            assert await self.send(double, "POST", "/api/v1/event", expected_body()) == (201, None)
+            assert await self.send(double, "POST", "/api/v1/event", expected_body()) == (409, "EventAlreadyIngested")
+            assert await self.send(double, "GET", "/api/v1/nothing") == (404, "NotFound")
+
+    async def test_wait_for_and_scripted_text_429(self):
+        async with Hook0Double.serve() as double:
+            double.fail_next("rate_limited_text", retry_after="3")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.send, double, "POST", "/api/v1/event", expected_body())
+                await double.wait_for(lambda: len(double.requests) == 1)
+            assert double.requests[0].status == 429 and double.events == []
 
 
 # =====================================================================================================
