@@ -4219,6 +4219,71 @@ class TestEndToEnd:
         assert ids[-1] == 2 and set(ids) == {1, 2}
 
 
+    async def test_every_contract_type_round_trips(self, cluster, db):
+        await sql(cluster, db, "CREATE TYPE mood AS ENUM ('happy', 'sad')", """CREATE TABLE ty (
+            id int PRIMARY KEY, b bool, i2 int2, i4 int4, i8 int8, o oid, f4 float4, f8 float8,
+            fnan float8, finf float8, fninf float8, n numeric, nnan numeric, j json, jb jsonb, t text,
+            vc varchar(10), c char(3), nm name, u uuid, e mood, d date, dinf date, ts timestamp,
+            tsz timestamptz, tsz0 timestamptz, tsinf timestamptz, tm time, tmz timetz, iv interval, by bytea,
+            ai int[], at text[], a2 int[][], ae mood[], inet_ inet, money_ money, range_ int4range,
+            pt point, nul text)""")
+        async with running(make_config(cluster, db)) as (sink, ack):
+            await sql(cluster, db, """INSERT INTO ty VALUES (1, true, -2, 4, 9007199254740993, 42, 1.5,
+                0.1, 'NaN', 'Infinity', '-Infinity', 19.90, 'NaN', '{"a": [1, 2.5]}', '{"b": null}',
+                'tëxt', 'vc', 'ab', 'nm', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'sad', '2026-11-27',
+                'infinity', '2026-11-27 16:25:11.123456', '2026-11-27 17:25:11.5+01',
+                '2026-11-27 16:25:11+00', '-infinity', '16:25:11', '16:25:11+02', '1 day 02:03:04',
+                '\\x00ff', '{1,NULL,3}', '{"a,b","c\\"d",NULL,"NULL"}', '{{1,2},{3,4}}', '{happy,sad}',
+                '10.0.0.1/8', 12.5, '[1,5)', '(1,2)', NULL)""")
+            (event,) = await sink.wait_for(1)
+        assert event["new"] == {
+            "id": 1, "b": True, "i2": -2, "i4": 4, "i8": 9007199254740993, "o": 42, "f4": 1.5, "f8": 0.1,
+            "fnan": "NaN", "finf": "Infinity", "fninf": "-Infinity", "n": "19.90", "nnan": "NaN",
+            "j": {"a": [1, 2.5]}, "jb": {"b": None}, "t": "tëxt", "vc": "vc", "c": "ab ", "nm": "nm",
+            "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "e": "sad", "d": "2026-11-27", "dinf": "infinity",
+            "ts": "2026-11-27T16:25:11.123456", "tsz": "2026-11-27T16:25:11.5Z", "tsz0": "2026-11-27T16:25:11Z",
+            "tsinf": "-infinity", "tm": "16:25:11", "tmz": "16:25:11+02", "iv": "1 day 02:03:04",
+            "by": base64.b64encode(b"\x00\xff").decode(), "ai": [1, None, 3], "at": ["a,b", 'c"d', None, "NULL"],
+            "a2": [[1, 2], [3, 4]], "ae": ["happy", "sad"], "inet_": "10.0.0.1/8", "money_": "$12.50",
+            "range_": "[1,5)", "pt": "(1,2)", "nul": None}
+
+    async def test_truncate_cascade_restart_identity(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE p (id serial PRIMARY KEY)",
+                  "CREATE TABLE ch (id int PRIMARY KEY, p int REFERENCES p)")
+        async with running(make_config(cluster, db)) as (sink, ack):
+            await sql(cluster, db, "TRUNCATE p RESTART IDENTITY CASCADE")
+            events = await sink.wait_for(2)
+        assert sorted(e["table"] for e in events) == ["ch", "p"]
+        assert all(e["cascade"] and e["restart_identity"] for e in events)
+        assert [e["seq"] for e in events] == [0, 1] and events[0]["xid"] == events[1]["xid"]
+
+    async def test_streamed_large_transaction_once_in_order(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE big (id int PRIMARY KEY, v text)")
+        sink = MemorySink()
+        async with running(make_config(cluster, db, streaming="true"), sink) as (sink, ack):
+            await sql(cluster, db, "BEGIN; INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, 30000) g; "
+                                   "INSERT INTO big SELECT g, 'x' FROM generate_series(30001, 100000) g; COMMIT")
+            (lsn,), = await sql(cluster, db, "SELECT pg_current_wal_insert_lsn()")
+            events = await sink.wait_for(100_000, timeout=90)
+            await wait_until(lambda: ack.flushed_lsn >= w.parse_lsn(lsn))
+        assert len(events) == 100_000
+        assert [e["new"]["id"] for e in events] == list(range(1, 100_001))
+        assert [e["seq"] for e in events[:3]] == [0, 1, 2] and events[-1]["seq"] == 99_999
+        assert len({e["xid"] for e in events}) == 1
+
+    async def test_streamed_rollbacks_deliver_nothing(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE rb (id int PRIMARY KEY)")
+        async with running(make_config(cluster, db, streaming="true")) as (sink, ack):
+            await sql(cluster, db, "BEGIN; INSERT INTO rb SELECT generate_series(1, 20000); ROLLBACK",
+                      "BEGIN; INSERT INTO rb SELECT generate_series(1, 5000); SAVEPOINT s; "
+                      "INSERT INTO rb SELECT generate_series(5001, 15000); ROLLBACK TO SAVEPOINT s; "
+                      "INSERT INTO rb SELECT generate_series(15001, 16000); COMMIT",
+                      "INSERT INTO rb VALUES (0)")
+            events = await sink.wait_for(6001, timeout=60)
+        ids = [e["new"]["id"] for e in events]
+        assert ids == list(range(1, 5001)) + list(range(15001, 16001)) + [0]
+
+
 async def _gt(awaitable, value):
     return (await awaitable) > value
 
