@@ -78,13 +78,14 @@ async def _child(env: dict, end_lsn: int, expect: int, latency: bool) -> dict:
         sink = _CountingHttp(w.HttpSink(config))
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         ack = await nursery.start(lambda task_status: w.run(config, sink=sink, stop=stop, task_status=task_status))
         while ack.flushed_lsn < end_lsn or sink.count < expect:
             await trio.sleep(0.005)
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
         stop.set()
-    result = {"events": sink.count, "seconds": elapsed,
+    result = {"events": sink.count, "seconds": elapsed, "cpu_seconds": cpu,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if latencies:
         ordered = sorted(latencies)
@@ -171,13 +172,8 @@ def pg_recvlogical(cluster: w.DemoCluster, slot: str, end_lsn: int) -> float:
     started = time.perf_counter()
     subprocess.run([binary, "-d", cluster.url.replace("sslmode=disable", "sslmode=disable&dbname=postgres"),
                     "--slot", slot, "--start", "-o", "proto_version=1", "-o", "publication_names=bench",
-                    "-E", w.format_lsn(end_lsn), "-f", os.devnull, "--no-loop"], check=True,
-                   **cluster_user_kwargs(cluster))
+                    "-E", w.format_lsn(end_lsn), "-f", os.devnull, "--no-loop"], check=True)
     return time.perf_counter() - started
-
-
-def cluster_user_kwargs(cluster) -> dict:
-    return {}
 
 
 def throughput(args) -> None:
@@ -201,7 +197,8 @@ def throughput(args) -> None:
         result = run_child(env, end_lsn, args.rows)
         rate = result["events"] / result["seconds"]
         print(f"wal2http stdout: {result['seconds']:.2f} s, {rate:,.0f} events/s "
-              f"({result['events']} events), ratio {rate / ref_rate:.2f}x, peak RSS {result['peak_rss_mb']:.1f} MB")
+              f"({result['events']} events), ratio {rate / ref_rate:.2f}x, peak RSS {result['peak_rss_mb']:.1f} MB, "
+              f"CPU {result['cpu_seconds']:.2f} s")
         if args.http:
             receiver, port = start_receiver()
             try:
