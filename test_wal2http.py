@@ -925,12 +925,16 @@ class TestAlerts:
                 alerter.alert("sink", "HTTP sink failing", "503")
                 alerter.recovered("sink", "HTTP sink delivers again", "after 3 attempts")
                 alerter.recovered("sink", "HTTP sink delivers again", "a second recovery is not mailed")
-                alerter.alert("sink", "HTTP sink failing", "again, right after recovery: mailed")
+                alerter.alert("sink", "HTTP sink failing", "flapping: within 5 minutes, not mailed")
+                alerter.recovered("sink", "HTTP sink delivers again", "that failure was not mailed: neither is this")
+                clock.now += w.ALERT_REPEAT_S
+                alerter.alert("sink", "HTTP sink failing", "5 minutes later: mailed")
                 await wait_until_true(lambda: len(handler.messages) == 3)
         subjects = [m.mail["Subject"] for m in handler.messages]
         assert subjects == ["[wal2http] ALERT: HTTP sink failing",
                             "[wal2http] RECOVERED: HTTP sink delivers again",
                             "[wal2http] ALERT: HTTP sink failing"]
+        assert "5 minutes later" in handler.messages[2].mail.get_content()
         recovered = handler.messages[1].mail.get_content()
         assert "after 3 attempts" in recovered and "Recovered at:" in recovered
         assert "Failing since:" in recovered
@@ -4479,3 +4483,1181 @@ class TestCommandLine:
         for event in first + proc.events:
             assert seen.setdefault(event["id"], event) == event  # a duplicate is the same event, same id
         assert sorted(e["new"]["id"] for e in seen.values()) == list(range(1, 20001))
+
+
+# =====================================================================================================
+# Hook0 end to end: helpers
+# =====================================================================================================
+
+OUTBOX_DDL = ("CREATE TABLE outbox (event_id uuid PRIMARY KEY, event_type text, created_at timestamptz, "
+              "payload jsonb, metadata jsonb, labels jsonb)")
+
+
+def sql_value(value) -> str:
+    """A SQL literal: None -> NULL, dict/list -> JSON text, anything else its text."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, (dict, list)):
+        return w.quote_literal(json.dumps(value))
+    return w.quote_literal(str(value))
+
+
+def outbox_insert(*rows) -> str:
+    """INSERT of outbox rows given as dicts (missing columns are NULL); returns the WAL insert
+    position inside the transaction (one row per inserted row)."""
+    columns = ("event_id", "event_type", "created_at", "payload", "metadata", "labels")
+    values = ", ".join("(" + ", ".join(sql_value(row.get(column)) for column in columns) + ")" for row in rows)
+    return f"INSERT INTO outbox ({', '.join(columns)}) VALUES {values} RETURNING pg_current_wal_insert_lsn()"
+
+
+def outbox_row(event_type="billing.invoice.paid", **columns) -> dict:
+    row = {"event_id": str(uuid.uuid4()), "event_type": event_type, "created_at": "2026-11-27 16:25:11+00",
+           "payload": {"n": 1}, "metadata": {"source": "e2e"}, "labels": {"tenant": "acme"}}
+    row.update(columns)
+    return row
+
+
+def max_lsn(rows) -> int:
+    return max(w.parse_lsn(lsn) for (lsn,) in rows)
+
+
+def hook0_env(cluster, dbname, double, **overrides) -> dict[str, str]:
+    settings = dict(event_sink="hook0", hook0_api_url=double.url, hook0_application_id=APPLICATION_ID,
+                    hook0_api_token=TOKEN, retry_base_delay_ms=10, retry_max_delay_ms=50,
+                    retry_max_attempts=3)
+    settings.update(overrides)
+    return make_env(cluster, dbname, **settings)
+
+
+def hook0_config_for(cluster, dbname, double, **overrides):
+    config, mode = w.load_config([], hook0_env(cluster, dbname, double, **overrides))
+    assert mode == "run" and config.event_sink == "hook0"
+    return config
+
+
+@asynccontextmanager
+async def running_hook0(config):
+    """wal2http.run with its own (Hook0) sink in this process until the block ends; yields the
+    AckTracker.  The exit path is the normal one (stop, final status update, alert drain)."""
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        ack = await nursery.start(lambda task_status: w.run(config, stop=stop, task_status=task_status))
+        yield ack
+        stop.set()
+
+
+async def create_slot(cluster, dbname, slot=None):
+    await sql(cluster, dbname, f"SELECT pg_create_logical_replication_slot({w.quote_literal(slot or dbname)}, "
+                               "'pgoutput')")
+
+
+def event_posts(double, start=0):
+    """The POST /api/v1/event requests from index `start` on."""
+    return [r for r in double.requests[start:] if r.method == "POST" and r.path.rstrip("/") == "/api/v1/event"]
+
+
+def read_dead_letters(path) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as file:
+        return [json.loads(line) for line in file.read().splitlines()]
+
+
+def parse_time(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def email_env(port) -> dict[str, str]:
+    return {"EMAIL_SMTP_HOST": "127.0.0.1", "EMAIL_SMTP_PORT": str(port), "EMAIL_SMTP_TLS": "none",
+            "EMAIL_FROM": "wal2http@example.org", "EMAIL_TO": "ops@example.org"}
+
+
+def mail_text(message) -> str:
+    return message.mail.as_string()
+
+
+class _HoldingStream:
+    """The double's side of one connection: send_all waits while the double holds responses."""
+
+    def __init__(self, stream, double):
+        self._stream, self._double = stream, double
+
+    async def receive_some(self, max_bytes=None):
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data):
+        double = self._double
+        if double.hold_after is not None and len(double.events) >= double.hold_after:
+            double.holding.set()
+            await double.release.wait()
+        await self._stream.send_all(data)
+
+    async def aclose(self):
+        await self._stream.aclose()
+
+
+class InstrumentedHook0Double(Hook0Double):
+    """Hook0Double that stamps every request with trio.current_time() (`request.at`) and can hold
+    back its answers: once `hold_after` events are ingested, no response is sent (the request is
+    processed, so Hook0 has the event, but the client never hears so) until `release` is set."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hold_after: int | None = None
+        self.holding = trio.Event()
+        self.release = trio.Event()
+
+    def _answer(self, request):
+        request.at = trio.current_time()
+        return super()._answer(request)
+
+    async def _serve_connection(self, stream):
+        await super()._serve_connection(_HoldingStream(stream, self))
+
+
+# =====================================================================================================
+# TestHook0EndToEnd
+# =====================================================================================================
+
+
+class TestHook0EndToEnd:
+    """Issue 4 against the real PostgreSQL: outbox rows and table changes into a Hook0 API double."""
+
+    # -- 1. exact bodies ------------------------------------------------------------------------------
+
+    async def test_outbox_inserts_arrive_as_exact_hook0_bodies(self, cluster, db):
+        await sql(cluster, db, OUTBOX_DDL)
+        first, second, third = (str(uuid.uuid4()) for _ in range(3))
+        async with Hook0Double.serve() as double:
+            async with running_hook0(hook0_config_for(cluster, db, double)):
+                (before,), = await sql(cluster, db, "SELECT clock_timestamp()")
+                await sql(cluster, db, outbox_insert(
+                    {"event_id": first, "event_type": "billing.invoice.paid",
+                     "created_at": "2026-11-27 17:25:11.5+01",
+                     "payload": {"id": 1, "amount": "19.90", "note": "é", "nested": {"b": [1, 2.5, None]}},
+                     "metadata": {"source": "api", "attempt": 3, "flag": True, "gone": None,
+                                  "obj": {"a": 1}},
+                     "labels": {"tenant": "acme", "shard": 7, "beta": False, "x": None}},
+                    {"event_id": second, "event_type": "billing.invoice.paid",
+                     "created_at": "2026-01-01 00:30:00.123456-05:30", "payload": [1, "two", None],
+                     "metadata": None, "labels": {"tenant": "globex"}}))
+                await sql(cluster, db, outbox_insert(
+                    {"event_id": third, "event_type": "billing.invoice.paid", "created_at": None,
+                     "payload": {"k": "v"}, "metadata": None, "labels": {"tenant": "acme"}}))
+                (after,), = await sql(cluster, db, "SELECT clock_timestamp()")
+                with trio.fail_after(15):
+                    await double.wait_for(lambda: len(double.events) >= 3)
+        assert double.events[:2] == [
+            {"application_id": APPLICATION_ID, "event_id": first, "event_type": "billing.invoice.paid",
+             # jsonb keeps keys shortest first; compact separators, UTF-8 as is
+             "payload": '{"id":1,"note":"é","amount":"19.90","nested":{"b":[1,2.5,null]}}',
+             "payload_content_type": "application/json",
+             "metadata": {"source": "api", "attempt": "3", "flag": "true", "obj": '{"a":1}'},
+             "occurred_at": "2026-11-27T16:25:11.5Z",
+             "labels": {"tenant": "acme", "shard": "7", "beta": "false"}},
+            {"application_id": APPLICATION_ID, "event_id": second, "event_type": "billing.invoice.paid",
+             "payload": '[1,"two",null]', "payload_content_type": "application/json", "metadata": {},
+             "occurred_at": "2026-01-01T06:00:00.123456Z", "labels": {"tenant": "globex"}},
+        ]
+        null_created = double.events[2]
+        assert {k: v for k, v in null_created.items() if k != "occurred_at"} == {
+            "application_id": APPLICATION_ID, "event_id": third, "event_type": "billing.invoice.paid",
+            "payload": '{"k":"v"}', "payload_content_type": "application/json", "metadata": {},
+            "labels": {"tenant": "acme"}}
+        # NULL created_at: the commit time, which lies between the two clock readings
+        occurred = parse_time(null_created["occurred_at"])
+        assert null_created["occurred_at"].endswith("Z")
+        assert parse_time(before) <= occurred <= parse_time(after)
+        posts = event_posts(double)
+        assert [r.status for r in posts] == [201, 201, 201]
+        for request in posts:
+            assert request.headers["authorization"] == f"Bearer {TOKEN}"
+            assert request.headers["content-type"].split(";")[0] == "application/json"
+            assert request.path == "/api/v1/event"
+
+    async def test_null_created_at_is_exactly_the_commit_time(self, cluster, db):
+        # A plain table's change in the same transaction (HOOK0_TABLE_EVENTS) carries the commit time
+        # in its payload: the outbox row's occurred_at must be that instant.
+        await sql(cluster, db, OUTBOX_DDL, "CREATE TABLE tick (id int PRIMARY KEY)")
+        row = outbox_row(created_at=None)
+        async with Hook0Double.serve(event_types=("billing.invoice.paid", "public.tick.insert")) as double:
+            async with running_hook0(hook0_config_for(cluster, db, double, hook0_table_events="true")):
+                await sql(cluster, db, f"BEGIN; {outbox_insert(row)}; INSERT INTO tick VALUES (1); COMMIT")
+                with trio.fail_after(15):
+                    await double.wait_for(lambda: len(double.events) >= 2)
+        outbox, tick = double.events
+        assert outbox["event_id"] == row["event_id"] and tick["event_type"] == "public.tick.insert"
+        commit_time = json.loads(tick["payload"])["commit_time"]
+        assert parse_time(outbox["occurred_at"]) == parse_time(commit_time)
+        assert parse_time(tick["occurred_at"]) == parse_time(commit_time)
+
+    # -- 2. redelivery after kill -9 ------------------------------------------------------------------
+
+    async def test_redelivery_after_kill_9_is_409_and_counted_as_delivered(self, cluster, db):
+        await sql(cluster, db, OUTBOX_DDL)
+        early = [outbox_row(payload={"n": n}) for n in range(2)]
+        rows = [outbox_row(payload={"n": n}) for n in range(2, 8)]
+        async with InstrumentedHook0Double.serve() as double:
+            env = hook0_env(cluster, db, double)
+            first = CliProcess(env)
+            async with first.running():
+                with trio.fail_after(15):
+                    await first.wait_started()
+                    lsn_early = max_lsn(await sql(cluster, db, outbox_insert(*early)))
+                    await double.wait_for(lambda: len(double.events) >= 2)
+                    await wait_until(lambda: _gt(slot_confirmed(cluster, db), lsn_early), timeout=10)
+                    # Hook0 takes the first three rows of the next transaction, but the answer to the
+                    # third never reaches wal2http: the transaction is not confirmed when it dies.
+                    double.hold_after = 2 + 3
+                    lsn = max_lsn(await sql(cluster, db, outbox_insert(*rows)))
+                    await double.holding.wait()
+                assert await slot_confirmed(cluster, db) < lsn
+                first.process.kill()   # SIGKILL
+                with trio.fail_after(10):
+                    assert await first.process.wait() == -signal.SIGKILL
+            assert await slot_confirmed(cluster, db) < lsn
+            ingested_before = [event["event_id"] for event in double.events]
+            assert ingested_before == [row["event_id"] for row in early + rows[:3]]
+            double.hold_after = None
+            double.release.set()
+            restart_index = len(double.requests)
+
+            second = CliProcess(env)
+            async with second.running():
+                with trio.fail_after(15):
+                    await double.wait_for(lambda: len(double.events) >= 8)
+                    await wait_until(lambda: _gt(slot_confirmed(cluster, db), lsn), timeout=10)
+                second.process.send_signal(signal.SIGTERM)
+                assert await second.wait_exit(timeout=15) == 0
+        redelivered = event_posts(double, restart_index)
+        assert [(r.json()["event_id"], r.status) for r in redelivered] == (
+            [(row["event_id"], 409) for row in rows[:3]] + [(row["event_id"], 201) for row in rows[3:]])
+        assert [event["event_id"] for event in double.events] == [row["event_id"] for row in early + rows]
+        assert sorted(json.loads(event["payload"])["n"] for event in double.events) == list(range(8))
+        assert b"Traceback" not in first.stderr + second.stderr
+        assert b"counted as delivered" in second.stderr   # LOG_LEVEL=DEBUG in make_env
+
+    # -- 3. unknown event type ------------------------------------------------------------------------
+
+    async def test_unknown_event_type_is_undeliverable_without_create(self, cluster, db, tmp_path):
+        await sql(cluster, db, OUTBOX_DDL)
+        dead = str(tmp_path / "dead.jsonl")
+        unknown = [outbox_row(event_type="billing.invoice.voided", payload={"n": n}) for n in range(2)]
+        good = outbox_row()
+        with smtp_server() as (mail, port):
+            async with Hook0Double.serve() as double:
+                config = hook0_config_for(cluster, db, double, on_failure="skip", dead_letter_file=dead,
+                                          **{k.lower(): v for k, v in email_env(port).items()})
+                async with running_hook0(config):
+                    await sql(cluster, db, outbox_insert(unknown[0]), outbox_insert(unknown[1]),
+                              outbox_insert(good))
+                    with trio.fail_after(15):
+                        await double.wait_for(lambda: len(double.events) >= 1)
+                # leaving the block drains the queued alert mails
+        assert [event["event_id"] for event in double.events] == [good["event_id"]]
+        posts = event_posts(double)
+        # each unknown-type event is tried once (a 400 is not retried), then the stream goes on
+        assert [(r.json()["event_id"], r.status) for r in posts] == [
+            (unknown[0]["event_id"], 400), (unknown[1]["event_id"], 400), (good["event_id"], 201)]
+        assert all(r.path.rstrip("/") != "/api/v1/event_types" for r in double.requests)
+        letters = read_dead_letters(dead)
+        assert [letter["new"]["event_id"] for letter in letters] == [row["event_id"] for row in unknown]
+        assert all(list(letter) == EVENT_KEYS and letter["table"] == "outbox" for letter in letters)
+        # alerted at most once per type (5 minutes), and the mail names the type
+        type_mails = [m for m in mail.messages if "billing.invoice.voided" in m.mail["Subject"]]
+        assert len(type_mails) == 1, [m.mail["Subject"] for m in mail.messages]
+        assert "HOOK0_CREATE_EVENT_TYPES" in type_mails[0].mail.get_content()
+        assert all(TOKEN not in mail_text(m) for m in mail.messages)
+
+    async def test_unknown_event_type_is_created_with_hook0_create_event_types(self, cluster, db):
+        await sql(cluster, db, OUTBOX_DDL)
+        row = outbox_row(event_type="shop.order.created")
+        async with Hook0Double.serve() as double:
+            assert "shop.order.created" not in double.event_types
+            async with running_hook0(hook0_config_for(cluster, db, double, hook0_create_event_types="true")):
+                await sql(cluster, db, outbox_insert(row))
+                with trio.fail_after(15):
+                    await double.wait_for(lambda: len(double.events) >= 1)
+        assert [(r.method, r.path, r.status) for r in double.requests] == [
+            ("POST", "/api/v1/event", 400), ("POST", "/api/v1/event_types", 201), ("POST", "/api/v1/event", 201)]
+        assert double.requests[1].json() == {"application_id": APPLICATION_ID, "service": "shop",
+                                             "resource_type": "order", "verb": "created"}
+        assert double.requests[1].headers["authorization"] == f"Bearer {TOKEN}"
+        assert "shop.order.created" in double.event_types
+        assert double.events[0]["event_id"] == row["event_id"]
+        assert double.events[0]["event_type"] == "shop.order.created"
+
+    # -- 4. bad token ---------------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("how", ["wrong token", "401 no authorization header"])
+    async def test_rejected_token_exits_4_with_an_alert_and_no_token_anywhere(self, cluster, db, how):
+        await sql(cluster, db, OUTBOX_DDL)
+        await create_slot(cluster, db)
+        wrong = "Wr0ng-T0ken-EoQBChoKBHRlc3Q-zz"
+        lsn = max_lsn(await sql(cluster, db, outbox_insert(outbox_row())))
+        with smtp_server() as (mail, port):
+            async with Hook0Double.serve() as double:
+                token = wrong if how == "wrong token" else TOKEN
+                if how != "wrong token":
+                    double.fail_next("AuthNoAuthorizationHeader")
+                env = {**hook0_env(cluster, db, double, hook0_api_token=token), **email_env(port)}
+                result = await trio.to_thread.run_sync(partial(run_cli, [], env, timeout=40))
+            assert result.returncode == 4, result.stderr
+            assert "Traceback" not in result.stderr
+            assert "HOOK0_API_TOKEN" in result.stderr
+            # the alert goes out before the process exits (the exit path drains the mail queue)
+            assert mail.messages, result.stderr
+            assert any("token" in m.mail["Subject"].lower() for m in mail.messages)
+        texts = [result.stdout, result.stderr, *(mail_text(m) for m in mail.messages),
+                 *(m.mail.get_content() for m in mail.messages)]
+        assert all(token not in text for text in texts)
+        assert [r.status for r in event_posts(double)] == [403 if how == "wrong token" else 401]
+        assert await slot_confirmed(cluster, db) < lsn
+
+    # -- 5. empty labels ------------------------------------------------------------------------------
+
+    async def test_empty_labels_without_hook0_labels_is_undeliverable(self, cluster, db):
+        await sql(cluster, db, OUTBOX_DDL)
+        await create_slot(cluster, db)
+        row = outbox_row(labels={})
+        lsn = max_lsn(await sql(cluster, db, outbox_insert(row)))
+        async with Hook0Double.serve() as double:
+            config = hook0_config_for(cluster, db, double)   # ON_FAILURE=exit
+            with trio.fail_after(15), pytest.raises(w.DeliveryFailed) as failed:
+                await w.run(config)
+        message = str(failed.value)
+        assert "public.outbox" in message and "column labels" in message, message
+        assert failed.value.exit_code == 3
+        assert double.events == []
+        assert await slot_confirmed(cluster, db) < lsn
+
+    async def test_empty_labels_with_hook0_labels_are_delivered_with_them(self, cluster, db):
+        await sql(cluster, db, OUTBOX_DDL)
+        empty, null, only_nulls, own = (outbox_row(labels={}), outbox_row(labels=None),
+                                        outbox_row(labels={"tenant": None}), outbox_row(labels={"region": "eu"}))
+        async with Hook0Double.serve() as double:
+            config = hook0_config_for(cluster, db, double, hook0_labels='{"tenant":"acme"}')
+            async with running_hook0(config):
+                await sql(cluster, db, outbox_insert(empty, null, only_nulls, own))
+                with trio.fail_after(15):
+                    await double.wait_for(lambda: len(double.events) >= 4)
+        assert [(e["event_id"], e["labels"]) for e in double.events] == [
+            (empty["event_id"], {"tenant": "acme"}), (null["event_id"], {"tenant": "acme"}),
+            (only_nulls["event_id"], {"tenant": "acme"}), (own["event_id"], {"region": "eu"})]
+
+    # -- 6. NULL payload, ON_FAILURE=skip -------------------------------------------------------------
+
+    async def test_null_payload_goes_to_the_dead_letter_file_and_later_rows_are_delivered(
+            self, cluster, db, tmp_path, caplog):
+        await sql(cluster, db, OUTBOX_DDL)
+        dead = str(tmp_path / "dead.jsonl")
+        before, bad, after, later = (outbox_row(payload={"n": 1}), outbox_row(payload=None),
+                                     outbox_row(payload={"n": 3}), outbox_row(payload={"n": 4}))
+        async with Hook0Double.serve() as double:
+            config = hook0_config_for(cluster, db, double, on_failure="skip", dead_letter_file=dead)
+            async with running_hook0(config):
+                await sql(cluster, db, outbox_insert(before, bad, after))
+                lsn = max_lsn(await sql(cluster, db, outbox_insert(later)))
+                with trio.fail_after(15):
+                    await double.wait_for(lambda: len(double.events) >= 3)
+                    await wait_until(lambda: _gt(slot_confirmed(cluster, db), lsn), timeout=10)
+        assert [e["event_id"] for e in double.events] == [before["event_id"], after["event_id"], later["event_id"]]
+        assert all(r.json()["event_id"] != bad["event_id"] for r in event_posts(double))
+        (letter,) = read_dead_letters(dead)
+        assert list(letter) == EVENT_KEYS
+        assert (letter["op"], letter["schema"], letter["table"]) == ("insert", "public", "outbox")
+        assert letter["new"] == {"event_id": bad["event_id"], "event_type": "billing.invoice.paid",
+                                 "created_at": "2026-11-27T16:25:11Z", "payload": None,
+                                 "metadata": {"source": "e2e"}, "labels": {"tenant": "acme"}}
+        assert letter["seq"] == 1 and letter["id"] == f"{letter['commit_lsn']}:1"
+        with open(dead, "rb") as file:   # the stdout format: one compact line per event
+            assert file.read() == w.encode_event_lines([letter])
+        logged_errors = " ".join(r.getMessage() for r in caplog.records)
+        assert "public.outbox" in logged_errors and "column payload" in logged_errors
+
+    # -- 7. HOOK0_TABLE_EVENTS ------------------------------------------------------------------------
+
+    async def test_table_events_map_insert_update_delete_with_stable_event_ids(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE items (id int PRIMARY KEY, name text)")
+        types = ("public.items.insert", "public.items.update", "public.items.delete")
+        async with InstrumentedHook0Double.serve(event_types=types) as double:
+            config = hook0_config_for(cluster, db, double, hook0_table_events="true")
+            # First run (a child process): Hook0 takes the insert and the update, but the update's
+            # answer never comes back and wal2http is killed before it confirms the transaction.
+            double.hold_after = 2
+            first = CliProcess(hook0_env(cluster, db, double, hook0_table_events="true"))
+            async with first.running():
+                with trio.fail_after(15):
+                    await first.wait_started()
+                    await sql(cluster, db, "BEGIN; INSERT INTO items VALUES (1, 'widget'); "
+                                           "UPDATE items SET name = 'gadget' WHERE id = 1; "
+                                           "DELETE FROM items WHERE id = 1; COMMIT")
+                    await double.holding.wait()
+                first.process.kill()
+                with trio.fail_after(10):
+                    await first.process.wait()
+            lsn = w.parse_lsn((await sql(cluster, db, "SELECT pg_current_wal_insert_lsn()"))[0][0])
+            assert await slot_confirmed(cluster, db) < lsn
+            first_run = [(r.json()["event_type"], r.json()["event_id"]) for r in event_posts(double)]
+            double.hold_after = None
+            double.release.set()
+            restart_index = len(double.requests)
+            # Second run from the unconfirmed position: the same changes, the same uuids.
+            async with running_hook0(config):
+                await sql(cluster, db, "TRUNCATE items", "INSERT INTO items VALUES (2, 'after')")
+                with trio.fail_after(15):
+                    await double.wait_for(lambda: len(double.events) >= 4)
+        assert [event_type for event_type, _ in first_run] == ["public.items.insert", "public.items.update"]
+        second_run = [(r.json()["event_type"], r.json()["event_id"], r.status)
+                      for r in event_posts(double, restart_index)]
+        assert second_run[:2] == [(t, i, 409) for t, i in first_run]
+        assert [(t, s) for t, _, s in second_run[2:]] == [("public.items.delete", 201), ("public.items.insert", 201)]
+        ids = [event["event_id"] for event in double.events]
+        assert len(set(ids)) == 4 and all(str(uuid.UUID(i)) == i for i in ids)
+        payloads = [json.loads(event["payload"]) for event in double.events]
+        assert [(p["op"], p["table"], p["key"], p["new"], p["old"]) for p in payloads] == [
+            ("insert", "items", {"id": 1}, {"id": 1, "name": "widget"}, None),
+            ("update", "items", {"id": 1}, {"id": 1, "name": "gadget"}, None),
+            ("delete", "items", {"id": 1}, None, {"id": 1}),
+            ("insert", "items", {"id": 2}, {"id": 2, "name": "after"}, None)]
+        for event, payload in zip(double.events, payloads):
+            assert list(payload) == EVENT_KEYS                # the event object, as stdout has it
+            assert event["payload"] == json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+            assert event["payload_content_type"] == "application/json"
+            assert event["event_type"] == f"public.items.{payload['op']}"
+            assert event["labels"] == {"schema": "public", "table": "items"}
+            assert event.get("metadata") in (None, {})
+            assert parse_time(event["occurred_at"]) == parse_time(payload["commit_time"])
+        # the truncate is not a table event
+        assert all("truncate" not in r.json()["event_type"] for r in event_posts(double))
+
+    # -- 8. 429 and Retry-After -----------------------------------------------------------------------
+
+    @pytest.mark.parametrize("kind, retry_after", [
+        ("rate_limited_text", "1"),          # the rate limiter's text/plain 429 with Retry-After
+        ("rate_limited_text", None),         # ... saying only "retry in 1s" in its body
+        ("rate_limited", "1"),               # problem JSON 429 RateLimited
+        ("service_unavailable", "1"),        # problem JSON 503 ServiceUnavailable
+    ])
+    async def test_retry_after_is_honoured(self, cluster, db, kind, retry_after):
+        await sql(cluster, db, OUTBOX_DDL)
+        row = outbox_row()
+        async with InstrumentedHook0Double.serve() as double:
+            double.fail_next(kind, retry_after=retry_after)
+            # Retry-After is honoured up to RETRY_MAX_DELAY_MS: allow 5 s, far above the jitter
+            config = hook0_config_for(cluster, db, double, retry_max_delay_ms=5000)
+            async with running_hook0(config):
+                await sql(cluster, db, outbox_insert(row))
+                with trio.fail_after(15):
+                    await double.wait_for(lambda: len(double.events) >= 1)
+        refused, accepted = event_posts(double)
+        assert refused.status == (503 if kind == "service_unavailable" else 429)
+        assert accepted.status == 201 and accepted.json()["event_id"] == row["event_id"]
+        gap = accepted.at - refused.at
+        assert 1.0 <= gap < 4.0, gap
+
+    # -- 9. --check -----------------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("suffix", ["", "/", "/api/v1/"])
+    async def test_check_accepts_the_right_token(self, cluster, db, suffix):
+        async with Hook0Double.serve() as double:
+            env = hook0_env(cluster, db, double, hook0_api_url=double.url + suffix)
+            result = await trio.to_thread.run_sync(partial(run_cli, ["--check"], env, timeout=30))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "ok sink hook0" in result.stdout.splitlines()
+        assert TOKEN not in result.stdout + result.stderr
+        (request,) = double.requests
+        assert (request.method, request.path, request.status) == ("GET", "/api/v1/event_types", 200)
+        assert request.target == f"/api/v1/event_types?application_id={APPLICATION_ID}"
+        assert request.headers["authorization"] == f"Bearer {TOKEN}"
+
+    async def test_check_with_a_wrong_token_fails_with_exit_4(self, cluster, db):
+        wrong = "Wr0ng-T0ken-EoQBChoKBHRlc3Q-zz"
+        async with Hook0Double.serve() as double:
+            env = hook0_env(cluster, db, double, hook0_api_token=wrong)
+            result = await trio.to_thread.run_sync(partial(run_cli, ["--check"], env, timeout=30))
+        assert result.returncode == 4, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        assert [line for line in lines if line.startswith("FAIL")] == [
+            line for line in lines if line.startswith("FAIL sink hook0: ")], lines
+        assert len([line for line in lines if line.startswith("FAIL sink hook0: ")]) == 1
+        assert "ok connect" in lines
+        assert wrong not in result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+        assert [r.status for r in double.requests] == [403]
+
+    # -- found while writing these: failing tests of wal2http.py bugs ---------------------------------
+
+    async def test_outbox_deletes_are_treated_alike_before_and_after_a_restart(self, cluster, db, tmp_path):
+        # BUG: Hook0Sink recognises an outbox table from the columns an event carries, or from an
+        # insert/update of it seen earlier *by this process*.  A delete under the default replica
+        # identity carries only the key (event_id), so with HOOK0_TABLE_EVENTS=true a restarted
+        # process sends an outbox delete as a `public.outbox.delete` table event, while the process
+        # that had seen an insert ignored the same kind of change.
+        await sql(cluster, db, OUTBOX_DDL)
+        dead = str(tmp_path / "dead.jsonl")
+        r1, r2, r3 = outbox_row(payload={"n": 1}), outbox_row(payload={"n": 2}), outbox_row(payload={"n": 3})
+        async with Hook0Double.serve() as double:
+            config = hook0_config_for(cluster, db, double, hook0_table_events="true", on_failure="skip",
+                                      dead_letter_file=dead)
+            async with running_hook0(config):
+                await sql(cluster, db, outbox_insert(r1, r2))
+                lsn = max_lsn(await sql(cluster, db, "DELETE FROM outbox WHERE event_id = "
+                                        f"{w.quote_literal(r1['event_id'])} RETURNING pg_current_wal_insert_lsn()"))
+                with trio.fail_after(15):
+                    await double.wait_for(lambda: len(double.events) >= 2)
+                    await wait_until(lambda: _gt(slot_confirmed(cluster, db), lsn), timeout=10)
+            first_process = [r.json()["event_type"] for r in event_posts(double)]
+            assert first_process == ["billing.invoice.paid", "billing.invoice.paid"]   # delete ignored
+            # a restart: the first change the new process sees is a delete of an outbox row
+            async with running_hook0(config):
+                await sql(cluster, db, f"DELETE FROM outbox WHERE event_id = {w.quote_literal(r2['event_id'])}",
+                          outbox_insert(r3))
+                with trio.fail_after(15):
+                    await double.wait_for(lambda: len(double.events) >= 3)
+        assert [e["event_id"] for e in double.events] == [r1["event_id"], r2["event_id"], r3["event_id"]]
+        sent_types = [r.json()["event_type"] for r in event_posts(double)]
+        assert "public.outbox.delete" not in sent_types, sent_types
+        assert read_dead_letters(dead) == []
+
+    async def test_cancelling_run_returns_promptly(self, cluster, db):
+        # BUG: run() drains the alert queue in a shielded scope when it ends; when run() is cancelled
+        # from outside (an embedding application, `import wal2http`), the alerter task is cancelled
+        # too, so Alerter.drain waits the whole ALERT_DRAIN_TIMEOUT_S (15 s) for nothing.
+        async with Hook0Double.serve() as double:
+            config = hook0_config_for(cluster, db, double)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lambda task_status: w.run(config, task_status=task_status))
+                cancelled_at = trio.current_time()
+                nursery.cancel_scope.cancel()
+            took = trio.current_time() - cancelled_at
+        assert took < 5, f"cancelling run() took {took:.1f} s"
+
+
+# =====================================================================================================
+# HTTP end to end
+# =====================================================================================================
+
+AUTH_HEADER_VALUE = "Bearer e2e-t0ken-never-logged"
+SIGNING_KEY = b"e2e signing key \x00\x01\xfe\xff 32 bytes!"
+SIGNING_SECRET = "whsec_" + base64.b64encode(SIGNING_KEY).decode()
+
+
+# =====================================================================================================
+# Helpers
+# =====================================================================================================
+
+class E2EReceiver(ScriptedReceiver):
+    """ScriptedReceiver that also records which reply each request got (`answers`, in request
+    order), which requests were answered (`answered`: (request, reply) once the answer is sent),
+    and can hold every answer from request number `gate_from` (0-based) on until `gate` is set."""
+
+    def __init__(self, replies=(), default: Reply | None = None):
+        super().__init__(replies, default)
+        self.answers: list[Reply] = []
+        self.answered: list[tuple] = []
+        self.gate_from: int | None = None
+        self.gate = trio.Event()
+
+    async def _serve_connection(self, stream, index: int) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            request = await self._read_request(stream, conn, index)
+            if request is None:
+                return
+            reply = self.replies.pop(0) if self.replies else self.default
+            number = len(self.requests)
+            self.requests.append(request)
+            self.answers.append(reply)
+            self._notify()
+            if self.gate_from is not None and number >= self.gate_from:
+                await self.gate.wait()
+            if reply.hang:
+                await trio.sleep_forever()
+            if reply.delay_s:
+                await trio.sleep(reply.delay_s)
+            if reply.drop:
+                return
+            await stream.send_all(self._encode_reply(conn, reply))
+            self.answered.append((request, reply))
+            self._notify()
+            if conn.our_state is h11.MUST_CLOSE or reply.silent_close_after:
+                return
+            conn.start_next_cycle()
+
+    def posts(self):
+        return [r for r in self.requests if r.method == "POST"]
+
+    def delivered(self) -> list[dict]:
+        """The events of every request answered 2xx, in the order they were answered."""
+        return [e for request, reply in self.answered if 200 <= reply.status < 300 for e in events_in(request)]
+
+    def delivered_ids(self) -> list[str]:
+        return [e["id"] for e in self.delivered()]
+
+    async def wait(self, condition, timeout: float = 15) -> None:
+        with trio.fail_after(timeout):
+            await self.wait_for(condition)
+
+
+def events_in(request) -> list[dict]:
+    """The events a request carried: one event, or the `events` of a batch."""
+    body = json.loads(request.body)
+    if isinstance(body, dict) and list(body) == ["events"]:
+        return body["events"]
+    return [body]
+
+
+def http_env(cluster, db, receiver, **overrides) -> dict[str, str]:
+    settings = {"event_sink": "http", "http_endpoint_url": receiver.url("/hooks/pg?source=e2e"),
+                "retry_base_delay_ms": 10, "retry_max_delay_ms": 50, "retry_max_attempts": 3,
+                "http_timeout_secs": 5}
+    settings.update(overrides)
+    return make_env(cluster, db, **settings)
+
+
+def http_config_for(cluster, db, receiver, **overrides):
+    config, mode = w.load_config([], http_env(cluster, db, receiver, **overrides))
+    assert mode == "run"
+    return config
+
+
+@asynccontextmanager
+async def service(config):
+    """wal2http.run with the configured sink (here: HTTP) in this process; yields the AckTracker."""
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        ack = await nursery.start(lambda task_status: w.run(config, stop=stop, task_status=task_status))
+        yield ack
+        stop.set()
+
+
+@asynccontextmanager
+async def reference(cluster, db):
+    """A second slot of the same database streaming into a MemorySink: the expected event list."""
+    async with running(make_config(cluster, db, slot_name=f"{db}_ref"), MemorySink()) as (sink, _ack):
+        yield sink
+
+
+def lsn(text: str) -> int:
+    return w.parse_lsn(text)
+
+
+def assert_ids_unique_and_in_commit_order(events: list[dict]) -> None:
+    ids = [e["id"] for e in events]
+    assert len(set(ids)) == len(ids), "duplicate ids"
+    for event in events:
+        assert event["id"] == f"{event['commit_lsn']}:{event['seq']}"
+    positions = [(lsn(e["commit_lsn"]), e["seq"]) for e in events]
+    assert positions == sorted(positions), "not in commit order"
+
+
+async def confirmed_past(cluster, db, position: int, slot: str | None = None) -> bool:
+    return await slot_confirmed(cluster, db, slot) > position
+
+
+async def status_updates_seen(cluster, db, count: int, slot: str | None = None) -> None:
+    """Waits until PostgreSQL has received `count` more standby status updates on the slot's
+    walsender (pg_stat_replication.reply_time changes), instead of sleeping."""
+    query = ("SELECT r.reply_time FROM pg_stat_replication r JOIN pg_replication_slots s "
+             f"ON s.active_pid = r.pid WHERE s.slot_name = {w.quote_literal(slot or db)}")
+    seen = []
+
+    async def next_update():
+        rows = await sql(cluster, db, query)
+        value = rows[0][0] if rows else None
+        if value is not None and (not seen or seen[-1] != value):
+            seen.append(value)
+        return len(seen) > count
+
+    await wait_until(next_update, timeout=10, interval=0.02)
+
+
+async def table(cluster, db, ddl="CREATE TABLE t (id int PRIMARY KEY, v text)"):
+    await sql(cluster, db, ddl)
+
+
+# =====================================================================================================
+# The tests
+# =====================================================================================================
+
+WORKLOAD = [  # 139 events in 9 transactions of different sizes
+    "INSERT INTO t VALUES (1, 'one')",
+    "INSERT INTO t SELECT g, 'bulk ' || g FROM generate_series(2, 71) g",
+    ("BEGIN; UPDATE t SET v = 'héllo ✓' WHERE id = 1; DELETE FROM t WHERE id = 2; "
+     "SELECT pg_logical_emit_message(true, 'e2e', 'in a transaction'); COMMIT"),
+    *[f"INSERT INTO t VALUES ({100 + i}, 'single {i}')" for i in range(5)],
+    "INSERT INTO t SELECT g, 'tail' FROM generate_series(200, 259) g",
+]
+WORKLOAD_EVENTS = 1 + 70 + 3 + 5 + 60
+
+
+class TestHttpEndToEnd:
+    @pytest.fixture(autouse=True)
+    def _drop_slots_afterwards(self, cluster, db):
+        """Each test makes two slots (its own and the reference's): drop them at the end, so the
+        suite stays far below max_replication_slots and no slot keeps WAL."""
+        yield
+        deadline = time.monotonic() + 10
+        while True:
+            left = cluster.psql(db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                                    "WHERE database = current_database() AND NOT active; "
+                                    "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()")
+            if left.strip().splitlines()[-1] == "0" or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+
+    # -- 1. bodies, order, ids, keep-alive ------------------------------------------------------------
+
+    @pytest.mark.parametrize("batch_size", [1, 50])
+    async def test_bodies_are_exactly_the_ordered_events_over_one_connection(self, cluster, db, batch_size):
+        await table(cluster, db)
+        async with E2EReceiver.serve() as receiver, reference(cluster, db) as ref:
+            config = http_config_for(cluster, db, receiver, http_batch_size=batch_size)
+            async with service(config):
+                await sql(cluster, db, *WORKLOAD)
+                await receiver.wait(lambda r: len(r.delivered()) >= WORKLOAD_EVENTS)
+                expected = await ref.wait_for(WORKLOAD_EVENTS, timeout=15)
+                end = max(lsn(e["commit_lsn"]) for e in expected)
+                await wait_until(lambda: confirmed_past(cluster, db, end), timeout=10)
+        delivered = receiver.delivered()
+        assert delivered == expected  # exactly the same events, same ids, same order, nothing twice
+        assert len(delivered) == WORKLOAD_EVENTS
+        assert_ids_unique_and_in_commit_order(delivered)
+        assert [e["op"] for e in delivered[71:74]] == ["update", "delete", "message"]
+        assert all(status == 200 for status in (a.status for a in receiver.answers))
+        for request in receiver.requests:
+            assert (request.method, request.target) == ("POST", "/hooks/pg?source=e2e")
+            assert request.headers["content-type"] == "application/json"
+            assert request.headers["user-agent"] == f"wal2http/{w.__version__}"
+        if batch_size == 1:
+            assert len(receiver.requests) == WORKLOAD_EVENTS
+            for request, event in zip(receiver.requests, expected):
+                assert json.loads(request.body) == event
+                assert request.headers["idempotency-key"] == event["id"]
+        else:
+            bodies = [json.loads(r.body) for r in receiver.requests]
+            assert all(list(b) == ["events"] and 1 <= len(b["events"]) <= 50 for b in bodies)
+            assert len(receiver.requests) < WORKLOAD_EVENTS // 2  # batching did happen
+        assert receiver.connections == 1  # one keep-alive connection for the whole run
+
+    # -- 2. Standard Webhooks signatures --------------------------------------------------------------
+
+    @pytest.mark.parametrize("batch_size", [1, 4])
+    async def test_signatures_verify_independently(self, cluster, db, batch_size):
+        await table(cluster, db)
+        headers = json.dumps({"Authorization": AUTH_HEADER_VALUE, "X-Tenant": "acme"})
+        async with E2EReceiver.serve() as receiver, reference(cluster, db) as ref:
+            config = http_config_for(cluster, db, receiver, http_batch_size=batch_size,
+                                     http_signing_secret=SIGNING_SECRET, http_headers=headers)
+            before = int(time.time())
+            async with service(config):
+                await sql(cluster, db, "INSERT INTO t SELECT g, 'héllo ✓' FROM generate_series(1, 6) g",
+                          "SELECT pg_logical_emit_message(false, 'e2e', 'not in a transaction')",
+                          "INSERT INTO t VALUES (7, 'seven')", "UPDATE t SET v = 'x' WHERE id < 3")
+                await receiver.wait(lambda r: len(r.delivered()) >= 10)
+                expected = await ref.wait_for(10)
+                assert [e["id"].endswith(":m") for e in expected].count(True) == 1
+            after = int(time.time())
+        assert receiver.delivered() == expected
+        for request in receiver.requests:
+            h = request.headers
+            assert h["webhook-id"] == events_in(request)[0]["id"]
+            assert before - 1 <= int(h["webhook-timestamp"]) <= after + 1
+            signed = f"{h['webhook-id']}.{h['webhook-timestamp']}.".encode() + request.body
+            wanted = base64.b64encode(hmac.new(SIGNING_KEY, signed, hashlib.sha256).digest()).decode()
+            signatures = [s.split(",", 1) for s in h["webhook-signature"].split(" ")]
+            assert any(v == "v1" and hmac.compare_digest(sig, wanted) for v, sig in signatures), h
+            wrong = base64.b64encode(hmac.new(b"other key", signed, hashlib.sha256).digest()).decode()
+            assert all(sig != wrong for _, sig in signatures)
+            assert h["authorization"] == AUTH_HEADER_VALUE and h["x-tenant"] == "acme"
+            assert SIGNING_SECRET not in json.dumps(h) and SIGNING_SECRET.encode() not in request.body
+        if batch_size == 1:
+            assert [r.headers["webhook-id"] for r in receiver.requests] == [e["id"] for e in expected]
+
+    # -- 3. retries, and the slot does not pass an undelivered transaction ---------------------------
+
+    async def test_500_500_200_delivered_once_and_slot_held_until_the_200(self, cluster, db):
+        await table(cluster, db)
+        async with E2EReceiver.serve([Reply(500, body=b"oops"), Reply(500)]) as receiver:
+            receiver.gate_from = 2  # the third attempt (the 200) waits until the test says so
+            config = http_config_for(cluster, db, receiver)
+            async with service(config) as ack:
+                (held,), = await sql(cluster, db,
+                                     "INSERT INTO t VALUES (1, 'retried') RETURNING pg_current_wal_insert_lsn()")
+                held_lsn = lsn(held)
+                await receiver.wait(lambda r: len(r.requests) == 3)
+                await wait_until(lambda: ack.received_lsn > held_lsn, timeout=10)
+                await status_updates_seen(cluster, db, 3)  # several status updates went out meanwhile
+                assert ack.flushed_lsn < held_lsn
+                assert await slot_confirmed(cluster, db) < held_lsn
+                assert receiver.answered == [(receiver.requests[0], receiver.answers[0]),
+                                             (receiver.requests[1], receiver.answers[1])]
+                receiver.gate.set()
+                await receiver.wait(lambda r: len(r.delivered()) == 1)
+                (event,) = receiver.delivered()
+                await wait_until(lambda: confirmed_past(cluster, db, lsn(event["commit_lsn"])), timeout=10)
+                await sql(cluster, db, "INSERT INTO t VALUES (2, 'sentinel')")
+                await receiver.wait(lambda r: len(r.delivered()) == 2)
+        first = receiver.requests[:3]
+        assert [a.status for a in receiver.answers] == [500, 500, 200, 200]
+        assert len(receiver.requests) == 4  # delivered once: no resend after the 200
+        assert len({r.body for r in first}) == 1
+        assert {r.headers["idempotency-key"] for r in first} == {event["id"]}
+        assert event["new"] == {"id": 1, "v": "retried"}
+        assert receiver.delivered()[1]["new"] == {"id": 2, "v": "sentinel"}
+
+    # -- 4. ON_FAILURE=exit ---------------------------------------------------------------------------
+
+    async def test_exit_on_400_keeps_the_slot_before_it_and_a_restart_delivers_it(self, cluster, db):
+        await table(cluster, db)
+        async with reference(cluster, db) as ref:
+            async with E2EReceiver.serve([Reply(200), Reply(400, body=b'{"error": "rejected"}')]) as bad:
+                env = http_env(cluster, db, bad, on_failure="exit")
+                async with CliProcess(env).running() as proc:
+                    await proc.wait_started()
+                    await sql(cluster, db, "INSERT INTO t VALUES (1, 'a')", "INSERT INTO t VALUES (2, 'b')",
+                              "INSERT INTO t VALUES (3, 'c')")
+                    assert await proc.wait_exit(timeout=15) == 3
+                stderr = proc.stderr.decode()
+                assert proc.events == []  # events go to the endpoint; nothing on stdout
+            expected = await ref.wait_for(3)
+            a, b, c = expected
+            assert "Traceback" not in stderr
+            assert b["id"] in stderr and "400" in stderr
+            assert [r.status for r in bad.answers] == [200, 400]  # a 400 is not retried
+            assert events_in(bad.requests[1]) == [b]
+            assert bad.delivered() == [a]
+            assert await slot_confirmed(cluster, db) < lsn(b["commit_lsn"])  # nothing acknowledged past it
+            async with E2EReceiver.serve() as good:
+                restarted = CliProcess({**env, "HTTP_ENDPOINT_URL": good.url("/hooks/pg?source=e2e")})
+                async with restarted.running() as proc:
+                    await good.wait(lambda r: c["id"] in r.delivered_ids())
+                    await sql(cluster, db, "INSERT INTO t VALUES (4, 'd')")
+                    expected = await ref.wait_for(4)
+                    await good.wait(lambda r: expected[3]["id"] in r.delivered_ids())
+                    await wait_until(lambda: confirmed_past(cluster, db, lsn(expected[3]["commit_lsn"])))
+                    proc.process.send_signal(signal.SIGTERM)
+                    assert await proc.wait_exit(timeout=15) == 0
+        again = good.delivered()
+        assert again in (expected[1:], expected)  # the failed event and everything after, same ids
+        assert [r.status for r in good.answers] == [200] * len(again)
+
+    # -- 5. ON_FAILURE=skip ---------------------------------------------------------------------------
+
+    async def test_skip_dead_letters_the_failing_event_and_goes_on(self, cluster, db, tmp_path):
+        await table(cluster, db)
+        dead = tmp_path / "dead-letters.jsonl"
+        replies = [Reply(200), Reply(500), Reply(503), Reply(500)]  # the second event fails 3 times
+        async with E2EReceiver.serve(replies) as receiver, reference(cluster, db) as ref:
+            config = http_config_for(cluster, db, receiver, on_failure="skip", dead_letter_file=str(dead))
+            async with service(config):
+                await sql(cluster, db, "INSERT INTO t VALUES (1, 'a')", "INSERT INTO t VALUES (2, 'héllo ✓')",
+                          "INSERT INTO t VALUES (3, 'c')")
+                a, b, c = await ref.wait_for(3)
+                await receiver.wait(lambda r: c["id"] in r.delivered_ids())
+                await wait_until(lambda: confirmed_past(cluster, db, lsn(c["commit_lsn"])), timeout=10)
+        assert receiver.delivered() == [a, c]
+        assert [json.loads(r.body)["id"] for r in receiver.requests] == [a["id"], b["id"], b["id"], b["id"], c["id"]]
+        lines = dead.read_bytes().splitlines(keepends=True)
+        assert lines == [json.dumps(b, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"]
+        assert json.loads(lines[0]) == b  # the stdout event format, same id
+
+    # -- 6. ON_FAILURE=retry --------------------------------------------------------------------------
+
+    async def test_retry_delivers_everything_in_order_once_the_endpoint_recovers(self, cluster, db, caplog):
+        caplog.set_level(logging.INFO, logger="wal2http")
+        await table(cluster, db)
+        failures = 8  # more than RETRY_MAX_ATTEMPTS=3: the policy takes over, then it recovers
+        async with E2EReceiver.serve([Reply(503)] * failures) as receiver, reference(cluster, db) as ref:
+            config = http_config_for(cluster, db, receiver, on_failure="retry")
+            async with service(config):
+                await sql(cluster, db, *[f"INSERT INTO t VALUES ({i}, 'r{i}')" for i in range(1, 6)],
+                          "INSERT INTO t SELECT g, 'many' FROM generate_series(10, 29) g",
+                          "DELETE FROM t WHERE id = 3")
+                expected = await ref.wait_for(26)
+                await receiver.wait(lambda r: len(r.delivered()) >= 26)
+                end = lsn(expected[-1]["commit_lsn"])
+                await wait_until(lambda: confirmed_past(cluster, db, end), timeout=10)
+        assert receiver.delivered() == expected  # in order, nothing lost, nothing twice
+        assert len(receiver.requests) == failures + len(expected)
+        assert {r.headers["idempotency-key"] for r in receiver.requests[:failures + 1]} == {expected[0]["id"]}
+        assert any("recovered" in r.getMessage() for r in caplog.records)
+        assert any("alert" in r.getMessage() and expected[0]["id"] in r.getMessage() for r in caplog.records)
+
+    # -- 7. kill -9 while the endpoint hangs ----------------------------------------------------------
+
+    async def test_kill_9_while_the_endpoint_hangs_loses_nothing(self, cluster, db):
+        await table(cluster, db)
+        async with reference(cluster, db) as ref:
+            slow = [Reply(200)] * 3
+            async with E2EReceiver.serve(slow, default=Reply(hang=True)) as hanging:
+                env = http_env(cluster, db, hanging, http_timeout_secs=60)
+                async with CliProcess(env).running() as proc:
+                    await proc.wait_started()
+                    await sql(cluster, db, *[f"INSERT INTO t VALUES ({i}, 'k{i}')" for i in range(1, 6)],
+                              "INSERT INTO t SELECT g, 'k' FROM generate_series(10, 19) g")
+                    expected = await ref.wait_for(15)
+                    await hanging.wait(lambda r: len(r.requests) == 4)  # the fourth hangs
+                    proc.process.kill()  # SIGKILL
+                    assert await proc.wait_exit(timeout=10) == -signal.SIGKILL
+            first = hanging.delivered()
+            assert first == expected[:3]
+            assert await slot_confirmed(cluster, db) < lsn(expected[3]["commit_lsn"])
+            async with E2EReceiver.serve() as healthy:
+                env = {**env, "HTTP_ENDPOINT_URL": healthy.url("/hooks/pg?source=e2e")}
+                async with CliProcess(env).running():
+                    await healthy.wait(lambda r: expected[-1]["id"] in r.delivered_ids())
+        second = healthy.delivered()
+        assert second in [expected[k:] for k in range(4)]  # resumes at or before the hanging event
+        seen = {e["id"]: e for e in first}
+        for event in second:
+            assert seen.setdefault(event["id"], event) == event  # a duplicate is the same event, same id
+        assert set(seen) == {e["id"] for e in expected}
+
+    # -- 8. email alerts ------------------------------------------------------------------------------
+
+    async def test_alert_mail_names_the_events_and_no_secret(self, cluster, db):
+        await table(cluster, db)
+        echo = f"denied: {AUTH_HEADER_VALUE} {SIGNING_SECRET}".encode()  # a receiver echoing secrets
+        smtp_password = "Smtp-E2e-Pa55word"
+        logins = []
+
+        def authenticator(server, session, envelope, mechanism, auth_data):
+            logins.append((auth_data.login, auth_data.password))
+            return AuthResult(success=auth_data.password == smtp_password.encode(), auth_data=auth_data)
+
+        with smtp_server(authenticator=authenticator, auth_require_tls=False) as (mails, smtp_port):
+            async with E2EReceiver.serve(default=Reply(500, body=echo)) as receiver:
+                env = http_env(cluster, db, receiver, on_failure="exit", http_batch_size=5,
+                               database_url=cluster.url(db, "scram_user", SCRAM_PASSWORD, sslmode="require"),
+                               http_signing_secret=SIGNING_SECRET,
+                               http_headers=json.dumps({"Authorization": AUTH_HEADER_VALUE}),
+                               email_smtp_host="127.0.0.1", email_smtp_port=smtp_port, email_smtp_tls="none",
+                               email_smtp_username="alerts", email_smtp_password=smtp_password,
+                               email_from="wal2http@example.org", email_to="ops@example.org,dba@example.org")
+                async with CliProcess(env).running() as proc:
+                    await proc.wait_started()
+                    await sql(cluster, db, "INSERT INTO t VALUES (1, 'a'), (2, 'b')")
+                    assert await proc.wait_exit(timeout=20) == 3
+            await wait_until(lambda: mails.messages, timeout=5)
+        (ids,) = {tuple(e["id"] for e in events_in(r)) for r in receiver.requests}
+        assert len(ids) == 2 and len(receiver.requests) == 3  # RETRY_MAX_ATTEMPTS, then exit
+        assert len(mails.messages) == 1 and logins == [(b"alerts", smtp_password.encode())]
+        mail = mails.messages[0]
+        assert mail.rcpt_tos == ["ops@example.org", "dba@example.org"]
+        assert "ALERT" in mail.mail["Subject"] and "http" in mail.mail["Subject"]
+        body = mail.mail.get_content()
+        assert all(event_id in body for event_id in ids)
+        assert "500" in body
+        stderr = proc.stderr.decode()
+        raw_mail = mail.mail.as_string()
+        key_b64 = SIGNING_SECRET.removeprefix("whsec_")
+        for text in (raw_mail, body, stderr):
+            for secret in (AUTH_HEADER_VALUE, "e2e-t0ken-never-logged", SIGNING_SECRET, key_b64,
+                           SCRAM_PASSWORD, smtp_password):
+                assert secret not in text
+        assert "Traceback" not in stderr
+
+    async def test_dead_smtp_server_changes_nothing(self, cluster, db):
+        await table(cluster, db)
+        dead_port = free_port()  # nothing listens there
+        async with reference(cluster, db) as ref:
+            async with E2EReceiver.serve([Reply(200)], default=Reply(500)) as receiver:
+                env = http_env(cluster, db, receiver, on_failure="exit",
+                               email_smtp_host="127.0.0.1", email_smtp_port=dead_port, email_smtp_tls="none",
+                               email_from="wal2http@example.org", email_to="ops@example.org")
+                async with CliProcess(env).running() as proc:
+                    await proc.wait_started()
+                    started = trio.current_time()
+                    await sql(cluster, db, "INSERT INTO t VALUES (1, 'a')", "INSERT INTO t VALUES (2, 'b')")
+                    assert await proc.wait_exit(timeout=20) == 3
+                    elapsed = trio.current_time() - started
+            a, b = await ref.wait_for(2)
+        assert receiver.delivered() == [a]
+        assert [json.loads(r.body)["id"] for r in receiver.requests] == [a["id"], b["id"], b["id"], b["id"]]
+        assert await slot_confirmed(cluster, db) < lsn(b["commit_lsn"])
+        stderr = proc.stderr.decode()
+        assert "could not send alert mail" in stderr
+        assert "Traceback" not in stderr
+        assert elapsed < 10
+
+    # -- 9. --check -----------------------------------------------------------------------------------
+
+    async def test_check_reports_the_http_sink(self, cluster, db):
+        async with E2EReceiver.serve() as receiver:
+            env = http_env(cluster, db, receiver)
+            result = await trio.to_thread.run_sync(lambda: run_cli(["--check"], env, timeout=30))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "ok sink http" in result.stdout.splitlines()
+        assert all(line.startswith("ok ") for line in result.stdout.splitlines())
+        assert [r.method for r in receiver.requests] and "POST" not in [r.method for r in receiver.requests]
+        env = {**env, "HTTP_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}/hooks"}
+        started = time.monotonic()
+        result = await trio.to_thread.run_sync(lambda: run_cli(["--check"], env, timeout=30))
+        assert time.monotonic() - started < 15
+        assert result.returncode != 0
+        failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL sink http: ")]
+        assert len(failed) == 1, result.stdout
+        assert "ok connect" in result.stdout.splitlines()
+        assert "Traceback" not in result.stderr
+
+    async def test_check_reports_the_email_server(self, cluster, db):
+        async with E2EReceiver.serve() as receiver:
+            with smtp_server() as (mails, smtp_port):
+                env = http_env(cluster, db, receiver, email_smtp_host="127.0.0.1", email_smtp_port=smtp_port,
+                               email_smtp_tls="none", email_from="wal2http@example.org", email_to="ops@example.org")
+                result = await trio.to_thread.run_sync(lambda: run_cli(["--check"], env, timeout=30))
+            assert result.returncode == 0, result.stdout + result.stderr
+            lines = result.stdout.splitlines()
+            assert "ok email" in lines and "ok sink http" in lines
+            assert mails.messages == []  # it greets, sends nothing
+            env = {**env, "EMAIL_SMTP_PORT": str(free_port())}
+            started = time.monotonic()
+            result = await trio.to_thread.run_sync(lambda: run_cli(["--check"], env, timeout=30))
+        assert time.monotonic() - started < 15
+        assert result.returncode != 0
+        lines = result.stdout.splitlines()
+        assert "ok sink http" in lines
+        assert len([line for line in lines if line.startswith("FAIL email: ")]) == 1, result.stdout
+        assert "Traceback" not in result.stderr
+
+    # -- extra: what an operator sees around a failure, and a server that closes connections ----------
+
+    async def test_retry_alert_mail_then_one_recovered_mail(self, cluster, db):
+        await table(cluster, db)
+        with smtp_server() as (mails, smtp_port):
+            async with E2EReceiver.serve([Reply(503)] * 6) as receiver, reference(cluster, db) as ref:
+                config = http_config_for(cluster, db, receiver, on_failure="retry", email_smtp_host="127.0.0.1",
+                                         email_smtp_port=smtp_port, email_smtp_tls="none",
+                                         email_from="wal2http@example.org", email_to="ops@example.org")
+                async with service(config):
+                    await sql(cluster, db, "INSERT INTO t VALUES (1, 'a')", "INSERT INTO t VALUES (2, 'b')")
+                    expected = await ref.wait_for(2)
+                    await receiver.wait(lambda r: len(r.delivered()) == 2)
+                    await wait_until(lambda: len(mails.messages) >= 2, timeout=10)
+        assert receiver.delivered() == expected
+        subjects = [m.mail["Subject"] for m in mails.messages]
+        assert len(subjects) == 2 and "ALERT" in subjects[0] and "RECOVERED" in subjects[1], subjects
+        assert expected[0]["id"] in mails.messages[0].mail.get_content()
+
+    async def test_hanging_smtp_server_never_delays_delivery(self, cluster, db):
+        await table(cluster, db)
+        held: list[trio.SocketStream] = []
+        release = trio.Event()
+
+        async def silent_smtp(stream):  # accepts, never greets, until released
+            held.append(stream)
+            await release.wait()
+            await stream.aclose()
+
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, silent_smtp, 0, host="127.0.0.1"))
+            smtp_port = listeners[0].socket.getsockname()[1]
+            async with E2EReceiver.serve([Reply(503)] * 5) as receiver, reference(cluster, db) as ref:
+                config = http_config_for(cluster, db, receiver, on_failure="retry", email_smtp_host="127.0.0.1",
+                                         email_smtp_port=smtp_port, email_smtp_tls="none",
+                                         email_from="wal2http@example.org", email_to="ops@example.org")
+                async with service(config):
+                    await sql(cluster, db, *[f"INSERT INTO t VALUES ({i}, 'x')" for i in range(1, 21)])
+                    expected = await ref.wait_for(20)
+                    with trio.fail_after(5):
+                        await receiver.wait(lambda r: len(r.delivered()) == 20)
+                        await wait_until(lambda: confirmed_past(cluster, db, lsn(expected[-1]["commit_lsn"])))
+                    assert held and not release.is_set()  # the alert mail is still stuck meanwhile
+                    release.set()
+            nursery.cancel_scope.cancel()
+        assert receiver.delivered() == expected
+
+    async def test_connections_closed_by_the_server_are_reopened(self, cluster, db):
+        await table(cluster, db)
+        replies = [Reply(200), Reply(200, close_after=True), Reply(200), Reply(200, silent_close_after=True),
+                   Reply(200), Reply(200, drop=True)]
+        async with E2EReceiver.serve(replies) as receiver, reference(cluster, db) as ref:
+            config = http_config_for(cluster, db, receiver)
+            async with service(config):
+                await sql(cluster, db, *[f"INSERT INTO t VALUES ({i}, 'x')" for i in range(1, 11)])
+                expected = await ref.wait_for(10)
+                await receiver.wait(lambda r: len(r.delivered()) >= 10)
+        delivered = receiver.delivered()
+        assert delivered == expected  # a dropped request is retried: same event, same id
+        assert [json.loads(r.body)["id"] for r in receiver.requests] == \
+            [e["id"] for e in expected[:6]] + [expected[5]["id"]] + [e["id"] for e in expected[6:]]
+        assert receiver.connections == 4
+
+    async def test_check_never_waits_on_silent_servers_longer_than_the_connect_timeout(self, cluster, db):
+        release = trio.Event()
+
+        async def silent(stream):  # accepts the connection, never says a word
+            async with stream:
+                await release.wait()
+
+        async with trio.open_nursery() as nursery:
+            http_listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+            smtp_listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+            http_port = http_listeners[0].socket.getsockname()[1]
+            smtp_port = smtp_listeners[0].socket.getsockname()[1]
+            env = make_env(cluster, db, database_url=cluster.url(db, connect_timeout=2), event_sink="http",
+                           http_endpoint_url=f"http://127.0.0.1:{http_port}/hooks", http_timeout_secs=30,
+                           email_smtp_host="127.0.0.1", email_smtp_port=smtp_port, email_smtp_tls="none",
+                           email_from="wal2http@example.org", email_to="ops@example.org")
+            started = time.monotonic()
+            result = await trio.to_thread.run_sync(lambda: run_cli(["--check"], env, timeout=30))
+            elapsed = time.monotonic() - started
+            release.set()
+            nursery.cancel_scope.cancel()
+        lines = result.stdout.splitlines()
+        assert result.returncode == 4, result.stdout + result.stderr
+        assert "ok connect" in lines
+        assert [line for line in lines if line.startswith("FAIL ")] == [
+            "FAIL sink http: no answer within 2 s", "FAIL email: no answer within 2 s"], lines
+        assert elapsed < 2 + 2 + 4  # two bounded checks plus start-up and the database checks
+
+    async def test_large_transaction_in_batches_of_500(self, cluster, db):
+        await table(cluster, db)
+        total = 2500 + 3  # more than one chunk of the assembler (CHUNK_EVENTS) in one transaction
+        async with E2EReceiver.serve() as receiver, reference(cluster, db) as ref:
+            config = http_config_for(cluster, db, receiver, http_batch_size=500)
+            async with service(config):
+                await sql(cluster, db, "INSERT INTO t VALUES (0, 'before')",
+                          "INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 2500) g",
+                          "INSERT INTO t VALUES (-1, 'after'), (-2, 'after')")
+                expected = await ref.wait_for(total)
+                await receiver.wait(lambda r: len(r.delivered()) >= total)
+                await wait_until(lambda: confirmed_past(cluster, db, lsn(expected[-1]["commit_lsn"])), timeout=10)
+        assert receiver.delivered() == expected
+        assert all(len(events_in(r)) <= 500 for r in receiver.requests)
+        assert receiver.connections == 1
+
+    async def test_sigterm_while_retrying_exits_0_without_acknowledging(self, cluster, db):
+        await table(cluster, db)
+        async with E2EReceiver.serve(default=Reply(503)) as receiver, reference(cluster, db) as ref:
+            env = http_env(cluster, db, receiver, on_failure="retry")
+            async with CliProcess(env).running() as proc:
+                await proc.wait_started()
+                await sql(cluster, db, "INSERT INTO t VALUES (1, 'never delivered')")
+                (event,) = await ref.wait_for(1)
+                await receiver.wait(lambda r: len(r.requests) >= 5)  # past RETRY_MAX_ATTEMPTS: retrying
+                proc.process.send_signal(signal.SIGTERM)
+                started = trio.current_time()
+                assert await proc.wait_exit(timeout=20) == 0
+                elapsed = trio.current_time() - started
+        assert elapsed < w.SHUTDOWN_TIMEOUT_S + 5
+        assert receiver.delivered() == []
+        assert await slot_confirmed(cluster, db) < lsn(event["commit_lsn"])
+        assert "Traceback" not in proc.stderr.decode()
+
+    async def test_a_receiver_hanging_past_the_timeout_is_retried_on_a_new_connection(self, cluster, db):
+        await table(cluster, db)
+        async with E2EReceiver.serve([Reply(hang=True)]) as receiver, reference(cluster, db) as ref:
+            config = http_config_for(cluster, db, receiver, http_timeout_secs=1)
+            async with service(config):
+                started = trio.current_time()
+                await sql(cluster, db, "INSERT INTO t VALUES (1, 'late')")
+                (event,) = await ref.wait_for(1)
+                await receiver.wait(lambda r: len(r.delivered()) == 1)
+                elapsed = trio.current_time() - started
+        assert receiver.delivered() == [event]
+        assert [r.headers["idempotency-key"] for r in receiver.requests] == [event["id"]] * 2
+        assert [r.connection for r in receiver.requests] == [0, 1]
+        assert 1 <= elapsed < 5

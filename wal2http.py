@@ -2890,6 +2890,9 @@ class Alerter:
         self._smtp_timeout_s = smtp_timeout_s
         self._send_mail = send_mail or self._send_smtp
         self._states: dict[str, _AlertState] = {}
+        # When each key's alert was last mailed; kept across recoveries, so a flapping failure
+        # is still mailed at most once per ALERT_REPEAT_S.
+        self._last_mailed: dict[str, float] = {}
         self._send_channel, self._receive_channel = trio.open_memory_channel(queue_size)
         self._drained = trio.Event()
 
@@ -2906,11 +2909,12 @@ class Alerter:
         state = self._states.setdefault(key, _AlertState(since=datetime.datetime.now(datetime.timezone.utc)))
         if not self._enabled:
             return
-        if state.mailed_at is not None and self._now() - state.mailed_at < ALERT_REPEAT_S:
+        last = self._last_mailed.get(key)
+        if last is not None and self._now() - last < ALERT_REPEAT_S:
             logger.debug("alert [%s] already mailed less than %d s ago", key, ALERT_REPEAT_S)
             return
         if self._queue("ALERT", key, subject, body, state):
-            state.mailed_at = self._now()
+            state.mailed_at = self._last_mailed[key] = self._now()
 
     def recovered(self, key: str, subject: str, body: str) -> None:
         """The failure behind `key` is over: log it; mail it if the failure was mailed."""
@@ -2941,10 +2945,12 @@ class Alerter:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Sends queued mails one by one; never returns."""
         task_status.started()
-        async with self._receive_channel:
-            async for message in self._receive_channel:
-                await self._deliver(message)
-        self._drained.set()
+        try:
+            async with self._receive_channel:
+                async for message in self._receive_channel:
+                    await self._deliver(message)
+        finally:
+            self._drained.set()  # also when cancelled: drain() must not wait for a sender that is gone
         await trio.sleep_forever()
 
     async def drain(self, timeout_s: float) -> None:
@@ -3681,7 +3687,12 @@ def is_hook0_outbox_event(event: dict, known_outbox_tables: Collection[tuple[str
     `known_outbox_tables` ((schema, table) pairs recognised earlier)."""
     if (event.get("schema"), event.get("table")) in known_outbox_tables:
         return True
-    return set(HOOK0_OUTBOX_COLUMNS) <= _columns_sent(event)
+    sent = _columns_sent(event)
+    if event.get("op") == "delete" and "event_id" in sent and sent <= set(HOOK0_OUTBOX_COLUMNS):
+        # Under the default replica identity a delete carries only the key: an outbox table's
+        # event_id.  Decided the same way in every session, restarted or not.
+        return True
+    return set(HOOK0_OUTBOX_COLUMNS) <= sent
 
 
 def convert_hook0_string(value) -> str | None:
