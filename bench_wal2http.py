@@ -132,21 +132,22 @@ async def handle(stream):
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(65536)
+            data = await stream.receive_some(1 << 20)
             if not data:
                 return
             conn.receive_data(data)
             continue
         if isinstance(event, h11.Request):
-            body = b""
+            parts = []
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
+                    conn.receive_data(await stream.receive_some(1 << 20))
                 elif isinstance(event, h11.Data):
-                    body += event.data
+                    parts.append(event.data)
                 elif isinstance(event, h11.EndOfMessage):
                     break
+            body = b"".join(parts)
             doc = json.loads(body) if body else {}
             count += len(doc["events"]) if "events" in doc else 1
             await stream.send_all(conn.send(h11.Response(status_code=200, headers=[("content-length", "0")])))
@@ -203,13 +204,12 @@ def throughput(args) -> None:
             receiver, port = start_receiver()
             try:
                 for batch, slot in ((1, "bench_http1"), (500, "bench_http500")):
-                    rows = args.rows if batch > 1 else min(args.rows, 20000)
                     http_env = {**env, "SLOT_NAME": slot, "EVENT_SINK": "http",
                                 "HTTP_ENDPOINT_URL": f"http://127.0.0.1:{port}/hook", "HTTP_BATCH_SIZE": str(batch)}
                     res = run_child(http_env, end_lsn, args.rows)
                     r = res["events"] / res["seconds"]
                     print(f"wal2http http batch={batch}: {res['seconds']:.2f} s, {r:,.0f} events/s, "
-                          f"{r / rate:.2f}x of stdout, peak RSS {res['peak_rss_mb']:.1f} MB")
+                          f"{r / rate:.2f}x of stdout, peak RSS {res['peak_rss_mb']:.1f} MB, CPU {res['cpu_seconds']:.2f} s")
             finally:
                 receiver.kill()
     finally:
