@@ -2108,9 +2108,6 @@ class TestStreaming:
             feed(*messages)
 
 
-# Only while the parts live in wip/: wal2http.py is one directory up.  Removed at merge.
-
-
 SECRET_HEADER_VALUE = "Bearer s3cr3t-t0ken"   # must never appear in any message
 
 
@@ -2258,34 +2255,10 @@ class ScriptedReceiver:
         return data + conn.send(h11.EndOfMessage())
 
 
-@dataclasses.dataclass(frozen=True)
-class _HttpStandInConfig:
-    """The fields of Config this part reads (stand-in until wip_config's Config exists)."""
-
-    database_url: str | None = None
-    conninfo: object = None
-    event_sink: str = "http"
-    on_failure: str = "exit"
-    dead_letter_file: str = "wal2http-dead-letter.jsonl"
-    retry_max_attempts: int = 5
-    retry_base_delay_s: float = 1.0
-    retry_max_delay_s: float = 30.0
-    http_endpoint_url: str | None = None
-    http_batch_size: int = 1
-    http_timeout_s: float = 10.0
-    http_headers: tuple[tuple[str, str], ...] = ()
-    http_signing_secret: str | None = None
-    http_ca_file: str | None = None
-
-
 def http_config(**overrides):
-    try:
-        from wip_config import Config
-    except ImportError:
-        Config = _HttpStandInConfig
     fields = dict(database_url=None, conninfo=None, event_sink="http")
     fields.update(overrides)
-    return Config(**fields)
+    return w.Config(**fields)
 
 
 class RecordingAlerter:
@@ -2887,55 +2860,12 @@ TOKEN = "EoQBChoKBHRlc3QYAyIKCggIgAgSAxiBCB"   # shaped like a biscuit; never in
 # =====================================================================================================
 
 def hook0_config(**overrides):
-    """A Config with the Hook0 sink's fields (the config part's Config when it exists)."""
-    try:
-        from wip_config import Config
-    except ImportError:
-        Config = _Hook0StandInConfig
+    """A Config with the Hook0 sink's fields."""
     fields = dict(database_url=None, conninfo=None, event_sink="hook0", hook0_api_url="http://127.0.0.1:9",
                   hook0_application_id=APPLICATION_ID, hook0_api_token=TOKEN,
                   retry_max_attempts=3, retry_base_delay_s=0.01, retry_max_delay_s=30.0)
     fields.update(overrides)
-    return Config(**fields)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Hook0StandInConfig:
-    """Stand-in for wip_config.Config (DESIGN.md field names) while that part is being written."""
-
-    database_url: str | None = None
-    conninfo: object = None
-    slot_name: str = "sub"
-    publications: tuple[str, ...] = ("pub",)
-    create_slot: bool = True
-    event_sink: str = "stdout"
-    feedback_interval_s: float = 1.0
-    streaming: bool = False
-    on_failure: str = "exit"
-    dead_letter_file: str = "wal2http-dead-letter.jsonl"
-    retry_max_attempts: int = 5
-    retry_base_delay_s: float = 1.0
-    retry_max_delay_s: float = 30.0
-    log_level: str = "INFO"
-    http_endpoint_url: str | None = None
-    http_batch_size: int = 1
-    http_timeout_s: float = 10.0
-    http_headers: tuple[tuple[str, str], ...] = ()
-    http_signing_secret: str | None = None
-    http_ca_file: str | None = None
-    hook0_api_url: str | None = None
-    hook0_application_id: str | None = None
-    hook0_api_token: str | None = None
-    hook0_table_events: bool = False
-    hook0_labels: tuple[tuple[str, str], ...] = ()
-    hook0_create_event_types: bool = False
-    email_smtp_host: str | None = None
-    email_smtp_port: int = 587
-    email_smtp_username: str | None = None
-    email_smtp_password: str | None = None
-    email_from: str | None = None
-    email_to: tuple[str, ...] = ()
-    email_smtp_tls: str = "starttls"
+    return w.Config(**fields)
 
 
 class FakeAlerter:
