@@ -2630,7 +2630,7 @@ class TestHttpSink:
         secret = "whsec_" + base64.b64encode(b"k" * 24).decode()
         echo = f"bad token {SECRET_HEADER_VALUE}, secret {secret}".encode()
         alerter = RecordingAlerter()
-        async with ScriptedReceiver.serve([Reply(401, body=echo)]) as receiver:
+        async with ScriptedReceiver.serve([Reply(400, body=echo)]) as receiver:
             config = http_config(http_endpoint_url=receiver.url(), http_signing_secret=secret,
                                  http_headers=(("Authorization", SECRET_HEADER_VALUE),))
             sink = w.ReliableSink(w.HttpSink(config), config, alerter, sleep=RecordingSleep())
@@ -2638,8 +2638,24 @@ class TestHttpSink:
                 await sink.deliver(make_events(1))
             await sink.aclose()
         texts = [str(info.value)] + [body for _, _, body in alerter.alerts]
-        assert all("401" in t and "***" in t for t in texts)
+        assert all("400" in t and "***" in t for t in texts)
         assert not any(SECRET_HEADER_VALUE in t or secret in t for t in texts)
+
+    @pytest.mark.parametrize("status", [401, 403])
+    async def test_rejected_credentials_exit_4_with_an_alert_never_retried(self, status):
+        echo = f"bad token {SECRET_HEADER_VALUE}".encode()
+        alerter = RecordingAlerter()
+        async with ScriptedReceiver.serve([Reply(status, body=echo)]) as receiver:
+            config = http_config(http_endpoint_url=receiver.url(), on_failure="skip",
+                                 http_headers=(("Authorization", SECRET_HEADER_VALUE),))
+            sink = w.ReliableSink(w.HttpSink(config, alerter=alerter), config, alerter, sleep=RecordingSleep())
+            with pytest.raises(w.SinkAuthError) as info:
+                await sink.deliver(make_events(2))
+            await sink.aclose()
+        assert info.value.exit_code == 4 and f"HTTP {status}" in str(info.value)
+        assert len(receiver.requests) == 1  # never retried, nothing dead-lettered
+        assert [key for key, _, _ in alerter.alerts] == ["http-auth"]
+        assert not any(SECRET_HEADER_VALUE in t for t in [str(info.value)] + [b for _, _, b in alerter.alerts])
 
     async def test_check_sends_no_event(self):
         async with ScriptedReceiver.serve([Reply(405)]) as receiver:
@@ -4367,6 +4383,13 @@ class TestCommandLine:
         assert f"FAIL slot {db}: " in result.stdout
         assert "ok wal_level" in result.stdout
 
+    def test_check_names_the_missing_replication_privilege(self, cluster, db):
+        result = run_cli(["--check"], {"DATABASE_URL": cluster.url(db, "norepl_user")})
+        assert result.returncode == 4
+        assert "ok connect" in result.stdout
+        assert "FAIL replication privilege: user 'norepl_user' lacks the REPLICATION privilege" in result.stdout
+        assert "FAIL replication connection: " in result.stdout
+
     def test_check_unreachable_server_is_bounded(self):
         started = time.monotonic()
         result = run_cli(["--check"], {"DATABASE_URL": f"postgresql://u:pw@127.0.0.1:{free_port()}/d?connect_timeout=2"})
@@ -4391,6 +4414,18 @@ class TestCommandLine:
             proc.process.send_signal(signal.SIGTERM)
             assert await proc.wait_exit() == 0
         assert await slot_confirmed(cluster, db) > w.parse_lsn(lsn)
+        assert b"Traceback" not in proc.stderr
+
+    async def test_sigterm_with_a_stalled_stdout_reader_exits_0(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE st (id int PRIMARY KEY, v text)")
+        async with CliProcess(make_env(cluster, db), pause_after=1000).running() as proc:
+            await proc.wait_started()
+            (lsn,), = await sql(cluster, db, "INSERT INTO st SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g",
+                                "SELECT pg_current_wal_insert_lsn()")
+            await proc.wait_for(lambda p: len(p.events) >= 1000)  # we stop reading: its pipe fills up
+            proc.process.send_signal(signal.SIGTERM)
+            assert await proc.wait_exit(timeout=30) == 0
+        assert await slot_confirmed(cluster, db) < w.parse_lsn(lsn)  # the stalled transaction is not confirmed
         assert b"Traceback" not in proc.stderr
 
     async def test_kill_9_mid_stream_then_restart_delivers_everything(self, cluster, db):

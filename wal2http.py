@@ -64,6 +64,7 @@ import signal
 import smtplib
 import socket
 import ssl
+import stat
 import stringprep
 import struct
 import subprocess
@@ -1164,7 +1165,7 @@ class MessageBuffer:
             return None
         tag, length, kind, wal_start, wal_end = _XLOG_FRAME_HEADER.unpack_from(data, pos)
         end = pos + 1 + length
-        if tag != COPY_DATA or kind != XLOG_DATA or len(data) < end or length < 29:
+        if tag != COPY_DATA or kind != XLOG_DATA or len(data) < end or length < 30:
             return None
         self._pos = end
         return wal_start, wal_end, bytes(data[pos + 30:end])
@@ -1340,7 +1341,11 @@ class ScramClient:
             raise AuthenticationError("SCRAM server nonce does not extend the client nonce")
         if salt is None or not iterations.isdigit() or int(iterations) < 1:
             raise AuthenticationError("malformed SCRAM server-first message from the server")
-        salted = hashlib.pbkdf2_hmac("sha256", self._password, base64.b64decode(salt), int(iterations))
+        try:
+            salt_bytes = base64.b64decode(salt, validate=True)
+        except binascii.Error:
+            raise AuthenticationError("malformed SCRAM server-first message from the server: bad salt") from None
+        salted = hashlib.pbkdf2_hmac("sha256", self._password, salt_bytes, int(iterations))
         client_key = hmac.digest(salted, b"Client Key", "sha256")
         server_key = hmac.digest(salted, b"Server Key", "sha256")
         final_bare = f"c=biws,r={nonce}"
@@ -2580,6 +2585,8 @@ class ChangeAssembler:
         """One XLogData payload (one pgoutput message) -> the chunks it completes (often none)."""
         if self._replay is not None:
             raise RuntimeError("consume the chunks of a Stream Commit before feeding more messages")
+        if not data:
+            raise ProtocolError("malformed XLogData message: no pgoutput message in it")
         if data[0] == INSERT and self._txn is not None and self._stream is None and len(data) >= 5:
             info = self._relations.get(_U32.unpack_from(data, 1)[0])
             event = build_insert_event_fast(self._txn, info, data, wal_start) if info else None
@@ -3034,6 +3041,17 @@ def encode_json(value) -> str:
     return "".join(_ENCODE_JSON_CHUNKS(value, 0))
 
 
+def _may_block_forever(out) -> bool:
+    """Whether writing to `out` can wait on a reader (pipe, socket, terminal), as opposed to a
+    regular file or a device like /dev/null."""
+    try:
+        fd = out.fileno()
+        mode = os.fstat(fd).st_mode
+    except (AttributeError, OSError, ValueError):
+        return False  # an in-memory file
+    return not (stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(fd)))
+
+
 def encode_event_lines(events: list[dict]) -> bytes:
     """JSON Lines: one compact object per event, each line ending in a newline."""
     return ("\n".join([encode_json(event) for event in events]) + "\n").encode()
@@ -3042,8 +3060,8 @@ def encode_event_lines(events: list[dict]) -> bytes:
 class StdoutSink:
     """JSON lines on stdout (or any binary file), flushed before delivery is confirmed.
 
-    The write is synchronous: a stdout consumer that stops reading stalls the stream, which then
-    resumes where it was; nothing is confirmed before it is written and flushed.
+    A stdout consumer that stops reading stalls the stream (nothing is confirmed before it is
+    written and flushed), but not the process: SIGTERM still ends it cleanly.
     """
 
     name = "stdout"
@@ -3051,13 +3069,23 @@ class StdoutSink:
 
     def __init__(self, out=None):
         self.out = out if out is not None else sys.stdout.buffer
+        self._may_block = _may_block_forever(self.out)
 
     async def deliver(self, events: list[dict]) -> None:
+        data = encode_event_lines(events)
         try:
-            self.out.write(encode_event_lines(events))
-            self.out.flush()
+            if self._may_block:
+                # In a worker thread: a reader that stops reading blocks only this delivery,
+                # while keepalives, status updates and SIGTERM are still handled.
+                await trio.to_thread.run_sync(self._write, data, abandon_on_cancel=True)
+            else:
+                self._write(data)  # a file or /dev/null: no reader to wait for, no thread hop
         except OSError as exc:
             raise DeliveryError(f"cannot write to stdout: {exc}", retryable=False) from None
+
+    def _write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.out.flush()
 
     async def check(self) -> str:
         return "stdout is writable" if not self.out.closed else "stdout is closed"
@@ -3430,8 +3458,9 @@ class HttpSink:
 
     name = "http"
 
-    def __init__(self, config, *, ssl_context: ssl.SSLContext | None = None):
+    def __init__(self, config, *, ssl_context: ssl.SSLContext | None = None, alerter=None):
         self.batch_size = max(1, config.http_batch_size)
+        self._alerter = alerter
         self._secret = config.http_signing_secret
         if self._secret:
             decode_signing_secret(self._secret)  # a bad whsec_ secret is a start-up error
@@ -3473,6 +3502,12 @@ class HttpSink:
         if self._secret:
             headers.extend(self._signature_headers(str(events[0]["id"]), body))
         response = await self._client.request("POST", self._client.endpoint.target, headers=headers, body=body)
+        if response.status in (401, 403):  # CONTRACT.md section 1: rejected credentials are exit 4
+            message = self._redact(f"{self._client.endpoint.where} rejected our credentials (HTTP {response.status}): "
+                                   "check HTTP_HEADERS / the URL's user info; nothing was acknowledged")
+            if self._alerter is not None:
+                self._alerter.alert("http-auth", "the HTTP endpoint rejected the credentials", message)
+            raise SinkAuthError(message)
         error = classify_http_response(response, self._client.endpoint.where)
         if error is not None:
             raise DeliveryError(self._redact(str(error)), retryable=error.retryable,
@@ -3496,6 +3531,7 @@ class HttpSink:
 # the replication loop acknowledges nothing before that (CONTRACT.md section 4).  A sink's
 # DeliveryError says how many leading events got through, so a partial success is never resent.
 
+RETRY_FOREVER_MIN_DELAY_S = 0.1  #: ON_FAILURE=retry never retries faster, whatever RETRY_MAX_DELAY_MS says
 RELIABLE_ALERT_KEY = "delivery:"  #: + the sink name; one alert key per sink
 ALERT_EVENT_IDS = 5  #: event ids named in an alert; the rest are counted
 
@@ -3617,7 +3653,7 @@ class ReliableSink:
                                f"{events[position].get('id')} and those after it were not", position)
 
     async def _keep_retrying(self, failing: list[dict], failures: int, error: DeliveryError) -> int:
-        delay = self.config.retry_max_delay_s
+        delay = max(self.config.retry_max_delay_s, RETRY_FOREVER_MIN_DELAY_S)
         if not self._alerted:
             self._alert(failing, failures, error, f"wal2http keeps retrying every {delay:g} s "
                         "(ON_FAILURE=retry) and holds back everything after these events")
@@ -3650,7 +3686,7 @@ class ReliableSink:
     def _alert(self, failing: list[dict], failures: int, error: DeliveryError, action: str) -> None:
         since = _utc_text(datetime.datetime.fromtimestamp(self._failing_since or time.time(), datetime.timezone.utc))
         self.alerter.alert(
-            self._alert_key, f"wal2http: delivery to the {self.name} sink is failing",
+            self._alert_key, f"delivery to the {self.name} sink is failing",
             f"wal2http could not deliver events to the {self.name} sink.\n"
             f"Failing since: {since} ({failures} attempt(s) for these events)\n"
             f"Events: {_describe_event_ids(failing)}\n"
@@ -3662,7 +3698,7 @@ class ReliableSink:
         if self._alerted:
             since = _utc_text(datetime.datetime.fromtimestamp(self._failing_since or time.time(), datetime.timezone.utc))
             self.alerter.recovered(
-                self._alert_key, f"wal2http: delivery to the {self.name} sink recovered",
+                self._alert_key, f"delivery to the {self.name} sink recovered",
                 f"Deliveries to the {self.name} sink work again (failing since {since}).\n")
             logger.info("delivery to the %s sink recovered", self.name)
         self._alerted = False
@@ -4087,14 +4123,14 @@ class Hook0Sink:
             event_type = body["event_type"]
             self.alerter.alert(
                 HOOK0_ALERT_EVENT_TYPE + event_type,
-                f"wal2http: Hook0 event type {event_type} does not exist",
+                f"Hook0 event type {event_type} does not exist",
                 f"Hook0 application {self.application_id} has no event type {event_type!r}, so {where} "
                 "could not be delivered. Create the event type in Hook0, or set "
                 "HOOK0_CREATE_EVENT_TYPES=true.")
             raise DeliveryError(f"Hook0 has no event type {event_type!r} ({where}); create it or set "
                                 "HOOK0_CREATE_EVENT_TYPES=true", retryable=False)
         if answer.problem_id == "TooManyEventsToday":
-            self.alerter.alert(HOOK0_ALERT_QUOTA, "wal2http: Hook0 daily event quota reached",
+            self.alerter.alert(HOOK0_ALERT_QUOTA, "Hook0 daily event quota reached",
                                self._redact(f"Hook0 refuses new events: {answer.describe()}"))
         raise DeliveryError(self._redact(f"Hook0 answered {answer.describe()} for {where}"),
                             retryable=self._is_retryable(answer.status), retry_after=answer.retry_after_s)
@@ -4136,7 +4172,7 @@ class Hook0Sink:
         message = self._redact(
             f"Hook0 rejected HOOK0_API_TOKEN ({answer.status} {answer.problem_id or 'no problem id'}) when "
             f"{doing}: check the token and its rights on application {self.application_id}")
-        self.alerter.alert(HOOK0_ALERT_AUTH, "wal2http: Hook0 rejected the API token", message)
+        self.alerter.alert(HOOK0_ALERT_AUTH, "Hook0 rejected the API token", message)
         return SinkAuthError(message)
 
     def _redact(self, text: str) -> str:
@@ -4506,9 +4542,8 @@ def pgoutput_proto_version(server_version_num: int) -> int:
 def build_start_replication(config, proto_version: int, start_lsn: int) -> str:
     names = ",".join(quote_ident(name) for name in config.publications)
     options = [f"proto_version '{proto_version}'", f"publication_names {quote_literal(names)}"]
-    if proto_version >= 1:
+    if proto_version >= 2:  # PostgreSQL 14+: before that pgoutput rejects both options
         options.append("messages 'true'")
-    if proto_version >= 2:
         options.append(f"streaming '{'on' if config.streaming else 'off'}'")
     return (f"START_REPLICATION SLOT {quote_ident(config.slot_name)} LOGICAL {format_lsn(start_lsn)} "
             f"({', '.join(options)})")
@@ -4595,7 +4630,10 @@ async def ensure_slot(conn: PgConnection, config) -> bool:
         raise PreconditionError(
             f"replication slot {config.slot_name!r} (SLOT_NAME) does not exist and CREATE_SLOT=false: "
             f"create it with SELECT pg_create_logical_replication_slot({quote_literal(config.slot_name)}, 'pgoutput');")
-    await conn.simple_query(f"CREATE_REPLICATION_SLOT {quote_ident(config.slot_name)} LOGICAL pgoutput NOEXPORT_SNAPSHOT")
+    logger.info("creating replication slot %r: PostgreSQL first waits for the transactions running now "
+                "to end", config.slot_name)
+    await conn.simple_query(f"CREATE_REPLICATION_SLOT {quote_ident(config.slot_name)} LOGICAL pgoutput "
+                            "NOEXPORT_SNAPSHOT", timeout_s=math.inf)
     logger.info("created replication slot %r", config.slot_name)
     return True
 
@@ -4817,6 +4855,27 @@ async def _say_goodbye(conn: PgConnection, ack: AckTracker) -> None:
     logger.info("stopped at confirmed position %s", format_lsn(ack.flushed_lsn))
 
 
+async def _run_session_or_stop(config, sink, ack: AckTracker, stop: trio.Event, on_streaming) -> None:
+    """run_session, abandoned when `stop` comes before streaming began (connecting, waiting for
+    CREATE_REPLICATION_SLOT): nothing is in flight then, so there is nothing to finish."""
+    streaming = False
+
+    def started():
+        nonlocal streaming
+        streaming = True
+        on_streaming()
+
+    async with trio.open_nursery() as nursery:
+        async def cancel_setup_on_stop():
+            await stop.wait()
+            if not streaming:
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(cancel_setup_on_stop)
+        await run_session(config, sink, ack, stop, started)
+        nursery.cancel_scope.cancel()
+
+
 def first_error(exc: BaseException) -> BaseException:
     """The error that matters in what a nursery raised: a wal2http error before anything else."""
     if isinstance(exc, BaseExceptionGroup):
@@ -4852,7 +4911,7 @@ async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_
 
     while not stop.is_set():
         try:
-            await run_session(config, sink, ack, stop, on_streaming)
+            await _run_session_or_stop(config, sink, ack, stop, on_streaming)
             return ack
         except Exception as exc:  # noqa: BLE001 - sorted below; anything not retryable propagates
             error = first_error(exc)
@@ -4873,7 +4932,7 @@ async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_
 def open_sink(config, alerter):
     """The sink EVENT_SINK names (already resolved by the priority rule)."""
     if config.event_sink == "http":
-        return HttpSink(config)
+        return HttpSink(config, alerter=alerter)
     if config.event_sink == "hook0":
         return Hook0Sink(config, alerter)
     return StdoutSink()
@@ -4914,13 +4973,15 @@ async def run_check(config, out=None) -> int:
     """--check: one line per check on stdout; 0 when all pass, 4 otherwise."""
     out = out or sys.stdout
     results: list[tuple[str, str | None]] = []
+    timeout_s = config.conninfo.connect_timeout_s
     try:
-        with trio.fail_after(config.conninfo.connect_timeout_s):
-            async with open_pg_connection(config.conninfo) as conn:
+        with trio.fail_after(timeout_s):
+            async with open_pg_connection(config.conninfo, replication=False) as conn:
                 results.append(("connect", None))
                 await _check_database(conn, config, results)
+        results.append(await _check_one("replication connection", timeout_s, _check_replication_connection(config)))
     except trio.TooSlowError:
-        results.append(("connect", f"no answer within {config.conninfo.connect_timeout_s:g} s"))
+        results.append(("connect", f"no answer within {timeout_s:g} s"))
     except Wal2HttpError as exc:
         results.append(("connect", str(exc)))
     results.append(await _check_one(f"sink {config.event_sink}", config.conninfo.connect_timeout_s,
@@ -4966,6 +5027,14 @@ async def _check_database(conn: PgConnection, config, results: list) -> None:
             results.append((name, str(classify_server_error(exc, name))))
         except Wal2HttpError as exc:
             results.append((name, str(exc)))
+
+
+async def _check_replication_connection(config) -> None:
+    try:
+        async with open_pg_connection(config.conninfo) as conn:
+            await conn.simple_query("IDENTIFY_SYSTEM")
+    except ServerError as exc:
+        raise classify_server_error(exc, "IDENTIFY_SYSTEM") from None
 
 
 async def _check_privilege(conn: PgConnection) -> None:
