@@ -4197,6 +4197,16 @@ class TestEndToEnd:
             "a2": [[1, 2], [3, 4]], "ae": ["happy", "sad"], "inet_": "10.0.0.1/8", "money_": "$12.50",
             "range_": "[1,5)", "pt": "(1,2)", "nul": None}
 
+    async def test_domains_over_known_types_are_typed(self, cluster, db):
+        await sql(cluster, db, "CREATE DOMAIN posint AS int CHECK (VALUE > 0)", "CREATE DOMAIN small AS posint",
+                  "CREATE DOMAIN tags AS text[]", "CREATE TYPE pair AS (a int, b int)", "CREATE DOMAIN p2 AS pair",
+                  "CREATE TABLE dom (id posint PRIMARY KEY, s small, a posint[], t tags, p p2)")
+        async with running(make_config(cluster, db)) as (sink, ack):
+            await sql(cluster, db, "INSERT INTO dom VALUES (5, 6, '{1,2}', '{x,y}', '(1,2)')")
+            (event,) = await sink.wait_for(1)
+        assert event["key"] == {"id": 5}
+        assert event["new"] == {"id": 5, "s": 6, "a": [1, 2], "t": ["x", "y"], "p": "(1,2)"}
+
     async def test_truncate_cascade_restart_identity(self, cluster, db):
         await sql(cluster, db, "CREATE TABLE p (id serial PRIMARY KEY)",
                   "CREATE TABLE ch (id int PRIMARY KEY, p int REFERENCES p)")
@@ -4841,6 +4851,22 @@ class TestHook0EndToEnd:
         assert "public.outbox" in logged_errors and "column payload" in logged_errors
 
     # -- 7. HOOK0_TABLE_EVENTS ------------------------------------------------------------------------
+
+    async def test_delete_from_a_plain_table_keyed_by_event_id_is_a_table_event(self, cluster, db):
+        # Its delete carries only {"event_id": ...}, like an outbox delete: the table's own columns
+        # (from its Relation message) decide, so it is not mistaken for one and dropped.
+        await sql(cluster, db, "CREATE TABLE audit (event_id uuid PRIMARY KEY, note text)", OUTBOX_DDL)
+        types = ("public.audit.insert", "public.audit.delete", "billing.invoice.paid")
+        row = outbox_row()
+        async with InstrumentedHook0Double.serve(event_types=types) as double:
+            async with running_hook0(hook0_config_for(cluster, db, double, hook0_table_events="true")):
+                await sql(cluster, db, "INSERT INTO audit VALUES ('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'n')",
+                          "DELETE FROM audit", outbox_insert(row), "DELETE FROM outbox",
+                          "INSERT INTO audit VALUES ('b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'm')")
+                with trio.fail_after(15):
+                    await double.wait_for(lambda: len(double.events) >= 4)
+        assert [e["event_type"] for e in double.events] == [
+            "public.audit.insert", "public.audit.delete", "billing.invoice.paid", "public.audit.insert"]
 
     async def test_table_events_map_insert_update_delete_with_stable_event_ids(self, cluster, db):
         await sql(cluster, db, "CREATE TABLE items (id int PRIMARY KEY, name text)")

@@ -2264,11 +2264,15 @@ class _RelationInfo:
     pairs: tuple[tuple[str, Callable | None], ...] = ()  # (name, converter or None) per column
 
 
-def build_relation_info(relation: Relation, types: dict[int, Type], generation: int = 0) -> _RelationInfo:
+def build_relation_info(relation: Relation, types: dict[int, Type], generation: int = 0,
+                        base_types: Mapping[int, int] | None = None) -> _RelationInfo:
+    """`base_types` maps a domain (and its array type) to its base type (and the base's array
+    type): a domain over a known type converts like that type."""
     converters = []
     for column in relation.columns:
         custom = types.get(column.type_oid)
-        converter = converter_for(column.type_oid, custom.name if custom else None)
+        type_oid = base_types.get(column.type_oid, column.type_oid) if base_types else column.type_oid
+        converter = converter_for(type_oid, custom.name if custom else None)
         converters.append(None if converter is convert_text else converter)
     keys = () if relation.replica_identity == "n" else tuple(c.name for c in relation.columns if c.is_key)
     names = tuple(c.name for c in relation.columns)
@@ -2538,12 +2542,15 @@ class ChangeAssembler:
       change of that table, and again after any schema change, so this matches what it encoded.)
     """
 
-    def __init__(self, chunk_events: int = 1000, spill_bytes: int = 16 * 2**20, spill_dir: str | None = None):
+    def __init__(self, chunk_events: int = 1000, spill_bytes: int = 16 * 2**20, spill_dir: str | None = None,
+                 relation_columns: dict | None = None):
         if chunk_events < 1:
             raise ValueError("chunk_events must be at least 1")
         self.chunk_events = chunk_events
         self.spill_bytes = spill_bytes
         self.spill_dir = spill_dir
+        self.relation_columns = relation_columns  # when given: (schema, table) -> column names
+        self.base_types: dict[int, int] = {}  # domain type -> base type (see build_relation_info)
         self._relations: dict[int, _RelationInfo] = {}
         self._relation_history: dict[int, list[_RelationInfo]] = {}  # kept while streams are open
         self._generation = 0
@@ -2671,8 +2678,10 @@ class ChangeAssembler:
 
     def _on_relation(self, message: Relation, wal_start: int, data: bytes) -> tuple:
         self._generation += 1
-        info = build_relation_info(message, self._types, self._generation)
+        info = build_relation_info(message, self._types, self._generation, self.base_types)
         self._relations[message.oid] = info
+        if self.relation_columns is not None:
+            self.relation_columns[(info.schema, info.table)] = info.names
         if self._streams:  # buffered records may still need the older versions
             self._relation_history.setdefault(message.oid, []).append(info)
         else:
@@ -3577,6 +3586,7 @@ class ReliableSink:
         self.alerter = alerter
         self.name = sink.name
         self.batch_size = sink.batch_size
+        self.relation_columns = getattr(sink, "relation_columns", None)  # passed through (Hook0)
         self._sleep = sleep
         self._random = random
         self._alert_key = RELIABLE_ALERT_KEY + sink.name
@@ -3757,9 +3767,13 @@ def _columns_sent(event: dict) -> set[str]:
     return columns | set(event.get("unchanged_toast") or ())
 
 
-def is_hook0_outbox_event(event: dict, known_outbox_tables: Collection[tuple[str, str]] = ()) -> bool:
+def is_hook0_outbox_event(event: dict, known_outbox_tables: Collection[tuple[str, str]] = (),
+                          table_columns: Collection[str] | None = None) -> bool:
     """Whether the event's table is an outbox table, from the columns the event carries or from
-    `known_outbox_tables` ((schema, table) pairs recognised earlier)."""
+    `known_outbox_tables` ((schema, table) pairs recognised earlier).  `table_columns`, the
+    table's columns from its Relation message, decides alone when given."""
+    if table_columns is not None:
+        return set(HOOK0_OUTBOX_COLUMNS) <= set(table_columns)
     if (event.get("schema"), event.get("table")) in known_outbox_tables:
         return True
     sent = _columns_sent(event)
@@ -3916,7 +3930,8 @@ def build_hook0_table_event(event: dict, config, application_id: str) -> dict:
 
 
 def build_hook0_event(event: dict, config, application_id: str, *,
-                      known_outbox_tables: Collection[tuple[str, str]] = ()) -> dict | None:
+                      known_outbox_tables: Collection[tuple[str, str]] = (),
+                      table_columns: Collection[str] | None = None) -> dict | None:
     """The Hook0 body for a wal2http event, or None when the event is not sent to Hook0.
 
     Outbox rows (insert, update) are mapped; deletes of outbox rows, truncates and messages are
@@ -3927,7 +3942,7 @@ def build_hook0_event(event: dict, config, application_id: str, *,
     op = event.get("op")
     if op not in HOOK0_TABLE_EVENT_OPS:
         return None
-    if is_hook0_outbox_event(event, known_outbox_tables):
+    if is_hook0_outbox_event(event, known_outbox_tables, table_columns):
         return build_hook0_outbox_event(event, config, application_id) if op != "delete" else None
     if config.hook0_table_events:
         return build_hook0_table_event(event, config, application_id)
@@ -4039,6 +4054,10 @@ class Hook0Sink:
                                   ca_file=config.http_ca_file, ssl_context=ssl_context,
                                   headers=(("Authorization", f"Bearer {self._token}"),))
         self._outbox_tables: set[tuple[str, str]] = set()
+        # (schema, table) -> column names, filled by the replication loop from Relation messages
+        # (sent before a table's first change in every session): outbox or not is then known
+        # from the table itself, even for a delete that carries only the key.
+        self.relation_columns: dict[tuple[str, str], tuple[str, ...]] = {}
         self._warned_tables: set[tuple[str, str]] = set()
 
     # -- Sink interface ---------------------------------------------------------------------------
@@ -4091,10 +4110,11 @@ class Hook0Sink:
         """Maps the event, remembering outbox tables (for deletes) and warning once per table whose
         rows are ignored."""
         table = (event.get("schema"), event.get("table"))
-        if event.get("op") in ("insert", "update") and is_hook0_outbox_event(event):
+        columns = self.relation_columns.get(table)
+        if event.get("op") in ("insert", "update") and is_hook0_outbox_event(event, (), columns):
             self._outbox_tables.add(table)
         body = build_hook0_event(event, self.config, self.application_id,
-                                 known_outbox_tables=self._outbox_tables)
+                                 known_outbox_tables=self._outbox_tables, table_columns=columns)
         if (body is None and event.get("op") in ("insert", "update") and table not in self._outbox_tables
                 and table not in self._warned_tables):
             self._warned_tables.add(table)
@@ -4648,6 +4668,28 @@ async def prepare_replication(conn: PgConnection, config) -> None:
         raise classify_server_error(exc, "preparing replication") from None
 
 
+DOMAIN_BASE_TYPES_SQL = """
+WITH RECURSIVE d(oid, base) AS (
+    SELECT oid, typbasetype FROM pg_catalog.pg_type WHERE typtype = 'd'
+  UNION ALL
+    SELECT d.oid, t.typbasetype FROM d JOIN pg_catalog.pg_type t ON t.oid = d.base WHERE t.typtype = 'd')
+SELECT d.oid, d.base, dt.typarray, bt.typarray
+FROM d JOIN pg_catalog.pg_type bt ON bt.oid = d.base AND bt.typtype <> 'd'
+       JOIN pg_catalog.pg_type dt ON dt.oid = d.oid"""
+
+
+async def load_domain_base_types(conn: PgConnection) -> dict[int, int]:
+    """Domain -> its base type, and the domain's array type -> the base's array type, so that
+    values of a domain over a known type are typed like it (CONTRACT.md section 3).  Domains
+    created while streaming are read as text until the next connection."""
+    mapping = {}
+    for domain, base, domain_array, base_array in await conn.simple_query(DOMAIN_BASE_TYPES_SQL):
+        mapping[int(domain)] = int(base)
+        if int(domain_array) and int(base_array):
+            mapping[int(domain_array)] = int(base_array)
+    return mapping
+
+
 async def start_streaming(conn: PgConnection, config, start_lsn: int) -> int:
     """START_REPLICATION; returns the pgoutput protocol version in use."""
     proto = pgoutput_proto_version(conn.server_version_num)
@@ -4814,10 +4856,13 @@ async def run_session(config, sink, ack: AckTracker, stop: trio.Event, on_stream
     """One connection from connect to stop or failure.  Returns only after `stop` was set."""
     async with open_pg_connection(config.conninfo) as conn:
         await prepare_replication(conn, config)
+        base_types = await load_domain_base_types(conn)
         await start_streaming(conn, config, ack.flushed_lsn)
         if on_streaming:
             on_streaming()
-        assembler = ChangeAssembler(chunk_events=CHUNK_EVENTS, spill_bytes=SPILL_BYTES)
+        assembler = ChangeAssembler(chunk_events=CHUNK_EVENTS, spill_bytes=SPILL_BYTES,
+                                    relation_columns=getattr(sink, "relation_columns", None))
+        assembler.base_types = base_types
         send_channel, receive_channel = trio.open_memory_channel(CHANNEL_CHUNKS)
         linger = BATCH_LINGER_S if sink.batch_size > 1 and sink.name != "stdout" else 0.0
         delivery = DeliveryLoop(sink, ack, sink.batch_size, linger)
