@@ -22,7 +22,9 @@ Protocol references (PostgreSQL documentation): "Frontend/Backend Protocol" (mes
 SASL authentication), "Streaming Replication Protocol", "Logical Streaming Replication Protocol"
 and "Logical Replication Message Formats".
 
-Contents (`grep -n '^# [0-9]' wal2http.py`).  Sections 1-9 are pure: nothing there touches a socket.
+Contents (`grep -n '^# [0-9]' wal2http.py`).  Sections 1-8, 14 and 15 are pure: nothing there
+touches a socket or a thread (the envelope's spill file for streamed transactions aside), and
+each is tested with bytes and values alone.
   1. Errors                         12. HTTP sink
   2. Config                         13. Reliable delivery: retries, ON_FAILURE, dead-letter file
   3. Wire codec (sans-IO)           14. Hook0 sink: mapping (pure)
