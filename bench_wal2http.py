@@ -72,6 +72,7 @@ def _epoch(text: str) -> float:
 
 async def _child(env: dict, end_lsn: int, expect: int, latency: bool) -> dict:
     config, _ = w.load_config([], env)
+    w.tune_runtime()  # as `python wal2http.py` does
     latencies = [] if latency else None
     sink = _CountingSink(open(os.devnull, "wb"), latencies)
     if config.event_sink == "http":

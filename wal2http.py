@@ -48,6 +48,7 @@ import dataclasses
 import datetime
 import email.message
 import email.utils
+import gc
 import getpass
 import glob
 import hashlib
@@ -5249,6 +5250,16 @@ async def _demo_session(config) -> None:
 # =====================================================================================================
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+GC_THRESHOLDS = (50_000, 20, 100)  #: allocations between young collections (CPython's default: 700)
+
+
+def tune_runtime() -> None:
+    """For the command line's own process: every event allocates a few dicts that reference
+    counting frees, yet at CPython's default threshold the cyclic collector runs every 700
+    allocations and costs about a tenth of the CPU.  Collect less often, and leave the objects
+    made at start-up out of every collection.  `run()` leaves the host process's settings alone."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def configure_logging(level: str) -> None:
@@ -5282,6 +5293,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wal2http: {exc}", file=sys.stderr)
         return exc.exit_code
     configure_logging(config.log_level)
+    tune_runtime()
     for warning in config_warnings(config):
         logger.warning("%s", warning)
     try:
