@@ -169,6 +169,13 @@ trio.run(main)
 # ---------------------------------------------------------------------------------------------------
 
 
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pg_recvlogical(cluster: w.DemoCluster, slot: str, end_lsn: int) -> float:
     binary = os.path.join(cluster.bin, "pg_recvlogical")
     started = time.perf_counter()
@@ -207,10 +214,13 @@ def throughput(args) -> None:
                 for batch, slot in ((1, "bench_http1"), (500, "bench_http500")):
                     http_env = {**env, "SLOT_NAME": slot, "EVENT_SINK": "http",
                                 "HTTP_ENDPOINT_URL": f"http://127.0.0.1:{port}/hook", "HTTP_BATCH_SIZE": str(batch)}
+                    receiver_cpu = _process_cpu_s(receiver.pid)
                     res = run_child(http_env, end_lsn, args.rows)
+                    receiver_cpu = _process_cpu_s(receiver.pid) - receiver_cpu
                     r = res["events"] / res["seconds"]
                     print(f"wal2http http batch={batch}: {res['seconds']:.2f} s, {r:,.0f} events/s, "
-                          f"{r / rate:.2f}x of stdout, peak RSS {res['peak_rss_mb']:.1f} MB, CPU {res['cpu_seconds']:.2f} s")
+                          f"{r / rate:.2f}x of stdout, peak RSS {res['peak_rss_mb']:.1f} MB, CPU {res['cpu_seconds']:.2f} s "
+                          f"(receiver CPU {receiver_cpu:.2f} s)")
             finally:
                 receiver.kill()
     finally:
