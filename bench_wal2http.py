@@ -212,6 +212,8 @@ def throughput(args) -> None:
             receiver, port = start_receiver()
             try:
                 for batch, slot in ((1, "bench_http1"), (500, "bench_http500")):
+                    if args.http_batch and batch != args.http_batch:
+                        continue
                     http_env = {**env, "SLOT_NAME": slot, "EVENT_SINK": "http",
                                 "HTTP_ENDPOINT_URL": f"http://127.0.0.1:{port}/hook", "HTTP_BATCH_SIZE": str(batch)}
                     receiver_cpu = _process_cpu_s(receiver.pid)
@@ -262,6 +264,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--http", action="store_true")
+    parser.add_argument("--http-batch", type=int, choices=(1, 500), help="with --http: only this batch size")
     parser.add_argument("--rate", type=int, default=200)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--child", help=argparse.SUPPRESS)

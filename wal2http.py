@@ -4550,8 +4550,8 @@ SHUTDOWN_TIMEOUT_S = 10.0  #: at SIGINT/SIGTERM, wait this long for the delivery
 RECONNECT_BASE_S = 1.0  #: first delay before reconnecting to PostgreSQL
 RECONNECT_MAX_S = 30.0  #: longest delay between reconnection attempts
 BATCH_LINGER_S = 0.05  #: longest wait for a partial HTTP batch to fill
-COALESCE_READ_BELOW_BYTES = 16 * 1024  #: after a read smaller than this, let the server batch...
-COALESCE_READ_S = 0.002  #: ...for this long before reading again (fewer wake-ups on both sides)
+COALESCE_READ_BELOW_BYTES = 64 * 1024  #: after a read smaller than this, let the server batch...
+COALESCE_READ_S = 0.005  #: ...for this long before reading again (fewer wake-ups on both sides)
 
 
 def pgoutput_proto_version(server_version_num: int) -> int:

@@ -1,0 +1,5320 @@
+"""wal2http: stream PostgreSQL row changes to stdout, a webhook endpoint or Hook0.
+
+wal2http reads every committed row change of a PostgreSQL database through logical replication
+(the `pgoutput` plugin) and delivers it, at least once and in commit order, as a JSON event to a
+sink: JSON lines on stdout, an HTTP endpoint, or the Hook0 webhook server; email alerts tell an
+operator when delivery fails.  It speaks the PostgreSQL wire and streaming replication protocols
+itself over Trio sockets, decodes pgoutput by hand, and posts with a small h11 client.
+
+    python wal2http.py --demo        # a throwaway PostgreSQL, its changes on stdout
+    DATABASE_URL=postgresql://user:pass@host/db python wal2http.py --check
+    DATABASE_URL=postgresql://user:pass@host/db python wal2http.py
+
+Environment (each has a --flag of the same name; see --help and README.md): DATABASE_URL,
+SLOT_NAME, PUB_NAME, CREATE_SLOT, EVENT_SINK, FEEDBACK_INTERVAL_SECS, STREAMING, ON_FAILURE,
+DEAD_LETTER_FILE, RETRY_MAX_ATTEMPTS, RETRY_BASE_DELAY_MS, RETRY_MAX_DELAY_MS, LOG_LEVEL,
+HTTP_ENDPOINT_URL, HTTP_BATCH_SIZE, HTTP_TIMEOUT_SECS, HTTP_HEADERS, HTTP_SIGNING_SECRET,
+HTTP_CA_FILE, HOOK0_API_URL, HOOK0_APPLICATION_ID, HOOK0_API_TOKEN, HOOK0_TABLE_EVENTS,
+HOOK0_LABELS, HOOK0_CREATE_EVENT_TYPES, EMAIL_SMTP_HOST, EMAIL_SMTP_PORT, EMAIL_SMTP_USERNAME,
+EMAIL_SMTP_PASSWORD, EMAIL_FROM, EMAIL_TO, EMAIL_SMTP_TLS.
+
+Protocol references (PostgreSQL documentation): "Frontend/Backend Protocol" (message formats,
+SASL authentication), "Streaming Replication Protocol", "Logical Streaming Replication Protocol"
+and "Logical Replication Message Formats".
+
+Contents (`grep -n '^# [0-9]' wal2http.py`).  Sections 1-8, 14 and 15 are pure: nothing there
+touches a socket or a thread (the envelope's spill file for streamed transactions aside), and
+each is tested with bytes and values alone.
+  1. Errors                         12. HTTP sink
+  2. Config                         13. Reliable delivery: retries, ON_FAILURE, dead-letter file
+  3. Wire codec (sans-IO)           14. Hook0 sink: mapping (pure)
+  4. Authentication (pure)          15. Hook0 sink: answers (pure)
+  5. Replication framing (sans-IO)  16. Hook0 sink: delivery (I/O)
+  6. pgoutput decoder               17. PostgreSQL connection (I/O)
+  7. Type conversion                18. Replication loop
+  8. Event envelope                 19. Service, --check
+  9. Alerts                         20. --demo: a throwaway PostgreSQL
+ 10. stdout sink                    21. Command line
+ 11. HTTP client (h11 over Trio)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import dataclasses
+import datetime
+import email.message
+import email.utils
+import gc
+import getpass
+import glob
+import hashlib
+import hmac
+import inspect
+import ipaddress
+import json
+import logging
+import math
+import os
+import pwd
+import random
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import stat
+import stringprep
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import unicodedata
+import urllib.parse
+import uuid
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import h11
+import trio
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger("wal2http")
+
+
+# =====================================================================================================
+# 1. Errors
+# =====================================================================================================
+# One root class.  Only the I/O code turns OSError / trio.BrokenResourceError into these.
+
+
+class Wal2HttpError(Exception):
+    """Root of every error wal2http raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(Wal2HttpError):
+    """A configuration value is missing or invalid (exit 2).  The message names the variable."""
+
+    exit_code = 2
+
+
+class PreconditionError(Wal2HttpError):
+    """Something outside wal2http is not as it must be (exit 4): never retried."""
+
+    exit_code = 4
+
+
+class AuthenticationError(PreconditionError):
+    """PostgreSQL rejected the credentials, or TLS verification failed."""
+
+
+class ProtocolError(Wal2HttpError):
+    """Bytes from the server do not follow the protocol; the message names the protocol message."""
+
+
+class ServerError(Wal2HttpError):
+    """An ErrorResponse from PostgreSQL.  `fields` maps the one-letter field codes to their text."""
+
+    def __init__(self, fields: dict[str, str]):
+        self.fields = fields
+        self.sqlstate = fields.get("C", "")
+        super().__init__(f"{fields.get('S', 'ERROR')}: {fields.get('M', '')} (SQLSTATE {self.sqlstate})")
+
+
+class ConnectionLost(Wal2HttpError):
+    """The connection to PostgreSQL failed or timed out: retried with backoff."""
+
+
+class DeliveryError(Wal2HttpError):
+    """A sink could not deliver (part of) a batch.
+
+    `delivered`: how many leading events of the batch were confirmed before the failure.
+    `failed`: how many events from there on the failure covers (None: all the rest).
+    `retryable`: whether trying again may help; `retry_after`: seconds the receiver asked to wait.
+    """
+
+    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None,
+                 delivered: int = 0, failed: int | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.delivered = delivered
+        self.failed = failed
+
+
+class DeliveryFailed(Wal2HttpError):
+    """Retries are exhausted and ON_FAILURE=exit (exit 3).  `delivered`: how many leading events
+    of the batch were confirmed (delivered or dead-lettered) before it; nothing after them is."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, delivered: int = 0):
+        super().__init__(message)
+        self.delivered = delivered
+
+
+class SinkAuthError(PreconditionError):
+    """The sink rejected our credentials (HTTP 401/403 from Hook0): exit 4, never retried."""
+
+
+# =====================================================================================================
+# 2. Config
+# =====================================================================================================
+# Pure: environment mapping and argv in, a frozen `Config` (or a one-line ConfigError naming the
+# variable) out.  No socket is opened here.  The rule for secrets: no error message, log line or
+# repr() built here contains the database password, HOOK0_API_TOKEN, EMAIL_SMTP_PASSWORD,
+# HTTP_SIGNING_SECRET or an HTTP_HEADERS value; DATABASE_URL is only ever shown through mask_url().
+
+DEFAULT_PG_HOST = "localhost"
+DEFAULT_PG_PORT = 5432
+DEFAULT_PG_USER = "postgres"  #: when the OS user cannot be determined
+DEFAULT_SSLMODE = "prefer"
+DEFAULT_CONNECT_TIMEOUT_S = 10.0  #: used when connect_timeout is unset or 0: never wait forever
+MIN_CONNECT_TIMEOUT_S = 2.0  #: libpq raises 1 s to 2 s too: shorter timeouts are unreliable
+DEFAULT_APPLICATION_NAME = "wal2http"
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+URL_SCHEMES = ("postgresql://", "postgres://")
+
+#: libpq keywords DATABASE_URL may set ("Parameter Key Words" in the libpq docs), each with the
+#: environment variable that fills it when the string leaves it out ("Environment Variables").
+CONNINFO_KEYWORDS = {
+    "host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "password": "PGPASSWORD",
+    "dbname": "PGDATABASE", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "connect_timeout": "PGCONNECT_TIMEOUT",
+    "application_name": "PGAPPNAME", "fallback_application_name": None,
+}
+
+#: libpq keywords accepted and ignored: TCP tuning and client-side choices wal2http makes its own way
+#: (it always speaks UTF-8, never uses GSSAPI or channel binding).  None: any value is ignored; a
+#: set: only these values are (a value that asks for a feature wal2http lacks is an error).
+IGNORED_CONNINFO_KEYWORDS: dict[str, frozenset[str] | None] = {
+    "keepalives": None, "keepalives_idle": None, "keepalives_interval": None,
+    "keepalives_count": None, "tcp_user_timeout": None, "client_encoding": None,
+    "target_session_attrs": None, "load_balance_hosts": None, "sslcompression": None,
+    "sslsni": None, "krbsrvname": None, "gsslib": None,
+    "gssencmode": frozenset({"disable", "allow", "prefer"}),
+    "channel_binding": frozenset({"disable", "prefer"}),
+    "sslnegotiation": frozenset({"postgres"}),
+}
+
+_CONNINFO_WHITESPACE = " \t\n\r\f\v"
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnInfo:
+    """Where and how to connect to PostgreSQL, after libpq's precedence: string, PG*, defaults."""
+
+    host: str  # hostname, IP address, or a Unix socket directory (starts with "/")
+    port: int
+    user: str
+    password: str | None = dataclasses.field(repr=False)
+    dbname: str
+    sslmode: str
+    sslrootcert: str | None
+    sslcert: str | None
+    sslkey: str | None
+    connect_timeout_s: float
+    application_name: str
+
+    @property
+    def is_unix_socket(self) -> bool:
+        return self.host.startswith("/")
+
+
+def _conninfo_error(reason: str, source: str = "DATABASE_URL") -> ConfigError:
+    where = "" if source == "DATABASE_URL" else f" (from {source})"
+    return ConfigError(f"DATABASE_URL: {reason}{where}")
+
+
+def _percent_decode(text: str, part: str) -> str:
+    """Strict RFC 3986 percent-decoding, as libpq does it: bad escapes and NUL bytes are errors."""
+    if _BAD_PERCENT.search(text):
+        raise _conninfo_error(f"invalid percent-encoding in the {part}")
+    try:
+        decoded = urllib.parse.unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise _conninfo_error(f"the {part} is not valid UTF-8 after percent-decoding") from None
+    if "\0" in decoded:
+        raise _conninfo_error(f"the {part} contains a NUL byte")
+    return decoded
+
+
+def _split_url_hostport(hostport: str) -> list[tuple[str, str]]:
+    """`host[:port]` or `[ipv6][:port]` from a URL's authority, percent-decoded."""
+    if "," in hostport:
+        raise _conninfo_error("several hosts are given; wal2http connects to one server: "
+                              "give a single host")
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0:
+            raise _conninfo_error("an IPv6 address opened with '[' has no closing ']'")
+        host, after = hostport[1:end], hostport[end + 1:]
+        if after and not after.startswith(":"):
+            raise _conninfo_error("unexpected text after the ']' of an IPv6 address")
+        port = after[1:]
+    else:
+        host, _, port = hostport.partition(":")
+    pairs = [("host", _percent_decode(host, "host"))] if host else []
+    return pairs + ([("port", _percent_decode(port, "port"))] if port else [])
+
+
+def _split_url(text: str) -> list[tuple[str, str]]:
+    """postgresql://[user[:password]@][host][:port][/dbname][?keyword=value&...] as pairs."""
+    rest = text.split("://", 1)[1]
+    rest, _, query = rest.partition("?")
+    authority, _, path = rest.partition("/")
+    # The last '@' ends the user info: a password holding an unencoded '@' still parses.
+    userinfo, at, hostport = authority.rpartition("@")
+    pairs: list[tuple[str, str]] = []
+    if at:
+        user, colon, password = userinfo.partition(":")
+        pairs.append(("user", _percent_decode(user, "user name")))
+        if colon:
+            pairs.append(("password", _percent_decode(password, "password")))
+    pairs += _split_url_hostport(hostport)
+    if path:
+        pairs.append(("dbname", _percent_decode(path, "database name")))
+    for item in filter(None, query.split("&")):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise _conninfo_error("a query parameter has no '=' (use keyword=value)")
+        key = _percent_decode(key, "query parameters")
+        value = _percent_decode(value, "query parameters")
+        if key == "ssl" and value == "true":  # libpq's JDBC-compatible spelling
+            key, value = "sslmode", "require"
+        pairs.append((key, value))
+    return pairs
+
+
+class _ScanError(ValueError):
+    pass
+
+
+def _scan_keyword_values(text: str) -> list[tuple[str, str, int, int]]:
+    """libpq `keyword = value` pairs as (keyword, value, value start, value end).
+
+    Whitespace may surround '='; a value is either bare (up to whitespace) or single-quoted; a
+    backslash takes the next character literally in both ("Connection Strings" in the libpq docs).
+    """
+    pairs, pos, end = [], 0, len(text)
+
+    def skip_space(i: int) -> int:
+        while i < end and text[i] in _CONNINFO_WHITESPACE:
+            i += 1
+        return i
+
+    while (pos := skip_space(pos)) < end:
+        start = pos
+        while pos < end and text[pos] not in _CONNINFO_WHITESPACE and text[pos] != "=":
+            pos += 1
+        key = text[start:pos]
+        pos = skip_space(pos)
+        if pos >= end or text[pos] != "=":
+            raise _ScanError("a keyword is missing its '=' (quote values that hold spaces: key='...')")
+        pos = skip_space(pos + 1)
+        value_start, quoted, chars = pos, pos < end and text[pos] == "'", []
+        pos += quoted
+        while True:
+            if pos >= end:
+                if quoted:
+                    raise _ScanError("a quoted value has no closing quote")
+                break
+            char = text[pos]
+            if char == "\\":
+                if pos + 1 >= end:
+                    raise _ScanError("a value ends with a lone backslash")
+                chars.append(text[pos + 1])
+                pos += 2
+                continue
+            if (quoted and char == "'") or (not quoted and char in _CONNINFO_WHITESPACE):
+                pos += quoted
+                break
+            chars.append(char)
+            pos += 1
+        pairs.append((key, "".join(chars), value_start, pos))
+    return pairs
+
+
+def _split_connection_string(text: str) -> list[tuple[str, str]]:
+    if text.startswith(URL_SCHEMES):
+        return _split_url(text)
+    if "://" in text.split("=", 1)[0] or (text and "=" not in text):
+        raise ConfigError("DATABASE_URL must start with postgresql:// or postgres://, "
+                          "or use the libpq key=value form")
+    try:
+        return [(key, value) for key, value, _, _ in _scan_keyword_values(text)]
+    except _ScanError as exc:
+        raise _conninfo_error(f"not a valid key=value connection string: {exc}") from None
+
+
+def _collect_keywords(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Checks the keywords; later pairs win, as in libpq.  Empty values count as unset."""
+    given: dict[str, str] = {}
+    previous = ""
+    for key, value in pairs:
+        if key in CONNINFO_KEYWORDS:
+            if value:
+                given[key] = value
+        elif key in IGNORED_CONNINFO_KEYWORDS:
+            allowed = IGNORED_CONNINFO_KEYWORDS[key]
+            if allowed is not None and value not in allowed:
+                raise _conninfo_error(f"this {key} value is not supported (wal2http supports only "
+                                      f"{', '.join(sorted(allowed))})")
+        elif previous == "password" or not re.fullmatch(r"[a-z_]{1,40}", key):
+            # What follows an unquoted password may be the rest of it: never echo it.
+            raise _conninfo_error("unsupported keyword after the password (a password that "
+                                  "holds spaces must be quoted: password='...')")
+        else:
+            raise _conninfo_error(f"unsupported keyword {key!r} (supported: "
+                                  f"{', '.join(k for k in CONNINFO_KEYWORDS)})")
+        previous = key
+    return given
+
+
+def _default_user() -> str:
+    try:
+        return getpass.getuser() or DEFAULT_PG_USER
+    except (OSError, KeyError, ImportError):
+        return DEFAULT_PG_USER
+
+
+def _parse_port(text: str, source: str) -> int:
+    if "," in text:
+        raise _conninfo_error("several ports are given; wal2http connects to one server", source)
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise _conninfo_error("the port must be a number from 1 to 65535", source)
+    return int(text)
+
+
+def _parse_connect_timeout(text: str | None, source: str) -> float:
+    """libpq's rule (whole seconds, under 2 means 2) except that 0 or unset is our 10 s."""
+    if text is None:
+        return DEFAULT_CONNECT_TIMEOUT_S
+    try:
+        seconds = int(text.strip())
+    except ValueError:
+        raise _conninfo_error("connect_timeout must be a whole number of seconds", source) from None
+    if seconds <= 0:
+        return DEFAULT_CONNECT_TIMEOUT_S
+    return max(float(seconds), MIN_CONNECT_TIMEOUT_S)
+
+
+def parse_database_url(text: str, environ: Mapping[str, str]) -> ConnInfo:
+    """DATABASE_URL (URL or key=value form) -> ConnInfo, with libpq's PG* variables and defaults.
+
+    Multi-host lists, `service` files and other libpq features wal2http lacks are a ConfigError
+    naming DATABASE_URL; no message ever contains the password.
+    """
+    given = _collect_keywords(_split_connection_string(text.strip()))
+    values: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    for key, variable in CONNINFO_KEYWORDS.items():
+        if key in given:
+            values[key], sources[key] = given[key], "DATABASE_URL"
+        elif variable and environ.get(variable):
+            values[key], sources[key] = environ[variable], variable
+    source = sources.get
+    host = values.get("host", DEFAULT_PG_HOST)
+    if "," in host:
+        raise _conninfo_error("several hosts are given; wal2http connects to one server: "
+                              "give a single host", source("host", "DATABASE_URL"))
+    port = _parse_port(values["port"], source("port")) if "port" in values else DEFAULT_PG_PORT
+    sslmode = values.get("sslmode", DEFAULT_SSLMODE).lower()
+    if sslmode not in SSLMODES:
+        raise _conninfo_error(f"sslmode must be one of {', '.join(SSLMODES)}",
+                              source("sslmode", "DATABASE_URL"))
+    user = values.get("user") or _default_user()
+    return ConnInfo(
+        host=host, port=port, user=user, password=values.get("password"),
+        dbname=values.get("dbname", user), sslmode=sslmode,
+        sslrootcert=values.get("sslrootcert"), sslcert=values.get("sslcert"),
+        sslkey=values.get("sslkey"),
+        connect_timeout_s=_parse_connect_timeout(values.get("connect_timeout"),
+                                                 source("connect_timeout", "DATABASE_URL")),
+        application_name=values.get("application_name")
+        or values.get("fallback_application_name", DEFAULT_APPLICATION_NAME),
+    )
+
+
+def _mask_url_form(text: str) -> str:
+    # The last '@' of the whole string: masking too much is safe, too little is not.
+    scheme_end = text.index("://") + 3
+    at = text.rfind("@")
+    if at > scheme_end and ":" in text[scheme_end:at]:
+        colon = text.index(":", scheme_end)
+        text = text[:colon + 1] + "***" + text[at:]
+    head, question, query = text.partition("?")
+    if not question:
+        return text
+    items = [item.split("=", 1)[0] + "=***" if item.split("=", 1)[0] == "password" else item
+             for item in query.split("&")]
+    return head + "?" + "&".join(items)
+
+
+def _mask_keyword_form(text: str) -> str:
+    try:
+        pairs = _scan_keyword_values(text)
+    except _ScanError:
+        at = text.find("password")
+        return text if at < 0 else text[:at] + "password=***"
+    for key, _, start, end in reversed(pairs):
+        if key == "password":
+            text = text[:start] + "***" + text[end:]
+    return text
+
+
+def mask_url(text: str) -> str:
+    """DATABASE_URL fit for a log line: the password (in either form) replaced by `***`."""
+    if text.strip().startswith(URL_SCHEMES):
+        return _mask_url_form(text)
+    return _mask_keyword_form(text)
+
+
+# --- The options: one table drives --help, flags and environment variables ----------------------
+
+SINKS = ("stdout", "http", "hook0")
+ON_FAILURE_CHOICES = ("exit", "retry", "skip")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SMTP_TLS_MODES = ("starttls", "ssl", "none")
+SMTP_SSL_PORT = 465
+SMTP_SUBMISSION_PORT = 587
+MAX_SLOT_NAME_LENGTH = 63  #: NAMEDATALEN - 1
+TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+EVENT_SINK_ERROR = "Event sink must be one of: 'http', 'hook0', or 'stdout'"
+HTTP_MISSING_ERROR = "HTTP event sink specified but missing HTTP_ENDPOINT_URL"
+HOOK0_MISSING_ERROR = ("Hook0 event sink specified but missing required configuration "
+                       "(api_url, application_id, or api_token)")
+#: Headers that frame the HTTP message: set by the HTTP sink alone.
+RESERVED_HTTP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_SLOT_NAME = re.compile(r"[a-z0-9_]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One setting: its environment variable, the mirroring long option, and its --help line."""
+
+    variable: str
+    default: str  # as shown in --help
+    help: str
+    is_bool: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.variable.lower().replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("DATABASE_URL", "required except with --demo",
+           "postgresql://user:password@host:port/dbname?sslmode=... or libpq key=value form; "
+           "PG* variables fill what it leaves out"),
+    Option("SLOT_NAME", "sub", "logical replication slot (pgoutput)"),
+    Option("PUB_NAME", "pub", "publication(s), comma-separated"),
+    Option("CREATE_SLOT", "true", "create the slot if it does not exist", is_bool=True),
+    Option("EVENT_SINK", "hook0 if all HOOK0_* are set, else http if HTTP_ENDPOINT_URL is set, "
+           "else stdout", "stdout, http or hook0"),
+    Option("FEEDBACK_INTERVAL_SECS", "1", "seconds between standby status updates (fractions allowed)"),
+    Option("STREAMING", "false", "stream large in-progress transactions (PostgreSQL 14+)",
+           is_bool=True),
+    Option("ON_FAILURE", "exit", "when delivery retries are exhausted: exit, retry or skip"),
+    Option("DEAD_LETTER_FILE", "wal2http-dead-letter.jsonl", "where ON_FAILURE=skip writes events"),
+    Option("RETRY_MAX_ATTEMPTS", "5", "attempts per delivery, the first included"),
+    Option("RETRY_BASE_DELAY_MS", "1000", "first backoff delay, milliseconds"),
+    Option("RETRY_MAX_DELAY_MS", "30000", "largest backoff delay, milliseconds"),
+    Option("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Option("HTTP_ENDPOINT_URL", "unset", "http:// or https:// URL the HTTP sink POSTs to"),
+    Option("HTTP_BATCH_SIZE", "1", "events per HTTP request"),
+    Option("HTTP_TIMEOUT_SECS", "10", "timeout of each HTTP request, seconds"),
+    Option("HTTP_HEADERS", "unset", "JSON object of extra request headers"),
+    Option("HTTP_SIGNING_SECRET", "unset", "Standard Webhooks signing secret (whsec_...)"),
+    Option("HTTP_CA_FILE", "unset", "extra trusted CA certificates (PEM) for https"),
+    Option("HOOK0_API_URL", "unset", "Hook0 API URL (/api/v1 is added when it has no path)"),
+    Option("HOOK0_APPLICATION_ID", "unset", "Hook0 application id (UUID)"),
+    Option("HOOK0_API_TOKEN", "unset", "Hook0 API token"),
+    Option("HOOK0_TABLE_EVENTS", "false", "send every row change, not only outbox rows",
+           is_bool=True),
+    Option("HOOK0_LABELS", "unset", "JSON object of labels for events without labels"),
+    Option("HOOK0_CREATE_EVENT_TYPES", "false", "create missing Hook0 event types", is_bool=True),
+    Option("EMAIL_SMTP_HOST", "unset", "SMTP server for alert mails"),
+    Option("EMAIL_SMTP_PORT", "465 with EMAIL_SMTP_TLS=ssl, else 587", "SMTP port"),
+    Option("EMAIL_SMTP_USERNAME", "unset", "SMTP login (no login when unset)"),
+    Option("EMAIL_SMTP_PASSWORD", "unset", "SMTP password"),
+    Option("EMAIL_FROM", "unset", "sender address of alert mails"),
+    Option("EMAIL_TO", "unset", "recipients of alert mails, comma-separated"),
+    Option("EMAIL_SMTP_TLS", "ssl on port 465, else starttls", "starttls, ssl or none"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything wal2http runs with.  Secret-bearing fields are left out of repr()."""
+
+    database_url: str | None = dataclasses.field(default=None, repr=False)
+    conninfo: ConnInfo | None = None
+    slot_name: str = "sub"
+    publications: tuple[str, ...] = ("pub",)
+    create_slot: bool = True
+    event_sink: str = "stdout"
+    feedback_interval_s: float = 1.0
+    streaming: bool = False
+    on_failure: str = "exit"
+    dead_letter_file: str = "wal2http-dead-letter.jsonl"
+    retry_max_attempts: int = 5
+    retry_base_delay_s: float = 1.0
+    retry_max_delay_s: float = 30.0
+    log_level: str = "INFO"
+    http_endpoint_url: str | None = dataclasses.field(default=None, repr=False)
+    http_batch_size: int = 1
+    http_timeout_s: float = 10.0
+    http_headers: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
+    http_signing_secret: str | None = dataclasses.field(default=None, repr=False)
+    http_ca_file: str | None = None
+    hook0_api_url: str | None = None
+    hook0_application_id: str | None = None
+    hook0_api_token: str | None = dataclasses.field(default=None, repr=False)
+    hook0_table_events: bool = False
+    hook0_labels: tuple[tuple[str, str], ...] = ()
+    hook0_create_event_types: bool = False
+    email_smtp_host: str | None = None
+    email_smtp_port: int = SMTP_SUBMISSION_PORT
+    email_smtp_username: str | None = None
+    email_smtp_password: str | None = dataclasses.field(default=None, repr=False)
+    email_from: str | None = None
+    email_to: tuple[str, ...] = ()
+    email_smtp_tls: str = "starttls"
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (exit 2, one line) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # Keep option names, drop values: `--databse-url postgresql://u:pw@h` must not echo pw.
+        if message.startswith("unrecognized arguments:"):
+            names = [arg.split("=", 1)[0] for arg in message.split(":", 1)[1].split()
+                     if arg.startswith("-")]
+            message = (f"unrecognized option(s): {' '.join(names)}" if names
+                       else "unexpected arguments (options take the form --name value)")
+        message = re.sub(r"(--[\w-]+)=\S+", r"\1=...", message)
+        raise ConfigError(f"command line: {message} (see --help)")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """Every long option mirrors an environment variable; a flag wins over the environment."""
+    parser = _ArgumentParser(
+        prog="wal2http.py", allow_abbrev=False,
+        description="Stream PostgreSQL logical replication changes to stdout, HTTP or Hook0.",
+        epilog="Each option can also be set by the environment variable shown; an empty variable "
+               "counts as unset. Booleans accept true/false, 1/0, yes/no, on/off.")
+    for option in OPTIONS:
+        extra = {"nargs": "?", "const": "true"} if option.is_bool else {}
+        parser.add_argument(option.flag, dest=option.variable, default=None,
+                            metavar=option.variable,
+                            help=f"{option.help} [env {option.variable}; default: {option.default}]",
+                            **extra)
+    parser.add_argument("--check", action="store_true",
+                        help="verify the database, publication, slot and sink, print one line "
+                             "per check, and exit (0 only if all pass)")
+    parser.add_argument("--demo", action="store_true",
+                        help="run against a throwaway local PostgreSQL with a demo table")
+    parser.add_argument("--version", action="version", version=f"wal2http {__version__}")
+    return parser
+
+
+# --- Value parsers: each message is one line and names the variable ------------------------------
+
+def _shown(value: str) -> str:
+    """A non-secret value quoted for an error message: one line, bounded."""
+    return repr(value if len(value) <= 60 else value[:57] + "...")
+
+
+def parse_bool(value: str, variable: str) -> bool:
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{variable} must be true or false (or 1/0, yes/no, on/off), got {_shown(value)}")
+
+
+def _parse_int(value: str, variable: str, minimum: int, maximum: int | None = None) -> int:
+    try:
+        number = int(value.strip())
+    except ValueError:
+        number = None
+    if number is None or number < minimum or (maximum is not None and number > maximum):
+        bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+        raise ConfigError(f"{variable} must be a whole number {bound}, got {_shown(value)}")
+    return number
+
+
+def _parse_seconds(value: str, variable: str) -> float:
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{variable} must be a number of seconds greater than 0, got {_shown(value)}")
+    return seconds
+
+
+def _parse_choice(value: str, variable: str, choices: tuple[str, ...], upper: bool = False) -> str:
+    word = value.strip().upper() if upper else value.strip().lower()
+    if word not in choices:
+        raise ConfigError(f"{variable} must be one of {', '.join(choices)}, got {_shown(value)}")
+    return word
+
+
+def _parse_http_url(value: str, variable: str) -> str:
+    """Never echoed: the URL may carry credentials or a token in its query."""
+    url = value.strip()
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname
+            or any(c.isspace() for c in url)):
+        raise ConfigError(f"{variable} must be an http:// or https:// URL with a host name")
+    return url
+
+
+def _parse_slot_name(value: str) -> str:
+    name = value.strip()
+    if not _SLOT_NAME.fullmatch(name) or len(name) > MAX_SLOT_NAME_LENGTH:
+        raise ConfigError(f"SLOT_NAME must be 1 to {MAX_SLOT_NAME_LENGTH} lowercase letters, "
+                          f"digits or underscores, got {_shown(value)}")
+    return name
+
+
+def _parse_publications(value: str) -> tuple[str, ...]:
+    names = [name.strip() for name in value.split(",")]
+    if not all(names):
+        raise ConfigError(f"PUB_NAME must be publication names separated by commas, with no empty "
+                          f"name, got {_shown(value)}")
+    return tuple(dict.fromkeys(names))  # duplicates dropped, order kept
+
+
+def _parse_json_object(value: str, variable: str) -> dict:
+    try:
+        data = json.loads(value)
+    except json.JSONDecodeError as exc:
+        # The decoder's message holds a position, never the text: safe for header values too.
+        raise ConfigError(f"{variable} must be a JSON object: {exc.msg} at character {exc.pos}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{variable} must be a JSON object, e.g. {{\"name\": \"value\"}}")
+    return data
+
+
+def _parse_http_headers(value: str) -> tuple[tuple[str, str], ...]:
+    headers = []
+    for name, header_value in _parse_json_object(value, "HTTP_HEADERS").items():
+        if not _HTTP_TOKEN.fullmatch(name):
+            raise ConfigError(f"HTTP_HEADERS: {_shown(name)} is not a valid header name")
+        if name.lower() in RESERVED_HTTP_HEADERS:
+            raise ConfigError(f"HTTP_HEADERS: the {name} header is set by wal2http itself")
+        if not isinstance(header_value, str) or any(c in header_value for c in "\r\n\0"):
+            raise ConfigError(f"HTTP_HEADERS: the value of {name} must be a string on one line")
+        headers.append((name, header_value))
+    return tuple(headers)
+
+
+def convert_label_value(value: object) -> str | None:
+    """A JSON label value as Hook0 wants it: strings kept, numbers/booleans as their JSON text,
+    null dropped (None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    raise TypeError("a label must be a string, number or boolean")
+
+
+def _parse_hook0_labels(value: str) -> tuple[tuple[str, str], ...]:
+    labels = []
+    for name, label in _parse_json_object(value, "HOOK0_LABELS").items():
+        try:
+            text = convert_label_value(label)
+        except TypeError:
+            raise ConfigError(f"HOOK0_LABELS: label {_shown(name)} must be a string, number or "
+                              f"boolean") from None
+        if text is not None:
+            labels.append((name, text))
+    return tuple(labels)
+
+
+def _parse_uuid(value: str, variable: str) -> str:
+    try:
+        return str(uuid.UUID(value.strip()))
+    except ValueError:
+        raise ConfigError(f"{variable} must be a UUID, got {_shown(value)}") from None
+
+
+def _parse_signing_secret(value: str) -> str:
+    if value.startswith("whsec_"):
+        try:
+            key = base64.b64decode(value[len("whsec_"):], validate=True)
+        except binascii.Error:
+            key = b""
+        if not key:
+            raise ConfigError("HTTP_SIGNING_SECRET starts with 'whsec_' but what follows is not "
+                              "valid base64")
+    return value
+
+
+def _parse_address(value: str, variable: str) -> str:
+    address = value.strip()
+    if "@" not in address or any(c in address for c in "\r\n\0"):
+        raise ConfigError(f"{variable} must be an email address, got {_shown(value)}")
+    return address
+
+
+def _parse_recipients(value: str) -> tuple[str, ...]:
+    return tuple(_parse_address(item, "EMAIL_TO") for item in value.split(",") if item.strip())
+
+
+# --- Building the Config ---------------------------------------------------------------------------
+
+def _raw_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str | None]:
+    """Flag over environment; empty or blank means unset (the default applies)."""
+    raw = {}
+    for option in OPTIONS:
+        value = getattr(args, option.variable)
+        if value is None:
+            value = environ.get(option.variable)
+        raw[option.variable] = value if value is not None and value.strip() else None
+    return raw
+
+
+def _resolve_sink(raw: Mapping[str, str | None]) -> str:
+    """EVENT_SINK if set, else the seed's priority rule: hook0, then http, then stdout."""
+    if raw["EVENT_SINK"] is not None:
+        sink = raw["EVENT_SINK"].strip().lower()
+        if sink not in SINKS:
+            raise ConfigError(EVENT_SINK_ERROR)
+        return sink
+    if raw["HOOK0_API_URL"] and raw["HOOK0_APPLICATION_ID"] and raw["HOOK0_API_TOKEN"]:
+        return "hook0"
+    return "http" if raw["HTTP_ENDPOINT_URL"] else "stdout"
+
+
+def _database_settings(raw: Mapping[str, str | None], environ: Mapping[str, str],
+                       mode: str) -> dict:
+    url = raw["DATABASE_URL"]
+    if mode == "demo":  # the demo starts its own server and sets these itself
+        return {"database_url": None, "conninfo": None}
+    if url is None:
+        raise ConfigError("DATABASE_URL is required (postgresql://user:password@host:5432/dbname "
+                          "or libpq key=value form; --database-url works too), or use --demo")
+    return {"database_url": url, "conninfo": parse_database_url(url, environ)}
+
+
+def _replication_settings(raw: Mapping[str, str | None]) -> dict:
+    settings: dict = {}
+    if raw["SLOT_NAME"] is not None:
+        settings["slot_name"] = _parse_slot_name(raw["SLOT_NAME"])
+    if raw["PUB_NAME"] is not None:
+        settings["publications"] = _parse_publications(raw["PUB_NAME"])
+    for variable, name in (("CREATE_SLOT", "create_slot"), ("STREAMING", "streaming")):
+        if raw[variable] is not None:
+            settings[name] = parse_bool(raw[variable], variable)
+    if raw["FEEDBACK_INTERVAL_SECS"] is not None:
+        settings["feedback_interval_s"] = _parse_seconds(raw["FEEDBACK_INTERVAL_SECS"],
+                                                         "FEEDBACK_INTERVAL_SECS")
+    if raw["LOG_LEVEL"] is not None:
+        settings["log_level"] = _parse_choice(raw["LOG_LEVEL"], "LOG_LEVEL", LOG_LEVELS, upper=True)
+    return settings
+
+
+def _delivery_settings(raw: Mapping[str, str | None]) -> dict:
+    settings: dict = {}
+    if raw["ON_FAILURE"] is not None:
+        settings["on_failure"] = _parse_choice(raw["ON_FAILURE"], "ON_FAILURE", ON_FAILURE_CHOICES)
+    if raw["DEAD_LETTER_FILE"] is not None:
+        settings["dead_letter_file"] = raw["DEAD_LETTER_FILE"].strip()
+    if raw["RETRY_MAX_ATTEMPTS"] is not None:
+        settings["retry_max_attempts"] = _parse_int(raw["RETRY_MAX_ATTEMPTS"], "RETRY_MAX_ATTEMPTS", 1)
+    base_ms, max_ms = 1000, 30000
+    if raw["RETRY_BASE_DELAY_MS"] is not None:
+        base_ms = _parse_int(raw["RETRY_BASE_DELAY_MS"], "RETRY_BASE_DELAY_MS", 0)
+    if raw["RETRY_MAX_DELAY_MS"] is not None:
+        max_ms = _parse_int(raw["RETRY_MAX_DELAY_MS"], "RETRY_MAX_DELAY_MS", 0)
+    if base_ms > max_ms:
+        raise ConfigError(f"RETRY_BASE_DELAY_MS ({base_ms}) must not be larger than "
+                          f"RETRY_MAX_DELAY_MS ({max_ms})")
+    settings["retry_base_delay_s"], settings["retry_max_delay_s"] = base_ms / 1000, max_ms / 1000
+    return settings
+
+
+def _http_settings(raw: Mapping[str, str | None], sink: str) -> dict:
+    settings: dict = {}
+    if raw["HTTP_ENDPOINT_URL"] is not None:
+        settings["http_endpoint_url"] = _parse_http_url(raw["HTTP_ENDPOINT_URL"], "HTTP_ENDPOINT_URL")
+    elif sink == "http":
+        raise ConfigError(HTTP_MISSING_ERROR)
+    if raw["HTTP_BATCH_SIZE"] is not None:
+        settings["http_batch_size"] = _parse_int(raw["HTTP_BATCH_SIZE"], "HTTP_BATCH_SIZE", 1)
+    if raw["HTTP_TIMEOUT_SECS"] is not None:
+        settings["http_timeout_s"] = _parse_seconds(raw["HTTP_TIMEOUT_SECS"], "HTTP_TIMEOUT_SECS")
+    if raw["HTTP_HEADERS"] is not None:
+        settings["http_headers"] = _parse_http_headers(raw["HTTP_HEADERS"])
+    if raw["HTTP_SIGNING_SECRET"] is not None:
+        settings["http_signing_secret"] = _parse_signing_secret(raw["HTTP_SIGNING_SECRET"])
+    if raw["HTTP_CA_FILE"] is not None:
+        path = raw["HTTP_CA_FILE"].strip()
+        if not os.path.isfile(path):
+            raise ConfigError(f"HTTP_CA_FILE: no such file {_shown(path)}")
+        settings["http_ca_file"] = path
+    return settings
+
+
+def _hook0_settings(raw: Mapping[str, str | None], sink: str) -> dict:
+    if sink == "hook0" and not (raw["HOOK0_API_URL"] and raw["HOOK0_APPLICATION_ID"]
+                                and raw["HOOK0_API_TOKEN"]):
+        raise ConfigError(HOOK0_MISSING_ERROR)
+    settings: dict = {"hook0_api_token": raw["HOOK0_API_TOKEN"]}
+    if raw["HOOK0_API_URL"] is not None:
+        settings["hook0_api_url"] = _parse_http_url(raw["HOOK0_API_URL"], "HOOK0_API_URL")
+    if raw["HOOK0_APPLICATION_ID"] is not None:
+        settings["hook0_application_id"] = _parse_uuid(raw["HOOK0_APPLICATION_ID"],
+                                                       "HOOK0_APPLICATION_ID")
+    for variable, name in (("HOOK0_TABLE_EVENTS", "hook0_table_events"),
+                           ("HOOK0_CREATE_EVENT_TYPES", "hook0_create_event_types")):
+        if raw[variable] is not None:
+            settings[name] = parse_bool(raw[variable], variable)
+    if raw["HOOK0_LABELS"] is not None:
+        settings["hook0_labels"] = _parse_hook0_labels(raw["HOOK0_LABELS"])
+    return settings
+
+
+def _email_settings(raw: Mapping[str, str | None]) -> dict:
+    """EMAIL_SMTP_TLS and EMAIL_SMTP_PORT default from each other: 465 <-> ssl."""
+    port = tls = None
+    if raw["EMAIL_SMTP_PORT"] is not None:
+        port = _parse_int(raw["EMAIL_SMTP_PORT"], "EMAIL_SMTP_PORT", 1, 65535)
+    if raw["EMAIL_SMTP_TLS"] is not None:
+        tls = _parse_choice(raw["EMAIL_SMTP_TLS"], "EMAIL_SMTP_TLS", SMTP_TLS_MODES)
+    if tls is None:
+        tls = "ssl" if port == SMTP_SSL_PORT else "starttls"
+    if port is None:
+        port = SMTP_SSL_PORT if tls == "ssl" else SMTP_SUBMISSION_PORT
+    host = raw["EMAIL_SMTP_HOST"]
+    return {
+        "email_smtp_host": host.strip() if host else None, "email_smtp_port": port,
+        "email_smtp_tls": tls, "email_smtp_username": raw["EMAIL_SMTP_USERNAME"],
+        "email_smtp_password": raw["EMAIL_SMTP_PASSWORD"],
+        "email_from": _parse_address(raw["EMAIL_FROM"], "EMAIL_FROM") if raw["EMAIL_FROM"] else None,
+        "email_to": _parse_recipients(raw["EMAIL_TO"]) if raw["EMAIL_TO"] else (),
+    }
+
+
+def _raw_secrets(raw: Mapping[str, str | None], environ: Mapping[str, str]) -> list[str]:
+    """Secret values as given, for the last-resort scrub of error messages."""
+    secrets = [raw[name] for name in ("HOOK0_API_TOKEN", "EMAIL_SMTP_PASSWORD",
+                                      "HTTP_SIGNING_SECRET") if raw[name]]
+    secrets.append(environ.get("PGPASSWORD", ""))
+    url = raw["DATABASE_URL"] or ""
+    try:
+        secrets += [value for key, value in _split_connection_string(url) if key == "password"]
+    except ConfigError:
+        pass
+    try:
+        secrets += [str(value) for value in json.loads(raw["HTTP_HEADERS"] or "{}").values()]
+    except (ValueError, AttributeError):
+        pass
+    return [secret for secret in secrets if secret]
+
+
+def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret of 4 characters or more replaced by `***` (shorter ones would
+    mangle ordinary words and tell an attacker little)."""
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def config_secrets(config: Config) -> tuple[str, ...]:
+    """Every secret value the config holds, for scrubbing text built from outside input."""
+    values = [config.conninfo.password if config.conninfo else None, config.hook0_api_token,
+              config.email_smtp_password, config.http_signing_secret]
+    values += [value for _, value in config.http_headers]
+    return tuple(value for value in values if value)
+
+
+def load_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, str]:
+    """Command line and environment -> (Config, mode), mode being "run", "check" or "demo".
+
+    --help and --version raise SystemExit(0) from argparse; every problem is a one-line
+    ConfigError naming the variable, without secrets.
+    """
+    args = build_arg_parser().parse_args(argv)
+    if args.check and args.demo:
+        raise ConfigError("command line: --check and --demo cannot be used together")
+    mode = "check" if args.check else "demo" if args.demo else "run"
+    raw = _raw_settings(args, environ)
+    try:
+        sink = _resolve_sink(raw)
+        settings = {"event_sink": sink, **_database_settings(raw, environ, mode),
+                    **_replication_settings(raw), **_delivery_settings(raw),
+                    **_http_settings(raw, sink), **_hook0_settings(raw, sink),
+                    **_email_settings(raw)}
+    except ConfigError as exc:
+        raise ConfigError(scrub_secrets(str(exc), _raw_secrets(raw, environ))) from None
+    return Config(**settings), mode
+
+
+def email_enabled(config: Config) -> bool:
+    return bool(config.email_smtp_host and config.email_from and config.email_to)
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Problems worth a WARNING at start-up that do not stop wal2http."""
+    warnings = []
+    email_parts = {"EMAIL_SMTP_HOST": config.email_smtp_host, "EMAIL_FROM": config.email_from,
+                   "EMAIL_TO": config.email_to}
+    if not email_enabled(config) and (any(email_parts.values()) or config.email_smtp_username
+                                      or config.email_smtp_password):
+        missing = ", ".join(name for name, value in email_parts.items() if not value)
+        warnings.append(f"email alerts are disabled: EMAIL_SMTP_HOST, EMAIL_FROM and EMAIL_TO "
+                        f"must all be set (missing: {missing})")
+    if bool(config.email_smtp_username) != bool(config.email_smtp_password):
+        warnings.append("EMAIL_SMTP_USERNAME and EMAIL_SMTP_PASSWORD should be set together")
+    if config.email_smtp_password and config.email_smtp_tls == "none":
+        warnings.append("EMAIL_SMTP_TLS=none sends EMAIL_SMTP_PASSWORD unencrypted")
+    hook0_parts = {"HOOK0_API_URL": config.hook0_api_url,
+                   "HOOK0_APPLICATION_ID": config.hook0_application_id,
+                   "HOOK0_API_TOKEN": config.hook0_api_token}
+    if config.event_sink != "hook0" and any(hook0_parts.values()):
+        warnings.append(f"HOOK0_* settings are ignored: the event sink is {config.event_sink}")
+    if config.event_sink != "http" and config.http_endpoint_url:
+        warnings.append(f"HTTP_ENDPOINT_URL is ignored: the event sink is {config.event_sink}")
+    return warnings
+
+
+def _public_url(url: str) -> str:
+    """scheme://host[:port]/path: no user info, no query (either may hold a token)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def describe_config(config: Config) -> str:
+    """One line for the start-up log: sink, slot, publications, masked database URL."""
+    if config.event_sink == "http" and config.http_endpoint_url:
+        sink = f"http {_public_url(config.http_endpoint_url)}"
+    elif config.event_sink == "hook0" and config.hook0_api_url:
+        sink = f"hook0 {_public_url(config.hook0_api_url)} application {config.hook0_application_id}"
+    else:
+        sink = config.event_sink
+    database = mask_url(config.database_url) if config.database_url else "(demo)"
+    alerts = ", ".join(config.email_to) if email_enabled(config) else "log only"
+    return (f"sink={sink} slot={config.slot_name} publications={','.join(config.publications)} "
+            f"database={database} on_failure={config.on_failure} alerts={alerts}")
+
+
+# =====================================================================================================
+# 3. Wire codec (sans-IO)
+# =====================================================================================================
+# Frontend/Backend protocol v3 ("Message Formats" in the PostgreSQL docs).  Pure functions from
+# values to bytes and back; `MessageBuffer` splits a byte stream into backend messages.  Nothing
+# here touches a socket.
+
+PROTOCOL_VERSION_3 = 196608  #: 3.0, the StartupMessage version
+SSL_REQUEST_CODE = 80877103  #: SSLRequest's magic "version"
+MAX_BACKEND_MESSAGE_BYTES = 1 << 30  #: the server never sends a message larger than 1 GiB
+
+# Backend message tags.
+AUTHENTICATION = ord("R")
+PARAMETER_STATUS = ord("S")
+BACKEND_KEY_DATA = ord("K")
+READY_FOR_QUERY = ord("Z")
+ERROR_RESPONSE = ord("E")
+NOTICE_RESPONSE = ord("N")
+ROW_DESCRIPTION = ord("T")
+DATA_ROW = ord("D")
+COMMAND_COMPLETE = ord("C")
+EMPTY_QUERY_RESPONSE = ord("I")
+COPY_BOTH_RESPONSE = ord("W")
+COPY_OUT_RESPONSE = ord("H")
+COPY_DATA = ord("d")
+COPY_DONE = ord("c")
+NEGOTIATE_PROTOCOL_VERSION = ord("v")
+NOTIFICATION_RESPONSE = ord("A")
+
+# Authentication request codes (the int32 after 'R').
+AUTH_OK = 0
+AUTH_CLEARTEXT_PASSWORD = 3
+AUTH_MD5_PASSWORD = 5
+AUTH_SASL = 10
+AUTH_SASL_CONTINUE = 11
+AUTH_SASL_FINAL = 12
+
+_INT16 = struct.Struct("!h")
+_INT32 = struct.Struct("!i")
+_UINT32 = struct.Struct("!I")
+_HEADER = struct.Struct("!BI")  # tag, length (length counts itself, not the tag)
+_XLOG_FRAME_HEADER = struct.Struct("!BIBQQ")  # CopyData header + XLogData kind, wal_start, wal_end
+
+#: ErrorResponse / NoticeResponse field codes worth naming in logs.
+ERROR_FIELD_NAMES = {"S": "severity", "V": "severity", "C": "sqlstate", "M": "message", "D": "detail",
+                     "H": "hint", "P": "position", "W": "where", "F": "file", "L": "line", "R": "routine"}
+
+
+def _frame(tag: bytes, body: bytes) -> bytes:
+    return tag + _INT32.pack(len(body) + 4) + body
+
+
+def _cstring(text: str) -> bytes:
+    data = text.encode()
+    if b"\0" in data:
+        raise ValueError("a protocol string cannot contain a NUL byte")
+    return data + b"\0"
+
+
+def encode_startup(parameters: dict[str, str]) -> bytes:
+    """StartupMessage: protocol 3.0 and NUL-terminated name/value pairs."""
+    body = _INT32.pack(PROTOCOL_VERSION_3)
+    body += b"".join(_cstring(k) + _cstring(v) for k, v in parameters.items()) + b"\0"
+    return _INT32.pack(len(body) + 4) + body
+
+
+def encode_ssl_request() -> bytes:
+    return _INT32.pack(8) + _INT32.pack(SSL_REQUEST_CODE)
+
+
+def encode_password(password: bytes) -> bytes:
+    """PasswordMessage (cleartext or MD5 hash); the password must not hold a NUL byte."""
+    return _frame(b"p", password + b"\0")
+
+
+def encode_sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return _frame(b"p", _cstring(mechanism) + _INT32.pack(len(data)) + data)
+
+
+def encode_sasl_response(data: bytes) -> bytes:
+    return _frame(b"p", data)
+
+
+def encode_query(sql: str) -> bytes:
+    return _frame(b"Q", _cstring(sql))
+
+
+def encode_copy_data(data: bytes) -> bytes:
+    return _frame(b"d", data)
+
+
+def encode_copy_done() -> bytes:
+    return b"c\0\0\0\x04"
+
+
+def encode_terminate() -> bytes:
+    return b"X\0\0\0\x04"
+
+
+class MessageBuffer:
+    """Splits bytes received from the server into (tag, body) messages.
+
+    `feed(data)` appends; `next_message()` returns a complete message or None when more bytes are
+    needed.  Nothing is returned early: a message split at any offset comes out whole.
+    """
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._pos = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._pos and self._pos == len(self._data):
+            self._data.clear()
+            self._pos = 0
+        elif self._pos > 65536:
+            del self._data[:self._pos]
+            self._pos = 0
+        self._data += data
+
+    def next_message(self) -> tuple[int, bytes] | None:
+        data, pos = self._data, self._pos
+        if len(data) - pos < 5:
+            return None
+        tag, length = _HEADER.unpack_from(data, pos)
+        if length < 4 or length > MAX_BACKEND_MESSAGE_BYTES:
+            raise ProtocolError(f"malformed message from server: {chr(tag)!r} with length {length}")
+        end = pos + 1 + length
+        if len(data) < end:
+            return None
+        self._pos = end
+        return tag, bytes(data[pos + 5:end])
+
+    def next_xlog_data(self) -> tuple[int, int, bytes] | None:
+        """The replication hot path: when the next message is a whole CopyData carrying XLogData,
+        take it and return (wal_start, wal_end, pgoutput message); otherwise None (use
+        next_message).  One copy of the payload, no intermediate message body."""
+        data, pos = self._data, self._pos
+        if len(data) - pos < _XLOG_FRAME_HEADER.size:
+            return None
+        tag, length, kind, wal_start, wal_end = _XLOG_FRAME_HEADER.unpack_from(data, pos)
+        end = pos + 1 + length
+        if tag != COPY_DATA or kind != XLOG_DATA or len(data) < end or length < 30:
+            return None
+        self._pos = end
+        return wal_start, wal_end, bytes(data[pos + 30:end])
+
+    def pending(self) -> int:
+        """Bytes received but not yet returned as messages."""
+        return len(self._data) - self._pos
+
+    def take_raw(self) -> bytes:
+        """Everything not yet parsed (used once, after SSLRequest's one-byte answer)."""
+        rest = bytes(self._data[self._pos:])
+        self._data.clear()
+        self._pos = 0
+        return rest
+
+
+def _split_cstrings(body: bytes, what: str) -> list[str]:
+    if not body.endswith(b"\0"):
+        raise ProtocolError(f"malformed {what} message: missing terminator")
+    try:
+        return body[:-1].decode().split("\0")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"malformed {what} message: invalid UTF-8") from None
+
+
+def decode_error_fields(body: bytes, what: str = "ErrorResponse") -> dict[str, str]:
+    """ErrorResponse / NoticeResponse body: code byte + text, ..., terminated by a zero byte."""
+    if not body.endswith(b"\0"):
+        raise ProtocolError(f"malformed {what} message: missing terminator")
+    fields = {}
+    for part in _split_cstrings(body[:-1], what) if len(body) > 1 else []:
+        if not part:
+            raise ProtocolError(f"malformed {what} message: empty field")
+        fields[part[0]] = part[1:]
+    return fields
+
+
+def decode_parameter_status(body: bytes) -> tuple[str, str]:
+    parts = _split_cstrings(body, "ParameterStatus")
+    if len(parts) != 2:
+        raise ProtocolError("malformed ParameterStatus message: expected a name and a value")
+    return parts[0], parts[1]
+
+
+def decode_authentication(body: bytes) -> tuple[int, bytes]:
+    """Authentication request: (code, the rest of the body)."""
+    if len(body) < 4:
+        raise ProtocolError("malformed Authentication message: truncated")
+    return _INT32.unpack_from(body)[0], body[4:]
+
+
+def decode_sasl_mechanisms(data: bytes) -> list[str]:
+    if not data.endswith(b"\0\0") and data != b"\0":
+        raise ProtocolError("malformed AuthenticationSASL message: missing terminator")
+    return [m for m in _split_cstrings(data[:-1], "AuthenticationSASL") if m]
+
+
+def decode_row_description(body: bytes) -> list[tuple[str, int]]:
+    """RowDescription: [(column name, type oid)]."""
+    try:
+        (count,) = _INT16.unpack_from(body)
+        pos, columns = 2, []
+        for _ in range(count):
+            end = body.index(b"\0", pos)
+            name = body[pos:end].decode()
+            type_oid = _UINT32.unpack_from(body, end + 7)[0]
+            pos = end + 19
+            columns.append((name, type_oid))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        raise ProtocolError("malformed RowDescription message") from None
+    if pos != len(body):
+        raise ProtocolError("malformed RowDescription message: trailing bytes")
+    return columns
+
+
+def decode_data_row(body: bytes) -> tuple[str | None, ...]:
+    """DataRow in text format: column values as str, NULL as None."""
+    try:
+        (count,) = _INT16.unpack_from(body)
+        pos, values = 2, []
+        for _ in range(count):
+            (size,) = _INT32.unpack_from(body, pos)
+            pos += 4
+            if size < 0:
+                values.append(None)
+                continue
+            if pos + size > len(body):
+                raise ValueError
+            values.append(body[pos:pos + size].decode())
+            pos += size
+    except (struct.error, ValueError, UnicodeDecodeError):
+        raise ProtocolError("malformed DataRow message") from None
+    if pos != len(body):
+        raise ProtocolError("malformed DataRow message: trailing bytes")
+    return tuple(values)
+
+
+def decode_command_complete(body: bytes) -> str:
+    return _split_cstrings(body, "CommandComplete")[0]
+
+
+def format_lsn(lsn: int) -> str:
+    """An LSN the way PostgreSQL prints it: high and low 32 bits in upper-case hex."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def parse_lsn(text: str) -> int:
+    high, sep, low = text.partition("/")
+    if not sep:
+        raise ValueError(f"not an LSN: {text!r}")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+# =====================================================================================================
+# 4. Authentication (pure)
+# =====================================================================================================
+# MD5 and SCRAM-SHA-256 (RFC 5802, RFC 7677) as PostgreSQL uses them ("SASL Authentication" in the
+# docs): the server ignores the SCRAM user name (it has the startup user), so the client sends
+# "n=,"; no channel binding ("n,," GS2 header), which the server accepts on plain and TLS
+# connections alike.
+
+SCRAM_MECHANISM = "SCRAM-SHA-256"
+SCRAM_NONCE_BYTES = 18
+
+
+def build_md5_password(user: str, password: str, salt: bytes) -> bytes:
+    """'md5' + md5(md5(password + user) + salt), as AuthenticationMD5Password asks."""
+    inner = hashlib.md5(password.encode() + user.encode()).hexdigest().encode()
+    return b"md5" + hashlib.md5(inner + salt).hexdigest().encode()
+
+
+def saslprep(text: str) -> str:
+    """RFC 4013 SASLprep; like libpq, fall back to the raw password when it is not allowed."""
+    mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in text
+                     if not stringprep.in_table_b1(c))
+    normal = unicodedata.normalize("NFKC", mapped)
+    prohibited = (stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3,
+                  stringprep.in_table_c4, stringprep.in_table_c5, stringprep.in_table_c6,
+                  stringprep.in_table_c7, stringprep.in_table_c8, stringprep.in_table_c9)
+    if any(check(c) for c in normal for check in prohibited):
+        return text
+    if any(stringprep.in_table_d1(c) for c in normal):
+        if not (stringprep.in_table_d1(normal[0]) and stringprep.in_table_d1(normal[-1])) or any(
+                stringprep.in_table_d2(c) for c in normal):
+            return text
+    return normal
+
+
+def _scram_attributes(message: bytes, what: str) -> dict[str, str]:
+    try:
+        text = message.decode("ascii")
+        return {part[0]: part[2:] for part in text.split(",") if len(part) >= 2 and part[1] == "="}
+    except UnicodeDecodeError:
+        raise AuthenticationError(f"malformed SCRAM {what} message from the server") from None
+
+
+class ScramClient:
+    """The client side of one SCRAM-SHA-256 exchange, as a small state machine over bytes."""
+
+    def __init__(self, password: str, nonce: str | None = None, username: str = ""):
+        self._password = saslprep(password).encode()
+        self._nonce = nonce or base64.b64encode(os.urandom(SCRAM_NONCE_BYTES)).decode()
+        self._first_bare = f"n={username},r={self._nonce}"
+        self._server_signature = b""
+
+    def client_first(self) -> bytes:
+        return f"n,,{self._first_bare}".encode()
+
+    def client_final(self, server_first: bytes) -> bytes:
+        attrs = _scram_attributes(server_first, "server-first")
+        nonce, salt, iterations = attrs.get("r", ""), attrs.get("s"), attrs.get("i", "")
+        if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce):
+            raise AuthenticationError("SCRAM server nonce does not extend the client nonce")
+        if salt is None or not iterations.isdigit() or int(iterations) < 1:
+            raise AuthenticationError("malformed SCRAM server-first message from the server")
+        try:
+            salt_bytes = base64.b64decode(salt, validate=True)
+        except binascii.Error:
+            raise AuthenticationError("malformed SCRAM server-first message from the server: bad salt") from None
+        salted = hashlib.pbkdf2_hmac("sha256", self._password, salt_bytes, int(iterations))
+        client_key = hmac.digest(salted, b"Client Key", "sha256")
+        server_key = hmac.digest(salted, b"Server Key", "sha256")
+        final_bare = f"c=biws,r={nonce}"
+        auth_message = f"{self._first_bare},{server_first.decode()},{final_bare}".encode()
+        client_signature = hmac.digest(hashlib.sha256(client_key).digest(), auth_message, "sha256")
+        proof = bytes(a ^ b for a, b in zip(client_key, client_signature))
+        self._server_signature = hmac.digest(server_key, auth_message, "sha256")
+        return f"{final_bare},p={base64.b64encode(proof).decode()}".encode()
+
+    def verify_server_final(self, server_final: bytes) -> None:
+        attrs = _scram_attributes(server_final, "server-final")
+        if "e" in attrs:
+            raise AuthenticationError(f"SCRAM authentication failed: {attrs['e']}")
+        try:
+            signature = base64.b64decode(attrs.get("v", ""), validate=True)
+        except binascii.Error:
+            signature = b""
+        if not hmac.compare_digest(signature, self._server_signature):
+            raise AuthenticationError("SCRAM server signature does not match: the server is not who it claims")
+
+
+# =====================================================================================================
+# 5. Replication framing (sans-IO)
+# =====================================================================================================
+# Inside CopyData during START_REPLICATION ("Streaming Replication Protocol"): XLogData 'w' and
+# Primary keepalive 'k' from the server, Standby status update 'r' from us.  Times are
+# microseconds since 2000-01-01 UTC.
+
+XLOG_DATA = ord("w")
+PRIMARY_KEEPALIVE = ord("k")
+STANDBY_STATUS_UPDATE = b"r"
+PG_EPOCH_OFFSET_US = 946_684_800_000_000  #: 2000-01-01 minus 1970-01-01, in microseconds
+
+_XLOG_DATA_HEADER = struct.Struct("!BQQQ")
+_KEEPALIVE = struct.Struct("!BQQB")
+_STATUS_UPDATE = struct.Struct("!cQQQQB")
+
+
+def decode_xlog_header(data: bytes) -> tuple[int, int]:
+    """XLogData: (wal_start, wal_end); the pgoutput message follows at offset 25."""
+    if len(data) < _XLOG_DATA_HEADER.size:
+        raise ProtocolError("malformed XLogData message: truncated header")
+    _, wal_start, wal_end, _ = _XLOG_DATA_HEADER.unpack_from(data)
+    return wal_start, wal_end
+
+
+def decode_keepalive(data: bytes) -> tuple[int, bool]:
+    """Primary keepalive: (wal_end, reply_requested)."""
+    if len(data) != _KEEPALIVE.size:
+        raise ProtocolError("malformed Primary keepalive message: wrong length")
+    _, wal_end, _, reply = _KEEPALIVE.unpack(data)
+    return wal_end, bool(reply)
+
+
+def encode_standby_status(write_lsn: int, flush_lsn: int, apply_lsn: int, now_us: int,
+                          reply_requested: bool = False) -> bytes:
+    """Standby status update, already wrapped in CopyData."""
+    clock = now_us - PG_EPOCH_OFFSET_US
+    return encode_copy_data(_STATUS_UPDATE.pack(STANDBY_STATUS_UPDATE, write_lsn, flush_lsn,
+                                                apply_lsn, clock, int(reply_requested)))
+
+
+# =====================================================================================================
+# 6. pgoutput decoder
+# =====================================================================================================
+# Pure: bytes in, frozen dataclasses out.  Layouts from the PostgreSQL docs, "Logical Replication
+# Message Formats" (protocol.sgml).  Integers are big-endian; xids and OIDs unsigned; LSNs are
+# ints; timestamps stay raw ints (microseconds since 2000-01-01 UTC).  Inside a streamed block
+# (between Stream Start and Stream Stop) Relation, Type, Insert, Update, Delete, Truncate and
+# Message carry the (sub)transaction xid first (protocol 2+).
+
+BEGIN = ord("B")
+MESSAGE = ord("M")
+COMMIT = ord("C")
+ORIGIN = ord("O")
+RELATION = ord("R")
+TYPE = ord("Y")
+INSERT = ord("I")
+UPDATE = ord("U")
+DELETE = ord("D")
+TRUNCATE = ord("T")
+STREAM_START = ord("S")
+STREAM_STOP = ord("E")
+STREAM_COMMIT = ord("c")
+STREAM_ABORT = ord("A")
+BEGIN_PREPARE = ord("b")
+PREPARE = ord("P")
+COMMIT_PREPARED = ord("K")
+ROLLBACK_PREPARED = ord("r")
+STREAM_PREPARE = ord("p")
+
+TUPLE_NEW = ord("N")  #: Insert/Update: a new tuple follows
+TUPLE_KEY = ord("K")  #: Update/Delete: the old replica identity key follows
+TUPLE_OLD = ord("O")  #: Update/Delete: the whole old row follows (REPLICA IDENTITY FULL)
+VALUE_NULL = ord("n")
+VALUE_UNCHANGED_TOAST = ord("u")
+VALUE_TEXT = ord("t")
+VALUE_BINARY = ord("b")
+
+COLUMN_FLAG_KEY = 1  #: Relation column flag: part of the replica identity
+MESSAGE_FLAG_TRANSACTIONAL = 1
+TRUNCATE_CASCADE = 1
+TRUNCATE_RESTART_IDENTITY = 2
+REPLICA_IDENTITIES = frozenset("dnfi")  #: default, nothing, full, index (pg_class.relreplident)
+
+
+class _UnchangedToast:
+    """Type of UNCHANGED_TOAST: a column whose large value PostgreSQL did not send."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNCHANGED_TOAST"
+
+
+#: Tuple value of kind 'u': the value is stored out of line (TOAST) and was not changed.
+UNCHANGED_TOAST = _UnchangedToast()
+
+#: A decoded tuple: per column None ('n'), UNCHANGED_TOAST ('u'), str ('t') or bytes ('b').
+TupleData = tuple
+
+
+class _TupleWithSpecialValues(tuple):
+    """TupleData holding UNCHANGED_TOAST or bytes: the decoder marks such tuples by their class so
+    the assembler's fast path (plain tuple: only None and str) needs no scan.  Equal to a tuple."""
+
+    __slots__ = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Begin:
+    final_lsn: int
+    commit_time: int
+    xid: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    xid: int | None
+    transactional: bool
+    lsn: int
+    prefix: str
+    content: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Commit:
+    flags: int
+    commit_lsn: int
+    end_lsn: int
+    commit_time: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Origin:
+    commit_lsn: int
+    name: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Column:
+    flags: int
+    name: str
+    type_oid: int
+    type_modifier: int
+
+    @property
+    def is_key(self) -> bool:
+        return bool(self.flags & COLUMN_FLAG_KEY)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Relation:
+    xid: int | None
+    oid: int
+    namespace: str
+    name: str
+    replica_identity: str
+    columns: tuple[Column, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Type:
+    xid: int | None
+    oid: int
+    namespace: str
+    name: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Insert:
+    xid: int | None
+    relid: int
+    new: TupleData
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Update:
+    xid: int | None
+    relid: int
+    old_kind: str | None
+    old: TupleData | None
+    new: TupleData
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Delete:
+    xid: int | None
+    relid: int
+    old_kind: str
+    old: TupleData
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Truncate:
+    xid: int | None
+    options: int
+    relids: tuple[int, ...]
+
+    @property
+    def cascade(self) -> bool:
+        return bool(self.options & TRUNCATE_CASCADE)
+
+    @property
+    def restart_identity(self) -> bool:
+        return bool(self.options & TRUNCATE_RESTART_IDENTITY)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamStart:
+    xid: int
+    first_segment: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamStop:
+    pass
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamCommit:
+    xid: int
+    flags: int
+    commit_lsn: int
+    end_lsn: int
+    commit_time: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamAbort:
+    xid: int
+    subxid: int
+    abort_lsn: int | None = None  # protocol 4 with streaming = parallel only
+    abort_time: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BeginPrepare:
+    prepare_lsn: int
+    end_lsn: int
+    prepare_time: int
+    xid: int
+    gid: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Prepare:
+    flags: int
+    prepare_lsn: int
+    end_lsn: int
+    prepare_time: int
+    xid: int
+    gid: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CommitPrepared:
+    flags: int
+    commit_lsn: int
+    end_lsn: int
+    commit_time: int
+    xid: int
+    gid: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RollbackPrepared:
+    flags: int
+    prepare_end_lsn: int
+    rollback_end_lsn: int
+    prepare_time: int
+    rollback_time: int
+    xid: int
+    gid: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamPrepare:
+    flags: int
+    prepare_lsn: int
+    end_lsn: int
+    prepare_time: int
+    xid: int
+    gid: str
+
+
+# The generated __init__ of a frozen dataclass sets each field through object.__setattr__, which
+# costs more than decoding a column; the hot change messages are built by setting their slots
+# directly (same objects, same equality).
+_new_object = object.__new__
+_INSERT_SLOTS = (Insert.xid.__set__, Insert.relid.__set__, Insert.new.__set__)
+
+
+def _new_insert(xid, relid, new) -> Insert:
+    set_xid, set_relid, set_new = _INSERT_SLOTS
+    insert = _new_object(Insert)
+    set_xid(insert, xid)
+    set_relid(insert, relid)
+    set_new(insert, new)
+    return insert
+
+
+class _Malformed(Exception):
+    """Raised inside a decoder; decode_pgoutput turns it into ProtocolError naming the message."""
+
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_XID_RELID = struct.Struct(">II")
+_BEGIN = struct.Struct(">QqI")            # final_lsn, commit_time, xid
+_MESSAGE = struct.Struct(">BQ")           # flags, lsn
+_COMMIT = struct.Struct(">BQQq")          # flags, commit_lsn, end_lsn, commit_time
+_ORIGIN = struct.Struct(">Q")             # commit_lsn on the origin
+_RELATION_TAIL = struct.Struct(">BH")     # replica identity, number of columns
+_COLUMN_TAIL = struct.Struct(">Ii")       # type oid, type modifier (-1: none)
+_TRUNCATE = struct.Struct(">IB")          # number of relations, options
+_STREAM_START = struct.Struct(">IB")      # xid, first segment
+_STREAM_COMMIT = struct.Struct(">IBQQq")  # xid, flags, commit_lsn, end_lsn, commit_time
+_STREAM_ABORT = struct.Struct(">II")      # xid, subxid
+_STREAM_ABORT_PARALLEL = struct.Struct(">IIQq")  # ... abort_lsn, abort_time
+_BEGIN_PREPARE = struct.Struct(">QQqI")   # prepare_lsn, end_lsn, prepare_time, xid
+_PREPARE = struct.Struct(">BQQqI")        # flags, lsn, end_lsn, time, xid (also Commit/Stream Prepared)
+_ROLLBACK_PREPARED = struct.Struct(">BQQqqI")
+
+
+def _decode_string(data: bytes, pos: int) -> tuple[str, int]:
+    """A NUL-terminated UTF-8 String at pos: (text, position after the NUL)."""
+    end = data.find(0, pos)
+    if end < 0:
+        raise _Malformed("truncated string")
+    return data[pos:end].decode(), end + 1
+
+
+def _decode_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
+    """TupleData at pos: (values, position after it).  The hot path: no per-byte loop."""
+    (count,) = _U16.unpack_from(data, pos)
+    pos += 2
+    size_of = _U32.unpack_from
+    length = len(data)
+    values = []
+    append = values.append
+    special = False
+    for _ in range(count):
+        kind = data[pos]
+        if kind == VALUE_TEXT:
+            start = pos + 5
+            pos = start + size_of(data, pos + 1)[0]
+            if pos > length:
+                raise _Malformed("truncated tuple data")
+            append(data[start:pos].decode())
+        elif kind == VALUE_NULL:
+            append(None)
+            pos += 1
+        elif kind == VALUE_UNCHANGED_TOAST:
+            append(UNCHANGED_TOAST)
+            pos += 1
+            special = True
+        elif kind == VALUE_BINARY:
+            start = pos + 5
+            pos = start + size_of(data, pos + 1)[0]
+            if pos > length:
+                raise _Malformed("truncated tuple data")
+            append(data[start:pos])
+            special = True
+        else:
+            raise _Malformed(f"unknown tuple value kind {kind:#04x}")
+    return (_TupleWithSpecialValues(values) if special else tuple(values)), pos
+
+
+def _decode_xid(data: bytes, in_stream: bool) -> tuple[int | None, int]:
+    """The leading xid of a change inside a streamed block: (xid or None, offset after it)."""
+    if in_stream:
+        return _U32.unpack_from(data, 1)[0], 5
+    return None, 1
+
+
+def _expect_end(data: bytes, pos: int) -> None:
+    if pos != len(data):
+        raise _Malformed("trailing bytes" if pos < len(data) else "truncated")
+
+
+def decode_begin(data: bytes, in_stream: bool) -> Begin:
+    _expect_end(data, 1 + _BEGIN.size)
+    return Begin(*_BEGIN.unpack_from(data, 1))
+
+
+def decode_message(data: bytes, in_stream: bool) -> Message:
+    xid, pos = _decode_xid(data, in_stream)
+    flags, lsn = _MESSAGE.unpack_from(data, pos)
+    prefix, pos = _decode_string(data, pos + _MESSAGE.size)
+    (size,) = _U32.unpack_from(data, pos)
+    pos += 4
+    _expect_end(data, pos + size)
+    return Message(xid, bool(flags & MESSAGE_FLAG_TRANSACTIONAL), lsn, prefix, data[pos:])
+
+
+def decode_commit(data: bytes, in_stream: bool) -> Commit:
+    _expect_end(data, 1 + _COMMIT.size)
+    return Commit(*_COMMIT.unpack_from(data, 1))
+
+
+def decode_origin(data: bytes, in_stream: bool) -> Origin:
+    (commit_lsn,) = _ORIGIN.unpack_from(data, 1)
+    name, pos = _decode_string(data, 1 + _ORIGIN.size)
+    _expect_end(data, pos)
+    return Origin(commit_lsn, name)
+
+
+def decode_relation(data: bytes, in_stream: bool) -> Relation:
+    xid, pos = _decode_xid(data, in_stream)
+    (oid,) = _U32.unpack_from(data, pos)
+    namespace, pos = _decode_string(data, pos + 4)
+    name, pos = _decode_string(data, pos)
+    identity, count = _RELATION_TAIL.unpack_from(data, pos)
+    if chr(identity) not in REPLICA_IDENTITIES:
+        raise _Malformed(f"unknown replica identity {identity:#04x}")
+    pos += _RELATION_TAIL.size
+    columns = []
+    for _ in range(count):
+        flags = data[pos]
+        column_name, pos = _decode_string(data, pos + 1)
+        type_oid, modifier = _COLUMN_TAIL.unpack_from(data, pos)
+        pos += _COLUMN_TAIL.size
+        columns.append(Column(flags, column_name, type_oid, modifier))
+    _expect_end(data, pos)
+    return Relation(xid, oid, namespace, name, chr(identity), tuple(columns))
+
+
+def decode_type(data: bytes, in_stream: bool) -> Type:
+    xid, pos = _decode_xid(data, in_stream)
+    (oid,) = _U32.unpack_from(data, pos)
+    namespace, pos = _decode_string(data, pos + 4)
+    name, pos = _decode_string(data, pos)
+    _expect_end(data, pos)
+    return Type(xid, oid, namespace, name)
+
+
+def decode_insert(data: bytes, in_stream: bool) -> Insert:
+    # The hottest message: the helpers are inlined.
+    if in_stream:
+        xid, relid = _XID_RELID.unpack_from(data, 1)
+        pos = 9
+    else:
+        xid, (relid,), pos = None, _U32.unpack_from(data, 1), 5
+    if data[pos] != TUPLE_NEW:
+        raise _Malformed(f"expected 'N', got {data[pos]:#04x}")
+    new, pos = _decode_tuple(data, pos + 1)
+    if pos != len(data):
+        _expect_end(data, pos)
+    return _new_insert(xid, relid, new)
+
+
+def decode_update(data: bytes, in_stream: bool) -> Update:
+    xid, pos = _decode_xid(data, in_stream)
+    (relid,) = _U32.unpack_from(data, pos)
+    kind = data[pos + 4]
+    old_kind = old = None
+    pos += 5
+    if kind == TUPLE_KEY or kind == TUPLE_OLD:
+        old_kind = chr(kind)
+        old, pos = _decode_tuple(data, pos)
+        kind = data[pos]
+        pos += 1
+    if kind != TUPLE_NEW:
+        raise _Malformed(f"expected 'N', got {kind:#04x}")
+    new, pos = _decode_tuple(data, pos)
+    _expect_end(data, pos)
+    return Update(xid, relid, old_kind, old, new)
+
+
+def decode_delete(data: bytes, in_stream: bool) -> Delete:
+    xid, pos = _decode_xid(data, in_stream)
+    (relid,) = _U32.unpack_from(data, pos)
+    kind = data[pos + 4]
+    if kind != TUPLE_KEY and kind != TUPLE_OLD:
+        raise _Malformed(f"expected 'K' or 'O', got {kind:#04x}")
+    old, pos = _decode_tuple(data, pos + 5)
+    _expect_end(data, pos)
+    return Delete(xid, relid, chr(kind), old)
+
+
+def decode_truncate(data: bytes, in_stream: bool) -> Truncate:
+    xid, pos = _decode_xid(data, in_stream)
+    count, options = _TRUNCATE.unpack_from(data, pos)
+    pos += _TRUNCATE.size
+    _expect_end(data, pos + 4 * count)  # before unpacking: a huge count must not allocate
+    return Truncate(xid, options, struct.unpack_from(f">{count}I", data, pos))
+
+
+def decode_stream_start(data: bytes, in_stream: bool) -> StreamStart:
+    _expect_end(data, 1 + _STREAM_START.size)
+    xid, first = _STREAM_START.unpack_from(data, 1)
+    return StreamStart(xid, first == 1)
+
+
+def decode_stream_stop(data: bytes, in_stream: bool) -> StreamStop:
+    _expect_end(data, 1)
+    return StreamStop()
+
+
+def decode_stream_commit(data: bytes, in_stream: bool) -> StreamCommit:
+    _expect_end(data, 1 + _STREAM_COMMIT.size)
+    return StreamCommit(*_STREAM_COMMIT.unpack_from(data, 1))
+
+
+def decode_stream_abort(data: bytes, in_stream: bool) -> StreamAbort:
+    # abort_lsn and abort_time follow only with protocol 4 and streaming = parallel: the length
+    # tells which form this is.
+    if len(data) == 1 + _STREAM_ABORT_PARALLEL.size:
+        return StreamAbort(*_STREAM_ABORT_PARALLEL.unpack_from(data, 1))
+    _expect_end(data, 1 + _STREAM_ABORT.size)
+    return StreamAbort(*_STREAM_ABORT.unpack_from(data, 1))
+
+
+def _decode_prepared(data: bytes, layout: struct.Struct, cls):
+    fields = layout.unpack_from(data, 1)
+    gid, pos = _decode_string(data, 1 + layout.size)
+    _expect_end(data, pos)
+    return cls(*fields, gid)
+
+
+def decode_begin_prepare(data: bytes, in_stream: bool) -> BeginPrepare:
+    return _decode_prepared(data, _BEGIN_PREPARE, BeginPrepare)
+
+
+def decode_prepare(data: bytes, in_stream: bool) -> Prepare:
+    return _decode_prepared(data, _PREPARE, Prepare)
+
+
+def decode_commit_prepared(data: bytes, in_stream: bool) -> CommitPrepared:
+    return _decode_prepared(data, _PREPARE, CommitPrepared)
+
+
+def decode_rollback_prepared(data: bytes, in_stream: bool) -> RollbackPrepared:
+    return _decode_prepared(data, _ROLLBACK_PREPARED, RollbackPrepared)
+
+
+def decode_stream_prepare(data: bytes, in_stream: bool) -> StreamPrepare:
+    return _decode_prepared(data, _PREPARE, StreamPrepare)
+
+
+#: One-byte message tag -> decoder(data, in_stream).
+PGOUTPUT_DECODERS: dict[int, Callable[[bytes, bool], object]] = {
+    BEGIN: decode_begin, MESSAGE: decode_message, COMMIT: decode_commit, ORIGIN: decode_origin,
+    RELATION: decode_relation, TYPE: decode_type, INSERT: decode_insert, UPDATE: decode_update,
+    DELETE: decode_delete, TRUNCATE: decode_truncate, STREAM_START: decode_stream_start,
+    STREAM_STOP: decode_stream_stop, STREAM_COMMIT: decode_stream_commit,
+    STREAM_ABORT: decode_stream_abort, BEGIN_PREPARE: decode_begin_prepare, PREPARE: decode_prepare,
+    COMMIT_PREPARED: decode_commit_prepared, ROLLBACK_PREPARED: decode_rollback_prepared,
+    STREAM_PREPARE: decode_stream_prepare,
+}
+
+#: Message tag -> name in the docs, for error messages.
+PGOUTPUT_MESSAGE_NAMES: dict[int, str] = {
+    BEGIN: "Begin", MESSAGE: "Message", COMMIT: "Commit", ORIGIN: "Origin", RELATION: "Relation",
+    TYPE: "Type", INSERT: "Insert", UPDATE: "Update", DELETE: "Delete", TRUNCATE: "Truncate",
+    STREAM_START: "Stream Start", STREAM_STOP: "Stream Stop", STREAM_COMMIT: "Stream Commit",
+    STREAM_ABORT: "Stream Abort", BEGIN_PREPARE: "Begin Prepare", PREPARE: "Prepare",
+    COMMIT_PREPARED: "Commit Prepared", ROLLBACK_PREPARED: "Rollback Prepared",
+    STREAM_PREPARE: "Stream Prepare",
+}
+
+
+def decode_pgoutput(data: bytes, in_stream: bool = False):
+    """One pgoutput message (an XLogData payload) as a dataclass.
+
+    `in_stream`: whether we are between Stream Start and Stream Stop (the change messages then
+    carry a leading xid).  Raises ProtocolError for anything malformed, naming the message.
+    """
+    try:
+        decoder = PGOUTPUT_DECODERS[data[0]]
+    except IndexError:
+        raise ProtocolError("malformed pgoutput message: empty") from None
+    except KeyError:
+        raise ProtocolError(f"malformed pgoutput message: unknown message type {data[0]:#04x}") from None
+    try:
+        return decoder(data, in_stream)
+    except _Malformed as exc:
+        reason = str(exc)
+    except (struct.error, IndexError):
+        reason = "truncated"
+    except UnicodeDecodeError:
+        reason = "invalid UTF-8"
+    raise ProtocolError(f"malformed pgoutput {PGOUTPUT_MESSAGE_NAMES[data[0]]} message: {reason}")
+
+
+# =====================================================================================================
+# 7. Type conversion
+# =====================================================================================================
+# Pure: PostgreSQL's text output of a value -> the JSON value of CONTRACT.md section 3.  The
+# session settings (DateStyle ISO, TimeZone UTC, extra_float_digits 3, bytea_output hex) fix the
+# text forms.  A converter in TYPE_CONVERTERS may raise ValueError (or RecursionError, for very
+# deep JSON) on text PostgreSQL never prints; `convert_value` and the assembler then keep the text:
+# a data value never breaks the stream.
+
+_FLOAT_WORDS = frozenset(("NaN", "Infinity", "-Infinity"))
+_INFINITY = float("inf")
+_OFFSET_TIMESTAMP = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)(\.\d+)?([+-])(\d\d)(?::(\d\d))?(?::(\d\d))?")
+_BYTEA_ESCAPE = re.compile(rb"\\(\\|[0-3][0-7]{2})")
+_ARRAY_DIMENSIONS = re.compile(r"(?:\[-?\d+:-?\d+\])+=")
+# Array text as array_out prints it: a quoted element (backslash escapes inside), an unquoted
+# element (never empty, never with whitespace, quotes, braces, commas or backslashes), or
+# punctuation.
+_ARRAY_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|([^{},"\\\s]+)|([{},])', re.S)
+_ARRAY_ESCAPE = re.compile(r"\\(.)", re.S)
+
+
+def convert_text(text: str) -> str:
+    """text, varchar, char, name, uuid, numeric, date, time, timetz, interval and the fallback."""
+    return text
+
+
+def convert_bool(text: str) -> bool:
+    if text == "t":
+        return True
+    if text == "f":
+        return False
+    raise ValueError(f"not a bool: {text!r}")
+
+
+def convert_float(text: str) -> float | str:
+    """float4/float8: a number, or the strings NaN, Infinity, -Infinity (JSON has no such numbers)."""
+    if text in _FLOAT_WORDS:
+        return text
+    value = float(text)
+    if value == _INFINITY or value == -_INFINITY:
+        raise ValueError(f"float out of range: {text!r}")  # PostgreSQL prints no such finite text
+    return value
+
+
+def _convert_json_float(text: str) -> float:
+    value = float(text)
+    if value == _INFINITY or value == -_INFINITY:  # e.g. 1e400 in a json (not jsonb) column
+        raise ValueError(f"JSON number out of float range: {text!r}")
+    return value
+
+
+# Built once: json.loads with a keyword argument would build a decoder per call (3x slower).
+_JSON_DECODER = json.JSONDecoder(parse_float=_convert_json_float)
+_JSON_SCAN = _JSON_DECODER.scan_once
+
+
+def convert_json(text: str):
+    """json, jsonb: the JSON value itself.  The C scanner directly (json.loads minus its Python
+    layers: a third of the cost on the hot path); anything unusual goes the full way."""
+    try:
+        value, end = _JSON_SCAN(text, 0)
+    except StopIteration:
+        end = -1
+    return value if end == len(text) else _JSON_DECODER.decode(text)
+
+
+def convert_bytea(text: str) -> str:
+    """bytea: base64 of the bytes.  Hex output (\\x0a0b) normally; escape output understood too."""
+    if text.startswith("\\x"):
+        return base64.b64encode(bytes.fromhex(text[2:])).decode("ascii")
+    raw = text.encode("ascii")
+    if _BYTEA_ESCAPE.sub(b"", raw).count(b"\\"):
+        raise ValueError("malformed bytea escape output")
+    raw = _BYTEA_ESCAPE.sub(lambda m: b"\\" if m[1] == b"\\" else bytes((int(m[1], 8),)), raw)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def convert_timestamp(text: str) -> str:
+    """timestamp '2026-11-27 16:25:11.123456' -> '2026-11-27T16:25:11.123456'.
+
+    'infinity' / '-infinity' stay.  Years before 1 AD ('0044-03-15 12:00:00 BC') keep
+    PostgreSQL's text unchanged: ISO 8601 would need astronomical year numbering (BC 44 is year
+    -0043), which readers rarely expect; the ' BC' suffix is unambiguous.
+    """
+    if text.endswith(" BC"):
+        return text
+    return text.replace(" ", "T", 1)
+
+
+def convert_timestamptz(text: str) -> str:
+    """timestamptz '2026-11-27 16:25:11.123456+00' -> '2026-11-27T16:25:11.123456Z' (UTC).
+
+    With TimeZone UTC PostgreSQL always prints '+00'; another offset (a server that ignored our
+    setting) is converted to UTC when the year is in 1..9999, else kept as text.  'infinity',
+    '-infinity' and ' BC' years stay as PostgreSQL prints them (see convert_timestamp).
+    """
+    if text.endswith("+00"):
+        return text[:-3].replace(" ", "T", 1) + "Z"
+    match = _OFFSET_TIMESTAMP.fullmatch(text)
+    if match is None:
+        return text
+    year, month, day, hour, minute, second, fraction, sign, oh, om, os_ = match.groups()
+    offset = datetime.timedelta(hours=int(oh), minutes=int(om or 0), seconds=int(os_ or 0))
+    try:
+        local = datetime.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second))
+        utc = local - offset if sign == "+" else local + offset
+    except (ValueError, OverflowError):
+        return text
+    return f"{utc.isoformat()}{fraction or ''}Z"
+
+
+def _unescape_array_element(text: str) -> str:
+    return _ARRAY_ESCAPE.sub(r"\1", text) if "\\" in text else text
+
+
+def _convert_element(text: str, convert) -> object:
+    return text if convert is None else convert(text)
+
+
+def decode_array_text(text: str, convert: Callable[[str], object] | None = None) -> list:
+    """PostgreSQL's array text output -> nested lists, elements through `convert`.
+
+    Handles `{a,b}`, quoted elements with backslash escapes, unquoted NULL (None) versus quoted
+    "NULL" (a string), nested dimensions, `{}` and the `[lb:ub]=` decoration printed when a lower
+    bound is not 1.  Raises ValueError on text array_out would not print.
+    """
+    if text.startswith("["):
+        match = _ARRAY_DIMENSIONS.match(text)
+        if match is None:
+            raise ValueError("malformed array dimensions")
+        text = text[match.end():]
+    inner = text[1:-1]
+    if (text[:1] == "{" and text[-1:] == "}" and '"' not in inner and "{" not in inner
+            and "}" not in inner and "\\" not in inner and " " not in inner):
+        return _decode_flat_array(inner, convert)  # the common case: one dimension, no quoting
+    return _decode_nested_array(text, convert)
+
+
+def _decode_flat_array(inner: str, convert) -> list:
+    if not inner:
+        return []
+    values = []
+    for item in inner.split(","):
+        if not item or item.isspace():
+            raise ValueError("empty array element")
+        values.append(None if item.upper() == "NULL" else _convert_element(item, convert))
+    return values
+
+
+def _decode_nested_array(text: str, convert) -> list:
+    if text[:1] != "{":
+        raise ValueError("array text must start with '{'")
+    root: list = []
+    stack = [root]
+    pos, expect_item, allow_close = 1, True, True  # just after '{'
+    match = _ARRAY_TOKEN.match
+    while stack:
+        token = match(text, pos)
+        if token is None:
+            raise ValueError(f"malformed array at offset {pos}")
+        pos = token.end()
+        quoted, bare, punct = token.groups()
+        if punct == ",":
+            if expect_item:
+                raise ValueError("misplaced ','")
+            expect_item, allow_close = True, False
+        elif punct == "}":
+            if not allow_close:
+                raise ValueError("misplaced '}'")
+            stack.pop()
+            expect_item, allow_close = False, True
+        elif not expect_item:
+            raise ValueError("missing ','")
+        elif punct == "{":
+            child: list = []
+            stack[-1].append(child)
+            stack.append(child)
+            allow_close = True
+        else:
+            if quoted is not None:
+                value = _convert_element(_unescape_array_element(quoted), convert)
+            else:
+                value = None if bare.upper() == "NULL" else _convert_element(bare, convert)
+            stack[-1].append(value)
+            expect_item, allow_close = False, True
+    if pos != len(text):
+        raise ValueError("trailing text after array")
+    return root
+
+
+def _make_array_converter(element: Callable[[str], object] | None) -> Callable[[str], object]:
+    """A converter for arrays of a type: JSON arrays, or the raw text when it is malformed."""
+    convert = None if element is convert_text else element
+
+    def convert_array(text: str) -> list | str:
+        try:
+            return decode_array_text(text, convert)
+        except (ValueError, RecursionError):
+            return text
+
+    return convert_array
+
+
+#: Scalar type OID -> converter, for the types CONTRACT.md section 3 lists (pg_type.oid).
+_SCALAR_CONVERTERS: dict[int, Callable[[str], object]] = {
+    16: convert_bool,                                             # bool
+    17: convert_bytea,                                            # bytea
+    18: convert_text, 19: convert_text, 25: convert_text,         # "char", name, text
+    1042: convert_text, 1043: convert_text, 2950: convert_text,   # bpchar, varchar, uuid
+    20: int, 21: int, 23: int, 26: int,                           # int8, int2, int4, oid
+    700: convert_float, 701: convert_float,                       # float4, float8
+    1700: convert_text,                                           # numeric: exact, as text
+    114: convert_json, 3802: convert_json,                        # json, jsonb
+    1082: convert_text, 1083: convert_text, 1266: convert_text,   # date, time, timetz
+    1186: convert_text,                                           # interval
+    1114: convert_timestamp, 1184: convert_timestamptz,           # timestamp, timestamptz
+}
+
+#: Array type OID -> element type OID (pg_type.typarray).  Element types outside the table above
+#: (inet, money, ranges, ...) give arrays of strings.  box[] is absent: its delimiter is ';'.
+ARRAY_ELEMENT_TYPES: dict[int, int] = {
+    1000: 16, 1001: 17, 1002: 18, 1003: 19, 1005: 21, 1007: 23, 1009: 25, 1014: 1042, 1015: 1043,
+    1016: 20, 1021: 700, 1022: 701, 1028: 26, 1115: 1114, 1182: 1082, 1183: 1083, 1185: 1184,
+    1187: 1186, 1231: 1700, 1270: 1266, 2951: 2950, 199: 114, 3807: 3802,
+    143: 142, 629: 628, 651: 650, 719: 718, 775: 774, 791: 790, 1006: 22, 1008: 24, 1010: 27,
+    1011: 28, 1012: 29, 1013: 30, 1017: 600, 1018: 601, 1019: 602, 1027: 604, 1034: 1033,
+    1040: 829, 1041: 869, 1561: 1560, 1563: 1562, 2201: 1790, 2207: 2202, 2208: 2203, 2209: 2204,
+    2210: 2205, 2211: 2206, 2949: 2970, 3221: 3220, 3643: 3614, 3645: 3615, 3735: 3734,
+    3770: 3769, 3905: 3904, 3907: 3906, 3909: 3908, 3911: 3910, 3913: 3912, 3927: 3926,
+    4073: 4072, 4090: 4089, 4097: 4096, 4192: 4191, 5039: 5038, 271: 5069, 1263: 2275, 2287: 2249,
+    6150: 4451, 6151: 4532, 6152: 4533, 6153: 4534, 6155: 4535, 6157: 4536,
+}
+
+#: Type OID -> converter(text) -> JSON value.  Anything absent stays text (convert_text).
+TYPE_CONVERTERS: dict[int, Callable[[str], object]] = {
+    **_SCALAR_CONVERTERS,
+    **{array: _make_array_converter(_SCALAR_CONVERTERS.get(element, convert_text))
+       for array, element in ARRAY_ELEMENT_TYPES.items()},
+}
+
+_TEXT_ARRAY = _make_array_converter(convert_text)
+
+
+def converter_for(type_oid: int, type_name: str | None = None) -> Callable[[str], object]:
+    """The converter for a column type.  `type_name` comes from a Type message (non-builtin types):
+    a name starting with '_' is an array type (enums, citext, domains...): an array of strings."""
+    converter = TYPE_CONVERTERS.get(type_oid)
+    if converter is not None:
+        return converter
+    if type_name and type_name.startswith("_"):
+        return _TEXT_ARRAY
+    return convert_text
+
+
+def convert_value(type_oid: int, text: str | None, type_name: str | None = None):
+    """One value as JSON; never raises: text a converter cannot read stays text."""
+    if text is None:
+        return None
+    try:
+        return converter_for(type_oid, type_name)(text)
+    except (ValueError, RecursionError):
+        return text
+
+
+_PG_EPOCH = datetime.datetime(2000, 1, 1)
+
+
+def convert_commit_time(timestamp_us: int) -> str:
+    """A pgoutput timestamp (microseconds since 2000-01-01 UTC) as ISO 8601 UTC with 6 digits."""
+    moment = _PG_EPOCH + datetime.timedelta(microseconds=timestamp_us)
+    return moment.isoformat(timespec="microseconds") + "Z"
+
+
+# =====================================================================================================
+# 8. Event envelope
+# =====================================================================================================
+# Pure: decoded messages -> event dicts (CONTRACT.md section 3), keys in the contract's order.
+# ChangeAssembler holds the state between messages: relation cache, type cache, the open plain
+# transaction, and the buffered streamed transactions.  Its only I/O is the spill file.
+
+#: Bytes counted per buffered streamed record on top of its message bytes (tuple, ints, list slot).
+STREAM_RECORD_OVERHEAD_BYTES = 120
+_SPILL_HEADER = struct.Struct(">QIQI")  # cache generation, subxid, wal_start, message length
+_VALUE_ERRORS = (ValueError, RecursionError)
+
+
+@dataclasses.dataclass(slots=True)
+class Chunk:
+    """Events in delivery order.  With end_lsn set, the chunk ends a transaction: once every event
+    up to and including this chunk is delivered, end_lsn may be acknowledged to PostgreSQL."""
+
+    events: list[dict]
+    end_lsn: int | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class _RelationInfo:
+    """A Relation message with what building events needs, computed once."""
+
+    relation: Relation
+    schema: str
+    table: str
+    names: tuple[str, ...]
+    converters: tuple          # per column: converter, or None for text
+    converted: tuple[tuple[str, Callable], ...]  # (name, converter) of the non-text columns
+    type_oids: tuple[int, ...]
+    key_names: tuple[str, ...]  # empty: no key (REPLICA IDENTITY NOTHING or no flagged column)
+    generation: int
+    pairs: tuple[tuple[str, Callable | None], ...] = ()  # (name, converter or None) per column
+
+
+def build_relation_info(relation: Relation, types: dict[int, Type], generation: int = 0,
+                        base_types: Mapping[int, int] | None = None) -> _RelationInfo:
+    """`base_types` maps a domain (and its array type) to its base type (and the base's array
+    type): a domain over a known type converts like that type."""
+    converters = []
+    for column in relation.columns:
+        custom = types.get(column.type_oid)
+        type_oid = base_types.get(column.type_oid, column.type_oid) if base_types else column.type_oid
+        converter = converter_for(type_oid, custom.name if custom else None)
+        converters.append(None if converter is convert_text else converter)
+    keys = () if relation.replica_identity == "n" else tuple(c.name for c in relation.columns if c.is_key)
+    names = tuple(c.name for c in relation.columns)
+    converted = tuple((name, convert) for name, convert in zip(names, converters) if convert is not None)
+    return _RelationInfo(relation, relation.namespace or "pg_catalog", relation.name, names,
+                         tuple(converters), converted,
+                         tuple(c.type_oid for c in relation.columns), keys, generation,
+                         tuple(zip(names, converters)))
+
+
+@dataclasses.dataclass(slots=True)
+class _TxnContext:
+    """What every event of one transaction shares, and its event counter."""
+
+    xid: int | None
+    commit_lsn: str | None
+    commit_time: str | None
+    seq: int = 0
+
+
+def _convert_tuple(info: _RelationInfo, values: TupleData, what: str) -> tuple[dict, list]:
+    """(row as {column: JSON value} without unchanged-TOAST columns, names of those columns)."""
+    if len(values) != len(info.names):
+        raise ProtocolError(f"malformed pgoutput {what} message: {len(values)} columns, but Relation "
+                            f"{info.schema}.{info.table} has {len(info.names)}")
+    if values.__class__ is tuple:  # the fast path: only text and NULL (see _TupleWithSpecialValues)
+        row = dict(zip(info.names, values))
+        try:
+            for name, convert in info.converted:
+                value = row[name]
+                if value is not None:
+                    row[name] = convert(value)
+        except _VALUE_ERRORS:
+            return _convert_tuple_safely(info, values), []
+        return row, []
+    row: dict = {}
+    missing: list = []
+    try:
+        for name, convert, value in zip(info.names, info.converters, values):
+            if value.__class__ is str:
+                row[name] = value if convert is None else convert(value)
+            elif value is None:
+                row[name] = None
+            elif value is UNCHANGED_TOAST:
+                missing.append(name)
+            else:
+                raise ProtocolError(f"unexpected binary value in pgoutput {what} message "
+                                    "(binary mode was not requested)")
+    except _VALUE_ERRORS:
+        return _convert_tuple_safely(info, values), missing
+    return row, missing
+
+
+def _convert_tuple_safely(info: _RelationInfo, values: TupleData) -> dict:
+    """The slow path after a converter failed: each value on its own, unreadable ones as text."""
+    row = {}
+    for name, convert, value in zip(info.names, info.converters, values):
+        if value.__class__ is bytes:
+            raise ProtocolError("unexpected binary value in pgoutput message (binary mode was not requested)")
+        if value is not UNCHANGED_TOAST:
+            try:
+                row[name] = value if value is None or convert is None else convert(value)
+            except _VALUE_ERRORS:
+                row[name] = value
+    return row
+
+
+def _build_key(info: _RelationInfo, row: dict | None) -> dict | None:
+    names = info.key_names
+    if not names or row is None:
+        return None
+    if len(names) == 1:  # the common single-column primary key, without a comprehension
+        name = names[0]
+        return {name: row[name]} if name in row else None
+    key = {name: row[name] for name in names if name in row}
+    return key or None
+
+
+def _build_old(info: _RelationInfo, kind: str | None, values: TupleData | None, what: str) -> dict | None:
+    """'O': the whole old row; 'K': only the key columns (the others are null placeholders)."""
+    if values is None:
+        return None
+    row, _ = _convert_tuple(info, values, what)
+    if kind == "K":
+        return {name: row[name] for name in info.key_names if name in row}
+    return row
+
+
+def _fill_unchanged_toast(info: _RelationInfo, new: dict, missing: list, old: dict | None) -> list:
+    """Take unchanged TOAST values from the old row when it carries them; the rest stay listed.
+    `new` is rebuilt in column order so filled columns keep their place."""
+    if not missing or not old:
+        return missing
+    still_missing = [name for name in missing if name not in old]
+    if len(still_missing) < len(missing):
+        filled = {**new, **{name: old[name] for name in missing if name in old}}
+        new.clear()
+        new.update((name, filled[name]) for name in info.names if name in filled)
+    return still_missing
+
+
+def _envelope(ctx: _TxnContext, op: str, info: _RelationInfo, key, new, old, toast: list,
+              wal_start: int) -> dict:
+    seq = ctx.seq
+    ctx.seq = seq + 1
+    return {"id": f"{ctx.commit_lsn}:{seq}", "op": op, "schema": info.schema, "table": info.table,
+            "key": key, "new": new, "old": old, "unchanged_toast": toast, "xid": ctx.xid,
+            "lsn": f"{wal_start >> 32:X}/{wal_start & 0xFFFFFFFF:X}",  # format_lsn, inlined: hot path
+            "commit_lsn": ctx.commit_lsn, "commit_time": ctx.commit_time, "seq": seq}
+
+
+def build_insert_event(ctx: _TxnContext, info: _RelationInfo, message: Insert, wal_start: int) -> dict:
+    new, missing = _convert_tuple(info, message.new, "Insert")
+    return _envelope(ctx, "insert", info, _build_key(info, new), new, None, missing, wal_start)
+
+
+def build_insert_event_fast(ctx: _TxnContext, info: _RelationInfo, data: bytes, wal_start: int) -> dict | None:
+    """The hot path of a plain Insert, straight from its bytes: decoding and converting fused in
+    one loop, no intermediate message.  Anything unusual (unchanged TOAST or binary values, a
+    value its converter refuses, malformed bytes) returns None: then the general path
+    (decode_pgoutput + build_insert_event) handles the message, with its exact errors, so both
+    paths always give the same event."""
+    row: dict = {}
+    try:
+        if data[5] != TUPLE_NEW or _U16.unpack_from(data, 6)[0] != len(info.names):
+            return None
+        pos, size_of = 8, _U32.unpack_from
+        for name, convert in info.pairs:
+            kind = data[pos]
+            if kind == VALUE_TEXT:
+                start = pos + 5
+                pos = start + size_of(data, pos + 1)[0]
+                text = data[start:pos].decode()
+                row[name] = text if convert is None else convert(text)
+            elif kind == VALUE_NULL:
+                row[name] = None
+                pos += 1
+            else:
+                return None
+        if pos != len(data):
+            return None
+    except (IndexError, struct.error, UnicodeDecodeError, *_VALUE_ERRORS):
+        return None
+    return _envelope(ctx, "insert", info, _build_key(info, row), row, None, [], wal_start)
+
+
+def build_update_event(ctx: _TxnContext, info: _RelationInfo, message: Update, wal_start: int) -> dict:
+    new, missing = _convert_tuple(info, message.new, "Update")
+    old = _build_old(info, message.old_kind, message.old, "Update")
+    missing = _fill_unchanged_toast(info, new, missing, old)
+    return _envelope(ctx, "update", info, _build_key(info, new), new, old, missing, wal_start)
+
+
+def build_delete_event(ctx: _TxnContext, info: _RelationInfo, message: Delete, wal_start: int) -> dict:
+    old = _build_old(info, message.old_kind, message.old, "Delete")
+    return _envelope(ctx, "delete", info, _build_key(info, old), None, old, [], wal_start)
+
+
+def build_truncate_event(ctx: _TxnContext, info: _RelationInfo, message: Truncate, wal_start: int) -> dict:
+    seq = ctx.seq
+    ctx.seq = seq + 1
+    return {"id": f"{ctx.commit_lsn}:{seq}", "op": "truncate", "schema": info.schema,
+            "table": info.table, "key": None, "new": None, "old": None, "unchanged_toast": [],
+            "cascade": message.cascade, "restart_identity": message.restart_identity,
+            "xid": ctx.xid, "lsn": format_lsn(wal_start), "commit_lsn": ctx.commit_lsn,
+            "commit_time": ctx.commit_time, "seq": seq}
+
+
+def build_message_event(ctx: _TxnContext | None, message: Message) -> dict:
+    """A logical decoding message.  Its `lsn` is the message's own LSN.  Without a transaction
+    context (non-transactional) xid, commit_lsn, commit_time and seq are null, id `<lsn>:m`."""
+    lsn = format_lsn(message.lsn)
+    if ctx is None:
+        event_id, seq, xid, commit_lsn, commit_time = f"{lsn}:m", None, None, None, None
+    else:
+        seq = ctx.seq
+        ctx.seq = seq + 1
+        event_id, xid, commit_lsn, commit_time = f"{ctx.commit_lsn}:{seq}", ctx.xid, ctx.commit_lsn, ctx.commit_time
+    event = {"id": event_id, "op": "message", "schema": None, "table": None, "key": None,
+             "new": None, "old": None, "unchanged_toast": [], "prefix": message.prefix}
+    try:
+        event["content"] = message.content.decode()
+    except UnicodeDecodeError:
+        event["content_base64"] = base64.b64encode(message.content).decode("ascii")
+    event.update(transactional=message.transactional, xid=xid, lsn=lsn, commit_lsn=commit_lsn,
+                 commit_time=commit_time, seq=seq)
+    return event
+
+
+_CHANGE_BUILDERS = {Insert: build_insert_event, Update: build_update_event, Delete: build_delete_event}
+_MESSAGE_NAMES = {Insert: "Insert", Update: "Update", Delete: "Delete", Truncate: "Truncate",
+                  Message: "Message"}
+
+
+class _StreamBuffer:
+    """The buffered changes of one streamed top-level transaction.
+
+    Records are (cache generation, subxid, wal_start, message bytes): small and flat, so memory is
+    accounted by bytes.  Past the bound they move to an anonymous temporary file (unlinked at
+    creation: nothing is left behind even after kill -9), appended in order; the records still in
+    memory always come after those in the file.
+    """
+
+    __slots__ = ("xid", "records", "memory_bytes", "file", "aborted_subxids")
+
+    def __init__(self, xid: int):
+        self.xid = xid
+        self.records: list[tuple[int, int, int, bytes]] = []
+        self.memory_bytes = 0
+        self.file = None
+        self.aborted_subxids: set[int] = set()
+
+    def spill(self, spill_dir: str | None) -> int:
+        """Move the in-memory records to the spill file; returns the bytes freed."""
+        if self.file is None:
+            self.file = tempfile.TemporaryFile(prefix="wal2http-spill-", dir=spill_dir)
+        write, pack = self.file.write, _SPILL_HEADER.pack
+        for generation, subxid, wal_start, data in self.records:
+            write(pack(generation, subxid, wal_start, len(data)))
+            write(data)
+        freed, self.memory_bytes = self.memory_bytes, 0
+        self.records = []
+        return freed
+
+    def drop_subtransaction(self, subxid: int) -> int:
+        """Forget the changes of an aborted subtransaction; returns the bytes freed."""
+        self.aborted_subxids.add(subxid)  # records already in the file are skipped at replay
+        kept = [record for record in self.records if record[1] != subxid]
+        freed = sum(len(r[3]) + STREAM_RECORD_OVERHEAD_BYTES for r in self.records if r[1] == subxid)
+        self.records = kept
+        self.memory_bytes -= freed
+        return freed
+
+    def iter_records(self) -> Iterator[tuple[int, int, int, bytes]]:
+        """Every record in order: the spill file piece by piece, then memory."""
+        if self.file is not None:
+            read, unpack, size = self.file.read, _SPILL_HEADER.unpack, _SPILL_HEADER.size
+            self.file.seek(0)
+            while header := read(size):
+                generation, subxid, wal_start, length = unpack(header)
+                yield generation, subxid, wal_start, read(length)
+        records, self.records = self.records, []
+        yield from records
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        self.records = []
+        self.memory_bytes = 0
+
+
+class ChangeAssembler:
+    """pgoutput messages in, chunks of events out (see "Theory of operation" at the top).
+
+    Feed every XLogData payload in order; consume the chunks of one feed() before the next.
+    Streamed transactions and subtransactions, following what PostgreSQL sends:
+    - In-stream changes carry the xid of the (sub)transaction that made them; the Stream Start
+      before them names the top-level xid, which is the event's `xid`.
+    - Stream Abort(xid, subxid == xid) discards the transaction.  For ROLLBACK TO SAVEPOINT,
+      PostgreSQL sends one Stream Abort per aborted subtransaction: the abort WAL record lists the
+      rolled-back subxid and all its committed children (nested savepoints), and the decoder aborts
+      each of them, so dropping exactly the named subxid's changes is complete.
+    - Relation messages (in a stream or not) replace the cached relation at once.  Each buffered
+      record keeps the cache generation it was made under and is decoded with the relation of
+      that generation.  (pgoutput sends a Relation in every streamed transaction before its first
+      change of that table, and again after any schema change, so this matches what it encoded.)
+    """
+
+    def __init__(self, chunk_events: int = 1000, spill_bytes: int = 16 * 2**20, spill_dir: str | None = None,
+                 relation_columns: dict | None = None):
+        if chunk_events < 1:
+            raise ValueError("chunk_events must be at least 1")
+        self.chunk_events = chunk_events
+        self.spill_bytes = spill_bytes
+        self.spill_dir = spill_dir
+        self.relation_columns = relation_columns  # when given: (schema, table) -> column names
+        self.base_types: dict[int, int] = {}  # domain type -> base type (see build_relation_info)
+        self._relations: dict[int, _RelationInfo] = {}
+        self._relation_history: dict[int, list[_RelationInfo]] = {}  # kept while streams are open
+        self._generation = 0
+        self._types: dict[int, Type] = {}
+        self._txn: _TxnContext | None = None
+        self._txn_commit_lsn = 0
+        self._pending: list[dict] = []
+        self._stream: _StreamBuffer | None = None  # the stream between Stream Start and Stream Stop
+        self._streams: dict[int, _StreamBuffer] = {}
+        self._memory_bytes = 0
+        self._replay: Iterator[Chunk] | None = None
+        self._handlers = {
+            Begin: self._on_begin, Commit: self._on_commit, Origin: self._on_ignored,
+            Relation: self._on_relation, Type: self._on_type, Insert: self._on_change,
+            Update: self._on_change, Delete: self._on_change, Truncate: self._on_change,
+            Message: self._on_message, StreamStart: self._on_stream_start,
+            StreamStop: self._on_stream_stop, StreamCommit: self._on_stream_commit,
+            StreamAbort: self._on_stream_abort, BeginPrepare: self._on_two_phase,
+            Prepare: self._on_two_phase, CommitPrepared: self._on_two_phase,
+            RollbackPrepared: self._on_two_phase, StreamPrepare: self._on_two_phase,
+        }
+
+    @property
+    def in_transaction(self) -> bool:
+        """A plain transaction is open (Begin seen, Commit not yet)."""
+        return self._txn is not None
+
+    @property
+    def open_streams(self) -> int:
+        """Streamed transactions buffered and not yet committed or aborted."""
+        return len(self._streams)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of streamed changes held in memory (the spill files hold the rest)."""
+        return self._memory_bytes
+
+    def feed(self, wal_start: int, data: bytes) -> Iterable[Chunk]:
+        """One XLogData payload (one pgoutput message) -> the chunks it completes (often none)."""
+        if self._replay is not None:
+            raise RuntimeError("consume the chunks of a Stream Commit before feeding more messages")
+        if not data:
+            raise ProtocolError("malformed XLogData message: no pgoutput message in it")
+        if data[0] == INSERT and self._txn is not None and self._stream is None and len(data) >= 5:
+            info = self._relations.get(_U32.unpack_from(data, 1)[0])
+            event = build_insert_event_fast(self._txn, info, data, wal_start) if info else None
+            if event is not None:  # the hot path: a plain Insert
+                pending = self._pending
+                pending.append(event)
+                return () if len(pending) < self.chunk_events else self._flush_full()
+        message = decode_pgoutput(data, self._stream is not None)
+        return self._handlers[message.__class__](message, wal_start, data)
+
+    def close(self) -> None:
+        """Drop all buffered transactions and remove their spill files."""
+        if self._replay is not None:
+            self._replay.close()  # its stream's file closes with it
+            self._replay = None
+        for stream in self._streams.values():
+            stream.close()
+        self._streams.clear()
+        self._stream = None
+        self._memory_bytes = 0
+
+    # ----- plain transactions
+
+    def _on_begin(self, message: Begin, wal_start: int, data: bytes) -> tuple:
+        if self._txn is not None or self._stream is not None:
+            raise ProtocolError("unexpected pgoutput Begin message inside a transaction")
+        self._txn = _TxnContext(message.xid, format_lsn(message.final_lsn),
+                                _commit_time_text(message.commit_time, "Begin"))
+        self._txn_commit_lsn = message.final_lsn
+        return ()
+
+    def _on_commit(self, message: Commit, wal_start: int, data: bytes) -> tuple:
+        if self._txn is None:
+            raise ProtocolError("unexpected pgoutput Commit message outside a transaction")
+        if message.commit_lsn != self._txn_commit_lsn:
+            raise ProtocolError(f"malformed pgoutput Commit message: commit LSN {format_lsn(message.commit_lsn)} "
+                                f"differs from the Begin's final LSN {self._txn.commit_lsn}")
+        chunk = Chunk(self._pending, message.end_lsn)
+        self._txn, self._pending = None, []
+        return (chunk,)
+
+    def _on_change(self, message, wal_start: int, data: bytes) -> tuple:
+        if self._stream is not None:
+            return self._buffer(message, wal_start, data)
+        if self._txn is None:
+            raise ProtocolError(f"unexpected pgoutput {_MESSAGE_NAMES[message.__class__]} message "
+                                "outside a transaction")
+        pending = self._pending
+        if message.__class__ is Truncate:
+            for relid in message.relids:
+                pending.append(build_truncate_event(self._txn, self._relation(relid, Truncate), message, wal_start))
+        else:
+            info = self._relation(message.relid, message.__class__)
+            pending.append(_CHANGE_BUILDERS[message.__class__](self._txn, info, message, wal_start))
+        return self._flush_full()
+
+    def _flush_full(self) -> tuple:
+        if len(self._pending) < self.chunk_events:
+            return ()
+        chunks = []
+        while len(self._pending) >= self.chunk_events:  # a Truncate of many tables may add several
+            chunks.append(Chunk(self._pending[:self.chunk_events]))
+            self._pending = self._pending[self.chunk_events:]
+        return tuple(chunks)
+
+    def _on_message(self, message: Message, wal_start: int, data: bytes) -> tuple:
+        if not message.transactional:
+            return (Chunk([build_message_event(None, message)]),)
+        if self._stream is not None:
+            return self._buffer(message, wal_start, data)
+        if self._txn is None:
+            raise ProtocolError("unexpected transactional pgoutput Message message outside a transaction")
+        self._pending.append(build_message_event(self._txn, message))
+        return self._flush_full()
+
+    def _relation(self, relid: int, cls: type) -> _RelationInfo:
+        try:
+            return self._relations[relid]
+        except KeyError:
+            raise ProtocolError(f"malformed pgoutput {_MESSAGE_NAMES[cls]} message: unknown relation {relid} "
+                                "(no Relation message before it)") from None
+
+    def _on_relation(self, message: Relation, wal_start: int, data: bytes) -> tuple:
+        self._generation += 1
+        info = build_relation_info(message, self._types, self._generation, self.base_types)
+        self._relations[message.oid] = info
+        if self.relation_columns is not None:
+            self.relation_columns[(info.schema, info.table)] = info.names
+        if self._streams:  # buffered records may still need the older versions
+            self._relation_history.setdefault(message.oid, []).append(info)
+        else:
+            self._relation_history[message.oid] = [info]
+        return ()
+
+    def _on_type(self, message: Type, wal_start: int, data: bytes) -> tuple:
+        self._types[message.oid] = message
+        return ()
+
+    def _on_ignored(self, message, wal_start: int, data: bytes) -> tuple:
+        return ()
+
+    def _on_two_phase(self, message, wal_start: int, data: bytes) -> tuple:
+        name = PGOUTPUT_MESSAGE_NAMES[data[0]]
+        raise ProtocolError(f"unexpected two-phase message {name} (two_phase was not requested)")
+
+    # ----- streamed transactions
+
+    def _on_stream_start(self, message: StreamStart, wal_start: int, data: bytes) -> tuple:
+        if self._stream is not None or self._txn is not None:
+            raise ProtocolError("unexpected pgoutput Stream Start message inside a transaction or stream")
+        stream = self._streams.get(message.xid)
+        if stream is None:
+            if not message.first_segment:
+                raise ProtocolError(f"malformed pgoutput Stream Start message: transaction {message.xid} "
+                                    "continues a stream that was never started")
+            stream = self._streams[message.xid] = _StreamBuffer(message.xid)
+        elif message.first_segment:
+            raise ProtocolError(f"malformed pgoutput Stream Start message: transaction {message.xid} "
+                                "starts again while its stream is open")
+        self._stream = stream
+        return ()
+
+    def _on_stream_stop(self, message: StreamStop, wal_start: int, data: bytes) -> tuple:
+        if self._stream is None:
+            raise ProtocolError("unexpected pgoutput Stream Stop message outside a stream")
+        self._stream = None
+        return ()
+
+    def _buffer(self, message, wal_start: int, data: bytes) -> tuple:
+        """Keep an in-stream change as a compact record (checked now, turned into events at commit)."""
+        relids = message.relids if message.__class__ is Truncate else (
+            () if message.__class__ is Message else (message.relid,))
+        for relid in relids:
+            self._relation(relid, message.__class__)
+        stream = self._stream
+        stream.records.append((self._generation, message.xid, wal_start, data))
+        size = len(data) + STREAM_RECORD_OVERHEAD_BYTES
+        stream.memory_bytes += size
+        self._memory_bytes += size
+        if self._memory_bytes > self.spill_bytes:
+            # Spilling the stream just appended to keeps the total within the bound: before the
+            # append the total was within it, and this stream holds at least the new record.
+            self._memory_bytes -= stream.spill(self.spill_dir)
+        return ()
+
+    def _end_stream(self, xid: int, what: str) -> _StreamBuffer:
+        if self._stream is not None:
+            raise ProtocolError(f"unexpected pgoutput {what} message inside a stream")
+        stream = self._streams.pop(xid, None)
+        if stream is not None:
+            self._memory_bytes -= stream.memory_bytes
+        return stream
+
+    def _on_stream_abort(self, message: StreamAbort, wal_start: int, data: bytes) -> tuple:
+        if message.subxid != message.xid:
+            if self._stream is not None:
+                raise ProtocolError("unexpected pgoutput Stream Abort message inside a stream")
+            stream = self._streams.get(message.xid)
+            if stream is not None:
+                self._memory_bytes -= stream.drop_subtransaction(message.subxid)
+            return ()
+        stream = self._end_stream(message.xid, "Stream Abort")
+        if stream is None:
+            logger.debug("Stream Abort for transaction %d, which streamed nothing here", message.xid)
+            return ()
+        stream.close()
+        self._prune_relation_history()
+        return ()
+
+    def _on_stream_commit(self, message: StreamCommit, wal_start: int, data: bytes) -> Iterable[Chunk]:
+        stream = self._end_stream(message.xid, "Stream Commit")
+        if stream is None:
+            raise ProtocolError(f"malformed pgoutput Stream Commit message: transaction {message.xid} "
+                                "was never streamed")
+        ctx = _TxnContext(message.xid, format_lsn(message.commit_lsn),
+                          _commit_time_text(message.commit_time, "Stream Commit"))
+        self._replay = self._replay_stream(stream, ctx, message.end_lsn)
+        return self._replay
+
+    def _replay_stream(self, stream: _StreamBuffer, ctx: _TxnContext, end_lsn: int) -> Iterator[Chunk]:
+        """The events of a committed stream, chunk by chunk, reading the spill file as it goes."""
+        try:
+            events: list[dict] = []
+            aborted = stream.aborted_subxids
+            for generation, subxid, wal_start, data in stream.iter_records():
+                if subxid in aborted:
+                    continue
+                self._build_replayed(ctx, generation, decode_pgoutput(data, True), wal_start, events)
+                while len(events) >= self.chunk_events:
+                    yield Chunk(events[:self.chunk_events])
+                    events = events[self.chunk_events:]
+            yield Chunk(events, end_lsn)
+        finally:
+            stream.close()
+            self._replay = None
+            self._prune_relation_history()
+
+    def _build_replayed(self, ctx: _TxnContext, generation: int, message, wal_start: int,
+                        events: list[dict]) -> None:
+        cls = message.__class__
+        if cls is Message:
+            events.append(build_message_event(ctx, message))
+        elif cls is Truncate:
+            for relid in message.relids:
+                events.append(build_truncate_event(ctx, self._relation_at(relid, generation), message, wal_start))
+        else:
+            events.append(_CHANGE_BUILDERS[cls](ctx, self._relation_at(message.relid, generation), message, wal_start))
+
+    def _relation_at(self, relid: int, generation: int) -> _RelationInfo:
+        """The relation as it was at cache generation `generation`."""
+        for info in reversed(self._relation_history[relid]):
+            if info.generation <= generation:
+                return info
+        raise AssertionError(f"relation {relid} at generation {generation} was pruned")
+
+    def _prune_relation_history(self) -> None:
+        if not self._streams:
+            self._relation_history = {oid: [info] for oid, info in self._relations.items()}
+
+
+def _commit_time_text(timestamp_us: int, what: str) -> str:
+    try:
+        return convert_commit_time(timestamp_us)
+    except OverflowError:
+        raise ProtocolError(f"malformed pgoutput {what} message: commit time out of range") from None
+
+
+# =====================================================================================================
+# 9. Alerts
+# =====================================================================================================
+# Alerts are always logged; mailed when EMAIL_SMTP_HOST, EMAIL_FROM and EMAIL_TO are set.
+# `alert()` / `recovered()` never block and never raise: they put the mail on a bounded channel
+# (a full channel drops the mail, with a log line).  `Alerter.run` sends the mails one at a time
+# with smtplib in a worker thread, so a dead or slow SMTP server never holds up replication.
+
+ALERT_REPEAT_S = 300.0  #: one mail per alert key per 5 minutes at most
+ALERT_QUEUE_SIZE = 32  #: mails waiting for the SMTP thread; more are dropped
+SMTP_TIMEOUT_S = 30.0  #: each SMTP operation (connect, each command)
+SMTP_SEND_DEADLINE_S = 120.0  #: one whole mail; the thread is abandoned after that
+ALERT_SUBJECT_PREFIX = "[wal2http]"
+MAX_SUBJECT_CHARS = 200
+
+
+def _utc_text(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _one_line(text: str, limit: int) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def build_alert_message(config: Config, *, kind: str, key: str, subject: str, body: str,
+                        since: datetime.datetime, now: datetime.datetime) -> email.message.EmailMessage:
+    """The mail for an alert (kind "ALERT") or a recovery (kind "RECOVERED"): pure."""
+    message = email.message.EmailMessage()
+    message["Subject"] = f"{ALERT_SUBJECT_PREFIX} {kind}: {_one_line(subject, MAX_SUBJECT_CHARS)}"
+    message["From"] = config.email_from or ""
+    message["To"] = ", ".join(config.email_to)
+    message["Date"] = email.utils.format_datetime(now)
+    message["Message-ID"] = email.utils.make_msgid(domain="wal2http.invalid")
+    where = f"slot {config.slot_name}"
+    if config.conninfo:
+        info = config.conninfo
+        where += f" on {info.host}:{info.port}/{info.dbname}"
+    lines = [f"wal2http on {socket.gethostname()} ({where})", "",
+             f"What failed:   {key}: {subject}"]
+    if kind == "RECOVERED":
+        lines += [f"Failing since: {_utc_text(since)} (UTC)", f"Recovered at:  {_utc_text(now)} (UTC)"]
+    else:
+        lines += [f"Failing since: {_utc_text(since)} (UTC)",
+                  f"Repeated at most every {int(ALERT_REPEAT_S // 60)} minutes while it lasts."]
+    message.set_content("\n".join(lines + ["", body, ""]))
+    return message
+
+
+def _open_smtp(config: Config, ssl_context: ssl.SSLContext, timeout_s: float) -> smtplib.SMTP:
+    """Blocking: connect, greet, STARTTLS or SSL per EMAIL_SMTP_TLS, log in when a user is set."""
+    host, port, tls = config.email_smtp_host, config.email_smtp_port, config.email_smtp_tls
+    if tls == "ssl":
+        smtp: smtplib.SMTP = smtplib.SMTP_SSL(host, port, timeout=timeout_s, context=ssl_context)
+    else:
+        smtp = smtplib.SMTP(host, port, timeout=timeout_s)
+    try:
+        smtp.ehlo()
+        if tls == "starttls":
+            smtp.starttls(context=ssl_context)
+        if config.email_smtp_username:
+            smtp.login(config.email_smtp_username, config.email_smtp_password or "")
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
+def send_smtp_message(config: Config, message: email.message.EmailMessage, *,
+                      ssl_context: ssl.SSLContext, timeout_s: float = SMTP_TIMEOUT_S) -> None:
+    """Blocking: one mail through EMAIL_SMTP_HOST (run it in a thread).  Raises OSError or
+    smtplib.SMTPException on failure."""
+    with _open_smtp(config, ssl_context, timeout_s) as smtp:
+        smtp.send_message(message)
+
+
+async def check_smtp(config: Config, ssl_context: ssl.SSLContext | None = None,
+                     timeout_s: float = SMTP_TIMEOUT_S) -> None:
+    """--check: connect to and greet the SMTP server (TLS and login as configured); send nothing."""
+    context = ssl_context or ssl.create_default_context()
+
+    def greet() -> None:
+        with _open_smtp(config, context, timeout_s) as smtp:
+            smtp.noop()
+
+    try:
+        await _run_in_worker_thread(greet)
+    except (OSError, smtplib.SMTPException) as exc:
+        detail = scrub_secrets(_one_line(f"{type(exc).__name__}: {exc}", 300), config_secrets(config))
+        raise PreconditionError(f"SMTP server {config.email_smtp_host}:{config.email_smtp_port} "
+                                f"(EMAIL_SMTP_HOST): {detail}") from None
+
+
+async def _run_in_worker_thread(function: Callable[[], None]) -> None:
+    """In a worker thread, abandoned on cancel: a hung SMTP server never blocks the caller."""
+    await trio.to_thread.run_sync(function, abandon_on_cancel=True)
+
+
+@dataclasses.dataclass
+class _AlertState:
+    since: datetime.datetime
+    mailed_at: float | None = None  # `now()` when the last mail for this key was queued
+
+
+class Alerter:
+    """Logs alerts, and mails them (rate-limited per key) when email is configured.
+
+    `send_mail(message)` is the blocking sender (default: smtplib per EMAIL_*); `now` the
+    monotonic clock used for the 5-minute rule; `ssl_context` verifies the SMTP server (default:
+    the system store).
+    """
+
+    def __init__(self, config: Config, *,
+                 send_mail: Callable[[email.message.EmailMessage], None] | None = None,
+                 now: Callable[[], float] = time.monotonic, ssl_context: ssl.SSLContext | None = None,
+                 smtp_timeout_s: float = SMTP_TIMEOUT_S, queue_size: int = ALERT_QUEUE_SIZE):
+        self._config = config
+        self._enabled = email_enabled(config)
+        self._now = now
+        self._secrets = config_secrets(config)
+        self._ssl_context = ssl_context
+        self._smtp_timeout_s = smtp_timeout_s
+        self._send_mail = send_mail or self._send_smtp
+        self._states: dict[str, _AlertState] = {}
+        # When each key's alert was last mailed; kept across recoveries, so a flapping failure
+        # is still mailed at most once per ALERT_REPEAT_S.
+        self._last_mailed: dict[str, float] = {}
+        self._send_channel, self._receive_channel = trio.open_memory_channel(queue_size)
+        self._drained = trio.Event()
+
+    def _send_smtp(self, message: email.message.EmailMessage) -> None:
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        send_smtp_message(self._config, message, ssl_context=self._ssl_context,
+                          timeout_s=self._smtp_timeout_s)
+
+    def alert(self, key: str, subject: str, body: str) -> None:
+        """Something failed: log it, and mail it unless this key was mailed less than 5 min ago."""
+        subject, body = scrub_secrets(subject, self._secrets), scrub_secrets(body, self._secrets)
+        logger.warning("alert [%s]: %s: %s", key, subject, _one_line(body, 500))
+        state = self._states.setdefault(key, _AlertState(since=datetime.datetime.now(datetime.timezone.utc)))
+        if not self._enabled:
+            return
+        last = self._last_mailed.get(key)
+        if last is not None and self._now() - last < ALERT_REPEAT_S:
+            logger.debug("alert [%s] already mailed less than %d s ago", key, ALERT_REPEAT_S)
+            return
+        if self._queue("ALERT", key, subject, body, state):
+            state.mailed_at = self._last_mailed[key] = self._now()
+
+    def recovered(self, key: str, subject: str, body: str) -> None:
+        """The failure behind `key` is over: log it; mail it if the failure was mailed."""
+        subject, body = scrub_secrets(subject, self._secrets), scrub_secrets(body, self._secrets)
+        state = self._states.pop(key, None)
+        if state is None:
+            logger.debug("recovered [%s] without an earlier alert: %s", key, subject)
+            return
+        logger.info("recovered [%s]: %s: %s", key, subject, _one_line(body, 500))
+        if self._enabled and state.mailed_at is not None:
+            self._queue("RECOVERED", key, subject, body, state)
+
+    def _queue(self, kind: str, key: str, subject: str, body: str, state: _AlertState) -> bool:
+        try:
+            message = build_alert_message(self._config, kind=kind, key=key, subject=subject,
+                                          body=body, since=state.since,
+                                          now=datetime.datetime.now(datetime.timezone.utc))
+            self._send_channel.send_nowait(message)
+        except trio.WouldBlock:
+            logger.warning("alert mail for [%s] dropped: %d mails already wait for the SMTP server",
+                           key, self._send_channel.statistics().max_buffer_size)
+            return False
+        except Exception as exc:  # never let an alert break the caller
+            logger.warning("alert mail for [%s] not queued: %s", key, type(exc).__name__)
+            return False
+        return True
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Sends queued mails one by one; never returns."""
+        task_status.started()
+        try:
+            async with self._receive_channel:
+                async for message in self._receive_channel:
+                    await self._deliver(message)
+        finally:
+            self._drained.set()  # also when cancelled: drain() must not wait for a sender that is gone
+        await trio.sleep_forever()
+
+    async def drain(self, timeout_s: float) -> None:
+        """At exit: take no new mail and let the queued ones go out (bounded), so the alert that
+        comes with exit code 3 or 4 is not lost.  Needs `run` running."""
+        self._send_channel.close()
+        with trio.move_on_after(timeout_s):
+            await self._drained.wait()
+
+    async def _deliver(self, message: email.message.EmailMessage) -> None:
+        subject = message["Subject"]
+        server = f"{self._config.email_smtp_host}:{self._config.email_smtp_port}"
+        with trio.move_on_after(SMTP_SEND_DEADLINE_S) as scope:
+            try:
+                await _run_in_worker_thread(lambda: self._send_mail(message))
+            except Exception as exc:  # a failed mail is logged and dropped, never fatal
+                detail = scrub_secrets(_one_line(f"{type(exc).__name__}: {exc}", 300), self._secrets)
+                logger.warning("could not send alert mail %r via %s: %s", subject, server, detail)
+                return
+            logger.info("alert mail %r sent to %s", subject, ", ".join(self._config.email_to))
+        if scope.cancelled_caught:
+            logger.warning("could not send alert mail %r via %s: gave up after %.0f s",
+                           subject, server, SMTP_SEND_DEADLINE_S)
+
+
+# =====================================================================================================
+# 10. stdout sink
+# =====================================================================================================
+
+#: Compact JSON, UTF-8 as is, no NaN (the converters never produce one).  The C encoder made once:
+#: JSONEncoder.encode would build a new one for every event.
+def _not_json(value):
+    raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+_ENCODE_JSON_CHUNKS = json.encoder.c_make_encoder(
+    None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+
+
+def encode_json(value) -> str:
+    """Compact JSON text of an event (or any JSON value)."""
+    return "".join(_ENCODE_JSON_CHUNKS(value, 0))
+
+
+def _may_block_forever(out) -> bool:
+    """Whether writing to `out` can wait on a reader (pipe, socket, terminal), as opposed to a
+    regular file or a device like /dev/null."""
+    try:
+        fd = out.fileno()
+        mode = os.fstat(fd).st_mode
+    except (AttributeError, OSError, ValueError):
+        return False  # an in-memory file
+    return not (stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(fd)))
+
+
+def encode_event_lines(events: list[dict]) -> bytes:
+    """JSON Lines: one compact object per event, each line ending in a newline."""
+    return ("\n".join([encode_json(event) for event in events]) + "\n").encode()
+
+
+class StdoutSink:
+    """JSON lines on stdout (or any binary file), flushed before delivery is confirmed.
+
+    A stdout consumer that stops reading stalls the stream (nothing is confirmed before it is
+    written and flushed), but not the process: SIGTERM still ends it cleanly.
+    """
+
+    name = "stdout"
+    batch_size = 5000
+
+    def __init__(self, out=None):
+        self.out = out if out is not None else sys.stdout.buffer
+        self._may_block = _may_block_forever(self.out)
+
+    async def deliver(self, events: list[dict]) -> None:
+        data = encode_event_lines(events)
+        try:
+            if self._may_block:
+                # In a worker thread: a reader that stops reading blocks only this delivery,
+                # while keepalives, status updates and SIGTERM are still handled.
+                await trio.to_thread.run_sync(self._write, data, abandon_on_cancel=True)
+            else:
+                self._write(data)  # a file or /dev/null: no reader to wait for, no thread hop
+        except OSError as exc:
+            raise DeliveryError(f"cannot write to stdout: {exc}", retryable=False) from None
+
+    def _write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.out.flush()
+
+    async def check(self) -> str:
+        return "stdout is writable" if not self.out.closed else "stdout is closed"
+
+    async def aclose(self) -> None:
+        pass
+
+
+# =====================================================================================================
+# 11. HTTP client (h11 over Trio)
+# =====================================================================================================
+# Theory of operation: one h11.Connection per TCP (or TLS) connection, kept alive between requests
+# and used by one request at a time (a lock serialises callers).  h11 does the framing (Content-Length
+# and chunked bodies, keep-alive rules); this code only moves bytes and turns every failure into a
+# DeliveryError.  HTTP_TIMEOUT_SECS is one deadline over a whole request(): connect, TLS handshake,
+# send and receive.  Retry rule: a request that fails on a *reused* connection before any byte of the
+# answer arrived is sent once more on a fresh connection: the server most likely closed the idle
+# connection just before we used it (RFC 9112 section 9.3.1).  The server may, rarely, have seen the
+# first copy; our receivers deduplicate on event ids (Idempotency-Key, webhook-id, Hook0 event_id),
+# so one duplicate is acceptable, and a connection that never answered is no worse than a retry.
+
+HTTP_MAX_BODY_BYTES = 64 * 1024  #: most bytes of a response body read; the rest is never read
+HTTP_MAX_HEAD_BYTES = 64 * 1024  #: most bytes of a response's status line and headers
+HTTP_RECEIVE_CHUNK_BYTES = 16 * 1024  #: bytes asked of the socket per receive
+HTTP_DEFAULT_PORTS = {"http": 80, "https": 443}
+HTTP_USER_AGENT = f"wal2http/{__version__}"
+#: Headers the client computes itself; callers' values for them are dropped.
+_HTTP_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    headers: dict[str, str]  #: lower-case names; repeated headers joined by ", "
+    body: bytes  #: at most HTTP_MAX_BODY_BYTES
+
+
+@dataclass(frozen=True)
+class HttpEndpoint:
+    """A parsed http(s) URL.  `where` names it in messages: no user info, no query."""
+
+    scheme: str
+    host: str  #: host name or IP address, without IPv6 brackets
+    port: int
+    target: str  #: path and query, "/" when empty
+    host_header: str
+    authorization: str | None  #: Basic credentials from user info in the URL, if any
+
+    @property
+    def where(self) -> str:
+        return f"{self.scheme}://{self.host_header}{self.target.split('?', 1)[0]}"
+
+
+def parse_http_url(url: str) -> HttpEndpoint:
+    """Splits an http:// or https:// URL; raises ConfigError without echoing the URL (it may hold
+    credentials)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError("invalid URL: cannot parse its host and port") from None
+    scheme = parts.scheme.lower()
+    if scheme not in HTTP_DEFAULT_PORTS or not parts.hostname:
+        raise ConfigError("URL must start with http:// or https:// and name a host")
+    try:
+        host = parts.hostname.encode("idna").decode("ascii") if not parts.hostname.isascii() else parts.hostname
+    except UnicodeError:
+        raise ConfigError("URL host is not a valid domain name") from None
+    port = port or HTTP_DEFAULT_PORTS[scheme]
+    bracketed = f"[{host}]" if ":" in host else host
+    host_header = bracketed if port == HTTP_DEFAULT_PORTS[scheme] else f"{bracketed}:{port}"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    authorization = None
+    if parts.username is not None:
+        credentials = f"{parts.username}:{parts.password or ''}".encode()
+        authorization = "Basic " + base64.b64encode(credentials).decode("ascii")
+    return HttpEndpoint(scheme, host, port, target, host_header, authorization)
+
+
+def build_ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """The system trust store, plus `ca_file` (HTTP_CA_FILE) when given; hostname checked."""
+    context = ssl.create_default_context()
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load HTTP_CA_FILE {ca_file}: {exc}") from None
+    return context
+
+
+def _merge_headers(*layers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Later layers replace earlier headers of the same name (case-insensitive); framing headers
+    are dropped because the client sets them from the body."""
+    merged: list[tuple[str, str]] = []
+    for layer in layers:
+        names = {name.lower() for name, _ in layer}
+        merged = [(n, v) for n, v in merged if n.lower() not in names]
+        merged.extend((n, v) for n, v in layer if n.lower() not in _HTTP_FRAMING_HEADERS)
+    return merged
+
+
+def _join_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    joined: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+        joined[name] = f"{joined[name]}, {value}" if name in joined else value
+    return joined
+
+
+class _StaleConnection(Exception):
+    """A reused connection failed before any byte of the answer: send once more on a new one."""
+
+
+class _Connection:
+    """One open stream and its h11 state machine."""
+
+    def __init__(self, stream: trio.abc.Stream):
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=HTTP_MAX_HEAD_BYTES)
+        self.exchanges = 0  # completed request/response pairs
+        self.received_bytes = 0  # in the current exchange
+
+    async def next_event(self):
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self.stream.receive_some(HTTP_RECEIVE_CHUNK_BYTES)
+            self.received_bytes += len(data)
+            self.h11.receive_data(data)
+
+    @property
+    def reusable(self) -> bool:
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+
+class HttpClient:
+    """HTTP/1.1 requests to one origin over one persistent connection (see the theory above)."""
+
+    def __init__(self, url: str, *, timeout_s: float, ca_file: str | None = None,
+                 headers: Sequence[tuple[str, str]] = (), ssl_context: ssl.SSLContext | None = None):
+        self.endpoint = parse_http_url(url)
+        self.timeout_s = timeout_s
+        defaults = [("Host", self.endpoint.host_header), ("User-Agent", HTTP_USER_AGENT)]
+        if self.endpoint.authorization:
+            defaults.append(("Authorization", self.endpoint.authorization))
+        self._headers = _merge_headers(defaults, tuple(headers))
+        _validate_headers(self._headers)
+        self._ssl_context = None
+        if self.endpoint.scheme == "https":
+            self._ssl_context = ssl_context or build_ssl_context(ca_file)
+        self._connection: _Connection | None = None
+        self._lock = trio.Lock()
+
+    async def request(self, method: str, target: str, *, headers: Sequence[tuple[str, str]] = (),
+                      body: bytes = b"") -> HttpResponse:
+        """Sends one request and returns the answer, whatever its status.  Raises DeliveryError:
+        retryable for connection errors, resets and timeouts; not retryable when TLS verification
+        fails or a header is invalid."""
+        request = self._build_request(method, target, headers, body)
+        async with self._lock:
+            try:
+                with trio.fail_after(self.timeout_s):
+                    return await self._request_once_or_twice(request, body)
+            except trio.TooSlowError:
+                raise DeliveryError(f"no answer from {self.endpoint.where} within {self.timeout_s:g} s "
+                                    "(HTTP_TIMEOUT_SECS)", retryable=True) from None
+
+    async def aclose(self) -> None:
+        await self._discard_connection()
+
+    def _build_request(self, method: str, target: str, headers: Sequence[tuple[str, str]],
+                       body: bytes) -> h11.Request:
+        all_headers = _merge_headers(self._headers, tuple(headers))
+        if body or method.upper() in ("POST", "PUT", "PATCH"):
+            all_headers.append(("Content-Length", str(len(body))))
+        try:
+            return h11.Request(method=method, target=target, headers=all_headers)
+        except h11.LocalProtocolError:
+            # h11's message quotes the offending value, which may be a secret: name nothing.
+            raise DeliveryError(f"invalid {method} request to {self.endpoint.where}: a header or the "
+                                "target has characters HTTP does not allow", retryable=False) from None
+
+    async def _request_once_or_twice(self, request: h11.Request, body: bytes) -> HttpResponse:
+        if self._connection is not None:
+            try:
+                return await self._exchange(self._connection, request, body)
+            except _StaleConnection:
+                logger.debug("%s closed the kept-alive connection; sending again on a new one",
+                             self.endpoint.where)
+        return await self._exchange(await self._open(), request, body)  # fresh: never _StaleConnection
+
+    async def _open(self) -> _Connection:
+        endpoint = self.endpoint
+        try:
+            stream: trio.abc.Stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+        except OSError as exc:
+            raise DeliveryError(f"cannot connect to {endpoint.where}: {exc}", retryable=True) from None
+        if self._ssl_context is not None:
+            stream = await self._start_tls(stream)
+        self._connection = _Connection(stream)
+        return self._connection
+
+    async def _start_tls(self, stream: trio.abc.Stream) -> trio.SSLStream:
+        # https_compatible: HTTP servers commonly close without a TLS close_notify.
+        tls = trio.SSLStream(stream, self._ssl_context, server_hostname=self.endpoint.host,
+                             https_compatible=True)
+        try:
+            await tls.do_handshake()
+        except BaseException as exc:
+            await trio.aclose_forcefully(stream)
+            if not isinstance(exc, (trio.BrokenResourceError, OSError)):
+                raise  # cancelled (the deadline)
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise DeliveryError(f"TLS verification of {self.endpoint.where} failed: "
+                                    f"{cause.verify_message or cause}; trust its CA with HTTP_CA_FILE",
+                                    retryable=False) from None
+            raise DeliveryError(f"TLS handshake with {self.endpoint.where} failed: {cause or exc}",
+                                retryable=True) from None
+        return tls
+
+    async def _exchange(self, conn: _Connection, request: h11.Request, body: bytes) -> HttpResponse:
+        """One request/response on `conn`; closes it on any failure or when it cannot be reused."""
+        reused = conn.exchanges > 0
+        conn.received_bytes = 0
+        try:
+            data = conn.h11.send(request)
+            if body:
+                data += conn.h11.send(h11.Data(data=body))
+            data += conn.h11.send(h11.EndOfMessage())
+            await conn.stream.send_all(data)
+            response = await self._receive_response(conn)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError) as exc:
+            await self._discard_connection()
+            if reused and conn.received_bytes == 0:
+                raise _StaleConnection(str(exc)) from None
+            raise DeliveryError(f"connection to {self.endpoint.where} failed: {_describe_io_error(exc)}",
+                                retryable=True) from None
+        except BaseException:
+            await self._discard_connection()  # cancelled or timed out mid-exchange: state unknown
+            raise
+        conn.exchanges += 1
+        if conn.reusable:
+            conn.h11.start_next_cycle()
+        else:
+            await self._discard_connection()
+        return response
+
+    async def _receive_response(self, conn: _Connection) -> HttpResponse:
+        """Reads the answer; stops reading the body at HTTP_MAX_BODY_BYTES (the connection is then
+        closed, since the rest of the body was never read)."""
+        event = await conn.next_event()
+        while isinstance(event, h11.InformationalResponse):  # 100 Continue and the like
+            event = await conn.next_event()
+        if not isinstance(event, h11.Response):
+            raise h11.RemoteProtocolError(f"expected a response, got {type(event).__name__}")
+        body = bytearray()
+        while True:
+            part = await conn.next_event()
+            if isinstance(part, h11.Data):
+                body += part.data[:HTTP_MAX_BODY_BYTES - len(body)]
+                if len(body) >= HTTP_MAX_BODY_BYTES:
+                    break
+            elif isinstance(part, h11.EndOfMessage):
+                break
+            else:
+                raise h11.RemoteProtocolError(f"unexpected {type(part).__name__} in a response body")
+        return HttpResponse(event.status_code, _join_headers(event.headers), bytes(body))
+
+    async def _discard_connection(self) -> None:
+        conn, self._connection = self._connection, None
+        if conn is not None:
+            await trio.aclose_forcefully(conn.stream)
+
+
+def _validate_headers(headers: list[tuple[str, str]]) -> None:
+    """Fails at start-up (exit 2) on a header h11 would refuse, naming the header but not its value."""
+    for name, value in headers:
+        try:
+            host = [] if name.lower() == "host" else [("Host", "x")]  # h11 requires exactly one
+            h11.Request(method="GET", target="/", headers=[*host, (name, value)])
+        except h11.LocalProtocolError:
+            raise ConfigError(f"HTTP header {name!r} has a name or value HTTP does not allow "
+                              "(check HTTP_HEADERS)") from None
+
+
+def _describe_io_error(exc: BaseException) -> str:
+    """A short reason without any request data: the cause of a Trio error, or the error itself."""
+    if isinstance(exc, trio.ClosedResourceError):
+        return "connection closed"
+    if isinstance(exc, h11.RemoteProtocolError):
+        return f"invalid HTTP from the server ({exc})"
+    cause = exc.__cause__ or exc
+    return str(cause) or type(cause).__name__
+
+
+# =====================================================================================================
+# 12. HTTP sink
+# =====================================================================================================
+# POST each event (HTTP_BATCH_SIZE=1) or {"events": [...]} (N>1) to HTTP_ENDPOINT_URL, optionally
+# signed the Standard Webhooks way (https://www.standardwebhooks.com/, spec/standard-webhooks.md:
+# "Signature scheme").  Retries and ON_FAILURE are ReliableSink's job; this sink says what happened.
+
+HTTP_RETRYABLE_STATUSES = frozenset({408, 425, 429})  #: besides every 5xx (CONTRACT.md section 5)
+HTTP_ERROR_BODY_CHARS = 200  #: how much of a failed response's body goes into the error message
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def build_http_body(events: list[dict], batched: bool) -> bytes:
+    """One event as itself, or a batch as {"events": [...]} in order."""
+    return encode_json({"events": events} if batched else events[0]).encode()
+
+
+def decode_signing_secret(secret: str) -> bytes:
+    """The HMAC key: base64 after `whsec_` (Standard Webhooks secrets), else the UTF-8 bytes."""
+    if secret.startswith(WEBHOOK_SECRET_PREFIX):
+        try:
+            return base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX):], validate=True)
+        except binascii.Error:
+            raise ConfigError("HTTP_SIGNING_SECRET starts with whsec_ but the rest is not base64") from None
+    return secret.encode("utf-8")
+
+
+def sign_webhook(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """`v1,<base64 HMAC-SHA256 of "<msg_id>.<timestamp>.<body>">` (webhook-signature header)."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    digest = hmac.new(decode_signing_secret(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode("ascii")
+
+
+def decode_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP-date (RFC 9110 section 10.2.3).
+    None when absent or unreadable; never negative."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def shorten_body(body: bytes, limit: int = HTTP_ERROR_BODY_CHARS) -> str:
+    text = body.decode("utf-8", errors="replace").strip()
+    text = " ".join(text.split())  # one line in the log
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def classify_http_response(response: HttpResponse, where: str) -> DeliveryError | None:
+    """None for 2xx (delivered); otherwise the DeliveryError to raise: retryable for 408, 425, 429
+    and 5xx (with Retry-After), not retryable for every other status."""
+    status = response.status
+    if 200 <= status < 300:
+        return None
+    retryable = status >= 500 or status in HTTP_RETRYABLE_STATUSES
+    detail = shorten_body(response.body)
+    message = f"{where} answered HTTP {status}" + (f": {detail}" if detail else "")
+    return DeliveryError(message, retryable=retryable,
+                         retry_after=decode_retry_after(response.headers.get("retry-after")))
+
+
+class HttpSink:
+    """POSTs events to HTTP_ENDPOINT_URL (CONTRACT.md section 5)."""
+
+    name = "http"
+
+    def __init__(self, config, *, ssl_context: ssl.SSLContext | None = None, alerter=None):
+        self.batch_size = max(1, config.http_batch_size)
+        self._alerter = alerter
+        self._secret = config.http_signing_secret
+        if self._secret:
+            decode_signing_secret(self._secret)  # a bad whsec_ secret is a start-up error
+        self._client = HttpClient(config.http_endpoint_url, timeout_s=config.http_timeout_s,
+                                  ca_file=config.http_ca_file, headers=config.http_headers,
+                                  ssl_context=ssl_context)
+        self._clock = time.time  # replaced by tests
+        # Defence in depth: a receiver may echo a token back in its error body.
+        self._secrets = [v for _, v in config.http_headers if len(v) >= 4] + [self._secret or ""]
+
+    async def deliver(self, events: list[dict]) -> None:
+        """Sends the events in order, in requests of batch_size; a failing request says how many
+        events before it were delivered (`delivered`) and how many it carried (`failed`)."""
+        for start in range(0, len(events), self.batch_size):
+            chunk = events[start:start + self.batch_size]
+            try:
+                await self._post(chunk)
+            except DeliveryError as error:
+                raise DeliveryError(str(error), retryable=error.retryable, retry_after=error.retry_after,
+                                    delivered=start, failed=len(chunk)) from None
+
+    async def check(self) -> str:
+        """--check: any HTTP answer to an OPTIONS request (which no receiver takes as an event)
+        proves the endpoint reachable; connection and TLS failures raise DeliveryError."""
+        response = await self._client.request("OPTIONS", self._client.endpoint.target)
+        return f"{self._client.endpoint.where} is reachable (OPTIONS answered {response.status})"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _post(self, events: list[dict]) -> None:
+        batched = self.batch_size > 1
+        body = build_http_body(events, batched)
+        headers = [("Content-Type", "application/json")]
+        if not batched:
+            # A batch gets none: its boundaries change across restarts, so a key would not
+            # identify the same content twice.
+            headers.append(("Idempotency-Key", str(events[0]["id"])))
+        if self._secret:
+            headers.extend(self._signature_headers(str(events[0]["id"]), body))
+        response = await self._client.request("POST", self._client.endpoint.target, headers=headers, body=body)
+        if response.status in (401, 403):  # CONTRACT.md section 1: rejected credentials are exit 4
+            message = self._redact(f"{self._client.endpoint.where} rejected our credentials (HTTP {response.status}): "
+                                   "check HTTP_HEADERS / the URL's user info; nothing was acknowledged")
+            if self._alerter is not None:
+                self._alerter.alert("http-auth", "the HTTP endpoint rejected the credentials", message)
+            raise SinkAuthError(message)
+        error = classify_http_response(response, self._client.endpoint.where)
+        if error is not None:
+            raise DeliveryError(self._redact(str(error)), retryable=error.retryable,
+                                retry_after=error.retry_after)
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***") if secret else text
+        return text
+
+    def _signature_headers(self, msg_id: str, body: bytes) -> list[tuple[str, str]]:
+        timestamp = int(self._clock())  # signed at each attempt: receivers reject stale timestamps
+        return [("webhook-id", msg_id), ("webhook-timestamp", str(timestamp)),
+                ("webhook-signature", sign_webhook(self._secret, msg_id, timestamp, body))]
+
+
+# =====================================================================================================
+# 13. Reliable delivery: retries, ON_FAILURE, dead-letter file
+# =====================================================================================================
+# ReliableSink.deliver returns only when every event it was given is delivered or dead-lettered;
+# the replication loop acknowledges nothing before that (CONTRACT.md section 4).  A sink's
+# DeliveryError says how many leading events got through, so a partial success is never resent.
+
+RETRY_FOREVER_MIN_DELAY_S = 0.1  #: ON_FAILURE=retry never retries faster, whatever RETRY_MAX_DELAY_MS says
+RELIABLE_ALERT_KEY = "delivery:"  #: + the sink name; one alert key per sink
+ALERT_EVENT_IDS = 5  #: event ids named in an alert; the rest are counted
+
+
+def compute_retry_delay(retry_index: int, base_s: float, max_s: float, random_value: float,
+                        retry_after_s: float | None = None) -> float:
+    """Full-jitter exponential backoff: random * min(max, base * 2**retry_index), raised to the
+    receiver's Retry-After, never above max (retry_index 0 is the first retry)."""
+    delay = random_value * min(max_s, base_s * 2 ** retry_index)
+    if retry_after_s is not None:
+        delay = max(delay, retry_after_s)
+    return min(max_s, delay)
+
+
+def append_dead_letters(path: str, events: list[dict]) -> None:
+    """Appends the events as JSON Lines (the stdout format) and fsyncs them (blocking: run it in a
+    worker thread).  A new file's directory entry is fsynced too, so the file survives a crash."""
+    created = not os.path.exists(path)
+    with open(path, "ab") as file:
+        file.write(encode_event_lines(events))
+        file.flush()
+        os.fsync(file.fileno())
+    if created:
+        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def _describe_event_ids(events: list[dict]) -> str:
+    ids = ", ".join(str(event.get("id")) for event in events[:ALERT_EVENT_IDS])
+    more = len(events) - ALERT_EVENT_IDS
+    return f"{ids} and {more} more ({len(events)} events)" if more > 0 else f"{ids} ({len(events)} events)"
+
+
+class ReliableSink:
+    """Wraps a sink with retries and ON_FAILURE (see the section comment); same interface."""
+
+    def __init__(self, sink, config, alerter, *, sleep=trio.sleep, random=random.random):
+        self.sink = sink
+        self.config = config
+        self.alerter = alerter
+        self.name = sink.name
+        self.batch_size = sink.batch_size
+        self.relation_columns = getattr(sink, "relation_columns", None)  # passed through (Hook0)
+        self._sleep = sleep
+        self._random = random
+        self._alert_key = RELIABLE_ALERT_KEY + sink.name
+        self._failing_since: float | None = None  # wall clock of the first failure of this outage
+        self._alerted = False  # an alert went out and no "recovered" yet
+
+    async def deliver(self, events: list[dict]) -> None:
+        """Returns when every event is delivered or dead-lettered; raises DeliveryFailed
+        (ON_FAILURE=exit; its `delivered` says how many leading events got through) or
+        SinkAuthError (never retried)."""
+        position = 0  # events[:position] are delivered or dead-lettered
+        failures = 0  # failed attempts in a row for events[position:]
+        while position < len(events):
+            try:
+                await self.sink.deliver(events[position:])
+            except SinkAuthError:
+                raise
+            except DeliveryError as error:
+                delivered, failed = self._progress_of(error, len(events) - position)
+                position += delivered
+                if delivered:
+                    failures = 0
+                    self._recovered()
+                if position == len(events):
+                    break
+                failures += 1
+                skipped = await self._handle_failure(events, position, failed, failures, error)
+                if skipped:
+                    position += skipped
+                    failures = 0
+            else:
+                self._recovered()
+                return
+
+    async def check(self) -> str:
+        return await self.sink.check()
+
+    async def aclose(self) -> None:
+        await self.sink.aclose()
+
+    # -- failure handling -------------------------------------------------------------------------
+
+    @staticmethod
+    def _progress_of(error: DeliveryError, remaining: int) -> tuple[int, int]:
+        """(events delivered, events the failure covers), both kept within the remaining events."""
+        delivered = min(max(error.delivered, 0), remaining)
+        failed = remaining - delivered if error.failed is None else error.failed
+        return delivered, min(max(failed, 1), max(remaining - delivered, 1))
+
+    def _max_attempts(self, error: DeliveryError) -> int:
+        return max(1, self.config.retry_max_attempts) if error.retryable else 1
+
+    async def _handle_failure(self, events: list[dict], position: int, failed: int, failures: int,
+                              error: DeliveryError) -> int:
+        """Waits before the next attempt, or applies ON_FAILURE; returns how many events are
+        done with (dead-lettered), 0 when they are to be tried again."""
+        if self._failing_since is None:
+            self._failing_since = time.time()
+        if failures < self._max_attempts(error):
+            delay = compute_retry_delay(failures - 1, self.config.retry_base_delay_s,
+                                        self.config.retry_max_delay_s, self._random(), error.retry_after)
+            self._log_attempt(f"attempt {failures} of {self.config.retry_max_attempts}", delay, error)
+            await self._sleep(delay)
+            return 0
+        failing = events[position:position + failed]
+        if self.config.on_failure == "retry":
+            return await self._keep_retrying(failing, failures, error)
+        if self.config.on_failure == "skip":
+            return await self._dead_letter(failing, failures, error, position)
+        self._alert(failing, failures, error, "wal2http stops (ON_FAILURE=exit); nothing from the first "
+                    "of these events on is acknowledged, so it is sent again after a restart")
+        raise DeliveryFailed(f"delivery to the {self.name} sink failed after {failures} attempt(s): "
+                               f"{error}; {position} of the {len(events)} events were delivered, event "
+                               f"{events[position].get('id')} and those after it were not", position)
+
+    async def _keep_retrying(self, failing: list[dict], failures: int, error: DeliveryError) -> int:
+        delay = max(self.config.retry_max_delay_s, RETRY_FOREVER_MIN_DELAY_S)
+        if not self._alerted:
+            self._alert(failing, failures, error, f"wal2http keeps retrying every {delay:g} s "
+                        "(ON_FAILURE=retry) and holds back everything after these events")
+        self._log_attempt(f"attempt {failures}, retrying until it works (ON_FAILURE=retry)", delay, error)
+        await self._sleep(delay)
+        return 0
+
+    async def _dead_letter(self, failing: list[dict], failures: int, error: DeliveryError,
+                           position: int) -> int:
+        """Appends the failing events to DEAD_LETTER_FILE; if that fails too, nothing can be
+        acknowledged, so it is ON_FAILURE=exit after all."""
+        path = self.config.dead_letter_file
+        try:
+            await trio.to_thread.run_sync(append_dead_letters, path, failing)
+        except OSError as exc:
+            self._alert(failing, failures, error, f"writing them to DEAD_LETTER_FILE {path} failed too "
+                        f"({exc}), so wal2http stops; they are sent again after a restart")
+            raise DeliveryFailed(f"cannot append {len(failing)} undeliverable event(s) to DEAD_LETTER_FILE "
+                                   f"{path}: {exc}; nothing from event {failing[0].get('id')} on is "
+                                   "acknowledged", position) from None
+        self._alert(failing, failures, error, f"the events were appended to DEAD_LETTER_FILE {path} "
+                    "(ON_FAILURE=skip) and wal2http goes on")
+        logger.error("dead-lettered %d event(s) to %s: %s", len(failing), path, _describe_event_ids(failing))
+        return len(failing)
+
+    def _log_attempt(self, attempt: str, delay: float, error: DeliveryError) -> None:
+        logger.warning("delivery to the %s sink failed (%s): %s; retrying in %.1f s",
+                       self.name, attempt, error, delay)
+
+    def _alert(self, failing: list[dict], failures: int, error: DeliveryError, action: str) -> None:
+        since = _utc_text(datetime.datetime.fromtimestamp(self._failing_since or time.time(), datetime.timezone.utc))
+        self.alerter.alert(
+            self._alert_key, f"delivery to the {self.name} sink is failing",
+            f"wal2http could not deliver events to the {self.name} sink.\n"
+            f"Failing since: {since} ({failures} attempt(s) for these events)\n"
+            f"Events: {_describe_event_ids(failing)}\n"
+            f"Last error: {error}\n"
+            f"What happens now: {action}.\n")
+        self._alerted = True
+
+    def _recovered(self) -> None:
+        if self._alerted:
+            since = _utc_text(datetime.datetime.fromtimestamp(self._failing_since or time.time(), datetime.timezone.utc))
+            self.alerter.recovered(
+                self._alert_key, f"delivery to the {self.name} sink recovered",
+                f"Deliveries to the {self.name} sink work again (failing since {since}).\n")
+            logger.info("delivery to the %s sink recovered", self.name)
+        self._alerted = False
+        self._failing_since = None
+
+
+# =====================================================================================================
+# 14. Hook0 sink: mapping (pure)
+# =====================================================================================================
+# Nothing here touches a socket: events in, Hook0 bodies (or a non-retryable DeliveryError) out.
+
+#: Appended to HOOK0_API_URL when it has no path (or only "/").
+HOOK0_API_PATH = "/api/v1"
+#: Columns that make a table an outbox table (CONTRACT.md section 6).
+HOOK0_OUTBOX_COLUMNS = ("event_id", "event_type", "created_at", "payload", "metadata", "labels")
+#: Hook0's own limits (api/src/handlers/events.rs and validators.rs): checked before sending so
+#: the error names the column instead of coming back as a 422.
+HOOK0_EVENT_TYPE_MAX_CHARS = 200
+HOOK0_EVENT_TYPE_PART_MAX_CHARS = 50          # service, resource_type, verb when creating a type
+HOOK0_PAYLOAD_MAX_CHARS = 699_050             # 512 KiB of payload once base64 encoded
+HOOK0_LABELS_MIN_ENTRIES = 1
+HOOK0_LABELS_MAX_ENTRIES = 10
+HOOK0_METADATA_MAX_ENTRIES = 50
+HOOK0_PROPERTY_MAX_BYTES = 50                 # keys and values of labels and metadata, UTF-8
+#: Namespace of the uuid5 event ids of HOOK0_TABLE_EVENTS: fixed forever, or ids change.
+HOOK0_TABLE_EVENT_NAMESPACE = uuid.UUID("86ce6e04-7559-46d8-9ac2-f6c5bdb0c64b")
+#: Operations that become table events under HOOK0_TABLE_EVENTS (truncate and message do not).
+HOOK0_TABLE_EVENT_OPS = frozenset({"insert", "update", "delete"})
+HOOK0_PAYLOAD_CONTENT_TYPE = "application/json"
+
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def hook0_api_base(url: str) -> str:
+    """The API base for HOOK0_API_URL: `/api/v1` appended when the URL has no path or only `/`,
+    a trailing slash removed otherwise (`https://h/` -> `https://h/api/v1`,
+    `https://h/hook0/api/v1/` -> `https://h/hook0/api/v1`)."""
+    parts = urlsplit(url.strip())
+    path = parts.path.rstrip("/") or HOOK0_API_PATH
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def _table_name(event: dict) -> str:
+    return f"{event.get('schema')}.{event.get('table')}"
+
+
+def _undeliverable(event: dict, column: str, problem: str) -> DeliveryError:
+    """The error for a row Hook0 cannot take: names table, column and event, never retried."""
+    return DeliveryError(
+        f"cannot send event {event.get('id')} of table {_table_name(event)} to Hook0: "
+        f"column {column} {problem}", retryable=False)
+
+
+def _columns_sent(event: dict) -> set[str]:
+    columns = set(event.get("new") or ()) | set(event.get("old") or ())
+    return columns | set(event.get("unchanged_toast") or ())
+
+
+def is_hook0_outbox_event(event: dict, known_outbox_tables: Collection[tuple[str, str]] = (),
+                          table_columns: Collection[str] | None = None) -> bool:
+    """Whether the event's table is an outbox table, from the columns the event carries or from
+    `known_outbox_tables` ((schema, table) pairs recognised earlier).  `table_columns`, the
+    table's columns from its Relation message, decides alone when given."""
+    if table_columns is not None:
+        return set(HOOK0_OUTBOX_COLUMNS) <= set(table_columns)
+    if (event.get("schema"), event.get("table")) in known_outbox_tables:
+        return True
+    sent = _columns_sent(event)
+    if event.get("op") == "delete" and "event_id" in sent and sent <= set(HOOK0_OUTBOX_COLUMNS):
+        # Under the default replica identity a delete carries only the key: an outbox table's
+        # event_id.  Decided the same way in every session, restarted or not.
+        return True
+    return set(HOOK0_OUTBOX_COLUMNS) <= sent
+
+
+def convert_hook0_string(value) -> str | None:
+    """One label or metadata value as Hook0's string: text as is, numbers and booleans as their
+    JSON text ("3", "true"), objects and arrays as compact JSON text, null as None (dropped)."""
+    if value is None or isinstance(value, str):
+        return value
+    return encode_json(value)
+
+
+def convert_hook0_string_map(event: dict, column: str, value) -> dict[str, str]:
+    """A labels/metadata column as a string-to-string map; a NULL column is an empty map."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _undeliverable(event, column, f"is a JSON {type(value).__name__}, not an object")
+    converted = {key: convert_hook0_string(item) for key, item in value.items()}
+    return {key: item for key, item in converted.items() if item is not None}
+
+
+def _check_string_map(event: dict, column: str, values: dict[str, str], min_entries: int,
+                      max_entries: int) -> None:
+    """Hook0's size rules for labels and metadata (validators.rs): entry count, and every key and
+    value 1 to 50 bytes of UTF-8."""
+    if not min_entries <= len(values) <= max_entries:
+        raise _undeliverable(event, column, f"has {len(values)} entries; Hook0 accepts "
+                                            f"{min_entries} to {max_entries}")
+    for key, value in values.items():
+        for what, text in (("key", key), ("value", value)):
+            size = len(text.encode("utf-8"))
+            if not 1 <= size <= HOOK0_PROPERTY_MAX_BYTES:
+                raise _undeliverable(event, column, f"has a {what} of {size} bytes (key {key[:60]!r}); "
+                                                    f"Hook0 accepts 1 to {HOOK0_PROPERTY_MAX_BYTES}")
+
+
+def _check_event_type(event: dict, column: str, event_type) -> str:
+    if event_type is None:
+        raise _undeliverable(event, column, "is NULL or missing")
+    if not isinstance(event_type, str):
+        raise _undeliverable(event, column, "is not text")
+    if not 1 <= len(event_type) <= HOOK0_EVENT_TYPE_MAX_CHARS:
+        raise _undeliverable(event, column, f"is {len(event_type)} characters long; Hook0 accepts "
+                                            f"1 to {HOOK0_EVENT_TYPE_MAX_CHARS}")
+    if _CONTROL_CHARACTER.search(event_type):
+        raise _undeliverable(event, column, "contains control characters")
+    return event_type
+
+
+def _check_payload(event: dict, column: str, text: str) -> str:
+    if len(text) > HOOK0_PAYLOAD_MAX_CHARS:
+        raise _undeliverable(event, column, f"is {len(text)} characters of JSON; Hook0 accepts at "
+                                            f"most {HOOK0_PAYLOAD_MAX_CHARS}")
+    return text
+
+
+def encode_hook0_timestamp(moment: datetime.datetime) -> str:
+    """RFC 3339 in UTC with `Z`, fractional digits as PostgreSQL prints them (none when zero)."""
+    moment = moment.astimezone(datetime.timezone.utc)
+    text = (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}"
+            f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}")
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}".rstrip("0")
+    return text + "Z"
+
+
+def convert_hook0_occurred_at(event: dict, created_at) -> str:
+    """`created_at` (timestamptz text, any offset) in UTC; NULL -> the transaction's commit time.
+    A timestamp without a zone is taken as UTC (wal2http reads with TimeZone UTC)."""
+    if created_at is None:
+        created_at = event.get("commit_time")
+        if created_at is None:   # row changes always have a commit time; be safe anyway
+            return encode_hook0_timestamp(datetime.datetime.now(datetime.timezone.utc))
+    try:
+        moment = datetime.datetime.fromisoformat(str(created_at))
+    except ValueError:
+        raise _undeliverable(event, "created_at", f"is {str(created_at)[:40]!r}, not a date and "
+                                                  "time Hook0 accepts") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return encode_hook0_timestamp(moment)
+
+
+def _labels_from_config(config) -> dict[str, str]:
+    return dict(config.hook0_labels or ())
+
+
+def _convert_event_id(event: dict, value) -> str:
+    if value is None:
+        raise _undeliverable(event, "event_id", "is NULL or missing")
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise _undeliverable(event, "event_id", f"is {str(value)[:60]!r}, not a UUID") from None
+
+
+def build_hook0_outbox_event(event: dict, config, application_id: str) -> dict:
+    """The Hook0 body for an inserted or updated outbox row (CONTRACT.md section 6)."""
+    row = event.get("new") or {}
+    event_id = _convert_event_id(event, row.get("event_id"))
+    event_type = _check_event_type(event, "event_type", row.get("event_type"))
+    if row.get("payload") is None:
+        raise _undeliverable(event, "payload", "is NULL or missing")
+    payload = _check_payload(event, "payload", encode_json(row["payload"]))
+    metadata = convert_hook0_string_map(event, "metadata", row.get("metadata"))
+    _check_string_map(event, "metadata", metadata, 0, HOOK0_METADATA_MAX_ENTRIES)
+    labels = convert_hook0_string_map(event, "labels", row.get("labels")) or _labels_from_config(config)
+    if not labels:
+        raise _undeliverable(event, "labels", "is empty and HOOK0_LABELS is not set; Hook0 needs "
+                                              "at least one label")
+    _check_string_map(event, "labels", labels, HOOK0_LABELS_MIN_ENTRIES, HOOK0_LABELS_MAX_ENTRIES)
+    return {
+        "application_id": application_id,
+        "event_id": event_id,
+        "event_type": event_type,
+        "payload": payload,
+        "payload_content_type": HOOK0_PAYLOAD_CONTENT_TYPE,
+        "metadata": metadata,
+        "occurred_at": convert_hook0_occurred_at(event, row.get("created_at")),
+        "labels": labels,
+    }
+
+
+def build_hook0_table_event_id(event: dict, slot_name: str) -> str:
+    """The deterministic event_id of a table event: uuid5 over the slot name, the table and the
+    wal2http event id.  The event id alone is unique within one slot's stream; the slot and table
+    keep two databases that happen to reach the same LSN from sharing ids (Hook0 would answer 409
+    and the second event would be lost as a "redelivery")."""
+    return str(uuid.uuid5(HOOK0_TABLE_EVENT_NAMESPACE, f"{slot_name}:{_table_name(event)}:{event['id']}"))
+
+
+def build_hook0_table_event(event: dict, config, application_id: str) -> dict:
+    """The Hook0 body of a plain table's change under HOOK0_TABLE_EVENTS=true."""
+    event_type = _check_event_type(event, "(event type)", f"{_table_name(event)}.{event['op']}")
+    labels = {**_labels_from_config(config), "schema": event["schema"], "table": event["table"]}
+    _check_string_map(event, "(labels)", labels, HOOK0_LABELS_MIN_ENTRIES, HOOK0_LABELS_MAX_ENTRIES)
+    return {
+        "application_id": application_id,
+        "event_id": build_hook0_table_event_id(event, config.slot_name),
+        "event_type": event_type,
+        "payload": _check_payload(event, "(whole event as payload)", encode_json(event)),
+        "payload_content_type": HOOK0_PAYLOAD_CONTENT_TYPE,
+        "metadata": {},
+        "occurred_at": convert_hook0_occurred_at(event, None),
+        "labels": labels,
+    }
+
+
+def build_hook0_event(event: dict, config, application_id: str, *,
+                      known_outbox_tables: Collection[tuple[str, str]] = (),
+                      table_columns: Collection[str] | None = None) -> dict | None:
+    """The Hook0 body for a wal2http event, or None when the event is not sent to Hook0.
+
+    Outbox rows (insert, update) are mapped; deletes of outbox rows, truncates and messages are
+    ignored; other tables' rows are ignored unless HOOK0_TABLE_EVENTS, which maps their inserts,
+    updates and deletes to `<schema>.<table>.<op>`.  An undeliverable row raises a
+    `DeliveryError(retryable=False)` naming the table and column.
+    """
+    op = event.get("op")
+    if op not in HOOK0_TABLE_EVENT_OPS:
+        return None
+    if is_hook0_outbox_event(event, known_outbox_tables, table_columns):
+        return build_hook0_outbox_event(event, config, application_id) if op != "delete" else None
+    if config.hook0_table_events:
+        return build_hook0_table_event(event, config, application_id)
+    return None
+
+
+# =====================================================================================================
+# 15. Hook0 sink: answers (pure)
+# =====================================================================================================
+# Hook0 answers errors as RFC 7807 problem JSON with an "id" (api/src/problems.rs); its rate
+# limiter may answer 429 as text/plain "Too many requests, retry in Ns" with Retry-After.
+
+_RETRY_IN = re.compile(rb"retry in (\d+(?:\.\d+)?)\s*s", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Hook0Answer:
+    """What a Hook0 response says: status, problem id ("" when none) and its text."""
+
+    status: int
+    problem_id: str = ""
+    title: str = ""
+    detail: str = ""
+    validation: object = None
+    retry_after_s: float | None = None
+
+    def describe(self) -> str:
+        """Short text for errors and logs: status, id, title, detail, validation."""
+        head = f"{self.status} {self.problem_id}".strip()
+        text = "; ".join(part for part in (self.title, self.detail) if part)
+        if self.validation:
+            text += f"; validation: {encode_json(self.validation)}"
+        return _shorten(f"{head}: {text}" if text else head)
+
+
+def _shorten(text: str, limit: int = 500) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def decode_hook0_retry_after(value: str | None, body: bytes = b"") -> float | None:
+    """Seconds to wait: the Retry-After header (as the HTTP sink reads it), else the rate
+    limiter's text body "Too many requests, retry in Ns"; None when neither says."""
+    seconds = decode_retry_after(value)
+    if seconds is not None:
+        return seconds
+    found = _RETRY_IN.search(body[:200])
+    return float(found.group(1)) if found else None
+
+
+def decode_hook0_answer(response: HttpResponse) -> Hook0Answer:
+    """A Hook0 response as a `Hook0Answer`; never raises on a malformed body."""
+    retry_after_s = decode_hook0_retry_after(response.headers.get("retry-after"), response.body)
+    problem = {}
+    if "json" in response.headers.get("content-type", ""):
+        try:
+            problem = json.loads(response.body)
+        except ValueError:
+            problem = {}
+    if not isinstance(problem, dict):
+        problem = {}
+    if not problem and response.body and not 200 <= response.status < 300:
+        problem = {"detail": response.body[:300].decode("utf-8", "replace").strip()}
+    return Hook0Answer(response.status, str(problem.get("id") or ""), str(problem.get("title") or ""),
+                       str(problem.get("detail") or ""), problem.get("validation"), retry_after_s)
+
+
+def split_hook0_event_type(event_type: str) -> tuple[str, str, str] | None:
+    """`service.resource_type.verb` -> its three parts, or None when Hook0 could not create it
+    (not exactly three non-empty parts of at most 50 characters)."""
+    parts = event_type.split(".")
+    if len(parts) != 3 or not all(1 <= len(part) <= HOOK0_EVENT_TYPE_PART_MAX_CHARS for part in parts):
+        return None
+    return parts[0], parts[1], parts[2]
+
+
+# =====================================================================================================
+# 16. Hook0 sink: delivery (I/O)
+# =====================================================================================================
+# One event per request; HttpClient raises DeliveryError(retryable=True) on connection errors and
+# timeouts.  ReliableSink wraps this sink for retries, ON_FAILURE and the dead-letter file.
+
+#: Statuses retried besides 5xx (as the HTTP sink does, CONTRACT.md section 5).
+HOOK0_RETRYABLE_STATUSES = frozenset({408, 425, 429})
+HOOK0_ALERT_AUTH = "hook0-auth"
+HOOK0_ALERT_QUOTA = "hook0-quota"
+HOOK0_ALERT_EVENT_TYPE = "hook0-event-type:"   # + the event type
+
+
+class Hook0Sink:
+    """Sends events to Hook0's `POST <api>/event`, one per request (CONTRACT.md section 6)."""
+
+    name = "hook0"
+    batch_size = 1
+
+    def __init__(self, config, alerter, *, ssl_context: ssl.SSLContext | None = None):
+        self.config = config
+        self.alerter = alerter
+        self.api_base = hook0_api_base(config.hook0_api_url)
+        parts = urlsplit(self.api_base)
+        self._api_path = parts.path
+        #: for messages: without any user:password@ of the URL
+        self._shown_base = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+        try:
+            self.application_id = str(uuid.UUID(config.hook0_application_id))
+        except (TypeError, ValueError):
+            raise ConfigError("HOOK0_APPLICATION_ID must be a UUID") from None
+        self._token = config.hook0_api_token
+        self._client = HttpClient(self.api_base, timeout_s=config.http_timeout_s,
+                                  ca_file=config.http_ca_file, ssl_context=ssl_context,
+                                  headers=(("Authorization", f"Bearer {self._token}"),))
+        self._outbox_tables: set[tuple[str, str]] = set()
+        # (schema, table) -> column names, filled by the replication loop from Relation messages
+        # (sent before a table's first change in every session): outbox or not is then known
+        # from the table itself, even for a delete that carries only the key.
+        self.relation_columns: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._warned_tables: set[tuple[str, str]] = set()
+
+    # -- Sink interface ---------------------------------------------------------------------------
+
+    async def deliver(self, events: list[dict]) -> None:
+        """Sends the events in order; a failure of the k-th (0-based) says `delivered=k, failed=1`."""
+        for index, event in enumerate(events):
+            try:
+                await self._deliver_one(event)
+            except DeliveryError as error:
+                raise DeliveryError(str(error), retryable=error.retryable, retry_after=error.retry_after,
+                                    delivered=index, failed=1) from error
+
+    async def check(self) -> str:
+        """--check: lists the application's event types, which needs a working token."""
+        query = urlencode({"application_id": self.application_id})
+        response = await self._client.request("GET", f"{self._api_path}/event_types?{query}")
+        answer = decode_hook0_answer(response)
+        if 200 <= answer.status < 300 and "json" in response.headers.get("content-type", ""):
+            return f"Hook0 API {self._shown_base} accepts the token for application {self.application_id}"
+        if 200 <= answer.status < 300:   # e.g. a web front end at that URL: not the API
+            raise DeliveryError(f"{self._shown_base}/event_types answered {answer.status} without JSON: "
+                                "is HOOK0_API_URL the Hook0 API?", retryable=False)
+        if answer.status in (401, 403):
+            raise self._auth_error(answer, "listing event types")
+        raise DeliveryError(self._redact(f"Hook0 API {self._shown_base} answered {answer.describe()} "
+                                         "when listing event types"),
+                            retryable=self._is_retryable(answer.status), retry_after=answer.retry_after_s)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # -- one event --------------------------------------------------------------------------------
+
+    async def _deliver_one(self, event: dict) -> None:
+        body = self._build(event)
+        if body is None:
+            return
+        where = f"event {event.get('id')} of table {_table_name(event)}"
+        answer = await self._post_event(body)
+        if answer.problem_id == "EventTypeDoesNotExist" and self.config.hook0_create_event_types:
+            await self._create_event_type(body["event_type"], where)
+            answer = await self._post_event(body)
+            if answer.problem_id == "EventTypeDoesNotExist":
+                raise DeliveryError(f"Hook0 still rejects event type {body['event_type']!r} of {where} "
+                                    "after creating it", retryable=False)
+        self._check_event_answer(answer, body, where)
+
+    def _build(self, event: dict) -> dict | None:
+        """Maps the event, remembering outbox tables (for deletes) and warning once per table whose
+        rows are ignored."""
+        table = (event.get("schema"), event.get("table"))
+        columns = self.relation_columns.get(table)
+        if event.get("op") in ("insert", "update") and is_hook0_outbox_event(event, (), columns):
+            self._outbox_tables.add(table)
+        body = build_hook0_event(event, self.config, self.application_id,
+                                 known_outbox_tables=self._outbox_tables, table_columns=columns)
+        if (body is None and event.get("op") in ("insert", "update") and table not in self._outbox_tables
+                and table not in self._warned_tables):
+            self._warned_tables.add(table)
+            logger.warning("Hook0 sink: ignoring changes of table %s: it is not an outbox table "
+                           "(columns %s) and HOOK0_TABLE_EVENTS is false",
+                           _table_name(event), ", ".join(HOOK0_OUTBOX_COLUMNS))
+        return body
+
+    async def _post_event(self, body: dict) -> Hook0Answer:
+        response = await self._client.request(
+            "POST", f"{self._api_path}/event", headers=(("Content-Type", "application/json"),),
+            body=encode_json(body).encode("utf-8"))
+        return decode_hook0_answer(response)
+
+    def _check_event_answer(self, answer: Hook0Answer, body: dict, where: str) -> None:
+        """Returns when Hook0 has the event (2xx, or 409 EventAlreadyIngested: a redelivery);
+        raises SinkAuthError or DeliveryError otherwise, per CONTRACT.md section 6."""
+        if 200 <= answer.status < 300:
+            return
+        if answer.status == 409 and answer.problem_id == "EventAlreadyIngested":
+            logger.debug("Hook0 already had %s (event_id %s): counted as delivered", where, body["event_id"])
+            return
+        if answer.status in (401, 403):
+            raise self._auth_error(answer, f"sending {where}")
+        if answer.problem_id == "EventTypeDoesNotExist":
+            event_type = body["event_type"]
+            self.alerter.alert(
+                HOOK0_ALERT_EVENT_TYPE + event_type,
+                f"Hook0 event type {event_type} does not exist",
+                f"Hook0 application {self.application_id} has no event type {event_type!r}, so {where} "
+                "could not be delivered. Create the event type in Hook0, or set "
+                "HOOK0_CREATE_EVENT_TYPES=true.")
+            raise DeliveryError(f"Hook0 has no event type {event_type!r} ({where}); create it or set "
+                                "HOOK0_CREATE_EVENT_TYPES=true", retryable=False)
+        if answer.problem_id == "TooManyEventsToday":
+            self.alerter.alert(HOOK0_ALERT_QUOTA, "Hook0 daily event quota reached",
+                               self._redact(f"Hook0 refuses new events: {answer.describe()}"))
+        raise DeliveryError(self._redact(f"Hook0 answered {answer.describe()} for {where}"),
+                            retryable=self._is_retryable(answer.status), retry_after=answer.retry_after_s)
+
+    async def _create_event_type(self, event_type: str, where: str) -> None:
+        """POST <api>/event_types for HOOK0_CREATE_EVENT_TYPES; Hook0 reactivates an existing one,
+        and older versions answer 409 EventTypeAlreadyExist, which is as good."""
+        parts = split_hook0_event_type(event_type)
+        if parts is None:
+            raise DeliveryError(
+                f"Hook0 has no event type {event_type!r} ({where}) and HOOK0_CREATE_EVENT_TYPES cannot "
+                "create it: an event type must be service.resource_type.verb (three dot-separated "
+                f"parts of 1 to {HOOK0_EVENT_TYPE_PART_MAX_CHARS} characters)", retryable=False)
+        service, resource_type, verb = parts
+        body = {"application_id": self.application_id, "service": service,
+                "resource_type": resource_type, "verb": verb}
+        response = await self._client.request(
+            "POST", f"{self._api_path}/event_types", headers=(("Content-Type", "application/json"),),
+            body=encode_json(body).encode("utf-8"))
+        answer = decode_hook0_answer(response)
+        if 200 <= answer.status < 300 or answer.problem_id == "EventTypeAlreadyExist":
+            logger.info("Hook0 sink: created event type %s in application %s",
+                        event_type, self.application_id)
+            return
+        if answer.status in (401, 403):
+            raise self._auth_error(answer, f"creating event type {event_type!r}")
+        raise DeliveryError(self._redact(f"Hook0 answered {answer.describe()} when creating event type "
+                                         f"{event_type!r} for {where}"),
+                            retryable=self._is_retryable(answer.status), retry_after=answer.retry_after_s)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _is_retryable(status: int) -> bool:
+        return status >= 500 or status in HOOK0_RETRYABLE_STATUSES
+
+    def _auth_error(self, answer: Hook0Answer, doing: str) -> SinkAuthError:
+        """Alerts and returns the exit-4 error for a rejected token (never retried)."""
+        message = self._redact(
+            f"Hook0 rejected HOOK0_API_TOKEN ({answer.status} {answer.problem_id or 'no problem id'}) when "
+            f"{doing}: check the token and its rights on application {self.application_id}")
+        self.alerter.alert(HOOK0_ALERT_AUTH, "Hook0 rejected the API token", message)
+        return SinkAuthError(message)
+
+    def _redact(self, text: str) -> str:
+        """Defence in depth: the token never reaches a message, even if a server echoes it."""
+        return text.replace(self._token, "***") if self._token else text
+
+
+# =====================================================================================================
+# 17. PostgreSQL connection (I/O)
+# =====================================================================================================
+# The thin I/O layer over the codec: TCP or Unix socket, SSLRequest and TLS with libpq's sslmode
+# semantics, the authentication exchange, simple queries.  This is the only section that turns
+# OSError, trio.BrokenResourceError and timeouts into ConnectionLost.
+
+RECEIVE_BYTES = 256 * 1024  #: one socket read
+DEFAULT_QUERY_TIMEOUT_S = 60.0  #: simple queries during setup (CREATE_REPLICATION_SLOT can wait on running transactions)
+SESSION_SETTINGS = {  #: startup parameters that make the server's text output predictable
+    "DateStyle": "ISO",
+    "TimeZone": "UTC",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "3",
+    "bytea_output": "hex",
+    "client_encoding": "UTF8",
+    "standard_conforming_strings": "on",
+}
+#: SQLSTATEs of a server error at connect time that mean "not now, try again later".
+RETRYABLE_CONNECT_SQLSTATES = {"57P01", "57P02", "57P03", "53300", "53400", "55006", "08006", "08001"}
+#: SQLSTATE classes / codes that mean a precondition the operator must fix (exit 4).
+PRECONDITION_SQLSTATES = {"28000", "28P01", "3D000", "42501", "42704", "55000"}
+
+_IO_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
+
+
+def quote_literal(text: str) -> str:
+    """A SQL string literal (standard_conforming_strings is on for our sessions)."""
+    if "\0" in text:
+        raise ValueError("a SQL literal cannot contain a NUL byte")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def quote_ident(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+def classify_server_error(error: ServerError, context: str) -> Wal2HttpError:
+    """Turn an ErrorResponse into what the caller should do: retry, exit 4, or fail."""
+    message = f"{context}: {error.fields.get('M', '')}"
+    if error.fields.get("D"):
+        message += f" ({error.fields['D']})"
+    if error.fields.get("H"):
+        message += f" Hint: {error.fields['H']}"
+    if error.sqlstate in ("28000", "28P01"):
+        return AuthenticationError(message)
+    if error.sqlstate in PRECONDITION_SQLSTATES:
+        return PreconditionError(message)
+    if error.sqlstate in RETRYABLE_CONNECT_SQLSTATES or error.sqlstate.startswith("08"):
+        return ConnectionLost(message)
+    return error
+
+
+def _ssl_context(conninfo, verify: str | None) -> ssl.SSLContext:
+    """verify: None (encrypt only), "ca" (chain) or "full" (chain and host name), as libpq."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if verify is None:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        root = conninfo.sslrootcert or os.path.expanduser("~/.postgresql/root.crt")
+        if root == "system":
+            ctx.load_default_certs()
+        elif os.path.exists(root):
+            ctx.load_verify_locations(root)
+        else:
+            raise AuthenticationError(
+                f"sslmode=verify-{verify} needs a root certificate: {root} does not exist "
+                "(set sslrootcert in DATABASE_URL, or sslrootcert=system for the system store)")
+        ctx.check_hostname = verify == "full"
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    if conninfo.sslcert:
+        try:
+            ctx.load_cert_chain(conninfo.sslcert, conninfo.sslkey)
+        except (OSError, ssl.SSLError) as exc:
+            raise PreconditionError(f"cannot load the client certificate sslcert={conninfo.sslcert}: {exc}") from None
+    return ctx
+
+
+def _tls_verification(conninfo) -> str | None:
+    mode = conninfo.sslmode
+    if mode == "verify-full":
+        return "full"
+    if mode == "verify-ca" or (mode == "require" and conninfo.sslrootcert
+                               and os.path.exists(conninfo.sslrootcert)):
+        return "ca"  # libpq: require with a root certificate file behaves as verify-ca
+    return None
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+class PgConnection:
+    """One authenticated connection: send bytes, receive whole messages, run simple queries."""
+
+    def __init__(self, stream: trio.abc.Stream, conninfo):
+        self.stream = stream
+        self.conninfo = conninfo
+        self.buffer = MessageBuffer()
+        self.parameters: dict[str, str] = {}
+        self.backend_pid = 0
+        self._send_lock = trio.Lock()
+
+    @property
+    def server_version_num(self) -> int:
+        """server_version as the integer PostgreSQL uses (150004 for 15.4)."""
+        text = self.parameters.get("server_version", "0").split()[0]
+        parts = [int(p) for p in re.findall(r"\d+", text)[:2]] + [0]
+        return parts[0] * 10000 + (parts[1] if parts[0] >= 10 else 0)
+
+    async def send(self, data: bytes) -> None:
+        try:
+            async with self._send_lock:
+                await self.stream.send_all(data)
+        except _IO_ERRORS as exc:
+            raise ConnectionLost(f"connection to PostgreSQL lost while sending: {exc}") from None
+
+    async def receive_some(self) -> bytes:
+        try:
+            data = await self.stream.receive_some(RECEIVE_BYTES)
+        except _IO_ERRORS as exc:
+            raise ConnectionLost(f"connection to PostgreSQL lost: {exc}") from None
+        if not data:
+            raise ConnectionLost("PostgreSQL closed the connection")
+        return data
+
+    async def receive_message(self) -> tuple[int, bytes]:
+        """The next message that is not a notice (notices are logged) or parameter status."""
+        while True:
+            message = self.buffer.next_message()
+            if message is None:
+                self.buffer.feed(await self.receive_some())
+                continue
+            tag, body = message
+            if tag == NOTICE_RESPONSE:
+                fields = decode_error_fields(body, "NoticeResponse")
+                logger.info("PostgreSQL %s: %s", fields.get("S", "NOTICE"), fields.get("M", ""))
+            elif tag == PARAMETER_STATUS:
+                name, value = decode_parameter_status(body)
+                self.parameters[name] = value
+            elif tag == NOTIFICATION_RESPONSE:
+                continue
+            else:
+                return tag, body
+
+    async def simple_query(self, sql: str, timeout_s: float = DEFAULT_QUERY_TIMEOUT_S) -> list[tuple]:
+        """Run one statement; returns its rows (tuples of str or None). ServerError on failure."""
+        await self.send(encode_query(sql))
+        rows: list[tuple] = []
+        error = None
+        with trio.move_on_after(timeout_s) as scope:
+            while True:
+                tag, body = await self.receive_message()
+                if tag == DATA_ROW:
+                    rows.append(decode_data_row(body))
+                elif tag == ERROR_RESPONSE:
+                    error = ServerError(decode_error_fields(body))
+                elif tag == READY_FOR_QUERY:
+                    break
+                elif tag not in (ROW_DESCRIPTION, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE):
+                    raise ProtocolError(f"unexpected message {chr(tag)!r} in reply to a query")
+        if scope.cancelled_caught:
+            raise ConnectionLost(f"PostgreSQL did not answer within {timeout_s:g} s: {sql.split()[0]}")
+        if error:
+            raise error
+        return rows
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            try:
+                await self.stream.send_all(encode_terminate())
+            except _IO_ERRORS:
+                pass
+            try:
+                await self.stream.aclose()
+            except _IO_ERRORS:
+                pass
+
+
+async def _open_socket(conninfo) -> trio.abc.Stream:
+    try:
+        if conninfo.host.startswith("/"):
+            return await trio.open_unix_socket(f"{conninfo.host}/.s.PGSQL.{conninfo.port}")
+        return await trio.open_tcp_stream(conninfo.host, conninfo.port)
+    except OSError as exc:
+        raise ConnectionLost(f"cannot connect to PostgreSQL at {_where(conninfo)}: {exc.strerror or exc}") from None
+
+
+def _where(conninfo) -> str:
+    if conninfo.host.startswith("/"):
+        return f"{conninfo.host}/.s.PGSQL.{conninfo.port}"
+    return f"{conninfo.host}:{conninfo.port}"
+
+
+async def _start_tls(stream: trio.abc.Stream, conninfo) -> trio.abc.Stream | None:
+    """SSLRequest; returns the TLS stream, or None when the server declined."""
+    await stream.send_all(encode_ssl_request())
+    answer = await stream.receive_some(1)  # exactly one byte: nothing may be buffered before TLS
+    if answer == b"N":
+        return None
+    if answer != b"S":
+        raise ProtocolError(f"unexpected answer to SSLRequest: {answer!r}")
+    verify = _tls_verification(conninfo)
+    host = conninfo.host
+    sni = host if (verify == "full" or not _is_ip_address(host)) else None
+    tls = trio.SSLStream(stream, _ssl_context(conninfo, verify), server_hostname=sni)
+    try:
+        await tls.do_handshake()
+    except _IO_ERRORS as exc:
+        cause = exc if isinstance(exc, ssl.SSLCertVerificationError) else exc.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise AuthenticationError(f"TLS verification of PostgreSQL at {_where(conninfo)} failed "
+                                      f"(sslmode={conninfo.sslmode}): {cause.verify_message}") from None
+        raise ConnectionLost(f"TLS handshake with PostgreSQL at {_where(conninfo)} failed: {exc}") from None
+    return tls
+
+
+async def _authenticate(conn: PgConnection) -> None:
+    """From StartupMessage to ReadyForQuery: answer whatever authentication the server asks."""
+    info, scram = conn.conninfo, None
+    while True:
+        tag, body = await conn.receive_message()
+        if tag == READY_FOR_QUERY:
+            return
+        if tag == ERROR_RESPONSE:
+            raise classify_server_error(ServerError(decode_error_fields(body)),
+                                        f"PostgreSQL refused the connection as user {info.user!r}")
+        if tag == BACKEND_KEY_DATA:
+            conn.backend_pid = _INT32.unpack_from(body)[0] if len(body) >= 4 else 0
+            continue
+        if tag == NEGOTIATE_PROTOCOL_VERSION:
+            continue
+        if tag != AUTHENTICATION:
+            raise ProtocolError(f"unexpected message {chr(tag)!r} during authentication")
+        code, rest = decode_authentication(body)
+        if code == AUTH_OK:
+            continue
+        if code not in (AUTH_SASL_CONTINUE, AUTH_SASL_FINAL) and info.password is None:
+            raise AuthenticationError(f"PostgreSQL asks a password for user {info.user!r}: put it in "
+                                      "DATABASE_URL or PGPASSWORD")
+        if code == AUTH_CLEARTEXT_PASSWORD:
+            await conn.send(encode_password(info.password.encode()))
+        elif code == AUTH_MD5_PASSWORD:
+            await conn.send(encode_password(build_md5_password(info.user, info.password, rest[:4])))
+        elif code == AUTH_SASL:
+            if SCRAM_MECHANISM not in decode_sasl_mechanisms(rest):
+                raise AuthenticationError(f"no supported SASL mechanism among {decode_sasl_mechanisms(rest)}")
+            scram = ScramClient(info.password)
+            await conn.send(encode_sasl_initial_response(SCRAM_MECHANISM, scram.client_first()))
+        elif code == AUTH_SASL_CONTINUE and scram:
+            await conn.send(encode_sasl_response(scram.client_final(rest)))
+        elif code == AUTH_SASL_FINAL and scram:
+            scram.verify_server_final(rest)
+        else:
+            raise AuthenticationError(f"unsupported authentication request {code} from PostgreSQL")
+
+
+def build_startup_parameters(conninfo, replication: bool) -> dict[str, str]:
+    params = {"user": conninfo.user, "database": conninfo.dbname,
+              "application_name": conninfo.application_name, **SESSION_SETTINGS}
+    if replication:
+        params["replication"] = "database"
+    return params
+
+
+@contextlib.asynccontextmanager
+async def open_pg_connection(conninfo, *, replication: bool = True):
+    """An authenticated connection, closed on exit.  Honours sslmode like libpq."""
+    conn = None
+    try:
+        with trio.fail_after(conninfo.connect_timeout_s):
+            conn = await _connect(conninfo, replication)
+    except trio.TooSlowError:
+        raise ConnectionLost(f"cannot connect to PostgreSQL at {_where(conninfo)}: "
+                             f"no answer within connect_timeout={conninfo.connect_timeout_s:g} s") from None
+    try:
+        yield conn
+    finally:
+        await conn.aclose()
+
+
+async def _connect(conninfo, replication: bool) -> PgConnection:
+    mode = "disable" if conninfo.host.startswith("/") else conninfo.sslmode  # libpq: no TLS on Unix sockets
+    try:
+        return await _connect_once(conninfo, replication, tls=mode not in ("disable", "allow"))
+    except AuthenticationError:
+        if mode != "allow":
+            raise
+        return await _connect_once(conninfo, replication, tls=True)  # allow: plain first, then TLS
+
+
+async def _connect_once(conninfo, replication: bool, tls: bool) -> PgConnection:
+    stream = await _open_socket(conninfo)
+    try:
+        if tls:
+            tls_stream = await _start_tls(stream, conninfo)
+            if tls_stream is None and conninfo.sslmode in ("require", "verify-ca", "verify-full"):
+                raise PreconditionError(f"PostgreSQL at {_where(conninfo)} does not accept TLS "
+                                        f"but DATABASE_URL says sslmode={conninfo.sslmode}")
+            stream = tls_stream or stream
+        conn = PgConnection(stream, conninfo)
+        await conn.send(encode_startup(build_startup_parameters(conninfo, replication)))
+        await _authenticate(conn)
+        return conn
+    except _IO_ERRORS as exc:
+        await _close_quietly(stream)
+        raise ConnectionLost(f"connection to PostgreSQL at {_where(conninfo)} failed: {exc}") from None
+    except BaseException:
+        await _close_quietly(stream)
+        raise
+
+
+async def _close_quietly(stream) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            await stream.aclose()
+        except _IO_ERRORS:
+            pass
+
+
+# =====================================================================================================
+# 18. Replication loop
+# =====================================================================================================
+# One connection = one nursery with three tasks linked by a bounded channel:
+#   reader    socket -> MessageBuffer -> XLogData -> ChangeAssembler -> Chunk -> channel
+#   delivery  channel -> ReliableSink.deliver -> AckTracker.delivered
+#   feedback  AckTracker -> Standby status update, every FEEDBACK_INTERVAL_SECS
+# Keepalives are answered by the reader.  A lost connection ends the nursery; `run` reconnects with
+# backoff and the stream resumes from the last acknowledged position, so everything not confirmed
+# by the sink is delivered again (at-least-once, same ids).
+
+CHANNEL_CHUNKS = 8  #: chunks buffered between reader and delivery (each at most CHUNK_EVENTS events)
+CHUNK_EVENTS = 1000  #: events per chunk of a large transaction
+SPILL_BYTES = 16 * 1024 * 1024  #: a streamed transaction spills to a temporary file past this size
+LIVENESS_PING_S = 10.0  #: ask the server for a keepalive this often, to notice a dead peer
+READ_IDLE_TIMEOUT_S = 35.0  #: no byte from the server for this long: the connection is lost
+SHUTDOWN_TIMEOUT_S = 10.0  #: at SIGINT/SIGTERM, wait this long for the delivery in flight
+RECONNECT_BASE_S = 1.0  #: first delay before reconnecting to PostgreSQL
+RECONNECT_MAX_S = 30.0  #: longest delay between reconnection attempts
+BATCH_LINGER_S = 0.05  #: longest wait for a partial HTTP batch to fill
+COALESCE_READ_BELOW_BYTES = 16 * 1024  #: after a read smaller than this, let the server batch...
+COALESCE_READ_S = 0.002  #: ...for this long before reading again (fewer wake-ups on both sides)
+
+
+def pgoutput_proto_version(server_version_num: int) -> int:
+    """The highest pgoutput protocol version the server speaks (v2 PG14, v3 PG15, v4 PG16+)."""
+    for version, minimum in ((4, 160000), (3, 150000), (2, 140000)):
+        if server_version_num >= minimum:
+            return version
+    return 1
+
+
+def build_start_replication(config, proto_version: int, start_lsn: int) -> str:
+    names = ",".join(quote_ident(name) for name in config.publications)
+    options = [f"proto_version '{proto_version}'", f"publication_names {quote_literal(names)}"]
+    if proto_version >= 2:  # PostgreSQL 14+: before that pgoutput rejects both options
+        options.append("messages 'true'")
+        options.append(f"streaming '{'on' if config.streaming else 'off'}'")
+    return (f"START_REPLICATION SLOT {quote_ident(config.slot_name)} LOGICAL {format_lsn(start_lsn)} "
+            f"({', '.join(options)})")
+
+
+class AckTracker:
+    """The acknowledgement rule, in one place.
+
+    The LSN reported to PostgreSQL as flushed (and so the slot's confirmed_flush_lsn) moves only
+    after the sink has confirmed every event up to it:
+    - `delivered(end_lsn)`: the delivery task confirms chunks in order; a chunk that ends a
+      transaction carries the Commit's end_lsn, which then becomes the flushed position.
+    - `keepalive(wal_end, idle)`: a keepalive position is acknowledged only when nothing is in
+      flight: every chunk handed to the delivery task is confirmed and no transaction is open in
+      the assembler.  Then every change before wal_end has been delivered, and an idle wal2http
+      does not make PostgreSQL retain WAL.
+    The position never moves backwards.
+    """
+
+    def __init__(self, flushed_lsn: int = 0):
+        self.flushed_lsn = flushed_lsn
+        self.received_lsn = flushed_lsn
+        self.in_flight = 0  # chunks handed to the delivery task and not yet confirmed
+
+    def queued(self) -> None:
+        self.in_flight += 1
+
+    def delivered(self, end_lsn: int | None) -> None:
+        self.in_flight -= 1
+        if end_lsn is not None and end_lsn > self.flushed_lsn:
+            self.flushed_lsn = end_lsn
+
+    def received(self, wal_end: int) -> None:
+        if wal_end > self.received_lsn:
+            self.received_lsn = wal_end
+
+    def keepalive(self, wal_end: int, assembler_idle: bool) -> None:
+        self.received(wal_end)
+        if assembler_idle and self.in_flight == 0 and wal_end > self.flushed_lsn:
+            self.flushed_lsn = wal_end
+
+    def discard_in_flight(self) -> None:
+        """After a lost connection: what was queued will be streamed again."""
+        self.in_flight = 0
+
+    def status_update(self, reply_requested: bool = False) -> bytes:
+        write = max(self.received_lsn, self.flushed_lsn)
+        return encode_standby_status(write, self.flushed_lsn, self.flushed_lsn,
+                                     time.time_ns() // 1000, reply_requested)
+
+
+async def check_wal_level(conn: PgConnection) -> None:
+    (level,), = await conn.simple_query("SHOW wal_level")
+    if level != "logical":
+        raise PreconditionError(f"wal_level is {level!r} but logical replication needs "
+                                "wal_level = logical in postgresql.conf (then restart PostgreSQL)")
+
+
+async def check_publications(conn: PgConnection, publications: tuple[str, ...]) -> None:
+    names = ", ".join(quote_literal(p) for p in publications)
+    rows = await conn.simple_query(f"SELECT pubname FROM pg_catalog.pg_publication WHERE pubname IN ({names})")
+    missing = [p for p in publications if (p,) not in rows]
+    if missing:
+        raise PreconditionError(
+            f"publication {missing[0]!r} does not exist in database {conn.conninfo.dbname!r} (PUB_NAME): "
+            f"create it, e.g. CREATE PUBLICATION {quote_ident(missing[0])} FOR ALL TABLES;")
+
+
+async def ensure_slot(conn: PgConnection, config) -> bool:
+    """Check the slot (pgoutput, this database); create it when CREATE_SLOT allows.  True if created."""
+    rows = await conn.simple_query(
+        "SELECT plugin, slot_type, database FROM pg_catalog.pg_replication_slots "
+        f"WHERE slot_name = {quote_literal(config.slot_name)}")
+    if rows:
+        plugin, slot_type, database = rows[0]
+        if slot_type != "logical" or plugin != "pgoutput":
+            raise PreconditionError(f"replication slot {config.slot_name!r} (SLOT_NAME) uses "
+                                    f"{plugin or slot_type!r}, not pgoutput: drop it or choose another SLOT_NAME")
+        if database != conn.conninfo.dbname:
+            raise PreconditionError(f"replication slot {config.slot_name!r} (SLOT_NAME) belongs to "
+                                    f"database {database!r}, not {conn.conninfo.dbname!r}")
+        return False
+    if not config.create_slot:
+        raise PreconditionError(
+            f"replication slot {config.slot_name!r} (SLOT_NAME) does not exist and CREATE_SLOT=false: "
+            f"create it with SELECT pg_create_logical_replication_slot({quote_literal(config.slot_name)}, 'pgoutput');")
+    logger.info("creating replication slot %r: PostgreSQL first waits for the transactions running now "
+                "to end", config.slot_name)
+    await conn.simple_query(f"CREATE_REPLICATION_SLOT {quote_ident(config.slot_name)} LOGICAL pgoutput "
+                            "NOEXPORT_SNAPSHOT", timeout_s=math.inf)
+    logger.info("created replication slot %r", config.slot_name)
+    return True
+
+
+async def prepare_replication(conn: PgConnection, config) -> None:
+    """Every precondition of streaming, with errors that say what to fix."""
+    try:
+        await check_wal_level(conn)
+        await check_publications(conn, config.publications)
+        await ensure_slot(conn, config)
+    except ServerError as exc:
+        raise classify_server_error(exc, "preparing replication") from None
+
+
+DOMAIN_BASE_TYPES_SQL = """
+WITH RECURSIVE d(oid, base) AS (
+    SELECT oid, typbasetype FROM pg_catalog.pg_type WHERE typtype = 'd'
+  UNION ALL
+    SELECT d.oid, t.typbasetype FROM d JOIN pg_catalog.pg_type t ON t.oid = d.base WHERE t.typtype = 'd')
+SELECT d.oid, d.base, dt.typarray, bt.typarray
+FROM d JOIN pg_catalog.pg_type bt ON bt.oid = d.base AND bt.typtype <> 'd'
+       JOIN pg_catalog.pg_type dt ON dt.oid = d.oid"""
+
+
+async def load_domain_base_types(conn: PgConnection) -> dict[int, int]:
+    """Domain -> its base type, and the domain's array type -> the base's array type, so that
+    values of a domain over a known type are typed like it (CONTRACT.md section 3).  Domains
+    created while streaming are read as text until the next connection."""
+    mapping = {}
+    for domain, base, domain_array, base_array in await conn.simple_query(DOMAIN_BASE_TYPES_SQL):
+        mapping[int(domain)] = int(base)
+        if int(domain_array) and int(base_array):
+            mapping[int(domain_array)] = int(base_array)
+    return mapping
+
+
+async def start_streaming(conn: PgConnection, config, start_lsn: int) -> int:
+    """START_REPLICATION; returns the pgoutput protocol version in use."""
+    proto = pgoutput_proto_version(conn.server_version_num)
+    if config.streaming and proto < 2:
+        logger.warning("STREAMING=true needs PostgreSQL 14 or later; streaming large transactions is off")
+    await conn.send(encode_query(build_start_replication(config, proto, start_lsn)))
+    with trio.move_on_after(DEFAULT_QUERY_TIMEOUT_S) as scope:
+        tag, body = await conn.receive_message()
+    if scope.cancelled_caught:
+        raise ConnectionLost("PostgreSQL did not answer START_REPLICATION")
+    if tag == ERROR_RESPONSE:
+        raise classify_server_error(ServerError(decode_error_fields(body)), "START_REPLICATION failed")
+    if tag != COPY_BOTH_RESPONSE:
+        raise ProtocolError(f"unexpected message {chr(tag)!r} in reply to START_REPLICATION")
+    logger.info("streaming from slot %r at %s (pgoutput protocol %d, publications %s)", config.slot_name,
+                format_lsn(start_lsn), proto, ",".join(config.publications))
+    return proto
+
+
+class ReplicationStream:
+    """The reader side of one streaming connection."""
+
+    def __init__(self, conn: PgConnection, assembler, ack: AckTracker, send_channel):
+        self.conn = conn
+        self.assembler = assembler
+        self.ack = ack
+        self.send_channel = send_channel
+
+    async def run_reader(self) -> None:
+        conn, buffer = self.conn, self.conn.buffer
+        while True:
+            with trio.move_on_after(READ_IDLE_TIMEOUT_S) as scope:
+                data = await conn.receive_some()
+            if scope.cancelled_caught:
+                raise ConnectionLost(f"no data from PostgreSQL for {READ_IDLE_TIMEOUT_S:g} s")
+            buffer.feed(data)
+            await self.handle_buffered()
+            if len(data) < COALESCE_READ_BELOW_BYTES:
+                await trio.sleep(COALESCE_READ_S)
+
+    async def handle_buffered(self) -> None:
+        """Every complete message received; XLogData (nearly all of them) on the short path."""
+        buffer, feed, ack, send = self.conn.buffer, self.assembler.feed, self.ack, self.send_channel.send
+        while True:
+            xlog = buffer.next_xlog_data()
+            if xlog is None:
+                message = buffer.next_message()
+                if message is None:
+                    return
+                await self.handle_message(*message)
+                continue
+            wal_start, wal_end, payload = xlog
+            if wal_end > ack.received_lsn:
+                ack.received_lsn = wal_end
+            chunks = feed(wal_start, payload)
+            if chunks:
+                for chunk in chunks:
+                    ack.queued()
+                    await send(chunk)
+
+    async def handle_message(self, tag: int, body: bytes) -> None:
+        if tag == COPY_DATA and body and body[0] == XLOG_DATA:
+            wal_start, wal_end = decode_xlog_header(body)
+            self.ack.received(wal_end)
+            for chunk in self.assembler.feed(wal_start, body[25:]):
+                self.ack.queued()
+                await self.send_channel.send(chunk)
+        elif tag == COPY_DATA and body and body[0] == PRIMARY_KEEPALIVE:
+            wal_end, reply = decode_keepalive(body)
+            idle = not self.assembler.in_transaction and not self.assembler.open_streams
+            self.ack.keepalive(wal_end, idle)
+            if reply:
+                await self.conn.send(self.ack.status_update())
+        elif tag == ERROR_RESPONSE:
+            raise classify_server_error(ServerError(decode_error_fields(body)), "replication stream")
+        elif tag == NOTICE_RESPONSE:
+            fields = decode_error_fields(body, "NoticeResponse")
+            logger.info("PostgreSQL %s: %s", fields.get("S", "NOTICE"), fields.get("M", ""))
+        elif tag == PARAMETER_STATUS:
+            name, value = decode_parameter_status(body)
+            self.conn.parameters[name] = value
+        elif tag in (COPY_DONE, COMMAND_COMPLETE, READY_FOR_QUERY):  # e.g. the server shuts down
+            raise ConnectionLost("PostgreSQL ended the replication stream")
+        else:
+            kind = chr(body[0]) if tag == COPY_DATA and body else ""
+            raise ProtocolError(f"unexpected message {chr(tag) + kind!r} in the replication stream")
+
+
+async def run_feedback(conn: PgConnection, ack: AckTracker, interval_s: float) -> None:
+    """Standby status updates: at least every interval_s, so any advance is reported within it."""
+    last_ping = trio.current_time()
+    while True:
+        ping = trio.current_time() - last_ping >= LIVENESS_PING_S
+        if ping:
+            last_ping = trio.current_time()
+        await conn.send(ack.status_update(reply_requested=ping))
+        await trio.sleep(interval_s)
+
+
+class DeliveryLoop:
+    """Takes chunks in order, delivers them in batches of up to the sink's batch size, and tells
+    the AckTracker which chunks are confirmed.  A batch may span chunks and transactions."""
+
+    def __init__(self, sink, ack: AckTracker, batch_size: int, linger_s: float):
+        self.sink = sink
+        self.ack = ack
+        self.batch_size = batch_size
+        self.linger_s = linger_s
+        self.events: list[dict] = []
+        self.marks: list[tuple[int, int | None]] = []  # (events in self.events after the chunk, end_lsn)
+        self.stopping = False
+        self.in_flight: trio.Event | None = None  # set when the batch being delivered is confirmed
+
+    async def run(self, receive_channel) -> None:
+        async with receive_channel:
+            while not self.stopping:
+                chunk = await self._next_chunk(receive_channel)
+                if chunk is None:
+                    await self._flush(len(self.events))
+                    continue
+                self.events.extend(chunk.events)
+                self.marks.append((len(self.events), chunk.end_lsn))
+                while len(self.events) >= self.batch_size and not self.stopping:
+                    await self._flush(self.batch_size)
+
+    async def finish(self, timeout_s: float) -> None:
+        """At shutdown: take no new chunk, let the batch in flight finish (bounded)."""
+        self.stopping = True
+        if self.in_flight is not None:
+            with trio.move_on_after(timeout_s):
+                await self.in_flight.wait()
+
+    async def _next_chunk(self, receive_channel):
+        """The next chunk; None when a partial batch should go out now."""
+        if not self.marks:
+            return await receive_channel.receive()
+        try:
+            return receive_channel.receive_nowait()
+        except trio.WouldBlock:
+            if not self.linger_s:
+                return None
+        with trio.move_on_after(self.linger_s):
+            return await receive_channel.receive()
+        return None
+
+    async def _flush(self, count: int) -> None:
+        batch = self.events[:count]
+        self.in_flight = trio.Event()
+        if batch:
+            await self.sink.deliver(batch)
+        del self.events[:count]
+        confirmed = 0
+        for after, end_lsn in self.marks:
+            if after > count:
+                break
+            self.ack.delivered(end_lsn)
+            confirmed += 1
+        self.marks = [(after - count, lsn) for after, lsn in self.marks[confirmed:]]
+        self.in_flight.set()
+        self.in_flight = None
+
+
+async def run_session(config, sink, ack: AckTracker, stop: trio.Event, on_streaming=None) -> None:
+    """One connection from connect to stop or failure.  Returns only after `stop` was set."""
+    async with open_pg_connection(config.conninfo) as conn:
+        await prepare_replication(conn, config)
+        base_types = await load_domain_base_types(conn)
+        await start_streaming(conn, config, ack.flushed_lsn)
+        if on_streaming:
+            on_streaming()
+        assembler = ChangeAssembler(chunk_events=CHUNK_EVENTS, spill_bytes=SPILL_BYTES,
+                                    relation_columns=getattr(sink, "relation_columns", None))
+        assembler.base_types = base_types
+        send_channel, receive_channel = trio.open_memory_channel(CHANNEL_CHUNKS)
+        linger = BATCH_LINGER_S if sink.batch_size > 1 and sink.name != "stdout" else 0.0
+        delivery = DeliveryLoop(sink, ack, sink.batch_size, linger)
+        stream = ReplicationStream(conn, assembler, ack, send_channel)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_feedback, conn, ack, config.feedback_interval_s)
+                nursery.start_soon(delivery.run, receive_channel)
+                reader_scope = trio.CancelScope()
+                nursery.start_soon(_run_in_scope, reader_scope, stream.run_reader)
+                await stop.wait()
+                logger.info("stopping: finishing the delivery in flight")
+                reader_scope.cancel()
+                await delivery.finish(SHUTDOWN_TIMEOUT_S)
+                nursery.cancel_scope.cancel()
+            await _say_goodbye(conn, ack)
+        finally:
+            assembler.close()
+            ack.discard_in_flight()
+
+
+async def _run_in_scope(scope: trio.CancelScope, function) -> None:
+    with scope:
+        await function()
+
+
+async def _say_goodbye(conn: PgConnection, ack: AckTracker) -> None:
+    """Final status update with the confirmed position, then CopyDone."""
+    with trio.move_on_after(2) as scope:
+        scope.shield = True
+        try:
+            await conn.send(ack.status_update() + encode_copy_done())
+        except ConnectionLost:
+            logger.warning("could not send the final status update: the connection is gone")
+    logger.info("stopped at confirmed position %s", format_lsn(ack.flushed_lsn))
+
+
+async def _run_session_or_stop(config, sink, ack: AckTracker, stop: trio.Event, on_streaming) -> None:
+    """run_session, abandoned when `stop` comes before streaming began (connecting, waiting for
+    CREATE_REPLICATION_SLOT): nothing is in flight then, so there is nothing to finish."""
+    streaming = False
+
+    def started():
+        nonlocal streaming
+        streaming = True
+        on_streaming()
+
+    async with trio.open_nursery() as nursery:
+        async def cancel_setup_on_stop():
+            await stop.wait()
+            if not streaming:
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(cancel_setup_on_stop)
+        await run_session(config, sink, ack, stop, started)
+        nursery.cancel_scope.cancel()
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The error that matters in what a nursery raised: a wal2http error before anything else."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = list(_leaves(exc))
+        for leaf in leaves:
+            if isinstance(leaf, Wal2HttpError) and not isinstance(leaf, ConnectionLost):
+                return leaf
+        for leaf in leaves:
+            if not isinstance(leaf, trio.Cancelled):
+                return leaf
+        return leaves[0]
+    return exc
+
+
+def _leaves(group: BaseExceptionGroup):
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_STATUS_IGNORED) -> AckTracker:
+    """Stream until `stop` is set, reconnecting with backoff when the connection is lost."""
+    ack, delay, started = AckTracker(), RECONNECT_BASE_S, False
+
+    def on_streaming():
+        nonlocal delay, started
+        delay = RECONNECT_BASE_S
+        if not started:
+            started = True
+            task_status.started(ack)
+
+    while not stop.is_set():
+        try:
+            await _run_session_or_stop(config, sink, ack, stop, on_streaming)
+            return ack
+        except Exception as exc:  # noqa: BLE001 - sorted below; anything not retryable propagates
+            error = first_error(exc)
+            if not isinstance(error, ConnectionLost):
+                raise error from None
+            logger.warning("%s; reconnecting in %.1f s", error, delay)
+        with trio.move_on_after(delay):
+            await stop.wait()
+        delay = min(delay * 2, RECONNECT_MAX_S)
+    return ack
+
+
+# =====================================================================================================
+# 19. Service, --check
+# =====================================================================================================
+
+
+def open_sink(config, alerter):
+    """The sink EVENT_SINK names (already resolved by the priority rule)."""
+    if config.event_sink == "http":
+        return HttpSink(config, alerter=alerter)
+    if config.event_sink == "hook0":
+        return Hook0Sink(config, alerter)
+    return StdoutSink()
+
+
+async def run(config, *, sink=None, stop: trio.Event | None = None,
+              task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run wal2http until `stop` is set (or forever).  `sink` replaces the configured one.
+
+    task_status.started() is called once streaming has begun, with the AckTracker.
+    Raises DeliveryFailed (ON_FAILURE=exit), PreconditionError, or another Wal2HttpError.
+    """
+    stop = trio.Event() if stop is None else stop
+    alerter = Alerter(config)
+    sink = sink or open_sink(config, alerter)
+    logger.info("wal2http %s starting: %s", __version__, describe_config(config))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(alerter.run)
+            try:
+                await run_replication(config, ReliableSink(sink, config, alerter), stop, task_status)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await sink.aclose()
+                    await alerter.drain(ALERT_DRAIN_TIMEOUT_S)
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        error = first_error(group)
+        if isinstance(error, Exception):
+            raise error from None
+        raise
+
+
+ALERT_DRAIN_TIMEOUT_S = 15.0  #: at exit, how long queued alert mails may take to go out
+
+
+async def run_check(config, out=None) -> int:
+    """--check: one line per check on stdout; 0 when all pass, 4 otherwise."""
+    out = out or sys.stdout
+    results: list[tuple[str, str | None]] = []
+    timeout_s = config.conninfo.connect_timeout_s
+    try:
+        with trio.fail_after(timeout_s):
+            async with open_pg_connection(config.conninfo, replication=False) as conn:
+                results.append(("connect", None))
+                await _check_database(conn, config, results)
+        results.append(await _check_one("replication connection", timeout_s, _check_replication_connection(config)))
+    except trio.TooSlowError:
+        results.append(("connect", f"no answer within {timeout_s:g} s"))
+    except Wal2HttpError as exc:
+        results.append(("connect", str(exc)))
+    results.append(await _check_one(f"sink {config.event_sink}", config.conninfo.connect_timeout_s,
+                                    _check_sink(config)))
+    if email_enabled(config):
+        results.append(await _check_one("email", config.conninfo.connect_timeout_s, check_smtp(config)))
+    for name, failure in results:
+        print(f"ok {name}" if failure is None else f"FAIL {name}: {failure}", file=out, flush=True)
+    return 0 if all(failure is None for _, failure in results) else 4
+
+
+async def _check_one(name: str, timeout_s: float, awaitable) -> tuple[str, str | None]:
+    try:
+        with trio.fail_after(timeout_s):
+            await awaitable
+        return name, None
+    except trio.TooSlowError:
+        return name, f"no answer within {timeout_s:g} s"
+    except Wal2HttpError as exc:
+        return name, str(exc)
+
+
+async def _check_sink(config) -> None:
+    sink = open_sink(config, Alerter(config))
+    try:
+        await sink.check()
+    finally:
+        await sink.aclose()
+
+
+async def _check_database(conn: PgConnection, config, results: list) -> None:
+    checks = [
+        ("wal_level", check_wal_level(conn)),
+        ("replication privilege", _check_privilege(conn)),
+        (f"publication {','.join(config.publications)}", check_publications(conn, config.publications)),
+        (f"slot {config.slot_name}", _check_slot(conn, config)),
+    ]
+    for name, awaitable in checks:
+        try:
+            await awaitable
+            results.append((name, None))
+        except ServerError as exc:
+            results.append((name, str(classify_server_error(exc, name))))
+        except Wal2HttpError as exc:
+            results.append((name, str(exc)))
+
+
+async def _check_replication_connection(config) -> None:
+    try:
+        async with open_pg_connection(config.conninfo) as conn:
+            await conn.simple_query("IDENTIFY_SYSTEM")
+    except ServerError as exc:
+        raise classify_server_error(exc, "IDENTIFY_SYSTEM") from None
+
+
+async def _check_privilege(conn: PgConnection) -> None:
+    (allowed,), = await conn.simple_query(
+        "SELECT rolreplication OR rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user")
+    if allowed != "t":
+        raise PreconditionError(f"user {conn.conninfo.user!r} lacks the REPLICATION privilege: "
+                                f"ALTER ROLE {quote_ident(conn.conninfo.user)} REPLICATION;")
+
+
+async def _check_slot(conn: PgConnection, config) -> None:
+    """Like ensure_slot, but never creates: a missing slot passes when CREATE_SLOT=true."""
+    try:
+        await ensure_slot(conn, dataclasses.replace(config, create_slot=False))
+    except PreconditionError as exc:
+        if not (config.create_slot and "does not exist" in str(exc)):
+            raise
+
+
+# =====================================================================================================
+# 20. --demo: a throwaway PostgreSQL
+# =====================================================================================================
+# Runs the real thing end to end against a cluster made with initdb in a temporary directory, run
+# as an unprivileged user when we are root (PostgreSQL refuses to run as root), removed at the end.
+
+DEMO_SQL = [
+    "CREATE TABLE demo_orders (id bigserial PRIMARY KEY, customer text NOT NULL, amount numeric(12,2),"
+    " tags text[], meta jsonb, created_at timestamptz NOT NULL DEFAULT now())",
+    "CREATE PUBLICATION wal2http_demo FOR ALL TABLES",
+]
+DEMO_CHANGES = [  # (statement, events it makes)
+    ("INSERT INTO demo_orders (customer, amount, tags, meta) VALUES ('ada', 19.90, '{new,web}', "
+     "'{\"source\": \"demo\"}'), ('grace', 5.00, NULL, NULL)", 2),
+    ("UPDATE demo_orders SET amount = 21.50, meta = '{\"paid\": true}' WHERE customer = 'ada'", 1),
+    ("SELECT pg_logical_emit_message(true, 'wal2http.demo', 'hello from --demo')", 1),
+    ("DELETE FROM demo_orders WHERE customer = 'grace'", 1),
+    ("TRUNCATE demo_orders", 1),
+]
+DEMO_TIMEOUT_S = 60.0
+
+
+def find_postgres_bin() -> str | None:
+    """The directory holding initdb: PATH first, then /usr/lib/postgresql/<newest>/bin."""
+    found = shutil.which("initdb")
+    if found:
+        return os.path.dirname(os.path.realpath(found))
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                      key=lambda p: [int(x) for x in re.findall(r"\d+", p)])
+    return os.path.dirname(versions[-1]) if versions else None
+
+
+class DemoCluster:
+    """initdb + pg_ctl in a temporary directory; `url` connects to it over 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.bin = find_postgres_bin()
+        if self.bin is None:
+            raise PreconditionError("--demo needs the PostgreSQL server binaries (initdb, pg_ctl): "
+                                    "install them, e.g. apt-get install postgresql")
+        self.root = tempfile.mkdtemp(prefix="wal2http-demo-")
+        self.data = os.path.join(self.root, "data")
+        self.port = _free_tcp_port()
+        self.user = None
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            self.user = _unprivileged_user()
+            os.chmod(self.root, 0o755)
+            os.chown(self.root, self.user.pw_uid, self.user.pw_gid)
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres?sslmode=disable"
+
+    def _run(self, program: str, *args: str) -> None:
+        kwargs = {}
+        if self.user:
+            kwargs = dict(user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[])
+        result = subprocess.run([os.path.join(self.bin, program), *args], capture_output=True,
+                                text=True, cwd=self.root, **kwargs)
+        if result.returncode:
+            raise Wal2HttpError(f"{program} failed: {(result.stderr or result.stdout).strip()[-500:]}")
+
+    def start(self) -> None:
+        self._run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as conf:
+            conf.write(f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
+                       f"unix_socket_directories = '{self.root}'\nwal_level = logical\nfsync = off\n")
+        self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.root, "server.log"), "-w", "start")
+
+    def remove(self) -> None:
+        if os.path.exists(os.path.join(self.data, "postmaster.pid")):
+            with contextlib.suppress(Wal2HttpError):
+                self._run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _unprivileged_user():
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise PreconditionError("--demo runs as root but found no unprivileged user (postgres, nobody) "
+                            "to run PostgreSQL as")
+
+
+class _CountingSink:
+    """Wraps the demo's sink to know when every change made has been delivered."""
+
+    def __init__(self, sink):
+        self.sink, self.name, self.batch_size = sink, sink.name, sink.batch_size
+        self.delivered = 0
+        self.changed = trio.Event()
+
+    async def deliver(self, events):
+        await self.sink.deliver(events)
+        self.delivered += len(events)
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def check(self):
+        return await self.sink.check()
+
+    async def aclose(self):
+        await self.sink.aclose()
+
+
+def run_demo(config) -> int:
+    logger.info("--demo: starting a throwaway PostgreSQL")
+    cluster = DemoCluster()
+    try:
+        cluster.start()
+        demo = dataclasses.replace(config, database_url=cluster.url, conninfo=parse_database_url(cluster.url, {}),
+                                   slot_name="wal2http_demo", publications=("wal2http_demo",), create_slot=True)
+        trio.run(_demo_session, demo)
+    finally:
+        cluster.remove()
+    logger.info("--demo: done; the throwaway PostgreSQL is stopped and removed")
+    return 0
+
+
+async def _demo_session(config) -> None:
+    async with open_pg_connection(config.conninfo, replication=False) as conn:
+        for sql in DEMO_SQL:
+            await conn.simple_query(sql)
+    alerter = Alerter(config)
+    sink = _CountingSink(open_sink(config, alerter))
+    stop = trio.Event()
+    with trio.fail_after(DEMO_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: run(config, sink=sink, stop=stop, task_status=task_status))
+            expected = 0
+            async with open_pg_connection(config.conninfo, replication=False) as conn:
+                for sql, events in DEMO_CHANGES:
+                    logger.info("--demo: %s", sql)
+                    await conn.simple_query(sql)
+                    expected += events
+            while sink.delivered < expected:
+                await sink.changed.wait()
+            stop.set()
+
+
+# =====================================================================================================
+# 21. Command line
+# =====================================================================================================
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+GC_THRESHOLDS = (50_000, 20, 100)  #: allocations between young collections (CPython's default: 700)
+
+
+def tune_runtime() -> None:
+    """For the command line's own process: every event allocates a few dicts that reference
+    counting frees, yet at CPython's default threshold the cyclic collector runs every 700
+    allocations and costs about a tenth of the CPU.  Collect less often, and leave the objects
+    made at start-up out of every collection.  `run()` leaves the host process's settings alone."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger("wal2http")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+async def _run_until_signal(config) -> None:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        async def watch_signals():
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    logger.info("received %s: shutting down", signal.Signals(signum).name)
+                    stop.set()
+                    return
+        nursery.start_soon(watch_signals)
+        await run(config, stop=stop)
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: returns the exit code (CONTRACT.md section 1)."""
+    try:
+        config, mode = load_config(list(sys.argv[1:] if argv is None else argv), os.environ)
+    except ConfigError as exc:
+        print(f"wal2http: {exc}", file=sys.stderr)
+        return exc.exit_code
+    configure_logging(config.log_level)
+    tune_runtime()
+    for warning in config_warnings(config):
+        logger.warning("%s", warning)
+    try:
+        if mode == "check":
+            return trio.run(run_check, config)
+        if mode == "demo":
+            return run_demo(config)
+        trio.run(_run_until_signal, config)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
+        error = first_error(exc)
+        if isinstance(error, Wal2HttpError):
+            logger.error("%s", error)
+            return error.exit_code
+        if isinstance(error, KeyboardInterrupt):
+            return 0
+        logger.error("unexpected error", exc_info=error)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
