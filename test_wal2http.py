@@ -2142,6 +2142,25 @@ class Recorded:
     connection: int  # index of the accepted connection it came on
 
 
+async def receive_h11_request(stream, conn: h11.Connection):
+    """The next whole request on a server connection: (method, target, headers with lower-case
+    names, body), or None when the client closed the connection."""
+    request, body = None, bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            headers = {name.decode().lower(): value.decode() for name, value in request.headers}
+            return request.method.decode(), request.target.decode(), headers, bytes(body)
+        elif isinstance(event, h11.ConnectionClosed):
+            return None
+
+
 class ScriptedReceiver:
     """Answers requests with the scripted replies in order, then with `default`."""
 
@@ -2223,20 +2242,8 @@ class ScriptedReceiver:
 
     @staticmethod
     async def _read_request(stream, conn: h11.Connection, index: int) -> Recorded | None:
-        request, body = None, bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                headers = {n.decode().lower(): v.decode() for n, v in request.headers}
-                return Recorded(request.method.decode(), request.target.decode(), headers, bytes(body), index)
-            elif isinstance(event, h11.ConnectionClosed):
-                return None
+        request = await receive_h11_request(stream, conn)
+        return None if request is None else Recorded(*request, index)
 
     @staticmethod
     def _encode_reply(conn: h11.Connection, reply: Reply) -> bytes:
@@ -3075,20 +3082,8 @@ class Hook0Double:
 
     @staticmethod
     async def _receive_request(connection, stream):
-        request, body = None, bytearray()
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                connection.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                headers = {name.decode().lower(): value.decode() for name, value in request.headers}
-                return RecordedRequest(request.method.decode(), request.target.decode(), headers, bytes(body))
-            elif isinstance(event, h11.ConnectionClosed):
-                return None
+        request = await receive_h11_request(stream, connection)
+        return None if request is None else RecordedRequest(*request)
 
     # -- the API --------------------------------------------------------------------------------
 
