@@ -1650,6 +1650,10 @@ MALFORMED_ARRAYS = [
 ]
 
 
+def _refuse_json_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
 class TestTypes:
     @pytest.mark.parametrize("oid, text, expected", TYPE_CASES + ARRAY_CASES)
     def test_contract_value(self, oid, text, expected):
@@ -1686,6 +1690,76 @@ class TestTypes:
     def test_every_array_type_has_an_element_type(self):
         for array_oid in w.ARRAY_ELEMENT_TYPES:
             assert w.convert_value(array_oid, "{}") == []
+
+    # -- JSON text: what the envelope writes ---------------------------------------------------------
+
+    @pytest.mark.parametrize("oid, text, expected", TYPE_CASES + ARRAY_CASES)
+    def test_json_text_reads_back_as_the_contract_value(self, oid, text, expected):
+        json_text = w.json_text_for(oid)(text)
+        value = json.loads(json_text, parse_constant=_refuse_json_constant)
+        assert value == expected and type(value) is type(expected)
+        assert "\n" not in json_text and "\r" not in json_text
+
+    def test_jsonb_is_written_as_postgres_prints_it(self):
+        text = '{"x": 1.000000000000000000001, "big": 123456789012345678901234567890.5, "s": "a\\nb\\u0001"}'
+        assert w.json_text_for(3802)(text) == text  # every digit kept
+        assert w.convert_value(3802, text)["x"] == 1.0  # as a Python value: a double
+
+    @pytest.mark.parametrize("text, written", [
+        ('[1,\n 2]', "[1,2]"), ('{"a":\r\n1}', '{"a":1}'), (' {"a": 1}', '{"a":1}'), ('{"a": 1} ', '{"a":1}')])
+    def test_jsonb_text_jsonb_out_never_prints_is_parsed_and_rewritten(self, text, written):
+        assert w.json_text_for(3802)(text) == written
+
+    @pytest.mark.parametrize("oid, text", [(23, "abc"), (16, "yes"), (3802, "{bad"), (701, "1e999"),
+                                           (114, "1e400"), (17, "\\xZZ"), (114, "[" * 100_000),
+                                           (3802, "[" * 100_000), (3802, "NaN"), (3802, "[Infinity]"),
+                                           (3802, '{"a": 1} x'), (3802, ""), (114, "")])
+    def test_json_text_refuses_what_convert_value_keeps_as_text(self, oid, text):
+        assert w.convert_value(oid, text) == text
+        with pytest.raises((ValueError, RecursionError)):
+            w.json_text_for(oid)(text)
+
+    def test_json_text_of_custom_types(self):
+        assert w.json_text_for(16501, "_mood")('{happy,"very sad",NULL}') == '["happy","very sad",null]'
+        assert w.json_text_for(16500, "mood")('say "hi"\\') == '"say \\"hi\\"\\\\"'
+        assert w.json_text_for(23) is w.json_text_int
+
+    @pytest.mark.parametrize("oid", [16, 20, 23, 700, 701, 1700, 114, 1114, 1184, 17, 1007, 1009, 1185, 25])
+    def test_json_text_agrees_with_convert_value_on_random_text(self, oid):
+        rng = random.Random(oid)
+        alphabet = '0123456789+-. :TZe{}[],"\\aftrunlxINFbc\n'
+        for _ in range(2000):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+            try:
+                json_text = w.json_text_for(oid)(text)
+            except (ValueError, RecursionError):
+                assert w.convert_value(oid, text) == text  # refused by both: the text is kept
+                continue
+            assert json.loads(json_text, parse_constant=_refuse_json_constant) == w.convert_value(oid, text)
+            assert "\n" not in json_text
+
+    def test_jsonb_text_agrees_with_json_loads_on_random_documents(self):
+        rng = random.Random(7)
+
+        def document(depth=0):
+            kind = rng.randrange(7 if depth < 4 else 4)
+            if kind == 0:
+                return rng.randint(-10**20, 10**20)
+            if kind == 1:
+                return rng.uniform(-1e6, 1e6)
+            if kind == 2:
+                return "".join(rng.choice('aé"\\\n\x01 ') for _ in range(rng.randint(0, 5)))
+            if kind == 3:
+                return rng.choice([True, False, None])
+            if kind in (4, 5):
+                return [document(depth + 1) for _ in range(rng.randint(0, 3))]
+            return {f"k{i}": document(depth + 1) for i in range(rng.randint(0, 3))}
+
+        for _ in range(500):
+            value = document()
+            text = json.dumps(value, ensure_ascii=False, separators=(", ", ": "))  # jsonb_out's style
+            assert w.json_text_for(3802)(text) == text
+            assert json.loads(text) == w.convert_value(3802, text)
 
 
 # =====================================================================================================
@@ -1743,7 +1817,64 @@ class TestEnvelope:
             "new": ROW_JSON, "old": None, "unchanged_toast": [], "xid": 771, "lsn": "0/16B3720",
             "commit_lsn": "0/16B37A0", "commit_time": COMMIT_TIME_TEXT, "seq": 0}
         assert list(event["new"]) == ["id", "status", "amount", "meta", "created"]
-        json.dumps(event, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        assert json.loads(event.line) == event.data and "\n" not in event.line
+
+    def test_an_event_is_its_json_line(self, feed):
+        (event,) = events_of(transaction(feed, w.Insert(None, 16400, ROW)))
+        assert isinstance(event, w.Event)
+        assert event.line == (
+            '{"id":"0/16B37A0:0","op":"insert","schema":"public","table":"orders","key":{"id":42},'
+            '"new":{"id":42,"status":"paid","amount":"19.90","meta":{"a": 1},'
+            '"created":"2026-11-27T16:25:11.123456Z"},"old":null,"unchanged_toast":[],"xid":771,'
+            '"lsn":"0/16B3720","commit_lsn":"0/16B37A0","commit_time":"2026-11-27T16:25:11.123456Z","seq":0}')
+        assert w.encode_event_lines([event, event]) == (event.line + "\n" + event.line + "\n").encode()
+
+    def test_event_as_a_mapping(self):
+        line = '{"id":"0/1:0","op":"insert","new":{"n": 1.5}}'
+        event = w.Event(line)
+        assert event == {"id": "0/1:0", "op": "insert", "new": {"n": 1.5}} == event.data
+        assert {"id": "0/1:0", "op": "insert", "new": {"n": 1.5}} == event and event == w.Event(line)
+        assert event != w.Event(line.replace("1.5", "1.50"))  # the same value, written otherwise
+        assert event != {"id": "0/1:0"} and event != "text"
+        assert list(event) == ["id", "op", "new"] and event.get("op") == "insert" and len(event) == 3
+        assert "new" in event and event.get("missing") is None
+        assert w.Event('{"id":"0/1:0",not json at all')["id"] == "0/1:0"  # the id, without decoding
+        assert w.Event.from_dict({"id": "x", "a": [1, "é"]}).line == '{"id":"x","a":[1,"é"]}'
+        assert w.event_line({"id": "x", "v": None}) == '{"id":"x","v":null}' and w.event_line(event) is line
+        assert repr(event) == f"Event({line})"
+        with pytest.raises(TypeError):
+            hash(event)
+
+    def test_event_numbers_beyond_doubles_stay_digits(self):
+        digits = "1" + "0" * 400 + ".5"
+        event = w.Event('{"id":"0/1:0","new":{"doc": {"x": %s, "y": 0.25}}}' % digits)
+        assert event["new"]["doc"] == {"x": digits, "y": 0.25}
+
+    @pytest.mark.parametrize("row", [
+        ROW, ("1", None, "0.5", "[1, 2]", "infinity"), ("-7", 'q " b \\ nl \n é ✓', "NaN", '"s"', None),
+        ("2147483647", "", "1", '{"a": {"b": [true, null]}}', "2026-11-27 16:25:11.5+05:30")])
+    def test_fast_and_general_insert_paths_write_the_same_line(self, row):
+        info = w.build_relation_info(orders(), {})
+        data = encode_pgoutput(w.Insert(None, 16400, row))
+        fast = w.build_insert_event_fast(w._TxnContext(771, "0/16B37A0", COMMIT_TIME_TEXT), info, data, 0x20)
+        general = w.build_insert_event(w._TxnContext(771, "0/16B37A0", COMMIT_TIME_TEXT), info,
+                                       w.decode_pgoutput(data), 0x20)
+        assert fast is not None and fast.line == general.line
+        assert json.loads(fast.line) == fast.data and "\n" not in fast.line
+
+    def test_fast_path_declines_what_needs_the_general_path(self):
+        info = w.build_relation_info(orders(), {})
+        ctx = w._TxnContext(771, "0/16B37A0", COMMIT_TIME_TEXT)
+        unreadable = encode_pgoutput(w.Insert(None, 16400, ("x", "a", "1", "{bad", None)))
+        assert w.build_insert_event_fast(ctx, info, unreadable, 0x20) is None
+        event = w.build_insert_event(ctx, info, w.decode_pgoutput(unreadable), 0x20)
+        assert event["new"] == {"id": "x", "status": "a", "amount": "1", "meta": "{bad", "created": None}
+
+    def test_composite_key_on_the_fast_path(self, feed):
+        columns = (w.Column(1, "a", 23, -1), w.Column(0, "v", 25, -1), w.Column(1, "b", 25, -1))
+        (event,) = events_of(transaction(feed, w.Insert(None, 16401, ("1", "x", "k")),
+                                         relations=(orders(oid=16401, columns=columns, name="two"),)))
+        assert '"key":{"a":1,"b":"k"},"new":{"a":1,"v":"x","b":"k"}' in event.line
 
     def test_seq_id_and_lsn(self, feed):
         feed(w.Begin(0x1_0000_00AB, COMMIT_TIME, 9), orders())
@@ -4282,6 +4413,7 @@ class CliProcess:
         self.env, self.args = env, list(args)
         self.pause_after = pause_after  # stop reading stdout after this many events (the pipe fills up)
         self.events: list[dict] = []
+        self.lines: list[bytes] = []  # stdout as written, one per event
         self.stderr = b""
         self.process = None
         self._changed = trio.Event()
@@ -4308,6 +4440,7 @@ class CliProcess:
         async for data in self.process.stdout:
             pending += data
             *lines, pending = pending.split(b"\n")
+            self.lines.extend(lines)
             self.events.extend(json.loads(line) for line in lines)
             self._changed.set()
             self._changed = trio.Event()
@@ -4409,6 +4542,21 @@ class TestCommandLine:
         assert [e["op"] for e in events] == ["insert", "insert", "update", "message", "delete", "truncate"]
         assert events[0]["new"]["amount"] == "19.90" and events[0]["new"]["tags"] == ["new", "web"]
         assert "throwaway PostgreSQL is stopped and removed" in result.stderr
+
+    async def test_jsonb_is_written_exactly_as_postgres_prints_it(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE jx (id int PRIMARY KEY, doc jsonb, j json)")
+        async with CliProcess(make_env(cluster, db)).running() as proc:
+            await proc.wait_started()
+            await sql(cluster, db, """INSERT INTO jx VALUES (1, '{"big": 123456789012345678901234567890.000000000000000001,
+                                      "x": 0.1, "s": "é ✓ \\"q\\""}', '{"a" : [1,
+                                      2.50]}')""", "UPDATE jx SET j = '[]'")
+            (doc,), = await sql(cluster, db, "SELECT doc::text FROM jx")
+            await proc.wait_for(lambda p: len(p.lines) == 2)
+        insert, update = (line.decode() for line in proc.lines)
+        assert "123456789012345678901234567890.000000000000000001" in doc
+        assert f'"doc":{doc},"j":{{"a":[1,2.5]}}}}' in insert  # jsonb as printed; json parsed, on one line
+        assert f'"doc":{doc},"j":[]}}' in update  # the general path (updates) writes it the same way
+        assert proc.events[0]["new"]["doc"]["x"] == 0.1
 
     async def test_sigterm_exits_0_and_confirms(self, cluster, db):
         await sql(cluster, db, "CREATE TABLE g (id int PRIMARY KEY)")
@@ -4840,8 +4988,11 @@ class TestHook0EndToEnd:
                                  "created_at": "2026-11-27T16:25:11Z", "payload": None,
                                  "metadata": {"source": "e2e"}, "labels": {"tenant": "acme"}}
         assert letter["seq"] == 1 and letter["id"] == f"{letter['commit_lsn']}:1"
-        with open(dead, "rb") as file:   # the stdout format: one compact line per event
-            assert file.read() == w.encode_event_lines([letter])
+        with open(dead, "rb") as file:   # the stdout format: one line per event, jsonb as PostgreSQL prints it
+            data = file.read()
+        assert data.count(b"\n") == 1 and data.endswith(b"}\n")
+        assert b',"new":{"event_id":' in data
+        assert b'"payload":null,"metadata":{"source": "e2e"},"labels":{"tenant": "acme"}},"old":null,' in data
         logged_errors = " ".join(r.getMessage() for r in caplog.records)
         assert "public.outbox" in logged_errors and "column payload" in logged_errors
 
@@ -5346,8 +5497,8 @@ class TestHttpEndToEnd:
         assert receiver.delivered() == [a, c]
         assert [json.loads(r.body)["id"] for r in receiver.requests] == [a["id"], b["id"], b["id"], b["id"], c["id"]]
         lines = dead.read_bytes().splitlines(keepends=True)
-        assert lines == [json.dumps(b, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"]
-        assert json.loads(lines[0]) == b  # the stdout event format, same id
+        assert lines == [b.line.encode() + b"\n"]  # the stdout line of that event, byte for byte
+        assert json.loads(lines[0]) == b
 
     # -- 6. ON_FAILURE=retry --------------------------------------------------------------------------
 

@@ -2007,8 +2007,12 @@ def _convert_json_float(text: str) -> float:
     return value
 
 
+def _not_a_json_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity, -Infinity: Python's json reads them
+
+
 # Built once: json.loads with a keyword argument would build a decoder per call (3x slower).
-_JSON_DECODER = json.JSONDecoder(parse_float=_convert_json_float)
+_JSON_DECODER = json.JSONDecoder(parse_float=_convert_json_float, parse_constant=_not_a_json_constant)
 _JSON_SCAN = _JSON_DECODER.scan_once
 
 
@@ -2220,6 +2224,96 @@ def convert_value(type_oid: int, text: str | None, type_name: str | None = None)
         return text
 
 
+# JSON text of a value: the envelope (section 8) writes each event's JSON directly, a column's
+# value as the text below, which json.loads reads back as convert_value's value.  jsonb is where
+# this pays twice: PostgreSQL prints it as valid JSON on one line, so it goes in as printed, every
+# digit of its numbers kept (as a Python value its numbers would be doubles).
+
+
+#: Compact JSON, UTF-8 as is, no NaN (the converters never produce one).  The C encoder made once:
+#: JSONEncoder.encode would build a new one for every call.
+def _not_json(value):
+    raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+_ENCODE_JSON_CHUNKS = json.encoder.c_make_encoder(
+    None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+encode_json_string = json.encoder.encode_basestring  #: a str as a JSON string, non-ASCII kept (C)
+
+
+def encode_json(value) -> str:
+    """Compact JSON text of a JSON value (dicts, lists, str, int, float, bool, None)."""
+    return "".join(_ENCODE_JSON_CHUNKS(value, 0))
+
+
+def json_text_int(text: str) -> str:
+    """int2, int4, int8, oid.  Through int(): whatever the text, the result is a JSON number."""
+    return str(int(text))
+
+
+_BOOL_JSON = {"t": "true", "f": "false"}
+
+
+def json_text_bool(text: str) -> str:
+    try:
+        return _BOOL_JSON[text]
+    except KeyError:
+        raise ValueError(f"not a bool: {text!r}") from None
+
+
+def json_text_timestamptz(text: str) -> str:
+    if text.endswith("+00"):  # convert_timestamptz's common case, inlined: a hot path
+        return encode_json_string(text[:-3].replace(" ", "T", 1) + "Z")
+    return encode_json_string(convert_timestamptz(text))
+
+
+# Checks JSON without building floats (the number's text is enough) and refuses NaN/Infinity.
+_JSON_CHECK = json.JSONDecoder(parse_float=str, parse_constant=_not_a_json_constant).scan_once
+
+
+def json_text_jsonb(text: str) -> str:
+    """jsonb as PostgreSQL prints it (jsonb_out: one value, compact but for a space after ',' and
+    ':', control characters escaped, so on one line), once checked to be exactly one JSON value.
+    Anything else goes the way of json: parsed and written compact, or a ValueError."""
+    try:
+        _, end = _JSON_CHECK(text, 0)
+    except StopIteration:
+        end = -1
+    if end != len(text) or "\n" in text or "\r" in text:
+        return encode_json(convert_json(text))
+    return text
+
+
+def _json_text_via(convert: Callable[[str], object]) -> Callable[[str], str]:
+    def json_text(text: str) -> str:
+        return encode_json(convert(text))
+
+    json_text.__name__ = f"json_text_via_{convert.__name__}"
+    return json_text
+
+
+#: Type OID -> json_text(PostgreSQL text) -> JSON text; may raise like TYPE_CONVERTERS.  Absent
+#: types are strings (encode_json_string).
+JSON_TEXT_CONVERTERS: dict[int, Callable[[str], str]] = {
+    **{oid: encode_json_string if convert is convert_text else _json_text_via(convert)
+       for oid, convert in TYPE_CONVERTERS.items()},
+    16: json_text_bool, 20: json_text_int, 21: json_text_int, 23: json_text_int, 26: json_text_int,
+    1184: json_text_timestamptz, 3802: json_text_jsonb,
+}
+_TEXT_ARRAY_JSON_TEXT = _json_text_via(_TEXT_ARRAY)
+
+
+def json_text_for(type_oid: int, type_name: str | None = None) -> Callable[[str], str]:
+    """Like converter_for, giving JSON text: json.loads(json_text_for(t)(s)) == converter_for(t)(s)
+    (jsonb numbers aside: the text keeps all their digits)."""
+    converter = JSON_TEXT_CONVERTERS.get(type_oid)
+    if converter is not None:
+        return converter
+    if type_name and type_name.startswith("_"):
+        return _TEXT_ARRAY_JSON_TEXT
+    return encode_json_string
+
+
 _PG_EPOCH = datetime.datetime(2000, 1, 1)
 
 
@@ -2232,7 +2326,9 @@ def convert_commit_time(timestamp_us: int) -> str:
 # =====================================================================================================
 # 8. Event envelope
 # =====================================================================================================
-# Pure: decoded messages -> event dicts (CONTRACT.md section 3), keys in the contract's order.
+# Pure: decoded messages -> events (CONTRACT.md section 3), keys in the contract's order.  An event
+# is its JSON text, written directly from the column values' JSON texts (section 7): that text is
+# what every sink writes or sends, and its dict is read back from it only when needed (Hook0).
 # ChangeAssembler holds the state between messages: relation cache, type cache, the open plain
 # transaction, and the buffered streamed transactions.  Its only I/O is the spill file.
 
@@ -2240,6 +2336,78 @@ def convert_commit_time(timestamp_us: int) -> str:
 STREAM_RECORD_OVERHEAD_BYTES = 120
 _SPILL_HEADER = struct.Struct(">QIQI")  # cache generation, subxid, wal_start, message length
 _VALUE_ERRORS = (ValueError, RecursionError)
+_INFINITIES = (_INFINITY, -_INFINITY)
+
+
+def _event_float(text: str) -> float | str:
+    value = float(text)
+    return text if value in _INFINITIES else value  # a jsonb number beyond doubles: its digits
+
+
+_EVENT_DECODER = json.JSONDecoder(parse_float=_event_float)
+
+
+def decode_event_line(line: str) -> dict:
+    """An event's JSON text as a dict.  Numbers with a fraction are floats (as convert_json reads
+    them), except one too large for a double, which stays its digits as a string."""
+    return _EVENT_DECODER.decode(line)
+
+
+class Event(Mapping):
+    """One event.  `line` is its JSON text: compact, on one line, keys in the contract's order;
+    sinks write and send it as it is.  As a read-only mapping (or `data`), the event's value,
+    decoded from `line` on first use.  Equal to an Event with the same text, and to a dict equal
+    to its value."""
+
+    __slots__ = ("line", "_data")
+
+    def __init__(self, line: str, data: dict | None = None):
+        self.line = line
+        self._data = data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Event:
+        return cls(encode_json(data), data)
+
+    @property
+    def data(self) -> dict:
+        if self._data is None:
+            self._data = decode_event_line(self.line)
+        return self._data
+
+    @property
+    def id(self) -> str:
+        """`id`, without decoding the rest: it is always first, and never has a JSON escape."""
+        line = self.line
+        if line.startswith('{"id":"'):
+            return line[7:line.index('"', 7)]
+        return self.data["id"]
+
+    def __getitem__(self, key: str):
+        return self.id if key == "id" else self.data[key]
+
+    def __iter__(self):
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Event):
+            return self.line == other.line
+        if isinstance(other, dict):
+            return self.data == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Event({self.line})"
+
+
+def event_line(event: Event | dict) -> str:
+    """The JSON text of an event; sinks also take plain dicts (an embedding application's)."""
+    return event.line if event.__class__ is Event else encode_json(event)
 
 
 @dataclasses.dataclass(slots=True)
@@ -2247,7 +2415,7 @@ class Chunk:
     """Events in delivery order.  With end_lsn set, the chunk ends a transaction: once every event
     up to and including this chunk is delivered, end_lsn may be acknowledged to PostgreSQL."""
 
-    events: list[dict]
+    events: list[Event]
     end_lsn: int | None = None
 
 
@@ -2259,12 +2427,14 @@ class _RelationInfo:
     schema: str
     table: str
     names: tuple[str, ...]
-    converters: tuple          # per column: converter, or None for text
-    converted: tuple[tuple[str, Callable], ...]  # (name, converter) of the non-text columns
+    converters: tuple[Callable[[str], str], ...]  # per column: PostgreSQL text -> JSON text
     type_oids: tuple[int, ...]
     key_names: tuple[str, ...]  # empty: no key (REPLICA IDENTITY NOTHING or no flagged column)
+    key_indexes: tuple[int, ...]  # their positions among the columns
     generation: int
-    pairs: tuple[tuple[str, Callable | None], ...] = ()  # (name, converter or None) per column
+    head: str  # '"schema":...,"table":...,' in JSON
+    members: dict[str, str]  # column name -> '"name":' in JSON
+    pairs: tuple[tuple[str, Callable[[str], str]], ...]  # ('"name":', converter) per column
 
 
 def build_relation_info(relation: Relation, types: dict[int, Type], generation: int = 0,
@@ -2275,15 +2445,17 @@ def build_relation_info(relation: Relation, types: dict[int, Type], generation: 
     for column in relation.columns:
         custom = types.get(column.type_oid)
         type_oid = base_types.get(column.type_oid, column.type_oid) if base_types else column.type_oid
-        converter = converter_for(type_oid, custom.name if custom else None)
-        converters.append(None if converter is convert_text else converter)
-    keys = () if relation.replica_identity == "n" else tuple(c.name for c in relation.columns if c.is_key)
-    names = tuple(c.name for c in relation.columns)
-    converted = tuple((name, convert) for name, convert in zip(names, converters) if convert is not None)
-    return _RelationInfo(relation, relation.namespace or "pg_catalog", relation.name, names,
-                         tuple(converters), converted,
-                         tuple(c.type_oid for c in relation.columns), keys, generation,
-                         tuple(zip(names, converters)))
+        converters.append(json_text_for(type_oid, custom.name if custom else None))
+    columns = relation.columns
+    keys = () if relation.replica_identity == "n" else tuple(i for i, c in enumerate(columns) if c.is_key)
+    names = tuple(c.name for c in columns)
+    schema = relation.namespace or "pg_catalog"
+    members = {name: encode_json_string(name) + ":" for name in names}
+    return _RelationInfo(relation, schema, relation.name, names, tuple(converters),
+                         tuple(c.type_oid for c in columns), tuple(names[i] for i in keys), keys,
+                         generation,
+                         f'"schema":{encode_json_string(schema)},"table":{encode_json_string(relation.name)},',
+                         members, tuple(zip(members.values(), converters)))
 
 
 @dataclasses.dataclass(slots=True)
@@ -2294,32 +2466,33 @@ class _TxnContext:
     commit_lsn: str | None
     commit_time: str | None
     seq: int = 0
+    xid_member: str = ""     # '"xid":771,'
+    commit_members: str = ""  # '"commit_lsn":"0/16B37A0","commit_time":"...",'
 
+    def __post_init__(self) -> None:
+        self.xid_member = f'"xid":{encode_json(self.xid)},'
+        self.commit_members = (f'"commit_lsn":{encode_json(self.commit_lsn)},'
+                               f'"commit_time":{encode_json(self.commit_time)},')
+
+
+# A row is a dict {column name: JSON text of its value}, in column order, without the columns
+# whose values are unchanged TOAST (which are listed apart).
 
 def _convert_tuple(info: _RelationInfo, values: TupleData, what: str) -> tuple[dict, list]:
-    """(row as {column: JSON value} without unchanged-TOAST columns, names of those columns)."""
+    """(row without unchanged-TOAST columns, names of those columns)."""
     if len(values) != len(info.names):
         raise ProtocolError(f"malformed pgoutput {what} message: {len(values)} columns, but Relation "
                             f"{info.schema}.{info.table} has {len(info.names)}")
-    if values.__class__ is tuple:  # the fast path: only text and NULL (see _TupleWithSpecialValues)
-        row = dict(zip(info.names, values))
-        try:
-            for name, convert in info.converted:
-                value = row[name]
-                if value is not None:
-                    row[name] = convert(value)
-        except _VALUE_ERRORS:
-            return _convert_tuple_safely(info, values), []
-        return row, []
     row: dict = {}
     missing: list = []
+    special = values.__class__ is not tuple  # tuple: only text and NULL (see _TupleWithSpecialValues)
     try:
         for name, convert, value in zip(info.names, info.converters, values):
             if value.__class__ is str:
-                row[name] = value if convert is None else convert(value)
+                row[name] = convert(value)
             elif value is None:
-                row[name] = None
-            elif value is UNCHANGED_TOAST:
+                row[name] = "null"
+            elif special and value is UNCHANGED_TOAST:
                 missing.append(name)
             else:
                 raise ProtocolError(f"unexpected binary value in pgoutput {what} message "
@@ -2330,16 +2503,18 @@ def _convert_tuple(info: _RelationInfo, values: TupleData, what: str) -> tuple[d
 
 
 def _convert_tuple_safely(info: _RelationInfo, values: TupleData) -> dict:
-    """The slow path after a converter failed: each value on its own, unreadable ones as text."""
+    """The slow path after a converter failed: each value on its own, unreadable ones as strings."""
     row = {}
     for name, convert, value in zip(info.names, info.converters, values):
-        if value.__class__ is bytes:
+        if value is None:
+            row[name] = "null"
+        elif value.__class__ is bytes:
             raise ProtocolError("unexpected binary value in pgoutput message (binary mode was not requested)")
-        if value is not UNCHANGED_TOAST:
+        elif value is not UNCHANGED_TOAST:
             try:
-                row[name] = value if value is None or convert is None else convert(value)
+                row[name] = convert(value)
             except _VALUE_ERRORS:
-                row[name] = value
+                row[name] = encode_json_string(value)
     return row
 
 
@@ -2347,9 +2522,6 @@ def _build_key(info: _RelationInfo, row: dict | None) -> dict | None:
     names = info.key_names
     if not names or row is None:
         return None
-    if len(names) == 1:  # the common single-column primary key, without a comprehension
-        name = names[0]
-        return {name: row[name]} if name in row else None
     key = {name: row[name] for name in names if name in row}
     return key or None
 
@@ -2377,41 +2549,54 @@ def _fill_unchanged_toast(info: _RelationInfo, new: dict, missing: list, old: di
     return still_missing
 
 
-def _envelope(ctx: _TxnContext, op: str, info: _RelationInfo, key, new, old, toast: list,
-              wal_start: int) -> dict:
+def _row_json(info: _RelationInfo, row: dict | None) -> str:
+    if row is None:
+        return "null"
+    members = info.members
+    return "{" + ",".join([members[name] + text for name, text in row.items()]) + "}"
+
+
+_CHANGE_LINE = ('{"id":"%s:%d","op":"%s",%s"key":%s,"new":%s,"old":%s,"unchanged_toast":%s,%s'
+                '"lsn":"%X/%X",%s"seq":%d}')
+_INSERT_LINE = ('{"id":"%s:%d","op":"insert",%s"key":%s,"new":{%s},"old":null,"unchanged_toast":[],%s'
+                '"lsn":"%X/%X",%s"seq":%d}')
+
+
+def _change_event(ctx: _TxnContext, op: str, info: _RelationInfo, key: dict | None, new: dict | None,
+                  old: dict | None, toast: list, wal_start: int) -> Event:
     seq = ctx.seq
     ctx.seq = seq + 1
-    return {"id": f"{ctx.commit_lsn}:{seq}", "op": op, "schema": info.schema, "table": info.table,
-            "key": key, "new": new, "old": old, "unchanged_toast": toast, "xid": ctx.xid,
-            "lsn": f"{wal_start >> 32:X}/{wal_start & 0xFFFFFFFF:X}",  # format_lsn, inlined: hot path
-            "commit_lsn": ctx.commit_lsn, "commit_time": ctx.commit_time, "seq": seq}
+    return Event(_CHANGE_LINE % (
+        ctx.commit_lsn, seq, op, info.head, _row_json(info, key), _row_json(info, new),
+        _row_json(info, old), encode_json(toast) if toast else "[]", ctx.xid_member,
+        wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
 
 
-def build_insert_event(ctx: _TxnContext, info: _RelationInfo, message: Insert, wal_start: int) -> dict:
+def build_insert_event(ctx: _TxnContext, info: _RelationInfo, message: Insert, wal_start: int) -> Event:
     new, missing = _convert_tuple(info, message.new, "Insert")
-    return _envelope(ctx, "insert", info, _build_key(info, new), new, None, missing, wal_start)
+    return _change_event(ctx, "insert", info, _build_key(info, new), new, None, missing, wal_start)
 
 
-def build_insert_event_fast(ctx: _TxnContext, info: _RelationInfo, data: bytes, wal_start: int) -> dict | None:
-    """The hot path of a plain Insert, straight from its bytes: decoding and converting fused in
-    one loop, no intermediate message.  Anything unusual (unchanged TOAST or binary values, a
-    value its converter refuses, malformed bytes) returns None: then the general path
-    (decode_pgoutput + build_insert_event) handles the message, with its exact errors, so both
-    paths always give the same event."""
-    row: dict = {}
+def build_insert_event_fast(ctx: _TxnContext, info: _RelationInfo, data: bytes, wal_start: int) -> Event | None:
+    """The hot path of a plain Insert, straight from its bytes to its JSON text: decoding and
+    converting fused in one loop, no intermediate message or dict.  Anything unusual (unchanged
+    TOAST or binary values, a value its converter refuses, malformed bytes) returns None: then the
+    general path (decode_pgoutput + build_insert_event) handles the message, with its exact
+    errors.  Both paths give the same text."""
+    members: list = []  # '"name":value' per column
+    append = members.append
     try:
         if data[5] != TUPLE_NEW or _U16.unpack_from(data, 6)[0] != len(info.names):
             return None
         pos, size_of = 8, _U32.unpack_from
-        for name, convert in info.pairs:
+        for member, convert in info.pairs:
             kind = data[pos]
             if kind == VALUE_TEXT:
                 start = pos + 5
                 pos = start + size_of(data, pos + 1)[0]
-                text = data[start:pos].decode()
-                row[name] = text if convert is None else convert(text)
+                append(member + convert(data[start:pos].decode()))
             elif kind == VALUE_NULL:
-                row[name] = None
+                append(member + "null")
                 pos += 1
             else:
                 return None
@@ -2419,32 +2604,41 @@ def build_insert_event_fast(ctx: _TxnContext, info: _RelationInfo, data: bytes, 
             return None
     except (IndexError, struct.error, UnicodeDecodeError, *_VALUE_ERRORS):
         return None
-    return _envelope(ctx, "insert", info, _build_key(info, row), row, None, [], wal_start)
+    keys = info.key_indexes
+    if len(keys) == 1:
+        key = "{" + members[keys[0]] + "}"
+    else:
+        key = "{" + ",".join([members[i] for i in keys]) + "}" if keys else "null"
+    seq = ctx.seq
+    ctx.seq = seq + 1
+    return Event(_INSERT_LINE % (ctx.commit_lsn, seq, info.head, key, ",".join(members), ctx.xid_member,
+                                 wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
 
 
-def build_update_event(ctx: _TxnContext, info: _RelationInfo, message: Update, wal_start: int) -> dict:
+def build_update_event(ctx: _TxnContext, info: _RelationInfo, message: Update, wal_start: int) -> Event:
     new, missing = _convert_tuple(info, message.new, "Update")
     old = _build_old(info, message.old_kind, message.old, "Update")
     missing = _fill_unchanged_toast(info, new, missing, old)
-    return _envelope(ctx, "update", info, _build_key(info, new), new, old, missing, wal_start)
+    return _change_event(ctx, "update", info, _build_key(info, new), new, old, missing, wal_start)
 
 
-def build_delete_event(ctx: _TxnContext, info: _RelationInfo, message: Delete, wal_start: int) -> dict:
+def build_delete_event(ctx: _TxnContext, info: _RelationInfo, message: Delete, wal_start: int) -> Event:
     old = _build_old(info, message.old_kind, message.old, "Delete")
-    return _envelope(ctx, "delete", info, _build_key(info, old), None, old, [], wal_start)
+    return _change_event(ctx, "delete", info, _build_key(info, old), None, old, [], wal_start)
 
 
-def build_truncate_event(ctx: _TxnContext, info: _RelationInfo, message: Truncate, wal_start: int) -> dict:
+def build_truncate_event(ctx: _TxnContext, info: _RelationInfo, message: Truncate, wal_start: int) -> Event:
     seq = ctx.seq
     ctx.seq = seq + 1
-    return {"id": f"{ctx.commit_lsn}:{seq}", "op": "truncate", "schema": info.schema,
-            "table": info.table, "key": None, "new": None, "old": None, "unchanged_toast": [],
-            "cascade": message.cascade, "restart_identity": message.restart_identity,
-            "xid": ctx.xid, "lsn": format_lsn(wal_start), "commit_lsn": ctx.commit_lsn,
-            "commit_time": ctx.commit_time, "seq": seq}
+    return Event.from_dict({
+        "id": f"{ctx.commit_lsn}:{seq}", "op": "truncate", "schema": info.schema,
+        "table": info.table, "key": None, "new": None, "old": None, "unchanged_toast": [],
+        "cascade": message.cascade, "restart_identity": message.restart_identity,
+        "xid": ctx.xid, "lsn": format_lsn(wal_start), "commit_lsn": ctx.commit_lsn,
+        "commit_time": ctx.commit_time, "seq": seq})
 
 
-def build_message_event(ctx: _TxnContext | None, message: Message) -> dict:
+def build_message_event(ctx: _TxnContext | None, message: Message) -> Event:
     """A logical decoding message.  Its `lsn` is the message's own LSN.  Without a transaction
     context (non-transactional) xid, commit_lsn, commit_time and seq are null, id `<lsn>:m`."""
     lsn = format_lsn(message.lsn)
@@ -2462,7 +2656,7 @@ def build_message_event(ctx: _TxnContext | None, message: Message) -> dict:
         event["content_base64"] = base64.b64encode(message.content).decode("ascii")
     event.update(transactional=message.transactional, xid=xid, lsn=lsn, commit_lsn=commit_lsn,
                  commit_time=commit_time, seq=seq)
-    return event
+    return Event.from_dict(event)
 
 
 _CHANGE_BUILDERS = {Insert: build_insert_event, Update: build_update_event, Delete: build_delete_event}
@@ -2529,7 +2723,7 @@ class _StreamBuffer:
 
 
 class ChangeAssembler:
-    """pgoutput messages in, chunks of events out (see "Theory of operation" at the top).
+    """pgoutput messages in, chunks of events out (see the section comment).
 
     Feed every XLogData payload in order; consume the chunks of one feed() before the next.
     Streamed transactions and subtransactions, following what PostgreSQL sends:
@@ -2560,7 +2754,7 @@ class ChangeAssembler:
         self._types: dict[int, Type] = {}
         self._txn: _TxnContext | None = None
         self._txn_commit_lsn = 0
-        self._pending: list[dict] = []
+        self._pending: list[Event] = []
         self._stream: _StreamBuffer | None = None  # the stream between Stream Start and Stream Stop
         self._streams: dict[int, _StreamBuffer] = {}
         self._memory_bytes = 0
@@ -2779,7 +2973,7 @@ class ChangeAssembler:
     def _replay_stream(self, stream: _StreamBuffer, ctx: _TxnContext, end_lsn: int) -> Iterator[Chunk]:
         """The events of a committed stream, chunk by chunk, reading the spill file as it goes."""
         try:
-            events: list[dict] = []
+            events: list[Event] = []
             aborted = stream.aborted_subxids
             for generation, subxid, wal_start, data in stream.iter_records():
                 if subxid in aborted:
@@ -2795,7 +2989,7 @@ class ChangeAssembler:
             self._prune_relation_history()
 
     def _build_replayed(self, ctx: _TxnContext, generation: int, message, wal_start: int,
-                        events: list[dict]) -> None:
+                        events: list[Event]) -> None:
         cls = message.__class__
         if cls is Message:
             events.append(build_message_event(ctx, message))
@@ -3037,21 +3231,11 @@ class Alerter:
 # =====================================================================================================
 # 10. stdout sink
 # =====================================================================================================
-
-#: Compact JSON, UTF-8 as is, no NaN (the converters never produce one).  The C encoder made once:
-#: JSONEncoder.encode would build a new one for every event.
-def _not_json(value):
-    raise TypeError(f"not a JSON value: {type(value).__name__}")
-
-
-_ENCODE_JSON_CHUNKS = json.encoder.c_make_encoder(
-    None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False, False)
-
-
-def encode_json(value) -> str:
-    """Compact JSON text of an event (or any JSON value)."""
-    return "".join(_ENCODE_JSON_CHUNKS(value, 0))
-
+# The sink interface, which every sink (stdout, HTTP, Hook0, ReliableSink around them) follows:
+# `name`; `batch_size` (most events per deliver call); `async deliver(events)`, which returns once
+# every event is delivered or raises DeliveryError (saying how many leading events got through);
+# `async check()` for --check; `async aclose()`.  Events are Event objects (section 8), written as
+# their `line`; sinks take plain dicts too, for applications that import wal2http.
 
 def _may_block_forever(out) -> bool:
     """Whether writing to `out` can wait on a reader (pipe, socket, terminal), as opposed to a
@@ -3064,9 +3248,17 @@ def _may_block_forever(out) -> bool:
     return not (stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(fd)))
 
 
-def encode_event_lines(events: list[dict]) -> bytes:
+def event_lines(events: list[Event]) -> list[str]:
+    """The JSON text of each event (see event_line)."""
+    try:
+        return [event.line for event in events]
+    except AttributeError:  # plain dicts among them
+        return [event_line(event) for event in events]
+
+
+def encode_event_lines(events: list[Event]) -> bytes:
     """JSON Lines: one compact object per event, each line ending in a newline."""
-    return ("\n".join([encode_json(event) for event in events]) + "\n").encode()
+    return ("\n".join(event_lines(events)) + "\n").encode()
 
 
 class StdoutSink:
@@ -3083,7 +3275,7 @@ class StdoutSink:
         self.out = out if out is not None else sys.stdout.buffer
         self._may_block = _may_block_forever(self.out)
 
-    async def deliver(self, events: list[dict]) -> None:
+    async def deliver(self, events: list[Event]) -> None:
         data = encode_event_lines(events)
         try:
             if self._may_block:
@@ -3407,9 +3599,11 @@ HTTP_ERROR_BODY_CHARS = 200  #: how much of a failed response's body goes into t
 WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
-def build_http_body(events: list[dict], batched: bool) -> bytes:
+def build_http_body(events: list[Event], batched: bool) -> bytes:
     """One event as itself, or a batch as {"events": [...]} in order."""
-    return encode_json({"events": events} if batched else events[0]).encode()
+    if not batched:
+        return event_line(events[0]).encode()
+    return ('{"events":[' + ",".join(event_lines(events)) + "]}").encode()
 
 
 def decode_signing_secret(secret: str) -> bytes:
@@ -3483,7 +3677,7 @@ class HttpSink:
         # Defence in depth: a receiver may echo a token back in its error body.
         self._secrets = [v for _, v in config.http_headers if len(v) >= 4] + [self._secret or ""]
 
-    async def deliver(self, events: list[dict]) -> None:
+    async def deliver(self, events: list[Event]) -> None:
         """Sends the events in order, in requests of batch_size; a failing request says how many
         events before it were delivered (`delivered`) and how many it carried (`failed`)."""
         for start in range(0, len(events), self.batch_size):
@@ -3503,7 +3697,7 @@ class HttpSink:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _post(self, events: list[dict]) -> None:
+    async def _post(self, events: list[Event]) -> None:
         batched = self.batch_size > 1
         body = build_http_body(events, batched)
         headers = [("Content-Type", "application/json")]
@@ -3558,7 +3752,7 @@ def compute_retry_delay(retry_index: int, base_s: float, max_s: float, random_va
     return min(max_s, delay)
 
 
-def append_dead_letters(path: str, events: list[dict]) -> None:
+def append_dead_letters(path: str, events: list[Event]) -> None:
     """Appends the events as JSON Lines (the stdout format) and fsyncs them (blocking: run it in a
     worker thread).  A new file's directory entry is fsynced too, so the file survives a crash."""
     created = not os.path.exists(path)
@@ -3574,7 +3768,7 @@ def append_dead_letters(path: str, events: list[dict]) -> None:
             os.close(directory)
 
 
-def _describe_event_ids(events: list[dict]) -> str:
+def _describe_event_ids(events: list[Event]) -> str:
     ids = ", ".join(str(event.get("id")) for event in events[:ALERT_EVENT_IDS])
     more = len(events) - ALERT_EVENT_IDS
     return f"{ids} and {more} more ({len(events)} events)" if more > 0 else f"{ids} ({len(events)} events)"
@@ -3596,7 +3790,7 @@ class ReliableSink:
         self._failing_since: float | None = None  # wall clock of the first failure of this outage
         self._alerted = False  # an alert went out and no "recovered" yet
 
-    async def deliver(self, events: list[dict]) -> None:
+    async def deliver(self, events: list[Event]) -> None:
         """Returns when every event is delivered or dead-lettered; raises DeliveryFailed
         (ON_FAILURE=exit; its `delivered` says how many leading events got through) or
         SinkAuthError (never retried)."""
@@ -3642,7 +3836,7 @@ class ReliableSink:
     def _max_attempts(self, error: DeliveryError) -> int:
         return max(1, self.config.retry_max_attempts) if error.retryable else 1
 
-    async def _handle_failure(self, events: list[dict], position: int, failed: int, failures: int,
+    async def _handle_failure(self, events: list[Event], position: int, failed: int, failures: int,
                               error: DeliveryError) -> int:
         """Waits before the next attempt, or applies ON_FAILURE; returns how many events are
         done with (dead-lettered), 0 when they are to be tried again."""
@@ -3665,7 +3859,7 @@ class ReliableSink:
                                f"{error}; {position} of the {len(events)} events were delivered, event "
                                f"{events[position].get('id')} and those after it were not", position)
 
-    async def _keep_retrying(self, failing: list[dict], failures: int, error: DeliveryError) -> int:
+    async def _keep_retrying(self, failing: list[Event], failures: int, error: DeliveryError) -> int:
         delay = max(self.config.retry_max_delay_s, RETRY_FOREVER_MIN_DELAY_S)
         if not self._alerted:
             self._alert(failing, failures, error, f"wal2http keeps retrying every {delay:g} s "
@@ -3674,7 +3868,7 @@ class ReliableSink:
         await self._sleep(delay)
         return 0
 
-    async def _dead_letter(self, failing: list[dict], failures: int, error: DeliveryError,
+    async def _dead_letter(self, failing: list[Event], failures: int, error: DeliveryError,
                            position: int) -> int:
         """Appends the failing events to DEAD_LETTER_FILE; if that fails too, nothing can be
         acknowledged, so it is ON_FAILURE=exit after all."""
@@ -3696,7 +3890,7 @@ class ReliableSink:
         logger.warning("delivery to the %s sink failed (%s): %s; retrying in %.1f s",
                        self.name, attempt, error, delay)
 
-    def _alert(self, failing: list[dict], failures: int, error: DeliveryError, action: str) -> None:
+    def _alert(self, failing: list[Event], failures: int, error: DeliveryError, action: str) -> None:
         since = _utc_text(datetime.datetime.fromtimestamp(self._failing_since or time.time(), datetime.timezone.utc))
         self.alerter.alert(
             self._alert_key, f"delivery to the {self.name} sink is failing",
@@ -3924,7 +4118,7 @@ def build_hook0_table_event(event: dict, config, application_id: str) -> dict:
         "application_id": application_id,
         "event_id": build_hook0_table_event_id(event, config.slot_name),
         "event_type": event_type,
-        "payload": _check_payload(event, "(whole event as payload)", encode_json(event)),
+        "payload": _check_payload(event, "(whole event as payload)", event_line(event)),
         "payload_content_type": HOOK0_PAYLOAD_CONTENT_TYPE,
         "metadata": {},
         "occurred_at": convert_hook0_occurred_at(event, None),
@@ -4065,7 +4259,7 @@ class Hook0Sink:
 
     # -- Sink interface ---------------------------------------------------------------------------
 
-    async def deliver(self, events: list[dict]) -> None:
+    async def deliver(self, events: list[Event]) -> None:
         """Sends the events in order; a failure of the k-th (0-based) says `delivered=k, failed=1`."""
         for index, event in enumerate(events):
             try:
@@ -4541,8 +4735,11 @@ async def _close_quietly(stream) -> None:
 # backoff and the stream resumes from the last acknowledged position, so everything not confirmed
 # by the sink is delivered again (at-least-once, same ids).
 
-CHANNEL_CHUNKS = 8  #: chunks buffered between reader and delivery (each at most CHUNK_EVENTS events)
-CHUNK_EVENTS = 1000  #: events per chunk of a large transaction
+CHANNEL_CHUNKS = 16  #: chunks buffered between reader and delivery (each at most CHUNK_EVENTS events)
+#: Events per chunk of a large transaction.  Also how often the reader lets the delivery task run
+#: (it yields when it hands over a chunk): small enough that an HTTP answer is acted on within
+#: about a millisecond, large enough that handing over costs nothing per event.
+CHUNK_EVENTS = 250
 SPILL_BYTES = 16 * 1024 * 1024  #: a streamed transaction spills to a temporary file past this size
 LIVENESS_PING_S = 10.0  #: ask the server for a keepalive this often, to notice a dead peer
 READ_IDLE_TIMEOUT_S = 35.0  #: no byte from the server for this long: the connection is lost
@@ -4801,7 +4998,7 @@ class DeliveryLoop:
         self.ack = ack
         self.batch_size = batch_size
         self.linger_s = linger_s
-        self.events: list[dict] = []
+        self.events: list[Event] = []
         self.marks: list[tuple[int, int | None]] = []  # (events in self.events after the chunk, end_lsn)
         self.stopping = False
         self.in_flight: trio.Event | None = None  # set when the batch being delivered is confirmed
