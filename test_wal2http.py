@@ -1845,10 +1845,15 @@ class TestEnvelope:
         with pytest.raises(TypeError):
             hash(event)
 
-    def test_event_numbers_beyond_doubles_stay_digits(self):
-        digits = "1" + "0" * 400 + ".5"
-        event = w.Event('{"id":"0/1:0","new":{"doc": {"x": %s, "y": 0.25}}}' % digits)
-        assert event["new"]["doc"] == {"x": digits, "y": 0.25}
+    def test_event_id_with_escapes_is_decoded(self):
+        assert w.Event.from_dict({"id": 'a"b\\c'})["id"] == 'a"b\\c'
+        assert w.Event('{"id":"a\\"b","x":1}')["id"] == 'a"b'
+
+    def test_event_numbers_beyond_what_python_reads_stay_digits(self):
+        digits, integer = "1" + "0" * 400 + ".5", "1" + "0" * 5000  # beyond doubles; beyond int()'s 4,300 digits
+        event = w.Event('{"id":"0/1:0","new":{"doc": {"x": %s, "y": 0.25, "z": %s, "n": 7}}}' % (digits, integer))
+        assert event["new"]["doc"] == {"x": digits, "y": 0.25, "z": integer, "n": 7}
+        assert w.json_text_for(3802)('{"z": %s}' % integer) == '{"z": %s}' % integer  # jsonb: kept as printed
 
     @pytest.mark.parametrize("row", [
         ROW, ("1", None, "0.5", "[1, 2]", "infinity"), ("-7", 'q " b \\ nl \n é ✓', "NaN", '"s"', None),
@@ -3728,6 +3733,19 @@ class TestHook0Sink:
             outbox_event(payload=None), separators=(",", ":"), ensure_ascii=False) + "\n"
         assert [event["event_id"] for event in double.events] == [good["new"]["event_id"]]
         assert [request.status for request in double.requests] == [201]   # the NULL row was never sent
+
+    async def test_event_too_deep_to_decode_is_dead_lettered_not_a_crash(self, tmp_path):
+        dead_letter = tmp_path / "dead.jsonl"
+        deep = w.Event('{"id":"0/16B37A0:0","op":"insert","schema":"public","table":"items","key":{"id":1},'
+                       '"new":{"id":1,"doc":' + "[" * 5000 + "]" * 5000 + '}}')
+        good = outbox_event(event_id=str(uuid.UUID(int=3)))
+        async with open_hook0(on_failure="skip", dead_letter_file=str(dead_letter)) as (double, sink, alerter):
+            with pytest.raises(w.DeliveryError, match="event 0/16B37A0:0 .*nested too deeply") as caught:
+                await sink.deliver([deep])
+            assert not caught.value.retryable
+            await w.ReliableSink(sink, sink.config, alerter, sleep=SleepRecorder()).deliver([deep, good])
+        assert dead_letter.read_text() == deep.line + "\n"
+        assert [event["event_id"] for event in double.events] == [good["new"]["event_id"]]
 
     @pytest.mark.parametrize("kind", ["rate_limited_text", "rate_limited", "service_unavailable"])
     async def test_retry_after_is_honoured(self, kind):

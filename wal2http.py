@@ -2267,8 +2267,9 @@ def json_text_timestamptz(text: str) -> str:
     return encode_json_string(convert_timestamptz(text))
 
 
-# Checks JSON without building floats (the number's text is enough) and refuses NaN/Infinity.
-_JSON_CHECK = json.JSONDecoder(parse_float=str, parse_constant=_not_a_json_constant).scan_once
+# Checks JSON without building numbers (their text is enough: no double rounding, no limit on
+# integer digits) and refuses NaN/Infinity.
+_JSON_CHECK = json.JSONDecoder(parse_float=str, parse_int=str, parse_constant=_not_a_json_constant).scan_once
 
 
 def json_text_jsonb(text: str) -> str:
@@ -2344,12 +2345,20 @@ def _event_float(text: str) -> float | str:
     return text if value in _INFINITIES else value  # a jsonb number beyond doubles: its digits
 
 
-_EVENT_DECODER = json.JSONDecoder(parse_float=_event_float)
+def _event_int(text: str) -> int | str:
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+        return text
+
+
+_EVENT_DECODER = json.JSONDecoder(parse_float=_event_float, parse_int=_event_int)
 
 
 def decode_event_line(line: str) -> dict:
     """An event's JSON text as a dict.  Numbers with a fraction are floats (as convert_json reads
-    them), except one too large for a double, which stays its digits as a string."""
+    them); a jsonb number beyond what Python reads (a double's range, 4,300 integer digits) stays
+    its digits, as a string.  Raises RecursionError for JSON nested too deep for Python."""
     return _EVENT_DECODER.decode(line)
 
 
@@ -2377,10 +2386,12 @@ class Event(Mapping):
 
     @property
     def id(self) -> str:
-        """`id`, without decoding the rest: it is always first, and never has a JSON escape."""
+        """`id`, without decoding the rest: the envelope writes it first, without JSON escapes."""
         line = self.line
-        if line.startswith('{"id":"'):
-            return line[7:line.index('"', 7)]
+        if self._data is None and line.startswith('{"id":"'):
+            end = line.find('"', 7)
+            if end > 0 and "\\" not in line[7:end]:
+                return line[7:end]
         return self.data["id"]
 
     def __getitem__(self, key: str):
@@ -2407,7 +2418,7 @@ class Event(Mapping):
 
 def event_line(event: Event | dict) -> str:
     """The JSON text of an event; sinks also take plain dicts (an embedding application's)."""
-    return event.line if event.__class__ is Event else encode_json(event)
+    return event.line if isinstance(event, Event) else encode_json(event)
 
 
 @dataclasses.dataclass(slots=True)
@@ -4289,8 +4300,12 @@ class Hook0Sink:
 
     # -- one event --------------------------------------------------------------------------------
 
-    async def _deliver_one(self, event: dict) -> None:
-        body = self._build(event)
+    async def _deliver_one(self, event: Event) -> None:
+        try:
+            body = self._build(event)
+        except RecursionError:  # jsonb nested deeper than Python's JSON reader follows
+            raise DeliveryError(f"cannot send event {event['id']} to Hook0: its JSON is nested too "
+                                "deeply to be read here", retryable=False) from None
         if body is None:
             return
         where = f"event {event.get('id')} of table {_table_name(event)}"
