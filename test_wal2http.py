@@ -2499,6 +2499,25 @@ class TestHttpClient:
             w.HttpClient("http://127.0.0.1:1/", timeout_s=1, headers=[("X-Token", "abc\r\nevil")])
         assert "X-Token" in str(info.value) and "evil" not in str(info.value)
 
+    async def test_concurrent_requests_take_turns_on_one_connection(self):
+        replies = [Reply(200, body=b"first", delay_s=1.0), Reply(200, body=b"second")]
+        async with ScriptedReceiver.serve(replies) as receiver:
+            client = w.HttpClient(receiver.url(), timeout_s=10)
+            answers = {}
+
+            async def ask(name):
+                answers[name] = await client.request("POST", "/hook", body=name.encode())
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ask, "a")
+                    await receiver.wait_for(lambda r: len(r.requests) == 1)  # a is waiting for its answer
+                    nursery.start_soon(ask, "b")
+            await client.aclose()
+        assert [r.body for r in receiver.requests] == [b"a", b"b"]
+        assert (answers["a"].body, answers["b"].body) == (b"first", b"second")
+        assert receiver.connections == 1
+
     async def test_request_response_and_headers(self):
         reply = Reply(201, headers=(("X-Multi", "a"), ("X-Multi", "b")), body=b"created")
         async with ScriptedReceiver.serve([reply]) as receiver:
