@@ -2203,15 +2203,19 @@ TYPE_CONVERTERS: dict[int, Callable[[str], object]] = {
 _TEXT_ARRAY = _make_array_converter(convert_text)
 
 
+def _by_type(table: Mapping[int, Callable], array_of_strings: Callable, string: Callable,
+             type_oid: int, type_name: str | None) -> Callable:
+    """table[type_oid]; else a type whose name (from a Type message) starts with '_' is an array
+    type (of enums, citext, domains...): an array of strings; anything else a string."""
+    found = table.get(type_oid)
+    if found is not None:
+        return found
+    return array_of_strings if type_name and type_name.startswith("_") else string
+
+
 def converter_for(type_oid: int, type_name: str | None = None) -> Callable[[str], object]:
-    """The converter for a column type.  `type_name` comes from a Type message (non-builtin types):
-    a name starting with '_' is an array type (enums, citext, domains...): an array of strings."""
-    converter = TYPE_CONVERTERS.get(type_oid)
-    if converter is not None:
-        return converter
-    if type_name and type_name.startswith("_"):
-        return _TEXT_ARRAY
-    return convert_text
+    """The converter for a column type (see _by_type for types outside TYPE_CONVERTERS)."""
+    return _by_type(TYPE_CONVERTERS, _TEXT_ARRAY, convert_text, type_oid, type_name)
 
 
 def convert_value(type_oid: int, text: str | None, type_name: str | None = None):
@@ -2307,12 +2311,7 @@ _TEXT_ARRAY_JSON_TEXT = _json_text_via(_TEXT_ARRAY)
 def json_text_for(type_oid: int, type_name: str | None = None) -> Callable[[str], str]:
     """Like converter_for, giving JSON text: json.loads(json_text_for(t)(s)) == converter_for(t)(s)
     (jsonb numbers aside: the text keeps all their digits)."""
-    converter = JSON_TEXT_CONVERTERS.get(type_oid)
-    if converter is not None:
-        return converter
-    if type_name and type_name.startswith("_"):
-        return _TEXT_ARRAY_JSON_TEXT
-    return encode_json_string
+    return _by_type(JSON_TEXT_CONVERTERS, _TEXT_ARRAY_JSON_TEXT, encode_json_string, type_oid, type_name)
 
 
 _PG_EPOCH = datetime.datetime(2000, 1, 1)
