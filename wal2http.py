@@ -5044,12 +5044,14 @@ class DeliveryLoop:
                 await self.in_flight.wait()
 
     async def _next_chunk(self, receive_channel):
-        """The next chunk; None when a partial batch should go out now."""
-        if not self.marks:
-            return await receive_channel.receive()
+        """The next chunk; None when a partial batch should go out now.  A chunk already queued
+        is taken without a schedule point, so the next batch goes out before the reader decodes
+        another chunk (at HTTP speed that wait is a good part of each request)."""
         try:
             return receive_channel.receive_nowait()
         except trio.WouldBlock:
+            if not self.marks:
+                return await receive_channel.receive()
             if not self.linger_s:
                 return None
         with trio.move_on_after(self.linger_s):
