@@ -3932,7 +3932,8 @@ class ReliableSink:
 # =====================================================================================================
 # 14. Hook0 sink: mapping (pure)
 # =====================================================================================================
-# Nothing here touches a socket: events in, Hook0 bodies (or a non-retryable DeliveryError) out.
+# Nothing here touches a socket: events (Event or dict: any mapping) in, Hook0 bodies (or a
+# non-retryable DeliveryError) out.
 
 #: Appended to HOOK0_API_URL when it has no path (or only "/").
 HOOK0_API_PATH = "/api/v1"
@@ -3965,23 +3966,23 @@ def hook0_api_base(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
-def _table_name(event: dict) -> str:
+def _table_name(event: Mapping) -> str:
     return f"{event.get('schema')}.{event.get('table')}"
 
 
-def _undeliverable(event: dict, column: str, problem: str) -> DeliveryError:
+def _undeliverable(event: Mapping, column: str, problem: str) -> DeliveryError:
     """The error for a row Hook0 cannot take: names table, column and event, never retried."""
     return DeliveryError(
         f"cannot send event {event.get('id')} of table {_table_name(event)} to Hook0: "
         f"column {column} {problem}", retryable=False)
 
 
-def _columns_sent(event: dict) -> set[str]:
+def _columns_sent(event: Mapping) -> set[str]:
     columns = set(event.get("new") or ()) | set(event.get("old") or ())
     return columns | set(event.get("unchanged_toast") or ())
 
 
-def is_hook0_outbox_event(event: dict, known_outbox_tables: Collection[tuple[str, str]] = (),
+def is_hook0_outbox_event(event: Mapping, known_outbox_tables: Collection[tuple[str, str]] = (),
                           table_columns: Collection[str] | None = None) -> bool:
     """Whether the event's table is an outbox table, from the columns the event carries or from
     `known_outbox_tables` ((schema, table) pairs recognised earlier).  `table_columns`, the
@@ -4006,7 +4007,7 @@ def convert_hook0_string(value) -> str | None:
     return encode_json(value)
 
 
-def convert_hook0_string_map(event: dict, column: str, value) -> dict[str, str]:
+def convert_hook0_string_map(event: Mapping, column: str, value) -> dict[str, str]:
     """A labels/metadata column as a string-to-string map; a NULL column is an empty map."""
     if value is None:
         return {}
@@ -4016,7 +4017,7 @@ def convert_hook0_string_map(event: dict, column: str, value) -> dict[str, str]:
     return {key: item for key, item in converted.items() if item is not None}
 
 
-def _check_string_map(event: dict, column: str, values: dict[str, str], min_entries: int,
+def _check_string_map(event: Mapping, column: str, values: dict[str, str], min_entries: int,
                       max_entries: int) -> None:
     """Hook0's size rules for labels and metadata (validators.rs): entry count, and every key and
     value 1 to 50 bytes of UTF-8."""
@@ -4031,7 +4032,7 @@ def _check_string_map(event: dict, column: str, values: dict[str, str], min_entr
                                                     f"Hook0 accepts 1 to {HOOK0_PROPERTY_MAX_BYTES}")
 
 
-def _check_event_type(event: dict, column: str, event_type) -> str:
+def _check_event_type(event: Mapping, column: str, event_type) -> str:
     if event_type is None:
         raise _undeliverable(event, column, "is NULL or missing")
     if not isinstance(event_type, str):
@@ -4044,7 +4045,7 @@ def _check_event_type(event: dict, column: str, event_type) -> str:
     return event_type
 
 
-def _check_payload(event: dict, column: str, text: str) -> str:
+def _check_payload(event: Mapping, column: str, text: str) -> str:
     if len(text) > HOOK0_PAYLOAD_MAX_CHARS:
         raise _undeliverable(event, column, f"is {len(text)} characters of JSON; Hook0 accepts at "
                                             f"most {HOOK0_PAYLOAD_MAX_CHARS}")
@@ -4061,7 +4062,7 @@ def encode_hook0_timestamp(moment: datetime.datetime) -> str:
     return text + "Z"
 
 
-def convert_hook0_occurred_at(event: dict, created_at) -> str:
+def convert_hook0_occurred_at(event: Mapping, created_at) -> str:
     """`created_at` (timestamptz text, any offset) in UTC; NULL -> the transaction's commit time.
     A timestamp without a zone is taken as UTC (wal2http reads with TimeZone UTC)."""
     if created_at is None:
@@ -4082,7 +4083,7 @@ def _labels_from_config(config) -> dict[str, str]:
     return dict(config.hook0_labels or ())
 
 
-def _convert_event_id(event: dict, value) -> str:
+def _convert_event_id(event: Mapping, value) -> str:
     if value is None:
         raise _undeliverable(event, "event_id", "is NULL or missing")
     try:
@@ -4091,7 +4092,7 @@ def _convert_event_id(event: dict, value) -> str:
         raise _undeliverable(event, "event_id", f"is {str(value)[:60]!r}, not a UUID") from None
 
 
-def build_hook0_outbox_event(event: dict, config, application_id: str) -> dict:
+def build_hook0_outbox_event(event: Mapping, config, application_id: str) -> dict:
     """The Hook0 body for an inserted or updated outbox row (CONTRACT.md section 6)."""
     row = event.get("new") or {}
     event_id = _convert_event_id(event, row.get("event_id"))
@@ -4118,7 +4119,7 @@ def build_hook0_outbox_event(event: dict, config, application_id: str) -> dict:
     }
 
 
-def build_hook0_table_event_id(event: dict, slot_name: str) -> str:
+def build_hook0_table_event_id(event: Mapping, slot_name: str) -> str:
     """The deterministic event_id of a table event: uuid5 over the slot name, the table and the
     wal2http event id.  The event id alone is unique within one slot's stream; the slot and table
     keep two databases that happen to reach the same LSN from sharing ids (Hook0 would answer 409
@@ -4126,7 +4127,7 @@ def build_hook0_table_event_id(event: dict, slot_name: str) -> str:
     return str(uuid.uuid5(HOOK0_TABLE_EVENT_NAMESPACE, f"{slot_name}:{_table_name(event)}:{event['id']}"))
 
 
-def build_hook0_table_event(event: dict, config, application_id: str) -> dict:
+def build_hook0_table_event(event: Mapping, config, application_id: str) -> dict:
     """The Hook0 body of a plain table's change under HOOK0_TABLE_EVENTS=true."""
     event_type = _check_event_type(event, "(event type)", f"{_table_name(event)}.{event['op']}")
     labels = {**_labels_from_config(config), "schema": event["schema"], "table": event["table"]}
@@ -4143,7 +4144,7 @@ def build_hook0_table_event(event: dict, config, application_id: str) -> dict:
     }
 
 
-def build_hook0_event(event: dict, config, application_id: str, *,
+def build_hook0_event(event: Mapping, config, application_id: str, *,
                       known_outbox_tables: Collection[tuple[str, str]] = (),
                       table_columns: Collection[str] | None = None) -> dict | None:
     """The Hook0 body for a wal2http event, or None when the event is not sent to Hook0.
@@ -4324,7 +4325,7 @@ class Hook0Sink:
                                     "after creating it", retryable=False)
         self._check_event_answer(answer, body, where)
 
-    def _build(self, event: dict) -> dict | None:
+    def _build(self, event: Mapping) -> dict | None:
         """Maps the event, remembering outbox tables (for deletes) and warning once per table whose
         rows are ignored."""
         table = (event.get("schema"), event.get("table"))
