@@ -1331,6 +1331,69 @@ class TestDeliveryLoop:
         assert ack.flushed_lsn == 30
 
 
+class TestReaderYields:
+    """While a delivery waits for its answer, the reader lets it run every YIELD_EVERY_MESSAGES
+    messages, not only when it hands over a chunk (that can be 2 ms of decoding away)."""
+
+    @staticmethod
+    def _stream(rows: int, in_flight: bool):
+        def frame(lsn, message):
+            body = struct.pack("!BQQQ", ord("w"), lsn, lsn, 0) + encode_pgoutput(message)
+            return b"d" + struct.pack("!i", len(body) + 4) + body
+
+        relation = w.Relation(None, 16400, "public", "t", "d", (w.Column(1, "id", 20, -1),))
+        data = [frame(1, relation), frame(2, w.Begin(10_000, 0, 7))]
+        data += [frame(100 + i, w.Insert(None, 16400, (str(i),))) for i in range(rows)]
+        data.append(frame(10_000, w.Commit(0, 10_000, 10_001, 0)))
+        buffer = w.MessageBuffer()
+        buffer.feed(b"".join(data))
+        assembler = w.ChangeAssembler(chunk_events=10 * rows)  # one chunk, at the commit
+        consumed = [0]
+        feed = assembler.feed
+
+        def counting_feed(wal_start, payload):
+            consumed[0] += 1
+            return feed(wal_start, payload)
+
+        assembler.feed = counting_feed
+        delivery = types.SimpleNamespace(in_flight=trio.Event() if in_flight else None)
+        send, receive = trio.open_memory_channel(10)
+        stream = w.ReplicationStream(types.SimpleNamespace(buffer=buffer), assembler, w.AckTracker(), send, delivery)
+        return stream, consumed, receive
+
+    async def _progress_seen_by_another_task(self, rows, in_flight):
+        stream, consumed, receive = self._stream(rows, in_flight)
+        seen = []
+
+        async def observe(task_status=trio.TASK_STATUS_IGNORED):
+            seen.append(consumed[0])
+            task_status.started()
+            while True:
+                await trio.lowlevel.checkpoint()
+                seen.append(consumed[0])
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(observe)
+            await stream.handle_buffered()
+            nursery.cancel_scope.cancel()
+        assert len(receive.receive_nowait().events) == rows
+        return seen + [consumed[0]]
+
+    async def test_yields_while_a_delivery_is_in_flight(self, monkeypatch):
+        monkeypatch.setattr(w, "YIELD_EVERY_MESSAGES", 10)
+        seen = await self._progress_seen_by_another_task(200, in_flight=True)
+        gaps = [b - a for a, b in zip(seen, seen[1:])]
+        assert seen[0] == 0 and seen[-1] == 203
+        # Trio runs the tasks of each scheduling batch in random order, so the other task may see two
+        # of the reader's steps at once; +1 for the Relation or Begin before the count starts.
+        assert max(gaps) <= 21
+
+    async def test_no_extra_schedule_points_otherwise(self, monkeypatch):
+        monkeypatch.setattr(w, "YIELD_EVERY_MESSAGES", 10)
+        seen = await self._progress_seen_by_another_task(200, in_flight=False)
+        assert sorted(set(seen)) == [0, 203]  # the other task ran only at the chunk hand-over
+
+
 EVENT_KEYS = ["id", "op", "schema", "table", "key", "new", "old", "unchanged_toast", "xid", "lsn",
               "commit_lsn", "commit_time", "seq"]
 

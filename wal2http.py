@@ -4758,10 +4758,13 @@ async def _close_quietly(stream) -> None:
 # by the sink is delivered again (at-least-once, same ids).
 
 CHANNEL_CHUNKS = 16  #: chunks buffered between reader and delivery (each at most CHUNK_EVENTS events)
-#: Events per chunk of a large transaction.  Also how often the reader lets the delivery task run
-#: (it yields when it hands over a chunk): small enough that an HTTP answer is acted on within
-#: about a millisecond, large enough that handing over costs nothing per event.
+#: Events per chunk of a large transaction: large enough that handing a chunk over costs nothing
+#: per event.  The reader yields to the delivery task when it hands one over, and also every
+#: YIELD_EVERY_MESSAGES messages while a delivery is in flight, so that an HTTP answer is acted on
+#: within a fraction of a millisecond (a chunk takes 2 ms or more to decode) and the receiver does
+#: not sit idle waiting for the next batch.
 CHUNK_EVENTS = 250
+YIELD_EVERY_MESSAGES = 32
 SPILL_BYTES = 16 * 1024 * 1024  #: a streamed transaction spills to a temporary file past this size
 LIVENESS_PING_S = 10.0  #: ask the server for a keepalive this often, to notice a dead peer
 READ_IDLE_TIMEOUT_S = 35.0  #: no byte from the server for this long: the connection is lost
@@ -4934,11 +4937,12 @@ async def start_streaming(conn: PgConnection, config, start_lsn: int) -> int:
 class ReplicationStream:
     """The reader side of one streaming connection."""
 
-    def __init__(self, conn: PgConnection, assembler, ack: AckTracker, send_channel):
+    def __init__(self, conn: PgConnection, assembler, ack: AckTracker, send_channel, delivery=None):
         self.conn = conn
         self.assembler = assembler
         self.ack = ack
         self.send_channel = send_channel
+        self.delivery = delivery  # a DeliveryLoop: while it waits for an answer, yield often
 
     async def run_reader(self) -> None:
         conn, buffer = self.conn, self.conn.buffer
@@ -4955,6 +4959,7 @@ class ReplicationStream:
     async def handle_buffered(self) -> None:
         """Every complete message received; XLogData (nearly all of them) on the short path."""
         buffer, feed, ack, send = self.conn.buffer, self.assembler.feed, self.ack, self.send_channel.send
+        delivery, unyielded = self.delivery, 0
         while True:
             xlog = buffer.next_xlog_data()
             if xlog is None:
@@ -4968,9 +4973,17 @@ class ReplicationStream:
                 ack.received_lsn = wal_end
             chunks = feed(wal_start, payload)
             if chunks:
+                unyielded = 0
                 for chunk in chunks:
                     ack.queued()
-                    await send(chunk)
+                    await send(chunk)  # a schedule point
+            else:
+                unyielded += 1
+                if unyielded >= YIELD_EVERY_MESSAGES and delivery is not None and delivery.in_flight is not None:
+                    # The answer to the request in flight may be in: let the delivery task act on
+                    # it now rather than after a whole chunk (the receiver idles until it does).
+                    unyielded = 0
+                    await trio.lowlevel.checkpoint()
 
     async def handle_message(self, tag: int, body: bytes) -> None:
         if tag == COPY_DATA and body and body[0] == XLOG_DATA:
@@ -5090,7 +5103,7 @@ async def run_session(config, sink, ack: AckTracker, stop: trio.Event, on_stream
         send_channel, receive_channel = trio.open_memory_channel(CHANNEL_CHUNKS)
         linger = BATCH_LINGER_S if sink.batch_size > 1 and sink.name != "stdout" else 0.0
         delivery = DeliveryLoop(sink, ack, sink.batch_size, linger)
-        stream = ReplicationStream(conn, assembler, ack, send_channel)
+        stream = ReplicationStream(conn, assembler, ack, send_channel, delivery)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run_feedback, conn, ack, config.feedback_interval_s)
