@@ -27,7 +27,7 @@ import trio
 import wal2http as w
 
 TABLE_SQL = ("CREATE TABLE bench (id bigserial PRIMARY KEY, name text, amount numeric(12,2), "
-             "created_at timestamptz, payload jsonb)")
+             "created_at timestamptz, payload jsonb) WITH (autovacuum_enabled = off)")
 INSERT_SQL = ("INSERT INTO bench (name, amount, created_at, payload) SELECT 'name-' || g, g * 1.25, now(), "
               "jsonb_build_object('n', g, 'tag', 'bench', 'ok', true) FROM generate_series(1, {n}) g")
 
@@ -81,14 +81,15 @@ async def _child(env: dict, end_lsn: int, expect: int, latency: bool) -> dict:
         sink = _CountingHttp(w.HttpSink(config))
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        started, cpu_started = time.perf_counter(), time.process_time()
+        started, usage_started = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         ack = await nursery.start(lambda task_status: w.run(config, sink=sink, stop=stop, task_status=task_status))
         while ack.flushed_lsn < end_lsn or sink.count < expect:
             await trio.sleep(0.005)
         elapsed = time.perf_counter() - started
-        cpu = time.process_time() - cpu_started
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         stop.set()
-    result = {"events": sink.count, "seconds": elapsed, "cpu_seconds": cpu,
+    result = {"events": sink.count, "seconds": elapsed, "user_seconds": usage.ru_utime - usage_started.ru_utime,
+              "system_seconds": usage.ru_stime - usage_started.ru_stime,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if latencies:
         ordered = sorted(latencies)
@@ -169,11 +170,50 @@ while True:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc."""
+def _process_cpu_s(pid: int, children: bool = False) -> float:
+    """User + system CPU seconds of a process (and, with `children`, of its exited children), from
+    /proc."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _server_cpu_s(cluster: w.DemoCluster) -> float:
+    """CPU seconds of the PostgreSQL server so far, counting backends that have exited: a walsender
+    exits when its consumer disconnects, so first wait until the postmaster has reaped it (until its
+    only children are its long-lived auxiliary processes)."""
+    with open(os.path.join(cluster.data, "postmaster.pid")) as pidfile:
+        postmaster = int(pidfile.readline())
+    deadline = time.monotonic() + 10
+    while not all(_is_auxiliary(pid) for pid in _children(postmaster)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _process_cpu_s(postmaster, children=True)
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == parent:
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+_AUXILIARY = (b"postgres: checkpointer", b"postgres: background writer", b"postgres: walwriter",
+              b"postgres: autovacuum launcher", b"postgres: logical replication launcher",
+              b"postgres: archiver", b"postgres: stats collector")
+
+
+def _is_auxiliary(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().startswith(_AUXILIARY)
+    except OSError:
+        return False
 
 
 def pg_recvlogical(cluster: w.DemoCluster, slot: str, end_lsn: int) -> float:
@@ -198,16 +238,19 @@ def throughput(args) -> None:
         print(f"wrote {args.rows} rows in {time.perf_counter() - started:.1f} s")
         (end,), = sql(url, "SELECT pg_current_wal_lsn()")
         end_lsn = w.parse_lsn(end)
+        server_cpu = _server_cpu_s(cluster)
         ref_s = pg_recvlogical(cluster, "bench_ref", end_lsn)
+        server_cpu, walsender_cpu = _server_cpu_s(cluster), _server_cpu_s(cluster) - server_cpu
         ref_rate = args.rows / ref_s
-        print(f"pg_recvlogical: {ref_s:.2f} s, {ref_rate:,.0f} changes/s")
+        print(f"pg_recvlogical: {ref_s:.2f} s, {ref_rate:,.0f} changes/s (walsender CPU {walsender_cpu:.2f} s)")
         env = {"DATABASE_URL": url, "SLOT_NAME": "bench_w2h", "PUB_NAME": "bench", "CREATE_SLOT": "false",
                "LOG_LEVEL": "WARNING"}
         result = run_child(env, end_lsn, args.rows)
+        server_cpu, walsender_cpu = _server_cpu_s(cluster), _server_cpu_s(cluster) - server_cpu
         rate = result["events"] / result["seconds"]
         print(f"wal2http stdout: {result['seconds']:.2f} s, {rate:,.0f} events/s "
               f"({result['events']} events), ratio {rate / ref_rate:.2f}x, peak RSS {result['peak_rss_mb']:.1f} MB, "
-              f"CPU {result['cpu_seconds']:.2f} s")
+              f"CPU {result['user_seconds']:.2f} s user + {result['system_seconds']:.2f} s system (walsender CPU {walsender_cpu:.2f} s)")
         if args.http:
             receiver, port = start_receiver()
             try:
@@ -219,10 +262,11 @@ def throughput(args) -> None:
                     receiver_cpu = _process_cpu_s(receiver.pid)
                     res = run_child(http_env, end_lsn, args.rows)
                     receiver_cpu = _process_cpu_s(receiver.pid) - receiver_cpu
+                    server_cpu, walsender_cpu = _server_cpu_s(cluster), _server_cpu_s(cluster) - server_cpu
                     r = res["events"] / res["seconds"]
                     print(f"wal2http http batch={batch}: {res['seconds']:.2f} s, {r:,.0f} events/s, "
-                          f"{r / rate:.2f}x of stdout, peak RSS {res['peak_rss_mb']:.1f} MB, CPU {res['cpu_seconds']:.2f} s "
-                          f"(receiver CPU {receiver_cpu:.2f} s)")
+                          f"{r / rate:.2f}x of stdout, peak RSS {res['peak_rss_mb']:.1f} MB, CPU {res['user_seconds']:.2f} s user + {res['system_seconds']:.2f} s system "
+                          f"(receiver CPU {receiver_cpu:.2f} s, walsender CPU {walsender_cpu:.2f} s)")
             finally:
                 receiver.kill()
     finally:

@@ -22,7 +22,6 @@ import itertools
 import json
 import logging
 import os
-import pathlib
 import pwd
 import random
 import re

@@ -53,7 +53,6 @@ import getpass
 import glob
 import hashlib
 import hmac
-import inspect
 import ipaddress
 import json
 import logging
