@@ -4,16 +4,25 @@
     python bench_wal2http.py --rows 50000    # fewer rows
     python bench_wal2http.py --latency       # 200 single-row transactions/s for 10 s: p50/p99
     python bench_wal2http.py --http          # also the HTTP sink, batch sizes 1 and 500
+    python bench_wal2http.py --http --http-batch 500 --repeat 6   # medians over 6 rounds
+
+Needs requirements-bench.txt (orjson, for the HTTP receiver; `--receiver-json json` uses the
+stdlib's parser instead).
 
 It starts its own throwaway PostgreSQL (like --demo), creates one slot per consumer before the
 writes, writes the rows in transactions of 1,000, then lets each consumer drain its slot up to the
 same end LSN.  wal2http runs in a child process (so its peak RSS is its own) with the stdout sink
-writing to /dev/null, counting events to prove none is missing.
+writing to /dev/null, counting events to prove none is missing.  For the HTTP sink a local
+receiver parses every body and counts the events.  On a 2-core machine that receiver shares the
+cores with wal2http and the walsender, so its CPU lowers the rate measured; it parses with orjson
+(the same objects as json.loads, in half the time) to keep that artefact small.  The output gives
+each process's CPU time, so where the time went is visible.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -126,12 +135,15 @@ def run_child(env: dict, end_lsn: int, expect: int, latency: bool = False) -> di
 # ---------------------------------------------------------------------------------------------------
 
 
-def start_receiver() -> tuple[subprocess.Popen, int]:
+def start_receiver(parser: str = "json") -> tuple[subprocess.Popen, int]:
     """A receiver as lean as a Python one gets, so that on a 2-core machine it takes as little CPU
     as possible from wal2http and the walsender: blocking sockets, a thread per connection, HTTP/1.1
-    with Content-Length bodies (what wal2http sends), and json.loads of every body to count events."""
+    with Content-Length bodies (what wal2http sends), and a full parse of every body (`json.loads`,
+    or with `parser="orjson"` orjson's, which builds the same objects in half the time) to count
+    events."""
     code = r'''
-import json, socket, sys, threading
+import socket, sys, threading
+import {parser} as json
 count = 0
 def handle(conn):
     global count
@@ -154,7 +166,11 @@ def handle(conn):
                 return
             data += more
         body, data = data[:length], data[length:]
-        doc = json.loads(body) if body else {}
+        if head.startswith(b"GET /count "):  # the bench asks how many events arrived
+            answer = str(count).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(answer), answer))
+            continue
+        doc = json.loads(body)
         count += len(doc["events"]) if "events" in doc else 1
         conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
 listener = socket.create_server(("127.0.0.1", 0))
@@ -163,8 +179,18 @@ while True:
     conn, _ = listener.accept()
     threading.Thread(target=handle, args=(conn,), daemon=True).start()
 '''
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    if importlib.util.find_spec(parser) is None:
+        raise SystemExit(f"the receiver parses with {parser}, which is not installed: "
+                         "pip install -r requirements-bench.txt, or use --receiver-json json")
+    proc = subprocess.Popen([sys.executable, "-c", code.replace("{parser}", parser)], stdout=subprocess.PIPE, text=True)
     return proc, int(proc.stdout.readline())
+
+
+def received_events(port: int) -> int:
+    """How many events the receiver has parsed so far."""
+    import urllib.request  # here, not at the top: the child's peak RSS would count it
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/count", timeout=10) as response:
+        return int(response.read())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,49 +252,74 @@ def pg_recvlogical(cluster: w.DemoCluster, slot: str, end_lsn: int) -> float:
 
 
 def throughput(args) -> None:
+    """`--repeat` rounds, each draining its own slots in turn: pg_recvlogical, the stdout sink, and
+    with --http the HTTP sink (batch 500; batch 1 in the first round only, it is slow).  Ratios are
+    taken within a round, so that a change in the machine's speed between rounds cancels out."""
     cluster = w.DemoCluster()
     try:
         cluster.start()
         url = cluster.url
-        consumers = ["ref", "w2h"] + (["http1", "http500"] if args.http else [])
+        batches = [b for b in (1, 500) if args.http and args.http_batch in (None, b)]
+        rounds = [["ref", "w2h"] + [f"http{b}" for b in batches if b == 500 or r == 0] for r in range(args.repeat)]
+        slots = [f"bench_{c}_{r}" for r, consumers in enumerate(rounds) for c in consumers]
+        if len(slots) > 10:  # the default max_replication_slots and max_wal_senders
+            sql(url, f"ALTER SYSTEM SET max_replication_slots = {len(slots) + 2}",
+                f"ALTER SYSTEM SET max_wal_senders = {len(slots) + 2}")
+            cluster._run("pg_ctl", "-D", cluster.data, "-l", os.path.join(cluster.root, "server.log"), "-w", "restart")
         sql(url, TABLE_SQL, "CREATE PUBLICATION bench FOR ALL TABLES",
-            *[f"SELECT pg_create_logical_replication_slot('bench_{c}', 'pgoutput')" for c in consumers])
+            *[f"SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')" for slot in slots])
         started = time.perf_counter()
         sql(url, *[INSERT_SQL.format(n=1000) for _ in range(args.rows // 1000)])
         print(f"wrote {args.rows} rows in {time.perf_counter() - started:.1f} s")
         (end,), = sql(url, "SELECT pg_current_wal_lsn()")
         end_lsn = w.parse_lsn(end)
-        server_cpu = _server_cpu_s(cluster)
-        ref_s = pg_recvlogical(cluster, "bench_ref", end_lsn)
-        server_cpu, walsender_cpu = _server_cpu_s(cluster), _server_cpu_s(cluster) - server_cpu
-        ref_rate = args.rows / ref_s
-        print(f"pg_recvlogical: {ref_s:.2f} s, {ref_rate:,.0f} changes/s (walsender CPU {walsender_cpu:.2f} s)")
-        env = {"DATABASE_URL": url, "SLOT_NAME": "bench_w2h", "PUB_NAME": "bench", "CREATE_SLOT": "false",
-               "LOG_LEVEL": "WARNING"}
-        result = run_child(env, end_lsn, args.rows)
-        server_cpu, walsender_cpu = _server_cpu_s(cluster), _server_cpu_s(cluster) - server_cpu
-        rate = result["events"] / result["seconds"]
-        print(f"wal2http stdout: {result['seconds']:.2f} s, {rate:,.0f} events/s "
-              f"({result['events']} events), ratio {rate / ref_rate:.2f}x, peak RSS {result['peak_rss_mb']:.1f} MB, "
-              f"CPU {result['user_seconds']:.2f} s user + {result['system_seconds']:.2f} s system (walsender CPU {walsender_cpu:.2f} s)")
-        if args.http:
-            receiver, port = start_receiver()
-            try:
-                for batch, slot in ((1, "bench_http1"), (500, "bench_http500")):
-                    if args.http_batch and batch != args.http_batch:
+        env = {"DATABASE_URL": url, "PUB_NAME": "bench", "CREATE_SLOT": "false", "LOG_LEVEL": "WARNING"}
+        receiver, port = start_receiver(args.receiver_json) if batches else (None, 0)
+        ratios: dict[str, list[float]] = {}
+        try:
+            for r, consumers in enumerate(rounds):
+                if args.repeat > 1:
+                    print(f"round {r + 1} of {args.repeat}")
+                rates = {}
+                for consumer in consumers:
+                    server_cpu = _server_cpu_s(cluster)
+                    receiver_cpu = _process_cpu_s(receiver.pid) if receiver else 0.0
+                    slot = f"bench_{consumer}_{r}"
+                    if consumer == "ref":
+                        seconds = pg_recvlogical(cluster, slot, end_lsn)
+                        rates[consumer] = args.rows / seconds
+                        print(f"  pg_recvlogical: {seconds:.2f} s, {rates[consumer]:,.0f} changes/s "
+                              f"(walsender CPU {_server_cpu_s(cluster) - server_cpu:.2f} s)")
                         continue
-                    http_env = {**env, "SLOT_NAME": slot, "EVENT_SINK": "http",
-                                "HTTP_ENDPOINT_URL": f"http://127.0.0.1:{port}/hook", "HTTP_BATCH_SIZE": str(batch)}
-                    receiver_cpu = _process_cpu_s(receiver.pid)
-                    res = run_child(http_env, end_lsn, args.rows)
-                    receiver_cpu = _process_cpu_s(receiver.pid) - receiver_cpu
-                    server_cpu, walsender_cpu = _server_cpu_s(cluster), _server_cpu_s(cluster) - server_cpu
-                    r = res["events"] / res["seconds"]
-                    print(f"wal2http http batch={batch}: {res['seconds']:.2f} s, {r:,.0f} events/s, "
-                          f"{r / rate:.2f}x of stdout, peak RSS {res['peak_rss_mb']:.1f} MB, CPU {res['user_seconds']:.2f} s user + {res['system_seconds']:.2f} s system "
-                          f"(receiver CPU {receiver_cpu:.2f} s, walsender CPU {walsender_cpu:.2f} s)")
-            finally:
+                    child_env = {**env, "SLOT_NAME": slot}
+                    if consumer.startswith("http"):
+                        child_env.update(EVENT_SINK="http", HTTP_ENDPOINT_URL=f"http://127.0.0.1:{port}/hook",
+                                         HTTP_BATCH_SIZE=consumer[4:])
+                    received = received_events(port) if consumer.startswith("http") else 0
+                    result = run_child(child_env, end_lsn, args.rows)
+                    if consumer.startswith("http") and received_events(port) - received != args.rows:
+                        raise SystemExit(f"the receiver parsed {received_events(port) - received} events, "
+                                         f"not {args.rows}")
+                    rates[consumer] = rate = result["events"] / result["seconds"]
+                    if consumer == "w2h":
+                        name, ratio = "stdout", f"{rate / rates['ref']:.2f}x of pg_recvlogical"
+                        ratios.setdefault("stdout / pg_recvlogical", []).append(rate / rates["ref"])
+                    else:
+                        name, ratio = f"http batch={consumer[4:]}", f"{rate / rates['w2h']:.2f}x of stdout"
+                        ratios.setdefault(f"http batch={consumer[4:]} / stdout", []).append(rate / rates["w2h"])
+                    cpu = f"CPU {result['user_seconds']:.2f} s user + {result['system_seconds']:.2f} s system"
+                    others = f"walsender CPU {_server_cpu_s(cluster) - server_cpu:.2f} s"
+                    if consumer.startswith("http"):
+                        others = f"receiver CPU {_process_cpu_s(receiver.pid) - receiver_cpu:.2f} s, " + others
+                    print(f"  wal2http {name}: {result['seconds']:.2f} s, {rate:,.0f} events/s ({result['events']} "
+                          f"events), {ratio}, peak RSS {result['peak_rss_mb']:.1f} MB, {cpu} ({others})")
+        finally:
+            if receiver:
                 receiver.kill()
+        if args.repeat > 1:
+            for name, values in ratios.items():
+                print(f"{name}: median {statistics.median(values):.2f}x, range {min(values):.2f}-{max(values):.2f}x "
+                      f"over {len(values)} rounds")
     finally:
         cluster.remove()
 
@@ -309,6 +360,9 @@ def main() -> None:
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--http", action="store_true")
     parser.add_argument("--http-batch", type=int, choices=(1, 500), help="with --http: only this batch size")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of the throughput comparison")
+    parser.add_argument("--receiver-json", choices=("orjson", "json"), default="orjson",
+                        help="the HTTP receiver's JSON parser: orjson (requirements-bench.txt) or the stdlib's")
     parser.add_argument("--rate", type=int, default=200)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--child", help=argparse.SUPPRESS)
