@@ -686,7 +686,39 @@ def _parse_http_url(value: str, variable: str) -> str:
     if (parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname
             or any(c.isspace() for c in url)):
         raise ConfigError(f"{variable} must be an http:// or https:// URL with a host name")
+    if not is_valid_host(parts.hostname):
+        raise ConfigError(f"{variable}: the URL's host is not a valid host name or address")
     return url
+
+
+def is_valid_host(host: str) -> bool:
+    """An IP address, or a name the resolver can be given (IDNA-encodable: no empty label, none
+    longer than 63 characters)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """The credentials in a URL's user info, as written, decoded, and as the Basic header value
+    built from them: never to be shown."""
+    try:
+        parts = urllib.parse.urlsplit(url or "")
+        username, password = parts.username, parts.password
+    except ValueError:
+        return []
+    if username is None:
+        return []
+    user, secret = urllib.parse.unquote(username), urllib.parse.unquote(password or "")
+    basic = base64.b64encode(f"{user}:{secret}".encode()).decode("ascii")
+    return [value for value in (username, password, user, secret, basic) if value]
 
 
 def _parse_slot_name(value: str) -> str:
@@ -910,6 +942,8 @@ def _email_settings(raw: Mapping[str, str | None]) -> dict:
     if port is None:
         port = SMTP_SSL_PORT if tls == "ssl" else SMTP_SUBMISSION_PORT
     host = raw["EMAIL_SMTP_HOST"]
+    if host and host.strip() and not is_valid_host(host.strip()):
+        raise ConfigError(f"EMAIL_SMTP_HOST is not a valid host name or address, got {_shown(host)}")
     return {
         "email_smtp_host": host.strip() if host else None, "email_smtp_port": port,
         "email_smtp_tls": tls, "email_smtp_username": raw["EMAIL_SMTP_USERNAME"],
@@ -933,6 +967,7 @@ def _raw_secrets(raw: Mapping[str, str | None], environ: Mapping[str, str]) -> l
         secrets += [str(value) for value in json.loads(raw["HTTP_HEADERS"] or "{}").values()]
     except (ValueError, AttributeError):
         pass
+    secrets += url_secrets(raw["HTTP_ENDPOINT_URL"]) + url_secrets(raw["HOOK0_API_URL"])
     return [secret for secret in secrets if secret]
 
 
@@ -950,6 +985,7 @@ def config_secrets(config: Config) -> tuple[str, ...]:
     values = [config.conninfo.password if config.conninfo else None, config.hook0_api_token,
               config.email_smtp_password, config.http_signing_secret]
     values += [value for _, value in config.http_headers]
+    values += url_secrets(config.http_endpoint_url) + url_secrets(config.hook0_api_url)
     return tuple(value for value in values if value)
 
 
@@ -1004,12 +1040,14 @@ def config_warnings(config: Config) -> list[str]:
 
 
 def _public_url(url: str) -> str:
-    """scheme://host[:port]/path: no user info, no query (either may hold a token)."""
+    """scheme://host[:port], then "/..." if the URL has a path: no user info, path or query (any of
+    them may hold a token, as in https://hooks.slack.com/services/<token>)."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
     host = f"[{host}]" if ":" in host else host
     port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    path = "/..." if parts.path.strip("/") or parts.query else ""
+    return f"{parts.scheme}://{host}{port}{path}"
 
 
 def describe_config(config: Config) -> str:
@@ -3324,6 +3362,7 @@ HTTP_MAX_BODY_BYTES = 64 * 1024  #: most bytes of a response body read; the rest
 HTTP_MAX_HEAD_BYTES = 64 * 1024  #: most bytes of a response's status line and headers
 HTTP_RECEIVE_CHUNK_BYTES = 16 * 1024  #: bytes asked of the socket per receive
 HTTP_DEFAULT_PORTS = {"http": 80, "https": 443}
+_URL_SAFE = "!$%&'()*+,/:;=?@[]~"  #: kept as they are in a request target (with letters, digits, -._)
 HTTP_USER_AGENT = f"wal2http/{__version__}"
 #: Headers the client computes itself; callers' values for them are dropped.
 _HTTP_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
@@ -3338,7 +3377,8 @@ class HttpResponse:
 
 @dataclass(frozen=True)
 class HttpEndpoint:
-    """A parsed http(s) URL.  `where` names it in messages: no user info, no query."""
+    """A parsed http(s) URL.  `where` names it in messages: scheme, host and port only (user info,
+    path and query may hold a token)."""
 
     scheme: str
     host: str  #: host name or IP address, without IPv6 brackets
@@ -3349,7 +3389,7 @@ class HttpEndpoint:
 
     @property
     def where(self) -> str:
-        return f"{self.scheme}://{self.host_header}{self.target.split('?', 1)[0]}"
+        return f"{self.scheme}://{self.host_header}" + ("/..." if self.target != "/" else "")
 
 
 def parse_http_url(url: str) -> HttpEndpoint:
@@ -3363,18 +3403,19 @@ def parse_http_url(url: str) -> HttpEndpoint:
     scheme = parts.scheme.lower()
     if scheme not in HTTP_DEFAULT_PORTS or not parts.hostname:
         raise ConfigError("URL must start with http:// or https:// and name a host")
-    try:
-        host = parts.hostname.encode("idna").decode("ascii") if not parts.hostname.isascii() else parts.hostname
-    except UnicodeError:
-        raise ConfigError("URL host is not a valid domain name") from None
+    if not is_valid_host(parts.hostname):
+        raise ConfigError("URL host is not a valid host name or address")
+    host = parts.hostname if parts.hostname.isascii() else parts.hostname.encode("idna").decode("ascii")
     port = port or HTTP_DEFAULT_PORTS[scheme]
     bracketed = f"[{host}]" if ":" in host else host
     host_header = bracketed if port == HTTP_DEFAULT_PORTS[scheme] else f"{bracketed}:{port}"
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # A request target is ASCII: percent-encode anything else (as browsers do), keep escapes.
+    target = urllib.parse.quote(parts.path or "/", safe=_URL_SAFE) + (
+        "?" + urllib.parse.quote(parts.query, safe=_URL_SAFE) if parts.query else "")
     authorization = None
-    if parts.username is not None:
-        credentials = f"{parts.username}:{parts.password or ''}".encode()
-        authorization = "Basic " + base64.b64encode(credentials).decode("ascii")
+    if parts.username is not None:  # user info is percent-encoded in a URL: decode it
+        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
     return HttpEndpoint(scheme, host, port, target, host_header, authorization)
 
 
@@ -3691,7 +3732,7 @@ class HttpSink:
                                   ssl_context=ssl_context)
         self._clock = time.time  # replaced by tests
         # Defence in depth: a receiver may echo a token back in its error body.
-        self._secrets = [v for _, v in config.http_headers if len(v) >= 4] + [self._secret or ""]
+        self._secrets = config_secrets(config)
 
     async def deliver(self, events: list[Event]) -> None:
         """Sends the events in order, in requests of batch_size; a failing request says how many
@@ -3736,9 +3777,7 @@ class HttpSink:
                                 retry_after=error.retry_after)
 
     def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***") if secret else text
-        return text
+        return scrub_secrets(text, self._secrets)
 
     def _signature_headers(self, msg_id: str, body: bytes) -> list[tuple[str, str]]:
         timestamp = int(self._clock())  # signed at each attempt: receivers reject stale timestamps
@@ -4414,8 +4453,8 @@ class Hook0Sink:
         return SinkAuthError(message)
 
     def _redact(self, text: str) -> str:
-        """Defence in depth: the token never reaches a message, even if a server echoes it."""
-        return text.replace(self._token, "***") if self._token else text
+        """Defence in depth: no secret reaches a message, even if a server echoes it."""
+        return scrub_secrets(text, config_secrets(self.config))
 
 
 # =====================================================================================================
