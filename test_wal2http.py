@@ -2584,6 +2584,11 @@ class TestHttpClient:
             w.HttpClient("http://127.0.0.1:1/", timeout_s=1, headers=[("X-Token", "abc\r\nevil")])
         assert "X-Token" in str(info.value) and "evil" not in str(info.value)
 
+    def test_non_ascii_header_value_is_a_config_error(self):
+        with pytest.raises(w.ConfigError, match="non-ASCII") as info:
+            w.HttpClient("http://127.0.0.1:1/", timeout_s=1, headers=[("Authorization", "Bearer caf\u00e9-token")])
+        assert "Authorization" in str(info.value) and "caf" not in str(info.value)
+
     async def test_concurrent_requests_take_turns_on_one_connection(self):
         replies = [Reply(200, body=b"first", delay_s=1.0), Reply(200, body=b"second")]
         async with ScriptedReceiver.serve(replies) as receiver:
@@ -2771,7 +2776,8 @@ class TestHttpSink:
 
     @pytest.mark.parametrize("status, retryable", [
         (200, None), (204, None), (408, True), (425, True), (429, True), (500, True), (503, True),
-        (400, False), (401, False), (404, False), (409, False), (422, False), (301, False)])
+        (400, False), (401, False), (404, False), (409, False), (422, False), (301, False), (599, True),
+        (600, False), (999, False)])  # h11 accepts any 3-digit status; only 5xx means "server error"
     def test_classify_http_response(self, status, retryable):
         error = w.classify_http_response(w.HttpResponse(status, {}, b"nope"), "http://h/x")
         if retryable is None:
@@ -2785,6 +2791,7 @@ class TestHttpSink:
 
     @pytest.mark.parametrize("value, expected", [
         ("7", 7.0), (" 120 ", 120.0), (None, None), ("soon", None), ("-3", None),
+        ("\u00b2", None), ("1\u00b3", None), ("\u0663", None),  # digits to str.isdigit, not to float()
         ("Wed, 21 Oct 2015 07:28:10 GMT", 10.0), ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0)])
     def test_decode_retry_after(self, value, expected):
         now = 1445412480.0   # Wed, 21 Oct 2015 07:28:00 GMT
@@ -2976,7 +2983,8 @@ def fatal(message="bad request", **kwargs):
 class TestReliableSink:
     @pytest.mark.parametrize("retry_index, random_value, retry_after, expected", [
         (0, 1.0, None, 1.0), (3, 1.0, None, 8.0), (10, 1.0, None, 30.0), (3, 0.5, None, 4.0),
-        (0, 0.0, None, 0.0), (0, 0.1, 12.0, 12.0), (0, 0.1, 500.0, 30.0)])
+        (0, 0.0, None, 0.0), (0, 0.1, 12.0, 12.0), (0, 0.1, 500.0, 30.0),
+        (1025, 1.0, None, 30.0), (10 ** 6, 0.5, None, 15.0)])  # RETRY_MAX_ATTEMPTS has no upper bound
     def test_compute_retry_delay(self, retry_index, random_value, retry_after, expected):
         assert w.compute_retry_delay(retry_index, 1.0, 30.0, random_value, retry_after) == expected
 

@@ -3525,7 +3525,7 @@ class HttpClient:
             all_headers.append(("Content-Length", str(len(body))))
         try:
             return h11.Request(method=method, target=target, headers=all_headers)
-        except h11.LocalProtocolError:
+        except (h11.LocalProtocolError, UnicodeError):
             # h11's message quotes the offending value, which may be a secret: name nothing.
             raise DeliveryError(f"invalid {method} request to {self.endpoint.where}: a header or the "
                                 "target has characters HTTP does not allow", retryable=False) from None
@@ -3629,9 +3629,9 @@ def _validate_headers(headers: list[tuple[str, str]]) -> None:
         try:
             host = [] if name.lower() == "host" else [("Host", "x")]  # h11 requires exactly one
             h11.Request(method="GET", target="/", headers=[*host, (name, value)])
-        except h11.LocalProtocolError:
-            raise ConfigError(f"HTTP header {name!r} has a name or value HTTP does not allow "
-                              "(check HTTP_HEADERS)") from None
+        except (h11.LocalProtocolError, UnicodeError):  # h11 takes ASCII only
+            raise ConfigError(f"HTTP header {name.encode('ascii', 'replace').decode()!r} has a name or value "
+                              "HTTP does not allow: control or non-ASCII characters (check HTTP_HEADERS)") from None
 
 
 def _describe_io_error(exc: BaseException) -> str:
@@ -3686,7 +3686,7 @@ def decode_retry_after(value: str | None, now: float | None = None) -> float | N
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit alone takes "²" too, which float() refuses
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -3709,7 +3709,7 @@ def classify_http_response(response: HttpResponse, where: str) -> DeliveryError 
     status = response.status
     if 200 <= status < 300:
         return None
-    retryable = status >= 500 or status in HTTP_RETRYABLE_STATUSES
+    retryable = 500 <= status < 600 or status in HTTP_RETRYABLE_STATUSES
     detail = shorten_body(response.body)
     message = f"{where} answered HTTP {status}" + (f": {detail}" if detail else "")
     return DeliveryError(message, retryable=retryable,
@@ -3801,7 +3801,7 @@ def compute_retry_delay(retry_index: int, base_s: float, max_s: float, random_va
                         retry_after_s: float | None = None) -> float:
     """Full-jitter exponential backoff: random * min(max, base * 2**retry_index), raised to the
     receiver's Retry-After, never above max (retry_index 0 is the first retry)."""
-    delay = random_value * min(max_s, base_s * 2 ** retry_index)
+    delay = random_value * min(max_s, base_s * 2.0 ** min(retry_index, 64))  # 2**1025 overflows
     if retry_after_s is not None:
         delay = max(delay, retry_after_s)
     return min(max_s, delay)
