@@ -2472,7 +2472,7 @@ class RecordingAlerter:
         self.alerts: list[tuple[str, str, str]] = []
         self.recoveries: list[tuple[str, str, str]] = []
 
-    def alert(self, key: str, subject: str, body: str) -> None:
+    def alert(self, key: str, subject: str, body: str, since=None) -> None:
         self.alerts.append((key, subject, body))
 
     def recovered(self, key: str, subject: str, body: str) -> None:
@@ -3090,6 +3090,28 @@ class TestReliableSink:
             await w.ReliableSink(sink, config, alerter, sleep=RecordingSleep()).deliver(events)
         assert info.value.delivered == 1 and "missing-dir" in alerter.alerts[0][2]
 
+    async def test_stop_is_mailed_even_right_after_a_skip_alert(self, tmp_path):
+        """A skip alert, then the dead-letter file fails within 5 minutes: wal2http stops, and that
+        mail is not held back by the limit on identical alerts.  One failure start in each mail."""
+        path = tmp_path / "d.jsonl"
+        with smtp_server() as (handler, port):
+            config = mail_config(port, on_failure="skip", dead_letter_file=str(path))
+            sink = FlakySink([fatal(delivered=0, failed=1), fatal("still bad", delivered=0, failed=1)])
+            async with running_alerter(config) as alerter:
+                reliable = w.ReliableSink(sink, config, alerter, sleep=RecordingSleep())
+                await reliable.deliver(make_events(1))  # dead-lettered: first mail
+                path.unlink()
+                path.mkdir()  # appending to it now fails
+                with pytest.raises(w.DeliveryFailed, match="DEAD_LETTER_FILE"):
+                    await reliable.deliver(make_events(1))
+                await wait_until_true(lambda: len(handler.messages) == 2)
+        first, second = (m.mail for m in handler.messages)
+        assert first["Subject"] == "[wal2http] ALERT: delivery to the fake sink is failing"
+        assert second["Subject"] == "[wal2http] ALERT: wal2http stopped: delivery to the fake sink failed"
+        assert "still bad" in second.get_content() and "wal2http stops" in second.get_content()
+        for mail in (first, second):
+            assert len(set(re.findall(r"Failing since: *(\S+)", mail.get_content()))) == 1
+
     async def test_skip_then_success_sends_recovered(self, tmp_path):
         config = http_config(on_failure="skip", dead_letter_file=str(tmp_path / "d.jsonl"))
         alerter = RecordingAlerter()
@@ -3162,7 +3184,7 @@ class FakeAlerter:
         self.alerts: list[tuple[str, str, str]] = []
         self.recoveries: list[tuple[str, str, str]] = []
 
-    def alert(self, key, subject, body):
+    def alert(self, key, subject, body, since=None):
         self.alerts.append((key, subject, body))
 
     def recovered(self, key, subject, body):

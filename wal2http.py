@@ -3201,11 +3201,12 @@ class Alerter:
         send_smtp_message(self._config, message, ssl_context=self._ssl_context,
                           timeout_s=self._smtp_timeout_s)
 
-    def alert(self, key: str, subject: str, body: str) -> None:
-        """Something failed: log it, and mail it unless this key was mailed less than 5 min ago."""
+    def alert(self, key: str, subject: str, body: str, since: datetime.datetime | None = None) -> None:
+        """Something failed (since `since`, default now): log it, and mail it unless this key was
+        mailed less than 5 min ago."""
         subject, body = scrub_secrets(subject, self._secrets), scrub_secrets(body, self._secrets)
         logger.warning("alert [%s]: %s: %s", key, subject, _one_line(body, 500))
-        state = self._states.setdefault(key, _AlertState(since=datetime.datetime.now(datetime.timezone.utc)))
+        state = self._states.setdefault(key, _AlertState(since=since or datetime.datetime.now(datetime.timezone.utc)))
         if not self._enabled:
             return
         last = self._last_mailed.get(key)
@@ -3909,7 +3910,7 @@ class ReliableSink:
         if self.config.on_failure == "skip":
             return await self._dead_letter(failing, failures, error, position)
         self._alert(failing, failures, error, "wal2http stops (ON_FAILURE=exit); nothing from the first "
-                    "of these events on is acknowledged, so it is sent again after a restart")
+                    "of these events on is acknowledged, so it is sent again after a restart", stops=True)
         raise DeliveryFailed(f"delivery to the {self.name} sink failed after {failures} attempt(s): "
                                f"{error}; {position} of the {len(events)} events were delivered, event "
                                f"{events[position].get('id')} and those after it were not", position)
@@ -3932,7 +3933,7 @@ class ReliableSink:
             await trio.to_thread.run_sync(append_dead_letters, path, failing)
         except OSError as exc:
             self._alert(failing, failures, error, f"writing them to DEAD_LETTER_FILE {path} failed too "
-                        f"({exc}), so wal2http stops; they are sent again after a restart")
+                        f"({exc}), so wal2http stops; they are sent again after a restart", stops=True)
             raise DeliveryFailed(f"cannot append {len(failing)} undeliverable event(s) to DEAD_LETTER_FILE "
                                    f"{path}: {exc}; nothing from event {failing[0].get('id')} on is "
                                    "acknowledged", position) from None
@@ -3945,15 +3946,22 @@ class ReliableSink:
         logger.warning("delivery to the %s sink failed (%s): %s; retrying in %.1f s",
                        self.name, attempt, error, delay)
 
-    def _alert(self, failing: list[Event], failures: int, error: DeliveryError, action: str) -> None:
-        since = _utc_text(datetime.datetime.fromtimestamp(self._failing_since or time.time(), datetime.timezone.utc))
+    def _alert(self, failing: list[Event], failures: int, error: DeliveryError, action: str,
+               stops: bool = False) -> None:
+        """The alert for events that could not be delivered.  When wal2http stops, the alert has
+        its own key and subject: an earlier alert (say, a skip a minute ago) must not hold back
+        the mail that says the service is down."""
+        since = datetime.datetime.fromtimestamp(self._failing_since or time.time(), datetime.timezone.utc)
+        key, subject = self._alert_key, f"delivery to the {self.name} sink is failing"
+        if stops:
+            key, subject = key + ":stopped", f"wal2http stopped: delivery to the {self.name} sink failed"
         self.alerter.alert(
-            self._alert_key, f"delivery to the {self.name} sink is failing",
+            key, subject,
             f"wal2http could not deliver events to the {self.name} sink.\n"
-            f"Failing since: {since} ({failures} attempt(s) for these events)\n"
+            f"Failing since: {_utc_text(since)} ({failures} attempt(s) for these events)\n"
             f"Events: {_describe_event_ids(failing)}\n"
             f"Last error: {error}\n"
-            f"What happens now: {action}.\n")
+            f"What happens now: {action}.\n", since=since)
         self._alerted = True
 
     def _recovered(self) -> None:
