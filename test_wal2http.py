@@ -1331,6 +1331,67 @@ class TestDeliveryLoop:
         assert ack.flushed_lsn == 30
 
 
+class TestDeliveryLinger:
+    async def test_a_trickle_does_not_hold_a_partial_batch_past_the_linger(self, autojump_clock):
+        """One single-event transaction every 40 ms, linger 50 ms, batches of 100: each event goes
+        out within 50 ms of its arrival, not when 100 have gathered (seconds later)."""
+        Chunk = type("Chunk", (), {})
+        arrived, delivered = {}, []
+
+        class Sink:
+            name, batch_size = "test", 100
+
+            async def deliver(self, events):
+                delivered.append((trio.current_time(), list(events)))
+
+        ack = w.AckTracker()
+        loop = w.DeliveryLoop(Sink(), ack, batch_size=100, linger_s=0.05)
+        send, receive = trio.open_memory_channel(10)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run, receive)
+            for n in range(50):
+                chunk = Chunk()
+                chunk.events, chunk.end_lsn = [n], 100 + n
+                arrived[n] = trio.current_time()
+                ack.queued()
+                await send.send(chunk)
+                await trio.sleep(0.04)
+            while ack.in_flight:
+                await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+        assert [e for _, batch in delivered for e in batch] == list(range(50))
+        waits = [at - arrived[e] for at, batch in delivered for e in batch]
+        assert max(waits) <= 0.05 + 1e-9
+        assert ack.flushed_lsn == 149
+
+    async def test_queued_chunks_are_taken_even_past_the_deadline(self, autojump_clock):
+        """Chunks already queued cost no wait: they fill the batch (no tiny batches under load)."""
+        Chunk = type("Chunk", (), {})
+        delivered = []
+
+        class Sink:
+            name, batch_size = "test", 4
+
+            async def deliver(self, events):
+                delivered.append(list(events))
+                await trio.sleep(1)  # a slow endpoint: far past any linger
+
+        ack = w.AckTracker()
+        loop = w.DeliveryLoop(Sink(), ack, batch_size=4, linger_s=0.05)
+        send, receive = trio.open_memory_channel(100)
+        for n in range(10):
+            chunk = Chunk()
+            chunk.events, chunk.end_lsn = [3 * n, 3 * n + 1, 3 * n + 2], 100 + n
+            ack.queued()
+            send.send_nowait(chunk)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run, receive)
+            while ack.in_flight:
+                await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+        assert [len(batch) for batch in delivered] == [4] * 7 + [2]
+
+
 class TestReaderYields:
     """While a delivery waits for its answer, the reader lets it run every YIELD_EVERY_MESSAGES
     messages, not only when it hands over a chunk (that can be 2 ms of decoding away)."""

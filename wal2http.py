@@ -5083,6 +5083,7 @@ class DeliveryLoop:
         self.marks: list[tuple[int, int | None]] = []  # (events in self.events after the chunk, end_lsn)
         self.stopping = False
         self.in_flight: trio.Event | None = None  # set when the batch being delivered is confirmed
+        self.deadline = 0.0  # when the pending partial batch goes out, whatever else arrives
 
     async def run(self, receive_channel) -> None:
         async with receive_channel:
@@ -5091,10 +5092,15 @@ class DeliveryLoop:
                 if chunk is None:
                     await self._flush(len(self.events))
                     continue
+                taken_at = trio.current_time()
+                if not self.marks:  # a new batch: it waits at most linger_s from now
+                    self.deadline = taken_at + self.linger_s
                 self.events.extend(chunk.events)
                 self.marks.append((len(self.events), chunk.end_lsn))
-                while len(self.events) >= self.batch_size and not self.stopping:
-                    await self._flush(self.batch_size)
+                if len(self.events) >= self.batch_size:
+                    while len(self.events) >= self.batch_size and not self.stopping:
+                        await self._flush(self.batch_size)
+                    self.deadline = taken_at + self.linger_s  # what is left came with this chunk
 
     async def finish(self, timeout_s: float) -> None:
         """At shutdown: take no new chunk, let the batch in flight finish (bounded)."""
@@ -5106,7 +5112,9 @@ class DeliveryLoop:
     async def _next_chunk(self, receive_channel):
         """The next chunk; None when a partial batch should go out now.  A chunk already queued
         is taken without a schedule point, so the next batch goes out before the reader decodes
-        another chunk (at HTTP speed that wait is a good part of each request)."""
+        another chunk (at HTTP speed that wait is a good part of each request).  A partial batch
+        waits for more only until its deadline: linger_s after its first chunk, not after the
+        latest (a trickle of small transactions must not hold it back until it is full)."""
         try:
             return receive_channel.receive_nowait()
         except trio.WouldBlock:
@@ -5114,7 +5122,7 @@ class DeliveryLoop:
                 return await receive_channel.receive()
             if not self.linger_s:
                 return None
-        with trio.move_on_after(self.linger_s):
+        with trio.move_on_at(self.deadline):
             return await receive_channel.receive()
         return None
 
