@@ -2709,6 +2709,43 @@ class TestHttpClient:
         assert receiver.connections == 2
         assert [(r.body, r.connection) for r in receiver.requests] == [(b"1", 0), (b"2", 1)]
 
+    async def test_early_answer_to_a_body_too_large_is_the_answer(self):
+        """A server that answers 413 after the head and closes without reading the 8 MiB body:
+        the send fails, yet the client reports the 413 (not retried), not a connection reset
+        (retried 5 times, cause hidden).  The next request goes on a new connection."""
+        heads = []
+
+        async def serve(listener, task_status=trio.TASK_STATUS_IGNORED):
+            task_status.started()
+            for answer in (b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large",
+                           b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"):
+                conn, _ = await listener.accept()
+                with conn:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += await conn.recv(65536)
+                    heads.append(data.split(b"\r\n", 1)[0])
+                    if answer.startswith(b"HTTP/1.1 200"):  # reads the small body first
+                        length = int(re.search(rb"content-length: *(\d+)", data, re.I).group(1))
+                        while len(data.partition(b"\r\n\r\n")[2]) < length:
+                            data += await conn.recv(65536)
+                    await conn.send(answer)
+
+        listener = trio.socket.socket()
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, listener)
+            client = w.HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}/", timeout_s=10)
+            response = await client.request("POST", "/hook", body=b"x" * (8 << 20))
+            assert (response.status, response.body) == (413, b"too large")
+            error = w.classify_http_response(response, client.endpoint.where)
+            assert not error.retryable and "413" in str(error)
+            assert (await client.request("POST", "/hook", body=b"small")).status == 200
+            await client.aclose()
+        listener.close()
+        assert heads == [b"POST /hook HTTP/1.1"] * 2
+
     async def test_resends_once_when_idle_connection_was_closed(self):
         """The server closed the kept-alive connection without saying so: the next request fails
         before any answer and is sent again, once, on a new connection."""

@@ -3579,7 +3579,17 @@ class HttpClient:
             if body:
                 data += conn.h11.send(h11.Data(data=body))
             data += conn.h11.send(h11.EndOfMessage())
-            await conn.stream.send_all(data)
+            try:
+                await conn.stream.send_all(data)
+            except (OSError, trio.BrokenResourceError) as exc:
+                # A server may answer before reading the whole body (a 413 for a batch over its
+                # limit, a 401) and close: then the send fails, and its answer is what counts.
+                response = await self._early_response(conn)
+                if response is None:
+                    raise exc from None
+                await self._discard_connection()  # half-sent: never reused
+                conn.exchanges += 1
+                return response
             response = await self._receive_response(conn)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError) as exc:
             await self._discard_connection()
@@ -3596,6 +3606,13 @@ class HttpClient:
         else:
             await self._discard_connection()
         return response
+
+    async def _early_response(self, conn: _Connection) -> HttpResponse | None:
+        """The whole answer the server sent before our send failed, or None."""
+        try:
+            return await self._receive_response(conn)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
+            return None
 
     async def _receive_response(self, conn: _Connection) -> HttpResponse:
         """Reads the answer; stops reading the body at HTTP_MAX_BODY_BYTES (the connection is then
