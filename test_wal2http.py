@@ -1331,6 +1331,20 @@ class TestDeliveryLoop:
         assert ack.flushed_lsn == 30
 
 
+class TestCheckOne:
+    async def test_an_unexpected_error_is_a_failed_check_not_a_crash(self):
+        async def broken():
+            raise UnicodeError("label empty or too long")
+
+        async def fine():
+            pass
+
+        assert await w._check_one("sink", 1.0, broken()) == (
+            "sink", "unexpected UnicodeError (LOG_LEVEL=DEBUG shows where)")
+        assert await w._check_one("email", 1.0, fine()) == ("email", None)
+        assert await w._check_one("x", 1.0, trio.sleep(5)) == ("x", "no answer within 1 s")
+
+
 class TestDeliveryLinger:
     async def test_a_trickle_does_not_hold_a_partial_batch_past_the_linger(self, autojump_clock):
         """One single-event transaction every 40 ms, linger 50 ms, batches of 100: each event goes

@@ -5355,6 +5355,9 @@ async def _check_one(name: str, timeout_s: float, awaitable) -> tuple[str, str |
         return name, f"no answer within {timeout_s:g} s"
     except Wal2HttpError as exc:
         return name, str(exc)
+    except Exception as exc:  # one check's bug must not hide the others' results
+        logger.debug("--check %s", name, exc_info=True)
+        return name, f"unexpected {type(exc).__name__} (LOG_LEVEL=DEBUG shows where)"
 
 
 async def _check_sink(config) -> None:
