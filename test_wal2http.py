@@ -1332,7 +1332,7 @@ class TestDeliveryLoop:
 
 
 class TestCheckOne:
-    async def test_an_unexpected_error_is_a_failed_check_not_a_crash(self):
+    async def test_an_unexpected_error_is_a_failed_check_not_a_crash(self, autojump_clock):
         async def broken():
             raise UnicodeError("label empty or too long")
 
