@@ -3731,11 +3731,26 @@ class TestHook0Mapping:
         body = self.build(outbox_event(event_id="{0B7A5A5E5F6B4A539C1E3A4F2B1C0D9E}"))
         assert body["event_id"] == "0b7a5a5e-5f6b-4a53-9c1e-3a4f2b1c0d9e"
 
-    def test_large_unchanged_payload_is_missing_not_a_crash(self):
-        event = outbox_event(payload=_MISSING)
-        event.update(op="update", unchanged_toast=["payload"])
-        with pytest.raises(w.DeliveryError, match="column payload is NULL or missing"):
+    @pytest.mark.parametrize("column", ["payload", "metadata", "labels"])
+    def test_large_unchanged_value_is_undeliverable_not_a_guess(self, column):
+        """An update leaving a TOASTed column alone does not carry it: never {} or HOOK0_LABELS in
+        its place, never a crash."""
+        event = outbox_event(**{column: _MISSING})
+        event.update(op="update", unchanged_toast=[column])
+        with pytest.raises(w.DeliveryError, match=f"column {column} was not sent by PostgreSQL") as info:
             self.build(event)
+        assert not info.value.retryable
+
+    def test_outbox_is_decided_by_the_columns_at_decoding_not_the_current_ones(self):
+        """An ALTER TABLE decoded while an outbox row waits for delivery (or a retry) must not turn
+        that row into an ignored "not an outbox" row, acknowledged and lost."""
+        event = outbox_event()
+        now_plain = ("id", "event_id", "event_type", "created_at", "payload", "labels")  # metadata dropped
+        assert w.is_hook0_outbox_event(event, (), now_plain)
+        body = w.build_hook0_event(event, hook0_config(), APP_ID, table_columns=now_plain)
+        assert body is not None and body["event_type"] == "billing.invoice.paid"
+        plain = {**event, "new": {"id": 7, "name": "x"}}
+        assert not w.is_hook0_outbox_event(plain, (), w.HOOK0_OUTBOX_COLUMNS + ("id",))
 
     @pytest.mark.parametrize("table_events", [False, True])
     def test_outbox_deletes_truncates_and_messages_are_ignored(self, table_events):

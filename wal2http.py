@@ -4047,9 +4047,14 @@ def _columns_sent(event: Mapping) -> set[str]:
 
 def is_hook0_outbox_event(event: Mapping, known_outbox_tables: Collection[tuple[str, str]] = (),
                           table_columns: Collection[str] | None = None) -> bool:
-    """Whether the event's table is an outbox table, from the columns the event carries or from
-    `known_outbox_tables` ((schema, table) pairs recognised earlier).  `table_columns`, the
-    table's columns from its Relation message, decides alone when given."""
+    """Whether the event's table is an outbox table.  An insert or update carries every column
+    the table had when the change was decoded (sent, or listed as unchanged TOAST): that decides,
+    never the table's current columns, which a later ALTER TABLE may already have changed while
+    this event waits for delivery or a retry.  Otherwise `table_columns`, the table's columns from
+    its latest Relation message, decides when given; else `known_outbox_tables` ((schema, table)
+    pairs recognised earlier) and what the event carries."""
+    if event.get("op") in ("insert", "update"):
+        return set(HOOK0_OUTBOX_COLUMNS) <= _columns_sent(event)
     if table_columns is not None:
         return set(HOOK0_OUTBOX_COLUMNS) <= set(table_columns)
     if (event.get("schema"), event.get("table")) in known_outbox_tables:
@@ -4158,6 +4163,11 @@ def _convert_event_id(event: Mapping, value) -> str:
 def build_hook0_outbox_event(event: Mapping, config, application_id: str) -> dict:
     """The Hook0 body for an inserted or updated outbox row (CONTRACT.md section 6)."""
     row = event.get("new") or {}
+    for column in set(event.get("unchanged_toast") or ()) & set(HOOK0_OUTBOX_COLUMNS):
+        # An update that left a large value alone: PostgreSQL did not send it, and sending {}
+        # (or HOOK0_LABELS) in its place would be sending wrong data.
+        raise _undeliverable(event, column, "was not sent by PostgreSQL (an unchanged TOASTed value "
+                                            "of an update; REPLICA IDENTITY FULL sends it)")
     event_id = _convert_event_id(event, row.get("event_id"))
     event_type = _check_event_type(event, "event_type", row.get("event_type"))
     if row.get("payload") is None:
