@@ -3007,6 +3007,16 @@ class TestHttpSink:
         assert all("400" in t and "***" in t for t in texts)
         assert not any(SECRET_HEADER_VALUE in t or secret in t for t in texts)
 
+    async def test_a_secret_cut_by_the_shortened_body_is_still_hidden(self):
+        token = "Bearer " + "s3cr3t" * 20
+        echo = f"{'x' * 190} header was {token}".encode()  # the error shows 200 characters
+        async with ScriptedReceiver.serve([Reply(400, body=echo)]) as receiver:
+            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url(), http_headers=(("Authorization", token),)))
+            with pytest.raises(w.DeliveryError) as info:
+                await sink.deliver(make_events(1))
+            await sink.aclose()
+        assert "400" in str(info.value) and "s3cr3t" not in str(info.value)
+
     async def test_url_credentials_never_in_errors_or_alerts(self):
         basic = base64.b64encode(b"hook-user:Url-Pw-77").decode()
         echo = f"you sent Authorization: Basic {basic} (password Url-Pw-77)".encode()
@@ -3844,6 +3854,24 @@ class TestHook0Mapping:
     def test_decode_answer_never_raises_on_garbage(self):
         answer = w.decode_hook0_answer(w.HttpResponse(500, {"content-type": "application/json"}, b"\xff{"))
         assert answer.status == 500 and answer.problem_id == ""
+
+    @pytest.mark.parametrize("status", [201, 400])
+    def test_decode_answer_never_raises_on_deep_or_huge_json(self, status):
+        json_type = {"content-type": "application/problem+json"}
+        deep = w.decode_hook0_answer(w.HttpResponse(status, json_type, b"[" * 5000 + b"]" * 5000))
+        assert deep.status == status and deep.problem_id == ""
+        huge = w.decode_hook0_answer(w.HttpResponse(
+            422, json_type, b'{"id": "Invalid", "validation": {"n": 1e999, "deep": ' + b"[" * 900 + b"]" * 900 + b"}}"))
+        assert huge.problem_id == "Invalid" and huge.describe().startswith("422 Invalid")
+
+    def test_a_long_secret_echoed_is_scrubbed_before_the_body_is_shortened(self):
+        token = "biscuit-" + "t" * 300  # Hook0 tokens are long: cut at 300 bytes, its start would show
+        body = f"{'x' * 280} you sent {token}".encode()
+        answer = w.decode_hook0_answer(w.HttpResponse(400, {"content-type": "text/plain"}, body), [token])
+        assert token[:12] not in answer.describe() and "***" in answer.describe()
+        body = f"{'x' * 180} you sent {token}".encode()  # the HTTP sink shows 200 characters
+        http = w.classify_http_response(w.HttpResponse(400, {}, body).scrubbed([token]), "http://h")
+        assert token[:12] not in str(http) and "***" in str(http)
 
 
 # =====================================================================================================

@@ -3375,6 +3375,15 @@ class HttpResponse:
     headers: dict[str, str]  #: lower-case names; repeated headers joined by ", "
     body: bytes  #: at most HTTP_MAX_BODY_BYTES
 
+    def scrubbed(self, secrets: Iterable[str]) -> HttpResponse:
+        """This answer with every secret in an error body replaced by `***`: done on the whole
+        body, before anything shortens it (a secret cut in two would no longer be recognised)."""
+        if 200 <= self.status < 300 or not self.body:
+            return self
+        text = self.body.decode("utf-8", "replace")
+        clean = scrub_secrets(text, secrets)
+        return self if clean == text else HttpResponse(self.status, self.headers, clean.encode("utf-8"))
+
 
 @dataclass(frozen=True)
 class HttpEndpoint:
@@ -3783,6 +3792,7 @@ class HttpSink:
         if self._secret:
             headers.extend(self._signature_headers(str(events[0]["id"]), body))
         response = await self._client.request("POST", self._client.endpoint.target, headers=headers, body=body)
+        response = response.scrubbed(self._secrets)
         if response.status in (401, 403):  # CONTRACT.md section 1: rejected credentials are exit 4
             message = self._redact(f"{self._client.endpoint.where} rejected our credentials (HTTP {response.status}): "
                                    "check HTTP_HEADERS / the URL's user info; nothing was acknowledged")
@@ -4262,7 +4272,10 @@ class Hook0Answer:
         head = f"{self.status} {self.problem_id}".strip()
         text = "; ".join(part for part in (self.title, self.detail) if part)
         if self.validation:
-            text += f"; validation: {encode_json(self.validation)}"
+            try:
+                text += f"; validation: {encode_json(self.validation)}"
+            except (ValueError, RecursionError):  # 1e999, or nested too deep to write back
+                text += "; validation: (unreadable)"
         return _shorten(f"{head}: {text}" if text else head)
 
 
@@ -4280,14 +4293,16 @@ def decode_hook0_retry_after(value: str | None, body: bytes = b"") -> float | No
     return float(found.group(1)) if found else None
 
 
-def decode_hook0_answer(response: HttpResponse) -> Hook0Answer:
-    """A Hook0 response as a `Hook0Answer`; never raises on a malformed body."""
+def decode_hook0_answer(response: HttpResponse, secrets: Iterable[str] = ()) -> Hook0Answer:
+    """A Hook0 response as a `Hook0Answer`, `secrets` scrubbed from it; never raises on a
+    malformed body."""
+    response = response.scrubbed(secrets)
     retry_after_s = decode_hook0_retry_after(response.headers.get("retry-after"), response.body)
     problem = {}
     if "json" in response.headers.get("content-type", ""):
         try:
             problem = json.loads(response.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json follows
             problem = {}
     if not isinstance(problem, dict):
         problem = {}
@@ -4338,6 +4353,7 @@ class Hook0Sink:
         except (TypeError, ValueError):
             raise ConfigError("HOOK0_APPLICATION_ID must be a UUID") from None
         self._token = config.hook0_api_token
+        self._secrets = config_secrets(config)
         self._client = HttpClient(self.api_base, timeout_s=config.http_timeout_s,
                                   ca_file=config.http_ca_file, ssl_context=ssl_context,
                                   headers=(("Authorization", f"Bearer {self._token}"),))
@@ -4363,7 +4379,7 @@ class Hook0Sink:
         """--check: lists the application's event types, which needs a working token."""
         query = urlencode({"application_id": self.application_id})
         response = await self._client.request("GET", f"{self._api_path}/event_types?{query}")
-        answer = decode_hook0_answer(response)
+        answer = decode_hook0_answer(response, self._secrets)
         if 200 <= answer.status < 300 and "json" in response.headers.get("content-type", ""):
             return f"Hook0 API {self._shown_base} accepts the token for application {self.application_id}"
         if 200 <= answer.status < 300:   # e.g. a web front end at that URL: not the API
@@ -4419,7 +4435,7 @@ class Hook0Sink:
         response = await self._client.request(
             "POST", f"{self._api_path}/event", headers=(("Content-Type", "application/json"),),
             body=encode_json(body).encode("utf-8"))
-        return decode_hook0_answer(response)
+        return decode_hook0_answer(response, self._secrets)
 
     def _check_event_answer(self, answer: Hook0Answer, body: dict, where: str) -> None:
         """Returns when Hook0 has the event (2xx, or 409 EventAlreadyIngested: a redelivery);
@@ -4462,7 +4478,7 @@ class Hook0Sink:
         response = await self._client.request(
             "POST", f"{self._api_path}/event_types", headers=(("Content-Type", "application/json"),),
             body=encode_json(body).encode("utf-8"))
-        answer = decode_hook0_answer(response)
+        answer = decode_hook0_answer(response, self._secrets)
         if 200 <= answer.status < 300 or answer.problem_id == "EventTypeAlreadyExist":
             logger.info("Hook0 sink: created event type %s in application %s",
                         event_type, self.application_id)
@@ -4489,7 +4505,7 @@ class Hook0Sink:
 
     def _redact(self, text: str) -> str:
         """Defence in depth: no secret reaches a message, even if a server echoes it."""
-        return scrub_secrets(text, config_secrets(self.config))
+        return scrub_secrets(text, self._secrets)
 
 
 # =====================================================================================================
