@@ -3009,7 +3009,7 @@ class TestHttpSink:
 
     async def test_a_secret_cut_by_the_shortened_body_is_still_hidden(self):
         token = "Bearer " + "s3cr3t" * 20
-        echo = f"{'x' * 190} header was {token}".encode()  # the error shows 200 characters
+        echo = f"{'x' * 170} header was {token}".encode()  # the error shows 200 characters: a cut token
         async with ScriptedReceiver.serve([Reply(400, body=echo)]) as receiver:
             sink = w.HttpSink(http_config(http_endpoint_url=receiver.url(), http_headers=(("Authorization", token),)))
             with pytest.raises(w.DeliveryError) as info:
