@@ -3851,6 +3851,21 @@ class TestHook0Mapping:
         answer = w.decode_hook0_answer(w.HttpResponse(status, dict(headers), body))
         assert (answer.status, answer.problem_id, answer.retry_after_s) == (429, "RateLimited", 9.0)
 
+    def test_token_from_a_secret_file_is_stripped_and_a_bad_one_is_exit_2(self):
+        assert load({**HOOK0, "HOOK0_API_TOKEN": "Hook0-T0ken-Secret\n"}).hook0_api_token == "Hook0-T0ken-Secret"
+        for bad in ("tok en", "caf\u00e9-token", "tok\x00en"):
+            with pytest.raises(w.ConfigError, match="HOOK0_API_TOKEN") as info:
+                load({**HOOK0, "HOOK0_API_TOKEN": bad})
+            assert bad not in str(info.value)
+
+    def test_api_url_path_is_percent_encoded_shown_without_it_and_a_query_refused(self):
+        sink = w.Hook0Sink(hook0_config(hook0_api_url="https://user:pw@hook0.example.org:8443/ho\u00f6k/"),
+                           RecordingAlerter())
+        assert sink._api_path == "/ho%C3%B6k"
+        assert sink._shown_base == "https://hook0.example.org:8443/..."
+        with pytest.raises(w.ConfigError, match="HOOK0_API_URL"):
+            load({**HOOK0, "HOOK0_API_URL": "https://hook0.example.org/api/v1?x=1"})
+
     def test_decode_answer_never_raises_on_garbage(self):
         answer = w.decode_hook0_answer(w.HttpResponse(500, {"content-type": "application/json"}, b"\xff{"))
         assert answer.status == 500 and answer.problem_id == ""

@@ -915,9 +915,17 @@ def _hook0_settings(raw: Mapping[str, str | None], sink: str) -> dict:
     if sink == "hook0" and not (raw["HOOK0_API_URL"] and raw["HOOK0_APPLICATION_ID"]
                                 and raw["HOOK0_API_TOKEN"]):
         raise ConfigError(HOOK0_MISSING_ERROR)
-    settings: dict = {"hook0_api_token": raw["HOOK0_API_TOKEN"]}
+    token = raw["HOOK0_API_TOKEN"]
+    if token is not None:
+        token = token.strip()  # a secret file's trailing newline is not part of the token
+        if not token.isascii() or not token.isprintable() or " " in token:
+            raise ConfigError("HOOK0_API_TOKEN has characters a bearer token cannot have "
+                              "(spaces, control or non-ASCII characters)")
+    settings: dict = {"hook0_api_token": token}
     if raw["HOOK0_API_URL"] is not None:
         settings["hook0_api_url"] = _parse_http_url(raw["HOOK0_API_URL"], "HOOK0_API_URL")
+        if urllib.parse.urlsplit(settings["hook0_api_url"]).query:
+            raise ConfigError("HOOK0_API_URL: the URL of Hook0's API takes no query (?...)")
     if raw["HOOK0_APPLICATION_ID"] is not None:
         settings["hook0_application_id"] = _parse_uuid(raw["HOOK0_APPLICATION_ID"],
                                                        "HOOK0_APPLICATION_ID")
@@ -4344,10 +4352,9 @@ class Hook0Sink:
         self.config = config
         self.alerter = alerter
         self.api_base = hook0_api_base(config.hook0_api_url)
-        parts = urlsplit(self.api_base)
-        self._api_path = parts.path
-        #: for messages: without any user:password@ of the URL
-        self._shown_base = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+        endpoint = parse_http_url(self.api_base)
+        self._api_path = endpoint.target  # percent-encoded
+        self._shown_base = endpoint.where  #: for messages: scheme://host:port/... only
         try:
             self.application_id = str(uuid.UUID(config.hook0_application_id))
         except (TypeError, ValueError):
