@@ -4218,10 +4218,26 @@ def build_hook0_table_event_id(event: Mapping, slot_name: str) -> str:
     return str(uuid.uuid5(HOOK0_TABLE_EVENT_NAMESPACE, f"{slot_name}:{_table_name(event)}:{event['id']}"))
 
 
+def hook0_name(name: str, max_bytes: int = HOOK0_PROPERTY_MAX_BYTES) -> str:
+    """A schema or table name as Hook0 takes it in a label or an event type part: as it is when
+    it fits in `max_bytes` of UTF-8 (PostgreSQL allows 63), else its first characters, `~` and 8
+    hex digits of its SHA-256, so that it stays recognisable, distinct and the same every time."""
+    if len(name.encode("utf-8")) <= max_bytes:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+    head = name.encode("utf-8")[:max_bytes - 9].decode("utf-8", "ignore")
+    return f"{head}~{digest}"
+
+
 def build_hook0_table_event(event: Mapping, config, application_id: str) -> dict:
-    """The Hook0 body of a plain table's change under HOOK0_TABLE_EVENTS=true."""
-    event_type = _check_event_type(event, "(event type)", f"{_table_name(event)}.{event['op']}")
-    labels = {**_labels_from_config(config), "schema": event["schema"], "table": event["table"]}
+    """The Hook0 body of a plain table's change under HOOK0_TABLE_EVENTS=true: event type
+    `<schema>.<table>.<op>` and labels exactly {"schema", "table"} (CONTRACT.md section 6).  A dot
+    in a name becomes `_` in the event type (a type has three dot-separated parts), and a name
+    longer than Hook0 allows is shortened by `hook0_name`."""
+    schema, table = event["schema"], event["table"]
+    event_type = _check_event_type(event, "(event type)", ".".join(
+        hook0_name(part.replace(".", "_")) for part in (schema, table)) + f".{event['op']}")
+    labels = {"schema": hook0_name(schema), "table": hook0_name(table)}
     _check_string_map(event, "(labels)", labels, HOOK0_LABELS_MIN_ENTRIES, HOOK0_LABELS_MAX_ENTRIES)
     return {
         "application_id": application_id,
