@@ -781,8 +781,19 @@ def _parse_hook0_labels(value: str) -> tuple[tuple[str, str], ...]:
         except TypeError:
             raise ConfigError(f"HOOK0_LABELS: label {_shown(name)} must be a string, number or "
                               f"boolean") from None
+        if isinstance(label, float) and not math.isfinite(label):
+            raise ConfigError(f"HOOK0_LABELS: label {_shown(name)} must be a finite number")
         if text is not None:
             labels.append((name, text))
+    # Hook0's rules (the same _check_string_map applies to each event): checked here, or every
+    # event that falls back on these labels would be undeliverable.
+    if len(labels) > HOOK0_LABELS_MAX_ENTRIES:
+        raise ConfigError(f"HOOK0_LABELS has {len(labels)} labels; Hook0 accepts at most {HOOK0_LABELS_MAX_ENTRIES}")
+    for name, text in labels:
+        for what, part in (("name", name), ("value", text)):
+            if not 1 <= len(part.encode("utf-8")) <= HOOK0_PROPERTY_MAX_BYTES:
+                raise ConfigError(f"HOOK0_LABELS: label {_shown(name)} has a {what} of {len(part.encode('utf-8'))} "
+                                  f"bytes; Hook0 accepts 1 to {HOOK0_PROPERTY_MAX_BYTES}")
     return tuple(labels)
 
 
