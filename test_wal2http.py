@@ -1336,6 +1336,50 @@ class TestDeliveryLoop:
         assert ack.flushed_lsn == 30
 
 
+class TestStreamingSafety:
+    def test_resume_from_is_a_floor(self):
+        ack = w.AckTracker()
+        ack.resume_from(0x5000000)
+        ack.keepalive(0x3000000, True)  # a catch-up keepalive below the slot's confirmed position
+        assert ack.flushed_lsn == 0x5000000
+        ack.keepalive(0x6000000, True)
+        assert ack.flushed_lsn == 0x6000000
+        ack.resume_from(0x5000000)  # a reconnect: what was confirmed since stays
+        assert ack.flushed_lsn == 0x6000000
+
+    @pytest.mark.parametrize("sqlstate, retried", [
+        ("57014", True), ("53200", True), ("58030", True), ("XX000", True), ("57P01", True),
+        ("42704", False), ("42601", False)])
+    def test_server_errors_while_streaming(self, sqlstate, retried):
+        error = w.ServerError({"S": "ERROR", "C": sqlstate, "M": "boom"})
+        streaming = w.classify_server_error(error, "replication stream", streaming=True)
+        assert isinstance(streaming, w.ConnectionLost) is retried
+        if sqlstate in ("57014", "53200", "58030", "XX000"):  # retried only once streaming
+            assert w.classify_server_error(error, "preparing replication") is error
+
+    @pytest.mark.parametrize("setting, expected", [
+        ("60000", 60.0), ("180000", 180.0), ("0", 60.0), ("5000", 60.0), (None, 60.0)])
+    async def test_read_idle_timeout_follows_wal_sender_timeout(self, setting, expected):
+        class Conn:
+            async def simple_query(self, sql):
+                assert "wal_sender_timeout" in sql
+                return [] if setting is None else [(setting,)]
+
+        assert await w.read_idle_timeout(Conn()) == expected
+
+    async def test_tcp_keepalive_on_the_postgresql_socket(self):
+        listener = trio.socket.socket()
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        conninfo = types.SimpleNamespace(host="127.0.0.1", port=listener.getsockname()[1])
+        stream = await w._open_socket(conninfo)
+        with stream.socket as sock, listener:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 6
+
+
 class TestCheckOne:
     async def test_an_unexpected_error_is_a_failed_check_not_a_crash(self, autojump_clock):
         async def broken():
@@ -4524,6 +4568,22 @@ class TestEndToEnd:
         assert first["id"] == f"{first['commit_lsn']}:0"
         assert first["commit_time"].endswith("Z")
         assert events[5]["cascade"] is False and events[5]["restart_identity"] is False
+
+    async def test_a_new_process_never_reports_below_the_slots_confirmed_position(self, cluster, db):
+        """At connect the walsender re-reads WAL from restart_lsn, and its keepalives may carry
+        positions below confirmed_flush_lsn: a fresh process must never report one of them."""
+        await sql(cluster, db, "CREATE TABLE c (id int PRIMARY KEY)")
+        async with running(make_config(cluster, db)) as (sink, ack):
+            await sql(cluster, db, "INSERT INTO c VALUES (1)")
+            await sink.wait_for(1)
+        (confirmed,), = await sql(cluster, db, "SELECT confirmed_flush_lsn FROM pg_catalog.pg_replication_slots "
+                                               f"WHERE slot_name = {w.quote_literal(db)}")
+        assert lsn(confirmed) > 0
+        async with running(make_config(cluster, db)) as (sink, ack):
+            assert ack.flushed_lsn >= lsn(confirmed)
+            ack.keepalive(lsn(confirmed) - 1, True)  # as during the walsender's catch-up
+            write, flush = struct.unpack_from("!QQ", ack.status_update(), 6)
+            assert flush >= lsn(confirmed) and write >= lsn(confirmed)
 
     async def test_replica_identity_full_and_nothing(self, cluster, db):
         await sql(cluster, db, "CREATE TABLE f (id int PRIMARY KEY, v text)", "ALTER TABLE f REPLICA IDENTITY FULL",

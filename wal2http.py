@@ -4579,8 +4579,10 @@ def quote_ident(text: str) -> str:
     return '"' + text.replace('"', '""') + '"'
 
 
-def classify_server_error(error: ServerError, context: str) -> Wal2HttpError:
-    """Turn an ErrorResponse into what the caller should do: retry, exit 4, or fail."""
+def classify_server_error(error: ServerError, context: str, streaming: bool = False) -> Wal2HttpError:
+    """Turn an ErrorResponse into what the caller should do: retry, exit 4, or fail.  Once
+    streaming, a cancelled walsender (57014), insufficient resources (53), a system error (58) or
+    an internal error (XX) is retried too, as PostgreSQL's own subscriber does."""
     message = f"{context}: {error.fields.get('M', '')}"
     if error.fields.get("D"):
         message += f" ({error.fields['D']})"
@@ -4592,6 +4594,8 @@ def classify_server_error(error: ServerError, context: str) -> Wal2HttpError:
         return PreconditionError(message)
     if error.sqlstate in RETRYABLE_CONNECT_SQLSTATES or error.sqlstate.startswith("08"):
         return ConnectionLost(message)
+    if streaming and (error.sqlstate == "57014" or error.sqlstate[:2] in ("53", "58", "XX")):
+        return ConnectionLost(f"{message} [SQLSTATE {error.sqlstate}]")
     return error
 
 
@@ -4732,9 +4736,24 @@ async def _open_socket(conninfo) -> trio.abc.Stream:
     try:
         if conninfo.host.startswith("/"):
             return await trio.open_unix_socket(f"{conninfo.host}/.s.PGSQL.{conninfo.port}")
-        return await trio.open_tcp_stream(conninfo.host, conninfo.port)
+        stream = await trio.open_tcp_stream(conninfo.host, conninfo.port)
+        set_tcp_keepalive(stream.socket)
+        return stream
     except OSError as exc:
         raise ConnectionLost(f"cannot connect to PostgreSQL at {_where(conninfo)}: {exc.strerror or exc}") from None
+
+
+TCP_KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}  #: a dead peer noticed in 2 min
+
+
+def set_tcp_keepalive(sock) -> None:
+    """TCP keepalives on the connection to PostgreSQL, as libpq's keepalives_* do: a peer gone
+    without a word (a cut network, a crashed host) is noticed even where wal2http waits on the
+    server without a deadline of its own (CREATE_REPLICATION_SLOT waits for running transactions)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in TCP_KEEPALIVE.items():
+        if hasattr(socket, name):  # Linux names; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def _where(conninfo) -> str:
@@ -4890,7 +4909,11 @@ CHUNK_EVENTS = 250
 YIELD_EVERY_MESSAGES = 32
 SPILL_BYTES = 16 * 1024 * 1024  #: a streamed transaction spills to a temporary file past this size
 LIVENESS_PING_S = 10.0  #: ask the server for a keepalive this often, to notice a dead peer
-READ_IDLE_TIMEOUT_S = 35.0  #: no byte from the server for this long: the connection is lost
+#: No byte from the server for this long: the connection is lost.  As PostgreSQL's own subscriber
+#: (wal_receiver_timeout), and never less than the server's wal_sender_timeout: while it decodes a
+#: long transaction whose changes are all filtered out, a walsender reads our keepalive requests
+#: (and so answers them) only every wal_sender_timeout / 2.
+READ_IDLE_TIMEOUT_S = 60.0
 SHUTDOWN_TIMEOUT_S = 10.0  #: at SIGINT/SIGTERM, wait this long for the delivery in flight
 RECONNECT_BASE_S = 1.0  #: first delay before reconnecting to PostgreSQL
 RECONNECT_MAX_S = 30.0  #: longest delay between reconnection attempts
@@ -4953,6 +4976,15 @@ class AckTracker:
         if assembler_idle and self.in_flight == 0 and wal_end > self.flushed_lsn:
             self.flushed_lsn = wal_end
 
+    def resume_from(self, confirmed_lsn: int) -> None:
+        """The slot's confirmed_flush_lsn at connect: never report anything below it.  (While the
+        walsender re-reads WAL from the slot's restart_lsn up to that point, its keepalives carry
+        positions below it; older servers would take such a flush position as the new confirmed
+        one and move the slot backwards.)"""
+        if confirmed_lsn > self.flushed_lsn:
+            self.flushed_lsn = confirmed_lsn
+        self.received(confirmed_lsn)
+
     def discard_in_flight(self) -> None:
         """After a lost connection: what was queued will be streamed again."""
         self.in_flight = 0
@@ -4980,40 +5012,53 @@ async def check_publications(conn: PgConnection, publications: tuple[str, ...]) 
             f"create it, e.g. CREATE PUBLICATION {quote_ident(missing[0])} FOR ALL TABLES;")
 
 
-async def ensure_slot(conn: PgConnection, config) -> bool:
-    """Check the slot (pgoutput, this database); create it when CREATE_SLOT allows.  True if created."""
+async def ensure_slot(conn: PgConnection, config) -> int:
+    """Check the slot (pgoutput, this database); create it when CREATE_SLOT allows.  Returns its
+    confirmed_flush_lsn (for a new slot, its consistent point; 0 when the server gives none)."""
     rows = await conn.simple_query(
-        "SELECT plugin, slot_type, database FROM pg_catalog.pg_replication_slots "
+        "SELECT plugin, slot_type, database, confirmed_flush_lsn FROM pg_catalog.pg_replication_slots "
         f"WHERE slot_name = {quote_literal(config.slot_name)}")
     if rows:
-        plugin, slot_type, database = rows[0]
+        plugin, slot_type, database, confirmed = rows[0]
         if slot_type != "logical" or plugin != "pgoutput":
             raise PreconditionError(f"replication slot {config.slot_name!r} (SLOT_NAME) uses "
                                     f"{plugin or slot_type!r}, not pgoutput: drop it or choose another SLOT_NAME")
         if database != conn.conninfo.dbname:
             raise PreconditionError(f"replication slot {config.slot_name!r} (SLOT_NAME) belongs to "
                                     f"database {database!r}, not {conn.conninfo.dbname!r}")
-        return False
+        return parse_lsn(confirmed) if confirmed else 0
     if not config.create_slot:
         raise PreconditionError(
             f"replication slot {config.slot_name!r} (SLOT_NAME) does not exist and CREATE_SLOT=false: "
             f"create it with SELECT pg_create_logical_replication_slot({quote_literal(config.slot_name)}, 'pgoutput');")
     logger.info("creating replication slot %r: PostgreSQL first waits for the transactions running now "
                 "to end", config.slot_name)
-    await conn.simple_query(f"CREATE_REPLICATION_SLOT {quote_ident(config.slot_name)} LOGICAL pgoutput "
-                            "NOEXPORT_SNAPSHOT", timeout_s=math.inf)
+    rows = await conn.simple_query(f"CREATE_REPLICATION_SLOT {quote_ident(config.slot_name)} LOGICAL pgoutput "
+                                   "NOEXPORT_SNAPSHOT", timeout_s=math.inf)
     logger.info("created replication slot %r", config.slot_name)
-    return True
+    consistent_point = rows[0][1] if rows and len(rows[0]) > 1 else None  # slot_name, consistent_point, ...
+    return parse_lsn(consistent_point) if consistent_point else 0
 
 
-async def prepare_replication(conn: PgConnection, config) -> None:
-    """Every precondition of streaming, with errors that say what to fix."""
+async def prepare_replication(conn: PgConnection, config) -> int:
+    """Every precondition of streaming, with errors that say what to fix.  Returns the slot's
+    confirmed position."""
     try:
         await check_wal_level(conn)
         await check_publications(conn, config.publications)
-        await ensure_slot(conn, config)
+        return await ensure_slot(conn, config)
     except ServerError as exc:
         raise classify_server_error(exc, "preparing replication") from None
+
+
+async def read_idle_timeout(conn: PgConnection) -> float:
+    """READ_IDLE_TIMEOUT_S, or the server's wal_sender_timeout when that is longer."""
+    rows = await conn.simple_query(
+        "SELECT setting FROM pg_catalog.pg_settings WHERE name = 'wal_sender_timeout'")  # in ms
+    try:
+        return max(READ_IDLE_TIMEOUT_S, int(rows[0][0]) / 1000)
+    except (IndexError, TypeError, ValueError):
+        return READ_IDLE_TIMEOUT_S
 
 
 DOMAIN_BASE_TYPES_SQL = """
@@ -5060,7 +5105,9 @@ async def start_streaming(conn: PgConnection, config, start_lsn: int) -> int:
 class ReplicationStream:
     """The reader side of one streaming connection."""
 
-    def __init__(self, conn: PgConnection, assembler, ack: AckTracker, send_channel, delivery=None):
+    def __init__(self, conn: PgConnection, assembler, ack: AckTracker, send_channel, delivery=None,
+                 read_timeout_s: float = READ_IDLE_TIMEOUT_S):
+        self.read_timeout_s = read_timeout_s
         self.conn = conn
         self.assembler = assembler
         self.ack = ack
@@ -5068,12 +5115,12 @@ class ReplicationStream:
         self.delivery = delivery  # a DeliveryLoop: while it waits for an answer, yield often
 
     async def run_reader(self) -> None:
-        conn, buffer = self.conn, self.conn.buffer
+        conn, buffer, timeout_s = self.conn, self.conn.buffer, self.read_timeout_s
         while True:
-            with trio.move_on_after(READ_IDLE_TIMEOUT_S) as scope:
+            with trio.move_on_after(timeout_s) as scope:
                 data = await conn.receive_some()
             if scope.cancelled_caught:
-                raise ConnectionLost(f"no data from PostgreSQL for {READ_IDLE_TIMEOUT_S:g} s")
+                raise ConnectionLost(f"no data from PostgreSQL for {timeout_s:g} s")
             buffer.feed(data)
             await self.handle_buffered()
             if len(data) < COALESCE_READ_BELOW_BYTES:
@@ -5122,7 +5169,7 @@ class ReplicationStream:
             if reply:
                 await self.conn.send(self.ack.status_update())
         elif tag == ERROR_RESPONSE:
-            raise classify_server_error(ServerError(decode_error_fields(body)), "replication stream")
+            raise classify_server_error(ServerError(decode_error_fields(body)), "replication stream", streaming=True)
         elif tag == NOTICE_RESPONSE:
             fields = decode_error_fields(body, "NoticeResponse")
             logger.info("PostgreSQL %s: %s", fields.get("S", "NOTICE"), fields.get("M", ""))
@@ -5223,7 +5270,8 @@ class DeliveryLoop:
 async def run_session(config, sink, ack: AckTracker, stop: trio.Event, on_streaming=None) -> None:
     """One connection from connect to stop or failure.  Returns only after `stop` was set."""
     async with open_pg_connection(config.conninfo) as conn:
-        await prepare_replication(conn, config)
+        ack.resume_from(await prepare_replication(conn, config))
+        read_timeout_s = await read_idle_timeout(conn)
         base_types = await load_domain_base_types(conn)
         await start_streaming(conn, config, ack.flushed_lsn)
         if on_streaming:
@@ -5234,7 +5282,7 @@ async def run_session(config, sink, ack: AckTracker, stop: trio.Event, on_stream
         send_channel, receive_channel = trio.open_memory_channel(CHANNEL_CHUNKS)
         linger = BATCH_LINGER_S if sink.batch_size > 1 and sink.name != "stdout" else 0.0
         delivery = DeliveryLoop(sink, ack, sink.batch_size, linger)
-        stream = ReplicationStream(conn, assembler, ack, send_channel, delivery)
+        stream = ReplicationStream(conn, assembler, ack, send_channel, delivery, read_timeout_s)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run_feedback, conn, ack, config.feedback_interval_s)
