@@ -1380,6 +1380,61 @@ class TestStreamingSafety:
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 6
 
 
+class TestReconnectBackoff:
+    async def test_a_recurring_error_backs_off_alerts_and_recovers(self, autojump_clock, monkeypatch):
+        """An error that comes back at the same place every time (streaming starts, then fails):
+        the delay grows to the maximum instead of staying at 1 s, an alert goes out after
+        RECONNECT_ALERT_AFTER_S, and progress afterwards is a "recovered"."""
+        starts = []
+
+        async def session(config, sink, ack, stop, on_streaming):
+            starts.append(trio.current_time())
+            on_streaming()
+            if len(starts) == 20:  # the server works again: the slot advances
+                ack.queued()
+                ack.delivered(ack.flushed_lsn + 100)
+                await stop.wait()
+                return
+            raise w.ConnectionLost("decoding failed at the same place")
+
+        monkeypatch.setattr(w, "_run_session_or_stop", session)
+        alerter, stop = RecordingAlerter(), trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: w.run_replication(None, None, stop, task_status, alerter))
+            while len(starts) < 20 or not alerter.recoveries:
+                await trio.sleep(1)
+            stop.set()
+        gaps = [round(b - a) for a, b in zip(starts, starts[1:])]
+        assert gaps[:6] == [1, 2, 4, 8, 16, 30] and set(gaps[6:]) == {30}
+        assert alerter.alerts and all(key == "postgresql" for key, _, _ in alerter.alerts)
+        assert "decoding failed at the same place" in alerter.alerts[0][2]
+        assert starts[0] + w.RECONNECT_ALERT_AFTER_S <= starts[len(starts) - len(alerter.alerts)]
+        assert [key for key, _, _ in alerter.recoveries] == ["postgresql"]
+
+    async def test_progress_resets_the_backoff(self, autojump_clock, monkeypatch):
+        starts = []
+
+        async def session(config, sink, ack, stop, on_streaming):
+            starts.append(trio.current_time())
+            on_streaming()
+            if len(starts) == 5:
+                await stop.wait()
+                return
+            ack.queued()
+            ack.delivered(ack.flushed_lsn + 100)  # each session delivers something, then drops
+            raise w.ConnectionLost("network cut")
+
+        monkeypatch.setattr(w, "_run_session_or_stop", session)
+        alerter, stop = RecordingAlerter(), trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: w.run_replication(None, None, stop, task_status, alerter))
+            while len(starts) < 5:
+                await trio.sleep(1)
+            stop.set()
+        assert [round(b - a) for a, b in zip(starts, starts[1:])] == [1, 1, 1, 1]
+        assert alerter.alerts == []
+
+
 class TestCheckOne:
     async def test_an_unexpected_error_is_a_failed_check_not_a_crash(self, autojump_clock):
         async def broken():
@@ -2681,15 +2736,17 @@ class TestHttpClient:
         # A password with @ : / # ? % must be percent-encoded in a URL; the header carries it decoded.
         endpoint = w.parse_http_url("http://us%40er:p%3As%2Fs%25@h/")
         assert base64.b64decode(endpoint.authorization.removeprefix("Basic ")) == b"us@er:p:s/s%"
-        assert set(w.url_secrets("http://us%40er:p%3As%2Fs%25@h/")) >= {
-            "us%40er", "p%3As%2Fs%25", "us@er", "p:s/s%", endpoint.authorization.removeprefix("Basic ")}
+        assert set(w.url_secrets("http://us%40er:p%3As%2Fs%25@h/")) == {
+            "p%3As%2Fs%25", "p:s/s%", endpoint.authorization.removeprefix("Basic ")}  # the user is no secret
+        token_only = w.url_secrets("https://t0k%2Ben@h/")  # a user name with no password is the secret
+        assert {"t0k%2Ben", "t0k+en"} <= set(token_only)
         assert w.url_secrets("http://h/") == []
 
     def test_parse_http_url_percent_encodes_a_non_ascii_target(self):
         endpoint = w.parse_http_url("http://h/caf\u00e9/a%20b?q=\u00fc&r=<1>")
         assert endpoint.target == "/caf%C3%A9/a%20b?q=%C3%BC&r=%3C1%3E"  # escapes already there are kept
 
-    @pytest.mark.parametrize("host", ["hooks..example.com", "a" * 64 + ".example.com"])
+    @pytest.mark.parametrize("host", ["hooks..example.com", "a" * 64 + ".example.com", "-x.example.com"])
     def test_host_the_resolver_would_refuse_is_a_config_error(self, host):
         with pytest.raises(w.ConfigError, match="host"):
             w.parse_http_url(f"http://{host}/")
@@ -2707,6 +2764,12 @@ class TestHttpClient:
         with pytest.raises(w.ConfigError) as info:
             w.HttpClient("http://127.0.0.1:1/", timeout_s=1, headers=[("X-Token", "abc\r\nevil")])
         assert "X-Token" in str(info.value) and "evil" not in str(info.value)
+
+    @pytest.mark.parametrize("host", ["smtp.example.com:587", "smtp://x", "a b", "@@@"])
+    def test_smtp_host_with_a_port_or_scheme_is_a_config_error(self, host):
+        with pytest.raises(w.ConfigError, match="EMAIL_SMTP_HOST"):
+            load({"EMAIL_SMTP_HOST": host, "EMAIL_FROM": "w@example.org", "EMAIL_TO": "ops@example.org"})
+        assert w.is_valid_host("smtp.example.com") and w.is_valid_host("my_host") and w.is_valid_host("::1")
 
     def test_non_ascii_header_value_is_a_config_error(self):
         with pytest.raises(w.ConfigError, match="non-ASCII") as info:
@@ -2808,6 +2871,36 @@ class TestHttpClient:
             await client.aclose()
         listener.close()
         assert heads == [b"POST /hook HTTP/1.1"] * 2
+
+    async def test_a_408_left_on_a_kept_alive_connection_is_not_the_answer(self):
+        """The server's idle timeout: a 408 sent on the kept-alive connection before our next
+        (large) request, then a close.  That request goes again at once on a new connection."""
+        async def serve(listener, task_status=trio.TASK_STATUS_IGNORED):
+            task_status.started()
+            for last in (False, True):
+                conn, _ = await listener.accept()
+                with conn:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += await conn.recv(65536)
+                    length = int(re.search(rb"content-length: *(\d+)", data, re.I).group(1))
+                    while len(data.partition(b"\r\n\r\n")[2]) < length:
+                        data += await conn.recv(1 << 20)
+                    await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    if not last:
+                        await conn.send(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")
+
+        listener = trio.socket.socket()
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, listener)
+            client = w.HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}/", timeout_s=10)
+            assert (await client.request("POST", "/hook", body=b"small")).status == 200
+            response = await client.request("POST", "/hook", body=b"x" * (8 << 20))
+            assert (response.status, response.body) == (200, b"ok")
+            await client.aclose()
+        listener.close()
 
     async def test_resends_once_when_idle_connection_was_closed(self):
         """The server closed the kept-alive connection without saying so: the next request fails
@@ -3938,6 +4031,23 @@ class TestHook0Mapping:
         huge = w.decode_hook0_answer(w.HttpResponse(
             422, json_type, b'{"id": "Invalid", "validation": {"n": 1e999, "deep": ' + b"[" * 900 + b"]" * 900 + b"}}"))
         assert huge.problem_id == "Invalid" and huge.describe().startswith("422 Invalid")
+
+    def test_status_classes(self):
+        assert [w.Hook0Sink._is_retryable(status) for status in (500, 503, 599, 600, 999, 429, 400)] == [
+            True, True, True, False, False, True, False]
+
+    def test_api_url_credentials_not_in_the_config_repr(self):
+        config = load({**HOOK0, "HOOK0_API_URL": "https://u:Url-Pw-9@hook0.example.org/"})
+        assert "Url-Pw-9" not in repr(config) and "Url-Pw-9" in w.config_secrets(config)
+
+    def test_secrets_never_change_what_a_problem_id_means(self):
+        """Scrubbing is for what is shown: a secret that happens to occur in a problem id must not
+        turn a 409 EventAlreadyIngested (a redelivery) into an undeliverable event."""
+        body = b'{"id": "EventAlreadyIngested", "title": "Ingested already", "detail": "Ingested"}'
+        answer = w.decode_hook0_answer(w.HttpResponse(409, {"content-type": "application/problem+json"}, body),
+                                       ["Ingested"])
+        assert answer.problem_id == "EventAlreadyIngested"
+        assert "Ingested" not in answer.describe() and "***" in answer.describe()
 
     def test_a_long_secret_echoed_is_scrubbed_before_the_body_is_shortened(self):
         token = "biscuit-" + "t" * 300  # Hook0 tokens are long: cut at 300 bytes, its start would show

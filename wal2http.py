@@ -580,7 +580,7 @@ class Config:
     http_headers: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
     http_signing_secret: str | None = dataclasses.field(default=None, repr=False)
     http_ca_file: str | None = None
-    hook0_api_url: str | None = None
+    hook0_api_url: str | None = dataclasses.field(default=None, repr=False)
     hook0_application_id: str | None = None
     hook0_api_token: str | None = dataclasses.field(default=None, repr=False)
     hook0_table_events: bool = False
@@ -700,15 +700,18 @@ def is_valid_host(host: str) -> bool:
     except ValueError:
         pass
     try:
-        host.encode("idna")
+        ascii_name = host.encode("idna")
     except UnicodeError:
         return False
-    return True
+    return _HOST_NAME.fullmatch(ascii_name) is not None
+
+
+_HOST_NAME = re.compile(rb"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")  #: no ':', '/', '@', spaces
 
 
 def url_secrets(url: str | None) -> list[str]:
-    """The credentials in a URL's user info, as written, decoded, and as the Basic header value
-    built from them: never to be shown."""
+    """The credentials in a URL's user info (its password, or a user name with no password, as
+    written and decoded) and the Basic header value built from them: never to be shown."""
     try:
         parts = urllib.parse.urlsplit(url or "")
         username, password = parts.username, parts.password
@@ -718,7 +721,10 @@ def url_secrets(url: str | None) -> list[str]:
         return []
     user, secret = urllib.parse.unquote(username), urllib.parse.unquote(password or "")
     basic = base64.b64encode(f"{user}:{secret}".encode()).decode("ascii")
-    return [value for value in (username, password, user, secret, basic) if value]
+    # The user name alone is no secret (hiding it would mangle every message that contains it),
+    # unless it is all there is: https://<token>@host.
+    values = (password, secret, basic) if password else (username, user, basic)
+    return [value for value in values if value]
 
 
 def _parse_slot_name(value: str) -> str:
@@ -3613,6 +3619,10 @@ class HttpClient:
                 # A server may answer before reading the whole body (a 413 for a batch over its
                 # limit, a 401) and close: then the send fails, and its answer is what counts.
                 response = await self._early_response(conn)
+                if response is not None and reused and response.status == 408:
+                    # The server's idle timeout on the kept-alive connection, sent before our
+                    # request: not an answer to it.  A stale connection: send again at once.
+                    conn.received_bytes, response = 0, None
                 if response is None:
                     raise exc from None
                 await self._discard_connection()  # half-sent: never reused
@@ -4301,9 +4311,11 @@ class Hook0Answer:
     detail: str = ""
     validation: object = None
     retry_after_s: float | None = None
+    secrets: tuple[str, ...] = dataclasses.field(default=(), repr=False)  #: scrubbed from describe()
 
     def describe(self) -> str:
-        """Short text for errors and logs: status, id, title, detail, validation."""
+        """Short text for errors and logs: status, id, title, detail, validation; secrets scrubbed
+        before it is shortened (a secret cut in two would no longer be recognised)."""
         head = f"{self.status} {self.problem_id}".strip()
         text = "; ".join(part for part in (self.title, self.detail) if part)
         if self.validation:
@@ -4311,7 +4323,7 @@ class Hook0Answer:
                 text += f"; validation: {encode_json(self.validation)}"
             except (ValueError, RecursionError):  # 1e999, or nested too deep to write back
                 text += "; validation: (unreadable)"
-        return _shorten(f"{head}: {text}" if text else head)
+        return _shorten(scrub_secrets(f"{head}: {text}" if text else head, self.secrets))
 
 
 def _shorten(text: str, limit: int = 500) -> str:
@@ -4329,9 +4341,9 @@ def decode_hook0_retry_after(value: str | None, body: bytes = b"") -> float | No
 
 
 def decode_hook0_answer(response: HttpResponse, secrets: Iterable[str] = ()) -> Hook0Answer:
-    """A Hook0 response as a `Hook0Answer`, `secrets` scrubbed from it; never raises on a
-    malformed body."""
-    response = response.scrubbed(secrets)
+    """A Hook0 response as a `Hook0Answer` whose text shows none of `secrets` (its problem id,
+    which decides what happens, is read as sent); never raises on a malformed body."""
+    secrets = tuple(secrets)
     retry_after_s = decode_hook0_retry_after(response.headers.get("retry-after"), response.body)
     problem = {}
     if "json" in response.headers.get("content-type", ""):
@@ -4342,9 +4354,10 @@ def decode_hook0_answer(response: HttpResponse, secrets: Iterable[str] = ()) -> 
     if not isinstance(problem, dict):
         problem = {}
     if not problem and response.body and not 200 <= response.status < 300:
-        problem = {"detail": response.body[:300].decode("utf-8", "replace").strip()}
+        text = scrub_secrets(response.body.decode("utf-8", "replace"), secrets)  # before it is cut
+        problem = {"detail": text[:300].strip()}
     return Hook0Answer(response.status, str(problem.get("id") or ""), str(problem.get("title") or ""),
-                       str(problem.get("detail") or ""), problem.get("validation"), retry_after_s)
+                       str(problem.get("detail") or ""), problem.get("validation"), retry_after_s, secrets)
 
 
 def split_hook0_event_type(event_type: str) -> tuple[str, str, str] | None:
@@ -4527,7 +4540,7 @@ class Hook0Sink:
 
     @staticmethod
     def _is_retryable(status: int) -> bool:
-        return status >= 500 or status in HOOK0_RETRYABLE_STATUSES
+        return 500 <= status < 600 or status in HOOK0_RETRYABLE_STATUSES
 
     def _auth_error(self, answer: Hook0Answer, doing: str) -> SinkAuthError:
         """Alerts and returns the exit-4 error for a rejected token (never retried)."""
@@ -4958,6 +4971,7 @@ class AckTracker:
         self.flushed_lsn = flushed_lsn
         self.received_lsn = flushed_lsn
         self.in_flight = 0  # chunks handed to the delivery task and not yet confirmed
+        self.on_progress = None  # called when the flushed position moves (then cleared by its owner)
 
     def queued(self) -> None:
         self.in_flight += 1
@@ -4966,6 +4980,8 @@ class AckTracker:
         self.in_flight -= 1
         if end_lsn is not None and end_lsn > self.flushed_lsn:
             self.flushed_lsn = end_lsn
+            if self.on_progress is not None:
+                self.on_progress()
 
     def received(self, wal_end: int) -> None:
         if wal_end > self.received_lsn:
@@ -4975,6 +4991,8 @@ class AckTracker:
         self.received(wal_end)
         if assembler_idle and self.in_flight == 0 and wal_end > self.flushed_lsn:
             self.flushed_lsn = wal_end
+            if self.on_progress is not None:
+                self.on_progress()
 
     def resume_from(self, confirmed_lsn: int) -> None:
         """The slot's confirmed_flush_lsn at connect: never report anything below it.  (While the
@@ -5359,18 +5377,36 @@ def _leaves(group: BaseExceptionGroup):
             yield exc
 
 
-async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_STATUS_IGNORED) -> AckTracker:
-    """Stream until `stop` is set, reconnecting with backoff when the connection is lost."""
+RECONNECT_PROGRESS_S = 60.0  #: a session that streamed this long resets the backoff, as progress does
+RECONNECT_ALERT_AFTER_S = 300.0  #: failing this long without progress: alert (mailed when configured)
+RECONNECT_ALERT_KEY = "postgresql"
+
+
+async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_STATUS_IGNORED,
+                          alerter=None) -> AckTracker:
+    """Stream until `stop` is set, reconnecting with backoff when the connection is lost.  The
+    backoff starts again from RECONNECT_BASE_S only after progress (the flushed position moved,
+    or a session lasted RECONNECT_PROGRESS_S): an error that comes back at the same place each
+    time (the server fails decoding some WAL) must not become a reconnection every second.
+    Failing for RECONNECT_ALERT_AFTER_S without progress is an alert; progress after it, a
+    "recovered" one."""
     ack, delay, started = AckTracker(), RECONNECT_BASE_S, False
+    failing_since: float | None = None
 
     def on_streaming():
-        nonlocal delay, started
-        delay = RECONNECT_BASE_S
+        nonlocal started
         if not started:
             started = True
             task_status.started(ack)
 
+    def on_progress():
+        ack.on_progress = None
+        if alerter is not None:
+            alerter.recovered(RECONNECT_ALERT_KEY, "wal2http streams from PostgreSQL again",
+                              "The replication connection works again and the slot advances.\n")
+
     while not stop.is_set():
+        session_started, flushed_before = trio.current_time(), ack.flushed_lsn
         try:
             await _run_session_or_stop(config, sink, ack, stop, on_streaming)
             return ack
@@ -5378,7 +5414,17 @@ async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_
             error = first_error(exc)
             if not isinstance(error, ConnectionLost):
                 raise error from None
+            now = trio.current_time()
+            if ack.flushed_lsn > flushed_before or now - session_started >= RECONNECT_PROGRESS_S:
+                delay, failing_since = RECONNECT_BASE_S, None
+            failing_since = now if failing_since is None else failing_since
             logger.warning("%s; reconnecting in %.1f s", error, delay)
+            if alerter is not None and now - failing_since >= RECONNECT_ALERT_AFTER_S:
+                alerter.alert(RECONNECT_ALERT_KEY, "wal2http cannot stream from PostgreSQL",
+                              f"The replication connection has failed for {now - failing_since:.0f} s "
+                              f"without the slot advancing; wal2http keeps reconnecting.\n"
+                              f"Last error: {error}\n")
+                ack.on_progress = on_progress
         with trio.move_on_after(delay):
             await stop.wait()
         delay = min(delay * 2, RECONNECT_MAX_S)
@@ -5414,7 +5460,7 @@ async def run(config, *, sink=None, stop: trio.Event | None = None,
         async with trio.open_nursery() as nursery:
             await nursery.start(alerter.run)
             try:
-                await run_replication(config, ReliableSink(sink, config, alerter), stop, task_status)
+                await run_replication(config, ReliableSink(sink, config, alerter), stop, task_status, alerter)
             finally:
                 with trio.CancelScope(shield=True):
                     await sink.aclose()
