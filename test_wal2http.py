@@ -1311,15 +1311,25 @@ class _RecordingSink:
         self.batches.append(list(events))
 
 
+def chunk(events, end_lsn):
+    """What the assembler hands the delivery loop: events, and the end LSN they complete (or None)."""
+    return types.SimpleNamespace(events=events, end_lsn=end_lsn)
+
+
+async def run_delivery_loop(loop, receive, ack, feed=None):
+    """Runs `loop` until every queued chunk is confirmed; `feed` (a coroutine function) sends more
+    chunks meanwhile."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop.run, receive)
+        if feed is not None:
+            await feed()
+        while ack.in_flight:
+            await trio.sleep(0.001)
+        nursery.cancel_scope.cancel()
+
+
 class TestDeliveryLoop:
     async def test_batches_span_chunks_and_ack_follows(self):
-        Chunk = type("Chunk", (), {})
-
-        def chunk(events, end_lsn):
-            c = Chunk()
-            c.events, c.end_lsn = events, end_lsn
-            return c
-
         ack = w.AckTracker()
         sink = _RecordingSink(batch_size=3)
         loop = w.DeliveryLoop(sink, ack, batch_size=3, linger_s=0.01)
@@ -1327,11 +1337,7 @@ class TestDeliveryLoop:
         for c in (chunk([1, 2], 10), chunk([3, 4], None), chunk([5], 20), chunk([], 30)):
             ack.queued()
             send.send_nowait(c)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(loop.run, receive)
-            while ack.in_flight:
-                await trio.sleep(0.001)
-            nursery.cancel_scope.cancel()
+        await run_delivery_loop(loop, receive, ack)
         assert sink.batches == [[1, 2, 3], [4, 5]]
         assert ack.flushed_lsn == 30
 
@@ -1453,7 +1459,6 @@ class TestDeliveryLinger:
     async def test_a_trickle_does_not_hold_a_partial_batch_past_the_linger(self, autojump_clock):
         """One single-event transaction every 40 ms, linger 50 ms, batches of 100: each event goes
         out within 50 ms of its arrival, not when 100 have gathered (seconds later)."""
-        Chunk = type("Chunk", (), {})
         arrived, delivered = {}, []
 
         class Sink:
@@ -1465,18 +1470,15 @@ class TestDeliveryLinger:
         ack = w.AckTracker()
         loop = w.DeliveryLoop(Sink(), ack, batch_size=100, linger_s=0.05)
         send, receive = trio.open_memory_channel(10)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(loop.run, receive)
+
+        async def trickle():
             for n in range(50):
-                chunk = Chunk()
-                chunk.events, chunk.end_lsn = [n], 100 + n
                 arrived[n] = trio.current_time()
                 ack.queued()
-                await send.send(chunk)
+                await send.send(chunk([n], 100 + n))
                 await trio.sleep(0.04)
-            while ack.in_flight:
-                await trio.sleep(0.001)
-            nursery.cancel_scope.cancel()
+
+        await run_delivery_loop(loop, receive, ack, trickle)
         assert [e for _, batch in delivered for e in batch] == list(range(50))
         waits = [at - arrived[e] for at, batch in delivered for e in batch]
         assert max(waits) <= 0.05 + 1e-9
@@ -1484,7 +1486,6 @@ class TestDeliveryLinger:
 
     async def test_queued_chunks_are_taken_even_past_the_deadline(self, autojump_clock):
         """Chunks already queued cost no wait: they fill the batch (no tiny batches under load)."""
-        Chunk = type("Chunk", (), {})
         delivered = []
 
         class Sink:
@@ -1498,15 +1499,9 @@ class TestDeliveryLinger:
         loop = w.DeliveryLoop(Sink(), ack, batch_size=4, linger_s=0.05)
         send, receive = trio.open_memory_channel(100)
         for n in range(10):
-            chunk = Chunk()
-            chunk.events, chunk.end_lsn = [3 * n, 3 * n + 1, 3 * n + 2], 100 + n
             ack.queued()
-            send.send_nowait(chunk)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(loop.run, receive)
-            while ack.in_flight:
-                await trio.sleep(0.001)
-            nursery.cancel_scope.cancel()
+            send.send_nowait(chunk([3 * n, 3 * n + 1, 3 * n + 2], 100 + n))
+        await run_delivery_loop(loop, receive, ack)
         assert [len(batch) for batch in delivered] == [4] * 7 + [2]
 
 
