@@ -1386,11 +1386,37 @@ class TestStreamingSafety:
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 6
 
 
+class TimedAlerter:
+    """Records alerts (with the Trio time of each) and recoveries."""
+
+    def __init__(self):
+        self.alerts, self.recoveries, self.alert_times = [], [], []
+
+    def alert(self, key, subject, body, since=None):
+        self.alerts.append((key, subject, body))
+        self.alert_times.append(trio.current_time())
+
+    def recovered(self, key, subject, body):
+        self.recoveries.append((key, subject, body))
+
+
+async def run_replication_with(monkeypatch, session, until):
+    """run_replication with `session` in place of a real one, until `until()`; returns the alerter."""
+    monkeypatch.setattr(w, "_run_session_or_stop", session)
+    alerter, stop = TimedAlerter(), trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: w.run_replication(None, None, stop, trio.TASK_STATUS_IGNORED, alerter))
+        while not until(alerter):
+            await trio.sleep(1)
+        stop.set()
+    return alerter
+
+
 class TestReconnectBackoff:
-    async def test_a_recurring_error_backs_off_alerts_and_recovers(self, autojump_clock, monkeypatch):
+    async def test_a_recurring_error_backs_off_alerts_once_and_recovers(self, autojump_clock, monkeypatch):
         """An error that comes back at the same place every time (streaming starts, then fails):
-        the delay grows to the maximum instead of staying at 1 s, an alert goes out after
-        RECONNECT_ALERT_AFTER_S, and progress afterwards is a "recovered"."""
+        the delay grows to the maximum instead of staying at 1 s, one alert goes out after
+        RECONNECT_ALERT_AFTER_S, and progress afterwards is one "recovered"."""
         starts = []
 
         async def session(config, sink, ack, stop, on_streaming):
@@ -1403,19 +1429,32 @@ class TestReconnectBackoff:
                 return
             raise w.ConnectionLost("decoding failed at the same place")
 
-        monkeypatch.setattr(w, "_run_session_or_stop", session)
-        alerter, stop = RecordingAlerter(), trio.Event()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: w.run_replication(None, None, stop, task_status, alerter))
-            while len(starts) < 20 or not alerter.recoveries:
-                await trio.sleep(1)
-            stop.set()
+        alerter = await run_replication_with(monkeypatch, session, lambda a: len(starts) >= 20 and a.recoveries)
         gaps = [round(b - a) for a, b in zip(starts, starts[1:])]
         assert gaps[:6] == [1, 2, 4, 8, 16, 30] and set(gaps[6:]) == {30}
-        assert alerter.alerts and all(key == "postgresql" for key, _, _ in alerter.alerts)
+        assert [key for key, _, _ in alerter.alerts] == ["postgresql"]
         assert "decoding failed at the same place" in alerter.alerts[0][2]
-        assert starts[0] + w.RECONNECT_ALERT_AFTER_S <= starts[len(starts) - len(alerter.alerts)]
+        assert alerter.alert_times[0] - starts[0] >= w.RECONNECT_ALERT_AFTER_S
         assert [key for key, _, _ in alerter.recoveries] == ["postgresql"]
+
+    @pytest.mark.parametrize("streams", [False, True])
+    async def test_slow_failures_still_alert(self, autojump_clock, monkeypatch, streams):
+        """Each attempt fails only after 61 s (a slow connect or setup; or 61 s of streaming that
+        never advances the slot): still one alert after RECONNECT_ALERT_AFTER_S."""
+        starts = []
+
+        async def session(config, sink, ack, stop, on_streaming):
+            starts.append(trio.current_time())
+            if streams:
+                on_streaming()
+            await trio.sleep(61)
+            raise w.ConnectionLost("disk full while spilling (53100)")
+
+        alerter = await run_replication_with(monkeypatch, session, lambda a: len(starts) >= 12)
+        assert len(alerter.alerts) == 1 and alerter.alert_times[0] - starts[0] < 2 * w.RECONNECT_ALERT_AFTER_S
+        gaps = [round(b - a) for a, b in zip(starts, starts[1:])]
+        # Streaming a minute resets the backoff (it may have been a healthy session); a slow setup does not.
+        assert gaps[:4] == ([62] * 4 if streams else [62, 63, 65, 69])
 
     async def test_progress_resets_the_backoff(self, autojump_clock, monkeypatch):
         starts = []
@@ -1430,13 +1469,7 @@ class TestReconnectBackoff:
             ack.delivered(ack.flushed_lsn + 100)  # each session delivers something, then drops
             raise w.ConnectionLost("network cut")
 
-        monkeypatch.setattr(w, "_run_session_or_stop", session)
-        alerter, stop = RecordingAlerter(), trio.Event()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: w.run_replication(None, None, stop, task_status, alerter))
-            while len(starts) < 5:
-                await trio.sleep(1)
-            stop.set()
+        alerter = await run_replication_with(monkeypatch, session, lambda a: len(starts) >= 5)
         assert [round(b - a) for a, b in zip(starts, starts[1:])] == [1, 1, 1, 1]
         assert alerter.alerts == []
 
@@ -2735,6 +2768,9 @@ class TestHttpClient:
             "p%3As%2Fs%25", "p:s/s%", endpoint.authorization.removeprefix("Basic ")}  # the user is no secret
         token_only = w.url_secrets("https://t0k%2Ben@h/")  # a user name with no password is the secret
         assert {"t0k%2Ben", "t0k+en"} <= set(token_only)
+        api_key = "a1b2c3d4e5f6g7h8i9j0"  # a long user name beside a dummy password: the credential
+        assert api_key in w.url_secrets(f"https://{api_key}:X@h/")
+        assert "wal2http" not in w.url_secrets("https://wal2http:S3cretPw@h/")
         assert w.url_secrets("http://h/") == []
 
     def test_parse_http_url_percent_encodes_a_non_ascii_target(self):
@@ -2867,9 +2903,10 @@ class TestHttpClient:
         listener.close()
         assert heads == [b"POST /hook HTTP/1.1"] * 2
 
-    async def test_a_408_left_on_a_kept_alive_connection_is_not_the_answer(self):
+    @pytest.mark.parametrize("size", [10, 8 << 20])  # the send goes through; the send fails
+    async def test_a_408_left_on_a_kept_alive_connection_is_not_the_answer(self, size):
         """The server's idle timeout: a 408 sent on the kept-alive connection before our next
-        (large) request, then a close.  That request goes again at once on a new connection."""
+        request, then a close.  That request goes again at once on a new connection."""
         async def serve(listener, task_status=trio.TASK_STATUS_IGNORED):
             task_status.started()
             for last in (False, True):
@@ -2892,7 +2929,7 @@ class TestHttpClient:
             await nursery.start(serve, listener)
             client = w.HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}/", timeout_s=10)
             assert (await client.request("POST", "/hook", body=b"small")).status == 200
-            response = await client.request("POST", "/hook", body=b"x" * (8 << 20))
+            response = await client.request("POST", "/hook", body=b"x" * size)
             assert (response.status, response.body) == (200, b"ok")
             await client.aclose()
         listener.close()
@@ -4034,6 +4071,13 @@ class TestHook0Mapping:
     def test_api_url_credentials_not_in_the_config_repr(self):
         config = load({**HOOK0, "HOOK0_API_URL": "https://u:Url-Pw-9@hook0.example.org/"})
         assert "Url-Pw-9" not in repr(config) and "Url-Pw-9" in w.config_secrets(config)
+
+    def test_a_secret_escaped_inside_validation_json_is_scrubbed(self):
+        secret = 'Tok"en\\Secret-9'
+        body = json.dumps({"id": "Invalid", "validation": {"field": [secret]}}).encode()
+        answer = w.decode_hook0_answer(w.HttpResponse(422, {"content-type": "application/problem+json"}, body),
+                                       [secret])
+        assert "Secret-9" not in answer.describe() and "***" in answer.describe()
 
     def test_secrets_never_change_what_a_problem_id_means(self):
         """Scrubbing is for what is shown: a secret that happens to occur in a problem id must not

@@ -721,10 +721,16 @@ def url_secrets(url: str | None) -> list[str]:
         return []
     user, secret = urllib.parse.unquote(username), urllib.parse.unquote(password or "")
     basic = base64.b64encode(f"{user}:{secret}".encode()).decode("ascii")
-    # The user name alone is no secret (hiding it would mangle every message that contains it),
-    # unless it is all there is: https://<token>@host.
-    values = (password, secret, basic) if password else (username, user, basic)
+    # A user name is no secret (hiding "wal2http" would mangle every message that contains it),
+    # unless it is the credential: alone (https://<token>@host), or long, beside a dummy password
+    # (https://<api key>:X@host, https://<token>:x-oauth-basic@host).
+    values = [password, secret, basic]
+    if not password or len(user) >= URL_TOKEN_USER_MIN_CHARS:
+        values += [username, user]
     return [value for value in values if value]
+
+
+URL_TOKEN_USER_MIN_CHARS = 16  #: a URL user name this long is taken for a token
 
 
 def _parse_slot_name(value: str) -> str:
@@ -3629,6 +3635,10 @@ class HttpClient:
                 conn.exchanges += 1
                 return response
             response = await self._receive_response(conn)
+            if reused and response.status == 408:
+                # Usually the server's idle timeout, written on the kept-alive connection before
+                # our request reached it: not an answer to it.  Send again on a new connection.
+                raise _StaleConnection("408 on a kept-alive connection")
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError) as exc:
             await self._discard_connection()
             if reused and conn.received_bytes == 0:
@@ -4323,7 +4333,9 @@ class Hook0Answer:
                 text += f"; validation: {encode_json(self.validation)}"
             except (ValueError, RecursionError):  # 1e999, or nested too deep to write back
                 text += "; validation: (unreadable)"
-        return _shorten(scrub_secrets(f"{head}: {text}" if text else head, self.secrets))
+        # As written inside JSON text too (a secret with a quote or a backslash is escaped there).
+        secrets = [*self.secrets, *(json.dumps(s)[1:-1] for s in self.secrets)]
+        return _shorten(scrub_secrets(f"{head}: {text}" if text else head, secrets))
 
 
 def _shorten(text: str, limit: int = 500) -> str:
@@ -5391,10 +5403,12 @@ async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_
     Failing for RECONNECT_ALERT_AFTER_S without progress is an alert; progress after it, a
     "recovered" one."""
     ack, delay, started = AckTracker(), RECONNECT_BASE_S, False
-    failing_since: float | None = None
+    failing_since: float | None = None  # trio time of the first failure since the slot last advanced
+    streaming_since: float | None = None  # when the current session began streaming
 
     def on_streaming():
-        nonlocal started
+        nonlocal started, streaming_since
+        streaming_since = trio.current_time()
         if not started:
             started = True
             task_status.started(ack)
@@ -5406,7 +5420,7 @@ async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_
                               "The replication connection works again and the slot advances.\n")
 
     while not stop.is_set():
-        session_started, flushed_before = trio.current_time(), ack.flushed_lsn
+        streaming_since, flushed_before = None, ack.flushed_lsn
         try:
             await _run_session_or_stop(config, sink, ack, stop, on_streaming)
             return ack
@@ -5415,16 +5429,20 @@ async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_
             if not isinstance(error, ConnectionLost):
                 raise error from None
             now = trio.current_time()
-            if ack.flushed_lsn > flushed_before or now - session_started >= RECONNECT_PROGRESS_S:
-                delay, failing_since = RECONNECT_BASE_S, None
-            failing_since = now if failing_since is None else failing_since
+            if ack.flushed_lsn > flushed_before:
+                failing_since = None  # only the slot advancing ends a failing period
+            if ack.flushed_lsn > flushed_before or (
+                    streaming_since is not None and now - streaming_since >= RECONNECT_PROGRESS_S):
+                delay = RECONNECT_BASE_S
+            if failing_since is None:
+                failing_since, wall_since = now, datetime.datetime.now(datetime.timezone.utc)
             logger.warning("%s; reconnecting in %.1f s", error, delay)
-            if alerter is not None and now - failing_since >= RECONNECT_ALERT_AFTER_S:
+            if alerter is not None and ack.on_progress is None and now - failing_since >= RECONNECT_ALERT_AFTER_S:
                 alerter.alert(RECONNECT_ALERT_KEY, "wal2http cannot stream from PostgreSQL",
                               f"The replication connection has failed for {now - failing_since:.0f} s "
                               f"without the slot advancing; wal2http keeps reconnecting.\n"
-                              f"Last error: {error}\n")
-                ack.on_progress = on_progress
+                              f"Last error: {error}\n", since=wall_since)
+                ack.on_progress = on_progress  # armed: one alert per failing period, then "recovered"
         with trio.move_on_after(delay):
             await stop.wait()
         delay = min(delay * 2, RECONNECT_MAX_S)
