@@ -2748,6 +2748,33 @@ def ca_file(ca, tmp_path):
 # HTTP client
 # =====================================================================================================
 
+async def read_raw_request(conn, body: bool = True) -> bytes:
+    """One request read from a bare socket: its head, and its body (by Content-Length) unless
+    `body` is False."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await conn.recv(65536)
+    if body:
+        length = int(re.search(rb"content-length: *(\d+)", data, re.I).group(1))
+        while len(data.partition(b"\r\n\r\n")[2]) < length:
+            data += await conn.recv(1 << 20)
+    return data
+
+
+@contextlib.asynccontextmanager
+async def raw_server(handle):
+    """A bare TCP server on 127.0.0.1 running `handle(listener)` (for answers h11 would not
+    write); yields its port."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    with listener:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handle, listener)
+            yield listener.getsockname()[1]
+            nursery.cancel_scope.cancel()
+
+
 class TestHttpClient:
     def test_parse_http_url(self):
         endpoint = w.parse_http_url("https://user:pw@Example.COM:8443/a/b?x=1")
@@ -2872,67 +2899,45 @@ class TestHttpClient:
         (retried 5 times, cause hidden).  The next request goes on a new connection."""
         heads = []
 
-        async def serve(listener, task_status=trio.TASK_STATUS_IGNORED):
-            task_status.started()
+        async def serve(listener):
             for answer in (b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large",
                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"):
                 conn, _ = await listener.accept()
                 with conn:
-                    data = b""
-                    while b"\r\n\r\n" not in data:
-                        data += await conn.recv(65536)
+                    # the 413 is sent after the head alone; the 200 after the whole (small) body
+                    data = await read_raw_request(conn, body=answer.startswith(b"HTTP/1.1 200"))
                     heads.append(data.split(b"\r\n", 1)[0])
-                    if answer.startswith(b"HTTP/1.1 200"):  # reads the small body first
-                        length = int(re.search(rb"content-length: *(\d+)", data, re.I).group(1))
-                        while len(data.partition(b"\r\n\r\n")[2]) < length:
-                            data += await conn.recv(65536)
                     await conn.send(answer)
 
-        listener = trio.socket.socket()
-        await listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve, listener)
-            client = w.HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}/", timeout_s=10)
+        async with raw_server(serve) as port:
+            client = w.HttpClient(f"http://127.0.0.1:{port}/", timeout_s=10)
             response = await client.request("POST", "/hook", body=b"x" * (8 << 20))
             assert (response.status, response.body) == (413, b"too large")
             error = w.classify_http_response(response, client.endpoint.where)
             assert not error.retryable and "413" in str(error)
             assert (await client.request("POST", "/hook", body=b"small")).status == 200
             await client.aclose()
-        listener.close()
         assert heads == [b"POST /hook HTTP/1.1"] * 2
 
     @pytest.mark.parametrize("size", [10, 8 << 20])  # the send goes through; the send fails
     async def test_a_408_left_on_a_kept_alive_connection_is_not_the_answer(self, size):
         """The server's idle timeout: a 408 sent on the kept-alive connection before our next
         request, then a close.  That request goes again at once on a new connection."""
-        async def serve(listener, task_status=trio.TASK_STATUS_IGNORED):
-            task_status.started()
+        async def serve(listener):
             for last in (False, True):
                 conn, _ = await listener.accept()
                 with conn:
-                    data = b""
-                    while b"\r\n\r\n" not in data:
-                        data += await conn.recv(65536)
-                    length = int(re.search(rb"content-length: *(\d+)", data, re.I).group(1))
-                    while len(data.partition(b"\r\n\r\n")[2]) < length:
-                        data += await conn.recv(1 << 20)
+                    await read_raw_request(conn)
                     await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                     if not last:
                         await conn.send(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")
 
-        listener = trio.socket.socket()
-        await listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve, listener)
-            client = w.HttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}/", timeout_s=10)
+        async with raw_server(serve) as port:
+            client = w.HttpClient(f"http://127.0.0.1:{port}/", timeout_s=10)
             assert (await client.request("POST", "/hook", body=b"small")).status == 200
             response = await client.request("POST", "/hook", body=b"x" * size)
             assert (response.status, response.body) == (200, b"ok")
             await client.aclose()
-        listener.close()
 
     async def test_resends_once_when_idle_connection_was_closed(self):
         """The server closed the kept-alive connection without saying so: the next request fails
