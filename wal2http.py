@@ -1071,14 +1071,9 @@ def config_warnings(config: Config) -> list[str]:
 
 
 def _public_url(url: str) -> str:
-    """scheme://host[:port], then "/..." if the URL has a path: no user info, path or query (any of
-    them may hold a token, as in https://hooks.slack.com/services/<token>)."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    port = f":{parts.port}" if parts.port else ""
-    path = "/..." if parts.path.strip("/") or parts.query else ""
-    return f"{parts.scheme}://{host}{port}{path}"
+    """The URL as messages show it (`HttpEndpoint.where`): scheme://host[:port], then "/..." if it
+    has a path or query; never user info, path or query (any may hold a token)."""
+    return parse_http_url(url).where
 
 
 def describe_config(config: Config) -> str:
@@ -3619,26 +3614,26 @@ class HttpClient:
             if body:
                 data += conn.h11.send(h11.Data(data=body))
             data += conn.h11.send(h11.EndOfMessage())
+            half_sent = False
             try:
                 await conn.stream.send_all(data)
             except (OSError, trio.BrokenResourceError) as exc:
                 # A server may answer before reading the whole body (a 413 for a batch over its
                 # limit, a 401) and close: then the send fails, and its answer is what counts.
                 response = await self._early_response(conn)
-                if response is not None and reused and response.status == 408:
-                    # The server's idle timeout on the kept-alive connection, sent before our
-                    # request: not an answer to it.  A stale connection: send again at once.
-                    conn.received_bytes, response = 0, None
                 if response is None:
                     raise exc from None
-                await self._discard_connection()  # half-sent: never reused
-                conn.exchanges += 1
-                return response
-            response = await self._receive_response(conn)
+                half_sent = True
+            else:
+                response = await self._receive_response(conn)
             if reused and response.status == 408:
                 # Usually the server's idle timeout, written on the kept-alive connection before
                 # our request reached it: not an answer to it.  Send again on a new connection.
                 raise _StaleConnection("408 on a kept-alive connection")
+            if half_sent:
+                await self._discard_connection()  # never reused
+                conn.exchanges += 1
+                return response
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError) as exc:
             await self._discard_connection()
             if reused and conn.received_bytes == 0:
