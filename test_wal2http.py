@@ -4070,7 +4070,7 @@ class TestHook0Mapping:
         assert huge.problem_id == "Invalid" and huge.describe().startswith("422 Invalid")
 
     def test_status_classes(self):
-        assert [w.Hook0Sink._is_retryable(status) for status in (500, 503, 599, 600, 999, 429, 400)] == [
+        assert [w.is_retryable_status(status) for status in (500, 503, 599, 600, 999, 429, 400)] == [
             True, True, True, False, False, True, False]
 
     def test_api_url_credentials_not_in_the_config_repr(self):

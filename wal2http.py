@@ -166,6 +166,72 @@ class SinkAuthError(PreconditionError):
     """The sink rejected our credentials (HTTP 401/403 from Hook0): exit 4, never retried."""
 
 
+# -- Backoff and failing periods: shared by PostgreSQL reconnects and sink retries -------------------
+
+
+def compute_retry_delay(retry_index: int, base_s: float, max_s: float, random_value: float,
+                        retry_after_s: float | None = None) -> float:
+    """Exponential backoff with full jitter: random * min(max, base * 2**retry_index), raised to
+    the receiver's Retry-After, never above max (retry_index 0 is the first retry; random 1.0
+    gives the plain doubling)."""
+    delay = random_value * min(max_s, base_s * 2.0 ** min(retry_index, 64))  # 2**1025 overflows
+    if retry_after_s is not None:
+        delay = max(delay, retry_after_s)
+    return min(max_s, delay)
+
+
+class Backoff:
+    """The delays between attempts at one thing: base, doubling, capped at max; `jitter` (a
+    random() in [0, 1)) spreads them as compute_retry_delay does, None keeps them exact."""
+
+    def __init__(self, base_s: float, max_s: float, jitter: Callable[[], float] | None = None):
+        self.base_s, self.max_s, self.jitter = base_s, max_s, jitter
+        self.retries = 0  #: delays handed out since the last reset
+
+    def next_delay(self, retry_after_s: float | None = None) -> float:
+        random_value = 1.0 if self.jitter is None else self.jitter()
+        delay = compute_retry_delay(self.retries, self.base_s, self.max_s, random_value, retry_after_s)
+        self.retries += 1
+        return delay
+
+    def reset(self) -> None:
+        self.retries = 0
+
+
+class FailingPeriod:
+    """One period during which something keeps failing (a sink, the replication connection):
+    when it began, and whether an alert went out, so that its end sends one "recovered" mail.
+    `alerter` is an Alerter (section 9) or anything with its alert/recovered methods."""
+
+    def __init__(self, alerter, key: str):
+        self.alerter, self.key = alerter, key
+        self.since: datetime.datetime | None = None  #: wall clock of the first failure; None: healthy
+        self.started_at = 0.0  #: Trio clock of the first failure
+        self.alerted = False  #: an alert went out and no "recovered" yet
+
+    def failed(self) -> None:
+        if self.since is None:
+            self.since = datetime.datetime.now(datetime.timezone.utc)
+            self.started_at = trio.current_time()
+
+    @property
+    def duration_s(self) -> float:
+        return 0.0 if self.since is None else trio.current_time() - self.started_at
+
+    def alert(self, subject: str, body: str, key_suffix: str = "") -> None:
+        self.failed()
+        self.alerter.alert(self.key + key_suffix, subject, body, since=self.since)
+        self.alerted = True
+
+    def ended(self, subject: str, body: str) -> bool:
+        """The failure is over: "recovered" when it was alerted.  True when it was failing."""
+        was_failing, alerted = self.since is not None, self.alerted
+        self.since, self.alerted = None, False
+        if alerted:
+            self.alerter.recovered(self.key, subject, body)
+        return was_failing
+
+
 # =====================================================================================================
 # 2. Config
 # =====================================================================================================
@@ -3712,9 +3778,47 @@ def _describe_io_error(exc: BaseException) -> str:
 # signed the Standard Webhooks way (https://www.standardwebhooks.com/, spec/standard-webhooks.md:
 # "Signature scheme").  Retries and ON_FAILURE are ReliableSink's job; this sink says what happened.
 
-HTTP_RETRYABLE_STATUSES = frozenset({408, 425, 429})  #: besides every 5xx (CONTRACT.md section 5)
+HTTP_RETRYABLE_STATUSES = frozenset({408, 425, 429})  #: retried besides every 5xx, by both HTTP sinks
 HTTP_ERROR_BODY_CHARS = 200  #: how much of a failed response's body goes into the error message
 WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def is_retryable_status(status: int) -> bool:
+    """Whether an answer with this status may succeed when sent again (HTTP and Hook0 sinks):
+    408, 425, 429 and 5xx; 6xx-9xx are not HTTP and never retried."""
+    return 500 <= status < 600 or status in HTTP_RETRYABLE_STATUSES
+
+
+class _RequestSink:
+    """What the HTTP and Hook0 sinks share: events go out in order, `batch_size` per request
+    (`_send`), a failed request says how many events before it were delivered; and every text
+    that may reach a log or a mail is scrubbed of the configured secrets (a receiver may echo a
+    token back in its error body)."""
+
+    name = ""
+    batch_size = 1
+    _client: HttpClient
+
+    def __init__(self, config):
+        self._secrets = config_secrets(config)
+
+    async def deliver(self, events: list[Event]) -> None:
+        for start in range(0, len(events), self.batch_size):
+            batch = events[start:start + self.batch_size]
+            try:
+                await self._send(batch)
+            except DeliveryError as error:
+                raise DeliveryError(str(error), retryable=error.retryable, retry_after=error.retry_after,
+                                    delivered=start, failed=len(batch)) from None
+
+    async def _send(self, events: list[Event]) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _redact(self, text: str) -> str:
+        return scrub_secrets(text, self._secrets)
 
 
 def build_http_body(events: list[Event], batched: bool) -> bytes:
@@ -3770,19 +3874,19 @@ def classify_http_response(response: HttpResponse, where: str) -> DeliveryError 
     status = response.status
     if 200 <= status < 300:
         return None
-    retryable = 500 <= status < 600 or status in HTTP_RETRYABLE_STATUSES
     detail = shorten_body(response.body)
     message = f"{where} answered HTTP {status}" + (f": {detail}" if detail else "")
-    return DeliveryError(message, retryable=retryable,
+    return DeliveryError(message, retryable=is_retryable_status(status),
                          retry_after=decode_retry_after(response.headers.get("retry-after")))
 
 
-class HttpSink:
-    """POSTs events to HTTP_ENDPOINT_URL (CONTRACT.md section 5)."""
+class HttpSink(_RequestSink):
+    """POSTs events to HTTP_ENDPOINT_URL (see the README, "HTTP sink")."""
 
     name = "http"
 
     def __init__(self, config, *, ssl_context: ssl.SSLContext | None = None, alerter=None):
+        super().__init__(config)
         self.batch_size = max(1, config.http_batch_size)
         self._alerter = alerter
         self._secret = config.http_signing_secret
@@ -3792,19 +3896,6 @@ class HttpSink:
                                   ca_file=config.http_ca_file, headers=config.http_headers,
                                   ssl_context=ssl_context)
         self._clock = time.time  # replaced by tests
-        # Defence in depth: a receiver may echo a token back in its error body.
-        self._secrets = config_secrets(config)
-
-    async def deliver(self, events: list[Event]) -> None:
-        """Sends the events in order, in requests of batch_size; a failing request says how many
-        events before it were delivered (`delivered`) and how many it carried (`failed`)."""
-        for start in range(0, len(events), self.batch_size):
-            chunk = events[start:start + self.batch_size]
-            try:
-                await self._post(chunk)
-            except DeliveryError as error:
-                raise DeliveryError(str(error), retryable=error.retryable, retry_after=error.retry_after,
-                                    delivered=start, failed=len(chunk)) from None
 
     async def check(self) -> str:
         """--check: any HTTP answer to an OPTIONS request (which no receiver takes as an event)
@@ -3812,10 +3903,7 @@ class HttpSink:
         response = await self._client.request("OPTIONS", self._client.endpoint.target)
         return f"{self._client.endpoint.where} is reachable (OPTIONS answered {response.status})"
 
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-    async def _post(self, events: list[Event]) -> None:
+    async def _send(self, events: list[Event]) -> None:
         batched = self.batch_size > 1
         body = build_http_body(events, batched)
         headers = [("Content-Type", "application/json")]
@@ -3827,7 +3915,7 @@ class HttpSink:
             headers.extend(self._signature_headers(str(events[0]["id"]), body))
         response = await self._client.request("POST", self._client.endpoint.target, headers=headers, body=body)
         response = response.scrubbed(self._secrets)
-        if response.status in (401, 403):  # CONTRACT.md section 1: rejected credentials are exit 4
+        if response.status in (401, 403):  # rejected credentials are exit 4, never retried
             message = self._redact(f"{self._client.endpoint.where} rejected our credentials (HTTP {response.status}): "
                                    "check HTTP_HEADERS / the URL's user info; nothing was acknowledged")
             if self._alerter is not None:
@@ -3837,9 +3925,6 @@ class HttpSink:
         if error is not None:
             raise DeliveryError(self._redact(str(error)), retryable=error.retryable,
                                 retry_after=error.retry_after)
-
-    def _redact(self, text: str) -> str:
-        return scrub_secrets(text, self._secrets)
 
     def _signature_headers(self, msg_id: str, body: bytes) -> list[tuple[str, str]]:
         timestamp = int(self._clock())  # signed at each attempt: receivers reject stale timestamps
@@ -3859,16 +3944,6 @@ RELIABLE_ALERT_KEY = "delivery:"  #: + the sink name; one alert key per sink
 ALERT_EVENT_IDS = 5  #: event ids named in an alert; the rest are counted
 
 
-def compute_retry_delay(retry_index: int, base_s: float, max_s: float, random_value: float,
-                        retry_after_s: float | None = None) -> float:
-    """Full-jitter exponential backoff: random * min(max, base * 2**retry_index), raised to the
-    receiver's Retry-After, never above max (retry_index 0 is the first retry)."""
-    delay = random_value * min(max_s, base_s * 2.0 ** min(retry_index, 64))  # 2**1025 overflows
-    if retry_after_s is not None:
-        delay = max(delay, retry_after_s)
-    return min(max_s, delay)
-
-
 def append_dead_letters(path: str, events: list[Event]) -> None:
     """Appends the events as JSON Lines (the stdout format) and fsyncs them (blocking: run it in a
     worker thread).  A new file's directory entry is fsynced too, so the file survives a crash."""
@@ -3885,34 +3960,36 @@ def append_dead_letters(path: str, events: list[Event]) -> None:
             os.close(directory)
 
 
-def _describe_event_ids(events: list[Event]) -> str:
+def describe_event_ids(events: list[Event]) -> str:
     ids = ", ".join(str(event.get("id")) for event in events[:ALERT_EVENT_IDS])
     more = len(events) - ALERT_EVENT_IDS
     return f"{ids} and {more} more ({len(events)} events)" if more > 0 else f"{ids} ({len(events)} events)"
 
 
 class ReliableSink:
-    """Wraps a sink with retries and ON_FAILURE (see the section comment); same interface."""
+    """Wraps a sink with retries and ON_FAILURE (see the section comment); same interface.
 
-    def __init__(self, sink, config, alerter, *, sleep=trio.sleep, random=random.random):
+    `stop`, when set, means shutdown has begun: the delivery in flight may still finish within
+    the shutdown timeout, but no new alert says it keeps retrying."""
+
+    def __init__(self, sink, config, alerter, *, sleep=trio.sleep, random=random.random,
+                 stop: trio.Event | None = None):
         self.sink = sink
         self.config = config
-        self.alerter = alerter
         self.name = sink.name
         self.batch_size = sink.batch_size
         self.relation_columns = getattr(sink, "relation_columns", None)  # passed through (Hook0)
         self._sleep = sleep
-        self._random = random
-        self._alert_key = RELIABLE_ALERT_KEY + sink.name
-        self._failing_since: float | None = None  # wall clock of the first failure of this outage
-        self._alerted = False  # an alert went out and no "recovered" yet
+        self._backoff = Backoff(config.retry_base_delay_s, config.retry_max_delay_s, jitter=random)
+        self.failing = FailingPeriod(alerter, RELIABLE_ALERT_KEY + sink.name)
+        self._stop = stop
 
     async def deliver(self, events: list[Event]) -> None:
         """Returns when every event is delivered or dead-lettered; raises DeliveryFailed
         (ON_FAILURE=exit; its `delivered` says how many leading events got through) or
         SinkAuthError (never retried)."""
         position = 0  # events[:position] are delivered or dead-lettered
-        failures = 0  # failed attempts in a row for events[position:]
+        self._backoff.reset()  # its retries count the failed attempts for events[position:]
         while position < len(events):
             try:
                 await self.sink.deliver(events[position:])
@@ -3922,15 +3999,13 @@ class ReliableSink:
                 delivered, failed = self._progress_of(error, len(events) - position)
                 position += delivered
                 if delivered:
-                    failures = 0
+                    self._backoff.reset()
                     self._recovered()
-                if position == len(events):
-                    break
-                failures += 1
-                skipped = await self._handle_failure(events, position, failed, failures, error)
-                if skipped:
-                    position += skipped
-                    failures = 0
+                if position < len(events):
+                    skipped = await self._handle_failure(events, position, failed, error)
+                    if skipped:
+                        position += skipped
+                        self._backoff.reset()
             else:
                 self._recovered()
                 return
@@ -3953,39 +4028,43 @@ class ReliableSink:
     def _max_attempts(self, error: DeliveryError) -> int:
         return max(1, self.config.retry_max_attempts) if error.retryable else 1
 
-    async def _handle_failure(self, events: list[Event], position: int, failed: int, failures: int,
+    @property
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
+    async def _handle_failure(self, events: list[Event], position: int, failed: int,
                               error: DeliveryError) -> int:
         """Waits before the next attempt, or applies ON_FAILURE; returns how many events are
         done with (dead-lettered), 0 when they are to be tried again."""
-        if self._failing_since is None:
-            self._failing_since = time.time()
-        if failures < self._max_attempts(error):
-            delay = compute_retry_delay(failures - 1, self.config.retry_base_delay_s,
-                                        self.config.retry_max_delay_s, self._random(), error.retry_after)
-            self._log_attempt(f"attempt {failures} of {self.config.retry_max_attempts}", delay, error)
+        self.failing.failed()
+        attempts = self._backoff.retries + 1  # this failure included
+        if attempts < self._max_attempts(error):
+            delay = self._backoff.next_delay(error.retry_after)
+            self._log_attempt(f"attempt {attempts} of {self.config.retry_max_attempts}", delay, error)
             await self._sleep(delay)
             return 0
         failing = events[position:position + failed]
         if self.config.on_failure == "retry":
-            return await self._keep_retrying(failing, failures, error)
+            return await self._keep_retrying(failing, attempts, error)
         if self.config.on_failure == "skip":
-            return await self._dead_letter(failing, failures, error, position)
-        self._alert(failing, failures, error, "wal2http stops (ON_FAILURE=exit); nothing from the first "
+            return await self._dead_letter(failing, attempts, error, position)
+        self._alert(failing, attempts, error, "wal2http stops (ON_FAILURE=exit); nothing from the first "
                     "of these events on is acknowledged, so it is sent again after a restart", stops=True)
-        raise DeliveryFailed(f"delivery to the {self.name} sink failed after {failures} attempt(s): "
+        raise DeliveryFailed(f"delivery to the {self.name} sink failed after {attempts} attempt(s): "
                                f"{error}; {position} of the {len(events)} events were delivered, event "
                                f"{events[position].get('id')} and those after it were not", position)
 
-    async def _keep_retrying(self, failing: list[Event], failures: int, error: DeliveryError) -> int:
+    async def _keep_retrying(self, failing: list[Event], attempts: int, error: DeliveryError) -> int:
         delay = max(self.config.retry_max_delay_s, RETRY_FOREVER_MIN_DELAY_S)
-        if not self._alerted:
-            self._alert(failing, failures, error, f"wal2http keeps retrying every {delay:g} s "
+        if not self.failing.alerted and not self._stopping:
+            self._alert(failing, attempts, error, f"wal2http keeps retrying every {delay:g} s "
                         "(ON_FAILURE=retry) and holds back everything after these events")
-        self._log_attempt(f"attempt {failures}, retrying until it works (ON_FAILURE=retry)", delay, error)
+        self._backoff.retries += 1
+        self._log_attempt(f"attempt {attempts}, retrying until it works (ON_FAILURE=retry)", delay, error)
         await self._sleep(delay)
         return 0
 
-    async def _dead_letter(self, failing: list[Event], failures: int, error: DeliveryError,
+    async def _dead_letter(self, failing: list[Event], attempts: int, error: DeliveryError,
                            position: int) -> int:
         """Appends the failing events to DEAD_LETTER_FILE; if that fails too, nothing can be
         acknowledged, so it is ON_FAILURE=exit after all."""
@@ -3993,47 +4072,45 @@ class ReliableSink:
         try:
             await trio.to_thread.run_sync(append_dead_letters, path, failing)
         except OSError as exc:
-            self._alert(failing, failures, error, f"writing them to DEAD_LETTER_FILE {path} failed too "
+            self._alert(failing, attempts, error, f"writing them to DEAD_LETTER_FILE {path} failed too "
                         f"({exc}), so wal2http stops; they are sent again after a restart", stops=True)
             raise DeliveryFailed(f"cannot append {len(failing)} undeliverable event(s) to DEAD_LETTER_FILE "
                                    f"{path}: {exc}; nothing from event {failing[0].get('id')} on is "
                                    "acknowledged", position) from None
-        self._alert(failing, failures, error, f"the events were appended to DEAD_LETTER_FILE {path} "
+        self._alert(failing, attempts, error, f"the events were appended to DEAD_LETTER_FILE {path} "
                     "(ON_FAILURE=skip) and wal2http goes on")
-        logger.error("dead-lettered %d event(s) to %s: %s", len(failing), path, _describe_event_ids(failing))
+        logger.error("dead-lettered %d event(s) to %s: %s", len(failing), path, describe_event_ids(failing))
         return len(failing)
 
     def _log_attempt(self, attempt: str, delay: float, error: DeliveryError) -> None:
         logger.warning("delivery to the %s sink failed (%s): %s; retrying in %.1f s",
                        self.name, attempt, error, delay)
 
-    def _alert(self, failing: list[Event], failures: int, error: DeliveryError, action: str,
+    def _alert(self, failing: list[Event], attempts: int, error: DeliveryError, action: str,
                stops: bool = False) -> None:
         """The alert for events that could not be delivered.  When wal2http stops, the alert has
         its own key and subject: an earlier alert (say, a skip a minute ago) must not hold back
         the mail that says the service is down."""
-        since = datetime.datetime.fromtimestamp(self._failing_since or time.time(), datetime.timezone.utc)
-        key, subject = self._alert_key, f"delivery to the {self.name} sink is failing"
+        subject = f"delivery to the {self.name} sink is failing"
         if stops:
-            key, subject = key + ":stopped", f"wal2http stopped: delivery to the {self.name} sink failed"
-        self.alerter.alert(
-            key, subject,
+            subject = f"wal2http stopped: delivery to the {self.name} sink failed"
+        self.failing.alert(
+            subject,
             f"wal2http could not deliver events to the {self.name} sink.\n"
-            f"Failing since: {_utc_text(since)} ({failures} attempt(s) for these events)\n"
-            f"Events: {_describe_event_ids(failing)}\n"
+            f"Failing since: {_utc_text(self.failing.since)} ({attempts} attempt(s) for these events)\n"
+            f"Events: {describe_event_ids(failing)}\n"
             f"Last error: {error}\n"
-            f"What happens now: {action}.\n", since=since)
-        self._alerted = True
+            f"What happens now: {action}.\n", key_suffix=":stopped" if stops else "")
 
     def _recovered(self) -> None:
-        if self._alerted:
-            since = _utc_text(datetime.datetime.fromtimestamp(self._failing_since or time.time(), datetime.timezone.utc))
-            self.alerter.recovered(
-                self._alert_key, f"delivery to the {self.name} sink recovered",
-                f"Deliveries to the {self.name} sink work again (failing since {since}).\n")
+        since = self.failing.since
+        if since is None:
+            return  # healthy: the common case, after every delivery
+        if self.failing.alerted:
             logger.info("delivery to the %s sink recovered", self.name)
-        self._alerted = False
-        self._failing_since = None
+        self.failing.ended(f"delivery to the {self.name} sink recovered",
+                           f"Deliveries to the {self.name} sink work again "
+                           f"(failing since {_utc_text(since)}).\n")
 
 
 # =====================================================================================================
@@ -4382,20 +4459,19 @@ def split_hook0_event_type(event_type: str) -> tuple[str, str, str] | None:
 # One event per request; HttpClient raises DeliveryError(retryable=True) on connection errors and
 # timeouts.  ReliableSink wraps this sink for retries, ON_FAILURE and the dead-letter file.
 
-#: Statuses retried besides 5xx (as the HTTP sink does, CONTRACT.md section 5).
-HOOK0_RETRYABLE_STATUSES = frozenset({408, 425, 429})
 HOOK0_ALERT_AUTH = "hook0-auth"
 HOOK0_ALERT_QUOTA = "hook0-quota"
 HOOK0_ALERT_EVENT_TYPE = "hook0-event-type:"   # + the event type
 
 
-class Hook0Sink:
-    """Sends events to Hook0's `POST <api>/event`, one per request (CONTRACT.md section 6)."""
+class Hook0Sink(_RequestSink):
+    """Sends events to Hook0's `POST <api>/event`, one per request (see the README, "Hook0 sink")."""
 
     name = "hook0"
     batch_size = 1
 
     def __init__(self, config, alerter, *, ssl_context: ssl.SSLContext | None = None):
+        super().__init__(config)
         self.config = config
         self.alerter = alerter
         self.api_base = hook0_api_base(config.hook0_api_url)
@@ -4407,7 +4483,6 @@ class Hook0Sink:
         except (TypeError, ValueError):
             raise ConfigError("HOOK0_APPLICATION_ID must be a UUID") from None
         self._token = config.hook0_api_token
-        self._secrets = config_secrets(config)
         self._client = HttpClient(self.api_base, timeout_s=config.http_timeout_s,
                                   ca_file=config.http_ca_file, ssl_context=ssl_context,
                                   headers=(("Authorization", f"Bearer {self._token}"),))
@@ -4419,15 +4494,6 @@ class Hook0Sink:
         self._warned_tables: set[tuple[str, str]] = set()
 
     # -- Sink interface ---------------------------------------------------------------------------
-
-    async def deliver(self, events: list[Event]) -> None:
-        """Sends the events in order; a failure of the k-th (0-based) says `delivered=k, failed=1`."""
-        for index, event in enumerate(events):
-            try:
-                await self._deliver_one(event)
-            except DeliveryError as error:
-                raise DeliveryError(str(error), retryable=error.retryable, retry_after=error.retry_after,
-                                    delivered=index, failed=1) from error
 
     async def check(self) -> str:
         """--check: lists the application's event types, which needs a working token."""
@@ -4443,14 +4509,12 @@ class Hook0Sink:
             raise self._auth_error(answer, "listing event types")
         raise DeliveryError(self._redact(f"Hook0 API {self._shown_base} answered {answer.describe()} "
                                          "when listing event types"),
-                            retryable=self._is_retryable(answer.status), retry_after=answer.retry_after_s)
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
+                            retryable=is_retryable_status(answer.status), retry_after=answer.retry_after_s)
 
     # -- one event --------------------------------------------------------------------------------
 
-    async def _deliver_one(self, event: Event) -> None:
+    async def _send(self, events: list[Event]) -> None:
+        event = events[0]  # batch_size is 1
         try:
             body = self._build(event)
         except RecursionError:  # jsonb nested deeper than Python's JSON reader follows
@@ -4515,7 +4579,7 @@ class Hook0Sink:
             self.alerter.alert(HOOK0_ALERT_QUOTA, "Hook0 daily event quota reached",
                                self._redact(f"Hook0 refuses new events: {answer.describe()}"))
         raise DeliveryError(self._redact(f"Hook0 answered {answer.describe()} for {where}"),
-                            retryable=self._is_retryable(answer.status), retry_after=answer.retry_after_s)
+                            retryable=is_retryable_status(answer.status), retry_after=answer.retry_after_s)
 
     async def _create_event_type(self, event_type: str, where: str) -> None:
         """POST <api>/event_types for HOOK0_CREATE_EVENT_TYPES; Hook0 reactivates an existing one,
@@ -4541,13 +4605,9 @@ class Hook0Sink:
             raise self._auth_error(answer, f"creating event type {event_type!r}")
         raise DeliveryError(self._redact(f"Hook0 answered {answer.describe()} when creating event type "
                                          f"{event_type!r} for {where}"),
-                            retryable=self._is_retryable(answer.status), retry_after=answer.retry_after_s)
+                            retryable=is_retryable_status(answer.status), retry_after=answer.retry_after_s)
 
     # -- helpers ----------------------------------------------------------------------------------
-
-    @staticmethod
-    def _is_retryable(status: int) -> bool:
-        return 500 <= status < 600 or status in HOOK0_RETRYABLE_STATUSES
 
     def _auth_error(self, answer: Hook0Answer, doing: str) -> SinkAuthError:
         """Alerts and returns the exit-4 error for a rejected token (never retried)."""
@@ -4557,9 +4617,6 @@ class Hook0Sink:
         self.alerter.alert(HOOK0_ALERT_AUTH, "Hook0 rejected the API token", message)
         return SinkAuthError(message)
 
-    def _redact(self, text: str) -> str:
-        """Defence in depth: no secret reaches a message, even if a server echoes it."""
-        return scrub_secrets(text, self._secrets)
 
 
 # =====================================================================================================
@@ -5389,33 +5446,71 @@ RECONNECT_ALERT_AFTER_S = 300.0  #: failing this long without progress: alert (m
 RECONNECT_ALERT_KEY = "postgresql"
 
 
+class ReconnectPolicy:
+    """When run_replication reconnects, and when it alerts.
+
+    The backoff doubles from RECONNECT_BASE_S to RECONNECT_MAX_S and starts again only after
+    progress (the flushed position moved, or a session streamed RECONNECT_PROGRESS_S): an error
+    that comes back at the same place each time (the server fails decoding some WAL) must not
+    become a reconnection every second.  A failing period ends only when the slot advances;
+    failing for RECONNECT_ALERT_AFTER_S is one alert, and the advance after it one "recovered"."""
+
+    def __init__(self, ack: AckTracker, alerter=None):
+        self.ack = ack
+        self.alerter = alerter
+        self.backoff = Backoff(RECONNECT_BASE_S, RECONNECT_MAX_S)
+        self.failing = FailingPeriod(alerter, RECONNECT_ALERT_KEY)
+        self.streaming_since: float | None = None  # Trio time the current session began streaming
+        self._flushed_before = ack.flushed_lsn
+
+    def session_starts(self) -> None:
+        self.streaming_since, self._flushed_before = None, self.ack.flushed_lsn
+
+    def streaming(self) -> None:
+        self.streaming_since = trio.current_time()
+
+    def session_failed(self, error: BaseException) -> float:
+        """Logs the failure, alerts when it has lasted; returns the delay before the next try."""
+        advanced = self.ack.flushed_lsn > self._flushed_before
+        streamed_s = 0.0 if self.streaming_since is None else trio.current_time() - self.streaming_since
+        if advanced:
+            self.failing.since = None  # a new period (an alerted one ended at the advance)
+        if advanced or streamed_s >= RECONNECT_PROGRESS_S:
+            self.backoff.reset()
+        self.failing.failed()
+        delay = self.backoff.next_delay()
+        logger.warning("%s; reconnecting in %.1f s", error, delay)
+        if (self.alerter is not None and not self.failing.alerted
+                and self.failing.duration_s >= RECONNECT_ALERT_AFTER_S):
+            self.failing.alert("wal2http cannot stream from PostgreSQL",
+                               f"The replication connection has failed for {self.failing.duration_s:.0f} s "
+                               f"without the slot advancing; wal2http keeps reconnecting.\n"
+                               f"Last error: {error}\n")
+            self.ack.on_progress = self._slot_advanced  # armed: the next advance ends the period
+        return delay
+
+    def _slot_advanced(self) -> None:
+        self.ack.on_progress = None
+        self.failing.ended("wal2http streams from PostgreSQL again",
+                           "The replication connection works again and the slot advances.\n")
+
+
 async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_STATUS_IGNORED,
                           alerter=None) -> AckTracker:
-    """Stream until `stop` is set, reconnecting with backoff when the connection is lost.  The
-    backoff starts again from RECONNECT_BASE_S only after progress (the flushed position moved,
-    or a session lasted RECONNECT_PROGRESS_S): an error that comes back at the same place each
-    time (the server fails decoding some WAL) must not become a reconnection every second.
-    Failing for RECONNECT_ALERT_AFTER_S without progress is an alert; progress after it, a
-    "recovered" one."""
-    ack, delay, started = AckTracker(), RECONNECT_BASE_S, False
-    failing_since: float | None = None  # trio time of the first failure since the slot last advanced
-    streaming_since: float | None = None  # when the current session began streaming
+    """Stream until `stop` is set, reconnecting with backoff (ReconnectPolicy) when the
+    connection is lost; any other error propagates."""
+    ack = AckTracker()
+    policy, started = ReconnectPolicy(ack, alerter), False
 
     def on_streaming():
-        nonlocal started, streaming_since
-        streaming_since = trio.current_time()
+        nonlocal started
+        policy.streaming()
         if not started:
             started = True
             task_status.started(ack)
 
-    def on_progress():
-        ack.on_progress = None
-        if alerter is not None:
-            alerter.recovered(RECONNECT_ALERT_KEY, "wal2http streams from PostgreSQL again",
-                              "The replication connection works again and the slot advances.\n")
-
     while not stop.is_set():
-        streaming_since, flushed_before = None, ack.flushed_lsn
+        policy.session_starts()
         try:
             await _run_session_or_stop(config, sink, ack, stop, on_streaming)
             return ack
@@ -5423,24 +5518,9 @@ async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_
             error = first_error(exc)
             if not isinstance(error, ConnectionLost):
                 raise error from None
-            now = trio.current_time()
-            if ack.flushed_lsn > flushed_before:
-                failing_since = None  # only the slot advancing ends a failing period
-            if ack.flushed_lsn > flushed_before or (
-                    streaming_since is not None and now - streaming_since >= RECONNECT_PROGRESS_S):
-                delay = RECONNECT_BASE_S
-            if failing_since is None:
-                failing_since, wall_since = now, datetime.datetime.now(datetime.timezone.utc)
-            logger.warning("%s; reconnecting in %.1f s", error, delay)
-            if alerter is not None and ack.on_progress is None and now - failing_since >= RECONNECT_ALERT_AFTER_S:
-                alerter.alert(RECONNECT_ALERT_KEY, "wal2http cannot stream from PostgreSQL",
-                              f"The replication connection has failed for {now - failing_since:.0f} s "
-                              f"without the slot advancing; wal2http keeps reconnecting.\n"
-                              f"Last error: {error}\n", since=wall_since)
-                ack.on_progress = on_progress  # armed: one alert per failing period, then "recovered"
+            delay = policy.session_failed(error)
         with trio.move_on_after(delay):
             await stop.wait()
-        delay = min(delay * 2, RECONNECT_MAX_S)
     return ack
 
 
