@@ -3455,6 +3455,28 @@ class TestReliableSink:
                 make_events(1))
         assert len(sink.calls) == 1 and sleep.delays == []
 
+    async def test_no_new_retrying_alert_once_shutdown_began(self, autojump_clock):
+        """ON_FAILURE=retry: attempts that run out after SIGTERM (within the shutdown timeout)
+        do not mail that wal2http keeps retrying: it is stopping."""
+        config = http_config(on_failure="retry", retry_max_attempts=2, retry_max_delay_s=1.0)
+        stop, alerter = trio.Event(), RecordingAlerter()
+        stop.set()
+        sink = FlakySink([retryable()] * 10)
+        with trio.move_on_after(5) as scope:
+            await w.ReliableSink(sink, config, alerter, stop=stop).deliver(make_events(1))
+        assert scope.cancelled_caught
+        assert len(sink.calls) >= 3  # past RETRY_MAX_ATTEMPTS: retrying for ever
+        assert alerter.alerts == []
+
+    async def test_the_retrying_alert_goes_out_while_running(self, autojump_clock):
+        config = http_config(on_failure="retry", retry_max_attempts=2, retry_max_delay_s=1.0)
+        alerter = RecordingAlerter()
+        sink = FlakySink([retryable()] * 10)
+        with trio.move_on_after(5):
+            await w.ReliableSink(sink, config, alerter, stop=trio.Event()).deliver(make_events(1))
+        assert len(alerter.alerts) == 1
+        assert "keeps retrying" in alerter.alerts[0][2]
+
     async def test_passes_the_sink_interface_through(self):
         reliable = w.ReliableSink(FlakySink([]), http_config(), RecordingAlerter())
         assert (reliable.name, reliable.batch_size, await reliable.check()) == ("fake", 10, "ok")
@@ -4666,10 +4688,13 @@ class TestConnection:
             assert await conn.simple_query("SELECT 1") == [("1",)]
 
     async def test_refused_port_is_connection_lost(self):
-        info = w.parse_database_url(f"postgresql://u@127.0.0.1:{free_port()}/d?sslmode=disable", {})
-        with pytest.raises(w.ConnectionLost, match="cannot connect"):
+        port = free_port()
+        info = w.parse_database_url(f"postgresql://u@127.0.0.1:{port}/d?sslmode=disable", {})
+        with pytest.raises(w.ConnectionLost) as raised:
             async with w.open_pg_connection(info):
                 pass
+        # The OS's reason, said once: not Trio's "all attempts to connect ... failed" around it.
+        assert str(raised.value) == f"cannot connect to PostgreSQL at 127.0.0.1:{port}: Connection refused"
 
     async def test_silent_server_times_out(self):
         with socket.socket() as listener:
@@ -6350,7 +6375,12 @@ class TestHttpEndToEnd:
         assert elapsed < w.SHUTDOWN_TIMEOUT_S + 5
         assert receiver.delivered() == []
         assert await slot_confirmed(cluster, db) < lsn(event["commit_lsn"])
-        assert "Traceback" not in proc.stderr.decode()
+        stderr = proc.stderr.decode()
+        assert "Traceback" not in stderr
+        abandoned = [line for line in stderr.splitlines() if "is abandoned" in line]
+        assert len(abandoned) == 1
+        assert event["id"] in abandoned[0]
+        assert "sent again at the next start" in abandoned[0]
 
     async def test_a_receiver_hanging_past_the_timeout_is_retried_on_a_new_connection(self, cluster, db):
         await table(cluster, db)

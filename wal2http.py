@@ -73,6 +73,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 import unicodedata
 import urllib.parse
 import uuid
@@ -1497,6 +1498,45 @@ class ScramClient:
             signature = b""
         if not hmac.compare_digest(signature, self._server_signature):
             raise AuthenticationError("SCRAM server signature does not match: the server is not who it claims")
+
+
+class Authenticator:
+    """The answers to one connection's Authentication requests (pure: request in, bytes out):
+    cleartext, MD5 or SCRAM-SHA-256, whichever the server asks for."""
+
+    def __init__(self, user: str, password: str | None):
+        self.user, self.password = user, password
+        self._scram: ScramClient | None = None
+
+    def answer(self, code: int, data: bytes) -> bytes:
+        """The message to send for an Authentication request (b"" when none is due); raises
+        AuthenticationError for a request it cannot answer."""
+        if code == AUTH_OK:
+            return b""
+        if code in (AUTH_SASL_CONTINUE, AUTH_SASL_FINAL) and self._scram is not None:
+            return self._answer_scram(code, data)
+        if code in (AUTH_SASL_CONTINUE, AUTH_SASL_FINAL):
+            raise AuthenticationError(f"unexpected SASL message {code} before SASL began")
+        if self.password is None and code in (AUTH_CLEARTEXT_PASSWORD, AUTH_MD5_PASSWORD, AUTH_SASL):
+            raise AuthenticationError(f"PostgreSQL asks a password for user {self.user!r}: put it in "
+                                      "DATABASE_URL or PGPASSWORD")
+        if code == AUTH_CLEARTEXT_PASSWORD:
+            return encode_password(self.password.encode())
+        if code == AUTH_MD5_PASSWORD:
+            return encode_password(build_md5_password(self.user, self.password, data[:4]))
+        if code == AUTH_SASL:
+            mechanisms = decode_sasl_mechanisms(data)
+            if SCRAM_MECHANISM not in mechanisms:
+                raise AuthenticationError(f"no supported SASL mechanism among {mechanisms}")
+            self._scram = ScramClient(self.password)
+            return encode_sasl_initial_response(SCRAM_MECHANISM, self._scram.client_first())
+        raise AuthenticationError(f"unsupported authentication request {code} from PostgreSQL")
+
+    def _answer_scram(self, code: int, data: bytes) -> bytes:
+        if code == AUTH_SASL_CONTINUE:
+            return encode_sasl_response(self._scram.client_final(data))
+        self._scram.verify_server_final(data)
+        return b""
 
 
 # =====================================================================================================
@@ -3371,11 +3411,30 @@ class Alerter:
 # =====================================================================================================
 # 10. stdout sink
 # =====================================================================================================
-# The sink interface, which every sink (stdout, HTTP, Hook0, ReliableSink around them) follows:
-# `name`; `batch_size` (most events per deliver call); `async deliver(events)`, which returns once
-# every event is delivered or raises DeliveryError (saying how many leading events got through);
-# `async check()` for --check; `async aclose()`.  Events are Event objects (section 8), written as
+# The sink interface (`Sink`): every sink (stdout, HTTP, Hook0, ReliableSink around them, and an
+# application's own, passed to `run`) follows it.  Events are Event objects (section 8), written as
 # their `line`; sinks take plain dicts too, for applications that import wal2http.
+
+
+@typing.runtime_checkable
+class Sink(typing.Protocol):
+    """Where events go.  A sink that wants each table's column names (Hook0, to tell an outbox
+    table from a delete that carries only the key) also has a `relation_columns` dict, which the
+    replication loop fills from Relation messages."""
+
+    name: str  #: "stdout", "http", "hook0", or an application's own name
+    batch_size: int  #: most events per deliver() call
+
+    async def deliver(self, events: list[Event]) -> None:
+        """Returns once every event is delivered; otherwise raises DeliveryError saying how many
+        leading events got through (`delivered`), or SinkAuthError (exit 4)."""
+
+    async def check(self) -> str:
+        """--check: a line saying the sink is reachable; raises DeliveryError when it is not."""
+
+    async def aclose(self) -> None:
+        """Releases connections; called once at exit."""
+
 
 def _may_block_forever(out) -> bool:
     """Whether writing to `out` can wait on a reader (pipe, socket, terminal), as opposed to a
@@ -3646,7 +3705,8 @@ class HttpClient:
         try:
             stream: trio.abc.Stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
         except OSError as exc:
-            raise DeliveryError(f"cannot connect to {endpoint.where}: {exc}", retryable=True) from None
+            raise DeliveryError(f"cannot connect to {endpoint.where}: {describe_os_error(exc)}",
+                                retryable=True) from None
         if self._ssl_context is not None:
             stream = await self._start_tls(stream)
         self._connection = _Connection(stream)
@@ -3676,30 +3736,12 @@ class HttpClient:
         reused = conn.exchanges > 0
         conn.received_bytes = 0
         try:
-            data = conn.h11.send(request)
-            if body:
-                data += conn.h11.send(h11.Data(data=body))
-            data += conn.h11.send(h11.EndOfMessage())
-            half_sent = False
-            try:
-                await conn.stream.send_all(data)
-            except (OSError, trio.BrokenResourceError) as exc:
-                # A server may answer before reading the whole body (a 413 for a batch over its
-                # limit, a 401) and close: then the send fails, and its answer is what counts.
-                response = await self._early_response(conn)
-                if response is None:
-                    raise exc from None
-                half_sent = True
-            else:
-                response = await self._receive_response(conn)
+            early = await self._send_request(conn, request, body)
+            response = early or await self._receive_response(conn)
             if reused and response.status == 408:
                 # Usually the server's idle timeout, written on the kept-alive connection before
                 # our request reached it: not an answer to it.  Send again on a new connection.
                 raise _StaleConnection("408 on a kept-alive connection")
-            if half_sent:
-                await self._discard_connection()  # never reused
-                conn.exchanges += 1
-                return response
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError) as exc:
             await self._discard_connection()
             if reused and conn.received_bytes == 0:
@@ -3710,11 +3752,28 @@ class HttpClient:
             await self._discard_connection()  # cancelled or timed out mid-exchange: state unknown
             raise
         conn.exchanges += 1
-        if conn.reusable:
+        if early is None and conn.reusable:
             conn.h11.start_next_cycle()
         else:
-            await self._discard_connection()
+            await self._discard_connection()  # an early answer left our request half sent
         return response
+
+    async def _send_request(self, conn: _Connection, request: h11.Request, body: bytes) -> HttpResponse | None:
+        """Writes the request; None once it is all sent.  A server may answer before reading the
+        whole body (a 413 for a batch over its limit, a 401) and close: then the send fails, and
+        the answer it sent first is returned, because that is what counts."""
+        data = conn.h11.send(request)
+        if body:
+            data += conn.h11.send(h11.Data(data=body))
+        data += conn.h11.send(h11.EndOfMessage())
+        try:
+            await conn.stream.send_all(data)
+        except (OSError, trio.BrokenResourceError) as exc:
+            response = await self._early_response(conn)
+            if response is None:
+                raise exc from None
+            return response
+        return None
 
     async def _early_response(self, conn: _Connection) -> HttpResponse | None:
         """The whole answer the server sent before our send failed, or None."""
@@ -3972,7 +4031,7 @@ class ReliableSink:
     `stop`, when set, means shutdown has begun: the delivery in flight may still finish within
     the shutdown timeout, but no new alert says it keeps retrying."""
 
-    def __init__(self, sink, config, alerter, *, sleep=trio.sleep, random=random.random,
+    def __init__(self, sink: Sink, config, alerter, *, sleep=trio.sleep, random=random.random,
                  stop: trio.Event | None = None):
         self.sink = sink
         self.config = config
@@ -4756,23 +4815,27 @@ class PgConnection:
         return data
 
     async def receive_message(self) -> tuple[int, bytes]:
-        """The next message that is not a notice (notices are logged) or parameter status."""
+        """The next message that is not an asynchronous one (see handle_asynchronous)."""
         while True:
             message = self.buffer.next_message()
             if message is None:
                 self.buffer.feed(await self.receive_some())
-                continue
-            tag, body = message
-            if tag == NOTICE_RESPONSE:
-                fields = decode_error_fields(body, "NoticeResponse")
-                logger.info("PostgreSQL %s: %s", fields.get("S", "NOTICE"), fields.get("M", ""))
-            elif tag == PARAMETER_STATUS:
-                name, value = decode_parameter_status(body)
-                self.parameters[name] = value
-            elif tag == NOTIFICATION_RESPONSE:
-                continue
-            else:
-                return tag, body
+            elif not self.handle_asynchronous(*message):
+                return message
+
+    def handle_asynchronous(self, tag: int, body: bytes) -> bool:
+        """Messages the server may send at any time ("Asynchronous Operations" in the protocol
+        docs): a notice is logged, a parameter status recorded, a notification ignored.  False
+        for any other message."""
+        if tag == NOTICE_RESPONSE:
+            fields = decode_error_fields(body, "NoticeResponse")
+            logger.info("PostgreSQL %s: %s", fields.get("S", "NOTICE"), fields.get("M", ""))
+        elif tag == PARAMETER_STATUS:
+            name, value = decode_parameter_status(body)
+            self.parameters[name] = value
+        elif tag != NOTIFICATION_RESPONSE:
+            return False
+        return True
 
     async def simple_query(self, sql: str, timeout_s: float = DEFAULT_QUERY_TIMEOUT_S) -> list[tuple]:
         """Run one statement; returns its rows (tuples of str or None). ServerError on failure."""
@@ -4817,7 +4880,16 @@ async def _open_socket(conninfo) -> trio.abc.Stream:
         set_tcp_keepalive(stream.socket)
         return stream
     except OSError as exc:
-        raise ConnectionLost(f"cannot connect to PostgreSQL at {_where(conninfo)}: {exc.strerror or exc}") from None
+        raise ConnectionLost(f"cannot connect to PostgreSQL at {_where(conninfo)}: {describe_os_error(exc)}") from None
+
+
+def describe_os_error(exc: OSError) -> str:
+    """The operating system's reason, once: "Connection refused" rather than Trio's "all attempts
+    to connect to host:port failed" around it (the address is named by the caller)."""
+    causes = getattr(exc.__cause__, "exceptions", None) or [exc]
+    reasons = dict.fromkeys(os.strerror(cause.errno) if (cause.errno or 0) > 0 else cause.strerror or str(cause)
+                            for cause in causes if isinstance(cause, OSError))
+    return "; ".join(reasons) or str(exc)
 
 
 TCP_KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}  #: a dead peer noticed in 2 min
@@ -4863,8 +4935,9 @@ async def _start_tls(stream: trio.abc.Stream, conninfo) -> trio.abc.Stream | Non
 
 
 async def _authenticate(conn: PgConnection) -> None:
-    """From StartupMessage to ReadyForQuery: answer whatever authentication the server asks."""
-    info, scram = conn.conninfo, None
+    """From StartupMessage to ReadyForQuery: the server's requests answered by an Authenticator."""
+    info = conn.conninfo
+    authenticator = Authenticator(info.user, info.password)
     while True:
         tag, body = await conn.receive_message()
         if tag == READY_FOR_QUERY:
@@ -4872,34 +4945,14 @@ async def _authenticate(conn: PgConnection) -> None:
         if tag == ERROR_RESPONSE:
             raise classify_server_error(ServerError(decode_error_fields(body)),
                                         f"PostgreSQL refused the connection as user {info.user!r}")
-        if tag == BACKEND_KEY_DATA:
+        if tag == AUTHENTICATION:
+            reply = authenticator.answer(*decode_authentication(body))
+            if reply:
+                await conn.send(reply)
+        elif tag == BACKEND_KEY_DATA:
             conn.backend_pid = _INT32.unpack_from(body)[0] if len(body) >= 4 else 0
-            continue
-        if tag == NEGOTIATE_PROTOCOL_VERSION:
-            continue
-        if tag != AUTHENTICATION:
+        elif tag != NEGOTIATE_PROTOCOL_VERSION:
             raise ProtocolError(f"unexpected message {chr(tag)!r} during authentication")
-        code, rest = decode_authentication(body)
-        if code == AUTH_OK:
-            continue
-        if code not in (AUTH_SASL_CONTINUE, AUTH_SASL_FINAL) and info.password is None:
-            raise AuthenticationError(f"PostgreSQL asks a password for user {info.user!r}: put it in "
-                                      "DATABASE_URL or PGPASSWORD")
-        if code == AUTH_CLEARTEXT_PASSWORD:
-            await conn.send(encode_password(info.password.encode()))
-        elif code == AUTH_MD5_PASSWORD:
-            await conn.send(encode_password(build_md5_password(info.user, info.password, rest[:4])))
-        elif code == AUTH_SASL:
-            if SCRAM_MECHANISM not in decode_sasl_mechanisms(rest):
-                raise AuthenticationError(f"no supported SASL mechanism among {decode_sasl_mechanisms(rest)}")
-            scram = ScramClient(info.password)
-            await conn.send(encode_sasl_initial_response(SCRAM_MECHANISM, scram.client_first()))
-        elif code == AUTH_SASL_CONTINUE and scram:
-            await conn.send(encode_sasl_response(scram.client_final(rest)))
-        elif code == AUTH_SASL_FINAL and scram:
-            scram.verify_server_final(rest)
-        else:
-            raise AuthenticationError(f"unsupported authentication request {code} from PostgreSQL")
 
 
 def build_startup_parameters(conninfo, replication: bool) -> dict[str, str]:
@@ -5289,6 +5342,7 @@ class DeliveryLoop:
         self.marks: list[tuple[int, int | None]] = []  # (events in self.events after the chunk, end_lsn)
         self.stopping = False
         self.in_flight: trio.Event | None = None  # set when the batch being delivered is confirmed
+        self.batch: list[Event] = []  # the batch being delivered
         self.deadline = 0.0  # when the pending partial batch goes out, whatever else arrives
 
     async def run(self, receive_channel) -> None:
@@ -5309,11 +5363,17 @@ class DeliveryLoop:
                     self.deadline = taken_at + self.linger_s  # what is left came with this chunk
 
     async def finish(self, timeout_s: float) -> None:
-        """At shutdown: take no new chunk, let the batch in flight finish (bounded)."""
+        """At shutdown: take no new chunk, let the batch in flight finish (bounded); say what was
+        abandoned when it does not."""
         self.stopping = True
-        if self.in_flight is not None:
-            with trio.move_on_after(timeout_s):
-                await self.in_flight.wait()
+        if self.in_flight is None:
+            return
+        with trio.move_on_after(timeout_s):
+            await self.in_flight.wait()
+        if self.in_flight is not None and self.batch:
+            logger.warning("shutdown: the delivery of %s did not finish within %g s and is abandoned; "
+                           "nothing from its first event on is acknowledged, so it is sent again at the "
+                           "next start", describe_event_ids(self.batch), timeout_s)
 
     async def _next_chunk(self, receive_channel):
         """The next chunk; None when a partial batch should go out now.  A chunk already queued
@@ -5333,7 +5393,7 @@ class DeliveryLoop:
         return None
 
     async def _flush(self, count: int) -> None:
-        batch = self.events[:count]
+        self.batch = batch = self.events[:count]
         self.in_flight = trio.Event()
         if batch:
             await self.sink.deliver(batch)
@@ -5538,7 +5598,7 @@ def open_sink(config, alerter):
     return StdoutSink()
 
 
-async def run(config, *, sink=None, stop: trio.Event | None = None,
+async def run(config, *, sink: Sink | None = None, stop: trio.Event | None = None,
               task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run wal2http until `stop` is set (or forever).  `sink` replaces the configured one.
 
@@ -5553,7 +5613,7 @@ async def run(config, *, sink=None, stop: trio.Event | None = None,
         async with trio.open_nursery() as nursery:
             await nursery.start(alerter.run)
             try:
-                await run_replication(config, ReliableSink(sink, config, alerter), stop, task_status, alerter)
+                await run_replication(config, ReliableSink(sink, config, alerter, stop=stop), stop, task_status, alerter)
             finally:
                 with trio.CancelScope(shield=True):
                     await sink.aclose()
