@@ -1240,6 +1240,54 @@ class TestScram:
         assert w.build_md5_password("user", "secret", b"salt") == expected.encode()
 
 
+def sasl_mechanisms(*names: str) -> bytes:
+    return b"".join(cstr(name) for name in names) + b"\0"
+
+
+class TestAuthenticator:
+    """The answers to the server's Authentication requests, as bytes (the I/O loop only sends them)."""
+
+    def test_ok_needs_no_answer(self):
+        assert w.Authenticator("u", None).answer(w.AUTH_OK, b"") == b""
+
+    def test_cleartext_password(self):
+        assert w.Authenticator("u", "pw").answer(w.AUTH_CLEARTEXT_PASSWORD, b"") == backend_message(b"p", b"pw\0")
+
+    def test_md5_password_uses_the_salt(self):
+        answer = w.Authenticator("user", "secret").answer(w.AUTH_MD5_PASSWORD, b"salt")
+        assert answer == backend_message(b"p", w.build_md5_password("user", "secret", b"salt") + b"\0")
+
+    @pytest.mark.parametrize("code", [3, 5, 10])
+    def test_a_password_request_without_a_password_says_where_to_put_it(self, code):
+        with pytest.raises(w.AuthenticationError, match="DATABASE_URL or PGPASSWORD"):
+            w.Authenticator("u", None).answer(code, sasl_mechanisms(w.SCRAM_MECHANISM))
+
+    def test_scram_exchange(self):
+        auth = w.Authenticator("user", "pencil")
+        first = auth.answer(w.AUTH_SASL, sasl_mechanisms("SCRAM-SHA-256-PLUS", w.SCRAM_MECHANISM))
+        assert first.startswith(b"p") and cstr(w.SCRAM_MECHANISM) in first
+        nonce = re.search(rb"r=([^,\x00]+)", first).group(1)
+        server_first = b"r=" + nonce + b"srv,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
+        final = auth.answer(w.AUTH_SASL_CONTINUE, server_first)
+        assert final.startswith(b"p") and b"c=biws,r=" + nonce + b"srv,p=" in final
+        with pytest.raises(w.AuthenticationError, match="signature"):
+            auth.answer(w.AUTH_SASL_FINAL, b"v=" + base64.b64encode(bytes(32)))
+
+    def test_no_supported_sasl_mechanism(self):
+        with pytest.raises(w.AuthenticationError, match="no supported SASL mechanism"):
+            w.Authenticator("u", "pw").answer(w.AUTH_SASL, sasl_mechanisms("SCRAM-SHA-256-PLUS"))
+
+    @pytest.mark.parametrize("code", [w.AUTH_SASL_CONTINUE, w.AUTH_SASL_FINAL])
+    def test_sasl_continuation_before_sasl_began(self, code):
+        with pytest.raises(w.AuthenticationError, match="before SASL began"):
+            w.Authenticator("u", "pw").answer(code, b"r=x")
+
+    @pytest.mark.parametrize("password", [None, "pw"])
+    def test_unsupported_request(self, password):
+        with pytest.raises(w.AuthenticationError, match="unsupported authentication request 7"):
+            w.Authenticator("u", password).answer(7, b"")  # GSS
+
+
 # =====================================================================================================
 # Replication framing
 # =====================================================================================================
