@@ -1891,7 +1891,7 @@ class TestPgoutput:
 # =====================================================================================================
 
 TYPE_CASES = [
-    # (type oid, PostgreSQL text, JSON value): every row of CONTRACT.md section 3
+    # (type oid, PostgreSQL text, JSON value): every row of the README's table of values
     (16, "t", True), (16, "f", False),
     (21, "-32768", -32768), (23, "2147483647", 2147483647), (20, "-9223372036854775808", -9223372036854775808),
     (26, "4294967295", 4294967295),
@@ -3566,7 +3566,7 @@ class FakeAlerter:
 
 
 def outbox_event(**row_overrides):
-    """An insert into public.outbox as the decode part emits it (CONTRACT.md section 3)."""
+    """An insert into public.outbox as the decode part emits it."""
     row = {"id": 7, "event_id": "0b7a5a5e-5f6b-4a53-9c1e-3a4f2b1c0d9e", "event_type": "billing.invoice.paid",
            "created_at": "2026-11-27T16:25:11.123456Z", "payload": {"id": 1, "amount": "19.90", "note": "é"},
            "metadata": {"source": "api"}, "labels": {"tenant": "acme"}}

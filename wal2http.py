@@ -3995,7 +3995,7 @@ class HttpSink(_RequestSink):
 # 13. Reliable delivery: retries, ON_FAILURE, dead-letter file
 # =====================================================================================================
 # ReliableSink.deliver returns only when every event it was given is delivered or dead-lettered;
-# the replication loop acknowledges nothing before that (CONTRACT.md section 4).  A sink's
+# the replication loop acknowledges nothing before that (README, "Delivery guarantees").  A sink's
 # DeliveryError says how many leading events got through, so a partial success is never resent.
 
 RETRY_FOREVER_MIN_DELAY_S = 0.1  #: ON_FAILURE=retry never retries faster, whatever RETRY_MAX_DELAY_MS says
@@ -4180,7 +4180,7 @@ class ReliableSink:
 
 #: Appended to HOOK0_API_URL when it has no path (or only "/").
 HOOK0_API_PATH = "/api/v1"
-#: Columns that make a table an outbox table (CONTRACT.md section 6).
+#: Columns that make a table an outbox table (README, "Hook0 sink").
 HOOK0_OUTBOX_COLUMNS = ("event_id", "event_type", "created_at", "payload", "metadata", "labels")
 #: Hook0's own limits (api/src/handlers/events.rs and validators.rs): checked before sending so
 #: the error names the column instead of coming back as a 422.
@@ -4341,7 +4341,7 @@ def _convert_event_id(event: Mapping, value) -> str:
 
 
 def build_hook0_outbox_event(event: Mapping, config, application_id: str) -> dict:
-    """The Hook0 body for an inserted or updated outbox row (CONTRACT.md section 6)."""
+    """The Hook0 body for an inserted or updated outbox row (README, "Hook0 sink")."""
     row = event.get("new") or {}
     for column in set(event.get("unchanged_toast") or ()) & set(HOOK0_OUTBOX_COLUMNS):
         # An update that left a large value alone: PostgreSQL did not send it, and sending {}
@@ -4393,7 +4393,7 @@ def hook0_name(name: str, max_bytes: int = HOOK0_PROPERTY_MAX_BYTES) -> str:
 
 def build_hook0_table_event(event: Mapping, config, application_id: str) -> dict:
     """The Hook0 body of a plain table's change under HOOK0_TABLE_EVENTS=true: event type
-    `<schema>.<table>.<op>` and labels exactly {"schema", "table"} (CONTRACT.md section 6).  A dot
+    `<schema>.<table>.<op>` and labels exactly {"schema", "table"} (README, "Hook0 sink").  A dot
     in a name becomes `_` in the event type (a type has three dot-separated parts), and a name
     longer than Hook0 allows is shortened by `hook0_name`."""
     schema, table = event["schema"], event["table"]
@@ -4616,7 +4616,7 @@ class Hook0Sink(_RequestSink):
 
     def _check_event_answer(self, answer: Hook0Answer, body: dict, where: str) -> None:
         """Returns when Hook0 has the event (2xx, or 409 EventAlreadyIngested: a redelivery);
-        raises SinkAuthError or DeliveryError otherwise, per CONTRACT.md section 6."""
+        raises SinkAuthError or DeliveryError otherwise, as the README's Hook0 table of answers says."""
         if 200 <= answer.status < 300:
             return
         if answer.status == 409 and answer.problem_id == "EventAlreadyIngested":
@@ -5208,7 +5208,7 @@ FROM d JOIN pg_catalog.pg_type bt ON bt.oid = d.base AND bt.typtype <> 'd'
 
 async def load_domain_base_types(conn: PgConnection) -> dict[int, int]:
     """Domain -> its base type, and the domain's array type -> the base's array type, so that
-    values of a domain over a known type are typed like it (CONTRACT.md section 3).  Domains
+    values of a domain over a known type are typed like it (README, "Events").  Domains
     created while streaming are read as text until the next connection."""
     mapping = {}
     for domain, base, domain_array, base_array in await conn.simple_query(DOMAIN_BASE_TYPES_SQL):
@@ -5901,7 +5901,7 @@ async def _run_until_signal(config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: returns the exit code (CONTRACT.md section 1)."""
+    """The command line: returns the exit code (see the README's table of exit codes)."""
     try:
         config, mode = load_config(list(sys.argv[1:] if argv is None else argv), os.environ)
     except ConfigError as exc:
