@@ -3168,7 +3168,11 @@ class TestHttpSink:
         assert [len(b["events"]) for b in bodies] == [3, 3, 1]
         assert [e for b in bodies for e in b["events"]] == events
         assert receiver.requests[0].body == compact({"events": events[:3]})
-        assert "idempotency-key" not in receiver.requests[0].headers
+        # A batch is named by its first and last event: the same batch sent again keeps the key,
+        # a batch cut differently after a restart gets another.
+        assert [r.headers["idempotency-key"] for r in receiver.requests] == [
+            f"{events[0]['id']}..{events[2]['id']}", f"{events[3]['id']}..{events[5]['id']}",
+            f"{events[6]['id']}..{events[6]['id']}"]
 
     async def test_custom_headers(self):
         headers = (("Authorization", SECRET_HEADER_VALUE), ("X-Tenant", "acme"))
@@ -3197,7 +3201,33 @@ class TestHttpSink:
             expected = standard_webhooks_signature(key, headers["webhook-id"], headers["webhook-timestamp"],
                                                    request.body)
             assert headers["webhook-signature"] == expected
-        assert [r.headers["webhook-id"] for r in receiver.requests] == [e["id"] for e in events][::batch_size]
+            assert headers["webhook-id"] == headers["idempotency-key"]
+        wanted = [e["id"] for e in events] if batch_size == 1 else [f"{events[0]['id']}..{events[1]['id']}"]
+        assert [r.headers["webhook-id"] for r in receiver.requests] == wanted
+
+    @pytest.mark.parametrize("batch_size, count", [(1, 2), (2, 1), (3, 5)])
+    async def test_a_standard_webhooks_library_verifies_events_and_batches(self, batch_size, count):
+        """The reference verifier (standardwebhooks, test-only) accepts every request, single
+        events and batches alike, with the batch id `<first>..<last>`; a wrong key is refused."""
+        from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+        secret = "whsec_" + base64.b64encode(b"a real 24-byte key here!").decode()
+        events = make_events(count)
+        async with ScriptedReceiver.serve() as receiver:
+            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url(), http_batch_size=batch_size,
+                                          http_signing_secret=secret))
+            await sink.deliver(events)
+            await sink.aclose()
+        verified = []
+        for request in receiver.requests:
+            payload = Webhook(secret).verify(request.body, request.headers)
+            verified += payload["events"] if batch_size > 1 else [payload]
+            with pytest.raises(WebhookVerificationError):
+                Webhook("whsec_" + base64.b64encode(b"another key").decode()).verify(request.body, request.headers)
+        assert verified == events
+        ids = [r.headers["webhook-id"] for r in receiver.requests]
+        if batch_size > 1:
+            batches = [events[i:i + batch_size] for i in range(0, count, batch_size)]
+            assert ids == [f"{b[0]['id']}..{b[-1]['id']}" for b in batches]
 
     async def test_failed_event_reports_the_delivered_count(self):
         async with ScriptedReceiver.serve([Reply(200), Reply(200), Reply(503, headers=(("Retry-After", "4"),))]) \
@@ -6040,7 +6070,9 @@ class TestHttpEndToEnd:
         assert receiver.delivered() == expected
         for request in receiver.requests:
             h = request.headers
-            assert h["webhook-id"] == events_in(request)[0]["id"]
+            inside = events_in(request)
+            assert h["webhook-id"] == (inside[0]["id"] if batch_size == 1 else f"{inside[0]['id']}..{inside[-1]['id']}")
+            assert h["idempotency-key"] == h["webhook-id"]
             assert before - 1 <= int(h["webhook-timestamp"]) <= after + 1
             signed = f"{h['webhook-id']}.{h['webhook-timestamp']}.".encode() + request.body
             wanted = base64.b64encode(hmac.new(SIGNING_KEY, signed, hashlib.sha256).digest()).decode()

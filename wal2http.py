@@ -12,7 +12,8 @@ itself over Trio sockets, decodes pgoutput by hand, and posts with a small h11 c
 
 Environment (each has a --flag of the same name; see --help and README.md): DATABASE_URL,
 SLOT_NAME, PUB_NAME, CREATE_SLOT, EVENT_SINK, FEEDBACK_INTERVAL_SECS, STREAMING, ON_FAILURE,
-DEAD_LETTER_FILE, RETRY_MAX_ATTEMPTS, RETRY_BASE_DELAY_MS, RETRY_MAX_DELAY_MS, LOG_LEVEL,
+DEAD_LETTER_FILE, RETRY_MAX_ATTEMPTS, RETRY_BASE_DELAY_MS, RETRY_MAX_DELAY_MS, DELIVERY_CONCURRENCY,
+LOG_LEVEL,
 HTTP_ENDPOINT_URL, HTTP_BATCH_SIZE, HTTP_TIMEOUT_SECS, HTTP_HEADERS, HTTP_SIGNING_SECRET,
 HTTP_CA_FILE, HOOK0_API_URL, HOOK0_APPLICATION_ID, HOOK0_API_TOKEN, HOOK0_TABLE_EVENTS,
 HOOK0_LABELS, HOOK0_CREATE_EVENT_TYPES, EMAIL_SMTP_HOST, EMAIL_SMTP_PORT, EMAIL_SMTP_USERNAME,
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -554,6 +556,7 @@ ON_FAILURE_CHOICES = ("exit", "retry", "skip")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SMTP_TLS_MODES = ("starttls", "ssl", "none")
 SMTP_SSL_PORT = 465
+MAX_DELIVERY_CONCURRENCY = 256  #: most requests in flight at once
 SMTP_SUBMISSION_PORT = 587
 MAX_SLOT_NAME_LENGTH = 63  #: NAMEDATALEN - 1
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
@@ -599,6 +602,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("RETRY_MAX_ATTEMPTS", "5", "attempts per delivery, the first included"),
     Option("RETRY_BASE_DELAY_MS", "1000", "first backoff delay, milliseconds"),
     Option("RETRY_MAX_DELAY_MS", "30000", "largest backoff delay, milliseconds"),
+    Option("DELIVERY_CONCURRENCY", "1", "HTTP and Hook0 requests in flight at once (1-256); events "
+           "of one row stay in order"),
     Option("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Option("HTTP_ENDPOINT_URL", "unset", "http:// or https:// URL the HTTP sink POSTs to"),
     Option("HTTP_BATCH_SIZE", "1", "events per HTTP request"),
@@ -640,6 +645,7 @@ class Config:
     retry_max_attempts: int = 5
     retry_base_delay_s: float = 1.0
     retry_max_delay_s: float = 30.0
+    delivery_concurrency: int = 1
     log_level: str = "INFO"
     http_endpoint_url: str | None = dataclasses.field(default=None, repr=False)
     http_batch_size: int = 1
@@ -967,6 +973,9 @@ def _delivery_settings(raw: Mapping[str, str | None]) -> dict:
         settings["dead_letter_file"] = raw["DEAD_LETTER_FILE"].strip()
     if raw["RETRY_MAX_ATTEMPTS"] is not None:
         settings["retry_max_attempts"] = _parse_int(raw["RETRY_MAX_ATTEMPTS"], "RETRY_MAX_ATTEMPTS", 1)
+    if raw["DELIVERY_CONCURRENCY"] is not None:
+        settings["delivery_concurrency"] = _parse_int(raw["DELIVERY_CONCURRENCY"], "DELIVERY_CONCURRENCY",
+                                                      1, MAX_DELIVERY_CONCURRENCY)
     base_ms, max_ms = 1000, 30000
     if raw["RETRY_BASE_DELAY_MS"] is not None:
         base_ms = _parse_int(raw["RETRY_BASE_DELAY_MS"], "RETRY_BASE_DELAY_MS", 0)
@@ -3638,10 +3647,13 @@ class _Connection:
 
 
 class HttpClient:
-    """HTTP/1.1 requests to one origin over one persistent connection (see the theory above)."""
+    """HTTP/1.1 requests to one origin over persistent connections (see the theory above): one
+    connection per request in flight, at most `max_connections` requests in flight (the others
+    wait their turn), idle connections kept for the next requests."""
 
     def __init__(self, url: str, *, timeout_s: float, ca_file: str | None = None,
-                 headers: Sequence[tuple[str, str]] = (), ssl_context: ssl.SSLContext | None = None):
+                 headers: Sequence[tuple[str, str]] = (), ssl_context: ssl.SSLContext | None = None,
+                 max_connections: int = 1):
         self.endpoint = parse_http_url(url)
         self.timeout_s = timeout_s
         defaults = [("Host", self.endpoint.host_header), ("User-Agent", HTTP_USER_AGENT)]
@@ -3652,8 +3664,8 @@ class HttpClient:
         self._ssl_context = None
         if self.endpoint.scheme == "https":
             self._ssl_context = ssl_context or build_ssl_context(ca_file)
-        self._connection: _Connection | None = None
-        self._lock = trio.Lock()
+        self._idle: list[_Connection] = []  # open, kept alive, not in use
+        self._slots = trio.Semaphore(max_connections)  # one per request in flight
 
     async def request(self, method: str, target: str, *, headers: Sequence[tuple[str, str]] = (),
                       body: bytes = b"") -> HttpResponse:
@@ -3662,11 +3674,11 @@ class HttpClient:
         fails or a header is invalid."""
         request = self._build_request(method, target, headers, body)
         try:
-            # A free lock is taken without a schedule point: the request goes out now, rather than
+            # A free slot is taken without a schedule point: the request goes out now, rather than
             # after the replication reader has decoded another chunk (the send itself yields).
-            self._lock.acquire_nowait()
+            self._slots.acquire_nowait()
         except trio.WouldBlock:
-            await self._lock.acquire()
+            await self._slots.acquire()
         try:
             with trio.fail_after(self.timeout_s):
                 return await self._request_once_or_twice(request, body)
@@ -3674,10 +3686,12 @@ class HttpClient:
             raise DeliveryError(f"no answer from {self.endpoint.where} within {self.timeout_s:g} s "
                                 "(HTTP_TIMEOUT_SECS)", retryable=True) from None
         finally:
-            self._lock.release()
+            self._slots.release()
 
     async def aclose(self) -> None:
-        await self._discard_connection()
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await trio.aclose_forcefully(conn.stream)
 
     def _build_request(self, method: str, target: str, headers: Sequence[tuple[str, str]],
                        body: bytes) -> h11.Request:
@@ -3692,9 +3706,9 @@ class HttpClient:
                                 "target has characters HTTP does not allow", retryable=False) from None
 
     async def _request_once_or_twice(self, request: h11.Request, body: bytes) -> HttpResponse:
-        if self._connection is not None:
+        if self._idle:
             try:
-                return await self._exchange(self._connection, request, body)
+                return await self._exchange(self._idle.pop(), request, body)
             except _StaleConnection:
                 logger.debug("%s closed the kept-alive connection; sending again on a new one",
                              self.endpoint.where)
@@ -3709,8 +3723,7 @@ class HttpClient:
                                 retryable=True) from None
         if self._ssl_context is not None:
             stream = await self._start_tls(stream)
-        self._connection = _Connection(stream)
-        return self._connection
+        return _Connection(stream)
 
     async def _start_tls(self, stream: trio.abc.Stream) -> trio.SSLStream:
         # https_compatible: HTTP servers commonly close without a TLS close_notify.
@@ -3743,19 +3756,20 @@ class HttpClient:
                 # our request reached it: not an answer to it.  Send again on a new connection.
                 raise _StaleConnection("408 on a kept-alive connection")
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError) as exc:
-            await self._discard_connection()
+            await trio.aclose_forcefully(conn.stream)
             if reused and conn.received_bytes == 0:
                 raise _StaleConnection(str(exc)) from None
             raise DeliveryError(f"connection to {self.endpoint.where} failed: {_describe_io_error(exc)}",
                                 retryable=True) from None
         except BaseException:
-            await self._discard_connection()  # cancelled or timed out mid-exchange: state unknown
+            await trio.aclose_forcefully(conn.stream)  # cancelled or timed out mid-exchange: state unknown
             raise
         conn.exchanges += 1
         if early is None and conn.reusable:
             conn.h11.start_next_cycle()
+            self._idle.append(conn)
         else:
-            await self._discard_connection()  # an early answer left our request half sent
+            await trio.aclose_forcefully(conn.stream)  # e.g. an early answer left our request half sent
         return response
 
     async def _send_request(self, conn: _Connection, request: h11.Request, body: bytes) -> HttpResponse | None:
@@ -3802,11 +3816,6 @@ class HttpClient:
             else:
                 raise h11.RemoteProtocolError(f"unexpected {type(part).__name__} in a response body")
         return HttpResponse(event.status_code, _join_headers(event.headers), bytes(body))
-
-    async def _discard_connection(self) -> None:
-        conn, self._connection = self._connection, None
-        if conn is not None:
-            await trio.aclose_forcefully(conn.stream)
 
 
 def _validate_headers(headers: list[tuple[str, str]]) -> None:
@@ -3878,6 +3887,15 @@ class _RequestSink:
 
     def _redact(self, text: str) -> str:
         return scrub_secrets(text, self._secrets)
+
+
+def build_message_id(events: list[Event], batched: bool) -> str:
+    """Idempotency-Key and webhook-id: the event's id, or for a batch `<first id>..<last id>`.  A
+    batch is a run of consecutive events of the stream, so this names exactly the events it
+    holds: sent again, it keeps its id; cut differently after a restart, it gets a new one, and
+    a receiver that deduplicates on it never drops events it has not seen."""
+    first = str(events[0]["id"])
+    return f"{first}..{events[-1]['id']}" if batched else first
 
 
 def build_http_body(events: list[Event], batched: bool) -> bytes:
@@ -3953,7 +3971,7 @@ class HttpSink(_RequestSink):
             decode_signing_secret(self._secret)  # a bad whsec_ secret is a start-up error
         self._client = HttpClient(config.http_endpoint_url, timeout_s=config.http_timeout_s,
                                   ca_file=config.http_ca_file, headers=config.http_headers,
-                                  ssl_context=ssl_context)
+                                  ssl_context=ssl_context, max_connections=config.delivery_concurrency)
         self._clock = time.time  # replaced by tests
 
     async def check(self) -> str:
@@ -3965,13 +3983,10 @@ class HttpSink(_RequestSink):
     async def _send(self, events: list[Event]) -> None:
         batched = self.batch_size > 1
         body = build_http_body(events, batched)
-        headers = [("Content-Type", "application/json")]
-        if not batched:
-            # A batch gets none: its boundaries change across restarts, so a key would not
-            # identify the same content twice.
-            headers.append(("Idempotency-Key", str(events[0]["id"])))
+        message_id = build_message_id(events, batched)
+        headers = [("Content-Type", "application/json"), ("Idempotency-Key", message_id)]
         if self._secret:
-            headers.extend(self._signature_headers(str(events[0]["id"]), body))
+            headers.extend(self._signature_headers(message_id, body))
         response = await self._client.request("POST", self._client.endpoint.target, headers=headers, body=body)
         response = response.scrubbed(self._secrets)
         if response.status in (401, 403):  # rejected credentials are exit 4, never retried
@@ -4027,9 +4042,11 @@ def describe_event_ids(events: list[Event]) -> str:
 
 class ReliableSink:
     """Wraps a sink with retries and ON_FAILURE (see the section comment); same interface.
+    Several deliveries may run at once (DELIVERY_CONCURRENCY): each has its own retries, and
+    the sink's failing period ends when none of them is failing any more.
 
-    `stop`, when set, means shutdown has begun: the delivery in flight may still finish within
-    the shutdown timeout, but no new alert says it keeps retrying."""
+    `stop`, when set, means shutdown has begun: the deliveries in flight may still finish within
+    the shutdown timeout, but no new alert says they keep retrying."""
 
     def __init__(self, sink: Sink, config, alerter, *, sleep=trio.sleep, random=random.random,
                  stop: trio.Event | None = None):
@@ -4039,35 +4056,42 @@ class ReliableSink:
         self.batch_size = sink.batch_size
         self.relation_columns = getattr(sink, "relation_columns", None)  # passed through (Hook0)
         self._sleep = sleep
-        self._backoff = Backoff(config.retry_base_delay_s, config.retry_max_delay_s, jitter=random)
+        self._random = random
         self.failing = FailingPeriod(alerter, RELIABLE_ALERT_KEY + sink.name)
+        self._failing_deliveries = 0  # deliveries in flight that have failed at least once
         self._stop = stop
 
     async def deliver(self, events: list[Event]) -> None:
         """Returns when every event is delivered or dead-lettered; raises DeliveryFailed
         (ON_FAILURE=exit; its `delivered` says how many leading events got through) or
         SinkAuthError (never retried)."""
-        position = 0  # events[:position] are delivered or dead-lettered
-        self._backoff.reset()  # its retries count the failed attempts for events[position:]
-        while position < len(events):
-            try:
-                await self.sink.deliver(events[position:])
-            except SinkAuthError:
-                raise
-            except DeliveryError as error:
-                delivered, failed = self._progress_of(error, len(events) - position)
-                position += delivered
-                if delivered:
-                    self._backoff.reset()
-                    self._recovered()
-                if position < len(events):
-                    skipped = await self._handle_failure(events, position, failed, error)
-                    if skipped:
+        backoff = Backoff(self.config.retry_base_delay_s, self.config.retry_max_delay_s, jitter=self._random)
+        position, failed_once = 0, False  # events[:position] are delivered or dead-lettered
+        try:
+            while position < len(events):
+                try:
+                    await self.sink.deliver(events[position:])
+                    break
+                except SinkAuthError:
+                    raise
+                except DeliveryError as error:
+                    if not failed_once:
+                        failed_once, self._failing_deliveries = True, self._failing_deliveries + 1
+                    delivered, failed = self._progress_of(error, len(events) - position)
+                    position += delivered
+                    if delivered:
+                        backoff.reset()  # its retries count the failed attempts for events[position:]
+                    if position < len(events):
+                        skipped = await self._handle_failure(events, position, failed, error, backoff)
                         position += skipped
-                        self._backoff.reset()
+                        if skipped:
+                            backoff.reset()
             else:
-                self._recovered()
-                return
+                return  # the last events were dead-lettered: the failing period goes on
+        finally:
+            self._failing_deliveries -= failed_once
+        if not self._failing_deliveries:
+            self._recovered()
 
     async def check(self) -> str:
         return await self.sink.check()
@@ -4092,18 +4116,19 @@ class ReliableSink:
         return self._stop is not None and self._stop.is_set()
 
     async def _handle_failure(self, events: list[Event], position: int, failed: int,
-                              error: DeliveryError) -> int:
+                              error: DeliveryError, backoff: Backoff) -> int:
         """Waits before the next attempt, or applies ON_FAILURE; returns how many events are
         done with (dead-lettered), 0 when they are to be tried again."""
         self.failing.failed()
-        attempts = self._backoff.retries + 1  # this failure included
+        attempts = backoff.retries + 1  # this failure included
         if attempts < self._max_attempts(error):
-            delay = self._backoff.next_delay(error.retry_after)
+            delay = backoff.next_delay(error.retry_after)
             self._log_attempt(f"attempt {attempts} of {self.config.retry_max_attempts}", delay, error)
             await self._sleep(delay)
             return 0
         failing = events[position:position + failed]
         if self.config.on_failure == "retry":
+            backoff.retries += 1
             return await self._keep_retrying(failing, attempts, error)
         if self.config.on_failure == "skip":
             return await self._dead_letter(failing, attempts, error, position)
@@ -4118,7 +4143,6 @@ class ReliableSink:
         if not self.failing.alerted and not self._stopping:
             self._alert(failing, attempts, error, f"wal2http keeps retrying every {delay:g} s "
                         "(ON_FAILURE=retry) and holds back everything after these events")
-        self._backoff.retries += 1
         self._log_attempt(f"attempt {attempts}, retrying until it works (ON_FAILURE=retry)", delay, error)
         await self._sleep(delay)
         return 0
@@ -4544,13 +4568,15 @@ class Hook0Sink(_RequestSink):
         self._token = config.hook0_api_token
         self._client = HttpClient(self.api_base, timeout_s=config.http_timeout_s,
                                   ca_file=config.http_ca_file, ssl_context=ssl_context,
-                                  headers=(("Authorization", f"Bearer {self._token}"),))
+                                  headers=(("Authorization", f"Bearer {self._token}"),),
+                                  max_connections=config.delivery_concurrency)
         self._outbox_tables: set[tuple[str, str]] = set()
         # (schema, table) -> column names, filled by the replication loop from Relation messages
         # (sent before a table's first change in every session): outbox or not is then known
         # from the table itself, even for a delete that carries only the key.
         self.relation_columns: dict[tuple[str, str], tuple[str, ...]] = {}
         self._warned_tables: set[tuple[str, str]] = set()
+        self._rate_limited_until = 0.0  # Trio time before which no request goes out
 
     # -- Sink interface ---------------------------------------------------------------------------
 
@@ -4609,10 +4635,18 @@ class Hook0Sink(_RequestSink):
         return body
 
     async def _post_event(self, body: dict) -> Hook0Answer:
+        """One POST; Hook0's rate limit (429 with a delay) holds back every request to the API,
+        not just the one it answered, for as long as it asks (at most RETRY_MAX_DELAY_MS)."""
+        if trio.current_time() < self._rate_limited_until:
+            await trio.sleep_until(self._rate_limited_until)
         response = await self._client.request(
             "POST", f"{self._api_path}/event", headers=(("Content-Type", "application/json"),),
             body=encode_json(body).encode("utf-8"))
-        return decode_hook0_answer(response, self._secrets)
+        answer = decode_hook0_answer(response, self._secrets)
+        if answer.status == 429 and answer.retry_after_s:
+            self._rate_limited_until = max(self._rate_limited_until,
+                                           trio.current_time() + min(answer.retry_after_s, self.config.retry_max_delay_s))
+        return answer
 
     def _check_event_answer(self, answer: Hook0Answer, body: dict, where: str) -> None:
         """Returns when Hook0 has the event (2xx, or 409 EventAlreadyIngested: a redelivery);
@@ -5089,9 +5123,33 @@ class AckTracker:
         self.received_lsn = flushed_lsn
         self.in_flight = 0  # chunks handed to the delivery task and not yet confirmed
         self.on_progress = None  # called when the flushed position moves (then cleared by its owner)
+        self._batches: dict[int, list] = {}  # ticket -> [done, chunk marks], not yet confirmed
+        self._next_ticket = 0
+        self._oldest = 0  # the oldest ticket not yet confirmed
 
     def queued(self) -> None:
         self.in_flight += 1
+
+    def pending(self, marks: list[int | None]) -> int:
+        """A batch is on its way to the sink.  `marks`: for each chunk whose last event it holds,
+        in order, the chunk's end_lsn (None when it does not end a transaction).  Returns the
+        batch's ticket for `done`."""
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        self._batches[ticket] = [False, marks]
+        return ticket
+
+    def done(self, ticket: int) -> None:
+        """The batch is delivered (or dead-lettered).  Batches may finish in any order; a batch's
+        marks are confirmed once it and every batch before it are done, so the flushed position
+        is the end of the latest transaction that it and everything before it has been
+        delivered: a low watermark."""
+        batches = self._batches
+        batches[ticket][0] = True
+        while self._oldest in batches and batches[self._oldest][0]:
+            for end_lsn in batches.pop(self._oldest)[1]:
+                self.delivered(end_lsn)
+            self._oldest += 1
 
     def delivered(self, end_lsn: int | None) -> None:
         self.in_flight -= 1
@@ -5123,11 +5181,91 @@ class AckTracker:
     def discard_in_flight(self) -> None:
         """After a lost connection: what was queued will be streamed again."""
         self.in_flight = 0
+        self._batches.clear()
+        self._oldest = self._next_ticket
 
     def status_update(self, reply_requested: bool = False) -> bytes:
         write = max(self.received_lsn, self.flushed_lsn)
         return encode_standby_status(write, self.flushed_lsn, self.flushed_lsn,
                                      time.time_ns() // 1000, reply_requested)
+
+
+def event_claims(event: Mapping) -> list[tuple[tuple, bool]]:
+    """What an event is ordered against under concurrent delivery, as (resource, exclusive)
+    pairs: its row, exclusively (both keys for an update that changed the key), and its table,
+    shared; a truncate or a row without a key (REPLICA IDENTITY NOTHING) has its whole table
+    exclusively; a message, its prefix."""
+    op = event["op"]
+    if op == "message":
+        return [(("message", event["prefix"]), True)]
+    table = (event["schema"], event["table"])
+    key = event["key"]
+    if op == "truncate" or key is None:
+        return [(("table", *table), True)]
+    claims = [(("table", *table), False), (("row", *table, encode_json(key)), True)]
+    old = event["old"]
+    if op == "update" and old is not None:
+        old_key = {name: old.get(name) for name in key}
+        if old_key != key:
+            claims.append((("row", *table, encode_json(old_key)), True))
+    return claims
+
+
+def batch_claims(events: Iterable[Mapping]) -> dict[tuple, bool]:
+    """The claims of a batch: each resource once, exclusive when any event needs it so."""
+    claims: dict[tuple, bool] = {}
+    for event in events:
+        for resource, exclusive in event_claims(event):
+            claims[resource] = claims.get(resource, False) or exclusive
+    return claims
+
+
+class DeliveryScheduler:
+    """Which batches may be sent now (pure; the delivery loop does the sending).
+
+    Theory of operation: every batch claims resources (rows, tables, message prefixes; see
+    event_claims), and each resource has a queue of the batches that claim it, in stream order,
+    like a lock manager's.  A batch may go when, in each of its queues, nothing ahead of it
+    conflicts: for an exclusive claim, nothing is ahead; for a shared one, only shared claims
+    are.  A batch leaves its queues when it is done (delivered or dead-lettered), not when it
+    is sent, and a failed one stays: so a batch never overtakes an earlier batch of the same
+    row, whether that one is waiting, in flight, or being retried.  With no claims at all (one
+    request at a time), every batch may go at once."""
+
+    def __init__(self):
+        self._queues: dict[tuple, collections.deque] = {}  # resource -> deque of [ticket, exclusive]
+        self._claims: dict[int, dict[tuple, bool]] = {}  # ticket -> its claims, until done
+        self._waiting: dict[int, None] = {}  # tickets added and not started, in order
+
+    def add(self, ticket: int, claims: dict[tuple, bool]) -> None:
+        """A new batch; tickets come in stream order."""
+        self._claims[ticket] = claims
+        self._waiting[ticket] = None
+        for resource, exclusive in claims.items():
+            self._queues.setdefault(resource, collections.deque()).append((ticket, exclusive))
+
+    def ready(self) -> list[int]:
+        """The waiting batches that may go now, in stream order."""
+        return [ticket for ticket in self._waiting if self._may_go(ticket)]
+
+    def start(self, ticket: int) -> None:
+        del self._waiting[ticket]
+
+    def done(self, ticket: int) -> None:
+        for resource in self._claims.pop(ticket):
+            queue = self._queues[resource]
+            queue.remove(next(entry for entry in queue if entry[0] == ticket))
+            if not queue:
+                del self._queues[resource]
+
+    def _may_go(self, ticket: int) -> bool:
+        for resource, exclusive in self._claims[ticket].items():
+            for other, other_exclusive in self._queues[resource]:
+                if other == ticket:
+                    break
+                if exclusive or other_exclusive:
+                    return False
+        return True
 
 
 async def check_wal_level(conn: PgConnection) -> None:
@@ -5330,23 +5468,34 @@ async def run_feedback(conn: PgConnection, ack: AckTracker, interval_s: float) -
 
 
 class DeliveryLoop:
-    """Takes chunks in order, delivers them in batches of up to the sink's batch size, and tells
-    the AckTracker which chunks are confirmed.  A batch may span chunks and transactions."""
+    """Takes chunks in order, cuts them into batches of up to the sink's batch size (a batch may
+    span chunks and transactions: it is a run of consecutive events), and delivers them, up to
+    `concurrency` at a time in the order the DeliveryScheduler allows; the AckTracker hears of
+    each batch delivered.  With concurrency 1 a batch is delivered in this task, one after the
+    other, with no scheduling at all."""
 
-    def __init__(self, sink, ack: AckTracker, batch_size: int, linger_s: float):
+    def __init__(self, sink, ack: AckTracker, batch_size: int, linger_s: float, concurrency: int = 1):
         self.sink = sink
         self.ack = ack
         self.batch_size = batch_size
         self.linger_s = linger_s
+        self.concurrency = concurrency
         self.events: list[Event] = []
         self.marks: list[tuple[int, int | None]] = []  # (events in self.events after the chunk, end_lsn)
         self.stopping = False
-        self.in_flight: trio.Event | None = None  # set when the batch being delivered is confirmed
-        self.batch: list[Event] = []  # the batch being delivered
+        self.in_flight: trio.Event | None = None  # set when no batch is being delivered any more
+        self.batches: dict[int, list[Event]] = {}  # ticket -> batch, sent or waiting, not yet done
+        self.requests_in_flight = 0
         self.deadline = 0.0  # when the pending partial batch goes out, whatever else arrives
+        self._scheduler = DeliveryScheduler()
+        self._max_batches = 1 if concurrency == 1 else 2 * concurrency  # waiting ones included
+        self._room = trio.Event()  # set when a batch is done
+        self._nursery: trio.Nursery | None = None
+        self._failure: DeliveryFailed | None = None
 
     async def run(self, receive_channel) -> None:
-        async with receive_channel:
+        async with trio.open_nursery() as nursery, receive_channel:
+            self._nursery = nursery
             while not self.stopping:
                 chunk = await self._next_chunk(receive_channel)
                 if chunk is None:
@@ -5363,17 +5512,18 @@ class DeliveryLoop:
                     self.deadline = taken_at + self.linger_s  # what is left came with this chunk
 
     async def finish(self, timeout_s: float) -> None:
-        """At shutdown: take no new chunk, let the batch in flight finish (bounded); say what was
-        abandoned when it does not."""
+        """At shutdown: take no new chunk, let the batches in flight finish (bounded); say what
+        was abandoned when they do not."""
         self.stopping = True
         if self.in_flight is None:
             return
         with trio.move_on_after(timeout_s):
             await self.in_flight.wait()
-        if self.in_flight is not None and self.batch:
+        abandoned = [event for batch in self.batches.values() for event in batch]
+        if self.in_flight is not None and abandoned:
             logger.warning("shutdown: the delivery of %s did not finish within %g s and is abandoned; "
                            "nothing from its first event on is acknowledged, so it is sent again at the "
-                           "next start", describe_event_ids(self.batch), timeout_s)
+                           "next start", describe_event_ids(abandoned), timeout_s)
 
     async def _next_chunk(self, receive_channel):
         """The next chunk; None when a partial batch should go out now.  A chunk already queued
@@ -5393,20 +5543,78 @@ class DeliveryLoop:
         return None
 
     async def _flush(self, count: int) -> None:
-        self.batch = batch = self.events[:count]
-        self.in_flight = trio.Event()
-        if batch:
-            await self.sink.deliver(batch)
+        """Cuts the next `count` events into a batch and sends it (concurrency 1), or queues it
+        and waits only while too many batches are unfinished."""
+        batch = self.events[:count]
         del self.events[:count]
         confirmed = 0
-        for after, end_lsn in self.marks:
-            if after > count:
-                break
-            self.ack.delivered(end_lsn)
+        while confirmed < len(self.marks) and self.marks[confirmed][0] <= count:
             confirmed += 1
+        ticket = self.ack.pending([end_lsn for _, end_lsn in self.marks[:confirmed]])
         self.marks = [(after - count, lsn) for after, lsn in self.marks[confirmed:]]
-        self.in_flight.set()
-        self.in_flight = None
+        if not batch:
+            self.ack.done(ticket)
+            return
+        self.batches[ticket] = batch
+        if self.concurrency == 1:
+            self._began()
+            await self._deliver(ticket)
+            return
+        self._scheduler.add(ticket, batch_claims(batch))
+        self._dispatch()
+        while len(self.batches) >= self._max_batches and not self.stopping:
+            self._room = trio.Event()
+            await self._room.wait()
+
+    def _dispatch(self) -> None:
+        """Starts the batches the scheduler lets go, while fewer than `concurrency` are in flight."""
+        if self._failure is not None or self.stopping:
+            return
+        for ticket in self._scheduler.ready()[:self.concurrency - self.requests_in_flight]:
+            self._scheduler.start(ticket)
+            self._began()
+            self._nursery.start_soon(self._deliver_concurrently, ticket)
+
+    def _began(self) -> None:
+        self.requests_in_flight += 1
+        if self.in_flight is None:
+            self.in_flight = trio.Event()
+
+    async def _deliver(self, ticket: int) -> None:
+        try:
+            await self.sink.deliver(self.batches[ticket])
+        finally:
+            self.requests_in_flight -= 1
+            if not self.requests_in_flight:
+                self.in_flight.set()
+                self.in_flight = None
+        del self.batches[ticket]
+        self.ack.done(ticket)
+
+    async def _deliver_concurrently(self, ticket: int) -> None:
+        try:
+            await self._deliver(ticket)
+        except DeliveryFailed as failure:
+            # ON_FAILURE=exit: send nothing more, let the other requests in flight finish (bounded),
+            # then fail; the failed batch is never done, so nothing from it on is acknowledged.
+            if self._failure is None:
+                self._failure = failure
+                self._nursery.start_soon(self._fail_after_in_flight)
+            return
+        self._scheduler.done(ticket)
+        self._room.set()
+        self._dispatch()
+
+    async def _fail_after_in_flight(self) -> None:
+        with trio.move_on_after(SHUTDOWN_TIMEOUT_S):
+            while self.in_flight is not None:
+                await self.in_flight.wait()
+        raise self._failure
+
+
+def delivery_concurrency(config, sink) -> int:
+    """DELIVERY_CONCURRENCY, for every sink but stdout, which writes one batch at a time."""
+    return 1 if sink.name == "stdout" else config.delivery_concurrency
 
 
 async def run_session(config, sink, ack: AckTracker, stop: trio.Event, on_streaming=None) -> None:
@@ -5423,7 +5631,7 @@ async def run_session(config, sink, ack: AckTracker, stop: trio.Event, on_stream
         assembler.base_types = base_types
         send_channel, receive_channel = trio.open_memory_channel(CHANNEL_CHUNKS)
         linger = BATCH_LINGER_S if sink.batch_size > 1 and sink.name != "stdout" else 0.0
-        delivery = DeliveryLoop(sink, ack, sink.batch_size, linger)
+        delivery = DeliveryLoop(sink, ack, sink.batch_size, linger, delivery_concurrency(config, sink))
         stream = ReplicationStream(conn, assembler, ack, send_channel, delivery, read_timeout_s)
         try:
             async with trio.open_nursery() as nursery:
