@@ -1390,6 +1390,333 @@ class TestDeliveryLoop:
         assert ack.flushed_lsn == 30
 
 
+def watermark_model(marks_by_batch, done) -> int:
+    """The acknowledgement rule, simply: the last end LSN in the longest prefix of done batches."""
+    flushed = 0
+    for ticket, marks in enumerate(marks_by_batch):
+        if ticket not in done:
+            break
+        flushed = max([flushed, *(m for m in marks if m is not None)])
+    return flushed
+
+
+def run_completion_order(marks_by_batch, order):
+    """Feeds an AckTracker the batches, completes them in `order`; checks every step against
+    the model (flushed position, chunks still in flight)."""
+    ack = w.AckTracker()
+    tickets = []
+    for marks in marks_by_batch:
+        for _ in marks:
+            ack.queued()
+        tickets.append(ack.pending(list(marks)))
+    assert tickets == list(range(len(marks_by_batch)))
+    done = set()
+    for ticket in order:
+        ack.done(ticket)
+        done.add(ticket)
+        assert ack.flushed_lsn == watermark_model(marks_by_batch, done), (order, ticket)
+        confirmed = 0
+        while confirmed in done:
+            confirmed += 1
+        assert ack.in_flight == sum(len(m) for m in marks_by_batch[confirmed:])
+    return ack
+
+
+class TestLowWatermark:
+    """Batches finish in any order; the flushed position is the end of the latest transaction
+    such that it and everything before it is delivered."""
+
+    BATCHES = [[None], [100], [], [200, None], [300, 400]]  # chunk marks whose last event each batch holds
+
+    def test_every_completion_order_of_five_batches(self):
+        orders = list(itertools.permutations(range(len(self.BATCHES))))
+        assert len(orders) == 120
+        for order in orders:
+            ack = run_completion_order(self.BATCHES, order)
+            assert ack.flushed_lsn == 400 and ack.in_flight == 0
+
+    def test_random_completion_orders_of_many_batches(self):
+        rng = random.Random(20261206)
+        for _ in range(200):
+            lsn, batches = 0, []
+            for _ in range(rng.randint(1, 40)):
+                marks = []
+                for _ in range(rng.randint(0, 3)):
+                    lsn += rng.randint(1, 50)
+                    marks.append(lsn if rng.random() < 0.6 else None)
+                batches.append(marks)
+            order = list(range(len(batches)))
+            rng.shuffle(order)
+            run_completion_order(batches, order)
+
+    def test_a_batch_never_done_holds_everything_after_it(self):
+        ack = w.AckTracker()
+        first, failed, later = ack.pending([10]), ack.pending([20]), ack.pending([30])
+        ack.done(later)
+        ack.done(first)
+        assert ack.flushed_lsn == 10  # the failed batch is never done: nothing past it is acknowledged
+        ack.keepalive(99, assembler_idle=True)
+        assert ack.flushed_lsn == 10  # its chunk is still in flight
+
+    def test_a_lost_connection_forgets_the_batches_in_flight(self):
+        ack = w.AckTracker()
+        ack.queued()
+        ack.pending([10])
+        ack.discard_in_flight()
+        ticket = ack.pending([20])
+        ack.done(ticket)
+        assert ack.flushed_lsn == 20
+
+
+def row_event(row, table="t", op="update", key_name="id", old=None, schema="public"):
+    key = None if row is None else {key_name: row}
+    return {"op": op, "schema": schema, "table": table, "key": key, "old": old}
+
+
+def claims(*events):
+    return w.batch_claims(events)
+
+
+class TestDeliveryScheduler:
+    def test_claims_of_each_kind(self):
+        assert w.event_claims(row_event(1)) == [(("table", "public", "t"), False),
+                                                (("row", "public", "t", '{"id":1}'), True)]
+        assert w.event_claims(row_event(None)) == [(("table", "public", "t"), True)]  # no key: the table
+        assert w.event_claims({"op": "truncate", "schema": "s", "table": "u"}) == [(("table", "s", "u"), True)]
+        assert w.event_claims({"op": "message", "prefix": "p"}) == [(("message", "p"), True)]
+        moved = w.event_claims(row_event(2, old={"id": 1}))
+        assert (("row", "public", "t", '{"id":1}'), True) in moved  # the old key too
+        assert (("row", "public", "t", '{"id":2}'), True) in moved
+        full = w.event_claims(row_event(2, old={"id": 2, "v": "x"}))  # REPLICA IDENTITY FULL, same key
+        assert len(full) == 2
+
+    def test_without_claims_every_batch_may_go_in_order(self):
+        scheduler = w.DeliveryScheduler()
+        for ticket in range(3):
+            scheduler.add(ticket, {})
+        assert scheduler.ready() == [0, 1, 2]
+
+    def test_a_row_waits_for_its_earlier_batch_until_done(self):
+        scheduler = w.DeliveryScheduler()
+        scheduler.add(0, claims(row_event(1)))
+        scheduler.add(1, claims(row_event(2)))
+        scheduler.add(2, claims(row_event(1)))
+        assert scheduler.ready() == [0, 1]
+        scheduler.start(0)
+        scheduler.start(1)
+        assert scheduler.ready() == []  # row 1 is in flight (or failing): not sent meanwhile
+        scheduler.done(1)
+        assert scheduler.ready() == []
+        scheduler.done(0)
+        assert scheduler.ready() == [2]
+
+    def test_a_waiting_batch_is_not_overtaken(self):
+        scheduler = w.DeliveryScheduler()
+        scheduler.add(0, claims(row_event(1)))
+        scheduler.add(1, claims(row_event(1), row_event(2)))  # waits for 0
+        scheduler.add(2, claims(row_event(2)))  # must wait for 1, although 0 does not touch row 2
+        scheduler.start(0)
+        assert scheduler.ready() == []
+        scheduler.done(0)
+        assert scheduler.ready() == [1]
+
+    def test_truncates_and_keyless_rows_order_against_their_table(self):
+        scheduler = w.DeliveryScheduler()
+        scheduler.add(0, claims(row_event(1)))
+        scheduler.add(1, claims(row_event(2)))
+        scheduler.add(2, claims({"op": "truncate", "schema": "public", "table": "t"}))
+        scheduler.add(3, claims(row_event(3)))
+        scheduler.add(4, claims(row_event(4, table="other")))
+        assert scheduler.ready() == [0, 1, 4]  # rows of t share the table; the truncate waits for both
+        for ticket in (0, 1, 4):
+            scheduler.start(ticket)
+        scheduler.done(0)
+        assert scheduler.ready() == []
+        scheduler.done(1)
+        assert scheduler.ready() == [2]
+        scheduler.start(2)
+        assert scheduler.ready() == []  # the row after the truncate waits for it
+        scheduler.done(2)
+        assert scheduler.ready() == [3]
+
+    def test_messages_order_by_prefix(self):
+        scheduler = w.DeliveryScheduler()
+        scheduler.add(0, claims({"op": "message", "prefix": "a"}))
+        scheduler.add(1, claims({"op": "message", "prefix": "b"}))
+        scheduler.add(2, claims({"op": "message", "prefix": "a"}))
+        assert scheduler.ready() == [0, 1]
+
+    def test_random_schedules_keep_every_row_in_order(self):
+        """Random batches over a few rows and tables, started and finished in random order as far
+        as the scheduler allows: no batch starts while an earlier conflicting one is unfinished,
+        and everything finishes."""
+        rng = random.Random(7)
+        for _ in range(100):
+            batches = [claims(*self._random_events(rng)) for _ in range(rng.randint(1, 25))]
+            scheduler, started, finished = w.DeliveryScheduler(), set(), set()
+            for ticket, batch in enumerate(batches):
+                scheduler.add(ticket, batch)
+            while len(finished) < len(batches):
+                ready, running = scheduler.ready(), sorted(started - finished)
+                assert ready or running, "deadlock"
+                if ready and (not running or rng.random() < 0.5):
+                    ticket = rng.choice(ready)
+                    for earlier in range(ticket):
+                        if earlier not in finished and self._conflict(batches[earlier], batches[ticket]):
+                            pytest.fail(f"batch {ticket} overtook {earlier}")
+                    scheduler.start(ticket)
+                    started.add(ticket)
+                else:
+                    ticket = rng.choice(running)
+                    scheduler.done(ticket)
+                    finished.add(ticket)
+
+    @staticmethod
+    def _random_events(rng):
+        events = []
+        for _ in range(rng.randint(1, 3)):
+            kind = rng.random()
+            table = rng.choice(["a", "b"])
+            if kind < 0.1:
+                events.append({"op": "truncate", "schema": "public", "table": table})
+            elif kind < 0.2:
+                events.append({"op": "message", "prefix": rng.choice(["p", "q"])})
+            else:
+                events.append(row_event(rng.randint(1, 4), table=table))
+        return events
+
+    @staticmethod
+    def _conflict(a, b):
+        return any(resource in b and (exclusive or b[resource]) for resource, exclusive in a.items())
+
+
+class GatedSink:
+    """Each deliver() call waits until the test opens its gate (by the first event's id), or
+    fails when told to; records the calls in flight at once."""
+
+    name = "gated"
+
+    def __init__(self, batch_size=1):
+        self.batch_size = batch_size
+        self.gates: dict[str, trio.Event] = {}
+        self.failures: dict[str, BaseException] = {}
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self.in_flight = self.most_in_flight = 0
+
+    def gate(self, event_id):
+        return self.gates.setdefault(event_id, trio.Event())
+
+    async def deliver(self, events):
+        first = events[0]["id"]
+        self.started.append(first)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await self.gate(first).wait()
+            if first in self.failures:
+                raise self.failures[first]
+            self.finished.append(first)
+        finally:
+            self.in_flight -= 1
+
+
+def keyed(n, row, end_lsn=None, table="t"):
+    event = {**row_event(row, table=table), "id": f"e{n}"}
+    return chunk([event], end_lsn)
+
+
+async def feed_chunks(send, ack, chunks):
+    for c in chunks:
+        ack.queued()
+        await send.send(c)
+
+
+class TestConcurrentDeliveryLoop:
+    async def test_requests_overlap_up_to_the_concurrency(self, autojump_clock):
+        sink, ack = GatedSink(), w.AckTracker()
+        loop = w.DeliveryLoop(sink, ack, batch_size=1, linger_s=0.0, concurrency=3)
+        send, receive = trio.open_memory_channel(10)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run, receive)
+            await feed_chunks(send, ack, [keyed(n, row=n, end_lsn=10 * (n + 1)) for n in range(5)])
+            await wait_until_true(lambda: len(sink.started) == 3)
+            await trio.sleep(1)
+            assert sorted(sink.started) == ["e0", "e1", "e2"]  # three rows at once, no more
+            sink.gate("e2").set()  # the third finishes first: nothing acknowledged yet
+            await wait_until_true(lambda: len(sink.started) == 4)
+            assert ack.flushed_lsn == 0
+            sink.gate("e0").set()
+            await wait_until_true(lambda: ack.flushed_lsn == 10)
+            for n in range(5):
+                sink.gate(f"e{n}").set()
+            await wait_until_true(lambda: ack.flushed_lsn == 50)
+            nursery.cancel_scope.cancel()
+        assert sink.most_in_flight == 3
+
+    @pytest.mark.parametrize("concurrency", [1, 4])
+    async def test_one_row_goes_one_at_a_time_in_order(self, autojump_clock, concurrency):
+        sink, ack = GatedSink(), w.AckTracker()
+        loop = w.DeliveryLoop(sink, ack, batch_size=1, linger_s=0.0, concurrency=concurrency)
+        send, receive = trio.open_memory_channel(10)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run, receive)
+            await feed_chunks(send, ack, [keyed(n, row=7, end_lsn=n + 1) for n in range(4)])
+            for n in range(4):
+                await wait_until_true(lambda: len(sink.started) == n + 1)
+                await trio.sleep(1)
+                assert len(sink.started) == n + 1  # the next one waits for this one
+                sink.gate(f"e{n}").set()
+            await wait_until_true(lambda: ack.flushed_lsn == 4)
+            nursery.cancel_scope.cancel()
+        assert sink.finished == ["e0", "e1", "e2", "e3"] and sink.most_in_flight == 1
+
+    async def test_a_failed_batch_lets_the_others_finish_then_fails(self, autojump_clock):
+        """ON_FAILURE=exit: nothing new is sent, the requests in flight finish, DeliveryFailed
+        follows, and the acknowledged position stays before the failed batch."""
+        sink, ack = GatedSink(), w.AckTracker()
+        loop = w.DeliveryLoop(sink, ack, batch_size=1, linger_s=0.0, concurrency=2)
+        send, receive = trio.open_memory_channel(10)
+        sink.failures["e1"] = w.DeliveryFailed("e1 failed")
+        with pytest.raises(BaseExceptionGroup) as raised:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(loop.run, receive)
+                await feed_chunks(send, ack, [keyed(n, row=n, end_lsn=n + 1) for n in range(4)])
+                await wait_until_true(lambda: len(sink.started) == 2)
+                sink.gate("e0").set()
+                await wait_until_true(lambda: len(sink.started) == 3)  # e2 takes e0's place
+                sink.gate("e1").set()  # fails
+                await trio.sleep(1)
+                assert sorted(sink.started) == ["e0", "e1", "e2"]  # e3 is not sent
+                sink.gate("e2").set()  # the failure waits for it
+                await trio.sleep_forever()
+        failure = w.first_error(raised.value)
+        assert isinstance(failure, w.DeliveryFailed) and str(failure) == "e1 failed"
+        assert sink.finished == ["e0", "e2"]
+        assert ack.flushed_lsn == 1
+
+    async def test_shutdown_waits_for_every_request_in_flight(self, autojump_clock):
+        sink, ack = GatedSink(), w.AckTracker()
+        loop = w.DeliveryLoop(sink, ack, batch_size=1, linger_s=0.0, concurrency=2)
+        send, receive = trio.open_memory_channel(10)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run, receive)
+            await feed_chunks(send, ack, [keyed(n, row=n, end_lsn=n + 1) for n in range(2)])
+            await wait_until_true(lambda: len(sink.started) == 2)
+
+            async def release():
+                await trio.sleep(2)
+                sink.gate("e1").set()
+                await trio.sleep(2)
+                sink.gate("e0").set()
+            nursery.start_soon(release)
+            started = trio.current_time()
+            await loop.finish(timeout_s=10)
+            assert trio.current_time() - started == pytest.approx(4, abs=0.1)
+            nursery.cancel_scope.cancel()
+        assert ack.flushed_lsn == 2
+
+
 class TestStreamingSafety:
     def test_resume_from_is_a_floor(self):
         ack = w.AckTracker()

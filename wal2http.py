@@ -5199,8 +5199,8 @@ def event_claims(event: Mapping) -> list[tuple[tuple, bool]]:
     if op == "message":
         return [(("message", event["prefix"]), True)]
     table = (event["schema"], event["table"])
-    key = event["key"]
-    if op == "truncate" or key is None:
+    key = None if op == "truncate" else event["key"]
+    if key is None:
         return [(("table", *table), True)]
     claims = [(("table", *table), False), (("row", *table, encode_json(key)), True)]
     old = event["old"]
