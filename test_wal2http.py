@@ -5150,7 +5150,7 @@ class TestCommandLine:
         result = run_cli([], {"DATABASE_URL": "postgresql://u@h/d", "EVENT_SINK": "kafka"})
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [
-            "wal2http: Event sink must be one of: 'http', 'hook0', or 'stdout'"]
+            "wal2http: EVENT_SINK: Event sink must be one of: 'http', 'hook0', or 'stdout' (got 'kafka')"]
         assert result.stdout == ""
 
     def test_wrong_password_exits_4_without_the_password(self, cluster, db):

@@ -214,6 +214,11 @@ _CONNINFO_WHITESPACE = " \t\n\r\f\v"
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
+def is_unix_socket(host: str) -> bool:
+    """libpq's rule: a host that starts with '/' is the directory of a Unix-domain socket."""
+    return host.startswith("/")
+
+
 @dataclasses.dataclass(frozen=True)
 class ConnInfo:
     """Where and how to connect to PostgreSQL, after libpq's precedence: string, PG*, defaults."""
@@ -244,6 +249,10 @@ class ConnInfo:
 def _conninfo_error(reason: str, source: str = "DATABASE_URL") -> ConfigError:
     where = "" if source == "DATABASE_URL" else f" (from {source})"
     return ConfigError(f"DATABASE_URL: {reason}{where}")
+
+
+def _keyword_error(reason: str) -> ConfigError:
+    return _conninfo_error(f"not a valid key=value connection string: {reason}")
 
 
 def _percent_decode(text: str, part: str) -> str:
@@ -306,12 +315,8 @@ def _split_url(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-class _ScanError(ValueError):
-    pass
-
-
-def _scan_keyword_values(text: str) -> list[tuple[str, str, int, int]]:
-    """libpq `keyword = value` pairs as (keyword, value, value start, value end).
+def _scan_keyword_values(text: str) -> list[tuple[str, str]]:
+    """libpq `keyword = value` pairs as (keyword, value).
 
     Whitespace may surround '='; a value is either bare (up to whitespace) or single-quoted; a
     backslash takes the next character literally in both ("Connection Strings" in the libpq docs).
@@ -330,19 +335,19 @@ def _scan_keyword_values(text: str) -> list[tuple[str, str, int, int]]:
         key = text[start:pos]
         pos = skip_space(pos)
         if pos >= end or text[pos] != "=":
-            raise _ScanError("a keyword is missing its '=' (quote values that hold spaces: key='...')")
+            raise _keyword_error("a keyword is missing its '=' (quote values that hold spaces: key='...')")
         pos = skip_space(pos + 1)
-        value_start, quoted, chars = pos, pos < end and text[pos] == "'", []
+        quoted, chars = pos < end and text[pos] == "'", []
         pos += quoted
         while True:
             if pos >= end:
                 if quoted:
-                    raise _ScanError("a quoted value has no closing quote")
+                    raise _keyword_error("a quoted value has no closing quote")
                 break
             char = text[pos]
             if char == "\\":
                 if pos + 1 >= end:
-                    raise _ScanError("a value ends with a lone backslash")
+                    raise _keyword_error("a value ends with a lone backslash")
                 chars.append(text[pos + 1])
                 pos += 2
                 continue
@@ -351,7 +356,7 @@ def _scan_keyword_values(text: str) -> list[tuple[str, str, int, int]]:
                 break
             chars.append(char)
             pos += 1
-        pairs.append((key, "".join(chars), value_start, pos))
+        pairs.append((key, "".join(chars)))
     return pairs
 
 
@@ -361,10 +366,7 @@ def _split_connection_string(text: str) -> list[tuple[str, str]]:
     if "://" in text.split("=", 1)[0] or (text and "=" not in text):
         raise ConfigError("DATABASE_URL must start with postgresql:// or postgres://, "
                           "or use the libpq key=value form")
-    try:
-        return [(key, value) for key, value, _, _ in _scan_keyword_values(text)]
-    except _ScanError as exc:
-        raise _conninfo_error(f"not a valid key=value connection string: {exc}") from None
+    return _scan_keyword_values(text)
 
 
 def _collect_keywords(pairs: list[tuple[str, str]]) -> dict[str, str]:
@@ -540,11 +542,6 @@ def _parse_sink(value: str, variable: str) -> str:
         raise ConfigError(f"{variable}: Event sink must be one of: 'http', 'hook0', or 'stdout' "
                           f"(got {_shown(value)})")
     return sink
-
-
-def is_unix_socket(host: str) -> bool:
-    """libpq's rule: a host that starts with '/' is the directory of a Unix-domain socket."""
-    return host.startswith("/")
 
 
 def is_ip_address(host: str) -> bool:
@@ -747,12 +744,12 @@ class Setting:
 
     variable: str
     field: str
-    group: str  #: "database", "replication", "delivery", or what it configures: "http", "hook0", "email"
+    group: str  #: database, replication, delivery, logging, or a sink or alerts: http, hook0, email
     parse: Callable[[str, str], object]  #: (text, variable) -> value, or a ConfigError naming it
     default: object  #: the Config field's default
     help: str
     shown_default: str = ""  #: the default as --help shows it, when the value's text would not do
-    secrets: Callable[[object], list[str]] | None = None  #: its secret strings; also kept out of repr()
+    secrets: Callable[[object], list[str]] | None = None  #: its secrets; also keeps it out of repr()
     required: bool = False  #: required when its group is the chosen sink
     log: str = ""  #: its name in the start-up description (describe_config), if shown there
 
@@ -773,69 +770,73 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("DATABASE_URL", "database_url", "database", _as_given, None,
-      "postgresql://user:password@host:port/dbname?sslmode=... or libpq key=value form; "
-      "PG* variables fill what it leaves out", "required except with --demo",
-      secrets=_database_passwords, log="database"),
+            "postgresql://user:password@host:port/dbname?sslmode=... or libpq key=value form; "
+            "PG* variables fill what it leaves out", "required except with --demo",
+            secrets=_database_passwords, log="database"),
     Setting("SLOT_NAME", "slot_name", "replication", _parse_slot_name, "sub",
-      "logical replication slot (pgoutput)", log="slot"),
+            "logical replication slot (pgoutput)", log="slot"),
     Setting("PUB_NAME", "publications", "replication", _parse_publications, ("pub",),
-      "publication(s), comma-separated", log="publications"),
+            "publication(s), comma-separated", log="publications"),
     Setting("CREATE_SLOT", "create_slot", "replication", parse_bool, True,
-      "create the slot if it does not exist"),
+            "create the slot if it does not exist"),
     Setting("EVENT_SINK", "event_sink", "delivery", _parse_sink, "stdout", "stdout, http or hook0",
-      "hook0 if all HOOK0_* are set, else http if HTTP_ENDPOINT_URL is set, else stdout", log="sink"),
+            "hook0 if all HOOK0_* are set, else http if HTTP_ENDPOINT_URL is set, else stdout",
+            log="sink"),
     Setting("FEEDBACK_INTERVAL_SECS", "feedback_interval_s", "replication", _parse_seconds, 1.0,
-      "seconds between standby status updates (fractions allowed)"),
+            "seconds between standby status updates (fractions allowed)"),
     Setting("STREAMING", "streaming", "replication", parse_bool, False,
-      "stream large in-progress transactions (PostgreSQL 14+)"),
+            "stream large in-progress transactions (PostgreSQL 14+)"),
     Setting("ON_FAILURE", "on_failure", "delivery", _choice_parser(ON_FAILURE_CHOICES), "exit",
-      "when delivery retries are exhausted: exit, retry or skip", log="on_failure"),
-    Setting("DEAD_LETTER_FILE", "dead_letter_file", "delivery", _stripped, "wal2http-dead-letter.jsonl",
-      "where ON_FAILURE=skip writes events"),
+            "when delivery retries are exhausted: exit, retry or skip", log="on_failure"),
+    Setting("DEAD_LETTER_FILE", "dead_letter_file", "delivery", _stripped,
+            "wal2http-dead-letter.jsonl", "where ON_FAILURE=skip writes events"),
     Setting("RETRY_MAX_ATTEMPTS", "retry_max_attempts", "delivery", _int_parser(1), 5,
-      "attempts per delivery, the first included"),
+            "attempts per delivery, the first included"),
     Setting("RETRY_BASE_DELAY_MS", "retry_base_delay_s", "delivery", _parse_milliseconds, 1.0,
-      "first backoff delay, milliseconds", "1000"),
+            "first backoff delay, milliseconds", "1000"),
     Setting("RETRY_MAX_DELAY_MS", "retry_max_delay_s", "delivery", _parse_milliseconds, 30.0,
-      "largest backoff delay, milliseconds", "30000"),
-    Setting("LOG_LEVEL", "log_level", "replication", _choice_parser(LOG_LEVELS, upper=True), "INFO",
-      "DEBUG, INFO, WARNING or ERROR"),
+            "largest backoff delay, milliseconds", "30000"),
+    Setting("LOG_LEVEL", "log_level", "logging", _choice_parser(LOG_LEVELS, upper=True), "INFO",
+            "DEBUG, INFO, WARNING or ERROR"),
     Setting("HTTP_ENDPOINT_URL", "http_endpoint_url", "http", _parse_http_url, None,
-      "http:// or https:// URL the HTTP sink POSTs to", secrets=url_secrets, required=True),
-    Setting("HTTP_BATCH_SIZE", "http_batch_size", "http", _int_parser(1), 1, "events per HTTP request"),
+            "http:// or https:// URL the HTTP sink POSTs to", secrets=url_secrets, required=True),
+    Setting("HTTP_BATCH_SIZE", "http_batch_size", "http", _int_parser(1), 1,
+            "events per HTTP request"),
     Setting("HTTP_TIMEOUT_SECS", "http_timeout_s", "http", _parse_seconds, 10.0,
-      "timeout of each HTTP request, seconds"),
+            "timeout of each HTTP request, seconds"),
     Setting("HTTP_HEADERS", "http_headers", "http", _parse_http_headers, (),
-      "JSON object of extra request headers", "unset", secrets=_header_values),
+            "JSON object of extra request headers", "unset", secrets=_header_values),
     Setting("HTTP_SIGNING_SECRET", "http_signing_secret", "http", _parse_signing_secret, None,
-      "Standard Webhooks signing secret (whsec_...)", secrets=_whole_value),
+            "Standard Webhooks signing secret (whsec_...)", secrets=_whole_value),
     Setting("HTTP_CA_FILE", "http_ca_file", "http", _parse_file, None,
-      "extra trusted CA certificates (PEM) for https"),
+            "extra trusted CA certificates (PEM) for https"),
     Setting("HOOK0_API_URL", "hook0_api_url", "hook0", _parse_hook0_api_url, None,
-      "Hook0 API URL (/api/v1 is added when it has no path)", secrets=url_secrets, required=True),
+            "Hook0 API URL (/api/v1 is added when it has no path)", secrets=url_secrets,
+            required=True),
     Setting("HOOK0_APPLICATION_ID", "hook0_application_id", "hook0", _parse_uuid, None,
-      "Hook0 application id (UUID)", required=True),
-    Setting("HOOK0_API_TOKEN", "hook0_api_token", "hook0", _parse_bearer_token, None, "Hook0 API token",
-      secrets=_whole_value, required=True),
+            "Hook0 application id (UUID)", required=True),
+    Setting("HOOK0_API_TOKEN", "hook0_api_token", "hook0", _parse_bearer_token, None,
+            "Hook0 API token", secrets=_whole_value, required=True),
     Setting("HOOK0_TABLE_EVENTS", "hook0_table_events", "hook0", parse_bool, False,
-      "send every row change, not only outbox rows"),
+            "send every row change, not only outbox rows"),
     Setting("HOOK0_LABELS", "hook0_labels", "hook0", _parse_hook0_labels, (),
-      "JSON object of labels for events without labels", "unset"),
+            "JSON object of labels for events without labels", "unset"),
     Setting("HOOK0_CREATE_EVENT_TYPES", "hook0_create_event_types", "hook0", parse_bool, False,
-      "create missing Hook0 event types"),
+            "create missing Hook0 event types"),
     Setting("EMAIL_SMTP_HOST", "email_smtp_host", "email", _parse_host, None,
             "SMTP server for alert mails"),
-    Setting("EMAIL_SMTP_PORT", "email_smtp_port", "email", _int_parser(1, 65535), SMTP_SUBMISSION_PORT,
-      "SMTP port", "465 with EMAIL_SMTP_TLS=ssl, else 587"),
+    Setting("EMAIL_SMTP_PORT", "email_smtp_port", "email", _int_parser(1, 65535),
+            SMTP_SUBMISSION_PORT, "SMTP port", "465 with EMAIL_SMTP_TLS=ssl, else 587"),
     Setting("EMAIL_SMTP_USERNAME", "email_smtp_username", "email", _as_given, None,
-      "SMTP login (no login when unset)"),
-    Setting("EMAIL_SMTP_PASSWORD", "email_smtp_password", "email", _as_given, None, "SMTP password",
-      secrets=_whole_value),
-    Setting("EMAIL_FROM", "email_from", "email", _parse_address, None, "sender address of alert mails"),
+            "SMTP login (no login when unset)"),
+    Setting("EMAIL_SMTP_PASSWORD", "email_smtp_password", "email", _as_given, None,
+            "SMTP password", secrets=_whole_value),
+    Setting("EMAIL_FROM", "email_from", "email", _parse_address, None,
+            "sender address of alert mails"),
     Setting("EMAIL_TO", "email_to", "email", _parse_recipients, (),
-      "recipients of alert mails, comma-separated", "unset", log="alerts"),
-    Setting("EMAIL_SMTP_TLS", "email_smtp_tls", "email", _choice_parser(SMTP_TLS_MODES), "starttls",
-      "starttls, ssl or none", "ssl on port 465, else starttls"),
+            "recipients of alert mails, comma-separated", "unset", log="alerts"),
+    Setting("EMAIL_SMTP_TLS", "email_smtp_tls", "email", _choice_parser(SMTP_TLS_MODES),
+            "starttls", "starttls, ssl or none", "ssl on port 465, else starttls"),
 )
 
 
