@@ -488,6 +488,20 @@ class TestConfig:
             assert flag in out
         assert "default: sub]" in out and "default: wal2http-dead-letter.jsonl]" in out
 
+    def test_help_lists_sink_and_alert_settings_under_their_heading(self, capsys, monkeypatch):
+        monkeypatch.setenv("COLUMNS", "1000")
+        with pytest.raises(SystemExit):
+            w.load_config(["--help"], {})
+        out = capsys.readouterr().out
+        headings = {group: out.index(f"\n{title}:\n") for group, title in w.HELP_GROUPS.items()}
+        for setting in w.SETTINGS:
+            at = out.index(f"  {setting.flag} ")
+            if setting.group in headings:
+                assert at > headings[setting.group], setting.variable
+                assert not any(headings[setting.group] < start < at for start in headings.values()), setting.variable
+            else:
+                assert at < min(headings.values()), setting.variable
+
     def test_config_has_a_field_per_setting_with_its_default(self):
         fields = [field.name for field in dataclasses.fields(w.Config)]
         assert fields == ["database_url", "conninfo"] + [setting.field for setting in w.SETTINGS[1:]]

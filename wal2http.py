@@ -868,6 +868,11 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"command line: {message} (see --help)")
 
 
+#: --help lists these groups' settings under their own heading, the others under "options".
+HELP_GROUPS = {"http": "HTTP sink (EVENT_SINK=http)", "hook0": "Hook0 sink (EVENT_SINK=hook0)",
+               "email": "email alerts"}
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """Every long option mirrors an environment variable; a flag wins over the environment.  The
     usage line names the program as it was run (argparse's default: the basename of argv[0])."""
@@ -876,11 +881,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="Stream PostgreSQL logical replication changes to stdout, HTTP or Hook0.",
         epilog="Each option can also be set by the environment variable shown; an empty variable "
                "counts as unset. Booleans accept true/false, 1/0, yes/no, on/off.")
+    groups = {group: parser.add_argument_group(title) for group, title in HELP_GROUPS.items()}
     for setting in SETTINGS:
         extra = {"nargs": "?", "const": "true"} if setting.parse is parse_bool else {}
         shown = f"[env {setting.variable}; default: {setting.help_default}]"
-        parser.add_argument(setting.flag, dest=setting.variable, default=None,
-                            metavar=setting.variable, help=f"{setting.help} {shown}", **extra)
+        groups.get(setting.group, parser).add_argument(
+            setting.flag, dest=setting.variable, default=None, metavar=setting.variable,
+            help=f"{setting.help} {shown}", **extra)
     parser.add_argument("--check", action="store_true",
                         help="verify the database, publication, slot and sink, print one line "
                              "per check, and exit (0 only if all pass)")
