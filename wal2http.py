@@ -471,7 +471,6 @@ TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 #: Headers that frame the HTTP message: set by the HTTP sink alone.
 RESERVED_HTTP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
-URL_TOKEN_USER_MIN_CHARS = 16  #: a URL user name this long is taken for a token
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SLOT_NAME = re.compile(r"[a-z0-9_]+")
 _HOST_NAME = re.compile(rb"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")  #: no ':', '/', '@', spaces
@@ -544,6 +543,9 @@ def _parse_sink(value: str, variable: str) -> str:
     return sink
 
 
+# is_ip_address and is_valid_host serve the HTTP client (parse_http_url) and the PostgreSQL
+# connection (TLS server name) too: one rule everywhere.
+
 def is_ip_address(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -584,27 +586,6 @@ def _parse_hook0_api_url(value: str, variable: str) -> str:
     if urllib.parse.urlsplit(url).query:
         raise ConfigError(f"{variable}: the URL of Hook0's API takes no query (?...)")
     return url
-
-
-def url_secrets(url: str | None) -> list[str]:
-    """The credentials in a URL's user info (its password, or a user name with no password, as
-    written and decoded) and the Basic header value built from them: never to be shown."""
-    try:
-        parts = urllib.parse.urlsplit(url or "")
-        username, password = parts.username, parts.password
-    except ValueError:
-        return []
-    if username is None:
-        return []
-    user, secret = urllib.parse.unquote(username), urllib.parse.unquote(password or "")
-    basic = base64.b64encode(f"{user}:{secret}".encode()).decode("ascii")
-    # A user name is no secret (hiding "wal2http" would mangle every message that contains it),
-    # unless it is the credential: alone (https://<token>@host), or long, beside a dummy password
-    # (https://<api key>:X@host, https://<token>:x-oauth-basic@host).
-    values = [password, secret, basic]
-    if not password or len(user) >= URL_TOKEN_USER_MIN_CHARS:
-        values += [username, user]
-    return [value for value in values if value]
 
 
 def _parse_slot_name(value: str, variable: str) -> str:
@@ -705,6 +686,30 @@ def _parse_recipients(value: str, variable: str) -> tuple[str, ...]:
 # --- Secrets: what in a setting's value must never be shown --------------------------------------
 # Each function takes the value as given (text) or as parsed: the text is scrubbed from errors
 # raised while parsing, the parsed value from everything built later.
+
+URL_TOKEN_USER_MIN_CHARS = 16  #: a URL user name this long is taken for a token
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """The credentials in a URL's user info (its password, or a user name with no password, as
+    written and decoded) and the Basic header value built from them: never to be shown."""
+    try:
+        parts = urllib.parse.urlsplit(url or "")
+        username, password = parts.username, parts.password
+    except ValueError:
+        return []
+    if username is None:
+        return []
+    user, secret = urllib.parse.unquote(username), urllib.parse.unquote(password or "")
+    basic = base64.b64encode(f"{user}:{secret}".encode()).decode("ascii")
+    # A user name is no secret (hiding "wal2http" would mangle every message that contains it),
+    # unless it is the credential: alone (https://<token>@host), or long, beside a dummy password
+    # (https://<api key>:X@host, https://<token>:x-oauth-basic@host).
+    values = [password, secret, basic]
+    if not password or len(user) >= URL_TOKEN_USER_MIN_CHARS:
+        values += [username, user]
+    return [value for value in values if value]
+
 
 def _whole_value(value) -> list[str]:
     return [value] if isinstance(value, str) else []
