@@ -949,8 +949,8 @@ def check_sink_settings(settings: Mapping[str, object], sink: str) -> None:
 
 
 def check_retry_delays(settings: Mapping[str, object]) -> None:
-    base = settings.get("retry_base_delay_s", 1.0)
-    largest = settings.get("retry_max_delay_s", 30.0)
+    base = settings.get("retry_base_delay_s", Config.retry_base_delay_s)  # or the default
+    largest = settings.get("retry_max_delay_s", Config.retry_max_delay_s)
     if base > largest:
         raise ConfigError(f"RETRY_BASE_DELAY_MS ({round(base * 1000)}) must not be larger than "
                           f"RETRY_MAX_DELAY_MS ({round(largest * 1000)})")
