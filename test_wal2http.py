@@ -258,6 +258,8 @@ class TestConfig:
         ("RETRY_MAX_ATTEMPTS", "1", "retry_max_attempts", 1),
         ("RETRY_BASE_DELAY_MS", "0", "retry_base_delay_s", 0.0),
         ("RETRY_MAX_DELAY_MS", "60000", "retry_max_delay_s", 60.0),
+        ("DELIVERY_CONCURRENCY", "256", "delivery_concurrency", 256),
+        ("DELIVERY_CONCURRENCY", " 8 ", "delivery_concurrency", 8),
         ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
         ("HTTP_BATCH_SIZE", "50", "http_batch_size", 50),
         ("HTTP_TIMEOUT_SECS", "2.5", "http_timeout_s", 2.5),
@@ -294,10 +296,10 @@ class TestConfig:
         assert getattr(config, field) == expected
 
     def test_every_option_mirrors_its_variable(self):
-        assert [option.flag for option in w.OPTIONS] == [
+        assert [setting.flag for setting in w.SETTINGS] == [
             "--database-url", "--slot-name", "--pub-name", "--create-slot", "--event-sink",
             "--feedback-interval-secs", "--streaming", "--on-failure", "--dead-letter-file",
-            "--retry-max-attempts", "--retry-base-delay-ms", "--retry-max-delay-ms", "--log-level",
+            "--retry-max-attempts", "--retry-base-delay-ms", "--retry-max-delay-ms", "--delivery-concurrency", "--log-level",
             "--http-endpoint-url", "--http-batch-size", "--http-timeout-secs", "--http-headers",
             "--http-signing-secret", "--http-ca-file", "--hook0-api-url", "--hook0-application-id",
             "--hook0-api-token", "--hook0-table-events", "--hook0-labels", "--hook0-create-event-types",
@@ -370,16 +372,23 @@ class TestConfig:
         assert (config.email_smtp_port, config.email_smtp_tls) == (port, tls)
 
     EXACT_ERRORS = [
-        ({"EVENT_SINK": "kafka"}, "Event sink must be one of: 'http', 'hook0', or 'stdout'"),
-        ({"EVENT_SINK": "stdout2"}, "Event sink must be one of: 'http', 'hook0', or 'stdout'"),
+        ({"EVENT_SINK": "kafka"}, "EVENT_SINK: Event sink must be one of: 'http', 'hook0', or 'stdout' "
+                                  "(got 'kafka')"),
+        ({"EVENT_SINK": "stdout2"}, "EVENT_SINK: Event sink must be one of: 'http', 'hook0', or 'stdout' "
+                                    "(got 'stdout2')"),
+        ({"EVENT_SINK": "htpp"}, "EVENT_SINK: Event sink must be one of: 'http', 'hook0', or 'stdout' "
+                                 "(got 'htpp')"),
         ({"EVENT_SINK": "http"}, "HTTP event sink specified but missing HTTP_ENDPOINT_URL"),
         ({"EVENT_SINK": "HTTP", **HOOK0}, "HTTP event sink specified but missing HTTP_ENDPOINT_URL"),
         ({"EVENT_SINK": "hook0"}, "Hook0 event sink specified but missing required configuration "
-                                  "(api_url, application_id, or api_token)"),
+                                  "(HOOK0_API_URL, HOOK0_APPLICATION_ID, HOOK0_API_TOKEN)"),
+        ({"EVENT_SINK": "hook0", "HOOK0_API_URL": "https://h0.example"},
+         "Hook0 event sink specified but missing required configuration "
+         "(HOOK0_APPLICATION_ID, HOOK0_API_TOKEN)"),
     ] + [
         ({"EVENT_SINK": "hook0", **{k: v for k, v in HOOK0.items() if k != missing}},
-         "Hook0 event sink specified but missing required configuration "
-         "(api_url, application_id, or api_token)") for missing in HOOK0
+         f"Hook0 event sink specified but missing required configuration ({missing})")
+        for missing in HOOK0
     ]
 
     @pytest.mark.parametrize("env,message", EXACT_ERRORS)
@@ -404,6 +413,9 @@ class TestConfig:
         ("RETRY_BASE_DELAY_MS", "-1"),
         ("RETRY_MAX_DELAY_MS", "x"),
         ("RETRY_BASE_DELAY_MS", "40000"),  # above the default maximum of 30000
+        ("DELIVERY_CONCURRENCY", "0"),
+        ("DELIVERY_CONCURRENCY", "257"),
+        ("DELIVERY_CONCURRENCY", "2.5"),
         ("HTTP_BATCH_SIZE", "0"),
         ("HTTP_TIMEOUT_SECS", "0"),
         ("HTTP_HEADERS", "[1, 2]"),
@@ -413,6 +425,7 @@ class TestConfig:
         ("HTTP_HEADERS", '{"Content-Length": "10"}'),
         ("HTTP_HEADERS", '{"X-A": "a\\r\\nX-Injected: 1"}'),
         ("HTTP_SIGNING_SECRET", "whsec_***not base64***"),
+        ("HTTP_SIGNING_SECRET", "whsec_"),
         ("HTTP_CA_FILE", "/nonexistent/ca.pem"),
         ("HOOK0_LABELS", '["a"]'),
         ("HOOK0_LABELS", '{"a": {"nested": 1}}'),
@@ -473,12 +486,106 @@ class TestConfig:
         assert info.value.code == 0
         out = capsys.readouterr().out
         options = " ".join(out.split("options:", 1)[1].split())
-        for option in w.OPTIONS:
-            assert f"{option.flag} {option.variable}" in options or f"{option.flag} [" in options
-            assert f"[env {option.variable}; default: {option.default}]" in options
+        for setting in w.SETTINGS:
+            assert f"{setting.flag} {setting.variable}" in options or f"{setting.flag} [" in options
+            assert f"[env {setting.variable}; default: {setting.help_default}]" in options
         for flag in ("--check", "--demo", "--version", "--help"):
             assert flag in out
         assert "default: sub]" in out and "default: wal2http-dead-letter.jsonl]" in out
+
+    def test_help_lists_sink_and_alert_settings_under_their_heading(self, capsys, monkeypatch):
+        monkeypatch.setenv("COLUMNS", "1000")
+        with pytest.raises(SystemExit):
+            w.load_config(["--help"], {})
+        out = capsys.readouterr().out
+        headings = {group: out.index(f"\n{title}:\n") for group, title in w.HELP_GROUPS.items()}
+        for setting in w.SETTINGS:
+            at = out.index(f"  {setting.flag} ")
+            if setting.group in headings:
+                assert at > headings[setting.group], setting.variable
+                assert not any(headings[setting.group] < start < at for start in headings.values()), setting.variable
+            else:
+                assert at < min(headings.values()), setting.variable
+
+    def test_config_has_a_field_per_setting_with_its_default(self):
+        fields = [field.name for field in dataclasses.fields(w.Config)]
+        assert fields == ["database_url", "conninfo"] + [setting.field for setting in w.SETTINGS[1:]]
+        assert w.SETTINGS[0].field == "database_url"
+        for setting in w.SETTINGS:
+            assert getattr(w.Config(), setting.field) == setting.default, setting.variable
+
+    #: A valid value for every setting SETTINGS above leaves out, and the field it gives.
+    MORE_SETTINGS = [
+        ("DATABASE_URL", "postgresql://u@flag.example.org/d", "database_url", "postgresql://u@flag.example.org/d"),
+        ("HTTP_ENDPOINT_URL", " https://hooks.example.org/in ", "http_endpoint_url", "https://hooks.example.org/in"),
+        ("HTTP_CA_FILE", __file__, "http_ca_file", __file__),
+        ("HOOK0_API_TOKEN", "tok-1\n", "hook0_api_token", "tok-1"),
+    ]
+
+    def test_every_setting_has_a_flag_and_a_variable(self):
+        covered = {variable for variable, *_ in self.SETTINGS + self.MORE_SETTINGS}
+        assert covered == {setting.variable for setting in w.SETTINGS}
+        for variable, value, field, expected in self.MORE_SETTINGS:
+            flag = "--" + variable.lower().replace("_", "-")
+            assert getattr(load({variable: value}), field) == expected
+            assert getattr(load(argv=[flag, value]), field) == expected
+
+    #: A value with a secret in it for every setting the table marks as holding secrets.
+    SECRET_SAMPLES = {
+        "DATABASE_URL": ("postgresql://app:Secret-Db-Pw-77@db.example.org/app", "Secret-Db-Pw-77"),
+        "HTTP_ENDPOINT_URL": ("https://user:Secret-Url-Pw-77@hooks.example.org/in", "Secret-Url-Pw-77"),
+        "HTTP_HEADERS": ('{"Authorization": "Bearer Secret-Header-77"}', "Bearer Secret-Header-77"),
+        "HTTP_SIGNING_SECRET": ("Secret-Signing-77", "Secret-Signing-77"),
+        "HOOK0_API_URL": ("https://Secret-Hook0-Url-Token-77@hook0.example.org", "Secret-Hook0-Url-Token-77"),
+        "HOOK0_API_TOKEN": ("Secret-Hook0-Token-77", "Secret-Hook0-Token-77"),
+        "EMAIL_SMTP_PASSWORD": ("Secret-Smtp-Pw-77", "Secret-Smtp-Pw-77"),
+    }
+
+    @pytest.mark.parametrize("variable", list(SECRET_SAMPLES))
+    def test_every_secret_setting_is_scrubbed(self, variable):
+        assert set(self.SECRET_SAMPLES) == {setting.variable for setting in w.SETTINGS if setting.secrets}
+        value, secret = self.SECRET_SAMPLES[variable]
+        config = load({variable: value})
+        assert secret in w.config_secrets(config)
+        assert secret not in repr(config) and secret not in w.describe_config(config)
+        message = config_error({variable: value, "ON_FAILURE": secret})  # an error that echoes it
+        assert message.startswith("ON_FAILURE must be one of") and secret not in message
+        assert w.scrub_secrets(f"x {secret} y", w.config_secrets(config)) == "x *** y"
+
+    @pytest.mark.parametrize("run_as,prog", [("script", "wal2http.py"), ("command", "wal2http"),
+                                             ("zipapp", "wal2http.pyz")])
+    def test_help_names_the_program_as_it_was_run(self, tmp_path, run_as, prog):
+        if run_as == "script":
+            target = os.path.join(HERE, "wal2http.py")
+        elif run_as == "command":  # what `pip install` writes for [project.scripts]
+            target = tmp_path / "wal2http"
+            target.write_text("import sys\nfrom wal2http import main\nsys.exit(main())\n")
+        else:  # the README's recipe, with the dependencies taken from this environment
+            (tmp_path / "app").mkdir()
+            shutil.copy(os.path.join(HERE, "wal2http.py"), tmp_path / "app")
+            (tmp_path / "app" / "__main__.py").write_text("import sys\nimport wal2http\nsys.exit(wal2http.main())\n")
+            target = tmp_path / "wal2http.pyz"
+            subprocess.run([sys.executable, "-m", "zipapp", tmp_path / "app", "-o", target], check=True, timeout=60)
+        result = subprocess.run([sys.executable, str(target), "--help"], capture_output=True, text=True,
+                                timeout=60, env={**os.environ, "PYTHONPATH": HERE})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"usage: {prog} [-h]")
+
+    def test_hook0_labels_follow_the_sinks_rules(self):
+        labels = {f"k{i}": "v" for i in range(11)}
+        assert config_error({"HOOK0_LABELS": json.dumps(labels)}) == \
+            "HOOK0_LABELS " + w.hook0_string_map_problem(labels, 0, 10)
+        assert w.hook0_string_map_problem(labels, 0, 10) == "has 11 entries; Hook0 accepts 0 to 10"
+        assert config_error({"HOOK0_LABELS": '{"a": ""}'}) == \
+            "HOOK0_LABELS has a value of 0 bytes (key 'a'); Hook0 accepts 1 to 50"
+
+    def test_signing_secret_is_read_as_the_http_sink_reads_it(self):
+        for secret in ("whsec_", "whsec_***", "whsec_ not base64"):  # "whsec_" alone: an empty key
+            with pytest.raises(w.ConfigError) as info:
+                w.decode_signing_secret(secret)
+            assert str(info.value) == "HTTP_SIGNING_SECRET starts with 'whsec_' but what follows is not valid base64"
+            if len(secret) > len("whsec_"):  # else the secret itself, "whsec_", is scrubbed from the message
+                assert config_error({"HTTP_SIGNING_SECRET": secret}) == str(info.value)
 
     def test_version(self, capsys):
         with pytest.raises(SystemExit) as info:
@@ -568,6 +675,11 @@ class TestConfig:
          True, "unencrypted"),
         ({"HOOK0_API_URL": "https://h0.example"}, False, "HOOK0_* settings are ignored"),
         ({**HOOK0, "HTTP_ENDPOINT_URL": "https://x.example"}, False, "HTTP_ENDPOINT_URL is ignored"),
+        ({"HTTP_ENDPOINT_URL": "https://x.example", "HTTP_SIGNING_SECRET": "plain-secret"}, False,
+         "does not start with whsec_"),
+        ({"HTTP_ENDPOINT_URL": "https://x.example", "HTTP_SIGNING_SECRET": "whsec_" + "QUJD" * 8}, False, None),
+        ({"DELIVERY_CONCURRENCY": "4"}, False, "DELIVERY_CONCURRENCY is ignored"),
+        ({"HTTP_ENDPOINT_URL": "https://x.example", "DELIVERY_CONCURRENCY": "4"}, False, None),
     ])
     def test_email_enabled_and_warnings(self, env, enabled, warning):
         config = load(env)
@@ -651,8 +763,8 @@ class TestConnInfo:
         assert {name: getattr(info, name) for name in expected} == expected
 
     def test_unix_socket_flag(self):
-        assert conninfo("host=/var/run/postgresql").is_unix_socket
-        assert not conninfo("host=db").is_unix_socket
+        assert w.is_unix_socket(conninfo("host=/var/run/postgresql").host)
+        assert not w.is_unix_socket(conninfo("host=db").host)
 
     def test_environment_fills_what_the_string_leaves_out(self):
         info = w.parse_database_url("postgresql://", PG_ENV)
@@ -744,24 +856,38 @@ class TestConnInfo:
         assert fragment in message and "DATABASE_URL" in message and variable in message
         assert "s3cretPW" not in message
 
-    @pytest.mark.parametrize("text,masked", [
+    @pytest.mark.parametrize("text,described", [
         ("postgresql://u:secret@h:5432/d?sslmode=require", "postgresql://u:***@h:5432/d?sslmode=require"),
-        ("postgres://u:s%40cret@[::1]:5433/d", "postgres://u:***@[::1]:5433/d"),
-        ("postgresql://u@h/d", "postgresql://u@h/d"),
-        ("postgresql://h/d", "postgresql://h/d"),
-        ("postgresql://u:p@ss@h/d", "postgresql://u:***@h/d"),
-        ("postgresql://u:p/ss@h/d", "postgresql://u:***@h/d"),
-        ("postgresql://u@h/d?password=secret&sslmode=require",
-         "postgresql://u@h/d?password=***&sslmode=require"),
-        ("host=h password=secret user=u", "host=h password=*** user=u"),
-        (r"host=h password = 'se cret\'x' user=u", "host=h password = *** user=u"),
-        ("host=h password='unterminated secret", "host=h password=***"),
-        ("host=h user=u", "host=h user=u"),
-        ("password=secret", "password=***"),
+        ("postgres://u:s%40cret@[::1]:5433/d", "postgresql://u:***@[::1]:5433/d?sslmode=prefer"),
+        ("postgresql://u@h/d", "postgresql://u@h:5432/d?sslmode=prefer"),
+        ("postgresql://h/d", "postgresql://osuser@h:5432/d?sslmode=prefer"),
+        ("postgresql://u:p@ss@h/d", "postgresql://u:***@h:5432/d?sslmode=prefer"),
+        ("postgresql://u@h/d?password=secret&sslmode=require", "postgresql://u:***@h:5432/d?sslmode=require"),
+        ("host=h password=secret user=u", "postgresql://u:***@h:5432/u?sslmode=prefer"),
+        (r"host=h password = 'se cret\'x' user=u", "postgresql://u:***@h:5432/u?sslmode=prefer"),
+        ("host=h user=u", "postgresql://u@h:5432/u?sslmode=prefer"),
+        ("password=secret", "postgresql://osuser:***@localhost:5432/osuser?sslmode=prefer"),
+        ("host=/var/run/postgresql port=5433 user='a b' password=secret dbname=x/y",
+         "postgresql://a%20b:***@:5433/x%2Fy?host=/var/run/postgresql&sslmode=prefer"),
     ])
-    def test_mask_url(self, text, masked):
-        assert w.mask_url(text) == masked
-        assert "secret" not in w.mask_url(text) and "p@ss" not in w.mask_url(text)
+    def test_describe_shows_no_password(self, text, described):
+        info = conninfo(text)
+        assert info.describe() == described
+        assert "secret" not in info.describe() and "p@ss" not in info.describe()
+        again = w.parse_database_url(info.describe(), {})  # the description is a connection string
+        assert (again.host, again.port, again.user, again.dbname, again.sslmode) == \
+            (info.host, info.port, info.user, info.dbname, info.sslmode)
+
+    def test_describe_marks_a_password_from_pgpassword(self):
+        assert conninfo("host=h user=u", PGPASSWORD="envpw").describe() == \
+            "postgresql://u:***@h:5432/u?sslmode=prefer"
+
+    @pytest.mark.parametrize("text,password", [("postgresql://u:p/ss@h/d", "p/ss"),
+                                               ("host=h password='unterminated secret", "unterminated")])
+    def test_a_string_that_cannot_be_described_is_an_error_without_its_password(self, text, password):
+        with pytest.raises(w.ConfigError) as info:
+            conninfo(text)
+        assert "DATABASE_URL" in str(info.value) and password not in str(info.value)
 
 
 # =====================================================================================================
@@ -5478,7 +5604,7 @@ class TestCommandLine:
         result = run_cli([], {"DATABASE_URL": "postgresql://u@h/d", "EVENT_SINK": "kafka"})
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [
-            "wal2http: Event sink must be one of: 'http', 'hook0', or 'stdout'"]
+            "wal2http: EVENT_SINK: Event sink must be one of: 'http', 'hook0', or 'stdout' (got 'kafka')"]
         assert result.stdout == ""
 
     def test_wrong_password_exits_4_without_the_password(self, cluster, db):

@@ -239,9 +239,13 @@ class FailingPeriod:
 # 2. Config
 # =====================================================================================================
 # Pure: environment mapping and argv in, a frozen `Config` (or a one-line ConfigError naming the
-# variable) out.  No socket is opened here.  The rule for secrets: no error message, log line or
+# variable) out.  No socket is opened here.  Every setting is one entry of SETTINGS, which drives
+# --help, the flags, the environment, Config's fields, describe_config() and config_secrets(); a
+# few plain functions hold the rules between settings (choose_sink, check_sink_settings,
+# check_retry_delays, smtp_port_and_tls).  The rule for secrets: no error message, log line or
 # repr() built here contains the database password, HOOK0_API_TOKEN, EMAIL_SMTP_PASSWORD,
-# HTTP_SIGNING_SECRET or an HTTP_HEADERS value; DATABASE_URL is only ever shown through mask_url().
+# HTTP_SIGNING_SECRET, an HTTP_HEADERS value or a URL's credentials; the database is only ever
+# shown through ConnInfo.describe().
 
 DEFAULT_PG_HOST = "localhost"
 DEFAULT_PG_PORT = 5432
@@ -279,6 +283,11 @@ _CONNINFO_WHITESPACE = " \t\n\r\f\v"
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
+def is_unix_socket(host: str) -> bool:
+    """libpq's rule: a host that starts with '/' is the directory of a Unix-domain socket."""
+    return host.startswith("/")
+
+
 @dataclasses.dataclass(frozen=True)
 class ConnInfo:
     """Where and how to connect to PostgreSQL, after libpq's precedence: string, PG*, defaults."""
@@ -295,14 +304,24 @@ class ConnInfo:
     connect_timeout_s: float
     application_name: str
 
-    @property
-    def is_unix_socket(self) -> bool:
-        return self.host.startswith("/")
+    def describe(self) -> str:
+        """Where this connects, as a URL fit for a log line: the password, if any, as `***`."""
+        user = urllib.parse.quote(self.user, safe="") + (":***" if self.password else "")
+        query = f"sslmode={self.sslmode}"
+        if is_unix_socket(self.host):
+            where, query = f":{self.port}", f"host={urllib.parse.quote(self.host)}&{query}"
+        else:
+            where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"postgresql://{user}@{where}/{urllib.parse.quote(self.dbname, safe='')}?{query}"
 
 
 def _conninfo_error(reason: str, source: str = "DATABASE_URL") -> ConfigError:
     where = "" if source == "DATABASE_URL" else f" (from {source})"
     return ConfigError(f"DATABASE_URL: {reason}{where}")
+
+
+def _keyword_error(reason: str) -> ConfigError:
+    return _conninfo_error(f"not a valid key=value connection string: {reason}")
 
 
 def _percent_decode(text: str, part: str) -> str:
@@ -365,12 +384,8 @@ def _split_url(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-class _ScanError(ValueError):
-    pass
-
-
-def _scan_keyword_values(text: str) -> list[tuple[str, str, int, int]]:
-    """libpq `keyword = value` pairs as (keyword, value, value start, value end).
+def _scan_keyword_values(text: str) -> list[tuple[str, str]]:
+    """libpq `keyword = value` pairs as (keyword, value).
 
     Whitespace may surround '='; a value is either bare (up to whitespace) or single-quoted; a
     backslash takes the next character literally in both ("Connection Strings" in the libpq docs).
@@ -389,19 +404,19 @@ def _scan_keyword_values(text: str) -> list[tuple[str, str, int, int]]:
         key = text[start:pos]
         pos = skip_space(pos)
         if pos >= end or text[pos] != "=":
-            raise _ScanError("a keyword is missing its '=' (quote values that hold spaces: key='...')")
+            raise _keyword_error("a keyword is missing its '=' (quote values that hold spaces: key='...')")
         pos = skip_space(pos + 1)
-        value_start, quoted, chars = pos, pos < end and text[pos] == "'", []
+        quoted, chars = pos < end and text[pos] == "'", []
         pos += quoted
         while True:
             if pos >= end:
                 if quoted:
-                    raise _ScanError("a quoted value has no closing quote")
+                    raise _keyword_error("a quoted value has no closing quote")
                 break
             char = text[pos]
             if char == "\\":
                 if pos + 1 >= end:
-                    raise _ScanError("a value ends with a lone backslash")
+                    raise _keyword_error("a value ends with a lone backslash")
                 chars.append(text[pos + 1])
                 pos += 2
                 continue
@@ -410,7 +425,7 @@ def _scan_keyword_values(text: str) -> list[tuple[str, str, int, int]]:
                 break
             chars.append(char)
             pos += 1
-        pairs.append((key, "".join(chars), value_start, pos))
+        pairs.append((key, "".join(chars)))
     return pairs
 
 
@@ -420,10 +435,7 @@ def _split_connection_string(text: str) -> list[tuple[str, str]]:
     if "://" in text.split("=", 1)[0] or (text and "=" not in text):
         raise ConfigError("DATABASE_URL must start with postgresql:// or postgres://, "
                           "or use the libpq key=value form")
-    try:
-        return [(key, value) for key, value, _, _ in _scan_keyword_values(text)]
-    except _ScanError as exc:
-        raise _conninfo_error(f"not a valid key=value connection string: {exc}") from None
+    return _scan_keyword_values(text)
 
 
 def _collect_keywords(pairs: list[tuple[str, str]]) -> dict[str, str]:
@@ -515,41 +527,7 @@ def parse_database_url(text: str, environ: Mapping[str, str]) -> ConnInfo:
     )
 
 
-def _mask_url_form(text: str) -> str:
-    # The last '@' of the whole string: masking too much is safe, too little is not.
-    scheme_end = text.index("://") + 3
-    at = text.rfind("@")
-    if at > scheme_end and ":" in text[scheme_end:at]:
-        colon = text.index(":", scheme_end)
-        text = text[:colon + 1] + "***" + text[at:]
-    head, question, query = text.partition("?")
-    if not question:
-        return text
-    items = [item.split("=", 1)[0] + "=***" if item.split("=", 1)[0] == "password" else item
-             for item in query.split("&")]
-    return head + "?" + "&".join(items)
-
-
-def _mask_keyword_form(text: str) -> str:
-    try:
-        pairs = _scan_keyword_values(text)
-    except _ScanError:
-        at = text.find("password")
-        return text if at < 0 else text[:at] + "password=***"
-    for key, _, start, end in reversed(pairs):
-        if key == "password":
-            text = text[:start] + "***" + text[end:]
-    return text
-
-
-def mask_url(text: str) -> str:
-    """DATABASE_URL fit for a log line: the password (in either form) replaced by `***`."""
-    if text.strip().startswith(URL_SCHEMES):
-        return _mask_url_form(text)
-    return _mask_keyword_form(text)
-
-
-# --- The options: one table drives --help, flags and environment variables ----------------------
+# --- Value parsers: (text, variable) -> value; each message is one line and names the variable ------
 
 SINKS = ("stdout", "http", "hook0")
 ON_FAILURE_CHOICES = ("exit", "retry", "skip")
@@ -561,154 +539,24 @@ SMTP_SUBMISSION_PORT = 587
 MAX_SLOT_NAME_LENGTH = 63  #: NAMEDATALEN - 1
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
-EVENT_SINK_ERROR = "Event sink must be one of: 'http', 'hook0', or 'stdout'"
-HTTP_MISSING_ERROR = "HTTP event sink specified but missing HTTP_ENDPOINT_URL"
-HOOK0_MISSING_ERROR = ("Hook0 event sink specified but missing required configuration "
-                       "(api_url, application_id, or api_token)")
 #: Headers that frame the HTTP message: set by the HTTP sink alone.
 RESERVED_HTTP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SLOT_NAME = re.compile(r"[a-z0-9_]+")
+_HOST_NAME = re.compile(rb"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")  #: no ':', '/', '@', spaces
 
-
-@dataclasses.dataclass(frozen=True)
-class Option:
-    """One setting: its environment variable, the mirroring long option, and its --help line."""
-
-    variable: str
-    default: str  # as shown in --help
-    help: str
-    is_bool: bool = False
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.variable.lower().replace("_", "-")
-
-
-OPTIONS: tuple[Option, ...] = (
-    Option("DATABASE_URL", "required except with --demo",
-           "postgresql://user:password@host:port/dbname?sslmode=... or libpq key=value form; "
-           "PG* variables fill what it leaves out"),
-    Option("SLOT_NAME", "sub", "logical replication slot (pgoutput)"),
-    Option("PUB_NAME", "pub", "publication(s), comma-separated"),
-    Option("CREATE_SLOT", "true", "create the slot if it does not exist", is_bool=True),
-    Option("EVENT_SINK", "hook0 if all HOOK0_* are set, else http if HTTP_ENDPOINT_URL is set, "
-           "else stdout", "stdout, http or hook0"),
-    Option("FEEDBACK_INTERVAL_SECS", "1", "seconds between standby status updates (fractions allowed)"),
-    Option("STREAMING", "false", "stream large in-progress transactions (PostgreSQL 14+)",
-           is_bool=True),
-    Option("ON_FAILURE", "exit", "when delivery retries are exhausted: exit, retry or skip"),
-    Option("DEAD_LETTER_FILE", "wal2http-dead-letter.jsonl", "where ON_FAILURE=skip writes events"),
-    Option("RETRY_MAX_ATTEMPTS", "5", "attempts per delivery, the first included"),
-    Option("RETRY_BASE_DELAY_MS", "1000", "first backoff delay, milliseconds"),
-    Option("RETRY_MAX_DELAY_MS", "30000", "largest backoff delay, milliseconds"),
-    Option("DELIVERY_CONCURRENCY", "1", "HTTP and Hook0 requests in flight at once (1-256); events "
-           "of one row stay in order"),
-    Option("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    Option("HTTP_ENDPOINT_URL", "unset", "http:// or https:// URL the HTTP sink POSTs to"),
-    Option("HTTP_BATCH_SIZE", "1", "events per HTTP request"),
-    Option("HTTP_TIMEOUT_SECS", "10", "timeout of each HTTP request, seconds"),
-    Option("HTTP_HEADERS", "unset", "JSON object of extra request headers"),
-    Option("HTTP_SIGNING_SECRET", "unset", "Standard Webhooks signing secret (whsec_...)"),
-    Option("HTTP_CA_FILE", "unset", "extra trusted CA certificates (PEM) for https"),
-    Option("HOOK0_API_URL", "unset", "Hook0 API URL (/api/v1 is added when it has no path)"),
-    Option("HOOK0_APPLICATION_ID", "unset", "Hook0 application id (UUID)"),
-    Option("HOOK0_API_TOKEN", "unset", "Hook0 API token"),
-    Option("HOOK0_TABLE_EVENTS", "false", "send every row change, not only outbox rows",
-           is_bool=True),
-    Option("HOOK0_LABELS", "unset", "JSON object of labels for events without labels"),
-    Option("HOOK0_CREATE_EVENT_TYPES", "false", "create missing Hook0 event types", is_bool=True),
-    Option("EMAIL_SMTP_HOST", "unset", "SMTP server for alert mails"),
-    Option("EMAIL_SMTP_PORT", "465 with EMAIL_SMTP_TLS=ssl, else 587", "SMTP port"),
-    Option("EMAIL_SMTP_USERNAME", "unset", "SMTP login (no login when unset)"),
-    Option("EMAIL_SMTP_PASSWORD", "unset", "SMTP password"),
-    Option("EMAIL_FROM", "unset", "sender address of alert mails"),
-    Option("EMAIL_TO", "unset", "recipients of alert mails, comma-separated"),
-    Option("EMAIL_SMTP_TLS", "ssl on port 465, else starttls", "starttls, ssl or none"),
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything wal2http runs with.  Secret-bearing fields are left out of repr()."""
-
-    database_url: str | None = dataclasses.field(default=None, repr=False)
-    conninfo: ConnInfo | None = None
-    slot_name: str = "sub"
-    publications: tuple[str, ...] = ("pub",)
-    create_slot: bool = True
-    event_sink: str = "stdout"
-    feedback_interval_s: float = 1.0
-    streaming: bool = False
-    on_failure: str = "exit"
-    dead_letter_file: str = "wal2http-dead-letter.jsonl"
-    retry_max_attempts: int = 5
-    retry_base_delay_s: float = 1.0
-    retry_max_delay_s: float = 30.0
-    delivery_concurrency: int = 1
-    log_level: str = "INFO"
-    http_endpoint_url: str | None = dataclasses.field(default=None, repr=False)
-    http_batch_size: int = 1
-    http_timeout_s: float = 10.0
-    http_headers: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
-    http_signing_secret: str | None = dataclasses.field(default=None, repr=False)
-    http_ca_file: str | None = None
-    hook0_api_url: str | None = dataclasses.field(default=None, repr=False)
-    hook0_application_id: str | None = None
-    hook0_api_token: str | None = dataclasses.field(default=None, repr=False)
-    hook0_table_events: bool = False
-    hook0_labels: tuple[tuple[str, str], ...] = ()
-    hook0_create_event_types: bool = False
-    email_smtp_host: str | None = None
-    email_smtp_port: int = SMTP_SUBMISSION_PORT
-    email_smtp_username: str | None = None
-    email_smtp_password: str | None = dataclasses.field(default=None, repr=False)
-    email_from: str | None = None
-    email_to: tuple[str, ...] = ()
-    email_smtp_tls: str = "starttls"
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises ConfigError (exit 2, one line) instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # Keep option names, drop values: `--databse-url postgresql://u:pw@h` must not echo pw.
-        if message.startswith("unrecognized arguments:"):
-            names = [arg.split("=", 1)[0] for arg in message.split(":", 1)[1].split()
-                     if arg.startswith("-")]
-            message = (f"unrecognized option(s): {' '.join(names)}" if names
-                       else "unexpected arguments (options take the form --name value)")
-        message = re.sub(r"(--[\w-]+)=\S+", r"\1=...", message)
-        raise ConfigError(f"command line: {message} (see --help)")
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    """Every long option mirrors an environment variable; a flag wins over the environment."""
-    parser = _ArgumentParser(
-        prog="wal2http.py", allow_abbrev=False,
-        description="Stream PostgreSQL logical replication changes to stdout, HTTP or Hook0.",
-        epilog="Each option can also be set by the environment variable shown; an empty variable "
-               "counts as unset. Booleans accept true/false, 1/0, yes/no, on/off.")
-    for option in OPTIONS:
-        extra = {"nargs": "?", "const": "true"} if option.is_bool else {}
-        parser.add_argument(option.flag, dest=option.variable, default=None,
-                            metavar=option.variable,
-                            help=f"{option.help} [env {option.variable}; default: {option.default}]",
-                            **extra)
-    parser.add_argument("--check", action="store_true",
-                        help="verify the database, publication, slot and sink, print one line "
-                             "per check, and exit (0 only if all pass)")
-    parser.add_argument("--demo", action="store_true",
-                        help="run against a throwaway local PostgreSQL with a demo table")
-    parser.add_argument("--version", action="version", version=f"wal2http {__version__}")
-    return parser
-
-
-# --- Value parsers: each message is one line and names the variable ------------------------------
 
 def _shown(value: str) -> str:
     """A non-secret value quoted for an error message: one line, bounded."""
     return repr(value if len(value) <= 60 else value[:57] + "...")
+
+
+def _as_given(value: str, variable: str) -> str:
+    return value
+
+
+def _stripped(value: str, variable: str) -> str:
+    return value.strip()
 
 
 def parse_bool(value: str, variable: str) -> bool:
@@ -720,15 +568,22 @@ def parse_bool(value: str, variable: str) -> bool:
     raise ConfigError(f"{variable} must be true or false (or 1/0, yes/no, on/off), got {_shown(value)}")
 
 
-def _parse_int(value: str, variable: str, minimum: int, maximum: int | None = None) -> int:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        number = None
-    if number is None or number < minimum or (maximum is not None and number > maximum):
-        bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
-        raise ConfigError(f"{variable} must be a whole number {bound}, got {_shown(value)}")
-    return number
+def _int_parser(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
+    def parse(value: str, variable: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            number = None
+        if number is None or number < minimum or (maximum is not None and number > maximum):
+            bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+            raise ConfigError(f"{variable} must be a whole number {bound}, got {_shown(value)}")
+        return number
+    return parse
+
+
+def _parse_milliseconds(value: str, variable: str) -> float:
+    """Whole milliseconds >= 0, as seconds."""
+    return _int_parser(0)(value, variable) / 1000
 
 
 def _parse_seconds(value: str, variable: str) -> float:
@@ -741,37 +596,39 @@ def _parse_seconds(value: str, variable: str) -> float:
     return seconds
 
 
-def _parse_choice(value: str, variable: str, choices: tuple[str, ...], upper: bool = False) -> str:
-    word = value.strip().upper() if upper else value.strip().lower()
-    if word not in choices:
-        raise ConfigError(f"{variable} must be one of {', '.join(choices)}, got {_shown(value)}")
-    return word
+def _choice_parser(choices: tuple[str, ...], upper: bool = False) -> Callable[[str, str], str]:
+    def parse(value: str, variable: str) -> str:
+        word = value.strip().upper() if upper else value.strip().lower()
+        if word not in choices:
+            raise ConfigError(f"{variable} must be one of {', '.join(choices)}, got {_shown(value)}")
+        return word
+    return parse
 
 
-def _parse_http_url(value: str, variable: str) -> str:
-    """Never echoed: the URL may carry credentials or a token in its query."""
-    url = value.strip()
+def _parse_sink(value: str, variable: str) -> str:
+    sink = value.strip().lower()
+    if sink not in SINKS:
+        raise ConfigError(f"{variable}: Event sink must be one of: 'http', 'hook0', or 'stdout' "
+                          f"(got {_shown(value)})")
+    return sink
+
+
+# is_ip_address and is_valid_host serve the HTTP client (parse_http_url) and the PostgreSQL
+# connection (TLS server name) too: one rule everywhere.
+
+def is_ip_address(host: str) -> bool:
     try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
+        ipaddress.ip_address(host)
+        return True
     except ValueError:
-        parts = None
-    if (parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname
-            or any(c.isspace() for c in url)):
-        raise ConfigError(f"{variable} must be an http:// or https:// URL with a host name")
-    if not is_valid_host(parts.hostname):
-        raise ConfigError(f"{variable}: the URL's host is not a valid host name or address")
-    return url
+        return False
 
 
 def is_valid_host(host: str) -> bool:
     """An IP address, or a name the resolver can be given (IDNA-encodable: no empty label, none
     longer than 63 characters)."""
-    try:
-        ipaddress.ip_address(host)
+    if is_ip_address(host):
         return True
-    except ValueError:
-        pass
     try:
         ascii_name = host.encode("idna")
     except UnicodeError:
@@ -779,7 +636,128 @@ def is_valid_host(host: str) -> bool:
     return _HOST_NAME.fullmatch(ascii_name) is not None
 
 
-_HOST_NAME = re.compile(rb"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")  #: no ':', '/', '@', spaces
+def _parse_host(value: str, variable: str) -> str:
+    host = value.strip()
+    if not is_valid_host(host):
+        raise ConfigError(f"{variable} is not a valid host name or address, got {_shown(value)}")
+    return host
+
+
+def _parse_http_url(value: str, variable: str) -> str:
+    """Checked as the HTTP client will read it (parse_http_url); never echoed: the URL may carry
+    credentials or a token in its query."""
+    url = value.strip()
+    parse_http_url(url, variable)
+    return url
+
+
+def _parse_hook0_api_url(value: str, variable: str) -> str:
+    url = _parse_http_url(value, variable)
+    if urllib.parse.urlsplit(url).query:
+        raise ConfigError(f"{variable}: the URL of Hook0's API takes no query (?...)")
+    return url
+
+
+def _parse_slot_name(value: str, variable: str) -> str:
+    name = value.strip()
+    if not _SLOT_NAME.fullmatch(name) or len(name) > MAX_SLOT_NAME_LENGTH:
+        raise ConfigError(f"{variable} must be 1 to {MAX_SLOT_NAME_LENGTH} lowercase letters, "
+                          f"digits or underscores, got {_shown(value)}")
+    return name
+
+
+def _parse_publications(value: str, variable: str) -> tuple[str, ...]:
+    names = [name.strip() for name in value.split(",")]
+    if not all(names):
+        raise ConfigError(f"{variable} must be publication names separated by commas, with no empty "
+                          f"name, got {_shown(value)}")
+    return tuple(dict.fromkeys(names))  # duplicates dropped, order kept
+
+
+def _parse_json_object(value: str, variable: str) -> dict:
+    try:
+        data = json.loads(value)
+    except json.JSONDecodeError as exc:
+        # The decoder's message holds a position, never the text: safe for header values too.
+        raise ConfigError(f"{variable} must be a JSON object: {exc.msg} at character {exc.pos}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{variable} must be a JSON object, e.g. {{\"name\": \"value\"}}")
+    return data
+
+
+def _parse_http_headers(value: str, variable: str) -> tuple[tuple[str, str], ...]:
+    headers = []
+    for name, header_value in _parse_json_object(value, variable).items():
+        if not _HTTP_TOKEN.fullmatch(name):
+            raise ConfigError(f"{variable}: {_shown(name)} is not a valid header name")
+        if name.lower() in RESERVED_HTTP_HEADERS:
+            raise ConfigError(f"{variable}: the {name} header is set by wal2http itself")
+        if not isinstance(header_value, str) or any(c in header_value for c in "\r\n\0"):
+            raise ConfigError(f"{variable}: the value of {name} must be a string on one line")
+        headers.append((name, header_value))
+    return tuple(headers)
+
+
+def _parse_hook0_labels(value: str, variable: str) -> tuple[tuple[str, str], ...]:
+    """Converted and checked by Hook0's rules as each event's labels are: checked here, or every
+    event that falls back on these labels would be undeliverable."""
+    labels = {}
+    for name, label in _parse_json_object(value, variable).items():
+        if isinstance(label, (dict, list)):
+            raise ConfigError(f"{variable}: label {_shown(name)} must be a string, number or boolean")
+        if isinstance(label, float) and not math.isfinite(label):
+            raise ConfigError(f"{variable}: label {_shown(name)} must be a finite number")
+        if label is not None:
+            labels[name] = convert_hook0_string(label)
+    problem = hook0_string_map_problem(labels, 0, HOOK0_LABELS_MAX_ENTRIES)
+    if problem:
+        raise ConfigError(f"{variable} {problem}")
+    return tuple(labels.items())
+
+
+def _parse_uuid(value: str, variable: str) -> str:
+    try:
+        return str(uuid.UUID(value.strip()))
+    except ValueError:
+        raise ConfigError(f"{variable} must be a UUID, got {_shown(value)}") from None
+
+
+def _parse_bearer_token(value: str, variable: str) -> str:
+    token = value.strip()  # a secret file's trailing newline is not part of the token
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise ConfigError(f"{variable} has characters a bearer token cannot have "
+                          "(spaces, control or non-ASCII characters)")
+    return token
+
+
+def _parse_signing_secret(value: str, variable: str) -> str:
+    decode_signing_secret(value)  # the HTTP sink's own reading: a bad whsec_ secret fails here
+    return value
+
+
+def _parse_file(value: str, variable: str) -> str:
+    path = value.strip()
+    if not os.path.isfile(path):
+        raise ConfigError(f"{variable}: no such file {_shown(path)}")
+    return path
+
+
+def _parse_address(value: str, variable: str) -> str:
+    address = value.strip()
+    if "@" not in address or any(c in address for c in "\r\n\0"):
+        raise ConfigError(f"{variable} must be an email address, got {_shown(value)}")
+    return address
+
+
+def _parse_recipients(value: str, variable: str) -> tuple[str, ...]:
+    return tuple(_parse_address(item, variable) for item in value.split(",") if item.strip())
+
+
+# --- Secrets: what in a setting's value must never be shown --------------------------------------
+# Each function takes the value as given (text) or as parsed: the text is scrubbed from errors
+# raised while parsing, the parsed value from everything built later.
+
+URL_TOKEN_USER_MIN_CHARS = 16  #: a URL user name this long is taken for a token
 
 
 def url_secrets(url: str | None) -> list[str]:
@@ -803,279 +781,24 @@ def url_secrets(url: str | None) -> list[str]:
     return [value for value in values if value]
 
 
-URL_TOKEN_USER_MIN_CHARS = 16  #: a URL user name this long is taken for a token
+def _whole_value(value) -> list[str]:
+    return [value] if isinstance(value, str) else []
 
 
-def _parse_slot_name(value: str) -> str:
-    name = value.strip()
-    if not _SLOT_NAME.fullmatch(name) or len(name) > MAX_SLOT_NAME_LENGTH:
-        raise ConfigError(f"SLOT_NAME must be 1 to {MAX_SLOT_NAME_LENGTH} lowercase letters, "
-                          f"digits or underscores, got {_shown(value)}")
-    return name
-
-
-def _parse_publications(value: str) -> tuple[str, ...]:
-    names = [name.strip() for name in value.split(",")]
-    if not all(names):
-        raise ConfigError(f"PUB_NAME must be publication names separated by commas, with no empty "
-                          f"name, got {_shown(value)}")
-    return tuple(dict.fromkeys(names))  # duplicates dropped, order kept
-
-
-def _parse_json_object(value: str, variable: str) -> dict:
-    try:
-        data = json.loads(value)
-    except json.JSONDecodeError as exc:
-        # The decoder's message holds a position, never the text: safe for header values too.
-        raise ConfigError(f"{variable} must be a JSON object: {exc.msg} at character {exc.pos}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{variable} must be a JSON object, e.g. {{\"name\": \"value\"}}")
-    return data
-
-
-def _parse_http_headers(value: str) -> tuple[tuple[str, str], ...]:
-    headers = []
-    for name, header_value in _parse_json_object(value, "HTTP_HEADERS").items():
-        if not _HTTP_TOKEN.fullmatch(name):
-            raise ConfigError(f"HTTP_HEADERS: {_shown(name)} is not a valid header name")
-        if name.lower() in RESERVED_HTTP_HEADERS:
-            raise ConfigError(f"HTTP_HEADERS: the {name} header is set by wal2http itself")
-        if not isinstance(header_value, str) or any(c in header_value for c in "\r\n\0"):
-            raise ConfigError(f"HTTP_HEADERS: the value of {name} must be a string on one line")
-        headers.append((name, header_value))
-    return tuple(headers)
-
-
-def convert_label_value(value: object) -> str | None:
-    """A JSON label value as Hook0 wants it: strings kept, numbers/booleans as their JSON text,
-    null dropped (None)."""
-    if value is None:
-        return None
+def _header_values(value) -> list[str]:
     if isinstance(value, str):
-        return value
-    if isinstance(value, (bool, int, float)):
-        return json.dumps(value)
-    raise TypeError("a label must be a string, number or boolean")
-
-
-def _parse_hook0_labels(value: str) -> tuple[tuple[str, str], ...]:
-    labels = []
-    for name, label in _parse_json_object(value, "HOOK0_LABELS").items():
         try:
-            text = convert_label_value(label)
-        except TypeError:
-            raise ConfigError(f"HOOK0_LABELS: label {_shown(name)} must be a string, number or "
-                              f"boolean") from None
-        if isinstance(label, float) and not math.isfinite(label):
-            raise ConfigError(f"HOOK0_LABELS: label {_shown(name)} must be a finite number")
-        if text is not None:
-            labels.append((name, text))
-    # Hook0's rules (the same _check_string_map applies to each event): checked here, or every
-    # event that falls back on these labels would be undeliverable.
-    if len(labels) > HOOK0_LABELS_MAX_ENTRIES:
-        raise ConfigError(f"HOOK0_LABELS has {len(labels)} labels; Hook0 accepts at most {HOOK0_LABELS_MAX_ENTRIES}")
-    for name, text in labels:
-        for what, part in (("name", name), ("value", text)):
-            if not 1 <= len(part.encode("utf-8")) <= HOOK0_PROPERTY_MAX_BYTES:
-                raise ConfigError(f"HOOK0_LABELS: label {_shown(name)} has a {what} of {len(part.encode('utf-8'))} "
-                                  f"bytes; Hook0 accepts 1 to {HOOK0_PROPERTY_MAX_BYTES}")
-    return tuple(labels)
+            return [str(item) for item in json.loads(value).values()]
+        except (ValueError, AttributeError):
+            return []
+    return [header_value for _, header_value in value]
 
 
-def _parse_uuid(value: str, variable: str) -> str:
+def _database_passwords(value) -> list[str]:
     try:
-        return str(uuid.UUID(value.strip()))
-    except ValueError:
-        raise ConfigError(f"{variable} must be a UUID, got {_shown(value)}") from None
-
-
-def _parse_signing_secret(value: str) -> str:
-    if value.startswith("whsec_"):
-        try:
-            key = base64.b64decode(value[len("whsec_"):], validate=True)
-        except binascii.Error:
-            key = b""
-        if not key:
-            raise ConfigError("HTTP_SIGNING_SECRET starts with 'whsec_' but what follows is not "
-                              "valid base64")
-    return value
-
-
-def _parse_address(value: str, variable: str) -> str:
-    address = value.strip()
-    if "@" not in address or any(c in address for c in "\r\n\0"):
-        raise ConfigError(f"{variable} must be an email address, got {_shown(value)}")
-    return address
-
-
-def _parse_recipients(value: str) -> tuple[str, ...]:
-    return tuple(_parse_address(item, "EMAIL_TO") for item in value.split(",") if item.strip())
-
-
-# --- Building the Config ---------------------------------------------------------------------------
-
-def _raw_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str | None]:
-    """Flag over environment; empty or blank means unset (the default applies)."""
-    raw = {}
-    for option in OPTIONS:
-        value = getattr(args, option.variable)
-        if value is None:
-            value = environ.get(option.variable)
-        raw[option.variable] = value if value is not None and value.strip() else None
-    return raw
-
-
-def _resolve_sink(raw: Mapping[str, str | None]) -> str:
-    """EVENT_SINK if set, else the seed's priority rule: hook0, then http, then stdout."""
-    if raw["EVENT_SINK"] is not None:
-        sink = raw["EVENT_SINK"].strip().lower()
-        if sink not in SINKS:
-            raise ConfigError(EVENT_SINK_ERROR)
-        return sink
-    if raw["HOOK0_API_URL"] and raw["HOOK0_APPLICATION_ID"] and raw["HOOK0_API_TOKEN"]:
-        return "hook0"
-    return "http" if raw["HTTP_ENDPOINT_URL"] else "stdout"
-
-
-def _database_settings(raw: Mapping[str, str | None], environ: Mapping[str, str],
-                       mode: str) -> dict:
-    url = raw["DATABASE_URL"]
-    if mode == "demo":  # the demo starts its own server and sets these itself
-        return {"database_url": None, "conninfo": None}
-    if url is None:
-        raise ConfigError("DATABASE_URL is required (postgresql://user:password@host:5432/dbname "
-                          "or libpq key=value form; --database-url works too), or use --demo")
-    return {"database_url": url, "conninfo": parse_database_url(url, environ)}
-
-
-def _replication_settings(raw: Mapping[str, str | None]) -> dict:
-    settings: dict = {}
-    if raw["SLOT_NAME"] is not None:
-        settings["slot_name"] = _parse_slot_name(raw["SLOT_NAME"])
-    if raw["PUB_NAME"] is not None:
-        settings["publications"] = _parse_publications(raw["PUB_NAME"])
-    for variable, name in (("CREATE_SLOT", "create_slot"), ("STREAMING", "streaming")):
-        if raw[variable] is not None:
-            settings[name] = parse_bool(raw[variable], variable)
-    if raw["FEEDBACK_INTERVAL_SECS"] is not None:
-        settings["feedback_interval_s"] = _parse_seconds(raw["FEEDBACK_INTERVAL_SECS"],
-                                                         "FEEDBACK_INTERVAL_SECS")
-    if raw["LOG_LEVEL"] is not None:
-        settings["log_level"] = _parse_choice(raw["LOG_LEVEL"], "LOG_LEVEL", LOG_LEVELS, upper=True)
-    return settings
-
-
-def _delivery_settings(raw: Mapping[str, str | None]) -> dict:
-    settings: dict = {}
-    if raw["ON_FAILURE"] is not None:
-        settings["on_failure"] = _parse_choice(raw["ON_FAILURE"], "ON_FAILURE", ON_FAILURE_CHOICES)
-    if raw["DEAD_LETTER_FILE"] is not None:
-        settings["dead_letter_file"] = raw["DEAD_LETTER_FILE"].strip()
-    if raw["RETRY_MAX_ATTEMPTS"] is not None:
-        settings["retry_max_attempts"] = _parse_int(raw["RETRY_MAX_ATTEMPTS"], "RETRY_MAX_ATTEMPTS", 1)
-    if raw["DELIVERY_CONCURRENCY"] is not None:
-        settings["delivery_concurrency"] = _parse_int(raw["DELIVERY_CONCURRENCY"], "DELIVERY_CONCURRENCY",
-                                                      1, MAX_DELIVERY_CONCURRENCY)
-    base_ms, max_ms = 1000, 30000
-    if raw["RETRY_BASE_DELAY_MS"] is not None:
-        base_ms = _parse_int(raw["RETRY_BASE_DELAY_MS"], "RETRY_BASE_DELAY_MS", 0)
-    if raw["RETRY_MAX_DELAY_MS"] is not None:
-        max_ms = _parse_int(raw["RETRY_MAX_DELAY_MS"], "RETRY_MAX_DELAY_MS", 0)
-    if base_ms > max_ms:
-        raise ConfigError(f"RETRY_BASE_DELAY_MS ({base_ms}) must not be larger than "
-                          f"RETRY_MAX_DELAY_MS ({max_ms})")
-    settings["retry_base_delay_s"], settings["retry_max_delay_s"] = base_ms / 1000, max_ms / 1000
-    return settings
-
-
-def _http_settings(raw: Mapping[str, str | None], sink: str) -> dict:
-    settings: dict = {}
-    if raw["HTTP_ENDPOINT_URL"] is not None:
-        settings["http_endpoint_url"] = _parse_http_url(raw["HTTP_ENDPOINT_URL"], "HTTP_ENDPOINT_URL")
-    elif sink == "http":
-        raise ConfigError(HTTP_MISSING_ERROR)
-    if raw["HTTP_BATCH_SIZE"] is not None:
-        settings["http_batch_size"] = _parse_int(raw["HTTP_BATCH_SIZE"], "HTTP_BATCH_SIZE", 1)
-    if raw["HTTP_TIMEOUT_SECS"] is not None:
-        settings["http_timeout_s"] = _parse_seconds(raw["HTTP_TIMEOUT_SECS"], "HTTP_TIMEOUT_SECS")
-    if raw["HTTP_HEADERS"] is not None:
-        settings["http_headers"] = _parse_http_headers(raw["HTTP_HEADERS"])
-    if raw["HTTP_SIGNING_SECRET"] is not None:
-        settings["http_signing_secret"] = _parse_signing_secret(raw["HTTP_SIGNING_SECRET"])
-    if raw["HTTP_CA_FILE"] is not None:
-        path = raw["HTTP_CA_FILE"].strip()
-        if not os.path.isfile(path):
-            raise ConfigError(f"HTTP_CA_FILE: no such file {_shown(path)}")
-        settings["http_ca_file"] = path
-    return settings
-
-
-def _hook0_settings(raw: Mapping[str, str | None], sink: str) -> dict:
-    if sink == "hook0" and not (raw["HOOK0_API_URL"] and raw["HOOK0_APPLICATION_ID"]
-                                and raw["HOOK0_API_TOKEN"]):
-        raise ConfigError(HOOK0_MISSING_ERROR)
-    token = raw["HOOK0_API_TOKEN"]
-    if token is not None:
-        token = token.strip()  # a secret file's trailing newline is not part of the token
-        if not token.isascii() or not token.isprintable() or " " in token:
-            raise ConfigError("HOOK0_API_TOKEN has characters a bearer token cannot have "
-                              "(spaces, control or non-ASCII characters)")
-    settings: dict = {"hook0_api_token": token}
-    if raw["HOOK0_API_URL"] is not None:
-        settings["hook0_api_url"] = _parse_http_url(raw["HOOK0_API_URL"], "HOOK0_API_URL")
-        if urllib.parse.urlsplit(settings["hook0_api_url"]).query:
-            raise ConfigError("HOOK0_API_URL: the URL of Hook0's API takes no query (?...)")
-    if raw["HOOK0_APPLICATION_ID"] is not None:
-        settings["hook0_application_id"] = _parse_uuid(raw["HOOK0_APPLICATION_ID"],
-                                                       "HOOK0_APPLICATION_ID")
-    for variable, name in (("HOOK0_TABLE_EVENTS", "hook0_table_events"),
-                           ("HOOK0_CREATE_EVENT_TYPES", "hook0_create_event_types")):
-        if raw[variable] is not None:
-            settings[name] = parse_bool(raw[variable], variable)
-    if raw["HOOK0_LABELS"] is not None:
-        settings["hook0_labels"] = _parse_hook0_labels(raw["HOOK0_LABELS"])
-    return settings
-
-
-def _email_settings(raw: Mapping[str, str | None]) -> dict:
-    """EMAIL_SMTP_TLS and EMAIL_SMTP_PORT default from each other: 465 <-> ssl."""
-    port = tls = None
-    if raw["EMAIL_SMTP_PORT"] is not None:
-        port = _parse_int(raw["EMAIL_SMTP_PORT"], "EMAIL_SMTP_PORT", 1, 65535)
-    if raw["EMAIL_SMTP_TLS"] is not None:
-        tls = _parse_choice(raw["EMAIL_SMTP_TLS"], "EMAIL_SMTP_TLS", SMTP_TLS_MODES)
-    if tls is None:
-        tls = "ssl" if port == SMTP_SSL_PORT else "starttls"
-    if port is None:
-        port = SMTP_SSL_PORT if tls == "ssl" else SMTP_SUBMISSION_PORT
-    host = raw["EMAIL_SMTP_HOST"]
-    if host and host.strip() and not is_valid_host(host.strip()):
-        raise ConfigError(f"EMAIL_SMTP_HOST is not a valid host name or address, got {_shown(host)}")
-    return {
-        "email_smtp_host": host.strip() if host else None, "email_smtp_port": port,
-        "email_smtp_tls": tls, "email_smtp_username": raw["EMAIL_SMTP_USERNAME"],
-        "email_smtp_password": raw["EMAIL_SMTP_PASSWORD"],
-        "email_from": _parse_address(raw["EMAIL_FROM"], "EMAIL_FROM") if raw["EMAIL_FROM"] else None,
-        "email_to": _parse_recipients(raw["EMAIL_TO"]) if raw["EMAIL_TO"] else (),
-    }
-
-
-def _raw_secrets(raw: Mapping[str, str | None], environ: Mapping[str, str]) -> list[str]:
-    """Secret values as given, for the last-resort scrub of error messages."""
-    secrets = [raw[name] for name in ("HOOK0_API_TOKEN", "EMAIL_SMTP_PASSWORD",
-                                      "HTTP_SIGNING_SECRET") if raw[name]]
-    secrets.append(environ.get("PGPASSWORD", ""))
-    url = raw["DATABASE_URL"] or ""
-    try:
-        secrets += [value for key, value in _split_connection_string(url) if key == "password"]
+        return [item for key, item in _split_connection_string(value or "") if key == "password"]
     except ConfigError:
-        pass
-    try:
-        secrets += [str(value) for value in json.loads(raw["HTTP_HEADERS"] or "{}").values()]
-    except (ValueError, AttributeError):
-        pass
-    secrets += url_secrets(raw["HTTP_ENDPOINT_URL"]) + url_secrets(raw["HOOK0_API_URL"])
-    return [secret for secret in secrets if secret]
+        return []
 
 
 def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
@@ -1087,13 +810,241 @@ def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def config_secrets(config: Config) -> tuple[str, ...]:
-    """Every secret value the config holds, for scrubbing text built from outside input."""
-    values = [config.conninfo.password if config.conninfo else None, config.hook0_api_token,
-              config.email_smtp_password, config.http_signing_secret]
-    values += [value for _, value in config.http_headers]
-    values += url_secrets(config.http_endpoint_url) + url_secrets(config.hook0_api_url)
-    return tuple(value for value in values if value)
+# --- The settings: one table drives --help, the flags, the environment, Config, logs, secrets -----
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting: its environment variable (the flag is the same name, `--lower-case-dashed`),
+    the Config field it fills, and everything else about it."""
+
+    variable: str
+    field: str
+    group: str  #: database, replication, delivery, logging, or a sink or alerts: http, hook0, email
+    parse: Callable[[str, str], object]  #: (text, variable) -> value, or a ConfigError naming it
+    default: object  #: the Config field's default
+    help: str
+    shown_default: str = ""  #: the default as --help shows it, when the value's text would not do
+    secrets: Callable[[object], list[str]] | None = None  #: its secrets; also keeps it out of repr()
+    required: bool = False  #: required when its group is the chosen sink
+    log: str = ""  #: its name in the start-up description (describe_config), if shown there
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.variable.lower().replace("_", "-")
+
+    @property
+    def help_default(self) -> str:
+        if self.shown_default or self.default is None:
+            return self.shown_default or "unset"
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        if isinstance(self.default, tuple):
+            return ",".join(self.default)
+        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("DATABASE_URL", "database_url", "database", _as_given, None,
+            "postgresql://user:password@host:port/dbname?sslmode=... or libpq key=value form; "
+            "PG* variables fill what it leaves out", "required except with --demo",
+            secrets=_database_passwords, log="database"),
+    Setting("SLOT_NAME", "slot_name", "replication", _parse_slot_name, "sub",
+            "logical replication slot (pgoutput)", log="slot"),
+    Setting("PUB_NAME", "publications", "replication", _parse_publications, ("pub",),
+            "publication(s), comma-separated", log="publications"),
+    Setting("CREATE_SLOT", "create_slot", "replication", parse_bool, True,
+            "create the slot if it does not exist"),
+    Setting("EVENT_SINK", "event_sink", "delivery", _parse_sink, "stdout", "stdout, http or hook0",
+            "hook0 if all HOOK0_* are set, else http if HTTP_ENDPOINT_URL is set, else stdout",
+            log="sink"),
+    Setting("FEEDBACK_INTERVAL_SECS", "feedback_interval_s", "replication", _parse_seconds, 1.0,
+            "seconds between standby status updates (fractions allowed)"),
+    Setting("STREAMING", "streaming", "replication", parse_bool, False,
+            "stream large in-progress transactions (PostgreSQL 14+)"),
+    Setting("ON_FAILURE", "on_failure", "delivery", _choice_parser(ON_FAILURE_CHOICES), "exit",
+            "when delivery retries are exhausted: exit, retry or skip", log="on_failure"),
+    Setting("DEAD_LETTER_FILE", "dead_letter_file", "delivery", _stripped,
+            "wal2http-dead-letter.jsonl", "where ON_FAILURE=skip writes events"),
+    Setting("RETRY_MAX_ATTEMPTS", "retry_max_attempts", "delivery", _int_parser(1), 5,
+            "attempts per delivery, the first included"),
+    Setting("RETRY_BASE_DELAY_MS", "retry_base_delay_s", "delivery", _parse_milliseconds, 1.0,
+            "first backoff delay, milliseconds", "1000"),
+    Setting("RETRY_MAX_DELAY_MS", "retry_max_delay_s", "delivery", _parse_milliseconds, 30.0,
+            "largest backoff delay, milliseconds", "30000"),
+    Setting("DELIVERY_CONCURRENCY", "delivery_concurrency", "delivery",
+            _int_parser(1, MAX_DELIVERY_CONCURRENCY), 1,
+            "HTTP and Hook0 requests in flight at once (1-256); events of one row stay in order",
+            log="concurrency"),
+    Setting("LOG_LEVEL", "log_level", "logging", _choice_parser(LOG_LEVELS, upper=True), "INFO",
+            "DEBUG, INFO, WARNING or ERROR"),
+    Setting("HTTP_ENDPOINT_URL", "http_endpoint_url", "http", _parse_http_url, None,
+            "http:// or https:// URL the HTTP sink POSTs to", secrets=url_secrets, required=True),
+    Setting("HTTP_BATCH_SIZE", "http_batch_size", "http", _int_parser(1), 1,
+            "events per HTTP request"),
+    Setting("HTTP_TIMEOUT_SECS", "http_timeout_s", "http", _parse_seconds, 10.0,
+            "timeout of each HTTP request, seconds"),
+    Setting("HTTP_HEADERS", "http_headers", "http", _parse_http_headers, (),
+            "JSON object of extra request headers", "unset", secrets=_header_values),
+    Setting("HTTP_SIGNING_SECRET", "http_signing_secret", "http", _parse_signing_secret, None,
+            "Standard Webhooks signing secret (whsec_...)", secrets=_whole_value),
+    Setting("HTTP_CA_FILE", "http_ca_file", "http", _parse_file, None,
+            "extra trusted CA certificates (PEM) for https"),
+    Setting("HOOK0_API_URL", "hook0_api_url", "hook0", _parse_hook0_api_url, None,
+            "Hook0 API URL (/api/v1 is added when it has no path)", secrets=url_secrets,
+            required=True),
+    Setting("HOOK0_APPLICATION_ID", "hook0_application_id", "hook0", _parse_uuid, None,
+            "Hook0 application id (UUID)", required=True),
+    Setting("HOOK0_API_TOKEN", "hook0_api_token", "hook0", _parse_bearer_token, None,
+            "Hook0 API token", secrets=_whole_value, required=True),
+    Setting("HOOK0_TABLE_EVENTS", "hook0_table_events", "hook0", parse_bool, False,
+            "send every row change, not only outbox rows"),
+    Setting("HOOK0_LABELS", "hook0_labels", "hook0", _parse_hook0_labels, (),
+            "JSON object of labels for events without labels", "unset"),
+    Setting("HOOK0_CREATE_EVENT_TYPES", "hook0_create_event_types", "hook0", parse_bool, False,
+            "create missing Hook0 event types"),
+    Setting("EMAIL_SMTP_HOST", "email_smtp_host", "email", _parse_host, None,
+            "SMTP server for alert mails"),
+    Setting("EMAIL_SMTP_PORT", "email_smtp_port", "email", _int_parser(1, 65535),
+            SMTP_SUBMISSION_PORT, "SMTP port", "465 with EMAIL_SMTP_TLS=ssl, else 587"),
+    Setting("EMAIL_SMTP_USERNAME", "email_smtp_username", "email", _as_given, None,
+            "SMTP login (no login when unset)"),
+    Setting("EMAIL_SMTP_PASSWORD", "email_smtp_password", "email", _as_given, None,
+            "SMTP password", secrets=_whole_value),
+    Setting("EMAIL_FROM", "email_from", "email", _parse_address, None,
+            "sender address of alert mails"),
+    Setting("EMAIL_TO", "email_to", "email", _parse_recipients, (),
+            "recipients of alert mails, comma-separated", "unset", log="alerts"),
+    Setting("EMAIL_SMTP_TLS", "email_smtp_tls", "email", _choice_parser(SMTP_TLS_MODES),
+            "starttls", "starttls, ssl or none", "ssl on port 465, else starttls"),
+)
+
+
+def _config_field(setting: Setting) -> tuple[str, type, dataclasses.Field]:
+    return setting.field, object, dataclasses.field(default=setting.default,
+                                                    repr=setting.secrets is None)
+
+
+Config = dataclasses.make_dataclass(
+    "Config", [_config_field(SETTINGS[0]), ("conninfo", object, dataclasses.field(default=None))]
+    + [_config_field(setting) for setting in SETTINGS[1:]], frozen=True,
+    namespace={"__module__": __name__, "__doc__": (
+        "Everything wal2http runs with (frozen): a field per entry of SETTINGS, named by its "
+        "`field`, with its default\n(secret-bearing ones left out of repr()), and `conninfo`, "
+        "DATABASE_URL as parse_database_url() reads it.")})
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (exit 2, one line) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # Keep option names, drop values: `--databse-url postgresql://u:pw@h` must not echo pw.
+        if message.startswith("unrecognized arguments:"):
+            names = [arg.split("=", 1)[0] for arg in message.split(":", 1)[1].split()
+                     if arg.startswith("-")]
+            message = (f"unrecognized option(s): {' '.join(names)}" if names
+                       else "unexpected arguments (options take the form --name value)")
+        message = re.sub(r"(--[\w-]+)=\S+", r"\1=...", message)
+        raise ConfigError(f"command line: {message} (see --help)")
+
+
+#: --help lists these groups' settings under their own heading, the others under "options".
+HELP_GROUPS = {"http": "HTTP sink (EVENT_SINK=http)", "hook0": "Hook0 sink (EVENT_SINK=hook0)",
+               "email": "email alerts"}
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """Every long option mirrors an environment variable; a flag wins over the environment.  The
+    usage line names the program as it was run (argparse's default: the basename of argv[0])."""
+    parser = _ArgumentParser(
+        allow_abbrev=False,
+        description="Stream PostgreSQL logical replication changes to stdout, HTTP or Hook0.",
+        epilog="Each option can also be set by the environment variable shown; an empty variable "
+               "counts as unset. Booleans accept true/false, 1/0, yes/no, on/off.")
+    groups = {group: parser.add_argument_group(title) for group, title in HELP_GROUPS.items()}
+    for setting in SETTINGS:
+        extra = {"nargs": "?", "const": "true"} if setting.parse is parse_bool else {}
+        shown = f"[env {setting.variable}; default: {setting.help_default}]"
+        groups.get(setting.group, parser).add_argument(
+            setting.flag, dest=setting.variable, default=None, metavar=setting.variable,
+            help=f"{setting.help} {shown}", **extra)
+    parser.add_argument("--check", action="store_true",
+                        help="verify the database, publication, slot and sink, print one line "
+                             "per check, and exit (0 only if all pass)")
+    parser.add_argument("--demo", action="store_true",
+                        help="run against a throwaway local PostgreSQL with a demo table")
+    parser.add_argument("--version", action="version", version=f"wal2http {__version__}")
+    return parser
+
+
+# --- Building the Config: the table, then the rules that tie settings together -------------------
+
+def _raw_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str | None]:
+    """Flag over environment; empty or blank means unset (the default applies)."""
+    raw = {}
+    for setting in SETTINGS:
+        value = getattr(args, setting.variable)
+        if value is None:
+            value = environ.get(setting.variable)
+        raw[setting.variable] = value if value is not None and value.strip() else None
+    return raw
+
+
+def _database_settings(url: str | None, environ: Mapping[str, str], mode: str) -> dict:
+    if mode == "demo":  # the demo starts its own server and sets these itself
+        return {"database_url": None, "conninfo": None}
+    if url is None:
+        raise ConfigError("DATABASE_URL is required (postgresql://user:password@host:5432/dbname "
+                          "or libpq key=value form; --database-url works too), or use --demo")
+    return {"database_url": url, "conninfo": parse_database_url(url, environ)}
+
+
+def _missing(settings: Mapping[str, object], sink: str) -> list[str]:
+    """The variables `sink` requires that are not set, in table order."""
+    return [setting.variable for setting in SETTINGS
+            if setting.group == sink and setting.required and settings.get(setting.field) is None]
+
+
+def choose_sink(settings: Mapping[str, object]) -> str:
+    """EVENT_SINK if set, else the priority rule: Hook0 if all its required variables are set
+    (HOOK0_API_URL, HOOK0_APPLICATION_ID, HOOK0_API_TOKEN), else HTTP if HTTP_ENDPOINT_URL is,
+    else stdout."""
+    if settings.get("event_sink"):
+        return settings["event_sink"]
+    return next((sink for sink in ("hook0", "http") if not _missing(settings, sink)), "stdout")
+
+
+def check_sink_settings(settings: Mapping[str, object], sink: str) -> None:
+    missing = _missing(settings, sink)
+    if missing and sink == "http":
+        raise ConfigError(f"HTTP event sink specified but missing {', '.join(missing)}")
+    if missing:
+        raise ConfigError(f"Hook0 event sink specified but missing required configuration "
+                          f"({', '.join(missing)})")
+
+
+def check_retry_delays(settings: Mapping[str, object]) -> None:
+    base = settings.get("retry_base_delay_s", Config.retry_base_delay_s)  # or the default
+    largest = settings.get("retry_max_delay_s", Config.retry_max_delay_s)
+    if base > largest:
+        raise ConfigError(f"RETRY_BASE_DELAY_MS ({round(base * 1000)}) must not be larger than "
+                          f"RETRY_MAX_DELAY_MS ({round(largest * 1000)})")
+
+
+def smtp_port_and_tls(settings: Mapping[str, object]) -> dict:
+    """EMAIL_SMTP_TLS and EMAIL_SMTP_PORT default from each other: 465 <-> ssl, else starttls/587."""
+    port, tls = settings.get("email_smtp_port"), settings.get("email_smtp_tls")
+    tls = tls or ("ssl" if port == SMTP_SSL_PORT else "starttls")
+    port = port or (SMTP_SSL_PORT if tls == "ssl" else SMTP_SUBMISSION_PORT)
+    return {"email_smtp_port": port, "email_smtp_tls": tls}
+
+
+def _given_secrets(raw: Mapping[str, str | None], environ: Mapping[str, str]) -> list[str]:
+    """The secrets in the settings as given, for scrubbing an error raised while parsing them."""
+    secrets = [environ.get("PGPASSWORD", "")]
+    for setting in SETTINGS:
+        if setting.secrets and raw[setting.variable]:
+            secrets += setting.secrets(raw[setting.variable])
+    return secrets
 
 
 def load_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, str]:
@@ -1108,14 +1059,26 @@ def load_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, st
     mode = "check" if args.check else "demo" if args.demo else "run"
     raw = _raw_settings(args, environ)
     try:
-        sink = _resolve_sink(raw)
-        settings = {"event_sink": sink, **_database_settings(raw, environ, mode),
-                    **_replication_settings(raw), **_delivery_settings(raw),
-                    **_http_settings(raw, sink), **_hook0_settings(raw, sink),
-                    **_email_settings(raw)}
+        settings = {setting.field: setting.parse(raw[setting.variable], setting.variable)
+                    for setting in SETTINGS if raw[setting.variable] is not None}
+        settings["event_sink"] = sink = choose_sink(settings)
+        check_sink_settings(settings, sink)
+        settings.update(_database_settings(settings.get("database_url"), environ, mode))
+        check_retry_delays(settings)
+        settings.update(smtp_port_and_tls(settings))
     except ConfigError as exc:
-        raise ConfigError(scrub_secrets(str(exc), _raw_secrets(raw, environ))) from None
+        raise ConfigError(scrub_secrets(str(exc), _given_secrets(raw, environ))) from None
     return Config(**settings), mode
+
+
+def config_secrets(config: Config) -> tuple[str, ...]:
+    """Every secret value the config holds, for scrubbing text built from outside input."""
+    values = [config.conninfo.password if config.conninfo else None]
+    for setting in SETTINGS:
+        value = getattr(config, setting.field)
+        if setting.secrets and value:
+            values += setting.secrets(value)
+    return tuple(dict.fromkeys(value for value in values if value))
 
 
 def email_enabled(config: Config) -> bool:
@@ -1136,34 +1099,40 @@ def config_warnings(config: Config) -> list[str]:
         warnings.append("EMAIL_SMTP_USERNAME and EMAIL_SMTP_PASSWORD should be set together")
     if config.email_smtp_password and config.email_smtp_tls == "none":
         warnings.append("EMAIL_SMTP_TLS=none sends EMAIL_SMTP_PASSWORD unencrypted")
-    hook0_parts = {"HOOK0_API_URL": config.hook0_api_url,
-                   "HOOK0_APPLICATION_ID": config.hook0_application_id,
-                   "HOOK0_API_TOKEN": config.hook0_api_token}
-    if config.event_sink != "hook0" and any(hook0_parts.values()):
+    hook0_parts = (config.hook0_api_url, config.hook0_application_id, config.hook0_api_token)
+    if config.event_sink != "hook0" and any(hook0_parts):
         warnings.append(f"HOOK0_* settings are ignored: the event sink is {config.event_sink}")
     if config.event_sink != "http" and config.http_endpoint_url:
         warnings.append(f"HTTP_ENDPOINT_URL is ignored: the event sink is {config.event_sink}")
+    if config.event_sink == "http" and config.http_signing_secret and \
+            not config.http_signing_secret.startswith(WEBHOOK_SECRET_PREFIX):
+        warnings.append("HTTP_SIGNING_SECRET does not start with whsec_: Standard Webhooks libraries "
+                        "expect whsec_ followed by the base64 of the key (wal2http signs with the "
+                        "secret's UTF-8 bytes as the key)")
+    if config.event_sink == "stdout" and config.delivery_concurrency > 1:
+        warnings.append("DELIVERY_CONCURRENCY is ignored: the stdout sink writes one batch at a time")
     return warnings
 
 
-def _public_url(url: str) -> str:
-    """The URL as messages show it (`HttpEndpoint.where`): scheme://host[:port], then "/..." if it
-    has a path or query; never user info, path or query (any may hold a token)."""
-    return parse_http_url(url).where
+def _describe(config: Config, field: str) -> str:
+    """One setting's value as the start-up log shows it: never a secret, never a URL's path."""
+    value = getattr(config, field)
+    if field == "database_url":
+        return config.conninfo.describe() if config.conninfo else "(demo)"
+    if field == "email_to":
+        return ", ".join(value) if email_enabled(config) else "log only"
+    if field == "event_sink" and value == "http" and config.http_endpoint_url:
+        return f"http {parse_http_url(config.http_endpoint_url).where}"
+    if field == "event_sink" and value == "hook0" and config.hook0_api_url:
+        return (f"hook0 {parse_http_url(config.hook0_api_url).where} "
+                f"application {config.hook0_application_id}")
+    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 def describe_config(config: Config) -> str:
-    """One line for the start-up log: sink, slot, publications, masked database URL."""
-    if config.event_sink == "http" and config.http_endpoint_url:
-        sink = f"http {_public_url(config.http_endpoint_url)}"
-    elif config.event_sink == "hook0" and config.hook0_api_url:
-        sink = f"hook0 {_public_url(config.hook0_api_url)} application {config.hook0_application_id}"
-    else:
-        sink = config.event_sink
-    database = mask_url(config.database_url) if config.database_url else "(demo)"
-    alerts = ", ".join(config.email_to) if email_enabled(config) else "log only"
-    return (f"sink={sink} slot={config.slot_name} publications={','.join(config.publications)} "
-            f"database={database} on_failure={config.on_failure} alerts={alerts}")
+    """One line for the start-up log: the settings the table gives a `log` name, shown safely."""
+    return " ".join(f"{setting.log}={_describe(config, setting.field)}"
+                    for setting in SETTINGS if setting.log)
 
 
 # =====================================================================================================
@@ -3562,19 +3531,19 @@ class HttpEndpoint:
         return f"{self.scheme}://{self.host_header}" + ("/..." if self.target != "/" else "")
 
 
-def parse_http_url(url: str) -> HttpEndpoint:
-    """Splits an http:// or https:// URL; raises ConfigError without echoing the URL (it may hold
-    credentials)."""
+def parse_http_url(url: str, variable: str = "URL") -> HttpEndpoint:
+    """Splits an http:// or https:// URL; raises ConfigError naming `variable` (the setting it
+    comes from) without echoing the URL (it may hold credentials)."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        raise ConfigError("invalid URL: cannot parse its host and port") from None
-    scheme = parts.scheme.lower()
-    if scheme not in HTTP_DEFAULT_PORTS or not parts.hostname:
-        raise ConfigError("URL must start with http:// or https:// and name a host")
+        parts = port = None
+    scheme = parts.scheme.lower() if parts else ""
+    if scheme not in HTTP_DEFAULT_PORTS or not parts.hostname or any(c.isspace() for c in url):
+        raise ConfigError(f"{variable} must be an http:// or https:// URL with a host name")
     if not is_valid_host(parts.hostname):
-        raise ConfigError("URL host is not a valid host name or address")
+        raise ConfigError(f"{variable}: the URL's host is not a valid host name or address")
     host = parts.hostname if parts.hostname.isascii() else parts.hostname.encode("idna").decode("ascii")
     port = port or HTTP_DEFAULT_PORTS[scheme]
     bracketed = f"[{host}]" if ":" in host else host
@@ -3909,9 +3878,13 @@ def decode_signing_secret(secret: str) -> bytes:
     """The HMAC key: base64 after `whsec_` (Standard Webhooks secrets), else the UTF-8 bytes."""
     if secret.startswith(WEBHOOK_SECRET_PREFIX):
         try:
-            return base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX):], validate=True)
+            key = base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX):], validate=True)
         except binascii.Error:
-            raise ConfigError("HTTP_SIGNING_SECRET starts with whsec_ but the rest is not base64") from None
+            key = b""
+        if not key:
+            raise ConfigError(f"HTTP_SIGNING_SECRET starts with '{WEBHOOK_SECRET_PREFIX}' but what "
+                              "follows is not valid base64")
+        return key
     return secret.encode("utf-8")
 
 
@@ -4289,19 +4262,26 @@ def convert_hook0_string_map(event: Mapping, column: str, value) -> dict[str, st
     return {key: item for key, item in converted.items() if item is not None}
 
 
-def _check_string_map(event: Mapping, column: str, values: dict[str, str], min_entries: int,
-                      max_entries: int) -> None:
-    """Hook0's size rules for labels and metadata (validators.rs): entry count, and every key and
-    value 1 to 50 bytes of UTF-8."""
+def hook0_string_map_problem(values: Mapping[str, str], min_entries: int,
+                             max_entries: int) -> str | None:
+    """What breaks Hook0's size rules for labels and metadata (validators.rs), or None: entry
+    count, and every key and value 1 to 50 bytes of UTF-8.  Used for HOOK0_LABELS too."""
     if not min_entries <= len(values) <= max_entries:
-        raise _undeliverable(event, column, f"has {len(values)} entries; Hook0 accepts "
-                                            f"{min_entries} to {max_entries}")
+        return f"has {len(values)} entries; Hook0 accepts {min_entries} to {max_entries}"
     for key, value in values.items():
         for what, text in (("key", key), ("value", value)):
             size = len(text.encode("utf-8"))
             if not 1 <= size <= HOOK0_PROPERTY_MAX_BYTES:
-                raise _undeliverable(event, column, f"has a {what} of {size} bytes (key {key[:60]!r}); "
-                                                    f"Hook0 accepts 1 to {HOOK0_PROPERTY_MAX_BYTES}")
+                return (f"has a {what} of {size} bytes (key {key[:60]!r}); "
+                        f"Hook0 accepts 1 to {HOOK0_PROPERTY_MAX_BYTES}")
+    return None
+
+
+def _check_string_map(event: Mapping, column: str, values: dict[str, str], min_entries: int,
+                      max_entries: int) -> None:
+    problem = hook0_string_map_problem(values, min_entries, max_entries)
+    if problem:
+        raise _undeliverable(event, column, problem)
 
 
 def _check_event_type(event: Mapping, column: str, event_type) -> str:
@@ -4806,14 +4786,6 @@ def _tls_verification(conninfo) -> str | None:
     return None
 
 
-def _is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
-
-
 class PgConnection:
     """One authenticated connection: send bytes, receive whole messages, run simple queries."""
 
@@ -4908,7 +4880,7 @@ class PgConnection:
 
 async def _open_socket(conninfo) -> trio.abc.Stream:
     try:
-        if conninfo.host.startswith("/"):
+        if is_unix_socket(conninfo.host):
             return await trio.open_unix_socket(f"{conninfo.host}/.s.PGSQL.{conninfo.port}")
         stream = await trio.open_tcp_stream(conninfo.host, conninfo.port)
         set_tcp_keepalive(stream.socket)
@@ -4940,7 +4912,7 @@ def set_tcp_keepalive(sock) -> None:
 
 
 def _where(conninfo) -> str:
-    if conninfo.host.startswith("/"):
+    if is_unix_socket(conninfo.host):
         return f"{conninfo.host}/.s.PGSQL.{conninfo.port}"
     return f"{conninfo.host}:{conninfo.port}"
 
@@ -4955,7 +4927,7 @@ async def _start_tls(stream: trio.abc.Stream, conninfo) -> trio.abc.Stream | Non
         raise ProtocolError(f"unexpected answer to SSLRequest: {answer!r}")
     verify = _tls_verification(conninfo)
     host = conninfo.host
-    sni = host if (verify == "full" or not _is_ip_address(host)) else None
+    sni = host if (verify == "full" or not is_ip_address(host)) else None
     tls = trio.SSLStream(stream, _ssl_context(conninfo, verify), server_hostname=sni)
     try:
         await tls.do_handshake()
@@ -5014,7 +4986,7 @@ async def open_pg_connection(conninfo, *, replication: bool = True):
 
 
 async def _connect(conninfo, replication: bool) -> PgConnection:
-    mode = "disable" if conninfo.host.startswith("/") else conninfo.sslmode  # libpq: no TLS on Unix sockets
+    mode = "disable" if is_unix_socket(conninfo.host) else conninfo.sslmode  # libpq: no TLS on Unix sockets
     try:
         return await _connect_once(conninfo, replication, tls=mode not in ("disable", "allow"))
     except AuthenticationError:
