@@ -156,7 +156,10 @@ host all all 127.0.0.1/32 scram-sha-256
             CREATE ROLE norepl_user LOGIN;
         """)
 
-    def start(self) -> None:
+    def start(self, if_stopped: bool = False) -> None:
+        """pg_ctl start; with if_stopped, nothing when the server already runs."""
+        if if_stopped and self._run("pg_ctl", "-D", self.data, "status", check=False).returncode == 0:
+            return
         self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.root, "log"), "-w", "-t", "60", "start")
 
     def stop(self, mode: str = "fast") -> None:
@@ -804,6 +807,36 @@ class TestConnInfo:
     def test_empty_environment_value_counts_as_unset(self):
         assert conninfo("dbname=d", PGHOST="", PGPORT="").host == "localhost"
 
+    @pytest.mark.parametrize("text, hosts", [
+        ("postgresql://u@h1:5432,h2:5433/d", (("h1", 5432), ("h2", 5433))),
+        ("postgresql://u@h1,h2:6000/d", (("h1", 5432), ("h2", 6000))),
+        ("postgresql://u@[::1]:5432,[::2]/d", (("::1", 5432), ("::2", 5432))),
+        ("host=a,b port=5432,5433", (("a", 5432), ("b", 5433))),
+        ("host=a,b,/tmp port=6000", (("a", 6000), ("b", 6000), ("/tmp", 6000))),
+        ("host=a,,b", (("a", 5432), ("localhost", 5432), ("b", 5432))),  # an empty entry is the default
+    ])
+    def test_several_hosts(self, text, hosts):
+        info = conninfo(text)
+        assert info.hosts == hosts
+        assert (info.host, info.port) == hosts[0]
+        assert [(each.host, each.port) for each in info.each_host()] == list(hosts)
+        assert all(each.hosts == () and each.dbname == info.dbname for each in info.each_host())
+
+    def test_several_hosts_from_the_environment(self):
+        info = conninfo("dbname=d", PGHOST="a,b", PGPORT="1,2", PGTARGETSESSIONATTRS="read-write")
+        assert info.hosts == (("a", 1), ("b", 2)) and info.target_session_attrs == "read-write"
+
+    @pytest.mark.parametrize("attrs", ["any", "read-write", "read-only", "primary", "standby", "prefer-standby"])
+    def test_target_session_attrs(self, attrs):
+        assert conninfo(f"host=a,b target_session_attrs={attrs.upper()}").target_session_attrs == attrs
+
+    def test_load_balance_hosts_random_shuffles_each_time(self):
+        info = conninfo("host=" + ",".join(f"h{n}" for n in range(8)) + " load_balance_hosts=random")
+        orders = {tuple(each.host for each in info.each_host()) for _ in range(20)}
+        assert len(orders) > 1
+        assert all(sorted(order) == sorted(f"h{n}" for n in range(8)) for order in orders)
+        assert conninfo("host=a,b").load_balance_hosts == "disable"
+
     ERRORS = [
         ("postgresql://u:s3cretPW@h/d?sslmode=bogus", "sslmode must be one of"),
         ("host=h password=s3cretPW sslmode=always", "sslmode must be one of"),
@@ -811,10 +844,11 @@ class TestConnInfo:
         ("postgresql://u:s3cretPW@h:0/d", "port"),
         ("postgresql://u:s3cretPW@h:70000/d", "port"),
         ("host=h port=５４３２ password=s3cretPW", "port"),
-        ("postgresql://u:s3cretPW@h1:5432,h2:5433/d", "several hosts"),
-        ("postgresql://u:s3cretPW@[::1]:5432,[::2]/d", "several hosts"),
-        ("host=a,b password=s3cretPW", "several hosts"),
-        ("host=a port=1,2 password=s3cretPW", "several ports"),
+        ("host=a,b,c port=1,2 password=s3cretPW", "3 hosts but 2 ports"),
+        ("host=a port=1,2 password=s3cretPW", "1 hosts but 2 ports"),
+        ("postgresql://u:s3cretPW@h1:5432,h2:0/d", "port"),
+        ("postgresql://u:s3cretPW@h1,h2/d?target_session_attrs=master", "target_session_attrs must be one of"),
+        ("host=a,b load_balance_hosts=yes password=s3cretPW", "load_balance_hosts must be one of"),
         ("host=h foo=bar password=s3cretPW", "unsupported keyword 'foo'"),
         ("postgresql://u:s3cretPW@h/d?foo=bar", "unsupported keyword 'foo'"),
         ("host=h service=prod password=s3cretPW", "unsupported keyword 'service'"),
@@ -846,7 +880,8 @@ class TestConnInfo:
         assert "s3cret" not in message and "PW" not in message
 
     @pytest.mark.parametrize("variable,value,fragment", [
-        ("PGPORT", "abc", "port"), ("PGHOST", "a,b", "several hosts"),
+        ("PGPORT", "abc", "port"), ("PGPORT", "1,2,3", "1 hosts but 3 ports"),
+        ("PGTARGETSESSIONATTRS", "master", "target_session_attrs"),
         ("PGSSLMODE", "strict", "sslmode"), ("PGCONNECT_TIMEOUT", "soon", "connect_timeout"),
     ])
     def test_environment_errors_name_both(self, variable, value, fragment):
@@ -866,6 +901,9 @@ class TestConnInfo:
         ("host=h password=secret user=u", "postgresql://u:***@h:5432/u?sslmode=prefer"),
         (r"host=h password = 'se cret\'x' user=u", "postgresql://u:***@h:5432/u?sslmode=prefer"),
         ("host=h user=u", "postgresql://u@h:5432/u?sslmode=prefer"),
+        ("postgresql://u:pw@h1,h2:6000/d?target_session_attrs=read-write",
+         "postgresql://u:***@h1:5432,h2:6000/d?sslmode=prefer&target_session_attrs=read-write"),
+        ("host=a,b load_balance_hosts=random user=u", "postgresql://u@a:5432,b:5432/u?sslmode=prefer&load_balance_hosts=random"),
         ("password=secret", "postgresql://osuser:***@localhost:5432/osuser?sslmode=prefer"),
         ("host=/var/run/postgresql port=5433 user='a b' password=secret dbname=x/y",
          "postgresql://a%20b:***@:5433/x%2Fy?host=/var/run/postgresql&sslmode=prefer"),
@@ -5251,6 +5289,104 @@ class TestConnection:
 # =====================================================================================================
 
 
+@pytest.fixture(scope="session")
+def readonly_cluster():
+    """A second server whose sessions are read-only by default (default_transaction_read_only):
+    what target_session_attrs=read-write must skip."""
+    root = tempfile.mkdtemp(prefix="wal2http-test-pg-ro-")
+    pg = PgCluster(root)
+    try:
+        pg.init()
+        with open(os.path.join(pg.data, "postgresql.conf"), "a") as conf:
+            conf.write("default_transaction_read_only = on\n")
+        pg.restart()
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"could not start PostgreSQL: {exc.stderr or exc.stdout}", pytrace=False)
+    yield pg
+    pg.stop("immediate")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def several_hosts_url(dbname, *ports, **params) -> str:
+    query = "&".join(f"{k}={v}" for k, v in {"sslmode": "disable", **params}.items())
+    return f"postgresql://postgres@{','.join(f'127.0.0.1:{port}' for port in ports)}/{dbname}?{query}"
+
+
+class TestSeveralHosts:
+    async def _port_used(self, url):
+        async with w.open_pg_connection(w.parse_database_url(url, {}), replication=False) as conn:
+            (port,), = await conn.simple_query("SHOW port")
+            return int(port), conn.conninfo.port
+
+    async def test_a_dead_first_host_is_skipped_with_a_log_line(self, cluster, caplog):
+        dead = free_port()
+        used, named = await self._port_used(several_hosts_url("postgres", dead, cluster.port))
+        assert used == named == cluster.port
+        (skipped,) = logged(caplog, "skipping PostgreSQL at")
+        assert skipped.getMessage() == f"skipping PostgreSQL at 127.0.0.1:{dead}: cannot connect to " \
+                                       f"PostgreSQL at 127.0.0.1:{dead}: Connection refused"
+
+    @pytest.mark.parametrize("attrs, pick", [
+        ("any", "readonly"), ("read-write", "writable"), ("read-only", "readonly"),
+        ("primary", "readonly"),  # read-only by default, but no standby
+        ("prefer-standby", "readonly"),  # no standby among them: any, in order
+    ])
+    async def test_target_session_attrs_picks_the_host(self, cluster, readonly_cluster, caplog, attrs, pick):
+        url = several_hosts_url("postgres", readonly_cluster.port, cluster.port, target_session_attrs=attrs)
+        used, _ = await self._port_used(url)
+        assert used == {"readonly": readonly_cluster.port, "writable": cluster.port}[pick]
+        if attrs == "read-write":
+            (skipped,) = logged(caplog, "skipping PostgreSQL at")
+            assert skipped.getMessage() == (f"skipping PostgreSQL at 127.0.0.1:{readonly_cluster.port}: "
+                                            "it is read-only (target_session_attrs=read-write)")
+
+    async def test_no_host_fits_is_a_connection_lost_naming_each(self, cluster, readonly_cluster):
+        url = several_hosts_url("postgres", readonly_cluster.port, cluster.port, target_session_attrs="standby")
+        with pytest.raises(w.ConnectionLost) as raised:
+            await self._port_used(url)
+        assert str(raised.value) == (
+            f"no PostgreSQL host fits target_session_attrs=standby: 127.0.0.1:{readonly_cluster.port}: "
+            f"it is not a standby; 127.0.0.1:{cluster.port}: it is not a standby")
+
+    async def test_a_wrong_password_is_not_retried_on_the_next_host(self, cluster, caplog):
+        url = (f"postgresql://scram_user:wrong@127.0.0.1:{cluster.port},127.0.0.1:{cluster.port}/postgres"
+               "?sslmode=disable")
+        with pytest.raises(w.AuthenticationError):
+            await self._port_used(url)
+        assert not logged(caplog, "skipping PostgreSQL at")
+
+    async def test_streaming_follows_the_host_a_restart_brings_back(self, cluster, readonly_cluster, db, caplog):
+        """Hosts: a read-only one, then the writable one (read-write wanted).  The writable one
+        stops: no host fits, wal2http keeps reconnecting; it comes back: streaming resumes."""
+        await sql(cluster, db, "CREATE TABLE r (id int PRIMARY KEY)")
+        subprocess.run([os.path.join(readonly_cluster.bin, "psql"), "-X", "-q", "-h", readonly_cluster.socket_dir,
+                        "-p", str(readonly_cluster.port), "-U", "postgres", "-d", "postgres",
+                        "-c", f"CREATE DATABASE {db}"], check=True, capture_output=True,
+                       env={**os.environ, "PGOPTIONS": "-c default_transaction_read_only=off"})
+        url = several_hosts_url(db, readonly_cluster.port, cluster.port, target_session_attrs="read-write")
+        config = make_config(cluster, db, database_url=url)
+        try:
+            async with running(config) as (sink, ack):
+                await sql(cluster, db, "INSERT INTO r VALUES (1)")
+                await sink.wait_for(1)
+                await trio.to_thread.run_sync(cluster.stop)
+                await wait_until(lambda: logged(caplog, "no PostgreSQL host fits target_session_attrs=read-write"),
+                                 timeout=30)
+                await trio.to_thread.run_sync(cluster.start)
+                await wait_until(lambda: _can_connect(cluster, db), timeout=60)
+                await sql(cluster, db, "INSERT INTO r VALUES (2)")
+                events = await sink.wait_for(2, timeout=60)
+        finally:
+            await trio.to_thread.run_sync(cluster.start, True)  # whatever happened, for the next tests
+        assert [e["new"]["id"] for e in events][-1] == 2
+        assert logged(caplog, f"skipping PostgreSQL at 127.0.0.1:{readonly_cluster.port}: it is read-only")
+
+    async def test_check_names_the_host_it_used(self, cluster, db):
+        url = several_hosts_url(db, free_port(), cluster.port)
+        result = await trio.to_thread.run_sync(lambda: run_cli(["--check"], {"DATABASE_URL": url}))
+        assert connect_line(result.stdout.splitlines(), cluster)
+
+
 class TestEndToEnd:
     async def test_insert_update_delete_default_identity(self, cluster, db):
         await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, name text, n int)")
@@ -5517,6 +5653,13 @@ async def _can_connect(cluster, db):
 SCRIPT = os.path.join(HERE, "wal2http.py")
 
 
+def connect_line(lines: list[str], cluster) -> str:
+    """--check's line for the connection: it names the host used and the server's version."""
+    (line,) = [line for line in lines if line.startswith("ok connect")]
+    assert re.fullmatch(rf"ok connect to 127\.0\.0\.1:{cluster.port} \(PostgreSQL \d+(\.\d+)?\)", line), line
+    return line
+
+
 def cli_env(env: dict[str, str]) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "HOOK0_", "HTTP_", "EMAIL_"))}
     base.pop("DATABASE_URL", None)
@@ -5648,7 +5791,7 @@ class TestCommandLine:
     def test_check_names_the_missing_replication_privilege(self, cluster, db):
         result = run_cli(["--check"], {"DATABASE_URL": cluster.url(db, "norepl_user")})
         assert result.returncode == 4
-        assert "ok connect" in result.stdout
+        assert connect_line(result.stdout.splitlines(), cluster)
         assert "FAIL replication privilege: user 'norepl_user' lacks the REPLICATION privilege" in result.stdout
         assert "FAIL replication connection: " in result.stdout
 
@@ -6242,7 +6385,7 @@ class TestHook0EndToEnd:
         assert [line for line in lines if line.startswith("FAIL")] == [
             line for line in lines if line.startswith("FAIL sink hook0: ")], lines
         assert len([line for line in lines if line.startswith("FAIL sink hook0: ")]) == 1
-        assert "ok connect" in lines
+        assert connect_line(lines, cluster)
         assert wrong not in result.stdout + result.stderr
         assert "Traceback" not in result.stderr
         assert [r.status for r in double.requests] == [403]
@@ -6762,7 +6905,7 @@ class TestHttpEndToEnd:
         assert result.returncode != 0
         failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL sink http: ")]
         assert len(failed) == 1, result.stdout
-        assert "ok connect" in result.stdout.splitlines()
+        assert connect_line(result.stdout.splitlines(), cluster)
         assert "Traceback" not in result.stderr
 
     async def test_check_reports_the_email_server(self, cluster, db):
@@ -6871,7 +7014,7 @@ class TestHttpEndToEnd:
             nursery.cancel_scope.cancel()
         lines = result.stdout.splitlines()
         assert result.returncode == 4, result.stdout + result.stderr
-        assert "ok connect" in lines
+        assert connect_line(lines, cluster)
         assert [line for line in lines if line.startswith("FAIL ")] == [
             "FAIL sink http: no answer within 2 s", "FAIL email: no answer within 2 s"], lines
         assert elapsed < 2 + 2 + 4  # two bounded checks plus start-up and the database checks

@@ -264,7 +264,11 @@ CONNINFO_KEYWORDS = {
     "dbname": "PGDATABASE", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
     "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "connect_timeout": "PGCONNECT_TIMEOUT",
     "application_name": "PGAPPNAME", "fallback_application_name": None,
+    "target_session_attrs": "PGTARGETSESSIONATTRS", "load_balance_hosts": "PGLOADBALANCEHOSTS",
 }
+#: target_session_attrs as libpq defines them: which server of several hosts will do.
+TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+LOAD_BALANCE_HOSTS = ("disable", "random")
 
 #: libpq keywords accepted and ignored: TCP tuning and client-side choices wal2http makes its own way
 #: (it always speaks UTF-8, never uses GSSAPI or channel binding).  None: any value is ignored; a
@@ -272,7 +276,7 @@ CONNINFO_KEYWORDS = {
 IGNORED_CONNINFO_KEYWORDS: dict[str, frozenset[str] | None] = {
     "keepalives": None, "keepalives_idle": None, "keepalives_interval": None,
     "keepalives_count": None, "tcp_user_timeout": None, "client_encoding": None,
-    "target_session_attrs": None, "load_balance_hosts": None, "sslcompression": None,
+    "sslcompression": None,
     "sslsni": None, "krbsrvname": None, "gsslib": None,
     "gssencmode": frozenset({"disable", "allow", "prefer"}),
     "channel_binding": frozenset({"disable", "prefer"}),
@@ -290,7 +294,9 @@ def is_unix_socket(host: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class ConnInfo:
-    """Where and how to connect to PostgreSQL, after libpq's precedence: string, PG*, defaults."""
+    """Where and how to connect to PostgreSQL, after libpq's precedence: string, PG*, defaults.
+    With several hosts, `host` and `port` are the first; `each_host()` gives one ConnInfo per
+    host, in the order they are to be tried."""
 
     host: str  # hostname, IP address, or a Unix socket directory (starts with "/")
     port: int
@@ -303,16 +309,36 @@ class ConnInfo:
     sslkey: str | None
     connect_timeout_s: float
     application_name: str
+    hosts: tuple[tuple[str, int], ...] = ()  #: every (host, port), in order; () means just host:port
+    target_session_attrs: str = "any"
+    load_balance_hosts: str = "disable"
+
+    def each_host(self) -> list[ConnInfo]:
+        """One ConnInfo per host to try, in order (shuffled with load_balance_hosts=random)."""
+        hosts = list(self.hosts or [(self.host, self.port)])
+        if self.load_balance_hosts == "random":
+            random.shuffle(hosts)
+        return [dataclasses.replace(self, host=host, port=port, hosts=()) for host, port in hosts]
 
     def describe(self) -> str:
         """Where this connects, as a URL fit for a log line: the password, if any, as `***`."""
         user = urllib.parse.quote(self.user, safe="") + (":***" if self.password else "")
-        query = f"sslmode={self.sslmode}"
-        if is_unix_socket(self.host):
-            where, query = f":{self.port}", f"host={urllib.parse.quote(self.host)}&{query}"
-        else:
-            where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        return f"postgresql://{user}@{where}/{urllib.parse.quote(self.dbname, safe='')}?{query}"
+        query = [f"sslmode={self.sslmode}"]
+        sockets = [host for host, _ in self.hosts or [(self.host, self.port)] if is_unix_socket(host)]
+        if sockets:
+            query.insert(0, f"host={urllib.parse.quote(','.join(sockets))}")
+        where = ",".join(_url_host(host, port) for host, port in self.hosts or [(self.host, self.port)])
+        for name, value, default in (("target_session_attrs", self.target_session_attrs, "any"),
+                                     ("load_balance_hosts", self.load_balance_hosts, "disable")):
+            if value != default:
+                query.append(f"{name}={value}")
+        return f"postgresql://{user}@{where}/{urllib.parse.quote(self.dbname, safe='')}?{'&'.join(query)}"
+
+
+def _url_host(host: str, port: int) -> str:
+    if is_unix_socket(host):
+        return f":{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _conninfo_error(reason: str, source: str = "DATABASE_URL") -> ConfigError:
@@ -337,11 +363,20 @@ def _percent_decode(text: str, part: str) -> str:
     return decoded
 
 
+def _split_url_hosts(hostports: str) -> list[tuple[str, str]]:
+    """`host[:port],...` from a URL's authority, as libpq's comma-separated host and port lists."""
+    if "," not in hostports:
+        return _split_url_hostport(hostports)
+    hosts, ports = [], []
+    for hostport in hostports.split(","):
+        pairs = dict(_split_url_hostport(hostport))
+        hosts.append(pairs.get("host", ""))
+        ports.append(pairs.get("port", ""))
+    return [("host", ",".join(hosts)), ("port", ",".join(ports))]
+
+
 def _split_url_hostport(hostport: str) -> list[tuple[str, str]]:
     """`host[:port]` or `[ipv6][:port]` from a URL's authority, percent-decoded."""
-    if "," in hostport:
-        raise _conninfo_error("several hosts are given; wal2http connects to one server: "
-                              "give a single host")
     if hostport.startswith("["):
         end = hostport.find("]")
         if end < 0:
@@ -369,7 +404,7 @@ def _split_url(text: str) -> list[tuple[str, str]]:
         pairs.append(("user", _percent_decode(user, "user name")))
         if colon:
             pairs.append(("password", _percent_decode(password, "password")))
-    pairs += _split_url_hostport(hostport)
+    pairs += _split_url_hosts(hostport)
     if path:
         pairs.append(("dbname", _percent_decode(path, "database name")))
     for item in filter(None, query.split("&")):
@@ -470,11 +505,31 @@ def _default_user() -> str:
 
 
 def _parse_port(text: str, source: str) -> int:
-    if "," in text:
-        raise _conninfo_error("several ports are given; wal2http connects to one server", source)
+    if not text:
+        return DEFAULT_PG_PORT
     if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
         raise _conninfo_error("the port must be a number from 1 to 65535", source)
     return int(text)
+
+
+def _parse_hosts(host_text: str, port_text: str, source) -> tuple[tuple[str, int], ...]:
+    """libpq's lists: hosts and ports comma-separated, one port for all hosts or one per host; an
+    empty entry is the default."""
+    hosts = [host or DEFAULT_PG_HOST for host in host_text.split(",")]
+    ports = [_parse_port(port, source("port")) for port in port_text.split(",")]
+    if len(ports) == 1:
+        ports *= len(hosts)
+    if len(ports) != len(hosts):
+        raise _conninfo_error(f"{len(hosts)} hosts but {len(ports)} ports are given (give one port "
+                              "for all hosts, or one per host)", source("port", "DATABASE_URL"))
+    return tuple(zip(hosts, ports))
+
+
+def _parse_choice(values: Mapping[str, str], key: str, choices: tuple[str, ...], source) -> str:
+    value = values.get(key, choices[0]).lower()
+    if value not in choices:
+        raise _conninfo_error(f"{key} must be one of {', '.join(choices)}", source(key, "DATABASE_URL"))
+    return value
 
 
 def _parse_connect_timeout(text: str | None, source: str) -> float:
@@ -493,8 +548,9 @@ def _parse_connect_timeout(text: str | None, source: str) -> float:
 def parse_database_url(text: str, environ: Mapping[str, str]) -> ConnInfo:
     """DATABASE_URL (URL or key=value form) -> ConnInfo, with libpq's PG* variables and defaults.
 
-    Multi-host lists, `service` files and other libpq features wal2http lacks are a ConfigError
-    naming DATABASE_URL; no message ever contains the password.
+    Several hosts (`host=a,b port=5432,5433`, `postgresql://a:5432,b:5433/db`) are tried in
+    order at each connection, as libpq does.  `service` files and other libpq features wal2http
+    lacks are a ConfigError naming DATABASE_URL; no message ever contains the password.
     """
     given = _collect_keywords(_split_connection_string(text.strip()))
     values: dict[str, str] = {}
@@ -505,18 +561,14 @@ def parse_database_url(text: str, environ: Mapping[str, str]) -> ConnInfo:
         elif variable and environ.get(variable):
             values[key], sources[key] = environ[variable], variable
     source = sources.get
-    host = values.get("host", DEFAULT_PG_HOST)
-    if "," in host:
-        raise _conninfo_error("several hosts are given; wal2http connects to one server: "
-                              "give a single host", source("host", "DATABASE_URL"))
-    port = _parse_port(values["port"], source("port")) if "port" in values else DEFAULT_PG_PORT
+    hosts = _parse_hosts(values.get("host", ""), values.get("port", ""), source)
     sslmode = values.get("sslmode", DEFAULT_SSLMODE).lower()
     if sslmode not in SSLMODES:
         raise _conninfo_error(f"sslmode must be one of {', '.join(SSLMODES)}",
                               source("sslmode", "DATABASE_URL"))
     user = values.get("user") or _default_user()
     return ConnInfo(
-        host=host, port=port, user=user, password=values.get("password"),
+        host=hosts[0][0], port=hosts[0][1], user=user, password=values.get("password"),
         dbname=values.get("dbname", user), sslmode=sslmode,
         sslrootcert=values.get("sslrootcert"), sslcert=values.get("sslcert"),
         sslkey=values.get("sslkey"),
@@ -524,6 +576,9 @@ def parse_database_url(text: str, environ: Mapping[str, str]) -> ConnInfo:
                                                  source("connect_timeout", "DATABASE_URL")),
         application_name=values.get("application_name")
         or values.get("fallback_application_name", DEFAULT_APPLICATION_NAME),
+        hosts=hosts if len(hosts) > 1 else (),
+        target_session_attrs=_parse_choice(values, "target_session_attrs", TARGET_SESSION_ATTRS, source),
+        load_balance_hosts=_parse_choice(values, "load_balance_hosts", LOAD_BALANCE_HOSTS, source),
     )
 
 
@@ -4971,18 +5026,73 @@ def build_startup_parameters(conninfo, replication: bool) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def open_pg_connection(conninfo, *, replication: bool = True):
-    """An authenticated connection, closed on exit.  Honours sslmode like libpq."""
-    conn = None
-    try:
-        with trio.fail_after(conninfo.connect_timeout_s):
-            conn = await _connect(conninfo, replication)
-    except trio.TooSlowError:
-        raise ConnectionLost(f"cannot connect to PostgreSQL at {_where(conninfo)}: "
-                             f"no answer within connect_timeout={conninfo.connect_timeout_s:g} s") from None
+    """An authenticated connection to the first host that fits, closed on exit.  Honours
+    sslmode and target_session_attrs like libpq."""
+    conn = await connect_to_first_fitting_host(conninfo, replication)
     try:
         yield conn
     finally:
         await conn.aclose()
+
+
+async def connect_to_first_fitting_host(conninfo, replication: bool) -> PgConnection:
+    """Each host in turn, as libpq: one that cannot be reached (refused, timed out after
+    connect_timeout, or "not now" from the server) or does not fit target_session_attrs is
+    skipped with a log line; an authentication or TLS-verification failure is not (exit 4).
+    prefer-standby tries every host for a standby first, then any of them."""
+    wanted = conninfo.target_session_attrs
+    hosts = conninfo.each_host()
+    skipped = []
+    for attrs in ("standby", "any") if wanted == "prefer-standby" else (wanted,):
+        for target in hosts:
+            try:
+                conn = await _connect_in_time(target, replication)
+            except ConnectionLost as exc:
+                if len(hosts) == 1 and attrs == wanted:
+                    raise
+                skipped.append(f"{_where(target)}: {exc}")
+                logger.warning("skipping PostgreSQL at %s: %s", _where(target), exc)
+                continue
+            misfit = await describe_session_misfit(conn, attrs)
+            if misfit is None:
+                if len(hosts) > 1:
+                    logger.info("connected to PostgreSQL at %s", _where(target))
+                return conn
+            await conn.aclose()
+            skipped.append(f"{_where(target)}: {misfit}")
+            logger.warning("skipping PostgreSQL at %s: %s (target_session_attrs=%s)", _where(target), misfit, attrs)
+    raise ConnectionLost(f"no PostgreSQL host fits target_session_attrs={wanted}: {'; '.join(skipped)}")
+
+
+async def _connect_in_time(conninfo, replication: bool) -> PgConnection:
+    try:
+        with trio.fail_after(conninfo.connect_timeout_s):
+            return await _connect(conninfo, replication)
+    except trio.TooSlowError:
+        raise ConnectionLost(f"cannot connect to PostgreSQL at {_where(conninfo)}: "
+                             f"no answer within connect_timeout={conninfo.connect_timeout_s:g} s") from None
+
+
+async def describe_session_misfit(conn: PgConnection, attrs: str) -> str | None:
+    """None when the server fits target_session_attrs `attrs`, else why not.  As libpq: from
+    PostgreSQL 14 the server reports in_hot_standby and default_transaction_read_only at start-up;
+    older ones are asked."""
+    if attrs == "any":
+        return None
+    standby = conn.parameters.get("in_hot_standby")
+    if standby is None:
+        (recovery,), = await conn.simple_query("SELECT pg_catalog.pg_is_in_recovery()")
+        standby = "on" if recovery == "t" else "off"
+    read_only = conn.parameters.get("default_transaction_read_only")
+    if read_only is None:
+        (read_only,), = await conn.simple_query("SHOW transaction_read_only")
+    read_only = "on" if standby == "on" else read_only
+    misfits = {"read-write": (read_only == "on", "it is read-only"),
+               "read-only": (read_only != "on", "it accepts writes"),
+               "primary": (standby == "on", "it is a standby"),
+               "standby": (standby != "on", "it is not a standby")}
+    misfit, reason = misfits[attrs]
+    return reason if misfit else None
 
 
 async def _connect(conninfo, replication: bool) -> PgConnection:
@@ -5814,14 +5924,17 @@ async def run_check(config, out=None) -> int:
     out = out or sys.stdout
     results: list[tuple[str, str | None]] = []
     timeout_s = config.conninfo.connect_timeout_s
+    hosts_timeout_s = timeout_s * len(config.conninfo.each_host()) * (
+        2 if config.conninfo.target_session_attrs == "prefer-standby" else 1)
     try:
-        with trio.fail_after(timeout_s):
+        with trio.fail_after(hosts_timeout_s):
             async with open_pg_connection(config.conninfo, replication=False) as conn:
-                results.append(("connect", None))
+                version = conn.parameters.get("server_version", "?").split()[0]
+                results.append((f"connect to {_where(conn.conninfo)} (PostgreSQL {version})", None))
                 await _check_database(conn, config, results)
         results.append(await _check_one("replication connection", timeout_s, _check_replication_connection(config)))
     except trio.TooSlowError:
-        results.append(("connect", f"no answer within {timeout_s:g} s"))
+        results.append(("connect", f"no answer within {hosts_timeout_s:g} s"))
     except Wal2HttpError as exc:
         results.append(("connect", str(exc)))
     results.append(await _check_one(f"sink {config.event_sink}", config.conninfo.connect_timeout_s,
