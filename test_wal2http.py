@@ -262,6 +262,7 @@ class TestConfig:
         ("RETRY_BASE_DELAY_MS", "0", "retry_base_delay_s", 0.0),
         ("RETRY_MAX_DELAY_MS", "60000", "retry_max_delay_s", 60.0),
         ("DELIVERY_CONCURRENCY", "256", "delivery_concurrency", 256),
+        ("SLOT_FAILOVER", "on", "slot_failover", True),
         ("DELIVERY_CONCURRENCY", " 8 ", "delivery_concurrency", 8),
         ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
         ("HTTP_BATCH_SIZE", "50", "http_batch_size", 50),
@@ -301,7 +302,7 @@ class TestConfig:
     def test_every_option_mirrors_its_variable(self):
         assert [setting.flag for setting in w.SETTINGS] == [
             "--database-url", "--slot-name", "--pub-name", "--create-slot", "--event-sink",
-            "--feedback-interval-secs", "--streaming", "--on-failure", "--dead-letter-file",
+            "--slot-failover", "--feedback-interval-secs", "--streaming", "--on-failure", "--dead-letter-file",
             "--retry-max-attempts", "--retry-base-delay-ms", "--retry-max-delay-ms", "--delivery-concurrency", "--log-level",
             "--http-endpoint-url", "--http-batch-size", "--http-timeout-secs", "--http-headers",
             "--http-signing-secret", "--http-ca-file", "--hook0-api-url", "--hook0-application-id",
@@ -624,7 +625,7 @@ class TestConfig:
         ("DATABASE_URL", "host=db password=Db-Secret-77 Xyz-77=1", "Xyz-77"),
         ("DATABASE_URL", "host=db password=Db-Secret-77 xyzsecret=1", "xyzsecret"),
         ("DATABASE_URL", "host=db password='Db-Secret-77", "Db-Secret-77"),
-        ("DATABASE_URL", "host=db,db2 password=Db-Secret-77", "Db-Secret-77"),
+        ("DATABASE_URL", "host=db,db2 port=1,2,3 password=Db-Secret-77", "Db-Secret-77"),
     ]
 
     @pytest.mark.parametrize("secret_variable", list(SECRETS))
@@ -5307,6 +5308,11 @@ def readonly_cluster():
     shutil.rmtree(root, ignore_errors=True)
 
 
+async def server_version_num(cluster) -> int:
+    (version,), = await sql(cluster, "postgres", "SHOW server_version_num")
+    return int(version)
+
+
 def several_hosts_url(dbname, *ports, **params) -> str:
     query = "&".join(f"{k}={v}" for k, v in {"sslmode": "disable", **params}.items())
     return f"postgresql://postgres@{','.join(f'127.0.0.1:{port}' for port in ports)}/{dbname}?{query}"
@@ -5380,6 +5386,17 @@ class TestSeveralHosts:
             await trio.to_thread.run_sync(cluster.start, True)  # whatever happened, for the next tests
         assert [e["new"]["id"] for e in events][-1] == 2
         assert logged(caplog, f"skipping PostgreSQL at 127.0.0.1:{readonly_cluster.port}: it is read-only")
+
+    async def test_slot_failover_before_17_is_exit_2_and_creates_nothing(self, cluster, db):
+        if await server_version_num(cluster) >= 170000:
+            pytest.skip("PostgreSQL 17 and later have failover slots")  # tested in TestFailoverSlots
+        result = await trio.to_thread.run_sync(
+            lambda: run_cli([], make_env(cluster, db, slot_failover="true")))
+        assert result.returncode == 2, result.stderr
+        (line,) = [l for l in result.stderr.splitlines() if "SLOT_FAILOVER" in l]
+        assert "needs PostgreSQL 17 or later" in line
+        assert f"this server is {await server_version_num(cluster) // 10000}" in line
+        assert await sql(cluster, db, f"SELECT 1 FROM pg_replication_slots WHERE slot_name = '{db}'") == []
 
     async def test_check_names_the_host_it_used(self, cluster, db):
         url = several_hosts_url(db, free_port(), cluster.port)

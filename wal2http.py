@@ -11,7 +11,7 @@ itself over Trio sockets, decodes pgoutput by hand, and posts with a small h11 c
     DATABASE_URL=postgresql://user:pass@host/db python wal2http.py
 
 Environment (each has a --flag of the same name; see --help and README.md): DATABASE_URL,
-SLOT_NAME, PUB_NAME, CREATE_SLOT, EVENT_SINK, FEEDBACK_INTERVAL_SECS, STREAMING, ON_FAILURE,
+SLOT_NAME, PUB_NAME, CREATE_SLOT, SLOT_FAILOVER, EVENT_SINK, FEEDBACK_INTERVAL_SECS, STREAMING, ON_FAILURE,
 DEAD_LETTER_FILE, RETRY_MAX_ATTEMPTS, RETRY_BASE_DELAY_MS, RETRY_MAX_DELAY_MS, DELIVERY_CONCURRENCY,
 LOG_LEVEL,
 HTTP_ENDPOINT_URL, HTTP_BATCH_SIZE, HTTP_TIMEOUT_SECS, HTTP_HEADERS, HTTP_SIGNING_SECRET,
@@ -912,6 +912,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("EVENT_SINK", "event_sink", "delivery", _parse_sink, "stdout", "stdout, http or hook0",
             "hook0 if all HOOK0_* are set, else http if HTTP_ENDPOINT_URL is set, else stdout",
             log="sink"),
+    Setting("SLOT_FAILOVER", "slot_failover", "replication", parse_bool, False,
+            "create the slot with failover (PostgreSQL 17+), so standbys with slot "
+            "synchronisation keep it; an existing slot is altered"),
     Setting("FEEDBACK_INTERVAL_SECS", "feedback_interval_s", "replication", _parse_seconds, 1.0,
             "seconds between standby status updates (fractions allowed)"),
     Setting("STREAMING", "streaming", "replication", parse_bool, False,
@@ -5367,20 +5370,38 @@ async def check_publications(conn: PgConnection, publications: tuple[str, ...]) 
             f"create it, e.g. CREATE PUBLICATION {quote_ident(missing[0])} FOR ALL TABLES;")
 
 
+def check_slot_failover(config, server_version_num: int) -> None:
+    """SLOT_FAILOVER needs PostgreSQL 17 (the FAILOVER option of replication slots)."""
+    if config.slot_failover and server_version_num < 170000:
+        raise ConfigError(f"SLOT_FAILOVER=true needs PostgreSQL 17 or later (failover slots); this "
+                          f"server is {server_version_num // 10000}: unset SLOT_FAILOVER")
+
+
+async def _ensure_failover(conn: PgConnection, config, failover: str | None) -> None:
+    """An existing slot without failover is given it when SLOT_FAILOVER asks (PostgreSQL 17+)."""
+    if config.slot_failover and failover != "t":
+        await conn.simple_query(f"ALTER_REPLICATION_SLOT {quote_ident(config.slot_name)} (FAILOVER true)")
+        logger.info("replication slot %r now has failover on (SLOT_FAILOVER=true): standbys with "
+                    "sync_replication_slots keep a copy", config.slot_name)
+
+
 async def ensure_slot(conn: PgConnection, config) -> int:
     """Check the slot (pgoutput, this database); create it when CREATE_SLOT allows.  Returns its
     confirmed_flush_lsn (for a new slot, its consistent point; 0 when the server gives none)."""
+    check_slot_failover(config, conn.server_version_num)
+    failover = ", failover" if conn.server_version_num >= 170000 else ", NULL"
     rows = await conn.simple_query(
-        "SELECT plugin, slot_type, database, confirmed_flush_lsn FROM pg_catalog.pg_replication_slots "
+        f"SELECT plugin, slot_type, database, confirmed_flush_lsn{failover} FROM pg_catalog.pg_replication_slots "
         f"WHERE slot_name = {quote_literal(config.slot_name)}")
     if rows:
-        plugin, slot_type, database, confirmed = rows[0]
+        plugin, slot_type, database, confirmed, has_failover = rows[0]
         if slot_type != "logical" or plugin != "pgoutput":
             raise PreconditionError(f"replication slot {config.slot_name!r} (SLOT_NAME) uses "
                                     f"{plugin or slot_type!r}, not pgoutput: drop it or choose another SLOT_NAME")
         if database != conn.conninfo.dbname:
             raise PreconditionError(f"replication slot {config.slot_name!r} (SLOT_NAME) belongs to "
                                     f"database {database!r}, not {conn.conninfo.dbname!r}")
+        await _ensure_failover(conn, config, has_failover)
         return parse_lsn(confirmed) if confirmed else 0
     if not config.create_slot:
         raise PreconditionError(
@@ -5388,8 +5409,9 @@ async def ensure_slot(conn: PgConnection, config) -> int:
             f"create it with SELECT pg_create_logical_replication_slot({quote_literal(config.slot_name)}, 'pgoutput');")
     logger.info("creating replication slot %r: PostgreSQL first waits for the transactions running now "
                 "to end", config.slot_name)
+    options = "(SNAPSHOT 'nothing', FAILOVER true)" if config.slot_failover else "NOEXPORT_SNAPSHOT"
     rows = await conn.simple_query(f"CREATE_REPLICATION_SLOT {quote_ident(config.slot_name)} LOGICAL pgoutput "
-                                   "NOEXPORT_SNAPSHOT", timeout_s=math.inf)
+                                   f"{options}", timeout_s=math.inf)
     logger.info("created replication slot %r", config.slot_name)
     consistent_point = rows[0][1] if rows and len(rows[0]) > 1 else None  # slot_name, consistent_point, ...
     return parse_lsn(consistent_point) if consistent_point else 0
