@@ -48,6 +48,7 @@ import dataclasses
 import datetime
 import email.message
 import email.utils
+import enum
 import gc
 import getpass
 import glob
@@ -1101,23 +1102,38 @@ PROTOCOL_VERSION_3 = 196608  #: 3.0, the StartupMessage version
 SSL_REQUEST_CODE = 80877103  #: SSLRequest's magic "version"
 MAX_BACKEND_MESSAGE_BYTES = 1 << 30  #: the server never sends a message larger than 1 GiB
 
-# Backend message tags.
-AUTHENTICATION = ord("R")
-PARAMETER_STATUS = ord("S")
-BACKEND_KEY_DATA = ord("K")
-READY_FOR_QUERY = ord("Z")
-ERROR_RESPONSE = ord("E")
-NOTICE_RESPONSE = ord("N")
-ROW_DESCRIPTION = ord("T")
-DATA_ROW = ord("D")
-COMMAND_COMPLETE = ord("C")
-EMPTY_QUERY_RESPONSE = ord("I")
-COPY_BOTH_RESPONSE = ord("W")
-COPY_OUT_RESPONSE = ord("H")
-COPY_DATA = ord("d")
-COPY_DONE = ord("c")
-NEGOTIATE_PROTOCOL_VERSION = ord("v")
-NOTIFICATION_RESPONSE = ord("A")
+
+class _Tag(enum.IntEnum):
+    """A one-byte message tag, declared as the character the PostgreSQL docs give it.  The members
+    are ints (a received tag compares equal to them) and, through `enum.global_enum`, also module
+    constants (`COPY_DATA`), as the `re` module does with its flags."""
+
+    def __new__(cls, char: str):
+        member = int.__new__(cls, ord(char))
+        member._value_ = ord(char)
+        return member
+
+
+@enum.global_enum
+class BackendMessage(_Tag):
+    """Backend message tags ("Message Formats")."""
+
+    AUTHENTICATION = "R"
+    PARAMETER_STATUS = "S"
+    BACKEND_KEY_DATA = "K"
+    READY_FOR_QUERY = "Z"
+    ERROR_RESPONSE = "E"
+    NOTICE_RESPONSE = "N"
+    ROW_DESCRIPTION = "T"
+    DATA_ROW = "D"
+    COMMAND_COMPLETE = "C"
+    EMPTY_QUERY_RESPONSE = "I"
+    COPY_BOTH_RESPONSE = "W"
+    COPY_DATA = "d"
+    COPY_DONE = "c"
+    NEGOTIATE_PROTOCOL_VERSION = "v"
+    NOTIFICATION_RESPONSE = "A"
+
 
 # Authentication request codes (the int32 after 'R').
 AUTH_OK = 0
@@ -1131,11 +1147,7 @@ _INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
 _UINT32 = struct.Struct("!I")
 _HEADER = struct.Struct("!BI")  # tag, length (length counts itself, not the tag)
-_XLOG_FRAME_HEADER = struct.Struct("!BIBQQ")  # CopyData header + XLogData kind, wal_start, wal_end
-
-#: ErrorResponse / NoticeResponse field codes worth naming in logs.
-ERROR_FIELD_NAMES = {"S": "severity", "V": "severity", "C": "sqlstate", "M": "message", "D": "detail",
-                     "H": "hint", "P": "position", "W": "where", "F": "file", "L": "line", "R": "routine"}
+_COPY_DATA = COPY_DATA.value  # a plain int: compared for every message
 
 
 def _frame(tag: bytes, body: bytes) -> bytes:
@@ -1222,30 +1234,25 @@ class MessageBuffer:
         self._pos = end
         return tag, bytes(data[pos + 5:end])
 
-    def next_xlog_data(self) -> tuple[int, int, bytes] | None:
-        """The replication hot path: when the next message is a whole CopyData carrying XLogData,
-        take it and return (wal_start, wal_end, pgoutput message); otherwise None (use
-        next_message).  One copy of the payload, no intermediate message body."""
+    def next_copy_data(self, kind: int, header: struct.Struct) -> tuple[tuple, bytes] | None:
+        """The replication hot path (one call, one copy): when the next message is a whole CopyData
+        whose content starts with the byte `kind` and holds at least `header`, take it and return
+        (the fields of `header` at its start, the bytes after it); otherwise None (next_message
+        then gives it)."""
         data, pos = self._data, self._pos
-        if len(data) - pos < _XLOG_FRAME_HEADER.size:
+        start = pos + 5  # after the tag and the length
+        if len(data) - start < header.size:
             return None
-        tag, length, kind, wal_start, wal_end = _XLOG_FRAME_HEADER.unpack_from(data, pos)
+        tag, length = _HEADER.unpack_from(data, pos)
         end = pos + 1 + length
-        if tag != COPY_DATA or kind != XLOG_DATA or len(data) < end or length < 30:
+        if tag != _COPY_DATA or data[start] != kind or len(data) < end or length - 4 < header.size:
             return None
         self._pos = end
-        return wal_start, wal_end, bytes(data[pos + 30:end])
+        return header.unpack_from(data, start), bytes(data[start + header.size:end])
 
     def pending(self) -> int:
         """Bytes received but not yet returned as messages."""
         return len(self._data) - self._pos
-
-    def take_raw(self) -> bytes:
-        """Everything not yet parsed (used once, after SSLRequest's one-byte answer)."""
-        rest = bytes(self._data[self._pos:])
-        self._data.clear()
-        self._pos = 0
-        return rest
 
 
 def _split_cstrings(body: bytes, what: str) -> list[str]:
@@ -1327,10 +1334,6 @@ def decode_data_row(body: bytes) -> tuple[str | None, ...]:
     if pos != len(body):
         raise ProtocolError("malformed DataRow message: trailing bytes")
     return tuple(values)
-
-
-def decode_command_complete(body: bytes) -> str:
-    return _split_cstrings(body, "CommandComplete")[0]
 
 
 def format_lsn(lsn: int) -> str:
@@ -1440,22 +1443,31 @@ class ScramClient:
 # Primary keepalive 'k' from the server, Standby status update 'r' from us.  Times are
 # microseconds since 2000-01-01 UTC.
 
-XLOG_DATA = ord("w")
-PRIMARY_KEEPALIVE = ord("k")
-STANDBY_STATUS_UPDATE = b"r"
+
+@enum.global_enum
+class ReplicationMessage(_Tag):
+    """What the first byte of a CopyData says it carries."""
+
+    XLOG_DATA = "w"
+    PRIMARY_KEEPALIVE = "k"
+    STANDBY_STATUS_UPDATE = "r"
+
+
 PG_EPOCH_OFFSET_US = 946_684_800_000_000  #: 2000-01-01 minus 1970-01-01, in microseconds
 
-_XLOG_DATA_HEADER = struct.Struct("!BQQQ")
+#: XLogData's header: 'w', wal_start, wal_end, server clock; the pgoutput message follows it.
+XLOG_DATA_HEADER = struct.Struct("!BQQQ")
 _KEEPALIVE = struct.Struct("!BQQB")
-_STATUS_UPDATE = struct.Struct("!cQQQQB")
+_STATUS_UPDATE = struct.Struct("!BQQQQB")
 
 
-def decode_xlog_header(data: bytes) -> tuple[int, int]:
-    """XLogData: (wal_start, wal_end); the pgoutput message follows at offset 25."""
-    if len(data) < _XLOG_DATA_HEADER.size:
+def decode_xlog_data(body: bytes) -> tuple[int, int, bytes]:
+    """XLogData (a CopyData body starting with 'w'): (wal_start, wal_end, the pgoutput message)."""
+    header = XLOG_DATA_HEADER
+    if len(body) < header.size:
         raise ProtocolError("malformed XLogData message: truncated header")
-    _, wal_start, wal_end, _ = _XLOG_DATA_HEADER.unpack_from(data)
-    return wal_start, wal_end
+    _, wal_start, wal_end, _ = header.unpack_from(body)
+    return wal_start, wal_end, body[header.size:]
 
 
 def decode_keepalive(data: bytes) -> tuple[int, bool]:
@@ -1483,25 +1495,34 @@ def encode_standby_status(write_lsn: int, flush_lsn: int, apply_lsn: int, now_us
 # (between Stream Start and Stream Stop) Relation, Type, Insert, Update, Delete, Truncate and
 # Message carry the (sub)transaction xid first (protocol 2+).
 
-BEGIN = ord("B")
-MESSAGE = ord("M")
-COMMIT = ord("C")
-ORIGIN = ord("O")
-RELATION = ord("R")
-TYPE = ord("Y")
-INSERT = ord("I")
-UPDATE = ord("U")
-DELETE = ord("D")
-TRUNCATE = ord("T")
-STREAM_START = ord("S")
-STREAM_STOP = ord("E")
-STREAM_COMMIT = ord("c")
-STREAM_ABORT = ord("A")
-BEGIN_PREPARE = ord("b")
-PREPARE = ord("P")
-COMMIT_PREPARED = ord("K")
-ROLLBACK_PREPARED = ord("r")
-STREAM_PREPARE = ord("p")
+@enum.global_enum
+class PgoutputMessage(_Tag):
+    """pgoutput message tags; `doc_name` is the message's name in the docs ("Stream Start")."""
+
+    BEGIN = "B"
+    MESSAGE = "M"
+    COMMIT = "C"
+    ORIGIN = "O"
+    RELATION = "R"
+    TYPE = "Y"
+    INSERT = "I"
+    UPDATE = "U"
+    DELETE = "D"
+    TRUNCATE = "T"
+    STREAM_START = "S"
+    STREAM_STOP = "E"
+    STREAM_COMMIT = "c"
+    STREAM_ABORT = "A"
+    BEGIN_PREPARE = "b"
+    PREPARE = "P"
+    COMMIT_PREPARED = "K"
+    ROLLBACK_PREPARED = "r"
+    STREAM_PREPARE = "p"
+
+    @property
+    def doc_name(self) -> str:
+        return self.name.replace("_", " ").title()
+
 
 TUPLE_NEW = ord("N")  #: Insert/Update: a new tuple follows
 TUPLE_KEY = ord("K")  #: Update/Delete: the old replica identity key follows
@@ -1973,25 +1994,17 @@ def decode_stream_prepare(data: bytes, in_stream: bool) -> StreamPrepare:
     return _decode_prepared(data, _PREPARE, StreamPrepare)
 
 
-#: One-byte message tag -> decoder(data, in_stream).
+#: Message tag -> decoder(data, in_stream).  Keyed by plain ints: a received tag finds its entry
+#: without an enum comparison.
 PGOUTPUT_DECODERS: dict[int, Callable[[bytes, bool], object]] = {
-    BEGIN: decode_begin, MESSAGE: decode_message, COMMIT: decode_commit, ORIGIN: decode_origin,
-    RELATION: decode_relation, TYPE: decode_type, INSERT: decode_insert, UPDATE: decode_update,
-    DELETE: decode_delete, TRUNCATE: decode_truncate, STREAM_START: decode_stream_start,
-    STREAM_STOP: decode_stream_stop, STREAM_COMMIT: decode_stream_commit,
-    STREAM_ABORT: decode_stream_abort, BEGIN_PREPARE: decode_begin_prepare, PREPARE: decode_prepare,
-    COMMIT_PREPARED: decode_commit_prepared, ROLLBACK_PREPARED: decode_rollback_prepared,
-    STREAM_PREPARE: decode_stream_prepare,
-}
-
-#: Message tag -> name in the docs, for error messages.
-PGOUTPUT_MESSAGE_NAMES: dict[int, str] = {
-    BEGIN: "Begin", MESSAGE: "Message", COMMIT: "Commit", ORIGIN: "Origin", RELATION: "Relation",
-    TYPE: "Type", INSERT: "Insert", UPDATE: "Update", DELETE: "Delete", TRUNCATE: "Truncate",
-    STREAM_START: "Stream Start", STREAM_STOP: "Stream Stop", STREAM_COMMIT: "Stream Commit",
-    STREAM_ABORT: "Stream Abort", BEGIN_PREPARE: "Begin Prepare", PREPARE: "Prepare",
-    COMMIT_PREPARED: "Commit Prepared", ROLLBACK_PREPARED: "Rollback Prepared",
-    STREAM_PREPARE: "Stream Prepare",
+    BEGIN.value: decode_begin, MESSAGE.value: decode_message, COMMIT.value: decode_commit,
+    ORIGIN.value: decode_origin, RELATION.value: decode_relation, TYPE.value: decode_type,
+    INSERT.value: decode_insert, UPDATE.value: decode_update, DELETE.value: decode_delete,
+    TRUNCATE.value: decode_truncate, STREAM_START.value: decode_stream_start,
+    STREAM_STOP.value: decode_stream_stop, STREAM_COMMIT.value: decode_stream_commit,
+    STREAM_ABORT.value: decode_stream_abort, BEGIN_PREPARE.value: decode_begin_prepare,
+    PREPARE.value: decode_prepare, COMMIT_PREPARED.value: decode_commit_prepared,
+    ROLLBACK_PREPARED.value: decode_rollback_prepared, STREAM_PREPARE.value: decode_stream_prepare,
 }
 
 
@@ -2015,7 +2028,7 @@ def decode_pgoutput(data: bytes, in_stream: bool = False):
         reason = "truncated"
     except UnicodeDecodeError:
         reason = "invalid UTF-8"
-    raise ProtocolError(f"malformed pgoutput {PGOUTPUT_MESSAGE_NAMES[data[0]]} message: {reason}")
+    raise ProtocolError(f"malformed pgoutput {PgoutputMessage(data[0]).doc_name} message: {reason}")
 
 
 # =====================================================================================================
@@ -2493,45 +2506,6 @@ class Chunk:
 
 
 @dataclasses.dataclass(slots=True)
-class _RelationInfo:
-    """A Relation message with what building events needs, computed once."""
-
-    relation: Relation
-    schema: str
-    table: str
-    names: tuple[str, ...]
-    converters: tuple[Callable[[str], str], ...]  # per column: PostgreSQL text -> JSON text
-    type_oids: tuple[int, ...]
-    key_names: tuple[str, ...]  # empty: no key (REPLICA IDENTITY NOTHING or no flagged column)
-    key_indexes: tuple[int, ...]  # their positions among the columns
-    generation: int
-    head: str  # '"schema":...,"table":...,' in JSON
-    members: dict[str, str]  # column name -> '"name":' in JSON
-    pairs: tuple[tuple[str, Callable[[str], str]], ...]  # ('"name":', converter) per column
-
-
-def build_relation_info(relation: Relation, types: dict[int, Type], generation: int = 0,
-                        base_types: Mapping[int, int] | None = None) -> _RelationInfo:
-    """`base_types` maps a domain (and its array type) to its base type (and the base's array
-    type): a domain over a known type converts like that type."""
-    converters = []
-    for column in relation.columns:
-        custom = types.get(column.type_oid)
-        type_oid = base_types.get(column.type_oid, column.type_oid) if base_types else column.type_oid
-        converters.append(json_text_for(type_oid, custom.name if custom else None))
-    columns = relation.columns
-    keys = () if relation.replica_identity == "n" else tuple(i for i, c in enumerate(columns) if c.is_key)
-    names = tuple(c.name for c in columns)
-    schema = relation.namespace or "pg_catalog"
-    members = {name: encode_json_string(name) + ":" for name in names}
-    return _RelationInfo(relation, schema, relation.name, names, tuple(converters),
-                         tuple(c.type_oid for c in columns), tuple(names[i] for i in keys), keys,
-                         generation,
-                         f'"schema":{encode_json_string(schema)},"table":{encode_json_string(relation.name)},',
-                         members, tuple(zip(members.values(), converters)))
-
-
-@dataclasses.dataclass(slots=True)
 class _TxnContext:
     """What every event of one transaction shares, and its event counter."""
 
@@ -2548,10 +2522,117 @@ class _TxnContext:
                                f'"commit_time":{encode_json(self.commit_time)},')
 
 
-# A row is a dict {column name: JSON text of its value}, in column order, without the columns
-# whose values are unchanged TOAST (which are listed apart).
+class RelationWriter:
+    """A Relation message prepared for writing the events of its changes; the assembler makes one
+    per Relation message (a later one for the same table replaces it).
 
-def _convert_tuple(info: _RelationInfo, values: TupleData, what: str) -> tuple[dict, list]:
+    Every Insert, Update and Delete of the relation, plain or streamed, becomes its event's JSON
+    text through `write`: one pass over the message bytes reads each TupleData value and writes
+    it as its column's JSON member ('"name":value', through the converter of section 7), with no
+    intermediate values, rows or message object.  What that pass does not take (unchanged TOAST
+    or binary values, a value its converter refuses, malformed bytes) it leaves to
+    `write_decoded`, which works from the decoded message (decode_pgoutput, with its exact errors)
+    and writes the same text.
+    """
+
+    __slots__ = ("relation", "schema", "table", "names", "converters", "type_oids", "key_names",
+                 "key_indexes", "generation", "head", "members", "columns")
+
+    def __init__(self, relation: Relation, types: Mapping[int, Type], generation: int = 0,
+                 base_types: Mapping[int, int] | None = None):
+        """`base_types` maps a domain (and its array type) to its base type (and the base's array
+        type): a domain over a known type converts like that type."""
+        columns = relation.columns
+        keys = () if relation.replica_identity == "n" else tuple(i for i, c in enumerate(columns) if c.is_key)
+        self.relation, self.generation = relation, generation
+        self.schema, self.table = relation.namespace or "pg_catalog", relation.name
+        self.names = tuple(c.name for c in columns)
+        self.type_oids = tuple(c.type_oid for c in columns)
+        self.converters = tuple(_column_json_text(c, types, base_types) for c in columns)
+        self.key_indexes, self.key_names = keys, tuple(self.names[i] for i in keys)
+        self.head = f'"schema":{encode_json_string(self.schema)},"table":{encode_json_string(self.table)},'
+        self.members = {name: encode_json_string(name) + ":" for name in self.names}  # '"name":'
+        self.columns = tuple((member, convert, member + "null")
+                             for member, convert in zip(self.members.values(), self.converters))
+
+    def write(self, ctx: _TxnContext, data: bytes, pos: int, wal_start: int) -> Event | None:
+        """The event of an Insert, Update or Delete message (`data`; `pos`: just after its relid),
+        straight from its bytes; None when `write_decoded` must write it."""
+        try:
+            tag, old_kind = data[0], data[pos]
+            old = new = None
+            if tag != _INSERT and (old_kind == TUPLE_KEY or old_kind == TUPLE_OLD):
+                old, pos = self._tuple_members(data, pos + 1)
+            elif tag == _DELETE:
+                return None
+            if tag != _DELETE:
+                if data[pos] != TUPLE_NEW:
+                    return None
+                new, pos = self._tuple_members(data, pos + 1)
+        except (IndexError, struct.error, *_VALUE_ERRORS):  # UnicodeDecodeError is a ValueError
+            return None
+        if pos != len(data):
+            return None
+        keys = self.key_indexes
+        row = old if new is None else new
+        if len(keys) == 1:
+            key = "{" + row[keys[0]] + "}"
+        else:
+            key = "{" + ",".join([row[i] for i in keys]) + "}" if keys else "null"
+        if old is None:
+            old = "null"
+        elif old_kind == TUPLE_KEY:
+            old = "{" + ",".join([old[i] for i in keys]) + "}"
+        else:
+            old = "{" + ",".join(old) + "}"
+        new = "null" if new is None else "{" + ",".join(new) + "}"
+        return _change_event(ctx, _CHANGE_OPS[tag], self, key, new, old, "[]", wal_start)
+
+    def _tuple_members(self, data: bytes, pos: int) -> tuple[list[str], int]:
+        """The TupleData at `pos` as its members, and the position after it.  Raises ValueError
+        for anything but text and NULL values (IndexError or struct.error for truncated bytes)."""
+        if _U16.unpack_from(data, pos)[0] != len(self.columns):
+            raise ValueError("column count")
+        pos += 2
+        members: list[str] = []
+        append, size_of = members.append, _U32.unpack_from
+        for member, convert, null in self.columns:
+            kind = data[pos]
+            if kind == VALUE_TEXT:
+                start = pos + 5
+                pos = start + size_of(data, pos + 1)[0]
+                append(member + convert(data[start:pos].decode()))
+            elif kind == VALUE_NULL:
+                append(null)
+                pos += 1
+            else:
+                raise ValueError("not a text or NULL value")
+        return members, pos
+
+    def write_decoded(self, ctx: _TxnContext, message: Insert | Update | Delete, wal_start: int) -> Event:
+        """The event of a decoded change, whatever its values (see the class comment)."""
+        cls = message.__class__
+        what = cls.__name__
+        new, missing = (None, []) if cls is Delete else _convert_tuple(self, message.new, what)
+        old = None if cls is Insert else _build_old(self, message.old_kind, message.old, what)
+        if cls is Update:
+            missing = _fill_unchanged_toast(self, new, missing, old)
+        key = _build_key(self, old if cls is Delete else new)
+        return _change_event(ctx, what.lower(), self, _row_json(self, key), _row_json(self, new),
+                             _row_json(self, old), encode_json(missing) if missing else "[]", wal_start)
+
+
+def _column_json_text(column: Column, types: Mapping[int, Type],
+                      base_types: Mapping[int, int] | None) -> Callable[[str], str]:
+    custom = types.get(column.type_oid)
+    type_oid = base_types.get(column.type_oid, column.type_oid) if base_types else column.type_oid
+    return json_text_for(type_oid, custom.name if custom else None)
+
+
+# The general path (RelationWriter.write_decoded): a row is a dict {column name: JSON text of its
+# value}, in column order, without the columns whose values are unchanged TOAST (listed apart).
+
+def _convert_tuple(info: RelationWriter, values: TupleData, what: str) -> tuple[dict, list]:
     """(row without unchanged-TOAST columns, names of those columns)."""
     if len(values) != len(info.names):
         raise ProtocolError(f"malformed pgoutput {what} message: {len(values)} columns, but Relation "
@@ -2575,7 +2656,7 @@ def _convert_tuple(info: _RelationInfo, values: TupleData, what: str) -> tuple[d
     return row, missing
 
 
-def _convert_tuple_safely(info: _RelationInfo, values: TupleData) -> dict:
+def _convert_tuple_safely(info: RelationWriter, values: TupleData) -> dict:
     """The slow path after a converter failed: each value on its own, unreadable ones as strings."""
     row = {}
     for name, convert, value in zip(info.names, info.converters, values):
@@ -2591,7 +2672,7 @@ def _convert_tuple_safely(info: _RelationInfo, values: TupleData) -> dict:
     return row
 
 
-def _build_key(info: _RelationInfo, row: dict | None) -> dict | None:
+def _build_key(info: RelationWriter, row: dict | None) -> dict | None:
     names = info.key_names
     if not names or row is None:
         return None
@@ -2599,7 +2680,7 @@ def _build_key(info: _RelationInfo, row: dict | None) -> dict | None:
     return key or None
 
 
-def _build_old(info: _RelationInfo, kind: str | None, values: TupleData | None, what: str) -> dict | None:
+def _build_old(info: RelationWriter, kind: str | None, values: TupleData | None, what: str) -> dict | None:
     """'O': the whole old row; 'K': only the key columns (the others are null placeholders)."""
     if values is None:
         return None
@@ -2609,7 +2690,7 @@ def _build_old(info: _RelationInfo, kind: str | None, values: TupleData | None, 
     return row
 
 
-def _fill_unchanged_toast(info: _RelationInfo, new: dict, missing: list, old: dict | None) -> list:
+def _fill_unchanged_toast(info: RelationWriter, new: dict, missing: list, old: dict | None) -> list:
     """Take unchanged TOAST values from the old row when it carries them; the rest stay listed.
     `new` is rebuilt in column order so filled columns keep their place."""
     if not missing or not old:
@@ -2622,7 +2703,7 @@ def _fill_unchanged_toast(info: _RelationInfo, new: dict, missing: list, old: di
     return still_missing
 
 
-def _row_json(info: _RelationInfo, row: dict | None) -> str:
+def _row_json(info: RelationWriter, row: dict | None) -> str:
     if row is None:
         return "null"
     members = info.members
@@ -2631,76 +2712,22 @@ def _row_json(info: _RelationInfo, row: dict | None) -> str:
 
 _CHANGE_LINE = ('{"id":"%s:%d","op":"%s",%s"key":%s,"new":%s,"old":%s,"unchanged_toast":%s,%s'
                 '"lsn":"%X/%X",%s"seq":%d}')
-_INSERT_LINE = ('{"id":"%s:%d","op":"insert",%s"key":%s,"new":{%s},"old":null,"unchanged_toast":[],%s'
-                '"lsn":"%X/%X",%s"seq":%d}')
+_CHANGE_OPS = {INSERT.value: "insert", UPDATE.value: "update", DELETE.value: "delete"}
+_INSERT, _DELETE = INSERT.value, DELETE.value  # plain ints: compared for every change
 
 
-def _change_event(ctx: _TxnContext, op: str, info: _RelationInfo, key: dict | None, new: dict | None,
-                  old: dict | None, toast: list, wal_start: int) -> Event:
+def _change_event(ctx: _TxnContext, op: str, writer: RelationWriter, key: str, new: str, old: str,
+                  toast: str, wal_start: int) -> Event:
+    """The event of a row change, from the JSON texts of its key, new and old rows and unchanged
+    TOAST column names."""
     seq = ctx.seq
     ctx.seq = seq + 1
     return Event(_CHANGE_LINE % (
-        ctx.commit_lsn, seq, op, info.head, _row_json(info, key), _row_json(info, new),
-        _row_json(info, old), encode_json(toast) if toast else "[]", ctx.xid_member,
+        ctx.commit_lsn, seq, op, writer.head, key, new, old, toast, ctx.xid_member,
         wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
 
 
-def build_insert_event(ctx: _TxnContext, info: _RelationInfo, message: Insert, wal_start: int) -> Event:
-    new, missing = _convert_tuple(info, message.new, "Insert")
-    return _change_event(ctx, "insert", info, _build_key(info, new), new, None, missing, wal_start)
-
-
-def build_insert_event_fast(ctx: _TxnContext, info: _RelationInfo, data: bytes, wal_start: int) -> Event | None:
-    """The hot path of a plain Insert, straight from its bytes to its JSON text: decoding and
-    converting fused in one loop, no intermediate message or dict.  Anything unusual (unchanged
-    TOAST or binary values, a value its converter refuses, malformed bytes) returns None: then the
-    general path (decode_pgoutput + build_insert_event) handles the message, with its exact
-    errors.  Both paths give the same text."""
-    members: list = []  # '"name":value' per column
-    append = members.append
-    try:
-        if data[5] != TUPLE_NEW or _U16.unpack_from(data, 6)[0] != len(info.names):
-            return None
-        pos, size_of = 8, _U32.unpack_from
-        for member, convert in info.pairs:
-            kind = data[pos]
-            if kind == VALUE_TEXT:
-                start = pos + 5
-                pos = start + size_of(data, pos + 1)[0]
-                append(member + convert(data[start:pos].decode()))
-            elif kind == VALUE_NULL:
-                append(member + "null")
-                pos += 1
-            else:
-                return None
-        if pos != len(data):
-            return None
-    except (IndexError, struct.error, UnicodeDecodeError, *_VALUE_ERRORS):
-        return None
-    keys = info.key_indexes
-    if len(keys) == 1:
-        key = "{" + members[keys[0]] + "}"
-    else:
-        key = "{" + ",".join([members[i] for i in keys]) + "}" if keys else "null"
-    seq = ctx.seq
-    ctx.seq = seq + 1
-    return Event(_INSERT_LINE % (ctx.commit_lsn, seq, info.head, key, ",".join(members), ctx.xid_member,
-                                 wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
-
-
-def build_update_event(ctx: _TxnContext, info: _RelationInfo, message: Update, wal_start: int) -> Event:
-    new, missing = _convert_tuple(info, message.new, "Update")
-    old = _build_old(info, message.old_kind, message.old, "Update")
-    missing = _fill_unchanged_toast(info, new, missing, old)
-    return _change_event(ctx, "update", info, _build_key(info, new), new, old, missing, wal_start)
-
-
-def build_delete_event(ctx: _TxnContext, info: _RelationInfo, message: Delete, wal_start: int) -> Event:
-    old = _build_old(info, message.old_kind, message.old, "Delete")
-    return _change_event(ctx, "delete", info, _build_key(info, old), None, old, [], wal_start)
-
-
-def build_truncate_event(ctx: _TxnContext, info: _RelationInfo, message: Truncate, wal_start: int) -> Event:
+def build_truncate_event(ctx: _TxnContext, info: RelationWriter, message: Truncate, wal_start: int) -> Event:
     seq = ctx.seq
     ctx.seq = seq + 1
     return Event.from_dict({
@@ -2730,11 +2757,6 @@ def build_message_event(ctx: _TxnContext | None, message: Message) -> Event:
     event.update(transactional=message.transactional, xid=xid, lsn=lsn, commit_lsn=commit_lsn,
                  commit_time=commit_time, seq=seq)
     return Event.from_dict(event)
-
-
-_CHANGE_BUILDERS = {Insert: build_insert_event, Update: build_update_event, Delete: build_delete_event}
-_MESSAGE_NAMES = {Insert: "Insert", Update: "Update", Delete: "Delete", Truncate: "Truncate",
-                  Message: "Message"}
 
 
 class _StreamBuffer:
@@ -2820,9 +2842,9 @@ class ChangeAssembler:
         self.spill_bytes = spill_bytes
         self.spill_dir = spill_dir
         self.relation_columns = relation_columns  # when given: (schema, table) -> column names
-        self.base_types: dict[int, int] = {}  # domain type -> base type (see build_relation_info)
-        self._relations: dict[int, _RelationInfo] = {}
-        self._relation_history: dict[int, list[_RelationInfo]] = {}  # kept while streams are open
+        self.base_types: dict[int, int] = {}  # domain type -> base type (see RelationWriter)
+        self._writers: dict[int, RelationWriter] = {}  # relation oid -> its writer
+        self._writer_history: dict[int, list[RelationWriter]] = {}  # kept while streams are open
         self._generation = 0
         self._types: dict[int, Type] = {}
         self._txn: _TxnContext | None = None
@@ -2864,13 +2886,10 @@ class ChangeAssembler:
             raise RuntimeError("consume the chunks of a Stream Commit before feeding more messages")
         if not data:
             raise ProtocolError("malformed XLogData message: no pgoutput message in it")
-        if data[0] == INSERT and self._txn is not None and self._stream is None and len(data) >= 5:
-            info = self._relations.get(_U32.unpack_from(data, 1)[0])
-            event = build_insert_event_fast(self._txn, info, data, wal_start) if info else None
-            if event is not None:  # the hot path: a plain Insert
-                pending = self._pending
-                pending.append(event)
-                return () if len(pending) < self.chunk_events else self._flush_full()
+        if data[0] in _CHANGE_OPS and self._txn is not None and self._stream is None:
+            pending = self._pending  # the hot path: a plain Insert, Update or Delete
+            pending.append(self._write_change(self._txn, data, False, wal_start))
+            return () if len(pending) < self.chunk_events else self._flush_full()
         message = decode_pgoutput(data, self._stream is not None)
         return self._handlers[message.__class__](message, wal_start, data)
 
@@ -2906,19 +2925,31 @@ class ChangeAssembler:
         return (chunk,)
 
     def _on_change(self, message, wal_start: int, data: bytes) -> tuple:
+        """Insert, Update and Delete outside a transaction (feed writes them inside one), Truncate."""
         if self._stream is not None:
             return self._buffer(message, wal_start, data)
         if self._txn is None:
-            raise ProtocolError(f"unexpected pgoutput {_MESSAGE_NAMES[message.__class__]} message "
+            raise ProtocolError(f"unexpected pgoutput {PgoutputMessage(data[0]).doc_name} message "
                                 "outside a transaction")
-        pending = self._pending
-        if message.__class__ is Truncate:
-            for relid in message.relids:
-                pending.append(build_truncate_event(self._txn, self._relation(relid, Truncate), message, wal_start))
-        else:
-            info = self._relation(message.relid, message.__class__)
-            pending.append(_CHANGE_BUILDERS[message.__class__](self._txn, info, message, wal_start))
+        for relid in message.relids:
+            self._pending.append(build_truncate_event(self._txn, self._writer(relid, data), message, wal_start))
         return self._flush_full()
+
+    def _write_change(self, ctx: _TxnContext, data: bytes, in_stream: bool, wal_start: int,
+                      generation: int | None = None) -> Event:
+        """The event of an Insert, Update or Delete message: plain ones as they come, streamed
+        ones at their Stream Commit (with the relation as it was at cache generation `generation`)."""
+        pos = 5 if in_stream else 1  # the relid, after the tag and in a stream the xid
+        if len(data) > pos + 4:
+            (relid,) = _U32.unpack_from(data, pos)
+            writer = self._writers.get(relid) if generation is None else self._writer_at(relid, generation)
+            event = writer.write(ctx, data, pos + 4, wal_start) if writer is not None else None
+            if event is not None:
+                return event
+        message = decode_pgoutput(data, in_stream)
+        if generation is None:
+            return self._writer(message.relid, data).write_decoded(ctx, message, wal_start)
+        return self._writer_at(message.relid, generation).write_decoded(ctx, message, wal_start)
 
     def _flush_full(self) -> tuple:
         if len(self._pending) < self.chunk_events:
@@ -2939,23 +2970,23 @@ class ChangeAssembler:
         self._pending.append(build_message_event(self._txn, message))
         return self._flush_full()
 
-    def _relation(self, relid: int, cls: type) -> _RelationInfo:
+    def _writer(self, relid: int, data: bytes) -> RelationWriter:
         try:
-            return self._relations[relid]
+            return self._writers[relid]
         except KeyError:
-            raise ProtocolError(f"malformed pgoutput {_MESSAGE_NAMES[cls]} message: unknown relation {relid} "
-                                "(no Relation message before it)") from None
+            raise ProtocolError(f"malformed pgoutput {PgoutputMessage(data[0]).doc_name} message: unknown "
+                                f"relation {relid} (no Relation message before it)") from None
 
     def _on_relation(self, message: Relation, wal_start: int, data: bytes) -> tuple:
         self._generation += 1
-        info = build_relation_info(message, self._types, self._generation, self.base_types)
-        self._relations[message.oid] = info
+        writer = RelationWriter(message, self._types, self._generation, self.base_types)
+        self._writers[message.oid] = writer
         if self.relation_columns is not None:
-            self.relation_columns[(info.schema, info.table)] = info.names
+            self.relation_columns[(writer.schema, writer.table)] = writer.names
         if self._streams:  # buffered records may still need the older versions
-            self._relation_history.setdefault(message.oid, []).append(info)
+            self._writer_history.setdefault(message.oid, []).append(writer)
         else:
-            self._relation_history[message.oid] = [info]
+            self._writer_history[message.oid] = [writer]
         return ()
 
     def _on_type(self, message: Type, wal_start: int, data: bytes) -> tuple:
@@ -2966,7 +2997,7 @@ class ChangeAssembler:
         return ()
 
     def _on_two_phase(self, message, wal_start: int, data: bytes) -> tuple:
-        name = PGOUTPUT_MESSAGE_NAMES[data[0]]
+        name = PgoutputMessage(data[0]).doc_name
         raise ProtocolError(f"unexpected two-phase message {name} (two_phase was not requested)")
 
     # ----- streamed transactions
@@ -2997,7 +3028,7 @@ class ChangeAssembler:
         relids = message.relids if message.__class__ is Truncate else (
             () if message.__class__ is Message else (message.relid,))
         for relid in relids:
-            self._relation(relid, message.__class__)
+            self._writer(relid, data)
         stream = self._stream
         stream.records.append((self._generation, message.xid, wal_start, data))
         size = len(data) + STREAM_RECORD_OVERHEAD_BYTES
@@ -3030,7 +3061,7 @@ class ChangeAssembler:
             logger.debug("Stream Abort for transaction %d, which streamed nothing here", message.xid)
             return ()
         stream.close()
-        self._prune_relation_history()
+        self._prune_writer_history()
         return ()
 
     def _on_stream_commit(self, message: StreamCommit, wal_start: int, data: bytes) -> Iterable[Chunk]:
@@ -3051,7 +3082,7 @@ class ChangeAssembler:
             for generation, subxid, wal_start, data in stream.iter_records():
                 if subxid in aborted:
                     continue
-                self._build_replayed(ctx, generation, decode_pgoutput(data, True), wal_start, events)
+                events.extend(self._replayed_events(ctx, generation, data, wal_start))
                 while len(events) >= self.chunk_events:
                     yield Chunk(events[:self.chunk_events])
                     events = events[self.chunk_events:]
@@ -3059,29 +3090,28 @@ class ChangeAssembler:
         finally:
             stream.close()
             self._replay = None
-            self._prune_relation_history()
+            self._prune_writer_history()
 
-    def _build_replayed(self, ctx: _TxnContext, generation: int, message, wal_start: int,
-                        events: list[Event]) -> None:
-        cls = message.__class__
-        if cls is Message:
-            events.append(build_message_event(ctx, message))
-        elif cls is Truncate:
-            for relid in message.relids:
-                events.append(build_truncate_event(ctx, self._relation_at(relid, generation), message, wal_start))
-        else:
-            events.append(_CHANGE_BUILDERS[cls](ctx, self._relation_at(message.relid, generation), message, wal_start))
+    def _replayed_events(self, ctx: _TxnContext, generation: int, data: bytes, wal_start: int) -> Iterable[Event]:
+        """The events of one buffered record: changes the way plain ones go (_write_change)."""
+        if data[0] in _CHANGE_OPS:
+            return (self._write_change(ctx, data, True, wal_start, generation),)
+        message = decode_pgoutput(data, True)
+        if message.__class__ is Message:
+            return (build_message_event(ctx, message),)
+        return [build_truncate_event(ctx, self._writer_at(relid, generation), message, wal_start)
+                for relid in message.relids]
 
-    def _relation_at(self, relid: int, generation: int) -> _RelationInfo:
-        """The relation as it was at cache generation `generation`."""
-        for info in reversed(self._relation_history[relid]):
-            if info.generation <= generation:
-                return info
+    def _writer_at(self, relid: int, generation: int) -> RelationWriter:
+        """The relation's writer as it was at cache generation `generation`."""
+        for writer in reversed(self._writer_history[relid]):
+            if writer.generation <= generation:
+                return writer
         raise AssertionError(f"relation {relid} at generation {generation} was pruned")
 
-    def _prune_relation_history(self) -> None:
+    def _prune_writer_history(self) -> None:
         if not self._streams:
-            self._relation_history = {oid: [info] for oid, info in self._relations.items()}
+            self._writer_history = {oid: [writer] for oid, writer in self._writers.items()}
 
 
 def _commit_time_text(timestamp_us: int, what: str) -> str:
@@ -5156,14 +5186,14 @@ class ReplicationStream:
         buffer, feed, ack, send = self.conn.buffer, self.assembler.feed, self.ack, self.send_channel.send
         delivery, unyielded = self.delivery, 0
         while True:
-            xlog = buffer.next_xlog_data()
+            xlog = buffer.next_copy_data(XLOG_DATA, XLOG_DATA_HEADER)
             if xlog is None:
                 message = buffer.next_message()
                 if message is None:
                     return
                 await self.handle_message(*message)
                 continue
-            wal_start, wal_end, payload = xlog
+            (_, wal_start, wal_end, _), payload = xlog
             if wal_end > ack.received_lsn:
                 ack.received_lsn = wal_end
             chunks = feed(wal_start, payload)
@@ -5181,10 +5211,10 @@ class ReplicationStream:
                     await trio.lowlevel.checkpoint()
 
     async def handle_message(self, tag: int, body: bytes) -> None:
-        if tag == COPY_DATA and body and body[0] == XLOG_DATA:
-            wal_start, wal_end = decode_xlog_header(body)
+        if tag == COPY_DATA and body and body[0] == XLOG_DATA:  # handle_buffered takes the well-formed ones
+            wal_start, wal_end, payload = decode_xlog_data(body)
             self.ack.received(wal_end)
-            for chunk in self.assembler.feed(wal_start, body[25:]):
+            for chunk in self.assembler.feed(wal_start, payload):
                 self.ack.queued()
                 await self.send_channel.send(chunk)
         elif tag == COPY_DATA and body and body[0] == PRIMARY_KEEPALIVE:
