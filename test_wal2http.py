@@ -2343,6 +2343,17 @@ class TestEnvelope:
         events = events_of(transaction(feed, w.Insert(None, 16400, ROW), wider, w.Insert(None, 16400, ROW + ("hi",))))
         assert "note" not in events[0]["new"] and events[1]["new"]["note"] == "hi"
 
+    def test_relation_change_mid_transaction_replaces_the_key_and_columns_of_updates_and_deletes(self, feed):
+        rekeyed = orders(columns=(w.Column(0, "id", 20, -1), w.Column(1, "status", 25, -1)))
+        events = events_of(transaction(
+            feed, w.Delete(None, 16400, "K", ("1", None, None, None, None)), rekeyed,
+            w.Update(None, 16400, None, None, ("2", "paid")), w.Delete(None, 16400, "K", (None, "paid"))))
+        assert [e["key"] for e in events] == [{"id": 1}, {"status": "paid"}, {"status": "paid"}]
+        assert events[1]["new"] == {"id": 2, "status": "paid"}
+        assert [e["old"] for e in events] == [{"id": 1}, None, {"status": "paid"}]
+        with pytest.raises(ProtocolError, match="Update message: 5 columns, but Relation public.orders has 2"):
+            feed(w.Begin(COMMIT_LSN, COMMIT_TIME, 9), w.Update(None, 16400, None, None, ROW))
+
     def test_custom_types_from_type_messages(self, feed):
         columns = (w.Column(1, "id", 23, -1), w.Column(0, "moods", 16501, -1), w.Column(0, "mood", 16500, -1))
         relations = (w.Type(None, 16500, "public", "mood"), w.Type(None, 16501, "public", "_mood"),
@@ -2537,6 +2548,26 @@ class TestStreaming:
                                               {"id": 4, "status": "b", "amount": "1.5"}]
         after = transaction(feed, w.Insert(None, 16400, ("5", "c", "2")), relations=())
         assert events_of(after)[0]["new"] == {"id": 5, "status": "c", "amount": "2"}
+
+    @pytest.mark.parametrize("spill_bytes", [16 * 2**20, 1], ids=["memory", "spilled"])
+    def test_streamed_changes_write_the_same_lines_as_plain_ones(self, spill_bytes):
+        def changes(xid):  # every op, each tuple form, unchanged TOAST, an unreadable value
+            old = ("7", None, "0.5", "[1, 2]", "infinity")
+            return (w.Insert(xid, 16400, ROW), w.Insert(xid, 16400, ("x", "a", "1", "{bad", None)),
+                    w.Update(xid, 16400, None, None, ROW), w.Update(xid, 16400, "K", ("7", None, None, None, None), ROW),
+                    w.Update(xid, 16400, "O", old, ("7", w.UNCHANGED_TOAST, "1", w.UNCHANGED_TOAST, None)),
+                    w.Delete(xid, 16400, "K", ("7", None, None, None, None)), w.Delete(xid, 16400, "O", old),
+                    w.Truncate(xid, 0, (16400,)), w.Message(xid, True, 0x4000, "m", b"x"))
+
+        plain = Feeder(w.ChangeAssembler())
+        plain(w.Begin(0x5000, COMMIT_TIME, XID), orders("f"))
+        lines = [e.line for e in events_of(plain(*changes(None), lsn=0x7000) + plain(w.Commit(0, 0x5000, 0x5030, COMMIT_TIME)))]
+        streamed = Feeder(w.ChangeAssembler(spill_bytes=spill_bytes))
+        streamed(w.StreamStart(XID, True), orders("f", xid=XID))
+        streamed(*changes(801), lsn=0x7000)
+        streamed(w.StreamStop())
+        assert [e.line for e in events_of(streamed(stream_commit(commit_lsn=0x5000)))] == lines
+        assert len(lines) == 9
 
     def test_close_removes_spill_files_of_open_streams(self, tmp_path):
         assembler = w.ChangeAssembler(spill_bytes=500, spill_dir=str(tmp_path))

@@ -1490,7 +1490,9 @@ def encode_standby_status(write_lsn: int, flush_lsn: int, apply_lsn: int, now_us
 # 6. pgoutput decoder
 # =====================================================================================================
 # Pure: bytes in, frozen dataclasses out.  Layouts from the PostgreSQL docs, "Logical Replication
-# Message Formats" (protocol.sgml).  Integers are big-endian; xids and OIDs unsigned; LSNs are
+# Message Formats" (protocol.sgml).  On the hot path the envelope's RelationWriter (section 8) reads
+# the TupleData of Insert, Update and Delete itself, with the constants below; whatever it does
+# not take comes here, which gives the exact errors.  Integers are big-endian; xids and OIDs unsigned; LSNs are
 # ints; timestamps stay raw ints (microseconds since 2000-01-01 UTC).  Inside a streamed block
 # (between Stream Start and Stream Stop) Relation, Type, Insert, Update, Delete, Truncate and
 # Message carry the (sub)transaction xid first (protocol 2+).
@@ -1739,29 +1741,12 @@ class StreamPrepare:
     gid: str
 
 
-# The generated __init__ of a frozen dataclass sets each field through object.__setattr__, which
-# costs more than decoding a column; the hot change messages are built by setting their slots
-# directly (same objects, same equality).
-_new_object = object.__new__
-_INSERT_SLOTS = (Insert.xid.__set__, Insert.relid.__set__, Insert.new.__set__)
-
-
-def _new_insert(xid, relid, new) -> Insert:
-    set_xid, set_relid, set_new = _INSERT_SLOTS
-    insert = _new_object(Insert)
-    set_xid(insert, xid)
-    set_relid(insert, relid)
-    set_new(insert, new)
-    return insert
-
-
 class _Malformed(Exception):
     """Raised inside a decoder; decode_pgoutput turns it into ProtocolError naming the message."""
 
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
-_XID_RELID = struct.Struct(">II")
 _BEGIN = struct.Struct(">QqI")            # final_lsn, commit_time, xid
 _MESSAGE = struct.Struct(">BQ")           # flags, lsn
 _COMMIT = struct.Struct(">BQQq")          # flags, commit_lsn, end_lsn, commit_time
@@ -1891,18 +1876,13 @@ def decode_type(data: bytes, in_stream: bool) -> Type:
 
 
 def decode_insert(data: bytes, in_stream: bool) -> Insert:
-    # The hottest message: the helpers are inlined.
-    if in_stream:
-        xid, relid = _XID_RELID.unpack_from(data, 1)
-        pos = 9
-    else:
-        xid, (relid,), pos = None, _U32.unpack_from(data, 1), 5
-    if data[pos] != TUPLE_NEW:
-        raise _Malformed(f"expected 'N', got {data[pos]:#04x}")
-    new, pos = _decode_tuple(data, pos + 1)
-    if pos != len(data):
-        _expect_end(data, pos)
-    return _new_insert(xid, relid, new)
+    xid, pos = _decode_xid(data, in_stream)
+    (relid,) = _U32.unpack_from(data, pos)
+    if data[pos + 4] != TUPLE_NEW:
+        raise _Malformed(f"expected 'N', got {data[pos + 4]:#04x}")
+    new, pos = _decode_tuple(data, pos + 5)
+    _expect_end(data, pos)
+    return Insert(xid, relid, new)
 
 
 def decode_update(data: bytes, in_stream: bool) -> Update:
@@ -2034,7 +2014,7 @@ def decode_pgoutput(data: bytes, in_stream: bool = False):
 # =====================================================================================================
 # 7. Type conversion
 # =====================================================================================================
-# Pure: PostgreSQL's text output of a value -> the JSON value of CONTRACT.md section 3.  The
+# Pure: PostgreSQL's text output of a value -> its JSON value (the README's "Events").  The
 # session settings (DateStyle ISO, TimeZone UTC, extra_float_digits 3, bytea_output hex) fix the
 # text forms.  A converter in TYPE_CONVERTERS may raise ValueError (or RecursionError, for very
 # deep JSON) on text PostgreSQL never prints; `convert_value` and the assembler then keep the text:
@@ -2239,7 +2219,7 @@ def _make_array_converter(element: Callable[[str], object] | None) -> Callable[[
     return convert_array
 
 
-#: Scalar type OID -> converter, for the types CONTRACT.md section 3 lists (pg_type.oid).
+#: Scalar type OID -> converter, for the types the README's "Events" lists (pg_type.oid).
 _SCALAR_CONVERTERS: dict[int, Callable[[str], object]] = {
     16: convert_bool,                                             # bool
     17: convert_bytea,                                            # bytea
@@ -2402,11 +2382,16 @@ def convert_commit_time(timestamp_us: int) -> str:
 # =====================================================================================================
 # 8. Event envelope
 # =====================================================================================================
-# Pure: decoded messages -> events (CONTRACT.md section 3), keys in the contract's order.  An event
-# is its JSON text, written directly from the column values' JSON texts (section 7): that text is
-# what every sink writes or sends, and its dict is read back from it only when needed (Hook0).
-# ChangeAssembler holds the state between messages: relation cache, type cache, the open plain
-# transaction, and the buffered streamed transactions.  Its only I/O is the spill file.
+# Pure: pgoutput messages -> events (the README's "Events"), keys in that order.  An event is its
+# JSON text, written directly from the column values' JSON texts (section 7): that text is what
+# every sink writes or sends, and its dict is read back from it only when needed (Hook0).
+# ChangeAssembler holds the state between messages: a RelationWriter per relation (made once per
+# Relation message), the type cache, the open plain transaction, and the buffered streamed
+# transactions.  Its only I/O is the spill file.  The path of a row change, the same for Insert,
+# Update and Delete, plain or streamed:
+#   ChangeAssembler.feed (plain) or _replay_stream (streamed, at its Stream Commit)
+#   -> _write_change -> the relation's RelationWriter.write: message bytes -> event JSON text
+#      (or, for what that one pass does not take, decode_pgoutput -> RelationWriter.write_decoded)
 
 #: Bytes counted per buffered streamed record on top of its message bytes (tuple, ints, list slot).
 STREAM_RECORD_OVERHEAD_BYTES = 120
@@ -2438,7 +2423,7 @@ def decode_event_line(line: str) -> dict:
 
 
 class Event(Mapping):
-    """One event.  `line` is its JSON text: compact, on one line, keys in the contract's order;
+    """One event.  `line` is its JSON text: compact, on one line, keys in the README's order;
     sinks write and send it as it is.  As a read-only mapping (or `data`), the event's value,
     decoded from `line` on first use.  Equal to an Event with the same text, and to a dict equal
     to its value."""
@@ -2632,16 +2617,16 @@ def _column_json_text(column: Column, types: Mapping[int, Type],
 # The general path (RelationWriter.write_decoded): a row is a dict {column name: JSON text of its
 # value}, in column order, without the columns whose values are unchanged TOAST (listed apart).
 
-def _convert_tuple(info: RelationWriter, values: TupleData, what: str) -> tuple[dict, list]:
+def _convert_tuple(writer: RelationWriter, values: TupleData, what: str) -> tuple[dict, list]:
     """(row without unchanged-TOAST columns, names of those columns)."""
-    if len(values) != len(info.names):
+    if len(values) != len(writer.names):
         raise ProtocolError(f"malformed pgoutput {what} message: {len(values)} columns, but Relation "
-                            f"{info.schema}.{info.table} has {len(info.names)}")
+                            f"{writer.schema}.{writer.table} has {len(writer.names)}")
     row: dict = {}
     missing: list = []
     special = values.__class__ is not tuple  # tuple: only text and NULL (see _TupleWithSpecialValues)
     try:
-        for name, convert, value in zip(info.names, info.converters, values):
+        for name, convert, value in zip(writer.names, writer.converters, values):
             if value.__class__ is str:
                 row[name] = convert(value)
             elif value is None:
@@ -2652,14 +2637,14 @@ def _convert_tuple(info: RelationWriter, values: TupleData, what: str) -> tuple[
                 raise ProtocolError(f"unexpected binary value in pgoutput {what} message "
                                     "(binary mode was not requested)")
     except _VALUE_ERRORS:
-        return _convert_tuple_safely(info, values), missing
+        return _convert_tuple_safely(writer, values), missing
     return row, missing
 
 
-def _convert_tuple_safely(info: RelationWriter, values: TupleData) -> dict:
+def _convert_tuple_safely(writer: RelationWriter, values: TupleData) -> dict:
     """The slow path after a converter failed: each value on its own, unreadable ones as strings."""
     row = {}
-    for name, convert, value in zip(info.names, info.converters, values):
+    for name, convert, value in zip(writer.names, writer.converters, values):
         if value is None:
             row[name] = "null"
         elif value.__class__ is bytes:
@@ -2672,25 +2657,25 @@ def _convert_tuple_safely(info: RelationWriter, values: TupleData) -> dict:
     return row
 
 
-def _build_key(info: RelationWriter, row: dict | None) -> dict | None:
-    names = info.key_names
+def _build_key(writer: RelationWriter, row: dict | None) -> dict | None:
+    names = writer.key_names
     if not names or row is None:
         return None
     key = {name: row[name] for name in names if name in row}
     return key or None
 
 
-def _build_old(info: RelationWriter, kind: str | None, values: TupleData | None, what: str) -> dict | None:
+def _build_old(writer: RelationWriter, kind: str | None, values: TupleData | None, what: str) -> dict | None:
     """'O': the whole old row; 'K': only the key columns (the others are null placeholders)."""
     if values is None:
         return None
-    row, _ = _convert_tuple(info, values, what)
+    row, _ = _convert_tuple(writer, values, what)
     if kind == "K":
-        return {name: row[name] for name in info.key_names if name in row}
+        return {name: row[name] for name in writer.key_names if name in row}
     return row
 
 
-def _fill_unchanged_toast(info: RelationWriter, new: dict, missing: list, old: dict | None) -> list:
+def _fill_unchanged_toast(writer: RelationWriter, new: dict, missing: list, old: dict | None) -> list:
     """Take unchanged TOAST values from the old row when it carries them; the rest stay listed.
     `new` is rebuilt in column order so filled columns keep their place."""
     if not missing or not old:
@@ -2699,14 +2684,14 @@ def _fill_unchanged_toast(info: RelationWriter, new: dict, missing: list, old: d
     if len(still_missing) < len(missing):
         filled = {**new, **{name: old[name] for name in missing if name in old}}
         new.clear()
-        new.update((name, filled[name]) for name in info.names if name in filled)
+        new.update((name, filled[name]) for name in writer.names if name in filled)
     return still_missing
 
 
-def _row_json(info: RelationWriter, row: dict | None) -> str:
+def _row_json(writer: RelationWriter, row: dict | None) -> str:
     if row is None:
         return "null"
-    members = info.members
+    members = writer.members
     return "{" + ",".join([members[name] + text for name, text in row.items()]) + "}"
 
 
@@ -2727,12 +2712,12 @@ def _change_event(ctx: _TxnContext, op: str, writer: RelationWriter, key: str, n
         wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
 
 
-def build_truncate_event(ctx: _TxnContext, info: RelationWriter, message: Truncate, wal_start: int) -> Event:
+def build_truncate_event(ctx: _TxnContext, writer: RelationWriter, message: Truncate, wal_start: int) -> Event:
     seq = ctx.seq
     ctx.seq = seq + 1
     return Event.from_dict({
-        "id": f"{ctx.commit_lsn}:{seq}", "op": "truncate", "schema": info.schema,
-        "table": info.table, "key": None, "new": None, "old": None, "unchanged_toast": [],
+        "id": f"{ctx.commit_lsn}:{seq}", "op": "truncate", "schema": writer.schema,
+        "table": writer.table, "key": None, "new": None, "old": None, "unchanged_toast": [],
         "cascade": message.cascade, "restart_identity": message.restart_identity,
         "xid": ctx.xid, "lsn": format_lsn(wal_start), "commit_lsn": ctx.commit_lsn,
         "commit_time": ctx.commit_time, "seq": seq})
