@@ -2520,8 +2520,8 @@ class RelationWriter:
     and writes the same text.
     """
 
-    __slots__ = ("relation", "schema", "table", "names", "converters", "type_oids", "key_names",
-                 "key_indexes", "generation", "head", "members", "columns")
+    __slots__ = ("generation", "schema", "table", "names", "converters", "key_indexes", "key_names",
+                 "head", "members", "columns")
 
     def __init__(self, relation: Relation, types: Mapping[int, Type], generation: int = 0,
                  base_types: Mapping[int, int] | None = None):
@@ -2529,10 +2529,9 @@ class RelationWriter:
         type): a domain over a known type converts like that type."""
         columns = relation.columns
         keys = () if relation.replica_identity == "n" else tuple(i for i, c in enumerate(columns) if c.is_key)
-        self.relation, self.generation = relation, generation
+        self.generation = generation  # the assembler's count of Relation messages when this one came
         self.schema, self.table = relation.namespace or "pg_catalog", relation.name
         self.names = tuple(c.name for c in columns)
-        self.type_oids = tuple(c.type_oid for c in columns)
         self.converters = tuple(_column_json_text(c, types, base_types) for c in columns)
         self.key_indexes, self.key_names = keys, tuple(self.names[i] for i in keys)
         self.head = f'"schema":{encode_json_string(self.schema)},"table":{encode_json_string(self.table)},'
