@@ -1261,23 +1261,23 @@ class TestReplicationFraming:
         buffer = w.MessageBuffer()
         for byte in stream[:len(w.encode_copy_data(body)) - 1]:  # nothing before the last byte
             buffer.feed(bytes([byte]))
-            assert buffer.next_copy_data(w.XLOG_DATA, w.XLOG_DATA_HEADER) is None
+            assert buffer.next_copy_data(w.XLOG_DATA_FRAME, w.XLOG_DATA) is None
         buffer.feed(stream[len(w.encode_copy_data(body)) - 1:])
-        assert buffer.next_copy_data(w.XLOG_DATA, w.XLOG_DATA_HEADER) == ((ord("w"), 100, 200, 300), b"I-payload")
-        assert buffer.next_copy_data(w.XLOG_DATA, w.XLOG_DATA_HEADER) is None  # a keepalive: left in place
+        assert buffer.next_copy_data(w.XLOG_DATA_FRAME, w.XLOG_DATA) == ((ord("d"), 4 + len(body), ord("w"), 100, 200, 300), b"I-payload")
+        assert buffer.next_copy_data(w.XLOG_DATA_FRAME, w.XLOG_DATA) is None  # a keepalive: left in place
         assert buffer.next_message() == (w.COPY_DATA, keepalive)
-        assert buffer.next_copy_data(w.XLOG_DATA, w.XLOG_DATA_HEADER) == ((ord("w"), 100, 200, 300), b"I-payload")
+        assert buffer.next_copy_data(w.XLOG_DATA_FRAME, w.XLOG_DATA) == ((ord("d"), 4 + len(body), ord("w"), 100, 200, 300), b"I-payload")
         assert buffer.pending() == 0
 
     def test_next_copy_data_leaves_a_truncated_xlog_data_header_to_next_message(self):
         short = w.encode_copy_data(struct.pack("!BQQ", ord("w"), 100, 200))  # no server clock
         buffer = w.MessageBuffer()
         buffer.feed(short + b"Z\0\0\0\x05I")
-        assert buffer.next_copy_data(w.XLOG_DATA, w.XLOG_DATA_HEADER) is None
+        assert buffer.next_copy_data(w.XLOG_DATA_FRAME, w.XLOG_DATA) is None
         tag, body = buffer.next_message()
         with pytest.raises(w.ProtocolError, match="XLogData"):
             w.decode_xlog_data(body)
-        assert buffer.next_copy_data(w.XLOG_DATA, w.XLOG_DATA_HEADER) is None
+        assert buffer.next_copy_data(w.XLOG_DATA_FRAME, w.XLOG_DATA) is None
         assert buffer.next_message() == (w.READY_FOR_QUERY, b"I")
 
     def test_keepalive(self):

@@ -1234,25 +1234,30 @@ class MessageBuffer:
         self._pos = end
         return tag, bytes(data[pos + 5:end])
 
-    def next_copy_data(self, kind: int, header: struct.Struct) -> tuple[tuple, bytes] | None:
+    def next_copy_data(self, layout: struct.Struct, kind: int) -> tuple[tuple, bytes] | None:
         """The replication hot path (one call, one copy): when the next message is a whole CopyData
-        whose content starts with the byte `kind` and holds at least `header`, take it and return
-        (the fields of `header` at its start, the bytes after it); otherwise None (next_message
-        then gives it)."""
+        whose content starts with the byte `kind` and holds the header `layout` describes (see
+        copy_data_layout), take it and return (the fields of `layout`, the bytes after them);
+        otherwise None (next_message then gives it)."""
         data, pos = self._data, self._pos
-        start = pos + 5  # after the tag and the length
-        if len(data) - start < header.size:
+        if len(data) - pos < layout.size:
             return None
-        tag, length = _HEADER.unpack_from(data, pos)
-        end = pos + 1 + length
-        if tag != _COPY_DATA or data[start] != kind or len(data) < end or length - 4 < header.size:
+        fields = layout.unpack_from(data, pos)
+        end = pos + 1 + fields[1]
+        if fields[0] != _COPY_DATA or fields[2] != kind or len(data) < end or end - pos < layout.size:
             return None
         self._pos = end
-        return header.unpack_from(data, start), bytes(data[start + header.size:end])
+        return fields, bytes(data[pos + layout.size:end])
 
     def pending(self) -> int:
         """Bytes received but not yet returned as messages."""
         return len(self._data) - self._pos
+
+
+def copy_data_layout(header: struct.Struct) -> struct.Struct:
+    """A CopyData message whose content starts with `header` (its first field the kind byte): the
+    tag, the length, then the fields of `header`.  For MessageBuffer.next_copy_data."""
+    return struct.Struct("!BI" + header.format.lstrip("!"))
 
 
 def _split_cstrings(body: bytes, what: str) -> list[str]:
@@ -1457,6 +1462,8 @@ PG_EPOCH_OFFSET_US = 946_684_800_000_000  #: 2000-01-01 minus 1970-01-01, in mic
 
 #: XLogData's header: 'w', wal_start, wal_end, server clock; the pgoutput message follows it.
 XLOG_DATA_HEADER = struct.Struct("!BQQQ")
+#: A CopyData holding XLogData, up to the pgoutput message: (tag, length, *XLOG_DATA_HEADER).
+XLOG_DATA_FRAME = copy_data_layout(XLOG_DATA_HEADER)
 _KEEPALIVE = struct.Struct("!BQQB")
 _STATUS_UPDATE = struct.Struct("!BQQQQB")
 
@@ -5169,15 +5176,16 @@ class ReplicationStream:
         """Every complete message received; XLogData (nearly all of them) on the short path."""
         buffer, feed, ack, send = self.conn.buffer, self.assembler.feed, self.ack, self.send_channel.send
         delivery, unyielded = self.delivery, 0
+        frame, kind = XLOG_DATA_FRAME, XLOG_DATA.value  # kind: a plain int, compared for every message
         while True:
-            xlog = buffer.next_copy_data(XLOG_DATA, XLOG_DATA_HEADER)
+            xlog = buffer.next_copy_data(frame, kind)
             if xlog is None:
                 message = buffer.next_message()
                 if message is None:
                     return
                 await self.handle_message(*message)
                 continue
-            (_, wal_start, wal_end, _), payload = xlog
+            (_, _, _, wal_start, wal_end, _), payload = xlog
             if wal_end > ack.received_lsn:
                 ack.received_lsn = wal_end
             chunks = feed(wal_start, payload)
