@@ -1564,13 +1564,6 @@ UNCHANGED_TOAST = _UnchangedToast()
 TupleData = tuple
 
 
-class _TupleWithSpecialValues(tuple):
-    """TupleData holding UNCHANGED_TOAST or bytes: the decoder marks such tuples by their class so
-    the assembler's fast path (plain tuple: only None and str) needs no scan.  Equal to a tuple."""
-
-    __slots__ = ()
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Begin:
     final_lsn: int
@@ -1779,14 +1772,13 @@ def _decode_string(data: bytes, pos: int) -> tuple[str, int]:
 
 
 def _decode_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
-    """TupleData at pos: (values, position after it).  The hot path: no per-byte loop."""
+    """TupleData at pos: (values, position after it)."""
     (count,) = _U16.unpack_from(data, pos)
     pos += 2
     size_of = _U32.unpack_from
     length = len(data)
     values = []
     append = values.append
-    special = False
     for _ in range(count):
         kind = data[pos]
         if kind == VALUE_TEXT:
@@ -1801,17 +1793,15 @@ def _decode_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
         elif kind == VALUE_UNCHANGED_TOAST:
             append(UNCHANGED_TOAST)
             pos += 1
-            special = True
         elif kind == VALUE_BINARY:
             start = pos + 5
             pos = start + size_of(data, pos + 1)[0]
             if pos > length:
                 raise _Malformed("truncated tuple data")
             append(data[start:pos])
-            special = True
         else:
             raise _Malformed(f"unknown tuple value kind {kind:#04x}")
-    return (_TupleWithSpecialValues(values) if special else tuple(values)), pos
+    return tuple(values), pos
 
 
 def _decode_xid(data: bytes, in_stream: bool) -> tuple[int | None, int]:
@@ -2624,43 +2614,27 @@ def _column_json_text(column: Column, types: Mapping[int, Type],
 # value}, in column order, without the columns whose values are unchanged TOAST (listed apart).
 
 def _convert_tuple(writer: RelationWriter, values: TupleData, what: str) -> tuple[dict, list]:
-    """(row without unchanged-TOAST columns, names of those columns)."""
+    """(row without unchanged-TOAST columns, names of those columns).  A value its converter
+    refuses stays a string."""
     if len(values) != len(writer.names):
         raise ProtocolError(f"malformed pgoutput {what} message: {len(values)} columns, but Relation "
                             f"{writer.schema}.{writer.table} has {len(writer.names)}")
     row: dict = {}
     missing: list = []
-    special = values.__class__ is not tuple  # tuple: only text and NULL (see _TupleWithSpecialValues)
-    try:
-        for name, convert, value in zip(writer.names, writer.converters, values):
-            if value.__class__ is str:
-                row[name] = convert(value)
-            elif value is None:
-                row[name] = "null"
-            elif special and value is UNCHANGED_TOAST:
-                missing.append(name)
-            else:
-                raise ProtocolError(f"unexpected binary value in pgoutput {what} message "
-                                    "(binary mode was not requested)")
-    except _VALUE_ERRORS:
-        return _convert_tuple_safely(writer, values), missing
-    return row, missing
-
-
-def _convert_tuple_safely(writer: RelationWriter, values: TupleData) -> dict:
-    """The slow path after a converter failed: each value on its own, unreadable ones as strings."""
-    row = {}
     for name, convert, value in zip(writer.names, writer.converters, values):
         if value is None:
             row[name] = "null"
+        elif value is UNCHANGED_TOAST:
+            missing.append(name)
         elif value.__class__ is bytes:
-            raise ProtocolError("unexpected binary value in pgoutput message (binary mode was not requested)")
-        elif value is not UNCHANGED_TOAST:
+            raise ProtocolError(f"unexpected binary value in pgoutput {what} message "
+                                "(binary mode was not requested)")
+        else:
             try:
                 row[name] = convert(value)
             except _VALUE_ERRORS:
                 row[name] = encode_json_string(value)
-    return row
+    return row, missing
 
 
 def _build_key(writer: RelationWriter, row: dict | None) -> dict | None:
