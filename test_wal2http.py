@@ -1459,12 +1459,39 @@ class TestAuthenticator:
 
 
 class TestReplicationFraming:
-    def test_xlog_header(self):
+    def test_xlog_data(self):
         data = struct.pack("!BQQQ", ord("w"), 100, 200, 300) + b"B..."
-        assert w.decode_xlog_header(data) == (100, 200)
+        assert w.decode_xlog_data(data) == (100, 200, b"B...")
+        assert w.decode_xlog_data(data[:25]) == (100, 200, b"")
         for cut in range(25):
             with pytest.raises(w.ProtocolError, match="XLogData"):
-                w.decode_xlog_header(data[:cut])
+                w.decode_xlog_data(data[:cut])
+
+    def test_next_copy_data_takes_whole_xlog_data_only(self):
+        body = struct.pack("!BQQQ", ord("w"), 100, 200, 300) + b"I-payload"
+        keepalive = struct.pack("!BQQB", ord("k"), 0x1234, 99, 1)
+        stream = w.encode_copy_data(body) + w.encode_copy_data(keepalive) + w.encode_copy_data(body)
+        buffer = w.MessageBuffer()
+        for byte in stream[:len(w.encode_copy_data(body)) - 1]:  # nothing before the last byte
+            buffer.feed(bytes([byte]))
+            assert buffer.next_copy_data(w.XLOG_DATA_FRAME, w.XLOG_DATA) is None
+        buffer.feed(stream[len(w.encode_copy_data(body)) - 1:])
+        assert buffer.next_copy_data(w.XLOG_DATA_FRAME, w.XLOG_DATA) == ((ord("d"), 4 + len(body), ord("w"), 100, 200, 300), b"I-payload")
+        assert buffer.next_copy_data(w.XLOG_DATA_FRAME, w.XLOG_DATA) is None  # a keepalive: left in place
+        assert buffer.next_message() == (w.COPY_DATA, keepalive)
+        assert buffer.next_copy_data(w.XLOG_DATA_FRAME, w.XLOG_DATA) == ((ord("d"), 4 + len(body), ord("w"), 100, 200, 300), b"I-payload")
+        assert buffer.pending() == 0
+
+    def test_next_copy_data_leaves_a_truncated_xlog_data_header_to_next_message(self):
+        short = w.encode_copy_data(struct.pack("!BQQ", ord("w"), 100, 200))  # no server clock
+        buffer = w.MessageBuffer()
+        buffer.feed(short + b"Z\0\0\0\x05I")
+        assert buffer.next_copy_data(w.XLOG_DATA_FRAME, w.XLOG_DATA) is None
+        tag, body = buffer.next_message()
+        with pytest.raises(w.ProtocolError, match="XLogData"):
+            w.decode_xlog_data(body)
+        assert buffer.next_copy_data(w.XLOG_DATA_FRAME, w.XLOG_DATA) is None
+        assert buffer.next_message() == (w.READY_FOR_QUERY, b"I")
 
     def test_keepalive(self):
         data = struct.pack("!BQQB", ord("k"), 0x1234, 99, 1)
@@ -2297,7 +2324,7 @@ class TestPgoutput:
     def test_truncated_at_every_offset(self, sample):
         message, in_stream = sample
         data = encode_pgoutput(message)
-        name = w.PGOUTPUT_MESSAGE_NAMES[data[0]]
+        name = w.PgoutputMessage(data[0]).doc_name
         for size in range(len(data)):
             if size in _valid_prefixes(message):
                 continue
@@ -2332,7 +2359,12 @@ class TestPgoutput:
             w.decode_pgoutput(data, False)
 
     def test_decoder_table_covers_every_tag(self):
-        assert set(w.PGOUTPUT_DECODERS) == set(w.PGOUTPUT_MESSAGE_NAMES) == set(b"BMCORYIUDTSEcAbPKrp")
+        assert set(w.PGOUTPUT_DECODERS) == set(w.PgoutputMessage) == set(b"BMCORYIUDTSEcAbPKrp")
+        assert {chr(tag): tag.doc_name for tag in w.PgoutputMessage} == {
+            "B": "Begin", "M": "Message", "C": "Commit", "O": "Origin", "R": "Relation", "Y": "Type",
+            "I": "Insert", "U": "Update", "D": "Delete", "T": "Truncate", "S": "Stream Start",
+            "E": "Stream Stop", "c": "Stream Commit", "A": "Stream Abort", "b": "Begin Prepare",
+            "P": "Prepare", "K": "Commit Prepared", "r": "Rollback Prepared", "p": "Stream Prepare"}
         assert w.INSERT == ord("I") and w.STREAM_COMMIT == ord("c")
 
     @pytest.mark.parametrize("data, reason", [
@@ -2669,21 +2701,45 @@ class TestEnvelope:
         ROW, ("1", None, "0.5", "[1, 2]", "infinity"), ("-7", 'q " b \\ nl \n é ✓', "NaN", '"s"', None),
         ("2147483647", "", "1", '{"a": {"b": [true, null]}}', "2026-11-27 16:25:11.5+05:30")])
     def test_fast_and_general_insert_paths_write_the_same_line(self, row):
-        info = w.build_relation_info(orders(), {})
+        writer = w.RelationWriter(orders(), {})
         data = encode_pgoutput(w.Insert(None, 16400, row))
-        fast = w.build_insert_event_fast(w._TxnContext(771, "0/16B37A0", COMMIT_TIME_TEXT), info, data, 0x20)
-        general = w.build_insert_event(w._TxnContext(771, "0/16B37A0", COMMIT_TIME_TEXT), info,
-                                       w.decode_pgoutput(data), 0x20)
-        assert fast is not None and fast.line == general.line
-        assert json.loads(fast.line) == fast.data and "\n" not in fast.line
+        fast = writer.write(w._TxnContext(771, "0/16B37A0", COMMIT_TIME_TEXT), data, 5, 0x20)
+        general = writer.write_decoded(w._TxnContext(771, "0/16B37A0", COMMIT_TIME_TEXT), w.decode_pgoutput(data), 0x20)
+        assert fast is not None
+        assert fast.line == general.line
+        assert json.loads(fast.line) == fast.data
+        assert "\n" not in fast.line
+
+    @pytest.mark.parametrize("identity", ["d", "f"])
+    @pytest.mark.parametrize("make", [
+        lambda old, new: w.Update(None, 16400, None, None, new),
+        lambda old, new: w.Update(None, 16400, "K", (old[0], None, None, None, None), new),
+        lambda old, new: w.Update(None, 16400, "O", old, new),
+        lambda old, new: w.Delete(None, 16400, "K", (old[0], None, None, None, None)),
+        lambda old, new: w.Delete(None, 16400, "O", old),
+    ], ids=["update", "update-key", "update-old", "delete-key", "delete-old"])
+    def test_fast_and_general_paths_write_the_same_update_and_delete(self, make, identity):
+        writer = w.RelationWriter(orders(identity), {})
+        message = make(("7", None, "0.5", "[1, 2]", "infinity"), ROW)
+        data = encode_pgoutput(message)
+        fast = writer.write(w._TxnContext(771, "0/16B37A0", COMMIT_TIME_TEXT), data, 5, 0x20)
+        general = writer.write_decoded(w._TxnContext(771, "0/16B37A0", COMMIT_TIME_TEXT), message, 0x20)
+        assert fast is not None
+        assert fast.line == general.line
+        assert fast["op"] == type(message).__name__.lower()
 
     def test_fast_path_declines_what_needs_the_general_path(self):
-        info = w.build_relation_info(orders(), {})
+        writer = w.RelationWriter(orders(), {})
         ctx = w._TxnContext(771, "0/16B37A0", COMMIT_TIME_TEXT)
         unreadable = encode_pgoutput(w.Insert(None, 16400, ("x", "a", "1", "{bad", None)))
-        assert w.build_insert_event_fast(ctx, info, unreadable, 0x20) is None
-        event = w.build_insert_event(ctx, info, w.decode_pgoutput(unreadable), 0x20)
+        assert writer.write(ctx, unreadable, 5, 0x20) is None
+        event = writer.write_decoded(ctx, w.decode_pgoutput(unreadable), 0x20)
         assert event["new"] == {"id": "x", "status": "a", "amount": "1", "meta": "{bad", "created": None}
+        toast = encode_pgoutput(w.Update(None, 16400, None, None, ("1", w.UNCHANGED_TOAST, "1", None, None)))
+        assert writer.write(ctx, toast, 5, 0x20) is None
+        for declined in (toast[:-1], toast + b"\0", encode_pgoutput(w.Delete(None, 16400, "K", ()))[:10]):
+            assert writer.write(ctx, declined, 5, 0x20) is None
+        assert ctx.seq == 1  # only write_decoded wrote an event
 
     def test_composite_key_on_the_fast_path(self, feed):
         columns = (w.Column(1, "a", 23, -1), w.Column(0, "v", 25, -1), w.Column(1, "b", 25, -1))
@@ -2826,6 +2882,17 @@ class TestEnvelope:
         wider = orders(columns=ORDERS_COLUMNS + (w.Column(0, "note", 25, -1),))
         events = events_of(transaction(feed, w.Insert(None, 16400, ROW), wider, w.Insert(None, 16400, ROW + ("hi",))))
         assert "note" not in events[0]["new"] and events[1]["new"]["note"] == "hi"
+
+    def test_relation_change_mid_transaction_replaces_the_key_and_columns_of_updates_and_deletes(self, feed):
+        rekeyed = orders(columns=(w.Column(0, "id", 20, -1), w.Column(1, "status", 25, -1)))
+        events = events_of(transaction(
+            feed, w.Delete(None, 16400, "K", ("1", None, None, None, None)), rekeyed,
+            w.Update(None, 16400, None, None, ("2", "paid")), w.Delete(None, 16400, "K", (None, "paid"))))
+        assert [e["key"] for e in events] == [{"id": 1}, {"status": "paid"}, {"status": "paid"}]
+        assert events[1]["new"] == {"id": 2, "status": "paid"}
+        assert [e["old"] for e in events] == [{"id": 1}, None, {"status": "paid"}]
+        with pytest.raises(ProtocolError, match="Update message: 5 columns, but Relation public.orders has 2"):
+            feed(w.Begin(COMMIT_LSN, COMMIT_TIME, 9), w.Update(None, 16400, None, None, ROW))
 
     def test_custom_types_from_type_messages(self, feed):
         columns = (w.Column(1, "id", 23, -1), w.Column(0, "moods", 16501, -1), w.Column(0, "mood", 16500, -1))
@@ -3021,6 +3088,26 @@ class TestStreaming:
                                               {"id": 4, "status": "b", "amount": "1.5"}]
         after = transaction(feed, w.Insert(None, 16400, ("5", "c", "2")), relations=())
         assert events_of(after)[0]["new"] == {"id": 5, "status": "c", "amount": "2"}
+
+    @pytest.mark.parametrize("spill_bytes", [16 * 2**20, 1], ids=["memory", "spilled"])
+    def test_streamed_changes_write_the_same_lines_as_plain_ones(self, spill_bytes):
+        def changes(xid):  # every op, each tuple form, unchanged TOAST, an unreadable value
+            old = ("7", None, "0.5", "[1, 2]", "infinity")
+            return (w.Insert(xid, 16400, ROW), w.Insert(xid, 16400, ("x", "a", "1", "{bad", None)),
+                    w.Update(xid, 16400, None, None, ROW), w.Update(xid, 16400, "K", ("7", None, None, None, None), ROW),
+                    w.Update(xid, 16400, "O", old, ("7", w.UNCHANGED_TOAST, "1", w.UNCHANGED_TOAST, None)),
+                    w.Delete(xid, 16400, "K", ("7", None, None, None, None)), w.Delete(xid, 16400, "O", old),
+                    w.Truncate(xid, 0, (16400,)), w.Message(xid, True, 0x4000, "m", b"x"))
+
+        plain = Feeder(w.ChangeAssembler())
+        plain(w.Begin(0x5000, COMMIT_TIME, XID), orders("f"))
+        lines = [e.line for e in events_of(plain(*changes(None), lsn=0x7000) + plain(w.Commit(0, 0x5000, 0x5030, COMMIT_TIME)))]
+        streamed = Feeder(w.ChangeAssembler(spill_bytes=spill_bytes))
+        streamed(w.StreamStart(XID, True), orders("f", xid=XID))
+        streamed(*changes(801), lsn=0x7000)
+        streamed(w.StreamStop())
+        assert [e.line for e in events_of(streamed(stream_commit(commit_lsn=0x5000)))] == lines
+        assert len(lines) == 9
 
     def test_close_removes_spill_files_of_open_streams(self, tmp_path):
         assembler = w.ChangeAssembler(spill_bytes=500, spill_dir=str(tmp_path))

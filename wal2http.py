@@ -50,6 +50,7 @@ import dataclasses
 import datetime
 import email.message
 import email.utils
+import enum
 import gc
 import getpass
 import glob
@@ -1204,23 +1205,38 @@ PROTOCOL_VERSION_3 = 196608  #: 3.0, the StartupMessage version
 SSL_REQUEST_CODE = 80877103  #: SSLRequest's magic "version"
 MAX_BACKEND_MESSAGE_BYTES = 1 << 30  #: the server never sends a message larger than 1 GiB
 
-# Backend message tags.
-AUTHENTICATION = ord("R")
-PARAMETER_STATUS = ord("S")
-BACKEND_KEY_DATA = ord("K")
-READY_FOR_QUERY = ord("Z")
-ERROR_RESPONSE = ord("E")
-NOTICE_RESPONSE = ord("N")
-ROW_DESCRIPTION = ord("T")
-DATA_ROW = ord("D")
-COMMAND_COMPLETE = ord("C")
-EMPTY_QUERY_RESPONSE = ord("I")
-COPY_BOTH_RESPONSE = ord("W")
-COPY_OUT_RESPONSE = ord("H")
-COPY_DATA = ord("d")
-COPY_DONE = ord("c")
-NEGOTIATE_PROTOCOL_VERSION = ord("v")
-NOTIFICATION_RESPONSE = ord("A")
+
+class _Tag(enum.IntEnum):
+    """A one-byte message tag, declared as the character the PostgreSQL docs give it.  The members
+    are ints (a received tag compares equal to them) and, through `enum.global_enum`, also module
+    constants (`COPY_DATA`), as the `re` module does with its flags."""
+
+    def __new__(cls, char: str):
+        member = int.__new__(cls, ord(char))
+        member._value_ = ord(char)
+        return member
+
+
+@enum.global_enum
+class BackendMessage(_Tag):
+    """Backend message tags ("Message Formats")."""
+
+    AUTHENTICATION = "R"
+    PARAMETER_STATUS = "S"
+    BACKEND_KEY_DATA = "K"
+    READY_FOR_QUERY = "Z"
+    ERROR_RESPONSE = "E"
+    NOTICE_RESPONSE = "N"
+    ROW_DESCRIPTION = "T"
+    DATA_ROW = "D"
+    COMMAND_COMPLETE = "C"
+    EMPTY_QUERY_RESPONSE = "I"
+    COPY_BOTH_RESPONSE = "W"
+    COPY_DATA = "d"
+    COPY_DONE = "c"
+    NEGOTIATE_PROTOCOL_VERSION = "v"
+    NOTIFICATION_RESPONSE = "A"
+
 
 # Authentication request codes (the int32 after 'R').
 AUTH_OK = 0
@@ -1234,11 +1250,7 @@ _INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
 _UINT32 = struct.Struct("!I")
 _HEADER = struct.Struct("!BI")  # tag, length (length counts itself, not the tag)
-_XLOG_FRAME_HEADER = struct.Struct("!BIBQQ")  # CopyData header + XLogData kind, wal_start, wal_end
-
-#: ErrorResponse / NoticeResponse field codes worth naming in logs.
-ERROR_FIELD_NAMES = {"S": "severity", "V": "severity", "C": "sqlstate", "M": "message", "D": "detail",
-                     "H": "hint", "P": "position", "W": "where", "F": "file", "L": "line", "R": "routine"}
+_COPY_DATA = COPY_DATA.value  # a plain int: compared for every message
 
 
 def _frame(tag: bytes, body: bytes) -> bytes:
@@ -1325,30 +1337,30 @@ class MessageBuffer:
         self._pos = end
         return tag, bytes(data[pos + 5:end])
 
-    def next_xlog_data(self) -> tuple[int, int, bytes] | None:
-        """The replication hot path: when the next message is a whole CopyData carrying XLogData,
-        take it and return (wal_start, wal_end, pgoutput message); otherwise None (use
-        next_message).  One copy of the payload, no intermediate message body."""
+    def next_copy_data(self, layout: struct.Struct, kind: int) -> tuple[tuple, bytes] | None:
+        """The replication hot path (one call, one copy): when the next message is a whole CopyData
+        whose content starts with the byte `kind` and holds the header `layout` describes (see
+        copy_data_layout), take it and return (the fields of `layout`, the bytes after them);
+        otherwise None (next_message then gives it)."""
         data, pos = self._data, self._pos
-        if len(data) - pos < _XLOG_FRAME_HEADER.size:
+        if len(data) - pos < layout.size:
             return None
-        tag, length, kind, wal_start, wal_end = _XLOG_FRAME_HEADER.unpack_from(data, pos)
-        end = pos + 1 + length
-        if tag != COPY_DATA or kind != XLOG_DATA or len(data) < end or length < 30:
+        fields = layout.unpack_from(data, pos)
+        end = pos + 1 + fields[1]
+        if fields[0] != _COPY_DATA or fields[2] != kind or len(data) < end or end - pos < layout.size:
             return None
         self._pos = end
-        return wal_start, wal_end, bytes(data[pos + 30:end])
+        return fields, bytes(data[pos + layout.size:end])
 
     def pending(self) -> int:
         """Bytes received but not yet returned as messages."""
         return len(self._data) - self._pos
 
-    def take_raw(self) -> bytes:
-        """Everything not yet parsed (used once, after SSLRequest's one-byte answer)."""
-        rest = bytes(self._data[self._pos:])
-        self._data.clear()
-        self._pos = 0
-        return rest
+
+def copy_data_layout(header: struct.Struct) -> struct.Struct:
+    """A CopyData message whose content starts with `header` (its first field the kind byte): the
+    tag, the length, then the fields of `header`.  For MessageBuffer.next_copy_data."""
+    return struct.Struct("!BI" + header.format.lstrip("!"))
 
 
 def _split_cstrings(body: bytes, what: str) -> list[str]:
@@ -1430,10 +1442,6 @@ def decode_data_row(body: bytes) -> tuple[str | None, ...]:
     if pos != len(body):
         raise ProtocolError("malformed DataRow message: trailing bytes")
     return tuple(values)
-
-
-def decode_command_complete(body: bytes) -> str:
-    return _split_cstrings(body, "CommandComplete")[0]
 
 
 def format_lsn(lsn: int) -> str:
@@ -1582,22 +1590,33 @@ class Authenticator:
 # Primary keepalive 'k' from the server, Standby status update 'r' from us.  Times are
 # microseconds since 2000-01-01 UTC.
 
-XLOG_DATA = ord("w")
-PRIMARY_KEEPALIVE = ord("k")
-STANDBY_STATUS_UPDATE = b"r"
+
+@enum.global_enum
+class ReplicationMessage(_Tag):
+    """What the first byte of a CopyData says it carries."""
+
+    XLOG_DATA = "w"
+    PRIMARY_KEEPALIVE = "k"
+    STANDBY_STATUS_UPDATE = "r"
+
+
 PG_EPOCH_OFFSET_US = 946_684_800_000_000  #: 2000-01-01 minus 1970-01-01, in microseconds
 
-_XLOG_DATA_HEADER = struct.Struct("!BQQQ")
+#: XLogData's header: 'w', wal_start, wal_end, server clock; the pgoutput message follows it.
+XLOG_DATA_HEADER = struct.Struct("!BQQQ")
+#: A CopyData holding XLogData, up to the pgoutput message: (tag, length, *XLOG_DATA_HEADER).
+XLOG_DATA_FRAME = copy_data_layout(XLOG_DATA_HEADER)
 _KEEPALIVE = struct.Struct("!BQQB")
-_STATUS_UPDATE = struct.Struct("!cQQQQB")
+_STATUS_UPDATE = struct.Struct("!BQQQQB")
 
 
-def decode_xlog_header(data: bytes) -> tuple[int, int]:
-    """XLogData: (wal_start, wal_end); the pgoutput message follows at offset 25."""
-    if len(data) < _XLOG_DATA_HEADER.size:
+def decode_xlog_data(body: bytes) -> tuple[int, int, bytes]:
+    """XLogData (a CopyData body starting with 'w'): (wal_start, wal_end, the pgoutput message)."""
+    header = XLOG_DATA_HEADER
+    if len(body) < header.size:
         raise ProtocolError("malformed XLogData message: truncated header")
-    _, wal_start, wal_end, _ = _XLOG_DATA_HEADER.unpack_from(data)
-    return wal_start, wal_end
+    _, wal_start, wal_end, _ = header.unpack_from(body)
+    return wal_start, wal_end, body[header.size:]
 
 
 def decode_keepalive(data: bytes) -> tuple[int, bool]:
@@ -1620,30 +1639,41 @@ def encode_standby_status(write_lsn: int, flush_lsn: int, apply_lsn: int, now_us
 # 6. pgoutput decoder
 # =====================================================================================================
 # Pure: bytes in, frozen dataclasses out.  Layouts from the PostgreSQL docs, "Logical Replication
-# Message Formats" (protocol.sgml).  Integers are big-endian; xids and OIDs unsigned; LSNs are
+# Message Formats" (protocol.sgml).  On the hot path the envelope's RelationWriter (section 8) reads
+# the TupleData of Insert, Update and Delete itself, with the constants below; whatever it does
+# not take comes here, which gives the exact errors.  Integers are big-endian; xids and OIDs unsigned; LSNs are
 # ints; timestamps stay raw ints (microseconds since 2000-01-01 UTC).  Inside a streamed block
 # (between Stream Start and Stream Stop) Relation, Type, Insert, Update, Delete, Truncate and
 # Message carry the (sub)transaction xid first (protocol 2+).
 
-BEGIN = ord("B")
-MESSAGE = ord("M")
-COMMIT = ord("C")
-ORIGIN = ord("O")
-RELATION = ord("R")
-TYPE = ord("Y")
-INSERT = ord("I")
-UPDATE = ord("U")
-DELETE = ord("D")
-TRUNCATE = ord("T")
-STREAM_START = ord("S")
-STREAM_STOP = ord("E")
-STREAM_COMMIT = ord("c")
-STREAM_ABORT = ord("A")
-BEGIN_PREPARE = ord("b")
-PREPARE = ord("P")
-COMMIT_PREPARED = ord("K")
-ROLLBACK_PREPARED = ord("r")
-STREAM_PREPARE = ord("p")
+@enum.global_enum
+class PgoutputMessage(_Tag):
+    """pgoutput message tags; `doc_name` is the message's name in the docs ("Stream Start")."""
+
+    BEGIN = "B"
+    MESSAGE = "M"
+    COMMIT = "C"
+    ORIGIN = "O"
+    RELATION = "R"
+    TYPE = "Y"
+    INSERT = "I"
+    UPDATE = "U"
+    DELETE = "D"
+    TRUNCATE = "T"
+    STREAM_START = "S"
+    STREAM_STOP = "E"
+    STREAM_COMMIT = "c"
+    STREAM_ABORT = "A"
+    BEGIN_PREPARE = "b"
+    PREPARE = "P"
+    COMMIT_PREPARED = "K"
+    ROLLBACK_PREPARED = "r"
+    STREAM_PREPARE = "p"
+
+    @property
+    def doc_name(self) -> str:
+        return self.name.replace("_", " ").title()
+
 
 TUPLE_NEW = ord("N")  #: Insert/Update: a new tuple follows
 TUPLE_KEY = ord("K")  #: Update/Delete: the old replica identity key follows
@@ -1674,13 +1704,6 @@ UNCHANGED_TOAST = _UnchangedToast()
 
 #: A decoded tuple: per column None ('n'), UNCHANGED_TOAST ('u'), str ('t') or bytes ('b').
 TupleData = tuple
-
-
-class _TupleWithSpecialValues(tuple):
-    """TupleData holding UNCHANGED_TOAST or bytes: the decoder marks such tuples by their class so
-    the assembler's fast path (plain tuple: only None and str) needs no scan.  Equal to a tuple."""
-
-    __slots__ = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1860,29 +1883,12 @@ class StreamPrepare:
     gid: str
 
 
-# The generated __init__ of a frozen dataclass sets each field through object.__setattr__, which
-# costs more than decoding a column; the hot change messages are built by setting their slots
-# directly (same objects, same equality).
-_new_object = object.__new__
-_INSERT_SLOTS = (Insert.xid.__set__, Insert.relid.__set__, Insert.new.__set__)
-
-
-def _new_insert(xid, relid, new) -> Insert:
-    set_xid, set_relid, set_new = _INSERT_SLOTS
-    insert = _new_object(Insert)
-    set_xid(insert, xid)
-    set_relid(insert, relid)
-    set_new(insert, new)
-    return insert
-
-
 class _Malformed(Exception):
     """Raised inside a decoder; decode_pgoutput turns it into ProtocolError naming the message."""
 
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
-_XID_RELID = struct.Struct(">II")
 _BEGIN = struct.Struct(">QqI")            # final_lsn, commit_time, xid
 _MESSAGE = struct.Struct(">BQ")           # flags, lsn
 _COMMIT = struct.Struct(">BQQq")          # flags, commit_lsn, end_lsn, commit_time
@@ -1908,14 +1914,13 @@ def _decode_string(data: bytes, pos: int) -> tuple[str, int]:
 
 
 def _decode_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
-    """TupleData at pos: (values, position after it).  The hot path: no per-byte loop."""
+    """TupleData at pos: (values, position after it)."""
     (count,) = _U16.unpack_from(data, pos)
     pos += 2
     size_of = _U32.unpack_from
     length = len(data)
     values = []
     append = values.append
-    special = False
     for _ in range(count):
         kind = data[pos]
         if kind == VALUE_TEXT:
@@ -1930,17 +1935,15 @@ def _decode_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
         elif kind == VALUE_UNCHANGED_TOAST:
             append(UNCHANGED_TOAST)
             pos += 1
-            special = True
         elif kind == VALUE_BINARY:
             start = pos + 5
             pos = start + size_of(data, pos + 1)[0]
             if pos > length:
                 raise _Malformed("truncated tuple data")
             append(data[start:pos])
-            special = True
         else:
             raise _Malformed(f"unknown tuple value kind {kind:#04x}")
-    return (_TupleWithSpecialValues(values) if special else tuple(values)), pos
+    return tuple(values), pos
 
 
 def _decode_xid(data: bytes, in_stream: bool) -> tuple[int | None, int]:
@@ -2012,18 +2015,13 @@ def decode_type(data: bytes, in_stream: bool) -> Type:
 
 
 def decode_insert(data: bytes, in_stream: bool) -> Insert:
-    # The hottest message: the helpers are inlined.
-    if in_stream:
-        xid, relid = _XID_RELID.unpack_from(data, 1)
-        pos = 9
-    else:
-        xid, (relid,), pos = None, _U32.unpack_from(data, 1), 5
-    if data[pos] != TUPLE_NEW:
-        raise _Malformed(f"expected 'N', got {data[pos]:#04x}")
-    new, pos = _decode_tuple(data, pos + 1)
-    if pos != len(data):
-        _expect_end(data, pos)
-    return _new_insert(xid, relid, new)
+    xid, pos = _decode_xid(data, in_stream)
+    (relid,) = _U32.unpack_from(data, pos)
+    if data[pos + 4] != TUPLE_NEW:
+        raise _Malformed(f"expected 'N', got {data[pos + 4]:#04x}")
+    new, pos = _decode_tuple(data, pos + 5)
+    _expect_end(data, pos)
+    return Insert(xid, relid, new)
 
 
 def decode_update(data: bytes, in_stream: bool) -> Update:
@@ -2115,25 +2113,17 @@ def decode_stream_prepare(data: bytes, in_stream: bool) -> StreamPrepare:
     return _decode_prepared(data, _PREPARE, StreamPrepare)
 
 
-#: One-byte message tag -> decoder(data, in_stream).
+#: Message tag -> decoder(data, in_stream).  Keyed by plain ints: a received tag finds its entry
+#: without an enum comparison.
 PGOUTPUT_DECODERS: dict[int, Callable[[bytes, bool], object]] = {
-    BEGIN: decode_begin, MESSAGE: decode_message, COMMIT: decode_commit, ORIGIN: decode_origin,
-    RELATION: decode_relation, TYPE: decode_type, INSERT: decode_insert, UPDATE: decode_update,
-    DELETE: decode_delete, TRUNCATE: decode_truncate, STREAM_START: decode_stream_start,
-    STREAM_STOP: decode_stream_stop, STREAM_COMMIT: decode_stream_commit,
-    STREAM_ABORT: decode_stream_abort, BEGIN_PREPARE: decode_begin_prepare, PREPARE: decode_prepare,
-    COMMIT_PREPARED: decode_commit_prepared, ROLLBACK_PREPARED: decode_rollback_prepared,
-    STREAM_PREPARE: decode_stream_prepare,
-}
-
-#: Message tag -> name in the docs, for error messages.
-PGOUTPUT_MESSAGE_NAMES: dict[int, str] = {
-    BEGIN: "Begin", MESSAGE: "Message", COMMIT: "Commit", ORIGIN: "Origin", RELATION: "Relation",
-    TYPE: "Type", INSERT: "Insert", UPDATE: "Update", DELETE: "Delete", TRUNCATE: "Truncate",
-    STREAM_START: "Stream Start", STREAM_STOP: "Stream Stop", STREAM_COMMIT: "Stream Commit",
-    STREAM_ABORT: "Stream Abort", BEGIN_PREPARE: "Begin Prepare", PREPARE: "Prepare",
-    COMMIT_PREPARED: "Commit Prepared", ROLLBACK_PREPARED: "Rollback Prepared",
-    STREAM_PREPARE: "Stream Prepare",
+    BEGIN.value: decode_begin, MESSAGE.value: decode_message, COMMIT.value: decode_commit,
+    ORIGIN.value: decode_origin, RELATION.value: decode_relation, TYPE.value: decode_type,
+    INSERT.value: decode_insert, UPDATE.value: decode_update, DELETE.value: decode_delete,
+    TRUNCATE.value: decode_truncate, STREAM_START.value: decode_stream_start,
+    STREAM_STOP.value: decode_stream_stop, STREAM_COMMIT.value: decode_stream_commit,
+    STREAM_ABORT.value: decode_stream_abort, BEGIN_PREPARE.value: decode_begin_prepare,
+    PREPARE.value: decode_prepare, COMMIT_PREPARED.value: decode_commit_prepared,
+    ROLLBACK_PREPARED.value: decode_rollback_prepared, STREAM_PREPARE.value: decode_stream_prepare,
 }
 
 
@@ -2157,13 +2147,13 @@ def decode_pgoutput(data: bytes, in_stream: bool = False):
         reason = "truncated"
     except UnicodeDecodeError:
         reason = "invalid UTF-8"
-    raise ProtocolError(f"malformed pgoutput {PGOUTPUT_MESSAGE_NAMES[data[0]]} message: {reason}")
+    raise ProtocolError(f"malformed pgoutput {PgoutputMessage(data[0]).doc_name} message: {reason}")
 
 
 # =====================================================================================================
 # 7. Type conversion
 # =====================================================================================================
-# Pure: PostgreSQL's text output of a value -> the JSON value of CONTRACT.md section 3.  The
+# Pure: PostgreSQL's text output of a value -> its JSON value (the README's "Events").  The
 # session settings (DateStyle ISO, TimeZone UTC, extra_float_digits 3, bytea_output hex) fix the
 # text forms.  A converter in TYPE_CONVERTERS may raise ValueError (or RecursionError, for very
 # deep JSON) on text PostgreSQL never prints; `convert_value` and the assembler then keep the text:
@@ -2368,7 +2358,7 @@ def _make_array_converter(element: Callable[[str], object] | None) -> Callable[[
     return convert_array
 
 
-#: Scalar type OID -> converter, for the types CONTRACT.md section 3 lists (pg_type.oid).
+#: Scalar type OID -> converter, for the types the README's "Events" lists (pg_type.oid).
 _SCALAR_CONVERTERS: dict[int, Callable[[str], object]] = {
     16: convert_bool,                                             # bool
     17: convert_bytea,                                            # bytea
@@ -2531,11 +2521,16 @@ def convert_commit_time(timestamp_us: int) -> str:
 # =====================================================================================================
 # 8. Event envelope
 # =====================================================================================================
-# Pure: decoded messages -> events (CONTRACT.md section 3), keys in the contract's order.  An event
-# is its JSON text, written directly from the column values' JSON texts (section 7): that text is
-# what every sink writes or sends, and its dict is read back from it only when needed (Hook0).
-# ChangeAssembler holds the state between messages: relation cache, type cache, the open plain
-# transaction, and the buffered streamed transactions.  Its only I/O is the spill file.
+# Pure: pgoutput messages -> events (the README's "Events"), keys in that order.  An event is its
+# JSON text, written directly from the column values' JSON texts (section 7): that text is what
+# every sink writes or sends, and its dict is read back from it only when needed (Hook0).
+# ChangeAssembler holds the state between messages: a RelationWriter per relation (made once per
+# Relation message), the type cache, the open plain transaction, and the buffered streamed
+# transactions.  Its only I/O is the spill file.  The path of a row change, the same for Insert,
+# Update and Delete, plain or streamed:
+#   ChangeAssembler.feed (plain) or _replay_stream (streamed, at its Stream Commit)
+#   -> _write_change -> the relation's RelationWriter.write: message bytes -> event JSON text
+#      (or, for what that one pass does not take, decode_pgoutput -> RelationWriter.write_decoded)
 
 #: Bytes counted per buffered streamed record on top of its message bytes (tuple, ints, list slot).
 STREAM_RECORD_OVERHEAD_BYTES = 120
@@ -2567,7 +2562,7 @@ def decode_event_line(line: str) -> dict:
 
 
 class Event(Mapping):
-    """One event.  `line` is its JSON text: compact, on one line, keys in the contract's order;
+    """One event.  `line` is its JSON text: compact, on one line, keys in the README's order;
     sinks write and send it as it is.  As a read-only mapping (or `data`), the event's value,
     decoded from `line` on first use.  Equal to an Event with the same text, and to a dict equal
     to its value."""
@@ -2635,45 +2630,6 @@ class Chunk:
 
 
 @dataclasses.dataclass(slots=True)
-class _RelationInfo:
-    """A Relation message with what building events needs, computed once."""
-
-    relation: Relation
-    schema: str
-    table: str
-    names: tuple[str, ...]
-    converters: tuple[Callable[[str], str], ...]  # per column: PostgreSQL text -> JSON text
-    type_oids: tuple[int, ...]
-    key_names: tuple[str, ...]  # empty: no key (REPLICA IDENTITY NOTHING or no flagged column)
-    key_indexes: tuple[int, ...]  # their positions among the columns
-    generation: int
-    head: str  # '"schema":...,"table":...,' in JSON
-    members: dict[str, str]  # column name -> '"name":' in JSON
-    pairs: tuple[tuple[str, Callable[[str], str]], ...]  # ('"name":', converter) per column
-
-
-def build_relation_info(relation: Relation, types: dict[int, Type], generation: int = 0,
-                        base_types: Mapping[int, int] | None = None) -> _RelationInfo:
-    """`base_types` maps a domain (and its array type) to its base type (and the base's array
-    type): a domain over a known type converts like that type."""
-    converters = []
-    for column in relation.columns:
-        custom = types.get(column.type_oid)
-        type_oid = base_types.get(column.type_oid, column.type_oid) if base_types else column.type_oid
-        converters.append(json_text_for(type_oid, custom.name if custom else None))
-    columns = relation.columns
-    keys = () if relation.replica_identity == "n" else tuple(i for i, c in enumerate(columns) if c.is_key)
-    names = tuple(c.name for c in columns)
-    schema = relation.namespace or "pg_catalog"
-    members = {name: encode_json_string(name) + ":" for name in names}
-    return _RelationInfo(relation, schema, relation.name, names, tuple(converters),
-                         tuple(c.type_oid for c in columns), tuple(names[i] for i in keys), keys,
-                         generation,
-                         f'"schema":{encode_json_string(schema)},"table":{encode_json_string(relation.name)},',
-                         members, tuple(zip(members.values(), converters)))
-
-
-@dataclasses.dataclass(slots=True)
 class _TxnContext:
     """What every event of one transaction shares, and its event counter."""
 
@@ -2690,68 +2646,158 @@ class _TxnContext:
                                f'"commit_time":{encode_json(self.commit_time)},')
 
 
-# A row is a dict {column name: JSON text of its value}, in column order, without the columns
-# whose values are unchanged TOAST (which are listed apart).
+class RelationWriter:
+    """A Relation message prepared for writing the events of its changes; the assembler makes one
+    per Relation message (a later one for the same table replaces it).
 
-def _convert_tuple(info: _RelationInfo, values: TupleData, what: str) -> tuple[dict, list]:
-    """(row without unchanged-TOAST columns, names of those columns)."""
-    if len(values) != len(info.names):
+    Every Insert, Update and Delete of the relation, plain or streamed, becomes its event's JSON
+    text through `write`: one pass over the message bytes reads each TupleData value and writes
+    it as its column's JSON member ('"name":value', through the converter of section 7), with no
+    intermediate values, rows or message object.  What that pass does not take (unchanged TOAST
+    or binary values, a value its converter refuses, malformed bytes) it leaves to
+    `write_decoded`, which works from the decoded message (decode_pgoutput, with its exact errors)
+    and writes the same text.
+    """
+
+    __slots__ = ("generation", "schema", "table", "names", "converters", "key_indexes", "key_names",
+                 "head", "members", "columns")
+
+    def __init__(self, relation: Relation, types: Mapping[int, Type], generation: int = 0,
+                 base_types: Mapping[int, int] | None = None):
+        """`base_types` maps a domain (and its array type) to its base type (and the base's array
+        type): a domain over a known type converts like that type."""
+        columns = relation.columns
+        keys = () if relation.replica_identity == "n" else tuple(i for i, c in enumerate(columns) if c.is_key)
+        self.generation = generation  # the assembler's count of Relation messages when this one came
+        self.schema, self.table = relation.namespace or "pg_catalog", relation.name
+        self.names = tuple(c.name for c in columns)
+        self.converters = tuple(_column_json_text(c, types, base_types) for c in columns)
+        self.key_indexes, self.key_names = keys, tuple(self.names[i] for i in keys)
+        self.head = f'"schema":{encode_json_string(self.schema)},"table":{encode_json_string(self.table)},'
+        self.members = {name: encode_json_string(name) + ":" for name in self.names}  # '"name":'
+        self.columns = tuple((member, convert, member + "null")
+                             for member, convert in zip(self.members.values(), self.converters))
+
+    def write(self, ctx: _TxnContext, data: bytes, pos: int, wal_start: int) -> Event | None:
+        """The event of an Insert, Update or Delete message (`data`; `pos`: just after its relid),
+        straight from its bytes; None when `write_decoded` must write it."""
+        try:
+            tag, old_kind = data[0], data[pos]
+            old = new = None
+            if tag != _INSERT and (old_kind == TUPLE_KEY or old_kind == TUPLE_OLD):
+                old, pos = self._tuple_members(data, pos + 1)
+            elif tag == _DELETE:
+                return None
+            if tag != _DELETE:
+                if data[pos] != TUPLE_NEW:
+                    return None
+                new, pos = self._tuple_members(data, pos + 1)
+        except (IndexError, struct.error, *_VALUE_ERRORS):  # UnicodeDecodeError is a ValueError
+            return None
+        if pos != len(data):
+            return None
+        keys = self.key_indexes
+        row = old if new is None else new
+        if len(keys) == 1:
+            key = "{" + row[keys[0]] + "}"
+        else:
+            key = "{" + ",".join([row[i] for i in keys]) + "}" if keys else "null"
+        if old is None:
+            old = "null"
+        elif old_kind == TUPLE_KEY:
+            old = "{" + ",".join([old[i] for i in keys]) + "}"
+        else:
+            old = "{" + ",".join(old) + "}"
+        new = "null" if new is None else "{" + ",".join(new) + "}"
+        return _change_event(ctx, _CHANGE_OPS[tag], self, key, new, old, "[]", wal_start)
+
+    def _tuple_members(self, data: bytes, pos: int) -> tuple[list[str], int]:
+        """The TupleData at `pos` as its members, and the position after it.  Raises ValueError
+        for anything but text and NULL values (IndexError or struct.error for truncated bytes)."""
+        if _U16.unpack_from(data, pos)[0] != len(self.columns):
+            raise ValueError("column count")
+        pos += 2
+        members: list[str] = []
+        append, size_of = members.append, _U32.unpack_from
+        for member, convert, null in self.columns:
+            kind = data[pos]
+            if kind == VALUE_TEXT:
+                start = pos + 5
+                pos = start + size_of(data, pos + 1)[0]
+                append(member + convert(data[start:pos].decode()))
+            elif kind == VALUE_NULL:
+                append(null)
+                pos += 1
+            else:
+                raise ValueError("not a text or NULL value")
+        return members, pos
+
+    def write_decoded(self, ctx: _TxnContext, message: Insert | Update | Delete, wal_start: int) -> Event:
+        """The event of a decoded change, whatever its values (see the class comment)."""
+        cls = message.__class__
+        what = cls.__name__
+        new, missing = (None, []) if cls is Delete else _convert_tuple(self, message.new, what)
+        old = None if cls is Insert else _build_old(self, message.old_kind, message.old, what)
+        if cls is Update:
+            missing = _fill_unchanged_toast(self, new, missing, old)
+        key = _build_key(self, old if cls is Delete else new)
+        return _change_event(ctx, what.lower(), self, _row_json(self, key), _row_json(self, new),
+                             _row_json(self, old), encode_json(missing) if missing else "[]", wal_start)
+
+
+def _column_json_text(column: Column, types: Mapping[int, Type],
+                      base_types: Mapping[int, int] | None) -> Callable[[str], str]:
+    custom = types.get(column.type_oid)
+    type_oid = base_types.get(column.type_oid, column.type_oid) if base_types else column.type_oid
+    return json_text_for(type_oid, custom.name if custom else None)
+
+
+# The general path (RelationWriter.write_decoded): a row is a dict {column name: JSON text of its
+# value}, in column order, without the columns whose values are unchanged TOAST (listed apart).
+
+def _convert_tuple(writer: RelationWriter, values: TupleData, what: str) -> tuple[dict, list]:
+    """(row without unchanged-TOAST columns, names of those columns).  A value its converter
+    refuses stays a string."""
+    if len(values) != len(writer.names):
         raise ProtocolError(f"malformed pgoutput {what} message: {len(values)} columns, but Relation "
-                            f"{info.schema}.{info.table} has {len(info.names)}")
+                            f"{writer.schema}.{writer.table} has {len(writer.names)}")
     row: dict = {}
     missing: list = []
-    special = values.__class__ is not tuple  # tuple: only text and NULL (see _TupleWithSpecialValues)
-    try:
-        for name, convert, value in zip(info.names, info.converters, values):
-            if value.__class__ is str:
-                row[name] = convert(value)
-            elif value is None:
-                row[name] = "null"
-            elif special and value is UNCHANGED_TOAST:
-                missing.append(name)
-            else:
-                raise ProtocolError(f"unexpected binary value in pgoutput {what} message "
-                                    "(binary mode was not requested)")
-    except _VALUE_ERRORS:
-        return _convert_tuple_safely(info, values), missing
-    return row, missing
-
-
-def _convert_tuple_safely(info: _RelationInfo, values: TupleData) -> dict:
-    """The slow path after a converter failed: each value on its own, unreadable ones as strings."""
-    row = {}
-    for name, convert, value in zip(info.names, info.converters, values):
+    for name, convert, value in zip(writer.names, writer.converters, values):
         if value is None:
             row[name] = "null"
+        elif value is UNCHANGED_TOAST:
+            missing.append(name)
         elif value.__class__ is bytes:
-            raise ProtocolError("unexpected binary value in pgoutput message (binary mode was not requested)")
-        elif value is not UNCHANGED_TOAST:
+            raise ProtocolError(f"unexpected binary value in pgoutput {what} message "
+                                "(binary mode was not requested)")
+        else:
             try:
                 row[name] = convert(value)
             except _VALUE_ERRORS:
                 row[name] = encode_json_string(value)
-    return row
+    return row, missing
 
 
-def _build_key(info: _RelationInfo, row: dict | None) -> dict | None:
-    names = info.key_names
+def _build_key(writer: RelationWriter, row: dict | None) -> dict | None:
+    names = writer.key_names
     if not names or row is None:
         return None
     key = {name: row[name] for name in names if name in row}
     return key or None
 
 
-def _build_old(info: _RelationInfo, kind: str | None, values: TupleData | None, what: str) -> dict | None:
+def _build_old(writer: RelationWriter, kind: str | None, values: TupleData | None, what: str) -> dict | None:
     """'O': the whole old row; 'K': only the key columns (the others are null placeholders)."""
     if values is None:
         return None
-    row, _ = _convert_tuple(info, values, what)
+    row, _ = _convert_tuple(writer, values, what)
     if kind == "K":
-        return {name: row[name] for name in info.key_names if name in row}
+        return {name: row[name] for name in writer.key_names if name in row}
     return row
 
 
-def _fill_unchanged_toast(info: _RelationInfo, new: dict, missing: list, old: dict | None) -> list:
+def _fill_unchanged_toast(writer: RelationWriter, new: dict, missing: list, old: dict | None) -> list:
     """Take unchanged TOAST values from the old row when it carries them; the rest stay listed.
     `new` is rebuilt in column order so filled columns keep their place."""
     if not missing or not old:
@@ -2760,94 +2806,40 @@ def _fill_unchanged_toast(info: _RelationInfo, new: dict, missing: list, old: di
     if len(still_missing) < len(missing):
         filled = {**new, **{name: old[name] for name in missing if name in old}}
         new.clear()
-        new.update((name, filled[name]) for name in info.names if name in filled)
+        new.update((name, filled[name]) for name in writer.names if name in filled)
     return still_missing
 
 
-def _row_json(info: _RelationInfo, row: dict | None) -> str:
+def _row_json(writer: RelationWriter, row: dict | None) -> str:
     if row is None:
         return "null"
-    members = info.members
+    members = writer.members
     return "{" + ",".join([members[name] + text for name, text in row.items()]) + "}"
 
 
 _CHANGE_LINE = ('{"id":"%s:%d","op":"%s",%s"key":%s,"new":%s,"old":%s,"unchanged_toast":%s,%s'
                 '"lsn":"%X/%X",%s"seq":%d}')
-_INSERT_LINE = ('{"id":"%s:%d","op":"insert",%s"key":%s,"new":{%s},"old":null,"unchanged_toast":[],%s'
-                '"lsn":"%X/%X",%s"seq":%d}')
+_CHANGE_OPS = {INSERT.value: "insert", UPDATE.value: "update", DELETE.value: "delete"}
+_INSERT, _DELETE = INSERT.value, DELETE.value  # plain ints: compared for every change
 
 
-def _change_event(ctx: _TxnContext, op: str, info: _RelationInfo, key: dict | None, new: dict | None,
-                  old: dict | None, toast: list, wal_start: int) -> Event:
+def _change_event(ctx: _TxnContext, op: str, writer: RelationWriter, key: str, new: str, old: str,
+                  toast: str, wal_start: int) -> Event:
+    """The event of a row change, from the JSON texts of its key, new and old rows and unchanged
+    TOAST column names."""
     seq = ctx.seq
     ctx.seq = seq + 1
     return Event(_CHANGE_LINE % (
-        ctx.commit_lsn, seq, op, info.head, _row_json(info, key), _row_json(info, new),
-        _row_json(info, old), encode_json(toast) if toast else "[]", ctx.xid_member,
+        ctx.commit_lsn, seq, op, writer.head, key, new, old, toast, ctx.xid_member,
         wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
 
 
-def build_insert_event(ctx: _TxnContext, info: _RelationInfo, message: Insert, wal_start: int) -> Event:
-    new, missing = _convert_tuple(info, message.new, "Insert")
-    return _change_event(ctx, "insert", info, _build_key(info, new), new, None, missing, wal_start)
-
-
-def build_insert_event_fast(ctx: _TxnContext, info: _RelationInfo, data: bytes, wal_start: int) -> Event | None:
-    """The hot path of a plain Insert, straight from its bytes to its JSON text: decoding and
-    converting fused in one loop, no intermediate message or dict.  Anything unusual (unchanged
-    TOAST or binary values, a value its converter refuses, malformed bytes) returns None: then the
-    general path (decode_pgoutput + build_insert_event) handles the message, with its exact
-    errors.  Both paths give the same text."""
-    members: list = []  # '"name":value' per column
-    append = members.append
-    try:
-        if data[5] != TUPLE_NEW or _U16.unpack_from(data, 6)[0] != len(info.names):
-            return None
-        pos, size_of = 8, _U32.unpack_from
-        for member, convert in info.pairs:
-            kind = data[pos]
-            if kind == VALUE_TEXT:
-                start = pos + 5
-                pos = start + size_of(data, pos + 1)[0]
-                append(member + convert(data[start:pos].decode()))
-            elif kind == VALUE_NULL:
-                append(member + "null")
-                pos += 1
-            else:
-                return None
-        if pos != len(data):
-            return None
-    except (IndexError, struct.error, UnicodeDecodeError, *_VALUE_ERRORS):
-        return None
-    keys = info.key_indexes
-    if len(keys) == 1:
-        key = "{" + members[keys[0]] + "}"
-    else:
-        key = "{" + ",".join([members[i] for i in keys]) + "}" if keys else "null"
-    seq = ctx.seq
-    ctx.seq = seq + 1
-    return Event(_INSERT_LINE % (ctx.commit_lsn, seq, info.head, key, ",".join(members), ctx.xid_member,
-                                 wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
-
-
-def build_update_event(ctx: _TxnContext, info: _RelationInfo, message: Update, wal_start: int) -> Event:
-    new, missing = _convert_tuple(info, message.new, "Update")
-    old = _build_old(info, message.old_kind, message.old, "Update")
-    missing = _fill_unchanged_toast(info, new, missing, old)
-    return _change_event(ctx, "update", info, _build_key(info, new), new, old, missing, wal_start)
-
-
-def build_delete_event(ctx: _TxnContext, info: _RelationInfo, message: Delete, wal_start: int) -> Event:
-    old = _build_old(info, message.old_kind, message.old, "Delete")
-    return _change_event(ctx, "delete", info, _build_key(info, old), None, old, [], wal_start)
-
-
-def build_truncate_event(ctx: _TxnContext, info: _RelationInfo, message: Truncate, wal_start: int) -> Event:
+def build_truncate_event(ctx: _TxnContext, writer: RelationWriter, message: Truncate, wal_start: int) -> Event:
     seq = ctx.seq
     ctx.seq = seq + 1
     return Event.from_dict({
-        "id": f"{ctx.commit_lsn}:{seq}", "op": "truncate", "schema": info.schema,
-        "table": info.table, "key": None, "new": None, "old": None, "unchanged_toast": [],
+        "id": f"{ctx.commit_lsn}:{seq}", "op": "truncate", "schema": writer.schema,
+        "table": writer.table, "key": None, "new": None, "old": None, "unchanged_toast": [],
         "cascade": message.cascade, "restart_identity": message.restart_identity,
         "xid": ctx.xid, "lsn": format_lsn(wal_start), "commit_lsn": ctx.commit_lsn,
         "commit_time": ctx.commit_time, "seq": seq})
@@ -2872,11 +2864,6 @@ def build_message_event(ctx: _TxnContext | None, message: Message) -> Event:
     event.update(transactional=message.transactional, xid=xid, lsn=lsn, commit_lsn=commit_lsn,
                  commit_time=commit_time, seq=seq)
     return Event.from_dict(event)
-
-
-_CHANGE_BUILDERS = {Insert: build_insert_event, Update: build_update_event, Delete: build_delete_event}
-_MESSAGE_NAMES = {Insert: "Insert", Update: "Update", Delete: "Delete", Truncate: "Truncate",
-                  Message: "Message"}
 
 
 class _StreamBuffer:
@@ -2962,9 +2949,9 @@ class ChangeAssembler:
         self.spill_bytes = spill_bytes
         self.spill_dir = spill_dir
         self.relation_columns = relation_columns  # when given: (schema, table) -> column names
-        self.base_types: dict[int, int] = {}  # domain type -> base type (see build_relation_info)
-        self._relations: dict[int, _RelationInfo] = {}
-        self._relation_history: dict[int, list[_RelationInfo]] = {}  # kept while streams are open
+        self.base_types: dict[int, int] = {}  # domain type -> base type (see RelationWriter)
+        self._writers: dict[int, RelationWriter] = {}  # relation oid -> its writer
+        self._writer_history: dict[int, list[RelationWriter]] = {}  # kept while streams are open
         self._generation = 0
         self._types: dict[int, Type] = {}
         self._txn: _TxnContext | None = None
@@ -3006,13 +2993,10 @@ class ChangeAssembler:
             raise RuntimeError("consume the chunks of a Stream Commit before feeding more messages")
         if not data:
             raise ProtocolError("malformed XLogData message: no pgoutput message in it")
-        if data[0] == INSERT and self._txn is not None and self._stream is None and len(data) >= 5:
-            info = self._relations.get(_U32.unpack_from(data, 1)[0])
-            event = build_insert_event_fast(self._txn, info, data, wal_start) if info else None
-            if event is not None:  # the hot path: a plain Insert
-                pending = self._pending
-                pending.append(event)
-                return () if len(pending) < self.chunk_events else self._flush_full()
+        if data[0] in _CHANGE_OPS and self._txn is not None and self._stream is None:
+            pending = self._pending  # the hot path: a plain Insert, Update or Delete
+            pending.append(self._write_change(self._txn, data, False, wal_start))
+            return () if len(pending) < self.chunk_events else self._flush_full()
         message = decode_pgoutput(data, self._stream is not None)
         return self._handlers[message.__class__](message, wal_start, data)
 
@@ -3048,19 +3032,31 @@ class ChangeAssembler:
         return (chunk,)
 
     def _on_change(self, message, wal_start: int, data: bytes) -> tuple:
+        """Insert, Update and Delete outside a transaction (feed writes them inside one), Truncate."""
         if self._stream is not None:
             return self._buffer(message, wal_start, data)
         if self._txn is None:
-            raise ProtocolError(f"unexpected pgoutput {_MESSAGE_NAMES[message.__class__]} message "
+            raise ProtocolError(f"unexpected pgoutput {PgoutputMessage(data[0]).doc_name} message "
                                 "outside a transaction")
-        pending = self._pending
-        if message.__class__ is Truncate:
-            for relid in message.relids:
-                pending.append(build_truncate_event(self._txn, self._relation(relid, Truncate), message, wal_start))
-        else:
-            info = self._relation(message.relid, message.__class__)
-            pending.append(_CHANGE_BUILDERS[message.__class__](self._txn, info, message, wal_start))
+        for relid in message.relids:
+            self._pending.append(build_truncate_event(self._txn, self._writer(relid, data), message, wal_start))
         return self._flush_full()
+
+    def _write_change(self, ctx: _TxnContext, data: bytes, in_stream: bool, wal_start: int,
+                      generation: int | None = None) -> Event:
+        """The event of an Insert, Update or Delete message: plain ones as they come, streamed
+        ones at their Stream Commit (with the relation as it was at cache generation `generation`)."""
+        pos = 5 if in_stream else 1  # the relid, after the tag and in a stream the xid
+        if len(data) > pos + 4:
+            (relid,) = _U32.unpack_from(data, pos)
+            writer = self._writers.get(relid) if generation is None else self._writer_at(relid, generation)
+            event = writer.write(ctx, data, pos + 4, wal_start) if writer is not None else None
+            if event is not None:
+                return event
+        message = decode_pgoutput(data, in_stream)
+        if generation is None:
+            return self._writer(message.relid, data).write_decoded(ctx, message, wal_start)
+        return self._writer_at(message.relid, generation).write_decoded(ctx, message, wal_start)
 
     def _flush_full(self) -> tuple:
         if len(self._pending) < self.chunk_events:
@@ -3081,23 +3077,23 @@ class ChangeAssembler:
         self._pending.append(build_message_event(self._txn, message))
         return self._flush_full()
 
-    def _relation(self, relid: int, cls: type) -> _RelationInfo:
+    def _writer(self, relid: int, data: bytes) -> RelationWriter:
         try:
-            return self._relations[relid]
+            return self._writers[relid]
         except KeyError:
-            raise ProtocolError(f"malformed pgoutput {_MESSAGE_NAMES[cls]} message: unknown relation {relid} "
-                                "(no Relation message before it)") from None
+            raise ProtocolError(f"malformed pgoutput {PgoutputMessage(data[0]).doc_name} message: unknown "
+                                f"relation {relid} (no Relation message before it)") from None
 
     def _on_relation(self, message: Relation, wal_start: int, data: bytes) -> tuple:
         self._generation += 1
-        info = build_relation_info(message, self._types, self._generation, self.base_types)
-        self._relations[message.oid] = info
+        writer = RelationWriter(message, self._types, self._generation, self.base_types)
+        self._writers[message.oid] = writer
         if self.relation_columns is not None:
-            self.relation_columns[(info.schema, info.table)] = info.names
+            self.relation_columns[(writer.schema, writer.table)] = writer.names
         if self._streams:  # buffered records may still need the older versions
-            self._relation_history.setdefault(message.oid, []).append(info)
+            self._writer_history.setdefault(message.oid, []).append(writer)
         else:
-            self._relation_history[message.oid] = [info]
+            self._writer_history[message.oid] = [writer]
         return ()
 
     def _on_type(self, message: Type, wal_start: int, data: bytes) -> tuple:
@@ -3108,7 +3104,7 @@ class ChangeAssembler:
         return ()
 
     def _on_two_phase(self, message, wal_start: int, data: bytes) -> tuple:
-        name = PGOUTPUT_MESSAGE_NAMES[data[0]]
+        name = PgoutputMessage(data[0]).doc_name
         raise ProtocolError(f"unexpected two-phase message {name} (two_phase was not requested)")
 
     # ----- streamed transactions
@@ -3139,7 +3135,7 @@ class ChangeAssembler:
         relids = message.relids if message.__class__ is Truncate else (
             () if message.__class__ is Message else (message.relid,))
         for relid in relids:
-            self._relation(relid, message.__class__)
+            self._writer(relid, data)
         stream = self._stream
         stream.records.append((self._generation, message.xid, wal_start, data))
         size = len(data) + STREAM_RECORD_OVERHEAD_BYTES
@@ -3172,7 +3168,7 @@ class ChangeAssembler:
             logger.debug("Stream Abort for transaction %d, which streamed nothing here", message.xid)
             return ()
         stream.close()
-        self._prune_relation_history()
+        self._prune_writer_history()
         return ()
 
     def _on_stream_commit(self, message: StreamCommit, wal_start: int, data: bytes) -> Iterable[Chunk]:
@@ -3193,7 +3189,7 @@ class ChangeAssembler:
             for generation, subxid, wal_start, data in stream.iter_records():
                 if subxid in aborted:
                     continue
-                self._build_replayed(ctx, generation, decode_pgoutput(data, True), wal_start, events)
+                events.extend(self._replayed_events(ctx, generation, data, wal_start))
                 while len(events) >= self.chunk_events:
                     yield Chunk(events[:self.chunk_events])
                     events = events[self.chunk_events:]
@@ -3201,29 +3197,28 @@ class ChangeAssembler:
         finally:
             stream.close()
             self._replay = None
-            self._prune_relation_history()
+            self._prune_writer_history()
 
-    def _build_replayed(self, ctx: _TxnContext, generation: int, message, wal_start: int,
-                        events: list[Event]) -> None:
-        cls = message.__class__
-        if cls is Message:
-            events.append(build_message_event(ctx, message))
-        elif cls is Truncate:
-            for relid in message.relids:
-                events.append(build_truncate_event(ctx, self._relation_at(relid, generation), message, wal_start))
-        else:
-            events.append(_CHANGE_BUILDERS[cls](ctx, self._relation_at(message.relid, generation), message, wal_start))
+    def _replayed_events(self, ctx: _TxnContext, generation: int, data: bytes, wal_start: int) -> Iterable[Event]:
+        """The events of one buffered record: changes the way plain ones go (_write_change)."""
+        if data[0] in _CHANGE_OPS:
+            return (self._write_change(ctx, data, True, wal_start, generation),)
+        message = decode_pgoutput(data, True)
+        if message.__class__ is Message:
+            return (build_message_event(ctx, message),)
+        return [build_truncate_event(ctx, self._writer_at(relid, generation), message, wal_start)
+                for relid in message.relids]
 
-    def _relation_at(self, relid: int, generation: int) -> _RelationInfo:
-        """The relation as it was at cache generation `generation`."""
-        for info in reversed(self._relation_history[relid]):
-            if info.generation <= generation:
-                return info
+    def _writer_at(self, relid: int, generation: int) -> RelationWriter:
+        """The relation's writer as it was at cache generation `generation`."""
+        for writer in reversed(self._writer_history[relid]):
+            if writer.generation <= generation:
+                return writer
         raise AssertionError(f"relation {relid} at generation {generation} was pruned")
 
-    def _prune_relation_history(self) -> None:
+    def _prune_writer_history(self) -> None:
         if not self._streams:
-            self._relation_history = {oid: [info] for oid, info in self._relations.items()}
+            self._writer_history = {oid: [writer] for oid, writer in self._writers.items()}
 
 
 def _commit_time_text(timestamp_us: int, what: str) -> str:
@@ -5507,15 +5502,16 @@ class ReplicationStream:
         """Every complete message received; XLogData (nearly all of them) on the short path."""
         buffer, feed, ack, send = self.conn.buffer, self.assembler.feed, self.ack, self.send_channel.send
         delivery, unyielded = self.delivery, 0
+        frame, kind = XLOG_DATA_FRAME, XLOG_DATA.value  # kind: a plain int, compared for every message
         while True:
-            xlog = buffer.next_xlog_data()
+            xlog = buffer.next_copy_data(frame, kind)
             if xlog is None:
                 message = buffer.next_message()
                 if message is None:
                     return
                 await self.handle_message(*message)
                 continue
-            wal_start, wal_end, payload = xlog
+            (_, _, _, wal_start, wal_end, _), payload = xlog
             if wal_end > ack.received_lsn:
                 ack.received_lsn = wal_end
             chunks = feed(wal_start, payload)
@@ -5533,10 +5529,10 @@ class ReplicationStream:
                     await trio.lowlevel.checkpoint()
 
     async def handle_message(self, tag: int, body: bytes) -> None:
-        if tag == COPY_DATA and body and body[0] == XLOG_DATA:
-            wal_start, wal_end = decode_xlog_header(body)
+        if tag == COPY_DATA and body and body[0] == XLOG_DATA:  # handle_buffered takes the well-formed ones
+            wal_start, wal_end, payload = decode_xlog_data(body)
             self.ack.received(wal_end)
-            for chunk in self.assembler.feed(wal_start, body[25:]):
+            for chunk in self.assembler.feed(wal_start, payload):
                 self.ack.queued()
                 await self.send_channel.send(chunk)
         elif tag == COPY_DATA and body and body[0] == PRIMARY_KEEPALIVE:
