@@ -232,6 +232,20 @@ def _removed(pg: PgCluster) -> None:
 # =====================================================================================================
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): tests pytest-xdist runs in one worker")
+
+
+def pytest_collection_modifyitems(items):
+    """With pytest-xdist (`-n N --dist loadgroup`), one worker runs all the tests of a version, so
+    each version's cluster is started once and the versions run side by side."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        for name in ("cluster", "old_cluster"):
+            if name in params:
+                item.add_marker(pytest.mark.xdist_group(f"pg{params[name]}"))
+
+
 @pytest.fixture(scope="session", params=[m for m in tested_majors() if m >= 14], ids=lambda m: f"pg{m}")
 def cluster(request):
     """The cluster of one supported version: every test using it runs once per version (pytest
