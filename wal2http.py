@@ -5552,8 +5552,9 @@ async def _check_sink(config) -> None:
 
 
 async def _check_database(conn: PgConnection, config, results: list) -> None:
+    version = (conn.parameters.get("server_version") or "?").split()[0]
     checks = [
-        (f"server version {(conn.parameters.get('server_version') or '?').split()[0]}", _check_server_version(conn)),
+        (f"server version {version}", _check_server_version(conn)),
         ("wal_level", check_wal_level(conn)),
         ("replication privilege", _check_privilege(conn)),
         (f"publication {','.join(config.publications)}", check_publications(conn, config.publications)),
