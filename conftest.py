@@ -212,6 +212,7 @@ host all all 127.0.0.1/32 scram-sha-256
 
 
 def _started_cluster(major: int):
+    require_pg_bin(major)  # before making a directory it would leave behind
     root = tempfile.mkdtemp(prefix=f"wal2http-test-pg{major}-")
     pg = PgCluster(root, major)
     try:
