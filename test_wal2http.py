@@ -1,9 +1,9 @@
 """Tests of wal2http.py: pure parts with bytes, everything PostgreSQL does against a real server.
 
-The PostgreSQL tests start a throwaway cluster (initdb, wal_level=logical, TLS with a test CA,
-SCRAM and MD5 password users) on a free port of 127.0.0.1, run as the unprivileged `postgres`
-user when the tests run as root.  Without PostgreSQL server binaries they fail with a message
-saying how to install them; they never skip.
+The PostgreSQL tests run against a throwaway cluster of each supported version (ids `[pg14]` ...
+`[pg18]`): the harness, which versions and where their binaries come from, is in conftest.py.
+Without a version's server binaries its tests fail with a message saying how to get them; they
+never skip.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ import datetime
 import email
 import email.policy
 import functools
-import glob
 import hashlib
 import hmac
 import itertools
 import json
 import logging
 import os
-import pwd
 import random
 import re
 import shutil
@@ -48,164 +46,10 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
 import wal2http as w
+from conftest import MD5_PASSWORD, SCRAM_PASSWORD, PgCluster, find_psql, free_port
 from wal2http import ProtocolError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRAM_PASSWORD = "sCr4m p@ss'word"
-MD5_PASSWORD = "md5-secret-pw"
-
-
-# =====================================================================================================
-# PostgreSQL cluster harness
-# =====================================================================================================
-
-
-def find_pg_bin() -> str:
-    """The directory of initdb/pg_ctl: PATH first, then Debian's /usr/lib/postgresql/*/bin."""
-    found = shutil.which("initdb")
-    if found:
-        return os.path.dirname(os.path.realpath(found))
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                        key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
-    if candidates:
-        return os.path.dirname(candidates[-1])
-    pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) not found: install them, e.g. "
-                "`apt-get install postgresql`, or run `bash .ci/run`", pytrace=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PgCluster:
-    """A throwaway PostgreSQL cluster run as an unprivileged user."""
-
-    def __init__(self, root: str):
-        self.bin = find_pg_bin()
-        self.root = root
-        self.data = os.path.join(root, "data")
-        self.socket_dir = os.path.join(root, "sock")
-        self.port = free_port()
-        self.ca_file = os.path.join(root, "ca.pem")
-        self.run_as = None
-        if os.geteuid() == 0:
-            self.run_as = pwd.getpwnam("postgres")
-
-    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        kwargs = {}
-        if self.run_as:
-            kwargs = dict(user=self.run_as.pw_uid, group=self.run_as.pw_gid, extra_groups=[])
-        return subprocess.run([os.path.join(self.bin, args[0]), *args[1:]], check=check,
-                              capture_output=True, text=True, cwd=self.root, **kwargs)
-
-    def _chown(self, path: str) -> None:
-        if self.run_as:
-            os.chown(path, self.run_as.pw_uid, self.run_as.pw_gid)
-
-    def init(self) -> None:
-        import trustme
-        os.makedirs(self.socket_dir)
-        os.chmod(self.root, 0o755)
-        for path in (self.root, self.socket_dir):
-            self._chown(path)
-        self._run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                  "--locale=C", "--no-sync")
-        ca = trustme.CA()
-        cert = ca.issue_cert("localhost", "127.0.0.1")
-        ca.cert_pem.write_to_path(self.ca_file)
-        cert.private_key_and_cert_chain_pem.write_to_path(os.path.join(self.data, "server.pem"))
-        for name in ("server.pem",):
-            path = os.path.join(self.data, name)
-            os.chmod(path, 0o600)
-            self._chown(path)
-        with open(os.path.join(self.data, "postgresql.conf"), "a") as conf:
-            conf.write(f"""
-port = {self.port}
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '{self.socket_dir}'
-wal_level = logical
-max_replication_slots = 200
-max_wal_senders = 50
-max_connections = 200
-fsync = off
-synchronous_commit = off
-full_page_writes = off
-ssl = on
-ssl_cert_file = 'server.pem'
-ssl_key_file = 'server.pem'
-logical_decoding_work_mem = 64kB
-wal_sender_timeout = 60s
-""")
-        with open(os.path.join(self.data, "pg_hba.conf"), "w") as hba:
-            hba.write("""
-local all all trust
-host all postgres 127.0.0.1/32 trust
-host all scram_user 127.0.0.1/32 scram-sha-256
-host all md5_user 127.0.0.1/32 md5
-host all norepl_user 127.0.0.1/32 trust
-host all all 127.0.0.1/32 scram-sha-256
-""")
-        self.start()
-        self.psql("postgres", f"""
-            SET password_encryption = 'scram-sha-256';
-            CREATE ROLE scram_user LOGIN REPLICATION SUPERUSER PASSWORD {w.quote_literal(SCRAM_PASSWORD)};
-            SET password_encryption = 'md5';
-            CREATE ROLE md5_user LOGIN REPLICATION SUPERUSER PASSWORD {w.quote_literal(MD5_PASSWORD)};
-            CREATE ROLE norepl_user LOGIN;
-        """)
-
-    def start(self, if_stopped: bool = False) -> None:
-        """pg_ctl start; with if_stopped, nothing when the server already runs."""
-        if if_stopped and self._run("pg_ctl", "-D", self.data, "status", check=False).returncode == 0:
-            return
-        self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.root, "log"), "-w", "-t", "60", "start")
-
-    def stop(self, mode: str = "fast") -> None:
-        self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "stop", check=False)
-
-    def restart(self) -> None:
-        self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.root, "log"), "-m", "fast",
-                  "-w", "-t", "60", "restart")
-
-    def psql(self, dbname: str, sql: str) -> str:
-        psql = os.path.join(self.bin, "psql")
-        out = subprocess.run([psql, "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", self.socket_dir,
-                              "-p", str(self.port), "-U", "postgres", "-d", dbname, "-c", sql],
-                             check=True, capture_output=True, text=True)
-        return out.stdout
-
-    def url(self, dbname: str, user: str = "postgres", password: str | None = None, **params) -> str:
-        auth = user if password is None else f"{user}:{password}"
-        query = "&".join(f"{k}={v}" for k, v in {"sslmode": "disable", **params}.items())
-        return f"postgresql://{auth}@127.0.0.1:{self.port}/{dbname}?{query}"
-
-
-@pytest.fixture(scope="session")
-def cluster():
-    root = tempfile.mkdtemp(prefix="wal2http-test-pg-")
-    pg = PgCluster(root)
-    try:
-        pg.init()
-    except subprocess.CalledProcessError as exc:
-        pytest.fail(f"could not start PostgreSQL: {exc.stderr or exc.stdout}", pytrace=False)
-    yield pg
-    pg.stop("immediate")
-    shutil.rmtree(root, ignore_errors=True)
-
-
-_db_counter = itertools.count()
-
-
-@pytest.fixture
-def db(cluster):
-    """A fresh database for one test, with publication `pub` for all tables."""
-    name = f"t{os.getpid()}_{next(_db_counter)}"
-    cluster.psql("postgres", f"CREATE DATABASE {name}")
-    cluster.psql(name, "CREATE PUBLICATION pub FOR ALL TABLES")
-    return name
-
 
 DB_URL = "postgresql://app:Db-Pa55word-1@db.example.org:5432/app"
 DB_PASSWORD = "Db-Pa55word-1"
@@ -1643,7 +1487,7 @@ class TestLowWatermark:
 
     def test_a_batch_never_done_holds_everything_after_it(self):
         ack = w.AckTracker()
-        first, failed, later = ack.pending([10]), ack.pending([20]), ack.pending([30])
+        first, _never_done, later = ack.pending([10]), ack.pending([20]), ack.pending([30])
         ack.done(later)
         ack.done(first)
         assert ack.flushed_lsn == 10  # the failed batch is never done: nothing past it is acknowledged
@@ -5378,11 +5222,11 @@ class TestConnection:
 
 
 @pytest.fixture(scope="session")
-def readonly_cluster():
-    """A second server whose sessions are read-only by default (default_transaction_read_only):
-    what target_session_attrs=read-write must skip."""
-    root = tempfile.mkdtemp(prefix="wal2http-test-pg-ro-")
-    pg = PgCluster(root)
+def readonly_cluster(cluster):
+    """A second server of `cluster`'s version whose sessions are read-only by default
+    (default_transaction_read_only): what target_session_attrs=read-write must skip."""
+    root = tempfile.mkdtemp(prefix=f"wal2http-test-pg{cluster.major}-ro-")
+    pg = PgCluster(root, cluster.major)
     try:
         pg.init()
         with open(os.path.join(pg.data, "postgresql.conf"), "a") as conf:
@@ -5393,11 +5237,6 @@ def readonly_cluster():
     yield pg
     pg.stop("immediate")
     shutil.rmtree(root, ignore_errors=True)
-
-
-async def server_version_num(cluster) -> int:
-    (version,), = await sql(cluster, "postgres", "SHOW server_version_num")
-    return int(version)
 
 
 def several_hosts_url(dbname, *ports, **params) -> str:
@@ -5452,7 +5291,7 @@ class TestSeveralHosts:
         """Hosts: a read-only one, then the writable one (read-write wanted).  The writable one
         stops: no host fits, wal2http keeps reconnecting; it comes back: streaming resumes."""
         await sql(cluster, db, "CREATE TABLE r (id int PRIMARY KEY)")
-        subprocess.run([os.path.join(readonly_cluster.bin, "psql"), "-X", "-q", "-h", readonly_cluster.socket_dir,
+        subprocess.run([find_psql(), "-X", "-q", "-h", readonly_cluster.socket_dir,
                         "-p", str(readonly_cluster.port), "-U", "postgres", "-d", "postgres",
                         "-c", f"CREATE DATABASE {db}"], check=True, capture_output=True,
                        env={**os.environ, "PGOPTIONS": "-c default_transaction_read_only=off"})
@@ -5474,16 +5313,27 @@ class TestSeveralHosts:
         assert [e["new"]["id"] for e in events][-1] == 2
         assert logged(caplog, f"skipping PostgreSQL at 127.0.0.1:{readonly_cluster.port}: it is read-only")
 
-    async def test_slot_failover_before_17_is_exit_2_and_creates_nothing(self, cluster, db):
-        if await server_version_num(cluster) >= 170000:
-            pytest.skip("PostgreSQL 17 and later have failover slots")  # tested in TestFailoverSlots
-        result = await trio.to_thread.run_sync(
-            lambda: run_cli([], make_env(cluster, db, slot_failover="true")))
-        assert result.returncode == 2, result.stderr
-        (line,) = [l for l in result.stderr.splitlines() if "SLOT_FAILOVER" in l]
-        assert "needs PostgreSQL 17 or later" in line
-        assert f"this server is {await server_version_num(cluster) // 10000}" in line
-        assert await sql(cluster, db, f"SELECT 1 FROM pg_replication_slots WHERE slot_name = '{db}'") == []
+    async def test_slot_failover(self, cluster, db, caplog):
+        """17+: the slot is created with failover, and an existing one without it is altered
+        (logged).  Before 17: exit 2 naming SLOT_FAILOVER, the server's version and 17; no slot."""
+        if cluster.major < 17:
+            result = await trio.to_thread.run_sync(lambda: run_cli([], make_env(cluster, db, slot_failover="true")))
+            assert result.returncode == 2, result.stderr
+            (line,) = [l for l in result.stderr.splitlines() if "SLOT_FAILOVER" in l]
+            assert "needs PostgreSQL 17 or later" in line and f"this server is {cluster.major}" in line
+            assert await sql(cluster, db, f"SELECT 1 FROM pg_replication_slots WHERE slot_name = '{db}'") == []
+            return
+        caplog.set_level(logging.INFO, logger="wal2http")
+        async with running(make_config(cluster, db, slot_failover="true")):
+            pass
+        assert await sql(cluster, db, f"SELECT failover FROM pg_replication_slots WHERE slot_name = '{db}'") == [("t",)]
+        existing = f"{db}_old"
+        await sql(cluster, db, f"SELECT pg_create_logical_replication_slot('{existing}', 'pgoutput')")
+        async with running(make_config(cluster, db, slot_name=existing, slot_failover="true")):
+            pass
+        assert await sql(cluster, db, f"SELECT failover FROM pg_replication_slots "
+                                      f"WHERE slot_name = '{existing}'") == [("t",)]
+        assert logged(caplog, f"replication slot '{existing}' now has failover on")
 
     async def test_check_names_the_host_it_used(self, cluster, db):
         url = several_hosts_url(db, free_port(), cluster.port)
@@ -5722,9 +5572,16 @@ class TestEndToEnd:
         assert len({e["xid"] for e in events}) == 1
 
     async def test_streamed_rollbacks_deliver_nothing(self, cluster, db):
+        # The aborted transaction stays open until the server has streamed it: PostgreSQL 17+ does
+        # not stream a transaction it already knows to be aborted.
         await sql(cluster, db, "CREATE TABLE rb (id int PRIMARY KEY)")
+        info = w.parse_database_url(cluster.url(db), {})
         async with running(make_config(cluster, db, streaming="true")) as (sink, ack):
-            await sql(cluster, db, "BEGIN; INSERT INTO rb SELECT generate_series(1, 20000); ROLLBACK",
+            async with w.open_pg_connection(info, replication=False) as conn:
+                await conn.simple_query("BEGIN; INSERT INTO rb SELECT generate_series(1, 20000)")
+                await wait_until(lambda: _ge(streamed_transactions(cluster, db), 1), timeout=60)
+                await conn.simple_query("ROLLBACK")
+            await sql(cluster, db,
                       "BEGIN; INSERT INTO rb SELECT generate_series(1, 5000); SAVEPOINT s; "
                       "INSERT INTO rb SELECT generate_series(5001, 15000); ROLLBACK TO SAVEPOINT s; "
                       "INSERT INTO rb SELECT generate_series(15001, 16000); COMMIT",
@@ -5732,6 +5589,13 @@ class TestEndToEnd:
             events = await sink.wait_for(6001, timeout=60)
         ids = [e["new"]["id"] for e in events]
         assert ids == list(range(1, 5001)) + list(range(15001, 16001)) + [0]
+
+
+async def streamed_transactions(cluster, dbname: str) -> int:
+    """How many transactions the server has streamed in progress on the database's slot."""
+    rows = await sql(cluster, dbname, "SELECT stream_txns FROM pg_stat_replication_slots "
+                                      f"WHERE slot_name = {w.quote_literal(dbname)}")
+    return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
 
 async def _gt(awaitable, value):
@@ -5972,6 +5836,88 @@ class TestCommandLine:
         for event in first + proc.events:
             assert seen.setdefault(event["id"], event) == event  # a duplicate is the same event, same id
         assert sorted(e["new"]["id"] for e in seen.values()) == list(range(1, 20001))
+
+
+# =====================================================================================================
+# PostgreSQL versions: what a pgoutput protocol 1 server (10-13) and one older than 10 get
+# =====================================================================================================
+
+PROTOCOL_1_LINE = "logical messages and streaming need PostgreSQL 14"
+
+
+async def _old_server(stream: trio.abc.Stream, server_version: str) -> None:
+    """A server that answers any startup with `server_version`, then closes at the next message."""
+    buffer = b""
+    while len(buffer) < 4 or len(buffer) < struct.unpack_from("!i", buffer)[0]:
+        buffer += await stream.receive_some(4096)
+    await stream.send_all(backend_message(b"R", struct.pack("!i", 0))
+                          + backend_message(b"S", cstr("server_version") + cstr(server_version))
+                          + backend_message(b"K", struct.pack("!ii", 1, 2)) + backend_message(b"Z", b"I"))
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.receive_some(4096)
+
+
+class TestServerVersions:
+    def test_server_version_number(self):
+        conn = w.PgConnection(None, None)
+        for text, number in (("9.6.24", 90000), ("10.23", 100023), ("13.23", 130023), ("18.4 (Debian)", 180004)):
+            conn.parameters["server_version"] = text
+            assert conn.server_version_num == number
+
+    @pytest.mark.parametrize("server_version", ["9.6.24", "9.4.26"])
+    def test_a_server_before_10_is_refused(self, server_version):
+        conn = w.PgConnection(None, None)
+        conn.parameters["server_version"] = server_version
+        with pytest.raises(w.PreconditionError) as info:
+            w.check_server_version(conn)
+        assert info.value.exit_code == 4
+        assert f"PostgreSQL {server_version} is too old" in str(info.value)
+        assert "needs PostgreSQL 10 or later" in str(info.value)
+        conn.parameters["server_version"] = "10.0"
+        w.check_server_version(conn)
+
+    async def test_the_command_line_refuses_a_server_before_10(self):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, partial(_old_server, server_version="9.6.24"), 0)
+            port = listeners[0].socket.getsockname()[1]
+            env = {"DATABASE_URL": f"postgresql://u@127.0.0.1:{port}/d?sslmode=disable"}
+            for args in ([], ["--check"]):
+                result = await trio.to_thread.run_sync(run_cli, args, env)
+                assert result.returncode == 4, result.stderr
+                assert "PostgreSQL 9.6.24 is too old: wal2http needs PostgreSQL 10 or later" in result.stdout + result.stderr
+                assert "Traceback" not in result.stderr
+            nursery.cancel_scope.cancel()
+
+    async def test_protocol_1_rows_only_and_one_start_up_line(self, old_cluster, old_db):
+        await sql(old_cluster, old_db, "CREATE TABLE o (id int PRIMARY KEY)")
+        async with CliProcess(make_env(old_cluster, old_db, streaming="true")).running() as proc:
+            await proc.wait_started()
+            await sql(old_cluster, old_db, "INSERT INTO o VALUES (1)",
+                      "SELECT pg_logical_emit_message(true, 'p', 'not on 13')", "INSERT INTO o VALUES (2)")
+            await proc.wait_for(lambda p: len(p.events) == 2)
+        assert [(e["op"], e["new"]["id"]) for e in proc.events] == [("insert", 1), ("insert", 2)]
+        lines = [line for line in proc.stderr.decode().splitlines() if PROTOCOL_1_LINE in line]
+        assert len(lines) == 1, proc.stderr.decode()
+        assert f"PostgreSQL {old_cluster.major}." in lines[0] and "STREAMING=true is ignored" in lines[0]
+        assert "pgoutput protocol 1" in proc.stderr.decode()
+
+    def test_demo_on_protocol_1_shows_the_rows(self, old_cluster):
+        result = run_cli(["--demo"], {"PATH": f"{old_cluster.bin}{os.pathsep}{os.environ.get('PATH', '')}"},
+                         timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        assert [json.loads(line)["op"] for line in result.stdout.splitlines()] == [
+            "insert", "insert", "update", "delete", "truncate"]
+        assert sum(PROTOCOL_1_LINE in line for line in result.stderr.splitlines()) == 1
+        assert f"PostgreSQL {old_cluster.major}." in result.stderr
+
+    async def test_protocol_version_by_server(self, cluster, db):
+        """14 speaks protocol 2, 15 3, 16+ 4 (wal2http asks for `streaming 'on'`, never 'parallel')."""
+        async with CliProcess(make_env(cluster, db, streaming="true")).running() as proc:
+            await proc.wait_started()
+        expected = {14: 2, 15: 3}.get(cluster.major, 4)
+        assert f"(pgoutput protocol {expected}," in proc.stderr.decode()
+        assert PROTOCOL_1_LINE not in proc.stderr.decode()
 
 
 # =====================================================================================================

@@ -5174,6 +5174,18 @@ def pgoutput_proto_version(server_version_num: int) -> int:
     return 1
 
 
+OLDEST_SERVER_VERSION_NUM = 100000  #: PostgreSQL 10, the first with pgoutput
+
+
+def check_server_version(conn: PgConnection) -> None:
+    """Refuse a server older than PostgreSQL 10: it has no pgoutput."""
+    if conn.server_version_num < OLDEST_SERVER_VERSION_NUM:
+        raise PreconditionError(
+            f"PostgreSQL {conn.parameters.get('server_version', '(unknown version)')} is too old: wal2http "
+            "needs PostgreSQL 10 or later (logical replication with pgoutput; 14+ for logical messages "
+            "and streaming)")
+
+
 def build_start_replication(config, proto_version: int, start_lsn: int) -> str:
     names = ",".join(quote_ident(name) for name in config.publications)
     options = [f"proto_version '{proto_version}'", f"publication_names {quote_literal(names)}"]
@@ -5416,6 +5428,7 @@ async def prepare_replication(conn: PgConnection, config) -> int:
     """Every precondition of streaming, with errors that say what to fix.  Returns the slot's
     confirmed position."""
     try:
+        check_server_version(conn)
         await check_wal_level(conn)
         await check_publications(conn, config.publications)
         return await ensure_slot(conn, config)
@@ -5458,8 +5471,11 @@ async def load_domain_base_types(conn: PgConnection) -> dict[int, int]:
 async def start_streaming(conn: PgConnection, config, start_lsn: int) -> int:
     """START_REPLICATION; returns the pgoutput protocol version in use."""
     proto = pgoutput_proto_version(conn.server_version_num)
-    if config.streaming and proto < 2:
-        logger.warning("STREAMING=true needs PostgreSQL 14 or later; streaming large transactions is off")
+    if proto < 2:  # one line, at every start: what a protocol 1 server cannot send
+        logger.log(logging.WARNING if config.streaming else logging.INFO,
+                   "PostgreSQL %s speaks pgoutput protocol 1: row changes only; logical messages and "
+                   "streaming need PostgreSQL 14%s", conn.parameters.get("server_version", "?"),
+                   " (STREAMING=true is ignored)" if config.streaming else "")
     await conn.send(encode_query(build_start_replication(config, proto, start_lsn)))
     with trio.move_on_after(DEFAULT_QUERY_TIMEOUT_S) as scope:
         tag, body = await conn.receive_message()
@@ -5987,7 +6003,9 @@ async def _check_sink(config) -> None:
 
 
 async def _check_database(conn: PgConnection, config, results: list) -> None:
+    version = (conn.parameters.get("server_version") or "?").split()[0]
     checks = [
+        (f"server version {version}", _check_server_version(conn)),
         ("wal_level", check_wal_level(conn)),
         ("replication privilege", _check_privilege(conn)),
         (f"publication {','.join(config.publications)}", check_publications(conn, config.publications)),
@@ -6009,6 +6027,10 @@ async def _check_replication_connection(config) -> None:
             await conn.simple_query("IDENTIFY_SYSTEM")
     except ServerError as exc:
         raise classify_server_error(exc, "IDENTIFY_SYSTEM") from None
+
+
+async def _check_server_version(conn: PgConnection) -> None:
+    check_server_version(conn)
 
 
 async def _check_privilege(conn: PgConnection) -> None:
@@ -6039,13 +6061,14 @@ DEMO_SQL = [
     " tags text[], meta jsonb, created_at timestamptz NOT NULL DEFAULT now())",
     "CREATE PUBLICATION wal2http_demo FOR ALL TABLES",
 ]
-DEMO_CHANGES = [  # (statement, events it makes)
+DEMO_CHANGES = [  # (statement, events it makes, from this server_version_num on)
     ("INSERT INTO demo_orders (customer, amount, tags, meta) VALUES ('ada', 19.90, '{new,web}', "
-     "'{\"source\": \"demo\"}'), ('grace', 5.00, NULL, NULL)", 2),
-    ("UPDATE demo_orders SET amount = 21.50, meta = '{\"paid\": true}' WHERE customer = 'ada'", 1),
-    ("SELECT pg_logical_emit_message(true, 'wal2http.demo', 'hello from --demo')", 1),
-    ("DELETE FROM demo_orders WHERE customer = 'grace'", 1),
-    ("TRUNCATE demo_orders", 1),
+     "'{\"source\": \"demo\"}'), ('grace', 5.00, NULL, NULL)", 2, 0),
+    ("UPDATE demo_orders SET amount = 21.50, meta = '{\"paid\": true}' WHERE customer = 'ada'", 1, 0),
+    # pgoutput sends logical messages from PostgreSQL 14 (protocol 2) on
+    ("SELECT pg_logical_emit_message(true, 'wal2http.demo', 'hello from --demo')", 1, 140000),
+    ("DELETE FROM demo_orders WHERE customer = 'grace'", 1, 0),
+    ("TRUNCATE demo_orders", 1, 0),
 ]
 DEMO_TIMEOUT_S = 60.0
 
@@ -6154,21 +6177,26 @@ async def _demo_session(config) -> None:
     async with open_pg_connection(config.conninfo, replication=False) as conn:
         for sql in DEMO_SQL:
             await conn.simple_query(sql)
+        server_version_num = conn.server_version_num
     alerter = Alerter(config)
     sink = _CountingSink(open_sink(config, alerter))
     stop = trio.Event()
-    with trio.fail_after(DEMO_TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: run(config, sink=sink, stop=stop, task_status=task_status))
-            expected = 0
-            async with open_pg_connection(config.conninfo, replication=False) as conn:
-                for sql, events in DEMO_CHANGES:
-                    logger.info("--demo: %s", sql)
-                    await conn.simple_query(sql)
-                    expected += events
-            while sink.delivered < expected:
-                await sink.changed.wait()
-            stop.set()
+    expected = 0
+    try:
+        with trio.fail_after(DEMO_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lambda task_status: run(config, sink=sink, stop=stop, task_status=task_status))
+                async with open_pg_connection(config.conninfo, replication=False) as conn:
+                    for sql, events, since in DEMO_CHANGES:
+                        logger.info("--demo: %s", sql)
+                        await conn.simple_query(sql)
+                        expected += events if server_version_num >= since else 0
+                while sink.delivered < expected:
+                    await sink.changed.wait()
+                stop.set()
+    except trio.TooSlowError:
+        raise Wal2HttpError(f"--demo: {sink.delivered} of the {expected} events expected arrived within "
+                            f"{DEMO_TIMEOUT_S:g} s") from None
 
 
 # =====================================================================================================
