@@ -23,20 +23,23 @@ Protocol references (PostgreSQL documentation): "Frontend/Backend Protocol" (mes
 SASL authentication), "Streaming Replication Protocol", "Logical Streaming Replication Protocol"
 and "Logical Replication Message Formats".
 
-Contents (`grep -n '^# [0-9]' wal2http.py`).  Sections 1-8, 14 and 15 are pure: nothing there
-touches a socket or a thread (the envelope's spill file for streamed transactions aside), and
-each is tested with bytes and values alone.
-  1. Errors                         12. HTTP sink
-  2. Config                         13. Reliable delivery: retries, ON_FAILURE, dead-letter file
-  3. Wire codec (sans-IO)           14. Hook0 sink: mapping (pure)
-  4. Authentication (pure)          15. Hook0 sink: answers (pure)
-  5. Replication framing (sans-IO)  16. Hook0 sink: delivery (I/O)
-  6. pgoutput decoder               17. PostgreSQL connection (I/O)
-  7. Type conversion                18. Replication loop
-  8. Event envelope                 19. Service, --check
-  9. Alerts                         20. --demo: a throwaway PostgreSQL
- 10. stdout sink                    21. Command line
- 11. HTTP client (h11 over Trio)
+Contents (`grep -n '^# [0-9]' wal2http.py`), in the order an event travels: PostgreSQL's bytes,
+decoded, become an event, which the delivery loop hands to a sink; alerts, configuration and the
+command line come last.  Sections 2, 3, 5-8, 14, 15 and 18 are pure: nothing there touches a
+socket or a thread (the envelope's spill file for streamed transactions aside), and each is tested
+with bytes and values alone; the other sections say what I/O they do.
+  1. Errors and failing periods        12. HTTP client (h11 over Trio)
+  2. Wire codec (sans-IO)              13. HTTP sink
+  3. Authentication (pure)             14. Hook0 sink: mapping (pure)
+  4. PostgreSQL connection (I/O)       15. Hook0 sink: answers (pure)
+  5. Replication framing (sans-IO)     16. Hook0 sink: delivery (I/O)
+  6. pgoutput decoder                  17. Alerts
+  7. Type conversion                   18. Configuration
+  8. Event envelope                    19. Service: run() and --check
+  9. Replication loop and the          20. --demo: a throwaway PostgreSQL
+     acknowledgement rule              21. Command line
+ 10. Delivery: the sink interface, retries, ON_FAILURE, dead-letter file
+ 11. stdout sink
 """
 
 from __future__ import annotations
@@ -94,9 +97,11 @@ logger = logging.getLogger("wal2http")
 
 
 # =====================================================================================================
-# 1. Errors
+# 1. Errors and failing periods
 # =====================================================================================================
-# One root class.  Only the I/O code turns OSError / trio.BrokenResourceError into these.
+# One root class.  Only the I/O code turns OSError / trio.BrokenResourceError into these.  Then what
+# every failing part shares: backoff between attempts, the failing period an alert opens and a
+# "recovered" mail closes, and the scrubbing of secrets from any text that leaves the process.
 
 
 class Wal2HttpError(Exception):
@@ -236,625 +241,7 @@ class FailingPeriod:
         return was_failing
 
 
-# =====================================================================================================
-# 2. Config
-# =====================================================================================================
-# Pure: environment mapping and argv in, a frozen `Config` (or a one-line ConfigError naming the
-# variable) out.  No socket is opened here.  Every setting is one entry of SETTINGS, which drives
-# --help, the flags, the environment, Config's fields, describe_config() and config_secrets(); a
-# few plain functions hold the rules between settings (choose_sink, check_sink_settings,
-# check_retry_delays, smtp_port_and_tls).  The rule for secrets: no error message, log line or
-# repr() built here contains the database password, HOOK0_API_TOKEN, EMAIL_SMTP_PASSWORD,
-# HTTP_SIGNING_SECRET, an HTTP_HEADERS value or a URL's credentials; the database is only ever
-# shown through ConnInfo.describe().
-
-DEFAULT_PG_HOST = "localhost"
-DEFAULT_PG_PORT = 5432
-DEFAULT_PG_USER = "postgres"  #: when the OS user cannot be determined
-DEFAULT_SSLMODE = "prefer"
-DEFAULT_CONNECT_TIMEOUT_S = 10.0  #: used when connect_timeout is unset or 0: never wait forever
-MIN_CONNECT_TIMEOUT_S = 2.0  #: libpq raises 1 s to 2 s too: shorter timeouts are unreliable
-DEFAULT_APPLICATION_NAME = "wal2http"
-SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-URL_SCHEMES = ("postgresql://", "postgres://")
-
-#: libpq keywords DATABASE_URL may set ("Parameter Key Words" in the libpq docs), each with the
-#: environment variable that fills it when the string leaves it out ("Environment Variables").
-CONNINFO_KEYWORDS = {
-    "host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "password": "PGPASSWORD",
-    "dbname": "PGDATABASE", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
-    "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "connect_timeout": "PGCONNECT_TIMEOUT",
-    "application_name": "PGAPPNAME", "fallback_application_name": None,
-    "target_session_attrs": "PGTARGETSESSIONATTRS", "load_balance_hosts": "PGLOADBALANCEHOSTS",
-}
-#: target_session_attrs as libpq defines them: which server of several hosts will do.
-TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
-LOAD_BALANCE_HOSTS = ("disable", "random")
-
-#: libpq keywords accepted and ignored: TCP tuning and client-side choices wal2http makes its own way
-#: (it always speaks UTF-8, never uses GSSAPI or channel binding).  None: any value is ignored; a
-#: set: only these values are (a value that asks for a feature wal2http lacks is an error).
-IGNORED_CONNINFO_KEYWORDS: dict[str, frozenset[str] | None] = {
-    "keepalives": None, "keepalives_idle": None, "keepalives_interval": None,
-    "keepalives_count": None, "tcp_user_timeout": None, "client_encoding": None,
-    "sslcompression": None,
-    "sslsni": None, "krbsrvname": None, "gsslib": None,
-    "gssencmode": frozenset({"disable", "allow", "prefer"}),
-    "channel_binding": frozenset({"disable", "prefer"}),
-    "sslnegotiation": frozenset({"postgres"}),
-}
-
-_CONNINFO_WHITESPACE = " \t\n\r\f\v"
-_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
-
-
-def is_unix_socket(host: str) -> bool:
-    """libpq's rule: a host that starts with '/' is the directory of a Unix-domain socket."""
-    return host.startswith("/")
-
-
-@dataclasses.dataclass(frozen=True)
-class ConnInfo:
-    """Where and how to connect to PostgreSQL, after libpq's precedence: string, PG*, defaults.
-    With several hosts, `host` and `port` are the first; `each_host()` gives one ConnInfo per
-    host, in the order they are to be tried."""
-
-    host: str  # hostname, IP address, or a Unix socket directory (starts with "/")
-    port: int
-    user: str
-    password: str | None = dataclasses.field(repr=False)
-    dbname: str
-    sslmode: str
-    sslrootcert: str | None
-    sslcert: str | None
-    sslkey: str | None
-    connect_timeout_s: float
-    application_name: str
-    hosts: tuple[tuple[str, int], ...] = ()  #: every (host, port), in order; () means just host:port
-    target_session_attrs: str = "any"
-    load_balance_hosts: str = "disable"
-
-    def each_host(self) -> list[ConnInfo]:
-        """One ConnInfo per host to try, in order (shuffled with load_balance_hosts=random)."""
-        hosts = list(self.hosts or [(self.host, self.port)])
-        if self.load_balance_hosts == "random":
-            random.shuffle(hosts)
-        return [dataclasses.replace(self, host=host, port=port, hosts=()) for host, port in hosts]
-
-    def describe(self) -> str:
-        """Where this connects, as a URL fit for a log line: the password, if any, as `***`."""
-        user = urllib.parse.quote(self.user, safe="") + (":***" if self.password else "")
-        query = [f"sslmode={self.sslmode}"]
-        sockets = [host for host, _ in self.hosts or [(self.host, self.port)] if is_unix_socket(host)]
-        if sockets:
-            query.insert(0, f"host={urllib.parse.quote(','.join(sockets))}")
-        where = ",".join(_url_host(host, port) for host, port in self.hosts or [(self.host, self.port)])
-        for name, value, default in (("target_session_attrs", self.target_session_attrs, "any"),
-                                     ("load_balance_hosts", self.load_balance_hosts, "disable")):
-            if value != default:
-                query.append(f"{name}={value}")
-        return f"postgresql://{user}@{where}/{urllib.parse.quote(self.dbname, safe='')}?{'&'.join(query)}"
-
-
-def _url_host(host: str, port: int) -> str:
-    if is_unix_socket(host):
-        return f":{port}"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _conninfo_error(reason: str, source: str = "DATABASE_URL") -> ConfigError:
-    where = "" if source == "DATABASE_URL" else f" (from {source})"
-    return ConfigError(f"DATABASE_URL: {reason}{where}")
-
-
-def _keyword_error(reason: str) -> ConfigError:
-    return _conninfo_error(f"not a valid key=value connection string: {reason}")
-
-
-def _percent_decode(text: str, part: str) -> str:
-    """Strict RFC 3986 percent-decoding, as libpq does it: bad escapes and NUL bytes are errors."""
-    if _BAD_PERCENT.search(text):
-        raise _conninfo_error(f"invalid percent-encoding in the {part}")
-    try:
-        decoded = urllib.parse.unquote(text, errors="strict")
-    except UnicodeDecodeError:
-        raise _conninfo_error(f"the {part} is not valid UTF-8 after percent-decoding") from None
-    if "\0" in decoded:
-        raise _conninfo_error(f"the {part} contains a NUL byte")
-    return decoded
-
-
-def _split_url_hosts(hostports: str) -> list[tuple[str, str]]:
-    """`host[:port],...` from a URL's authority, as libpq's comma-separated host and port lists."""
-    if "," not in hostports:
-        return _split_url_hostport(hostports)
-    hosts, ports = [], []
-    for hostport in hostports.split(","):
-        pairs = dict(_split_url_hostport(hostport))
-        hosts.append(pairs.get("host", ""))
-        ports.append(pairs.get("port", ""))
-    return [("host", ",".join(hosts)), ("port", ",".join(ports))]
-
-
-def _split_url_hostport(hostport: str) -> list[tuple[str, str]]:
-    """`host[:port]` or `[ipv6][:port]` from a URL's authority, percent-decoded."""
-    if hostport.startswith("["):
-        end = hostport.find("]")
-        if end < 0:
-            raise _conninfo_error("an IPv6 address opened with '[' has no closing ']'")
-        host, after = hostport[1:end], hostport[end + 1:]
-        if after and not after.startswith(":"):
-            raise _conninfo_error("unexpected text after the ']' of an IPv6 address")
-        port = after[1:]
-    else:
-        host, _, port = hostport.partition(":")
-    pairs = [("host", _percent_decode(host, "host"))] if host else []
-    return pairs + ([("port", _percent_decode(port, "port"))] if port else [])
-
-
-def _split_url(text: str) -> list[tuple[str, str]]:
-    """postgresql://[user[:password]@][host][:port][/dbname][?keyword=value&...] as pairs."""
-    rest = text.split("://", 1)[1]
-    rest, _, query = rest.partition("?")
-    authority, _, path = rest.partition("/")
-    # The last '@' ends the user info: a password holding an unencoded '@' still parses.
-    userinfo, at, hostport = authority.rpartition("@")
-    pairs: list[tuple[str, str]] = []
-    if at:
-        user, colon, password = userinfo.partition(":")
-        pairs.append(("user", _percent_decode(user, "user name")))
-        if colon:
-            pairs.append(("password", _percent_decode(password, "password")))
-    pairs += _split_url_hosts(hostport)
-    if path:
-        pairs.append(("dbname", _percent_decode(path, "database name")))
-    for item in filter(None, query.split("&")):
-        key, equals, value = item.partition("=")
-        if not equals:
-            raise _conninfo_error("a query parameter has no '=' (use keyword=value)")
-        key = _percent_decode(key, "query parameters")
-        value = _percent_decode(value, "query parameters")
-        if key == "ssl" and value == "true":  # libpq's JDBC-compatible spelling
-            key, value = "sslmode", "require"
-        pairs.append((key, value))
-    return pairs
-
-
-def _scan_keyword_values(text: str) -> list[tuple[str, str]]:
-    """libpq `keyword = value` pairs as (keyword, value).
-
-    Whitespace may surround '='; a value is either bare (up to whitespace) or single-quoted; a
-    backslash takes the next character literally in both ("Connection Strings" in the libpq docs).
-    """
-    pairs, pos, end = [], 0, len(text)
-
-    def skip_space(i: int) -> int:
-        while i < end and text[i] in _CONNINFO_WHITESPACE:
-            i += 1
-        return i
-
-    while (pos := skip_space(pos)) < end:
-        start = pos
-        while pos < end and text[pos] not in _CONNINFO_WHITESPACE and text[pos] != "=":
-            pos += 1
-        key = text[start:pos]
-        pos = skip_space(pos)
-        if pos >= end or text[pos] != "=":
-            raise _keyword_error("a keyword is missing its '=' (quote values that hold spaces: key='...')")
-        pos = skip_space(pos + 1)
-        quoted, chars = pos < end and text[pos] == "'", []
-        pos += quoted
-        while True:
-            if pos >= end:
-                if quoted:
-                    raise _keyword_error("a quoted value has no closing quote")
-                break
-            char = text[pos]
-            if char == "\\":
-                if pos + 1 >= end:
-                    raise _keyword_error("a value ends with a lone backslash")
-                chars.append(text[pos + 1])
-                pos += 2
-                continue
-            if (quoted and char == "'") or (not quoted and char in _CONNINFO_WHITESPACE):
-                pos += quoted
-                break
-            chars.append(char)
-            pos += 1
-        pairs.append((key, "".join(chars)))
-    return pairs
-
-
-def _split_connection_string(text: str) -> list[tuple[str, str]]:
-    if text.startswith(URL_SCHEMES):
-        return _split_url(text)
-    if "://" in text.split("=", 1)[0] or (text and "=" not in text):
-        raise ConfigError("DATABASE_URL must start with postgresql:// or postgres://, "
-                          "or use the libpq key=value form")
-    return _scan_keyword_values(text)
-
-
-def _collect_keywords(pairs: list[tuple[str, str]]) -> dict[str, str]:
-    """Checks the keywords; later pairs win, as in libpq.  Empty values count as unset."""
-    given: dict[str, str] = {}
-    previous = ""
-    for key, value in pairs:
-        if key in CONNINFO_KEYWORDS:
-            if value:
-                given[key] = value
-        elif key in IGNORED_CONNINFO_KEYWORDS:
-            allowed = IGNORED_CONNINFO_KEYWORDS[key]
-            if allowed is not None and value not in allowed:
-                raise _conninfo_error(f"this {key} value is not supported (wal2http supports only "
-                                      f"{', '.join(sorted(allowed))})")
-        elif previous == "password" or not re.fullmatch(r"[a-z_]{1,40}", key):
-            # What follows an unquoted password may be the rest of it: never echo it.
-            raise _conninfo_error("unsupported keyword after the password (a password that "
-                                  "holds spaces must be quoted: password='...')")
-        else:
-            raise _conninfo_error(f"unsupported keyword {key!r} (supported: "
-                                  f"{', '.join(k for k in CONNINFO_KEYWORDS)})")
-        previous = key
-    return given
-
-
-def _default_user() -> str:
-    try:
-        return getpass.getuser() or DEFAULT_PG_USER
-    except (OSError, KeyError, ImportError):
-        return DEFAULT_PG_USER
-
-
-def _parse_port(text: str, source: str) -> int:
-    if not text:
-        return DEFAULT_PG_PORT
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise _conninfo_error("the port must be a number from 1 to 65535", source)
-    return int(text)
-
-
-def _parse_hosts(host_text: str, port_text: str, source) -> tuple[tuple[str, int], ...]:
-    """libpq's lists: hosts and ports comma-separated, one port for all hosts or one per host; an
-    empty entry is the default."""
-    hosts = [host or DEFAULT_PG_HOST for host in host_text.split(",")]
-    ports = [_parse_port(port, source("port")) for port in port_text.split(",")]
-    if len(ports) == 1:
-        ports *= len(hosts)
-    if len(ports) != len(hosts):
-        raise _conninfo_error(f"{len(hosts)} hosts but {len(ports)} ports are given (give one port "
-                              "for all hosts, or one per host)", source("port", "DATABASE_URL"))
-    return tuple(zip(hosts, ports))
-
-
-def _parse_choice(values: Mapping[str, str], key: str, choices: tuple[str, ...], source) -> str:
-    value = values.get(key, choices[0]).lower()
-    if value not in choices:
-        raise _conninfo_error(f"{key} must be one of {', '.join(choices)}", source(key, "DATABASE_URL"))
-    return value
-
-
-def _parse_connect_timeout(text: str | None, source: str) -> float:
-    """libpq's rule (whole seconds, under 2 means 2) except that 0 or unset is our 10 s."""
-    if text is None:
-        return DEFAULT_CONNECT_TIMEOUT_S
-    try:
-        seconds = int(text.strip())
-    except ValueError:
-        raise _conninfo_error("connect_timeout must be a whole number of seconds", source) from None
-    if seconds <= 0:
-        return DEFAULT_CONNECT_TIMEOUT_S
-    return max(float(seconds), MIN_CONNECT_TIMEOUT_S)
-
-
-def parse_database_url(text: str, environ: Mapping[str, str]) -> ConnInfo:
-    """DATABASE_URL (URL or key=value form) -> ConnInfo, with libpq's PG* variables and defaults.
-
-    Several hosts (`host=a,b port=5432,5433`, `postgresql://a:5432,b:5433/db`) are tried in
-    order at each connection, as libpq does.  `service` files and other libpq features wal2http
-    lacks are a ConfigError naming DATABASE_URL; no message ever contains the password.
-    """
-    given = _collect_keywords(_split_connection_string(text.strip()))
-    values: dict[str, str] = {}
-    sources: dict[str, str] = {}
-    for key, variable in CONNINFO_KEYWORDS.items():
-        if key in given:
-            values[key], sources[key] = given[key], "DATABASE_URL"
-        elif variable and environ.get(variable):
-            values[key], sources[key] = environ[variable], variable
-    source = sources.get
-    hosts = _parse_hosts(values.get("host", ""), values.get("port", ""), source)
-    sslmode = values.get("sslmode", DEFAULT_SSLMODE).lower()
-    if sslmode not in SSLMODES:
-        raise _conninfo_error(f"sslmode must be one of {', '.join(SSLMODES)}",
-                              source("sslmode", "DATABASE_URL"))
-    user = values.get("user") or _default_user()
-    return ConnInfo(
-        host=hosts[0][0], port=hosts[0][1], user=user, password=values.get("password"),
-        dbname=values.get("dbname", user), sslmode=sslmode,
-        sslrootcert=values.get("sslrootcert"), sslcert=values.get("sslcert"),
-        sslkey=values.get("sslkey"),
-        connect_timeout_s=_parse_connect_timeout(values.get("connect_timeout"),
-                                                 source("connect_timeout", "DATABASE_URL")),
-        application_name=values.get("application_name")
-        or values.get("fallback_application_name", DEFAULT_APPLICATION_NAME),
-        hosts=hosts if len(hosts) > 1 else (),
-        target_session_attrs=_parse_choice(values, "target_session_attrs", TARGET_SESSION_ATTRS, source),
-        load_balance_hosts=_parse_choice(values, "load_balance_hosts", LOAD_BALANCE_HOSTS, source),
-    )
-
-
-# --- Value parsers: (text, variable) -> value; each message is one line and names the variable ------
-
-SINKS = ("stdout", "http", "hook0")
-ON_FAILURE_CHOICES = ("exit", "retry", "skip")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-SMTP_TLS_MODES = ("starttls", "ssl", "none")
-SMTP_SSL_PORT = 465
-MAX_DELIVERY_CONCURRENCY = 256  #: most requests in flight at once
-SMTP_SUBMISSION_PORT = 587
-MAX_SLOT_NAME_LENGTH = 63  #: NAMEDATALEN - 1
-TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
-FALSE_WORDS = frozenset({"false", "0", "no", "off"})
-#: Headers that frame the HTTP message: set by the HTTP sink alone.
-RESERVED_HTTP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
-_HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_SLOT_NAME = re.compile(r"[a-z0-9_]+")
-_HOST_NAME = re.compile(rb"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")  #: no ':', '/', '@', spaces
-
-
-def _shown(value: str) -> str:
-    """A non-secret value quoted for an error message: one line, bounded."""
-    return repr(value if len(value) <= 60 else value[:57] + "...")
-
-
-def _as_given(value: str, variable: str) -> str:
-    return value
-
-
-def _stripped(value: str, variable: str) -> str:
-    return value.strip()
-
-
-def parse_bool(value: str, variable: str) -> bool:
-    word = value.strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise ConfigError(f"{variable} must be true or false (or 1/0, yes/no, on/off), got {_shown(value)}")
-
-
-def _int_parser(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
-    def parse(value: str, variable: str) -> int:
-        try:
-            number = int(value.strip())
-        except ValueError:
-            number = None
-        if number is None or number < minimum or (maximum is not None and number > maximum):
-            bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
-            raise ConfigError(f"{variable} must be a whole number {bound}, got {_shown(value)}")
-        return number
-    return parse
-
-
-def _parse_milliseconds(value: str, variable: str) -> float:
-    """Whole milliseconds >= 0, as seconds."""
-    return _int_parser(0)(value, variable) / 1000
-
-
-def _parse_seconds(value: str, variable: str) -> float:
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ConfigError(f"{variable} must be a number of seconds greater than 0, got {_shown(value)}")
-    return seconds
-
-
-def _choice_parser(choices: tuple[str, ...], upper: bool = False) -> Callable[[str, str], str]:
-    def parse(value: str, variable: str) -> str:
-        word = value.strip().upper() if upper else value.strip().lower()
-        if word not in choices:
-            raise ConfigError(f"{variable} must be one of {', '.join(choices)}, got {_shown(value)}")
-        return word
-    return parse
-
-
-def _parse_sink(value: str, variable: str) -> str:
-    sink = value.strip().lower()
-    if sink not in SINKS:
-        raise ConfigError(f"{variable}: Event sink must be one of: 'http', 'hook0', or 'stdout' "
-                          f"(got {_shown(value)})")
-    return sink
-
-
-# is_ip_address and is_valid_host serve the HTTP client (parse_http_url) and the PostgreSQL
-# connection (TLS server name) too: one rule everywhere.
-
-def is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
-
-
-def is_valid_host(host: str) -> bool:
-    """An IP address, or a name the resolver can be given (IDNA-encodable: no empty label, none
-    longer than 63 characters)."""
-    if is_ip_address(host):
-        return True
-    try:
-        ascii_name = host.encode("idna")
-    except UnicodeError:
-        return False
-    return _HOST_NAME.fullmatch(ascii_name) is not None
-
-
-def _parse_host(value: str, variable: str) -> str:
-    host = value.strip()
-    if not is_valid_host(host):
-        raise ConfigError(f"{variable} is not a valid host name or address, got {_shown(value)}")
-    return host
-
-
-def _parse_http_url(value: str, variable: str) -> str:
-    """Checked as the HTTP client will read it (parse_http_url); never echoed: the URL may carry
-    credentials or a token in its query."""
-    url = value.strip()
-    parse_http_url(url, variable)
-    return url
-
-
-def _parse_hook0_api_url(value: str, variable: str) -> str:
-    url = _parse_http_url(value, variable)
-    if urllib.parse.urlsplit(url).query:
-        raise ConfigError(f"{variable}: the URL of Hook0's API takes no query (?...)")
-    return url
-
-
-def _parse_slot_name(value: str, variable: str) -> str:
-    name = value.strip()
-    if not _SLOT_NAME.fullmatch(name) or len(name) > MAX_SLOT_NAME_LENGTH:
-        raise ConfigError(f"{variable} must be 1 to {MAX_SLOT_NAME_LENGTH} lowercase letters, "
-                          f"digits or underscores, got {_shown(value)}")
-    return name
-
-
-def _parse_publications(value: str, variable: str) -> tuple[str, ...]:
-    names = [name.strip() for name in value.split(",")]
-    if not all(names):
-        raise ConfigError(f"{variable} must be publication names separated by commas, with no empty "
-                          f"name, got {_shown(value)}")
-    return tuple(dict.fromkeys(names))  # duplicates dropped, order kept
-
-
-def _parse_json_object(value: str, variable: str) -> dict:
-    try:
-        data = json.loads(value)
-    except json.JSONDecodeError as exc:
-        # The decoder's message holds a position, never the text: safe for header values too.
-        raise ConfigError(f"{variable} must be a JSON object: {exc.msg} at character {exc.pos}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{variable} must be a JSON object, e.g. {{\"name\": \"value\"}}")
-    return data
-
-
-def _parse_http_headers(value: str, variable: str) -> tuple[tuple[str, str], ...]:
-    headers = []
-    for name, header_value in _parse_json_object(value, variable).items():
-        if not _HTTP_TOKEN.fullmatch(name):
-            raise ConfigError(f"{variable}: {_shown(name)} is not a valid header name")
-        if name.lower() in RESERVED_HTTP_HEADERS:
-            raise ConfigError(f"{variable}: the {name} header is set by wal2http itself")
-        if not isinstance(header_value, str) or any(c in header_value for c in "\r\n\0"):
-            raise ConfigError(f"{variable}: the value of {name} must be a string on one line")
-        headers.append((name, header_value))
-    return tuple(headers)
-
-
-def _parse_hook0_labels(value: str, variable: str) -> tuple[tuple[str, str], ...]:
-    """Converted and checked by Hook0's rules as each event's labels are: checked here, or every
-    event that falls back on these labels would be undeliverable."""
-    labels = {}
-    for name, label in _parse_json_object(value, variable).items():
-        if isinstance(label, (dict, list)):
-            raise ConfigError(f"{variable}: label {_shown(name)} must be a string, number or boolean")
-        if isinstance(label, float) and not math.isfinite(label):
-            raise ConfigError(f"{variable}: label {_shown(name)} must be a finite number")
-        if label is not None:
-            labels[name] = convert_hook0_string(label)
-    problem = hook0_string_map_problem(labels, 0, HOOK0_LABELS_MAX_ENTRIES)
-    if problem:
-        raise ConfigError(f"{variable} {problem}")
-    return tuple(labels.items())
-
-
-def _parse_uuid(value: str, variable: str) -> str:
-    try:
-        return str(uuid.UUID(value.strip()))
-    except ValueError:
-        raise ConfigError(f"{variable} must be a UUID, got {_shown(value)}") from None
-
-
-def _parse_bearer_token(value: str, variable: str) -> str:
-    token = value.strip()  # a secret file's trailing newline is not part of the token
-    if not token.isascii() or not token.isprintable() or " " in token:
-        raise ConfigError(f"{variable} has characters a bearer token cannot have "
-                          "(spaces, control or non-ASCII characters)")
-    return token
-
-
-def _parse_signing_secret(value: str, variable: str) -> str:
-    decode_signing_secret(value)  # the HTTP sink's own reading: a bad whsec_ secret fails here
-    return value
-
-
-def _parse_file(value: str, variable: str) -> str:
-    path = value.strip()
-    if not os.path.isfile(path):
-        raise ConfigError(f"{variable}: no such file {_shown(path)}")
-    return path
-
-
-def _parse_address(value: str, variable: str) -> str:
-    address = value.strip()
-    if "@" not in address or any(c in address for c in "\r\n\0"):
-        raise ConfigError(f"{variable} must be an email address, got {_shown(value)}")
-    return address
-
-
-def _parse_recipients(value: str, variable: str) -> tuple[str, ...]:
-    return tuple(_parse_address(item, variable) for item in value.split(",") if item.strip())
-
-
-# --- Secrets: what in a setting's value must never be shown --------------------------------------
-# Each function takes the value as given (text) or as parsed: the text is scrubbed from errors
-# raised while parsing, the parsed value from everything built later.
-
-URL_TOKEN_USER_MIN_CHARS = 16  #: a URL user name this long is taken for a token
-
-
-def url_secrets(url: str | None) -> list[str]:
-    """The credentials in a URL's user info (its password, or a user name with no password, as
-    written and decoded) and the Basic header value built from them: never to be shown."""
-    try:
-        parts = urllib.parse.urlsplit(url or "")
-        username, password = parts.username, parts.password
-    except ValueError:
-        return []
-    if username is None:
-        return []
-    user, secret = urllib.parse.unquote(username), urllib.parse.unquote(password or "")
-    basic = base64.b64encode(f"{user}:{secret}".encode()).decode("ascii")
-    # A user name is no secret (hiding "wal2http" would mangle every message that contains it),
-    # unless it is the credential: alone (https://<token>@host), or long, beside a dummy password
-    # (https://<api key>:X@host, https://<token>:x-oauth-basic@host).
-    values = [password, secret, basic]
-    if not password or len(user) >= URL_TOKEN_USER_MIN_CHARS:
-        values += [username, user]
-    return [value for value in values if value]
-
-
-def _whole_value(value) -> list[str]:
-    return [value] if isinstance(value, str) else []
-
-
-def _header_values(value) -> list[str]:
-    if isinstance(value, str):
-        try:
-            return [str(item) for item in json.loads(value).values()]
-        except (ValueError, AttributeError):
-            return []
-    return [header_value for _, header_value in value]
-
-
-def _database_passwords(value) -> list[str]:
-    try:
-        return [item for key, item in _split_connection_string(value or "") if key == "password"]
-    except ConfigError:
-        return []
+# -- Secrets: no message, log line or mail shows one -----------------------------------------------
 
 
 def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
@@ -866,336 +253,8 @@ def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-# --- The settings: one table drives --help, the flags, the environment, Config, logs, secrets -----
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """One setting: its environment variable (the flag is the same name, `--lower-case-dashed`),
-    the Config field it fills, and everything else about it."""
-
-    variable: str
-    field: str
-    group: str  #: database, replication, delivery, logging, or a sink or alerts: http, hook0, email
-    parse: Callable[[str, str], object]  #: (text, variable) -> value, or a ConfigError naming it
-    default: object  #: the Config field's default
-    help: str
-    shown_default: str = ""  #: the default as --help shows it, when the value's text would not do
-    secrets: Callable[[object], list[str]] | None = None  #: its secrets; also keeps it out of repr()
-    required: bool = False  #: required when its group is the chosen sink
-    log: str = ""  #: its name in the start-up description (describe_config), if shown there
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.variable.lower().replace("_", "-")
-
-    @property
-    def help_default(self) -> str:
-        if self.shown_default or self.default is None:
-            return self.shown_default or "unset"
-        if isinstance(self.default, bool):
-            return str(self.default).lower()
-        if isinstance(self.default, tuple):
-            return ",".join(self.default)
-        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("DATABASE_URL", "database_url", "database", _as_given, None,
-            "postgresql://user:password@host:port/dbname?sslmode=... or libpq key=value form; "
-            "PG* variables fill what it leaves out", "required except with --demo",
-            secrets=_database_passwords, log="database"),
-    Setting("SLOT_NAME", "slot_name", "replication", _parse_slot_name, "sub",
-            "logical replication slot (pgoutput)", log="slot"),
-    Setting("PUB_NAME", "publications", "replication", _parse_publications, ("pub",),
-            "publication(s), comma-separated", log="publications"),
-    Setting("CREATE_SLOT", "create_slot", "replication", parse_bool, True,
-            "create the slot if it does not exist"),
-    Setting("EVENT_SINK", "event_sink", "delivery", _parse_sink, "stdout", "stdout, http or hook0",
-            "hook0 if all HOOK0_* are set, else http if HTTP_ENDPOINT_URL is set, else stdout",
-            log="sink"),
-    Setting("SLOT_FAILOVER", "slot_failover", "replication", parse_bool, False,
-            "create the slot with failover (PostgreSQL 17+), so standbys with slot "
-            "synchronisation keep it; an existing slot is altered"),
-    Setting("FEEDBACK_INTERVAL_SECS", "feedback_interval_s", "replication", _parse_seconds, 1.0,
-            "seconds between standby status updates (fractions allowed)"),
-    Setting("STREAMING", "streaming", "replication", parse_bool, False,
-            "stream large in-progress transactions (PostgreSQL 14+)"),
-    Setting("ON_FAILURE", "on_failure", "delivery", _choice_parser(ON_FAILURE_CHOICES), "exit",
-            "when delivery retries are exhausted: exit, retry or skip", log="on_failure"),
-    Setting("DEAD_LETTER_FILE", "dead_letter_file", "delivery", _stripped,
-            "wal2http-dead-letter.jsonl", "where ON_FAILURE=skip writes events"),
-    Setting("RETRY_MAX_ATTEMPTS", "retry_max_attempts", "delivery", _int_parser(1), 5,
-            "attempts per delivery, the first included"),
-    Setting("RETRY_BASE_DELAY_MS", "retry_base_delay_s", "delivery", _parse_milliseconds, 1.0,
-            "first backoff delay, milliseconds", "1000"),
-    Setting("RETRY_MAX_DELAY_MS", "retry_max_delay_s", "delivery", _parse_milliseconds, 30.0,
-            "largest backoff delay, milliseconds", "30000"),
-    Setting("DELIVERY_CONCURRENCY", "delivery_concurrency", "delivery",
-            _int_parser(1, MAX_DELIVERY_CONCURRENCY), 1,
-            "HTTP and Hook0 requests in flight at once (1-256); events of one row stay in order",
-            log="concurrency"),
-    Setting("LOG_LEVEL", "log_level", "logging", _choice_parser(LOG_LEVELS, upper=True), "INFO",
-            "DEBUG, INFO, WARNING or ERROR"),
-    Setting("HTTP_ENDPOINT_URL", "http_endpoint_url", "http", _parse_http_url, None,
-            "http:// or https:// URL the HTTP sink POSTs to", secrets=url_secrets, required=True),
-    Setting("HTTP_BATCH_SIZE", "http_batch_size", "http", _int_parser(1), 1,
-            "events per HTTP request"),
-    Setting("HTTP_TIMEOUT_SECS", "http_timeout_s", "http", _parse_seconds, 10.0,
-            "timeout of each HTTP request, seconds"),
-    Setting("HTTP_HEADERS", "http_headers", "http", _parse_http_headers, (),
-            "JSON object of extra request headers", "unset", secrets=_header_values),
-    Setting("HTTP_SIGNING_SECRET", "http_signing_secret", "http", _parse_signing_secret, None,
-            "Standard Webhooks signing secret (whsec_...)", secrets=_whole_value),
-    Setting("HTTP_CA_FILE", "http_ca_file", "http", _parse_file, None,
-            "extra trusted CA certificates (PEM) for https"),
-    Setting("HOOK0_API_URL", "hook0_api_url", "hook0", _parse_hook0_api_url, None,
-            "Hook0 API URL (/api/v1 is added when it has no path)", secrets=url_secrets,
-            required=True),
-    Setting("HOOK0_APPLICATION_ID", "hook0_application_id", "hook0", _parse_uuid, None,
-            "Hook0 application id (UUID)", required=True),
-    Setting("HOOK0_API_TOKEN", "hook0_api_token", "hook0", _parse_bearer_token, None,
-            "Hook0 API token", secrets=_whole_value, required=True),
-    Setting("HOOK0_TABLE_EVENTS", "hook0_table_events", "hook0", parse_bool, False,
-            "send every row change, not only outbox rows"),
-    Setting("HOOK0_LABELS", "hook0_labels", "hook0", _parse_hook0_labels, (),
-            "JSON object of labels for events without labels", "unset"),
-    Setting("HOOK0_CREATE_EVENT_TYPES", "hook0_create_event_types", "hook0", parse_bool, False,
-            "create missing Hook0 event types"),
-    Setting("EMAIL_SMTP_HOST", "email_smtp_host", "email", _parse_host, None,
-            "SMTP server for alert mails"),
-    Setting("EMAIL_SMTP_PORT", "email_smtp_port", "email", _int_parser(1, 65535),
-            SMTP_SUBMISSION_PORT, "SMTP port", "465 with EMAIL_SMTP_TLS=ssl, else 587"),
-    Setting("EMAIL_SMTP_USERNAME", "email_smtp_username", "email", _as_given, None,
-            "SMTP login (no login when unset)"),
-    Setting("EMAIL_SMTP_PASSWORD", "email_smtp_password", "email", _as_given, None,
-            "SMTP password", secrets=_whole_value),
-    Setting("EMAIL_FROM", "email_from", "email", _parse_address, None,
-            "sender address of alert mails"),
-    Setting("EMAIL_TO", "email_to", "email", _parse_recipients, (),
-            "recipients of alert mails, comma-separated", "unset", log="alerts"),
-    Setting("EMAIL_SMTP_TLS", "email_smtp_tls", "email", _choice_parser(SMTP_TLS_MODES),
-            "starttls", "starttls, ssl or none", "ssl on port 465, else starttls"),
-)
-
-
-def _config_field(setting: Setting) -> tuple[str, type, dataclasses.Field]:
-    return setting.field, object, dataclasses.field(default=setting.default,
-                                                    repr=setting.secrets is None)
-
-
-Config = dataclasses.make_dataclass(
-    "Config", [_config_field(SETTINGS[0]), ("conninfo", object, dataclasses.field(default=None))]
-    + [_config_field(setting) for setting in SETTINGS[1:]], frozen=True,
-    namespace={"__module__": __name__, "__doc__": (
-        "Everything wal2http runs with (frozen): a field per entry of SETTINGS, named by its "
-        "`field`, with its default\n(secret-bearing ones left out of repr()), and `conninfo`, "
-        "DATABASE_URL as parse_database_url() reads it.")})
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises ConfigError (exit 2, one line) instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # Keep option names, drop values: `--databse-url postgresql://u:pw@h` must not echo pw.
-        if message.startswith("unrecognized arguments:"):
-            names = [arg.split("=", 1)[0] for arg in message.split(":", 1)[1].split()
-                     if arg.startswith("-")]
-            message = (f"unrecognized option(s): {' '.join(names)}" if names
-                       else "unexpected arguments (options take the form --name value)")
-        message = re.sub(r"(--[\w-]+)=\S+", r"\1=...", message)
-        raise ConfigError(f"command line: {message} (see --help)")
-
-
-#: --help lists these groups' settings under their own heading, the others under "options".
-HELP_GROUPS = {"http": "HTTP sink (EVENT_SINK=http)", "hook0": "Hook0 sink (EVENT_SINK=hook0)",
-               "email": "email alerts"}
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    """Every long option mirrors an environment variable; a flag wins over the environment.  The
-    usage line names the program as it was run (argparse's default: the basename of argv[0])."""
-    parser = _ArgumentParser(
-        allow_abbrev=False,
-        description="Stream PostgreSQL logical replication changes to stdout, HTTP or Hook0.",
-        epilog="Each option can also be set by the environment variable shown; an empty variable "
-               "counts as unset. Booleans accept true/false, 1/0, yes/no, on/off.")
-    groups = {group: parser.add_argument_group(title) for group, title in HELP_GROUPS.items()}
-    for setting in SETTINGS:
-        extra = {"nargs": "?", "const": "true"} if setting.parse is parse_bool else {}
-        shown = f"[env {setting.variable}; default: {setting.help_default}]"
-        groups.get(setting.group, parser).add_argument(
-            setting.flag, dest=setting.variable, default=None, metavar=setting.variable,
-            help=f"{setting.help} {shown}", **extra)
-    parser.add_argument("--check", action="store_true",
-                        help="verify the database, publication, slot and sink, print one line "
-                             "per check, and exit (0 only if all pass)")
-    parser.add_argument("--demo", action="store_true",
-                        help="run against a throwaway local PostgreSQL with a demo table")
-    parser.add_argument("--version", action="version", version=f"wal2http {__version__}")
-    return parser
-
-
-# --- Building the Config: the table, then the rules that tie settings together -------------------
-
-def _raw_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str | None]:
-    """Flag over environment; empty or blank means unset (the default applies)."""
-    raw = {}
-    for setting in SETTINGS:
-        value = getattr(args, setting.variable)
-        if value is None:
-            value = environ.get(setting.variable)
-        raw[setting.variable] = value if value is not None and value.strip() else None
-    return raw
-
-
-def _database_settings(url: str | None, environ: Mapping[str, str], mode: str) -> dict:
-    if mode == "demo":  # the demo starts its own server and sets these itself
-        return {"database_url": None, "conninfo": None}
-    if url is None:
-        raise ConfigError("DATABASE_URL is required (postgresql://user:password@host:5432/dbname "
-                          "or libpq key=value form; --database-url works too), or use --demo")
-    return {"database_url": url, "conninfo": parse_database_url(url, environ)}
-
-
-def _missing(settings: Mapping[str, object], sink: str) -> list[str]:
-    """The variables `sink` requires that are not set, in table order."""
-    return [setting.variable for setting in SETTINGS
-            if setting.group == sink and setting.required and settings.get(setting.field) is None]
-
-
-def choose_sink(settings: Mapping[str, object]) -> str:
-    """EVENT_SINK if set, else the priority rule: Hook0 if all its required variables are set
-    (HOOK0_API_URL, HOOK0_APPLICATION_ID, HOOK0_API_TOKEN), else HTTP if HTTP_ENDPOINT_URL is,
-    else stdout."""
-    if settings.get("event_sink"):
-        return settings["event_sink"]
-    return next((sink for sink in ("hook0", "http") if not _missing(settings, sink)), "stdout")
-
-
-def check_sink_settings(settings: Mapping[str, object], sink: str) -> None:
-    missing = _missing(settings, sink)
-    if missing and sink == "http":
-        raise ConfigError(f"HTTP event sink specified but missing {', '.join(missing)}")
-    if missing:
-        raise ConfigError(f"Hook0 event sink specified but missing required configuration "
-                          f"({', '.join(missing)})")
-
-
-def check_retry_delays(settings: Mapping[str, object]) -> None:
-    base = settings.get("retry_base_delay_s", Config.retry_base_delay_s)  # or the default
-    largest = settings.get("retry_max_delay_s", Config.retry_max_delay_s)
-    if base > largest:
-        raise ConfigError(f"RETRY_BASE_DELAY_MS ({round(base * 1000)}) must not be larger than "
-                          f"RETRY_MAX_DELAY_MS ({round(largest * 1000)})")
-
-
-def smtp_port_and_tls(settings: Mapping[str, object]) -> dict:
-    """EMAIL_SMTP_TLS and EMAIL_SMTP_PORT default from each other: 465 <-> ssl, else starttls/587."""
-    port, tls = settings.get("email_smtp_port"), settings.get("email_smtp_tls")
-    tls = tls or ("ssl" if port == SMTP_SSL_PORT else "starttls")
-    port = port or (SMTP_SSL_PORT if tls == "ssl" else SMTP_SUBMISSION_PORT)
-    return {"email_smtp_port": port, "email_smtp_tls": tls}
-
-
-def _given_secrets(raw: Mapping[str, str | None], environ: Mapping[str, str]) -> list[str]:
-    """The secrets in the settings as given, for scrubbing an error raised while parsing them."""
-    secrets = [environ.get("PGPASSWORD", "")]
-    for setting in SETTINGS:
-        if setting.secrets and raw[setting.variable]:
-            secrets += setting.secrets(raw[setting.variable])
-    return secrets
-
-
-def load_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, str]:
-    """Command line and environment -> (Config, mode), mode being "run", "check" or "demo".
-
-    --help and --version raise SystemExit(0) from argparse; every problem is a one-line
-    ConfigError naming the variable, without secrets.
-    """
-    args = build_arg_parser().parse_args(argv)
-    if args.check and args.demo:
-        raise ConfigError("command line: --check and --demo cannot be used together")
-    mode = "check" if args.check else "demo" if args.demo else "run"
-    raw = _raw_settings(args, environ)
-    try:
-        settings = {setting.field: setting.parse(raw[setting.variable], setting.variable)
-                    for setting in SETTINGS if raw[setting.variable] is not None}
-        settings["event_sink"] = sink = choose_sink(settings)
-        check_sink_settings(settings, sink)
-        settings.update(_database_settings(settings.get("database_url"), environ, mode))
-        check_retry_delays(settings)
-        settings.update(smtp_port_and_tls(settings))
-    except ConfigError as exc:
-        raise ConfigError(scrub_secrets(str(exc), _given_secrets(raw, environ))) from None
-    return Config(**settings), mode
-
-
-def config_secrets(config: Config) -> tuple[str, ...]:
-    """Every secret value the config holds, for scrubbing text built from outside input."""
-    values = [config.conninfo.password if config.conninfo else None]
-    for setting in SETTINGS:
-        value = getattr(config, setting.field)
-        if setting.secrets and value:
-            values += setting.secrets(value)
-    return tuple(dict.fromkeys(value for value in values if value))
-
-
-def email_enabled(config: Config) -> bool:
-    return bool(config.email_smtp_host and config.email_from and config.email_to)
-
-
-def config_warnings(config: Config) -> list[str]:
-    """Problems worth a WARNING at start-up that do not stop wal2http."""
-    warnings = []
-    email_parts = {"EMAIL_SMTP_HOST": config.email_smtp_host, "EMAIL_FROM": config.email_from,
-                   "EMAIL_TO": config.email_to}
-    if not email_enabled(config) and (any(email_parts.values()) or config.email_smtp_username
-                                      or config.email_smtp_password):
-        missing = ", ".join(name for name, value in email_parts.items() if not value)
-        warnings.append(f"email alerts are disabled: EMAIL_SMTP_HOST, EMAIL_FROM and EMAIL_TO "
-                        f"must all be set (missing: {missing})")
-    if bool(config.email_smtp_username) != bool(config.email_smtp_password):
-        warnings.append("EMAIL_SMTP_USERNAME and EMAIL_SMTP_PASSWORD should be set together")
-    if config.email_smtp_password and config.email_smtp_tls == "none":
-        warnings.append("EMAIL_SMTP_TLS=none sends EMAIL_SMTP_PASSWORD unencrypted")
-    hook0_parts = (config.hook0_api_url, config.hook0_application_id, config.hook0_api_token)
-    if config.event_sink != "hook0" and any(hook0_parts):
-        warnings.append(f"HOOK0_* settings are ignored: the event sink is {config.event_sink}")
-    if config.event_sink != "http" and config.http_endpoint_url:
-        warnings.append(f"HTTP_ENDPOINT_URL is ignored: the event sink is {config.event_sink}")
-    if config.event_sink == "http" and config.http_signing_secret and \
-            not config.http_signing_secret.startswith(WEBHOOK_SECRET_PREFIX):
-        warnings.append("HTTP_SIGNING_SECRET does not start with whsec_: Standard Webhooks libraries "
-                        "expect whsec_ followed by the base64 of the key (wal2http signs with the "
-                        "secret's UTF-8 bytes as the key)")
-    if config.event_sink == "stdout" and config.delivery_concurrency > 1:
-        warnings.append("DELIVERY_CONCURRENCY is ignored: the stdout sink writes one batch at a time")
-    return warnings
-
-
-def _describe(config: Config, field: str) -> str:
-    """One setting's value as the start-up log shows it: never a secret, never a URL's path."""
-    value = getattr(config, field)
-    if field == "database_url":
-        return config.conninfo.describe() if config.conninfo else "(demo)"
-    if field == "email_to":
-        return ", ".join(value) if email_enabled(config) else "log only"
-    if field == "event_sink" and value == "http" and config.http_endpoint_url:
-        return f"http {parse_http_url(config.http_endpoint_url).where}"
-    if field == "event_sink" and value == "hook0" and config.hook0_api_url:
-        return (f"hook0 {parse_http_url(config.hook0_api_url).where} "
-                f"application {config.hook0_application_id}")
-    return ",".join(value) if isinstance(value, tuple) else str(value)
-
-
-def describe_config(config: Config) -> str:
-    """One line for the start-up log: the settings the table gives a `log` name, shown safely."""
-    return " ".join(f"{setting.log}={_describe(config, setting.field)}"
-                    for setting in SETTINGS if setting.log)
-
-
 # =====================================================================================================
-# 3. Wire codec (sans-IO)
+# 2. Wire codec (sans-IO)
 # =====================================================================================================
 # Frontend/Backend protocol v3 ("Message Formats" in the PostgreSQL docs).  Pure functions from
 # values to bytes and back; `MessageBuffer` splits a byte stream into backend messages.  Nothing
@@ -1457,7 +516,7 @@ def parse_lsn(text: str) -> int:
 
 
 # =====================================================================================================
-# 4. Authentication (pure)
+# 3. Authentication (pure)
 # =====================================================================================================
 # MD5 and SCRAM-SHA-256 (RFC 5802, RFC 7677) as PostgreSQL uses them ("SASL Authentication" in the
 # docs): the server ignores the SCRAM user name (it has the startup user), so the client sends
@@ -1581,6 +640,422 @@ class Authenticator:
             return encode_sasl_response(self._scram.client_final(data))
         self._scram.verify_server_final(data)
         return b""
+
+
+# =====================================================================================================
+# 4. PostgreSQL connection (I/O)
+# =====================================================================================================
+# The thin I/O layer over the codec: TCP or Unix socket, SSLRequest and TLS with libpq's sslmode
+# semantics, the authentication exchange, simple queries.  This is the only section that turns
+# OSError, trio.BrokenResourceError and timeouts into ConnectionLost.  Its rules for host names
+# (is_valid_host, is_ip_address, is_unix_socket) serve the HTTP client and the configuration too.
+
+_HOST_NAME = re.compile(rb"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")  #: no ':', '/', '@', spaces
+
+
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def is_valid_host(host: str) -> bool:
+    """An IP address, or a name the resolver can be given (IDNA-encodable: no empty label, none
+    longer than 63 characters)."""
+    if is_ip_address(host):
+        return True
+    try:
+        ascii_name = host.encode("idna")
+    except UnicodeError:
+        return False
+    return _HOST_NAME.fullmatch(ascii_name) is not None
+
+
+def is_unix_socket(host: str) -> bool:
+    """libpq's rule: a host that starts with '/' is the directory of a Unix-domain socket."""
+    return host.startswith("/")
+
+
+RECEIVE_BYTES = 256 * 1024  #: one socket read
+DEFAULT_QUERY_TIMEOUT_S = 60.0  #: simple queries during setup (CREATE_REPLICATION_SLOT can wait on running transactions)
+SESSION_SETTINGS = {  #: startup parameters that make the server's text output predictable
+    "DateStyle": "ISO",
+    "TimeZone": "UTC",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "3",
+    "bytea_output": "hex",
+    "client_encoding": "UTF8",
+    "standard_conforming_strings": "on",
+}
+#: SQLSTATEs of a server error at connect time that mean "not now, try again later".
+RETRYABLE_CONNECT_SQLSTATES = {"57P01", "57P02", "57P03", "53300", "53400", "55006", "08006", "08001"}
+#: SQLSTATE classes / codes that mean a precondition the operator must fix (exit 4).
+PRECONDITION_SQLSTATES = {"28000", "28P01", "3D000", "42501", "42704", "55000"}
+
+_IO_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
+
+
+def quote_literal(text: str) -> str:
+    """A SQL string literal (standard_conforming_strings is on for our sessions)."""
+    if "\0" in text:
+        raise ValueError("a SQL literal cannot contain a NUL byte")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def quote_ident(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+def classify_server_error(error: ServerError, context: str, streaming: bool = False) -> Wal2HttpError:
+    """Turn an ErrorResponse into what the caller should do: retry, exit 4, or fail.  Once
+    streaming, a cancelled walsender (57014), insufficient resources (53), a system error (58) or
+    an internal error (XX) is retried too, as PostgreSQL's own subscriber does."""
+    message = f"{context}: {error.fields.get('M', '')}"
+    if error.fields.get("D"):
+        message += f" ({error.fields['D']})"
+    if error.fields.get("H"):
+        message += f" Hint: {error.fields['H']}"
+    if error.sqlstate in ("28000", "28P01"):
+        return AuthenticationError(message)
+    if error.sqlstate in PRECONDITION_SQLSTATES:
+        return PreconditionError(message)
+    if error.sqlstate in RETRYABLE_CONNECT_SQLSTATES or error.sqlstate.startswith("08"):
+        return ConnectionLost(message)
+    if streaming and (error.sqlstate == "57014" or error.sqlstate[:2] in ("53", "58", "XX")):
+        return ConnectionLost(f"{message} [SQLSTATE {error.sqlstate}]")
+    return error
+
+
+def _ssl_context(conninfo, verify: str | None) -> ssl.SSLContext:
+    """verify: None (encrypt only), "ca" (chain) or "full" (chain and host name), as libpq."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if verify is None:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        root = conninfo.sslrootcert or os.path.expanduser("~/.postgresql/root.crt")
+        if root == "system":
+            ctx.load_default_certs()
+        elif os.path.exists(root):
+            ctx.load_verify_locations(root)
+        else:
+            raise AuthenticationError(
+                f"sslmode=verify-{verify} needs a root certificate: {root} does not exist "
+                "(set sslrootcert in DATABASE_URL, or sslrootcert=system for the system store)")
+        ctx.check_hostname = verify == "full"
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    if conninfo.sslcert:
+        try:
+            ctx.load_cert_chain(conninfo.sslcert, conninfo.sslkey)
+        except (OSError, ssl.SSLError) as exc:
+            raise PreconditionError(f"cannot load the client certificate sslcert={conninfo.sslcert}: {exc}") from None
+    return ctx
+
+
+def _tls_verification(conninfo) -> str | None:
+    mode = conninfo.sslmode
+    if mode == "verify-full":
+        return "full"
+    if mode == "verify-ca" or (mode == "require" and conninfo.sslrootcert
+                               and os.path.exists(conninfo.sslrootcert)):
+        return "ca"  # libpq: require with a root certificate file behaves as verify-ca
+    return None
+
+
+class PgConnection:
+    """One authenticated connection: send bytes, receive whole messages, run simple queries."""
+
+    def __init__(self, stream: trio.abc.Stream, conninfo):
+        self.stream = stream
+        self.conninfo = conninfo
+        self.buffer = MessageBuffer()
+        self.parameters: dict[str, str] = {}
+        self.backend_pid = 0
+        self._send_lock = trio.Lock()
+
+    @property
+    def server_version_num(self) -> int:
+        """server_version as the integer PostgreSQL uses (150004 for 15.4)."""
+        text = self.parameters.get("server_version", "0").split()[0]
+        parts = [int(p) for p in re.findall(r"\d+", text)[:2]] + [0]
+        return parts[0] * 10000 + (parts[1] if parts[0] >= 10 else 0)
+
+    async def send(self, data: bytes) -> None:
+        try:
+            async with self._send_lock:
+                await self.stream.send_all(data)
+        except _IO_ERRORS as exc:
+            raise ConnectionLost(f"connection to PostgreSQL lost while sending: {exc}") from None
+
+    async def receive_some(self) -> bytes:
+        try:
+            data = await self.stream.receive_some(RECEIVE_BYTES)
+        except _IO_ERRORS as exc:
+            raise ConnectionLost(f"connection to PostgreSQL lost: {exc}") from None
+        if not data:
+            raise ConnectionLost("PostgreSQL closed the connection")
+        return data
+
+    async def receive_message(self) -> tuple[int, bytes]:
+        """The next message that is not an asynchronous one (see handle_asynchronous)."""
+        while True:
+            message = self.buffer.next_message()
+            if message is None:
+                self.buffer.feed(await self.receive_some())
+            elif not self.handle_asynchronous(*message):
+                return message
+
+    def handle_asynchronous(self, tag: int, body: bytes) -> bool:
+        """Messages the server may send at any time ("Asynchronous Operations" in the protocol
+        docs): a notice is logged, a parameter status recorded, a notification ignored.  False
+        for any other message."""
+        if tag == NOTICE_RESPONSE:
+            fields = decode_error_fields(body, "NoticeResponse")
+            logger.info("PostgreSQL %s: %s", fields.get("S", "NOTICE"), fields.get("M", ""))
+        elif tag == PARAMETER_STATUS:
+            name, value = decode_parameter_status(body)
+            self.parameters[name] = value
+        elif tag != NOTIFICATION_RESPONSE:
+            return False
+        return True
+
+    async def simple_query(self, sql: str, timeout_s: float = DEFAULT_QUERY_TIMEOUT_S) -> list[tuple]:
+        """Run one statement; returns its rows (tuples of str or None). ServerError on failure."""
+        await self.send(encode_query(sql))
+        rows: list[tuple] = []
+        error = None
+        with trio.move_on_after(timeout_s) as scope:
+            while True:
+                tag, body = await self.receive_message()
+                if tag == DATA_ROW:
+                    rows.append(decode_data_row(body))
+                elif tag == ERROR_RESPONSE:
+                    error = ServerError(decode_error_fields(body))
+                elif tag == READY_FOR_QUERY:
+                    break
+                elif tag not in (ROW_DESCRIPTION, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE):
+                    raise ProtocolError(f"unexpected message {chr(tag)!r} in reply to a query")
+        if scope.cancelled_caught:
+            raise ConnectionLost(f"PostgreSQL did not answer within {timeout_s:g} s: {sql.split()[0]}")
+        if error:
+            raise error
+        return rows
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            try:
+                await self.stream.send_all(encode_terminate())
+            except _IO_ERRORS:
+                pass
+            try:
+                await self.stream.aclose()
+            except _IO_ERRORS:
+                pass
+
+
+async def _open_socket(conninfo) -> trio.abc.Stream:
+    try:
+        if is_unix_socket(conninfo.host):
+            return await trio.open_unix_socket(f"{conninfo.host}/.s.PGSQL.{conninfo.port}")
+        stream = await trio.open_tcp_stream(conninfo.host, conninfo.port)
+        set_tcp_keepalive(stream.socket)
+        return stream
+    except OSError as exc:
+        raise ConnectionLost(f"cannot connect to PostgreSQL at {_where(conninfo)}: {describe_os_error(exc)}") from None
+
+
+def describe_os_error(exc: OSError) -> str:
+    """The operating system's reason, once: "Connection refused" rather than Trio's "all attempts
+    to connect to host:port failed" around it (the address is named by the caller)."""
+    causes = getattr(exc.__cause__, "exceptions", None) or [exc]
+    reasons = dict.fromkeys(os.strerror(cause.errno) if (cause.errno or 0) > 0 else cause.strerror or str(cause)
+                            for cause in causes if isinstance(cause, OSError))
+    return "; ".join(reasons) or str(exc)
+
+
+TCP_KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}  #: a dead peer noticed in 2 min
+
+
+def set_tcp_keepalive(sock) -> None:
+    """TCP keepalives on the connection to PostgreSQL, as libpq's keepalives_* do: a peer gone
+    without a word (a cut network, a crashed host) is noticed even where wal2http waits on the
+    server without a deadline of its own (CREATE_REPLICATION_SLOT waits for running transactions)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in TCP_KEEPALIVE.items():
+        if hasattr(socket, name):  # Linux names; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def _where(conninfo) -> str:
+    if is_unix_socket(conninfo.host):
+        return f"{conninfo.host}/.s.PGSQL.{conninfo.port}"
+    return f"{conninfo.host}:{conninfo.port}"
+
+
+async def _start_tls(stream: trio.abc.Stream, conninfo) -> trio.abc.Stream | None:
+    """SSLRequest; returns the TLS stream, or None when the server declined."""
+    await stream.send_all(encode_ssl_request())
+    answer = await stream.receive_some(1)  # exactly one byte: nothing may be buffered before TLS
+    if answer == b"N":
+        return None
+    if answer != b"S":
+        raise ProtocolError(f"unexpected answer to SSLRequest: {answer!r}")
+    verify = _tls_verification(conninfo)
+    host = conninfo.host
+    sni = host if (verify == "full" or not is_ip_address(host)) else None
+    tls = trio.SSLStream(stream, _ssl_context(conninfo, verify), server_hostname=sni)
+    try:
+        await tls.do_handshake()
+    except _IO_ERRORS as exc:
+        cause = exc if isinstance(exc, ssl.SSLCertVerificationError) else exc.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise AuthenticationError(f"TLS verification of PostgreSQL at {_where(conninfo)} failed "
+                                      f"(sslmode={conninfo.sslmode}): {cause.verify_message}") from None
+        raise ConnectionLost(f"TLS handshake with PostgreSQL at {_where(conninfo)} failed: {exc}") from None
+    return tls
+
+
+async def _authenticate(conn: PgConnection) -> None:
+    """From StartupMessage to ReadyForQuery: the server's requests answered by an Authenticator."""
+    info = conn.conninfo
+    authenticator = Authenticator(info.user, info.password)
+    while True:
+        tag, body = await conn.receive_message()
+        if tag == READY_FOR_QUERY:
+            return
+        if tag == ERROR_RESPONSE:
+            raise classify_server_error(ServerError(decode_error_fields(body)),
+                                        f"PostgreSQL refused the connection as user {info.user!r}")
+        if tag == AUTHENTICATION:
+            reply = authenticator.answer(*decode_authentication(body))
+            if reply:
+                await conn.send(reply)
+        elif tag == BACKEND_KEY_DATA:
+            conn.backend_pid = _INT32.unpack_from(body)[0] if len(body) >= 4 else 0
+        elif tag != NEGOTIATE_PROTOCOL_VERSION:
+            raise ProtocolError(f"unexpected message {chr(tag)!r} during authentication")
+
+
+def build_startup_parameters(conninfo, replication: bool) -> dict[str, str]:
+    params = {"user": conninfo.user, "database": conninfo.dbname,
+              "application_name": conninfo.application_name, **SESSION_SETTINGS}
+    if replication:
+        params["replication"] = "database"
+    return params
+
+
+@contextlib.asynccontextmanager
+async def open_pg_connection(conninfo, *, replication: bool = True):
+    """An authenticated connection to the first host that fits, closed on exit.  Honours
+    sslmode and target_session_attrs like libpq."""
+    conn = await connect_to_first_fitting_host(conninfo, replication)
+    try:
+        yield conn
+    finally:
+        await conn.aclose()
+
+
+async def connect_to_first_fitting_host(conninfo, replication: bool) -> PgConnection:
+    """Each host in turn, as libpq: one that cannot be reached (refused, timed out after
+    connect_timeout, or "not now" from the server) or does not fit target_session_attrs is
+    skipped with a log line; an authentication or TLS-verification failure is not (exit 4).
+    prefer-standby tries every host for a standby first, then any of them."""
+    wanted = conninfo.target_session_attrs
+    hosts = conninfo.each_host()
+    skipped = []
+    for attrs in ("standby", "any") if wanted == "prefer-standby" else (wanted,):
+        for target in hosts:
+            try:
+                conn = await _connect_in_time(target, replication)
+            except ConnectionLost as exc:
+                if len(hosts) == 1 and attrs == wanted:
+                    raise
+                skipped.append(f"{_where(target)}: {exc}")
+                logger.warning("skipping PostgreSQL at %s: %s", _where(target), exc)
+                continue
+            misfit = await describe_session_misfit(conn, attrs)
+            if misfit is None:
+                if len(hosts) > 1:
+                    logger.info("connected to PostgreSQL at %s", _where(target))
+                return conn
+            await conn.aclose()
+            skipped.append(f"{_where(target)}: {misfit}")
+            logger.warning("skipping PostgreSQL at %s: %s (target_session_attrs=%s)", _where(target), misfit, attrs)
+    raise ConnectionLost(f"no PostgreSQL host fits target_session_attrs={wanted}: {'; '.join(skipped)}")
+
+
+async def _connect_in_time(conninfo, replication: bool) -> PgConnection:
+    try:
+        with trio.fail_after(conninfo.connect_timeout_s):
+            return await _connect(conninfo, replication)
+    except trio.TooSlowError:
+        raise ConnectionLost(f"cannot connect to PostgreSQL at {_where(conninfo)}: "
+                             f"no answer within connect_timeout={conninfo.connect_timeout_s:g} s") from None
+
+
+async def describe_session_misfit(conn: PgConnection, attrs: str) -> str | None:
+    """None when the server fits target_session_attrs `attrs`, else why not.  As libpq: from
+    PostgreSQL 14 the server reports in_hot_standby and default_transaction_read_only at start-up;
+    older ones are asked."""
+    if attrs == "any":
+        return None
+    standby = conn.parameters.get("in_hot_standby")
+    if standby is None:
+        (recovery,), = await conn.simple_query("SELECT pg_catalog.pg_is_in_recovery()")
+        standby = "on" if recovery == "t" else "off"
+    read_only = conn.parameters.get("default_transaction_read_only")
+    if read_only is None:
+        (read_only,), = await conn.simple_query("SHOW transaction_read_only")
+    read_only = "on" if standby == "on" else read_only
+    misfits = {"read-write": (read_only == "on", "it is read-only"),
+               "read-only": (read_only != "on", "it accepts writes"),
+               "primary": (standby == "on", "it is a standby"),
+               "standby": (standby != "on", "it is not a standby")}
+    misfit, reason = misfits[attrs]
+    return reason if misfit else None
+
+
+async def _connect(conninfo, replication: bool) -> PgConnection:
+    mode = "disable" if is_unix_socket(conninfo.host) else conninfo.sslmode  # libpq: no TLS on Unix sockets
+    try:
+        return await _connect_once(conninfo, replication, tls=mode not in ("disable", "allow"))
+    except AuthenticationError:
+        if mode != "allow":
+            raise
+        return await _connect_once(conninfo, replication, tls=True)  # allow: plain first, then TLS
+
+
+async def _connect_once(conninfo, replication: bool, tls: bool) -> PgConnection:
+    stream = await _open_socket(conninfo)
+    try:
+        if tls:
+            tls_stream = await _start_tls(stream, conninfo)
+            if tls_stream is None and conninfo.sslmode in ("require", "verify-ca", "verify-full"):
+                raise PreconditionError(f"PostgreSQL at {_where(conninfo)} does not accept TLS "
+                                        f"but DATABASE_URL says sslmode={conninfo.sslmode}")
+            stream = tls_stream or stream
+        conn = PgConnection(stream, conninfo)
+        await conn.send(encode_startup(build_startup_parameters(conninfo, replication)))
+        await _authenticate(conn)
+        return conn
+    except _IO_ERRORS as exc:
+        await _close_quietly(stream)
+        raise ConnectionLost(f"connection to PostgreSQL at {_where(conninfo)} failed: {exc}") from None
+    except BaseException:
+        await _close_quietly(stream)
+        raise
+
+
+async def _close_quietly(stream) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            await stream.aclose()
+        except _IO_ERRORS:
+            pass
 
 
 # =====================================================================================================
@@ -3229,1911 +2704,7 @@ def _commit_time_text(timestamp_us: int, what: str) -> str:
 
 
 # =====================================================================================================
-# 9. Alerts
-# =====================================================================================================
-# Alerts are always logged; mailed when EMAIL_SMTP_HOST, EMAIL_FROM and EMAIL_TO are set.
-# `alert()` / `recovered()` never block and never raise: they put the mail on a bounded channel
-# (a full channel drops the mail, with a log line).  `Alerter.run` sends the mails one at a time
-# with smtplib in a worker thread, so a dead or slow SMTP server never holds up replication.
-
-ALERT_REPEAT_S = 300.0  #: one mail per alert key per 5 minutes at most
-ALERT_QUEUE_SIZE = 32  #: mails waiting for the SMTP thread; more are dropped
-SMTP_TIMEOUT_S = 30.0  #: each SMTP operation (connect, each command)
-SMTP_SEND_DEADLINE_S = 120.0  #: one whole mail; the thread is abandoned after that
-ALERT_SUBJECT_PREFIX = "[wal2http]"
-MAX_SUBJECT_CHARS = 200
-
-
-def _utc_text(moment: datetime.datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _one_line(text: str, limit: int) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
-def build_alert_message(config: Config, *, kind: str, key: str, subject: str, body: str,
-                        since: datetime.datetime, now: datetime.datetime) -> email.message.EmailMessage:
-    """The mail for an alert (kind "ALERT") or a recovery (kind "RECOVERED"): pure."""
-    message = email.message.EmailMessage()
-    message["Subject"] = f"{ALERT_SUBJECT_PREFIX} {kind}: {_one_line(subject, MAX_SUBJECT_CHARS)}"
-    message["From"] = config.email_from or ""
-    message["To"] = ", ".join(config.email_to)
-    message["Date"] = email.utils.format_datetime(now)
-    message["Message-ID"] = email.utils.make_msgid(domain="wal2http.invalid")
-    where = f"slot {config.slot_name}"
-    if config.conninfo:
-        info = config.conninfo
-        where += f" on {info.host}:{info.port}/{info.dbname}"
-    lines = [f"wal2http on {socket.gethostname()} ({where})", "",
-             f"What failed:   {key}: {subject}"]
-    if kind == "RECOVERED":
-        lines += [f"Failing since: {_utc_text(since)} (UTC)", f"Recovered at:  {_utc_text(now)} (UTC)"]
-    else:
-        lines += [f"Failing since: {_utc_text(since)} (UTC)",
-                  f"Repeated at most every {int(ALERT_REPEAT_S // 60)} minutes while it lasts."]
-    message.set_content("\n".join(lines + ["", body, ""]))
-    return message
-
-
-def _open_smtp(config: Config, ssl_context: ssl.SSLContext, timeout_s: float) -> smtplib.SMTP:
-    """Blocking: connect, greet, STARTTLS or SSL per EMAIL_SMTP_TLS, log in when a user is set."""
-    host, port, tls = config.email_smtp_host, config.email_smtp_port, config.email_smtp_tls
-    if tls == "ssl":
-        smtp: smtplib.SMTP = smtplib.SMTP_SSL(host, port, timeout=timeout_s, context=ssl_context)
-    else:
-        smtp = smtplib.SMTP(host, port, timeout=timeout_s)
-    try:
-        smtp.ehlo()
-        if tls == "starttls":
-            smtp.starttls(context=ssl_context)
-        if config.email_smtp_username:
-            smtp.login(config.email_smtp_username, config.email_smtp_password or "")
-    except BaseException:
-        smtp.close()
-        raise
-    return smtp
-
-
-def send_smtp_message(config: Config, message: email.message.EmailMessage, *,
-                      ssl_context: ssl.SSLContext, timeout_s: float = SMTP_TIMEOUT_S) -> None:
-    """Blocking: one mail through EMAIL_SMTP_HOST (run it in a thread).  Raises OSError or
-    smtplib.SMTPException on failure."""
-    with _open_smtp(config, ssl_context, timeout_s) as smtp:
-        smtp.send_message(message)
-
-
-async def check_smtp(config: Config, ssl_context: ssl.SSLContext | None = None,
-                     timeout_s: float = SMTP_TIMEOUT_S) -> None:
-    """--check: connect to and greet the SMTP server (TLS and login as configured); send nothing."""
-    context = ssl_context or ssl.create_default_context()
-
-    def greet() -> None:
-        with _open_smtp(config, context, timeout_s) as smtp:
-            smtp.noop()
-
-    try:
-        await _run_in_worker_thread(greet)
-    except (OSError, smtplib.SMTPException) as exc:
-        detail = scrub_secrets(_one_line(f"{type(exc).__name__}: {exc}", 300), config_secrets(config))
-        raise PreconditionError(f"SMTP server {config.email_smtp_host}:{config.email_smtp_port} "
-                                f"(EMAIL_SMTP_HOST): {detail}") from None
-
-
-async def _run_in_worker_thread(function: Callable[[], None]) -> None:
-    """In a worker thread, abandoned on cancel: a hung SMTP server never blocks the caller."""
-    await trio.to_thread.run_sync(function, abandon_on_cancel=True)
-
-
-@dataclasses.dataclass
-class _AlertState:
-    since: datetime.datetime
-    mailed_at: float | None = None  # `now()` when the last mail for this key was queued
-
-
-class Alerter:
-    """Logs alerts, and mails them (rate-limited per key) when email is configured.
-
-    `send_mail(message)` is the blocking sender (default: smtplib per EMAIL_*); `now` the
-    monotonic clock used for the 5-minute rule; `ssl_context` verifies the SMTP server (default:
-    the system store).
-    """
-
-    def __init__(self, config: Config, *,
-                 send_mail: Callable[[email.message.EmailMessage], None] | None = None,
-                 now: Callable[[], float] = time.monotonic, ssl_context: ssl.SSLContext | None = None,
-                 smtp_timeout_s: float = SMTP_TIMEOUT_S, queue_size: int = ALERT_QUEUE_SIZE):
-        self._config = config
-        self._enabled = email_enabled(config)
-        self._now = now
-        self._secrets = config_secrets(config)
-        self._ssl_context = ssl_context
-        self._smtp_timeout_s = smtp_timeout_s
-        self._send_mail = send_mail or self._send_smtp
-        self._states: dict[str, _AlertState] = {}
-        # When each key's alert was last mailed; kept across recoveries, so a flapping failure
-        # is still mailed at most once per ALERT_REPEAT_S.
-        self._last_mailed: dict[str, float] = {}
-        self._send_channel, self._receive_channel = trio.open_memory_channel(queue_size)
-        self._drained = trio.Event()
-
-    def _send_smtp(self, message: email.message.EmailMessage) -> None:
-        if self._ssl_context is None:
-            self._ssl_context = ssl.create_default_context()
-        send_smtp_message(self._config, message, ssl_context=self._ssl_context,
-                          timeout_s=self._smtp_timeout_s)
-
-    def alert(self, key: str, subject: str, body: str, since: datetime.datetime | None = None) -> None:
-        """Something failed (since `since`, default now): log it, and mail it unless this key was
-        mailed less than 5 min ago."""
-        subject, body = scrub_secrets(subject, self._secrets), scrub_secrets(body, self._secrets)
-        logger.warning("alert [%s]: %s: %s", key, subject, _one_line(body, 500))
-        state = self._states.setdefault(key, _AlertState(since=since or datetime.datetime.now(datetime.timezone.utc)))
-        if not self._enabled:
-            return
-        last = self._last_mailed.get(key)
-        if last is not None and self._now() - last < ALERT_REPEAT_S:
-            logger.debug("alert [%s] already mailed less than %d s ago", key, ALERT_REPEAT_S)
-            return
-        if self._queue("ALERT", key, subject, body, state):
-            state.mailed_at = self._last_mailed[key] = self._now()
-
-    def recovered(self, key: str, subject: str, body: str) -> None:
-        """The failure behind `key` is over: log it; mail it if the failure was mailed."""
-        subject, body = scrub_secrets(subject, self._secrets), scrub_secrets(body, self._secrets)
-        state = self._states.pop(key, None)
-        if state is None:
-            logger.debug("recovered [%s] without an earlier alert: %s", key, subject)
-            return
-        logger.info("recovered [%s]: %s: %s", key, subject, _one_line(body, 500))
-        if self._enabled and state.mailed_at is not None:
-            self._queue("RECOVERED", key, subject, body, state)
-
-    def _queue(self, kind: str, key: str, subject: str, body: str, state: _AlertState) -> bool:
-        try:
-            message = build_alert_message(self._config, kind=kind, key=key, subject=subject,
-                                          body=body, since=state.since,
-                                          now=datetime.datetime.now(datetime.timezone.utc))
-            self._send_channel.send_nowait(message)
-        except trio.WouldBlock:
-            logger.warning("alert mail for [%s] dropped: %d mails already wait for the SMTP server",
-                           key, self._send_channel.statistics().max_buffer_size)
-            return False
-        except Exception as exc:  # never let an alert break the caller
-            logger.warning("alert mail for [%s] not queued: %s", key, type(exc).__name__)
-            return False
-        return True
-
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Sends queued mails one by one; never returns."""
-        task_status.started()
-        try:
-            async with self._receive_channel:
-                async for message in self._receive_channel:
-                    await self._deliver(message)
-        finally:
-            self._drained.set()  # also when cancelled: drain() must not wait for a sender that is gone
-        await trio.sleep_forever()
-
-    async def drain(self, timeout_s: float) -> None:
-        """At exit: take no new mail and let the queued ones go out (bounded), so the alert that
-        comes with exit code 3 or 4 is not lost.  Needs `run` running."""
-        self._send_channel.close()
-        with trio.move_on_after(timeout_s):
-            await self._drained.wait()
-
-    async def _deliver(self, message: email.message.EmailMessage) -> None:
-        subject = message["Subject"]
-        server = f"{self._config.email_smtp_host}:{self._config.email_smtp_port}"
-        with trio.move_on_after(SMTP_SEND_DEADLINE_S) as scope:
-            try:
-                await _run_in_worker_thread(lambda: self._send_mail(message))
-            except Exception as exc:  # a failed mail is logged and dropped, never fatal
-                detail = scrub_secrets(_one_line(f"{type(exc).__name__}: {exc}", 300), self._secrets)
-                logger.warning("could not send alert mail %r via %s: %s", subject, server, detail)
-                return
-            logger.info("alert mail %r sent to %s", subject, ", ".join(self._config.email_to))
-        if scope.cancelled_caught:
-            logger.warning("could not send alert mail %r via %s: gave up after %.0f s",
-                           subject, server, SMTP_SEND_DEADLINE_S)
-
-
-# =====================================================================================================
-# 10. stdout sink
-# =====================================================================================================
-# The sink interface (`Sink`): every sink (stdout, HTTP, Hook0, ReliableSink around them, and an
-# application's own, passed to `run`) follows it.  Events are Event objects (section 8), written as
-# their `line`; sinks take plain dicts too, for applications that import wal2http.
-
-
-@typing.runtime_checkable
-class Sink(typing.Protocol):
-    """Where events go.  A sink that wants each table's column names (Hook0, to tell an outbox
-    table from a delete that carries only the key) also has a `relation_columns` dict, which the
-    replication loop fills from Relation messages."""
-
-    name: str  #: "stdout", "http", "hook0", or an application's own name
-    batch_size: int  #: most events per deliver() call
-
-    async def deliver(self, events: list[Event]) -> None:
-        """Returns once every event is delivered; otherwise raises DeliveryError saying how many
-        leading events got through (`delivered`), or SinkAuthError (exit 4)."""
-
-    async def check(self) -> str:
-        """--check: a line saying the sink is reachable; raises DeliveryError when it is not."""
-
-    async def aclose(self) -> None:
-        """Releases connections; called once at exit."""
-
-
-def _may_block_forever(out) -> bool:
-    """Whether writing to `out` can wait on a reader (pipe, socket, terminal), as opposed to a
-    regular file or a device like /dev/null."""
-    try:
-        fd = out.fileno()
-        mode = os.fstat(fd).st_mode
-    except (AttributeError, OSError, ValueError):
-        return False  # an in-memory file
-    return not (stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(fd)))
-
-
-def event_lines(events: list[Event]) -> list[str]:
-    """The JSON text of each event (see event_line)."""
-    try:
-        return [event.line for event in events]
-    except AttributeError:  # plain dicts among them
-        return [event_line(event) for event in events]
-
-
-def encode_event_lines(events: list[Event]) -> bytes:
-    """JSON Lines: one compact object per event, each line ending in a newline."""
-    return ("\n".join(event_lines(events)) + "\n").encode()
-
-
-class StdoutSink:
-    """JSON lines on stdout (or any binary file), flushed before delivery is confirmed.
-
-    A stdout consumer that stops reading stalls the stream (nothing is confirmed before it is
-    written and flushed), but not the process: SIGTERM still ends it cleanly.
-    """
-
-    name = "stdout"
-    batch_size = 5000
-
-    def __init__(self, out=None):
-        self.out = out if out is not None else sys.stdout.buffer
-        self._may_block = _may_block_forever(self.out)
-
-    async def deliver(self, events: list[Event]) -> None:
-        data = encode_event_lines(events)
-        try:
-            if self._may_block:
-                # In a worker thread: a reader that stops reading blocks only this delivery,
-                # while keepalives, status updates and SIGTERM are still handled.
-                await trio.to_thread.run_sync(self._write, data, abandon_on_cancel=True)
-            else:
-                self._write(data)  # a file or /dev/null: no reader to wait for, no thread hop
-        except OSError as exc:
-            raise DeliveryError(f"cannot write to stdout: {exc}", retryable=False) from None
-
-    def _write(self, data: bytes) -> None:
-        self.out.write(data)
-        self.out.flush()
-
-    async def check(self) -> str:
-        return "stdout is writable" if not self.out.closed else "stdout is closed"
-
-    async def aclose(self) -> None:
-        pass
-
-
-# =====================================================================================================
-# 11. HTTP client (h11 over Trio)
-# =====================================================================================================
-# Theory of operation: one h11.Connection per TCP (or TLS) connection, kept alive between requests
-# and used by one request at a time (a lock serialises callers).  h11 does the framing (Content-Length
-# and chunked bodies, keep-alive rules); this code only moves bytes and turns every failure into a
-# DeliveryError.  HTTP_TIMEOUT_SECS is one deadline over a whole request(): connect, TLS handshake,
-# send and receive.  Retry rule: a request that fails on a *reused* connection before any byte of the
-# answer arrived is sent once more on a fresh connection: the server most likely closed the idle
-# connection just before we used it (RFC 9112 section 9.3.1).  The server may, rarely, have seen the
-# first copy; our receivers deduplicate on event ids (Idempotency-Key, webhook-id, Hook0 event_id),
-# so one duplicate is acceptable, and a connection that never answered is no worse than a retry.
-
-HTTP_MAX_BODY_BYTES = 64 * 1024  #: most bytes of a response body read; the rest is never read
-HTTP_MAX_HEAD_BYTES = 64 * 1024  #: most bytes of a response's status line and headers
-HTTP_RECEIVE_CHUNK_BYTES = 16 * 1024  #: bytes asked of the socket per receive
-HTTP_DEFAULT_PORTS = {"http": 80, "https": 443}
-_URL_SAFE = "!$%&'()*+,/:;=?@[]~"  #: kept as they are in a request target (with letters, digits, -._)
-HTTP_USER_AGENT = f"wal2http/{__version__}"
-#: Headers the client computes itself; callers' values for them are dropped.
-_HTTP_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
-
-
-@dataclass(frozen=True)
-class HttpResponse:
-    status: int
-    headers: dict[str, str]  #: lower-case names; repeated headers joined by ", "
-    body: bytes  #: at most HTTP_MAX_BODY_BYTES
-
-    def scrubbed(self, secrets: Iterable[str]) -> HttpResponse:
-        """This answer with every secret in an error body replaced by `***`: done on the whole
-        body, before anything shortens it (a secret cut in two would no longer be recognised)."""
-        if 200 <= self.status < 300 or not self.body:
-            return self
-        text = self.body.decode("utf-8", "replace")
-        clean = scrub_secrets(text, secrets)
-        return self if clean == text else HttpResponse(self.status, self.headers, clean.encode("utf-8"))
-
-
-@dataclass(frozen=True)
-class HttpEndpoint:
-    """A parsed http(s) URL.  `where` names it in messages: scheme, host and port only (user info,
-    path and query may hold a token)."""
-
-    scheme: str
-    host: str  #: host name or IP address, without IPv6 brackets
-    port: int
-    target: str  #: path and query, "/" when empty
-    host_header: str
-    authorization: str | None  #: Basic credentials from user info in the URL, if any
-
-    @property
-    def where(self) -> str:
-        return f"{self.scheme}://{self.host_header}" + ("/..." if self.target != "/" else "")
-
-
-def parse_http_url(url: str, variable: str = "URL") -> HttpEndpoint:
-    """Splits an http:// or https:// URL; raises ConfigError naming `variable` (the setting it
-    comes from) without echoing the URL (it may hold credentials)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        parts = port = None
-    scheme = parts.scheme.lower() if parts else ""
-    if scheme not in HTTP_DEFAULT_PORTS or not parts.hostname or any(c.isspace() for c in url):
-        raise ConfigError(f"{variable} must be an http:// or https:// URL with a host name")
-    if not is_valid_host(parts.hostname):
-        raise ConfigError(f"{variable}: the URL's host is not a valid host name or address")
-    host = parts.hostname if parts.hostname.isascii() else parts.hostname.encode("idna").decode("ascii")
-    port = port or HTTP_DEFAULT_PORTS[scheme]
-    bracketed = f"[{host}]" if ":" in host else host
-    host_header = bracketed if port == HTTP_DEFAULT_PORTS[scheme] else f"{bracketed}:{port}"
-    # A request target is ASCII: percent-encode anything else (as browsers do), keep escapes.
-    target = urllib.parse.quote(parts.path or "/", safe=_URL_SAFE) + (
-        "?" + urllib.parse.quote(parts.query, safe=_URL_SAFE) if parts.query else "")
-    authorization = None
-    if parts.username is not None:  # user info is percent-encoded in a URL: decode it
-        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        authorization = "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
-    return HttpEndpoint(scheme, host, port, target, host_header, authorization)
-
-
-def build_ssl_context(ca_file: str | None) -> ssl.SSLContext:
-    """The system trust store, plus `ca_file` (HTTP_CA_FILE) when given; hostname checked."""
-    context = ssl.create_default_context()
-    if ca_file:
-        try:
-            context.load_verify_locations(cafile=ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load HTTP_CA_FILE {ca_file}: {exc}") from None
-    return context
-
-
-def _merge_headers(*layers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Later layers replace earlier headers of the same name (case-insensitive); framing headers
-    are dropped because the client sets them from the body."""
-    merged: list[tuple[str, str]] = []
-    for layer in layers:
-        names = {name.lower() for name, _ in layer}
-        merged = [(n, v) for n, v in merged if n.lower() not in names]
-        merged.extend((n, v) for n, v in layer if n.lower() not in _HTTP_FRAMING_HEADERS)
-    return merged
-
-
-def _join_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
-    joined: dict[str, str] = {}
-    for raw_name, raw_value in headers:
-        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
-        joined[name] = f"{joined[name]}, {value}" if name in joined else value
-    return joined
-
-
-class _StaleConnection(Exception):
-    """A reused connection failed before any byte of the answer: send once more on a new one."""
-
-
-class _Connection:
-    """One open stream and its h11 state machine."""
-
-    def __init__(self, stream: trio.abc.Stream):
-        self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=HTTP_MAX_HEAD_BYTES)
-        self.exchanges = 0  # completed request/response pairs
-        self.received_bytes = 0  # in the current exchange
-
-    async def next_event(self):
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            data = await self.stream.receive_some(HTTP_RECEIVE_CHUNK_BYTES)
-            self.received_bytes += len(data)
-            self.h11.receive_data(data)
-
-    @property
-    def reusable(self) -> bool:
-        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
-
-
-class HttpClient:
-    """HTTP/1.1 requests to one origin over persistent connections (see the theory above): one
-    connection per request in flight, at most `max_connections` requests in flight (the others
-    wait their turn), idle connections kept for the next requests."""
-
-    def __init__(self, url: str, *, timeout_s: float, ca_file: str | None = None,
-                 headers: Sequence[tuple[str, str]] = (), ssl_context: ssl.SSLContext | None = None,
-                 max_connections: int = 1):
-        self.endpoint = parse_http_url(url)
-        self.timeout_s = timeout_s
-        defaults = [("Host", self.endpoint.host_header), ("User-Agent", HTTP_USER_AGENT)]
-        if self.endpoint.authorization:
-            defaults.append(("Authorization", self.endpoint.authorization))
-        self._headers = _merge_headers(defaults, tuple(headers))
-        _validate_headers(self._headers)
-        self._ssl_context = None
-        if self.endpoint.scheme == "https":
-            self._ssl_context = ssl_context or build_ssl_context(ca_file)
-        self._idle: list[_Connection] = []  # open, kept alive, not in use
-        self._slots = trio.Semaphore(max_connections)  # one per request in flight
-
-    async def request(self, method: str, target: str, *, headers: Sequence[tuple[str, str]] = (),
-                      body: bytes = b"") -> HttpResponse:
-        """Sends one request and returns the answer, whatever its status.  Raises DeliveryError:
-        retryable for connection errors, resets and timeouts; not retryable when TLS verification
-        fails or a header is invalid."""
-        request = self._build_request(method, target, headers, body)
-        try:
-            # A free slot is taken without a schedule point: the request goes out now, rather than
-            # after the replication reader has decoded another chunk (the send itself yields).
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            await self._slots.acquire()
-        try:
-            with trio.fail_after(self.timeout_s):
-                return await self._request_once_or_twice(request, body)
-        except trio.TooSlowError:
-            raise DeliveryError(f"no answer from {self.endpoint.where} within {self.timeout_s:g} s "
-                                "(HTTP_TIMEOUT_SECS)", retryable=True) from None
-        finally:
-            self._slots.release()
-
-    async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await trio.aclose_forcefully(conn.stream)
-
-    def _build_request(self, method: str, target: str, headers: Sequence[tuple[str, str]],
-                       body: bytes) -> h11.Request:
-        all_headers = _merge_headers(self._headers, tuple(headers))
-        if body or method.upper() in ("POST", "PUT", "PATCH"):
-            all_headers.append(("Content-Length", str(len(body))))
-        try:
-            return h11.Request(method=method, target=target, headers=all_headers)
-        except (h11.LocalProtocolError, UnicodeError):
-            # h11's message quotes the offending value, which may be a secret: name nothing.
-            raise DeliveryError(f"invalid {method} request to {self.endpoint.where}: a header or the "
-                                "target has characters HTTP does not allow", retryable=False) from None
-
-    async def _request_once_or_twice(self, request: h11.Request, body: bytes) -> HttpResponse:
-        if self._idle:
-            try:
-                return await self._exchange(self._idle.pop(), request, body)
-            except _StaleConnection:
-                logger.debug("%s closed the kept-alive connection; sending again on a new one",
-                             self.endpoint.where)
-        return await self._exchange(await self._open(), request, body)  # fresh: never _StaleConnection
-
-    async def _open(self) -> _Connection:
-        endpoint = self.endpoint
-        try:
-            stream: trio.abc.Stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
-        except OSError as exc:
-            raise DeliveryError(f"cannot connect to {endpoint.where}: {describe_os_error(exc)}",
-                                retryable=True) from None
-        if self._ssl_context is not None:
-            stream = await self._start_tls(stream)
-        return _Connection(stream)
-
-    async def _start_tls(self, stream: trio.abc.Stream) -> trio.SSLStream:
-        # https_compatible: HTTP servers commonly close without a TLS close_notify.
-        tls = trio.SSLStream(stream, self._ssl_context, server_hostname=self.endpoint.host,
-                             https_compatible=True)
-        try:
-            await tls.do_handshake()
-        except BaseException as exc:
-            await trio.aclose_forcefully(stream)
-            if not isinstance(exc, (trio.BrokenResourceError, OSError)):
-                raise  # cancelled (the deadline)
-            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-            if isinstance(cause, ssl.SSLCertVerificationError):
-                raise DeliveryError(f"TLS verification of {self.endpoint.where} failed: "
-                                    f"{cause.verify_message or cause}; trust its CA with HTTP_CA_FILE",
-                                    retryable=False) from None
-            raise DeliveryError(f"TLS handshake with {self.endpoint.where} failed: {cause or exc}",
-                                retryable=True) from None
-        return tls
-
-    async def _exchange(self, conn: _Connection, request: h11.Request, body: bytes) -> HttpResponse:
-        """One request/response on `conn`; closes it on any failure or when it cannot be reused."""
-        reused = conn.exchanges > 0
-        conn.received_bytes = 0
-        try:
-            early = await self._send_request(conn, request, body)
-            response = early or await self._receive_response(conn)
-            if reused and response.status == 408:
-                # Usually the server's idle timeout, written on the kept-alive connection before
-                # our request reached it: not an answer to it.  Send again on a new connection.
-                raise _StaleConnection("408 on a kept-alive connection")
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError) as exc:
-            await trio.aclose_forcefully(conn.stream)
-            if reused and conn.received_bytes == 0:
-                raise _StaleConnection(str(exc)) from None
-            raise DeliveryError(f"connection to {self.endpoint.where} failed: {_describe_io_error(exc)}",
-                                retryable=True) from None
-        except BaseException:
-            await trio.aclose_forcefully(conn.stream)  # cancelled or timed out mid-exchange: state unknown
-            raise
-        conn.exchanges += 1
-        if early is None and conn.reusable:
-            conn.h11.start_next_cycle()
-            self._idle.append(conn)
-        else:
-            await trio.aclose_forcefully(conn.stream)  # e.g. an early answer left our request half sent
-        return response
-
-    async def _send_request(self, conn: _Connection, request: h11.Request, body: bytes) -> HttpResponse | None:
-        """Writes the request; None once it is all sent.  A server may answer before reading the
-        whole body (a 413 for a batch over its limit, a 401) and close: then the send fails, and
-        the answer it sent first is returned, because that is what counts."""
-        data = conn.h11.send(request)
-        if body:
-            data += conn.h11.send(h11.Data(data=body))
-        data += conn.h11.send(h11.EndOfMessage())
-        try:
-            await conn.stream.send_all(data)
-        except (OSError, trio.BrokenResourceError) as exc:
-            response = await self._early_response(conn)
-            if response is None:
-                raise exc from None
-            return response
-        return None
-
-    async def _early_response(self, conn: _Connection) -> HttpResponse | None:
-        """The whole answer the server sent before our send failed, or None."""
-        try:
-            return await self._receive_response(conn)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
-            return None
-
-    async def _receive_response(self, conn: _Connection) -> HttpResponse:
-        """Reads the answer; stops reading the body at HTTP_MAX_BODY_BYTES (the connection is then
-        closed, since the rest of the body was never read)."""
-        event = await conn.next_event()
-        while isinstance(event, h11.InformationalResponse):  # 100 Continue and the like
-            event = await conn.next_event()
-        if not isinstance(event, h11.Response):
-            raise h11.RemoteProtocolError(f"expected a response, got {type(event).__name__}")
-        body = bytearray()
-        while True:
-            part = await conn.next_event()
-            if isinstance(part, h11.Data):
-                body += part.data[:HTTP_MAX_BODY_BYTES - len(body)]
-                if len(body) >= HTTP_MAX_BODY_BYTES:
-                    break
-            elif isinstance(part, h11.EndOfMessage):
-                break
-            else:
-                raise h11.RemoteProtocolError(f"unexpected {type(part).__name__} in a response body")
-        return HttpResponse(event.status_code, _join_headers(event.headers), bytes(body))
-
-
-def _validate_headers(headers: list[tuple[str, str]]) -> None:
-    """Fails at start-up (exit 2) on a header h11 would refuse, naming the header but not its value."""
-    for name, value in headers:
-        try:
-            host = [] if name.lower() == "host" else [("Host", "x")]  # h11 requires exactly one
-            h11.Request(method="GET", target="/", headers=[*host, (name, value)])
-        except (h11.LocalProtocolError, UnicodeError):  # h11 takes ASCII only
-            raise ConfigError(f"HTTP header {name.encode('ascii', 'replace').decode()!r} has a name or value "
-                              "HTTP does not allow: control or non-ASCII characters (check HTTP_HEADERS)") from None
-
-
-def _describe_io_error(exc: BaseException) -> str:
-    """A short reason without any request data: the cause of a Trio error, or the error itself."""
-    if isinstance(exc, trio.ClosedResourceError):
-        return "connection closed"
-    if isinstance(exc, h11.RemoteProtocolError):
-        return f"invalid HTTP from the server ({exc})"
-    cause = exc.__cause__ or exc
-    return str(cause) or type(cause).__name__
-
-
-# =====================================================================================================
-# 12. HTTP sink
-# =====================================================================================================
-# POST each event (HTTP_BATCH_SIZE=1) or {"events": [...]} (N>1) to HTTP_ENDPOINT_URL, optionally
-# signed the Standard Webhooks way (https://www.standardwebhooks.com/, spec/standard-webhooks.md:
-# "Signature scheme").  Retries and ON_FAILURE are ReliableSink's job; this sink says what happened.
-
-HTTP_RETRYABLE_STATUSES = frozenset({408, 425, 429})  #: retried besides every 5xx, by both HTTP sinks
-HTTP_ERROR_BODY_CHARS = 200  #: how much of a failed response's body goes into the error message
-WEBHOOK_SECRET_PREFIX = "whsec_"
-
-
-def is_retryable_status(status: int) -> bool:
-    """Whether an answer with this status may succeed when sent again (HTTP and Hook0 sinks):
-    408, 425, 429 and 5xx; 6xx-9xx are not HTTP and never retried."""
-    return 500 <= status < 600 or status in HTTP_RETRYABLE_STATUSES
-
-
-class _RequestSink:
-    """What the HTTP and Hook0 sinks share: events go out in order, `batch_size` per request
-    (`_send`), a failed request says how many events before it were delivered; and every text
-    that may reach a log or a mail is scrubbed of the configured secrets (a receiver may echo a
-    token back in its error body)."""
-
-    name = ""
-    batch_size = 1
-    _client: HttpClient
-
-    def __init__(self, config):
-        self._secrets = config_secrets(config)
-
-    async def deliver(self, events: list[Event]) -> None:
-        for start in range(0, len(events), self.batch_size):
-            batch = events[start:start + self.batch_size]
-            try:
-                await self._send(batch)
-            except DeliveryError as error:
-                raise DeliveryError(str(error), retryable=error.retryable, retry_after=error.retry_after,
-                                    delivered=start, failed=len(batch)) from None
-
-    async def _send(self, events: list[Event]) -> None:
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-    def _redact(self, text: str) -> str:
-        return scrub_secrets(text, self._secrets)
-
-
-def build_message_id(events: list[Event], batched: bool) -> str:
-    """Idempotency-Key and webhook-id: the event's id, or for a batch `<first id>..<last id>`.  A
-    batch is a run of consecutive events of the stream, so this names exactly the events it
-    holds: sent again, it keeps its id; cut differently after a restart, it gets a new one, and
-    a receiver that deduplicates on it never drops events it has not seen."""
-    first = str(events[0]["id"])
-    return f"{first}..{events[-1]['id']}" if batched else first
-
-
-def build_http_body(events: list[Event], batched: bool) -> bytes:
-    """One event as itself, or a batch as {"events": [...]} in order."""
-    if not batched:
-        return event_line(events[0]).encode()
-    return ('{"events":[' + ",".join(event_lines(events)) + "]}").encode()
-
-
-def decode_signing_secret(secret: str) -> bytes:
-    """The HMAC key: base64 after `whsec_` (Standard Webhooks secrets), else the UTF-8 bytes."""
-    if secret.startswith(WEBHOOK_SECRET_PREFIX):
-        try:
-            key = base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX):], validate=True)
-        except binascii.Error:
-            key = b""
-        if not key:
-            raise ConfigError(f"HTTP_SIGNING_SECRET starts with '{WEBHOOK_SECRET_PREFIX}' but what "
-                              "follows is not valid base64")
-        return key
-    return secret.encode("utf-8")
-
-
-def sign_webhook(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """`v1,<base64 HMAC-SHA256 of "<msg_id>.<timestamp>.<body>">` (webhook-signature header)."""
-    signed = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.new(decode_signing_secret(secret), signed, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode("ascii")
-
-
-def decode_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Retry-After as seconds from now: delta-seconds or an HTTP-date (RFC 9110 section 10.2.3).
-    None when absent or unreadable; never negative."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():  # str.isdigit alone takes "²" too, which float() refuses
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-def shorten_body(body: bytes, limit: int = HTTP_ERROR_BODY_CHARS) -> str:
-    text = body.decode("utf-8", errors="replace").strip()
-    text = " ".join(text.split())  # one line in the log
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def classify_http_response(response: HttpResponse, where: str) -> DeliveryError | None:
-    """None for 2xx (delivered); otherwise the DeliveryError to raise: retryable for 408, 425, 429
-    and 5xx (with Retry-After), not retryable for every other status."""
-    status = response.status
-    if 200 <= status < 300:
-        return None
-    detail = shorten_body(response.body)
-    message = f"{where} answered HTTP {status}" + (f": {detail}" if detail else "")
-    return DeliveryError(message, retryable=is_retryable_status(status),
-                         retry_after=decode_retry_after(response.headers.get("retry-after")))
-
-
-class HttpSink(_RequestSink):
-    """POSTs events to HTTP_ENDPOINT_URL (see the README, "HTTP sink")."""
-
-    name = "http"
-
-    def __init__(self, config, *, ssl_context: ssl.SSLContext | None = None, alerter=None):
-        super().__init__(config)
-        self.batch_size = max(1, config.http_batch_size)
-        self._alerter = alerter
-        self._secret = config.http_signing_secret
-        if self._secret:
-            decode_signing_secret(self._secret)  # a bad whsec_ secret is a start-up error
-        self._client = HttpClient(config.http_endpoint_url, timeout_s=config.http_timeout_s,
-                                  ca_file=config.http_ca_file, headers=config.http_headers,
-                                  ssl_context=ssl_context, max_connections=config.delivery_concurrency)
-        self._clock = time.time  # replaced by tests
-
-    async def check(self) -> str:
-        """--check: any HTTP answer to an OPTIONS request (which no receiver takes as an event)
-        proves the endpoint reachable; connection and TLS failures raise DeliveryError."""
-        response = await self._client.request("OPTIONS", self._client.endpoint.target)
-        return f"{self._client.endpoint.where} is reachable (OPTIONS answered {response.status})"
-
-    async def _send(self, events: list[Event]) -> None:
-        batched = self.batch_size > 1
-        body = build_http_body(events, batched)
-        message_id = build_message_id(events, batched)
-        headers = [("Content-Type", "application/json"), ("Idempotency-Key", message_id)]
-        if self._secret:
-            headers.extend(self._signature_headers(message_id, body))
-        response = await self._client.request("POST", self._client.endpoint.target, headers=headers, body=body)
-        response = response.scrubbed(self._secrets)
-        if response.status in (401, 403):  # rejected credentials are exit 4, never retried
-            message = self._redact(f"{self._client.endpoint.where} rejected our credentials (HTTP {response.status}): "
-                                   "check HTTP_HEADERS / the URL's user info; nothing was acknowledged")
-            if self._alerter is not None:
-                self._alerter.alert("http-auth", "the HTTP endpoint rejected the credentials", message)
-            raise SinkAuthError(message)
-        error = classify_http_response(response, self._client.endpoint.where)
-        if error is not None:
-            raise DeliveryError(self._redact(str(error)), retryable=error.retryable,
-                                retry_after=error.retry_after)
-
-    def _signature_headers(self, msg_id: str, body: bytes) -> list[tuple[str, str]]:
-        timestamp = int(self._clock())  # signed at each attempt: receivers reject stale timestamps
-        return [("webhook-id", msg_id), ("webhook-timestamp", str(timestamp)),
-                ("webhook-signature", sign_webhook(self._secret, msg_id, timestamp, body))]
-
-
-# =====================================================================================================
-# 13. Reliable delivery: retries, ON_FAILURE, dead-letter file
-# =====================================================================================================
-# ReliableSink.deliver returns only when every event it was given is delivered or dead-lettered;
-# the replication loop acknowledges nothing before that (README, "Delivery guarantees").  A sink's
-# DeliveryError says how many leading events got through, so a partial success is never resent.
-
-RETRY_FOREVER_MIN_DELAY_S = 0.1  #: ON_FAILURE=retry never retries faster, whatever RETRY_MAX_DELAY_MS says
-RELIABLE_ALERT_KEY = "delivery:"  #: + the sink name; one alert key per sink
-ALERT_EVENT_IDS = 5  #: event ids named in an alert; the rest are counted
-
-
-def append_dead_letters(path: str, events: list[Event]) -> None:
-    """Appends the events as JSON Lines (the stdout format) and fsyncs them (blocking: run it in a
-    worker thread).  A new file's directory entry is fsynced too, so the file survives a crash."""
-    created = not os.path.exists(path)
-    with open(path, "ab") as file:
-        file.write(encode_event_lines(events))
-        file.flush()
-        os.fsync(file.fileno())
-    if created:
-        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
-def describe_event_ids(events: list[Event]) -> str:
-    ids = ", ".join(str(event.get("id")) for event in events[:ALERT_EVENT_IDS])
-    more = len(events) - ALERT_EVENT_IDS
-    return f"{ids} and {more} more ({len(events)} events)" if more > 0 else f"{ids} ({len(events)} events)"
-
-
-class ReliableSink:
-    """Wraps a sink with retries and ON_FAILURE (see the section comment); same interface.
-    Several deliveries may run at once (DELIVERY_CONCURRENCY): each has its own retries, and
-    the sink's failing period ends when none of them is failing any more.
-
-    `stop`, when set, means shutdown has begun: the deliveries in flight may still finish within
-    the shutdown timeout, but no new alert says they keep retrying."""
-
-    def __init__(self, sink: Sink, config, alerter, *, sleep=trio.sleep, random=random.random,
-                 stop: trio.Event | None = None):
-        self.sink = sink
-        self.config = config
-        self.name = sink.name
-        self.batch_size = sink.batch_size
-        self.relation_columns = getattr(sink, "relation_columns", None)  # passed through (Hook0)
-        self._sleep = sleep
-        self._random = random
-        self.failing = FailingPeriod(alerter, RELIABLE_ALERT_KEY + sink.name)
-        self._failing_deliveries = 0  # deliveries in flight that have failed at least once
-        self._stop = stop
-
-    async def deliver(self, events: list[Event]) -> None:
-        """Returns when every event is delivered or dead-lettered; raises DeliveryFailed
-        (ON_FAILURE=exit; its `delivered` says how many leading events got through) or
-        SinkAuthError (never retried)."""
-        backoff = Backoff(self.config.retry_base_delay_s, self.config.retry_max_delay_s, jitter=self._random)
-        position, failed_once = 0, False  # events[:position] are delivered or dead-lettered
-        try:
-            while position < len(events):
-                try:
-                    await self.sink.deliver(events[position:])
-                    break
-                except SinkAuthError:
-                    raise
-                except DeliveryError as error:
-                    if not failed_once:
-                        failed_once, self._failing_deliveries = True, self._failing_deliveries + 1
-                    delivered, failed = self._progress_of(error, len(events) - position)
-                    position += delivered
-                    if delivered:
-                        backoff.reset()  # its retries count the failed attempts for events[position:]
-                    if position < len(events):
-                        skipped = await self._handle_failure(events, position, failed, error, backoff)
-                        position += skipped
-                        if skipped:
-                            backoff.reset()
-            else:
-                return  # the last events were dead-lettered: the failing period goes on
-        finally:
-            self._failing_deliveries -= failed_once
-        if not self._failing_deliveries:
-            self._recovered()
-
-    async def check(self) -> str:
-        return await self.sink.check()
-
-    async def aclose(self) -> None:
-        await self.sink.aclose()
-
-    # -- failure handling -------------------------------------------------------------------------
-
-    @staticmethod
-    def _progress_of(error: DeliveryError, remaining: int) -> tuple[int, int]:
-        """(events delivered, events the failure covers), both kept within the remaining events."""
-        delivered = min(max(error.delivered, 0), remaining)
-        failed = remaining - delivered if error.failed is None else error.failed
-        return delivered, min(max(failed, 1), max(remaining - delivered, 1))
-
-    def _max_attempts(self, error: DeliveryError) -> int:
-        return max(1, self.config.retry_max_attempts) if error.retryable else 1
-
-    @property
-    def _stopping(self) -> bool:
-        return self._stop is not None and self._stop.is_set()
-
-    async def _handle_failure(self, events: list[Event], position: int, failed: int,
-                              error: DeliveryError, backoff: Backoff) -> int:
-        """Waits before the next attempt, or applies ON_FAILURE; returns how many events are
-        done with (dead-lettered), 0 when they are to be tried again."""
-        self.failing.failed()
-        attempts = backoff.retries + 1  # this failure included
-        if attempts < self._max_attempts(error):
-            delay = backoff.next_delay(error.retry_after)
-            self._log_attempt(f"attempt {attempts} of {self.config.retry_max_attempts}", delay, error)
-            await self._sleep(delay)
-            return 0
-        failing = events[position:position + failed]
-        if self.config.on_failure == "retry":
-            backoff.retries += 1
-            return await self._keep_retrying(failing, attempts, error)
-        if self.config.on_failure == "skip":
-            return await self._dead_letter(failing, attempts, error, position)
-        self._alert(failing, attempts, error, "wal2http stops (ON_FAILURE=exit); nothing from the first "
-                    "of these events on is acknowledged, so it is sent again after a restart", stops=True)
-        raise DeliveryFailed(f"delivery to the {self.name} sink failed after {attempts} attempt(s): "
-                               f"{error}; {position} of the {len(events)} events were delivered, event "
-                               f"{events[position].get('id')} and those after it were not", position)
-
-    async def _keep_retrying(self, failing: list[Event], attempts: int, error: DeliveryError) -> int:
-        delay = max(self.config.retry_max_delay_s, RETRY_FOREVER_MIN_DELAY_S)
-        if not self.failing.alerted and not self._stopping:
-            self._alert(failing, attempts, error, f"wal2http keeps retrying every {delay:g} s "
-                        "(ON_FAILURE=retry) and holds back everything after these events")
-        self._log_attempt(f"attempt {attempts}, retrying until it works (ON_FAILURE=retry)", delay, error)
-        await self._sleep(delay)
-        return 0
-
-    async def _dead_letter(self, failing: list[Event], attempts: int, error: DeliveryError,
-                           position: int) -> int:
-        """Appends the failing events to DEAD_LETTER_FILE; if that fails too, nothing can be
-        acknowledged, so it is ON_FAILURE=exit after all."""
-        path = self.config.dead_letter_file
-        try:
-            await trio.to_thread.run_sync(append_dead_letters, path, failing)
-        except OSError as exc:
-            self._alert(failing, attempts, error, f"writing them to DEAD_LETTER_FILE {path} failed too "
-                        f"({exc}), so wal2http stops; they are sent again after a restart", stops=True)
-            raise DeliveryFailed(f"cannot append {len(failing)} undeliverable event(s) to DEAD_LETTER_FILE "
-                                   f"{path}: {exc}; nothing from event {failing[0].get('id')} on is "
-                                   "acknowledged", position) from None
-        self._alert(failing, attempts, error, f"the events were appended to DEAD_LETTER_FILE {path} "
-                    "(ON_FAILURE=skip) and wal2http goes on")
-        logger.error("dead-lettered %d event(s) to %s: %s", len(failing), path, describe_event_ids(failing))
-        return len(failing)
-
-    def _log_attempt(self, attempt: str, delay: float, error: DeliveryError) -> None:
-        logger.warning("delivery to the %s sink failed (%s): %s; retrying in %.1f s",
-                       self.name, attempt, error, delay)
-
-    def _alert(self, failing: list[Event], attempts: int, error: DeliveryError, action: str,
-               stops: bool = False) -> None:
-        """The alert for events that could not be delivered.  When wal2http stops, the alert has
-        its own key and subject: an earlier alert (say, a skip a minute ago) must not hold back
-        the mail that says the service is down."""
-        subject = f"delivery to the {self.name} sink is failing"
-        if stops:
-            subject = f"wal2http stopped: delivery to the {self.name} sink failed"
-        self.failing.alert(
-            subject,
-            f"wal2http could not deliver events to the {self.name} sink.\n"
-            f"Failing since: {_utc_text(self.failing.since)} ({attempts} attempt(s) for these events)\n"
-            f"Events: {describe_event_ids(failing)}\n"
-            f"Last error: {error}\n"
-            f"What happens now: {action}.\n", key_suffix=":stopped" if stops else "")
-
-    def _recovered(self) -> None:
-        since = self.failing.since
-        if since is None:
-            return  # healthy: the common case, after every delivery
-        if self.failing.alerted:
-            logger.info("delivery to the %s sink recovered", self.name)
-        self.failing.ended(f"delivery to the {self.name} sink recovered",
-                           f"Deliveries to the {self.name} sink work again "
-                           f"(failing since {_utc_text(since)}).\n")
-
-
-# =====================================================================================================
-# 14. Hook0 sink: mapping (pure)
-# =====================================================================================================
-# Nothing here touches a socket: events (Event or dict: any mapping) in, Hook0 bodies (or a
-# non-retryable DeliveryError) out.
-
-#: Appended to HOOK0_API_URL when it has no path (or only "/").
-HOOK0_API_PATH = "/api/v1"
-#: Columns that make a table an outbox table (README, "Hook0 sink").
-HOOK0_OUTBOX_COLUMNS = ("event_id", "event_type", "created_at", "payload", "metadata", "labels")
-#: Hook0's own limits (api/src/handlers/events.rs and validators.rs): checked before sending so
-#: the error names the column instead of coming back as a 422.
-HOOK0_EVENT_TYPE_MAX_CHARS = 200
-HOOK0_EVENT_TYPE_PART_MAX_CHARS = 50          # service, resource_type, verb when creating a type
-HOOK0_PAYLOAD_MAX_CHARS = 699_050             # 512 KiB of payload once base64 encoded
-HOOK0_LABELS_MIN_ENTRIES = 1
-HOOK0_LABELS_MAX_ENTRIES = 10
-HOOK0_METADATA_MAX_ENTRIES = 50
-HOOK0_PROPERTY_MAX_BYTES = 50                 # keys and values of labels and metadata, UTF-8
-#: Namespace of the uuid5 event ids of HOOK0_TABLE_EVENTS: fixed forever, or ids change.
-HOOK0_TABLE_EVENT_NAMESPACE = uuid.UUID("86ce6e04-7559-46d8-9ac2-f6c5bdb0c64b")
-#: Operations that become table events under HOOK0_TABLE_EVENTS (truncate and message do not).
-HOOK0_TABLE_EVENT_OPS = frozenset({"insert", "update", "delete"})
-HOOK0_PAYLOAD_CONTENT_TYPE = "application/json"
-
-_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def hook0_api_base(url: str) -> str:
-    """The API base for HOOK0_API_URL: `/api/v1` appended when the URL has no path or only `/`,
-    a trailing slash removed otherwise (`https://h/` -> `https://h/api/v1`,
-    `https://h/hook0/api/v1/` -> `https://h/hook0/api/v1`)."""
-    parts = urlsplit(url.strip())
-    path = parts.path.rstrip("/") or HOOK0_API_PATH
-    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
-
-
-def _table_name(event: Mapping) -> str:
-    return f"{event.get('schema')}.{event.get('table')}"
-
-
-def _undeliverable(event: Mapping, column: str, problem: str) -> DeliveryError:
-    """The error for a row Hook0 cannot take: names table, column and event, never retried."""
-    return DeliveryError(
-        f"cannot send event {event.get('id')} of table {_table_name(event)} to Hook0: "
-        f"column {column} {problem}", retryable=False)
-
-
-def _columns_sent(event: Mapping) -> set[str]:
-    columns = set(event.get("new") or ()) | set(event.get("old") or ())
-    return columns | set(event.get("unchanged_toast") or ())
-
-
-def is_hook0_outbox_event(event: Mapping, known_outbox_tables: Collection[tuple[str, str]] = (),
-                          table_columns: Collection[str] | None = None) -> bool:
-    """Whether the event's table is an outbox table.  An insert or update carries every column
-    the table had when the change was decoded (sent, or listed as unchanged TOAST): that decides,
-    never the table's current columns, which a later ALTER TABLE may already have changed while
-    this event waits for delivery or a retry.  Otherwise `table_columns`, the table's columns from
-    its latest Relation message, decides when given; else `known_outbox_tables` ((schema, table)
-    pairs recognised earlier) and what the event carries."""
-    if event.get("op") in ("insert", "update"):
-        return set(HOOK0_OUTBOX_COLUMNS) <= _columns_sent(event)
-    if table_columns is not None:
-        return set(HOOK0_OUTBOX_COLUMNS) <= set(table_columns)
-    if (event.get("schema"), event.get("table")) in known_outbox_tables:
-        return True
-    sent = _columns_sent(event)
-    if event.get("op") == "delete" and "event_id" in sent and sent <= set(HOOK0_OUTBOX_COLUMNS):
-        # Under the default replica identity a delete carries only the key: an outbox table's
-        # event_id.  Decided the same way in every session, restarted or not.
-        return True
-    return set(HOOK0_OUTBOX_COLUMNS) <= sent
-
-
-def convert_hook0_string(value) -> str | None:
-    """One label or metadata value as Hook0's string: text as is, numbers and booleans as their
-    JSON text ("3", "true"), objects and arrays as compact JSON text, null as None (dropped)."""
-    if value is None or isinstance(value, str):
-        return value
-    return encode_json(value)
-
-
-def convert_hook0_string_map(event: Mapping, column: str, value) -> dict[str, str]:
-    """A labels/metadata column as a string-to-string map; a NULL column is an empty map."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _undeliverable(event, column, f"is a JSON {type(value).__name__}, not an object")
-    converted = {key: convert_hook0_string(item) for key, item in value.items()}
-    return {key: item for key, item in converted.items() if item is not None}
-
-
-def hook0_string_map_problem(values: Mapping[str, str], min_entries: int,
-                             max_entries: int) -> str | None:
-    """What breaks Hook0's size rules for labels and metadata (validators.rs), or None: entry
-    count, and every key and value 1 to 50 bytes of UTF-8.  Used for HOOK0_LABELS too."""
-    if not min_entries <= len(values) <= max_entries:
-        return f"has {len(values)} entries; Hook0 accepts {min_entries} to {max_entries}"
-    for key, value in values.items():
-        for what, text in (("key", key), ("value", value)):
-            size = len(text.encode("utf-8"))
-            if not 1 <= size <= HOOK0_PROPERTY_MAX_BYTES:
-                return (f"has a {what} of {size} bytes (key {key[:60]!r}); "
-                        f"Hook0 accepts 1 to {HOOK0_PROPERTY_MAX_BYTES}")
-    return None
-
-
-def _check_string_map(event: Mapping, column: str, values: dict[str, str], min_entries: int,
-                      max_entries: int) -> None:
-    problem = hook0_string_map_problem(values, min_entries, max_entries)
-    if problem:
-        raise _undeliverable(event, column, problem)
-
-
-def _check_event_type(event: Mapping, column: str, event_type) -> str:
-    if event_type is None:
-        raise _undeliverable(event, column, "is NULL or missing")
-    if not isinstance(event_type, str):
-        raise _undeliverable(event, column, "is not text")
-    if not 1 <= len(event_type) <= HOOK0_EVENT_TYPE_MAX_CHARS:
-        raise _undeliverable(event, column, f"is {len(event_type)} characters long; Hook0 accepts "
-                                            f"1 to {HOOK0_EVENT_TYPE_MAX_CHARS}")
-    if _CONTROL_CHARACTER.search(event_type):
-        raise _undeliverable(event, column, "contains control characters")
-    return event_type
-
-
-def _check_payload(event: Mapping, column: str, text: str) -> str:
-    if len(text) > HOOK0_PAYLOAD_MAX_CHARS:
-        raise _undeliverable(event, column, f"is {len(text)} characters of JSON; Hook0 accepts at "
-                                            f"most {HOOK0_PAYLOAD_MAX_CHARS}")
-    return text
-
-
-def encode_hook0_timestamp(moment: datetime.datetime) -> str:
-    """RFC 3339 in UTC with `Z`, fractional digits as PostgreSQL prints them (none when zero)."""
-    moment = moment.astimezone(datetime.timezone.utc)
-    text = (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}"
-            f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}")
-    if moment.microsecond:
-        text += f".{moment.microsecond:06d}".rstrip("0")
-    return text + "Z"
-
-
-def convert_hook0_occurred_at(event: Mapping, created_at) -> str:
-    """`created_at` (timestamptz text, any offset) in UTC; NULL -> the transaction's commit time.
-    A timestamp without a zone is taken as UTC (wal2http reads with TimeZone UTC)."""
-    if created_at is None:
-        created_at = event.get("commit_time")
-        if created_at is None:   # row changes always have a commit time; be safe anyway
-            return encode_hook0_timestamp(datetime.datetime.now(datetime.timezone.utc))
-    try:
-        moment = datetime.datetime.fromisoformat(str(created_at))
-    except ValueError:
-        raise _undeliverable(event, "created_at", f"is {str(created_at)[:40]!r}, not a date and "
-                                                  "time Hook0 accepts") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return encode_hook0_timestamp(moment)
-
-
-def _labels_from_config(config) -> dict[str, str]:
-    return dict(config.hook0_labels or ())
-
-
-def _convert_event_id(event: Mapping, value) -> str:
-    if value is None:
-        raise _undeliverable(event, "event_id", "is NULL or missing")
-    try:
-        return str(uuid.UUID(str(value)))
-    except ValueError:
-        raise _undeliverable(event, "event_id", f"is {str(value)[:60]!r}, not a UUID") from None
-
-
-def build_hook0_outbox_event(event: Mapping, config, application_id: str) -> dict:
-    """The Hook0 body for an inserted or updated outbox row (README, "Hook0 sink")."""
-    row = event.get("new") or {}
-    for column in set(event.get("unchanged_toast") or ()) & set(HOOK0_OUTBOX_COLUMNS):
-        # An update that left a large value alone: PostgreSQL did not send it, and sending {}
-        # (or HOOK0_LABELS) in its place would be sending wrong data.
-        raise _undeliverable(event, column, "was not sent by PostgreSQL (an unchanged TOASTed value "
-                                            "of an update; REPLICA IDENTITY FULL sends it)")
-    event_id = _convert_event_id(event, row.get("event_id"))
-    event_type = _check_event_type(event, "event_type", row.get("event_type"))
-    if row.get("payload") is None:
-        raise _undeliverable(event, "payload", "is NULL or missing")
-    payload = _check_payload(event, "payload", encode_json(row["payload"]))
-    metadata = convert_hook0_string_map(event, "metadata", row.get("metadata"))
-    _check_string_map(event, "metadata", metadata, 0, HOOK0_METADATA_MAX_ENTRIES)
-    labels = convert_hook0_string_map(event, "labels", row.get("labels")) or _labels_from_config(config)
-    if not labels:
-        raise _undeliverable(event, "labels", "is empty and HOOK0_LABELS is not set; Hook0 needs "
-                                              "at least one label")
-    _check_string_map(event, "labels", labels, HOOK0_LABELS_MIN_ENTRIES, HOOK0_LABELS_MAX_ENTRIES)
-    return {
-        "application_id": application_id,
-        "event_id": event_id,
-        "event_type": event_type,
-        "payload": payload,
-        "payload_content_type": HOOK0_PAYLOAD_CONTENT_TYPE,
-        "metadata": metadata,
-        "occurred_at": convert_hook0_occurred_at(event, row.get("created_at")),
-        "labels": labels,
-    }
-
-
-def build_hook0_table_event_id(event: Mapping, slot_name: str) -> str:
-    """The deterministic event_id of a table event: uuid5 over the slot name, the table and the
-    wal2http event id.  The event id alone is unique within one slot's stream; the slot and table
-    keep two databases that happen to reach the same LSN from sharing ids (Hook0 would answer 409
-    and the second event would be lost as a "redelivery")."""
-    return str(uuid.uuid5(HOOK0_TABLE_EVENT_NAMESPACE, f"{slot_name}:{_table_name(event)}:{event['id']}"))
-
-
-def hook0_name(name: str, max_bytes: int = HOOK0_PROPERTY_MAX_BYTES) -> str:
-    """A schema or table name as Hook0 takes it in a label or an event type part: as it is when
-    it fits in `max_bytes` of UTF-8 (PostgreSQL allows 63), else its first characters, `~` and 8
-    hex digits of its SHA-256, so that it stays recognisable, distinct and the same every time."""
-    if len(name.encode("utf-8")) <= max_bytes:
-        return name
-    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
-    head = name.encode("utf-8")[:max_bytes - 9].decode("utf-8", "ignore")
-    return f"{head}~{digest}"
-
-
-def build_hook0_table_event(event: Mapping, config, application_id: str) -> dict:
-    """The Hook0 body of a plain table's change under HOOK0_TABLE_EVENTS=true: event type
-    `<schema>.<table>.<op>` and labels exactly {"schema", "table"} (README, "Hook0 sink").  A dot
-    in a name becomes `_` in the event type (a type has three dot-separated parts), and a name
-    longer than Hook0 allows is shortened by `hook0_name`."""
-    schema, table = event["schema"], event["table"]
-    event_type = _check_event_type(event, "(event type)", ".".join(
-        hook0_name(part.replace(".", "_")) for part in (schema, table)) + f".{event['op']}")
-    labels = {"schema": hook0_name(schema), "table": hook0_name(table)}
-    _check_string_map(event, "(labels)", labels, HOOK0_LABELS_MIN_ENTRIES, HOOK0_LABELS_MAX_ENTRIES)
-    return {
-        "application_id": application_id,
-        "event_id": build_hook0_table_event_id(event, config.slot_name),
-        "event_type": event_type,
-        "payload": _check_payload(event, "(whole event as payload)", event_line(event)),
-        "payload_content_type": HOOK0_PAYLOAD_CONTENT_TYPE,
-        "metadata": {},
-        "occurred_at": convert_hook0_occurred_at(event, None),
-        "labels": labels,
-    }
-
-
-def build_hook0_event(event: Mapping, config, application_id: str, *,
-                      known_outbox_tables: Collection[tuple[str, str]] = (),
-                      table_columns: Collection[str] | None = None) -> dict | None:
-    """The Hook0 body for a wal2http event, or None when the event is not sent to Hook0.
-
-    Outbox rows (insert, update) are mapped; deletes of outbox rows, truncates and messages are
-    ignored; other tables' rows are ignored unless HOOK0_TABLE_EVENTS, which maps their inserts,
-    updates and deletes to `<schema>.<table>.<op>`.  An undeliverable row raises a
-    `DeliveryError(retryable=False)` naming the table and column.
-    """
-    op = event.get("op")
-    if op not in HOOK0_TABLE_EVENT_OPS:
-        return None
-    if is_hook0_outbox_event(event, known_outbox_tables, table_columns):
-        return build_hook0_outbox_event(event, config, application_id) if op != "delete" else None
-    if config.hook0_table_events:
-        return build_hook0_table_event(event, config, application_id)
-    return None
-
-
-# =====================================================================================================
-# 15. Hook0 sink: answers (pure)
-# =====================================================================================================
-# Hook0 answers errors as RFC 7807 problem JSON with an "id" (api/src/problems.rs); its rate
-# limiter may answer 429 as text/plain "Too many requests, retry in Ns" with Retry-After.
-
-_RETRY_IN = re.compile(rb"retry in (\d+(?:\.\d+)?)\s*s", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Hook0Answer:
-    """What a Hook0 response says: status, problem id ("" when none) and its text."""
-
-    status: int
-    problem_id: str = ""
-    title: str = ""
-    detail: str = ""
-    validation: object = None
-    retry_after_s: float | None = None
-    secrets: tuple[str, ...] = dataclasses.field(default=(), repr=False)  #: scrubbed from describe()
-
-    def describe(self) -> str:
-        """Short text for errors and logs: status, id, title, detail, validation; secrets scrubbed
-        before it is shortened (a secret cut in two would no longer be recognised)."""
-        head = f"{self.status} {self.problem_id}".strip()
-        text = "; ".join(part for part in (self.title, self.detail) if part)
-        if self.validation:
-            try:
-                text += f"; validation: {encode_json(self.validation)}"
-            except (ValueError, RecursionError):  # 1e999, or nested too deep to write back
-                text += "; validation: (unreadable)"
-        # As written inside JSON text too (a secret with a quote or a backslash is escaped there).
-        secrets = [*self.secrets, *(json.dumps(s)[1:-1] for s in self.secrets)]
-        return _shorten(scrub_secrets(f"{head}: {text}" if text else head, secrets))
-
-
-def _shorten(text: str, limit: int = 500) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def decode_hook0_retry_after(value: str | None, body: bytes = b"") -> float | None:
-    """Seconds to wait: the Retry-After header (as the HTTP sink reads it), else the rate
-    limiter's text body "Too many requests, retry in Ns"; None when neither says."""
-    seconds = decode_retry_after(value)
-    if seconds is not None:
-        return seconds
-    found = _RETRY_IN.search(body[:200])
-    return float(found.group(1)) if found else None
-
-
-def decode_hook0_answer(response: HttpResponse, secrets: Iterable[str] = ()) -> Hook0Answer:
-    """A Hook0 response as a `Hook0Answer` whose text shows none of `secrets` (its problem id,
-    which decides what happens, is read as sent); never raises on a malformed body."""
-    secrets = tuple(secrets)
-    retry_after_s = decode_hook0_retry_after(response.headers.get("retry-after"), response.body)
-    problem = {}
-    if "json" in response.headers.get("content-type", ""):
-        try:
-            problem = json.loads(response.body)
-        except (ValueError, RecursionError):  # RecursionError: nested deeper than json follows
-            problem = {}
-    if not isinstance(problem, dict):
-        problem = {}
-    if not problem and response.body and not 200 <= response.status < 300:
-        text = scrub_secrets(response.body.decode("utf-8", "replace"), secrets)  # before it is cut
-        problem = {"detail": text[:300].strip()}
-    return Hook0Answer(response.status, str(problem.get("id") or ""), str(problem.get("title") or ""),
-                       str(problem.get("detail") or ""), problem.get("validation"), retry_after_s, secrets)
-
-
-def split_hook0_event_type(event_type: str) -> tuple[str, str, str] | None:
-    """`service.resource_type.verb` -> its three parts, or None when Hook0 could not create it
-    (not exactly three non-empty parts of at most 50 characters)."""
-    parts = event_type.split(".")
-    if len(parts) != 3 or not all(1 <= len(part) <= HOOK0_EVENT_TYPE_PART_MAX_CHARS for part in parts):
-        return None
-    return parts[0], parts[1], parts[2]
-
-
-# =====================================================================================================
-# 16. Hook0 sink: delivery (I/O)
-# =====================================================================================================
-# One event per request; HttpClient raises DeliveryError(retryable=True) on connection errors and
-# timeouts.  ReliableSink wraps this sink for retries, ON_FAILURE and the dead-letter file.
-
-HOOK0_ALERT_AUTH = "hook0-auth"
-HOOK0_ALERT_QUOTA = "hook0-quota"
-HOOK0_ALERT_EVENT_TYPE = "hook0-event-type:"   # + the event type
-
-
-class Hook0Sink(_RequestSink):
-    """Sends events to Hook0's `POST <api>/event`, one per request (see the README, "Hook0 sink")."""
-
-    name = "hook0"
-    batch_size = 1
-
-    def __init__(self, config, alerter, *, ssl_context: ssl.SSLContext | None = None):
-        super().__init__(config)
-        self.config = config
-        self.alerter = alerter
-        self.api_base = hook0_api_base(config.hook0_api_url)
-        endpoint = parse_http_url(self.api_base)
-        self._api_path = endpoint.target  # percent-encoded
-        self._shown_base = endpoint.where  #: for messages: scheme://host:port/... only
-        try:
-            self.application_id = str(uuid.UUID(config.hook0_application_id))
-        except (TypeError, ValueError):
-            raise ConfigError("HOOK0_APPLICATION_ID must be a UUID") from None
-        self._token = config.hook0_api_token
-        self._client = HttpClient(self.api_base, timeout_s=config.http_timeout_s,
-                                  ca_file=config.http_ca_file, ssl_context=ssl_context,
-                                  headers=(("Authorization", f"Bearer {self._token}"),),
-                                  max_connections=config.delivery_concurrency)
-        self._outbox_tables: set[tuple[str, str]] = set()
-        # (schema, table) -> column names, filled by the replication loop from Relation messages
-        # (sent before a table's first change in every session): outbox or not is then known
-        # from the table itself, even for a delete that carries only the key.
-        self.relation_columns: dict[tuple[str, str], tuple[str, ...]] = {}
-        self._warned_tables: set[tuple[str, str]] = set()
-        self._rate_limited_until = 0.0  # Trio time before which no request goes out
-
-    # -- Sink interface ---------------------------------------------------------------------------
-
-    async def check(self) -> str:
-        """--check: lists the application's event types, which needs a working token."""
-        query = urlencode({"application_id": self.application_id})
-        response = await self._client.request("GET", f"{self._api_path}/event_types?{query}")
-        answer = decode_hook0_answer(response, self._secrets)
-        if 200 <= answer.status < 300 and "json" in response.headers.get("content-type", ""):
-            return f"Hook0 API {self._shown_base} accepts the token for application {self.application_id}"
-        if 200 <= answer.status < 300:   # e.g. a web front end at that URL: not the API
-            raise DeliveryError(f"{self._shown_base}/event_types answered {answer.status} without JSON: "
-                                "is HOOK0_API_URL the Hook0 API?", retryable=False)
-        if answer.status in (401, 403):
-            raise self._auth_error(answer, "listing event types")
-        raise DeliveryError(self._redact(f"Hook0 API {self._shown_base} answered {answer.describe()} "
-                                         "when listing event types"),
-                            retryable=is_retryable_status(answer.status), retry_after=answer.retry_after_s)
-
-    # -- one event --------------------------------------------------------------------------------
-
-    async def _send(self, events: list[Event]) -> None:
-        event = events[0]  # batch_size is 1
-        try:
-            body = self._build(event)
-        except RecursionError:  # jsonb nested deeper than Python's JSON reader follows
-            raise DeliveryError(f"cannot send event {event['id']} to Hook0: its JSON is nested too "
-                                "deeply to be read here", retryable=False) from None
-        if body is None:
-            return
-        where = f"event {event.get('id')} of table {_table_name(event)}"
-        answer = await self._post_event(body)
-        if answer.problem_id == "EventTypeDoesNotExist" and self.config.hook0_create_event_types:
-            await self._create_event_type(body["event_type"], where)
-            answer = await self._post_event(body)
-            if answer.problem_id == "EventTypeDoesNotExist":
-                raise DeliveryError(f"Hook0 still rejects event type {body['event_type']!r} of {where} "
-                                    "after creating it", retryable=False)
-        self._check_event_answer(answer, body, where)
-
-    def _build(self, event: Mapping) -> dict | None:
-        """Maps the event, remembering outbox tables (for deletes) and warning once per table whose
-        rows are ignored."""
-        table = (event.get("schema"), event.get("table"))
-        columns = self.relation_columns.get(table)
-        if event.get("op") in ("insert", "update") and is_hook0_outbox_event(event, (), columns):
-            self._outbox_tables.add(table)
-        body = build_hook0_event(event, self.config, self.application_id,
-                                 known_outbox_tables=self._outbox_tables, table_columns=columns)
-        if (body is None and event.get("op") in ("insert", "update") and table not in self._outbox_tables
-                and table not in self._warned_tables):
-            self._warned_tables.add(table)
-            logger.warning("Hook0 sink: ignoring changes of table %s: it is not an outbox table "
-                           "(columns %s) and HOOK0_TABLE_EVENTS is false",
-                           _table_name(event), ", ".join(HOOK0_OUTBOX_COLUMNS))
-        return body
-
-    async def _post_event(self, body: dict) -> Hook0Answer:
-        """One POST; Hook0's rate limit (429 with a delay) holds back every request to the API,
-        not just the one it answered, for as long as it asks (at most RETRY_MAX_DELAY_MS)."""
-        if trio.current_time() < self._rate_limited_until:
-            await trio.sleep_until(self._rate_limited_until)
-        response = await self._client.request(
-            "POST", f"{self._api_path}/event", headers=(("Content-Type", "application/json"),),
-            body=encode_json(body).encode("utf-8"))
-        answer = decode_hook0_answer(response, self._secrets)
-        if answer.status == 429 and answer.retry_after_s:
-            self._rate_limited_until = max(self._rate_limited_until,
-                                           trio.current_time() + min(answer.retry_after_s, self.config.retry_max_delay_s))
-        return answer
-
-    def _check_event_answer(self, answer: Hook0Answer, body: dict, where: str) -> None:
-        """Returns when Hook0 has the event (2xx, or 409 EventAlreadyIngested: a redelivery);
-        raises SinkAuthError or DeliveryError otherwise, as the README's Hook0 table of answers says."""
-        if 200 <= answer.status < 300:
-            return
-        if answer.status == 409 and answer.problem_id == "EventAlreadyIngested":
-            logger.debug("Hook0 already had %s (event_id %s): counted as delivered", where, body["event_id"])
-            return
-        if answer.status in (401, 403):
-            raise self._auth_error(answer, f"sending {where}")
-        if answer.problem_id == "EventTypeDoesNotExist":
-            event_type = body["event_type"]
-            self.alerter.alert(
-                HOOK0_ALERT_EVENT_TYPE + event_type,
-                f"Hook0 event type {event_type} does not exist",
-                f"Hook0 application {self.application_id} has no event type {event_type!r}, so {where} "
-                "could not be delivered. Create the event type in Hook0, or set "
-                "HOOK0_CREATE_EVENT_TYPES=true.")
-            raise DeliveryError(f"Hook0 has no event type {event_type!r} ({where}); create it or set "
-                                "HOOK0_CREATE_EVENT_TYPES=true", retryable=False)
-        if answer.problem_id == "TooManyEventsToday":
-            self.alerter.alert(HOOK0_ALERT_QUOTA, "Hook0 daily event quota reached",
-                               self._redact(f"Hook0 refuses new events: {answer.describe()}"))
-        raise DeliveryError(self._redact(f"Hook0 answered {answer.describe()} for {where}"),
-                            retryable=is_retryable_status(answer.status), retry_after=answer.retry_after_s)
-
-    async def _create_event_type(self, event_type: str, where: str) -> None:
-        """POST <api>/event_types for HOOK0_CREATE_EVENT_TYPES; Hook0 reactivates an existing one,
-        and older versions answer 409 EventTypeAlreadyExist, which is as good."""
-        parts = split_hook0_event_type(event_type)
-        if parts is None:
-            raise DeliveryError(
-                f"Hook0 has no event type {event_type!r} ({where}) and HOOK0_CREATE_EVENT_TYPES cannot "
-                "create it: an event type must be service.resource_type.verb (three dot-separated "
-                f"parts of 1 to {HOOK0_EVENT_TYPE_PART_MAX_CHARS} characters)", retryable=False)
-        service, resource_type, verb = parts
-        body = {"application_id": self.application_id, "service": service,
-                "resource_type": resource_type, "verb": verb}
-        response = await self._client.request(
-            "POST", f"{self._api_path}/event_types", headers=(("Content-Type", "application/json"),),
-            body=encode_json(body).encode("utf-8"))
-        answer = decode_hook0_answer(response, self._secrets)
-        if 200 <= answer.status < 300 or answer.problem_id == "EventTypeAlreadyExist":
-            logger.info("Hook0 sink: created event type %s in application %s",
-                        event_type, self.application_id)
-            return
-        if answer.status in (401, 403):
-            raise self._auth_error(answer, f"creating event type {event_type!r}")
-        raise DeliveryError(self._redact(f"Hook0 answered {answer.describe()} when creating event type "
-                                         f"{event_type!r} for {where}"),
-                            retryable=is_retryable_status(answer.status), retry_after=answer.retry_after_s)
-
-    # -- helpers ----------------------------------------------------------------------------------
-
-    def _auth_error(self, answer: Hook0Answer, doing: str) -> SinkAuthError:
-        """Alerts and returns the exit-4 error for a rejected token (never retried)."""
-        message = self._redact(
-            f"Hook0 rejected HOOK0_API_TOKEN ({answer.status} {answer.problem_id or 'no problem id'}) when "
-            f"{doing}: check the token and its rights on application {self.application_id}")
-        self.alerter.alert(HOOK0_ALERT_AUTH, "Hook0 rejected the API token", message)
-        return SinkAuthError(message)
-
-
-
-# =====================================================================================================
-# 17. PostgreSQL connection (I/O)
-# =====================================================================================================
-# The thin I/O layer over the codec: TCP or Unix socket, SSLRequest and TLS with libpq's sslmode
-# semantics, the authentication exchange, simple queries.  This is the only section that turns
-# OSError, trio.BrokenResourceError and timeouts into ConnectionLost.
-
-RECEIVE_BYTES = 256 * 1024  #: one socket read
-DEFAULT_QUERY_TIMEOUT_S = 60.0  #: simple queries during setup (CREATE_REPLICATION_SLOT can wait on running transactions)
-SESSION_SETTINGS = {  #: startup parameters that make the server's text output predictable
-    "DateStyle": "ISO",
-    "TimeZone": "UTC",
-    "IntervalStyle": "postgres",
-    "extra_float_digits": "3",
-    "bytea_output": "hex",
-    "client_encoding": "UTF8",
-    "standard_conforming_strings": "on",
-}
-#: SQLSTATEs of a server error at connect time that mean "not now, try again later".
-RETRYABLE_CONNECT_SQLSTATES = {"57P01", "57P02", "57P03", "53300", "53400", "55006", "08006", "08001"}
-#: SQLSTATE classes / codes that mean a precondition the operator must fix (exit 4).
-PRECONDITION_SQLSTATES = {"28000", "28P01", "3D000", "42501", "42704", "55000"}
-
-_IO_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
-
-
-def quote_literal(text: str) -> str:
-    """A SQL string literal (standard_conforming_strings is on for our sessions)."""
-    if "\0" in text:
-        raise ValueError("a SQL literal cannot contain a NUL byte")
-    return "'" + text.replace("'", "''") + "'"
-
-
-def quote_ident(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"'
-
-
-def classify_server_error(error: ServerError, context: str, streaming: bool = False) -> Wal2HttpError:
-    """Turn an ErrorResponse into what the caller should do: retry, exit 4, or fail.  Once
-    streaming, a cancelled walsender (57014), insufficient resources (53), a system error (58) or
-    an internal error (XX) is retried too, as PostgreSQL's own subscriber does."""
-    message = f"{context}: {error.fields.get('M', '')}"
-    if error.fields.get("D"):
-        message += f" ({error.fields['D']})"
-    if error.fields.get("H"):
-        message += f" Hint: {error.fields['H']}"
-    if error.sqlstate in ("28000", "28P01"):
-        return AuthenticationError(message)
-    if error.sqlstate in PRECONDITION_SQLSTATES:
-        return PreconditionError(message)
-    if error.sqlstate in RETRYABLE_CONNECT_SQLSTATES or error.sqlstate.startswith("08"):
-        return ConnectionLost(message)
-    if streaming and (error.sqlstate == "57014" or error.sqlstate[:2] in ("53", "58", "XX")):
-        return ConnectionLost(f"{message} [SQLSTATE {error.sqlstate}]")
-    return error
-
-
-def _ssl_context(conninfo, verify: str | None) -> ssl.SSLContext:
-    """verify: None (encrypt only), "ca" (chain) or "full" (chain and host name), as libpq."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if verify is None:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    else:
-        root = conninfo.sslrootcert or os.path.expanduser("~/.postgresql/root.crt")
-        if root == "system":
-            ctx.load_default_certs()
-        elif os.path.exists(root):
-            ctx.load_verify_locations(root)
-        else:
-            raise AuthenticationError(
-                f"sslmode=verify-{verify} needs a root certificate: {root} does not exist "
-                "(set sslrootcert in DATABASE_URL, or sslrootcert=system for the system store)")
-        ctx.check_hostname = verify == "full"
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    if conninfo.sslcert:
-        try:
-            ctx.load_cert_chain(conninfo.sslcert, conninfo.sslkey)
-        except (OSError, ssl.SSLError) as exc:
-            raise PreconditionError(f"cannot load the client certificate sslcert={conninfo.sslcert}: {exc}") from None
-    return ctx
-
-
-def _tls_verification(conninfo) -> str | None:
-    mode = conninfo.sslmode
-    if mode == "verify-full":
-        return "full"
-    if mode == "verify-ca" or (mode == "require" and conninfo.sslrootcert
-                               and os.path.exists(conninfo.sslrootcert)):
-        return "ca"  # libpq: require with a root certificate file behaves as verify-ca
-    return None
-
-
-class PgConnection:
-    """One authenticated connection: send bytes, receive whole messages, run simple queries."""
-
-    def __init__(self, stream: trio.abc.Stream, conninfo):
-        self.stream = stream
-        self.conninfo = conninfo
-        self.buffer = MessageBuffer()
-        self.parameters: dict[str, str] = {}
-        self.backend_pid = 0
-        self._send_lock = trio.Lock()
-
-    @property
-    def server_version_num(self) -> int:
-        """server_version as the integer PostgreSQL uses (150004 for 15.4)."""
-        text = self.parameters.get("server_version", "0").split()[0]
-        parts = [int(p) for p in re.findall(r"\d+", text)[:2]] + [0]
-        return parts[0] * 10000 + (parts[1] if parts[0] >= 10 else 0)
-
-    async def send(self, data: bytes) -> None:
-        try:
-            async with self._send_lock:
-                await self.stream.send_all(data)
-        except _IO_ERRORS as exc:
-            raise ConnectionLost(f"connection to PostgreSQL lost while sending: {exc}") from None
-
-    async def receive_some(self) -> bytes:
-        try:
-            data = await self.stream.receive_some(RECEIVE_BYTES)
-        except _IO_ERRORS as exc:
-            raise ConnectionLost(f"connection to PostgreSQL lost: {exc}") from None
-        if not data:
-            raise ConnectionLost("PostgreSQL closed the connection")
-        return data
-
-    async def receive_message(self) -> tuple[int, bytes]:
-        """The next message that is not an asynchronous one (see handle_asynchronous)."""
-        while True:
-            message = self.buffer.next_message()
-            if message is None:
-                self.buffer.feed(await self.receive_some())
-            elif not self.handle_asynchronous(*message):
-                return message
-
-    def handle_asynchronous(self, tag: int, body: bytes) -> bool:
-        """Messages the server may send at any time ("Asynchronous Operations" in the protocol
-        docs): a notice is logged, a parameter status recorded, a notification ignored.  False
-        for any other message."""
-        if tag == NOTICE_RESPONSE:
-            fields = decode_error_fields(body, "NoticeResponse")
-            logger.info("PostgreSQL %s: %s", fields.get("S", "NOTICE"), fields.get("M", ""))
-        elif tag == PARAMETER_STATUS:
-            name, value = decode_parameter_status(body)
-            self.parameters[name] = value
-        elif tag != NOTIFICATION_RESPONSE:
-            return False
-        return True
-
-    async def simple_query(self, sql: str, timeout_s: float = DEFAULT_QUERY_TIMEOUT_S) -> list[tuple]:
-        """Run one statement; returns its rows (tuples of str or None). ServerError on failure."""
-        await self.send(encode_query(sql))
-        rows: list[tuple] = []
-        error = None
-        with trio.move_on_after(timeout_s) as scope:
-            while True:
-                tag, body = await self.receive_message()
-                if tag == DATA_ROW:
-                    rows.append(decode_data_row(body))
-                elif tag == ERROR_RESPONSE:
-                    error = ServerError(decode_error_fields(body))
-                elif tag == READY_FOR_QUERY:
-                    break
-                elif tag not in (ROW_DESCRIPTION, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE):
-                    raise ProtocolError(f"unexpected message {chr(tag)!r} in reply to a query")
-        if scope.cancelled_caught:
-            raise ConnectionLost(f"PostgreSQL did not answer within {timeout_s:g} s: {sql.split()[0]}")
-        if error:
-            raise error
-        return rows
-
-    async def aclose(self) -> None:
-        with trio.move_on_after(1) as scope:
-            scope.shield = True
-            try:
-                await self.stream.send_all(encode_terminate())
-            except _IO_ERRORS:
-                pass
-            try:
-                await self.stream.aclose()
-            except _IO_ERRORS:
-                pass
-
-
-async def _open_socket(conninfo) -> trio.abc.Stream:
-    try:
-        if is_unix_socket(conninfo.host):
-            return await trio.open_unix_socket(f"{conninfo.host}/.s.PGSQL.{conninfo.port}")
-        stream = await trio.open_tcp_stream(conninfo.host, conninfo.port)
-        set_tcp_keepalive(stream.socket)
-        return stream
-    except OSError as exc:
-        raise ConnectionLost(f"cannot connect to PostgreSQL at {_where(conninfo)}: {describe_os_error(exc)}") from None
-
-
-def describe_os_error(exc: OSError) -> str:
-    """The operating system's reason, once: "Connection refused" rather than Trio's "all attempts
-    to connect to host:port failed" around it (the address is named by the caller)."""
-    causes = getattr(exc.__cause__, "exceptions", None) or [exc]
-    reasons = dict.fromkeys(os.strerror(cause.errno) if (cause.errno or 0) > 0 else cause.strerror or str(cause)
-                            for cause in causes if isinstance(cause, OSError))
-    return "; ".join(reasons) or str(exc)
-
-
-TCP_KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}  #: a dead peer noticed in 2 min
-
-
-def set_tcp_keepalive(sock) -> None:
-    """TCP keepalives on the connection to PostgreSQL, as libpq's keepalives_* do: a peer gone
-    without a word (a cut network, a crashed host) is noticed even where wal2http waits on the
-    server without a deadline of its own (CREATE_REPLICATION_SLOT waits for running transactions)."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in TCP_KEEPALIVE.items():
-        if hasattr(socket, name):  # Linux names; other systems keep their defaults
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-
-
-def _where(conninfo) -> str:
-    if is_unix_socket(conninfo.host):
-        return f"{conninfo.host}/.s.PGSQL.{conninfo.port}"
-    return f"{conninfo.host}:{conninfo.port}"
-
-
-async def _start_tls(stream: trio.abc.Stream, conninfo) -> trio.abc.Stream | None:
-    """SSLRequest; returns the TLS stream, or None when the server declined."""
-    await stream.send_all(encode_ssl_request())
-    answer = await stream.receive_some(1)  # exactly one byte: nothing may be buffered before TLS
-    if answer == b"N":
-        return None
-    if answer != b"S":
-        raise ProtocolError(f"unexpected answer to SSLRequest: {answer!r}")
-    verify = _tls_verification(conninfo)
-    host = conninfo.host
-    sni = host if (verify == "full" or not is_ip_address(host)) else None
-    tls = trio.SSLStream(stream, _ssl_context(conninfo, verify), server_hostname=sni)
-    try:
-        await tls.do_handshake()
-    except _IO_ERRORS as exc:
-        cause = exc if isinstance(exc, ssl.SSLCertVerificationError) else exc.__cause__
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            raise AuthenticationError(f"TLS verification of PostgreSQL at {_where(conninfo)} failed "
-                                      f"(sslmode={conninfo.sslmode}): {cause.verify_message}") from None
-        raise ConnectionLost(f"TLS handshake with PostgreSQL at {_where(conninfo)} failed: {exc}") from None
-    return tls
-
-
-async def _authenticate(conn: PgConnection) -> None:
-    """From StartupMessage to ReadyForQuery: the server's requests answered by an Authenticator."""
-    info = conn.conninfo
-    authenticator = Authenticator(info.user, info.password)
-    while True:
-        tag, body = await conn.receive_message()
-        if tag == READY_FOR_QUERY:
-            return
-        if tag == ERROR_RESPONSE:
-            raise classify_server_error(ServerError(decode_error_fields(body)),
-                                        f"PostgreSQL refused the connection as user {info.user!r}")
-        if tag == AUTHENTICATION:
-            reply = authenticator.answer(*decode_authentication(body))
-            if reply:
-                await conn.send(reply)
-        elif tag == BACKEND_KEY_DATA:
-            conn.backend_pid = _INT32.unpack_from(body)[0] if len(body) >= 4 else 0
-        elif tag != NEGOTIATE_PROTOCOL_VERSION:
-            raise ProtocolError(f"unexpected message {chr(tag)!r} during authentication")
-
-
-def build_startup_parameters(conninfo, replication: bool) -> dict[str, str]:
-    params = {"user": conninfo.user, "database": conninfo.dbname,
-              "application_name": conninfo.application_name, **SESSION_SETTINGS}
-    if replication:
-        params["replication"] = "database"
-    return params
-
-
-@contextlib.asynccontextmanager
-async def open_pg_connection(conninfo, *, replication: bool = True):
-    """An authenticated connection to the first host that fits, closed on exit.  Honours
-    sslmode and target_session_attrs like libpq."""
-    conn = await connect_to_first_fitting_host(conninfo, replication)
-    try:
-        yield conn
-    finally:
-        await conn.aclose()
-
-
-async def connect_to_first_fitting_host(conninfo, replication: bool) -> PgConnection:
-    """Each host in turn, as libpq: one that cannot be reached (refused, timed out after
-    connect_timeout, or "not now" from the server) or does not fit target_session_attrs is
-    skipped with a log line; an authentication or TLS-verification failure is not (exit 4).
-    prefer-standby tries every host for a standby first, then any of them."""
-    wanted = conninfo.target_session_attrs
-    hosts = conninfo.each_host()
-    skipped = []
-    for attrs in ("standby", "any") if wanted == "prefer-standby" else (wanted,):
-        for target in hosts:
-            try:
-                conn = await _connect_in_time(target, replication)
-            except ConnectionLost as exc:
-                if len(hosts) == 1 and attrs == wanted:
-                    raise
-                skipped.append(f"{_where(target)}: {exc}")
-                logger.warning("skipping PostgreSQL at %s: %s", _where(target), exc)
-                continue
-            misfit = await describe_session_misfit(conn, attrs)
-            if misfit is None:
-                if len(hosts) > 1:
-                    logger.info("connected to PostgreSQL at %s", _where(target))
-                return conn
-            await conn.aclose()
-            skipped.append(f"{_where(target)}: {misfit}")
-            logger.warning("skipping PostgreSQL at %s: %s (target_session_attrs=%s)", _where(target), misfit, attrs)
-    raise ConnectionLost(f"no PostgreSQL host fits target_session_attrs={wanted}: {'; '.join(skipped)}")
-
-
-async def _connect_in_time(conninfo, replication: bool) -> PgConnection:
-    try:
-        with trio.fail_after(conninfo.connect_timeout_s):
-            return await _connect(conninfo, replication)
-    except trio.TooSlowError:
-        raise ConnectionLost(f"cannot connect to PostgreSQL at {_where(conninfo)}: "
-                             f"no answer within connect_timeout={conninfo.connect_timeout_s:g} s") from None
-
-
-async def describe_session_misfit(conn: PgConnection, attrs: str) -> str | None:
-    """None when the server fits target_session_attrs `attrs`, else why not.  As libpq: from
-    PostgreSQL 14 the server reports in_hot_standby and default_transaction_read_only at start-up;
-    older ones are asked."""
-    if attrs == "any":
-        return None
-    standby = conn.parameters.get("in_hot_standby")
-    if standby is None:
-        (recovery,), = await conn.simple_query("SELECT pg_catalog.pg_is_in_recovery()")
-        standby = "on" if recovery == "t" else "off"
-    read_only = conn.parameters.get("default_transaction_read_only")
-    if read_only is None:
-        (read_only,), = await conn.simple_query("SHOW transaction_read_only")
-    read_only = "on" if standby == "on" else read_only
-    misfits = {"read-write": (read_only == "on", "it is read-only"),
-               "read-only": (read_only != "on", "it accepts writes"),
-               "primary": (standby == "on", "it is a standby"),
-               "standby": (standby != "on", "it is not a standby")}
-    misfit, reason = misfits[attrs]
-    return reason if misfit else None
-
-
-async def _connect(conninfo, replication: bool) -> PgConnection:
-    mode = "disable" if is_unix_socket(conninfo.host) else conninfo.sslmode  # libpq: no TLS on Unix sockets
-    try:
-        return await _connect_once(conninfo, replication, tls=mode not in ("disable", "allow"))
-    except AuthenticationError:
-        if mode != "allow":
-            raise
-        return await _connect_once(conninfo, replication, tls=True)  # allow: plain first, then TLS
-
-
-async def _connect_once(conninfo, replication: bool, tls: bool) -> PgConnection:
-    stream = await _open_socket(conninfo)
-    try:
-        if tls:
-            tls_stream = await _start_tls(stream, conninfo)
-            if tls_stream is None and conninfo.sslmode in ("require", "verify-ca", "verify-full"):
-                raise PreconditionError(f"PostgreSQL at {_where(conninfo)} does not accept TLS "
-                                        f"but DATABASE_URL says sslmode={conninfo.sslmode}")
-            stream = tls_stream or stream
-        conn = PgConnection(stream, conninfo)
-        await conn.send(encode_startup(build_startup_parameters(conninfo, replication)))
-        await _authenticate(conn)
-        return conn
-    except _IO_ERRORS as exc:
-        await _close_quietly(stream)
-        raise ConnectionLost(f"connection to PostgreSQL at {_where(conninfo)} failed: {exc}") from None
-    except BaseException:
-        await _close_quietly(stream)
-        raise
-
-
-async def _close_quietly(stream) -> None:
-    with trio.CancelScope(shield=True):
-        try:
-            await stream.aclose()
-        except _IO_ERRORS:
-            pass
-
-
-# =====================================================================================================
-# 18. Replication loop
+# 9. Replication loop and the acknowledgement rule
 # =====================================================================================================
 # One connection = one nursery with three tasks linked by a bounded channel:
 #   reader    socket -> MessageBuffer -> XLogData -> ChangeAssembler -> Chunk -> channel
@@ -5909,7 +3480,2443 @@ async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_
 
 
 # =====================================================================================================
-# 19. Service, --check
+# 10. Delivery: the sink interface, retries, ON_FAILURE, dead-letter file
+# =====================================================================================================
+# The sink interface (`Sink`): every sink (stdout, HTTP, Hook0, ReliableSink around them, and an
+# application's own, passed to `run`) follows it.  Events are Event objects (section 8), written as
+# their `line`; sinks take plain dicts too, for applications that import wal2http.
+# ReliableSink.deliver returns only when every event it was given is delivered or dead-lettered;
+# the replication loop acknowledges nothing before that (README, "Delivery guarantees").  A sink's
+# DeliveryError says how many leading events got through, so a partial success is never resent.
+
+
+@typing.runtime_checkable
+class Sink(typing.Protocol):
+    """Where events go.  A sink that wants each table's column names (Hook0, to tell an outbox
+    table from a delete that carries only the key) also has a `relation_columns` dict, which the
+    replication loop fills from Relation messages."""
+
+    name: str  #: "stdout", "http", "hook0", or an application's own name
+    batch_size: int  #: most events per deliver() call
+
+    async def deliver(self, events: list[Event]) -> None:
+        """Returns once every event is delivered; otherwise raises DeliveryError saying how many
+        leading events got through (`delivered`), or SinkAuthError (exit 4)."""
+
+    async def check(self) -> str:
+        """--check: a line saying the sink is reachable; raises DeliveryError when it is not."""
+
+    async def aclose(self) -> None:
+        """Releases connections; called once at exit."""
+
+
+RETRY_FOREVER_MIN_DELAY_S = 0.1  #: ON_FAILURE=retry never retries faster, whatever RETRY_MAX_DELAY_MS says
+RELIABLE_ALERT_KEY = "delivery:"  #: + the sink name; one alert key per sink
+ALERT_EVENT_IDS = 5  #: event ids named in an alert; the rest are counted
+
+
+def append_dead_letters(path: str, events: list[Event]) -> None:
+    """Appends the events as JSON Lines (the stdout format) and fsyncs them (blocking: run it in a
+    worker thread).  A new file's directory entry is fsynced too, so the file survives a crash."""
+    created = not os.path.exists(path)
+    with open(path, "ab") as file:
+        file.write(encode_event_lines(events))
+        file.flush()
+        os.fsync(file.fileno())
+    if created:
+        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def describe_event_ids(events: list[Event]) -> str:
+    ids = ", ".join(str(event.get("id")) for event in events[:ALERT_EVENT_IDS])
+    more = len(events) - ALERT_EVENT_IDS
+    return f"{ids} and {more} more ({len(events)} events)" if more > 0 else f"{ids} ({len(events)} events)"
+
+
+class ReliableSink:
+    """Wraps a sink with retries and ON_FAILURE (see the section comment); same interface.
+    Several deliveries may run at once (DELIVERY_CONCURRENCY): each has its own retries, and
+    the sink's failing period ends when none of them is failing any more.
+
+    `stop`, when set, means shutdown has begun: the deliveries in flight may still finish within
+    the shutdown timeout, but no new alert says they keep retrying."""
+
+    def __init__(self, sink: Sink, config, alerter, *, sleep=trio.sleep, random=random.random,
+                 stop: trio.Event | None = None):
+        self.sink = sink
+        self.config = config
+        self.name = sink.name
+        self.batch_size = sink.batch_size
+        self.relation_columns = getattr(sink, "relation_columns", None)  # passed through (Hook0)
+        self._sleep = sleep
+        self._random = random
+        self.failing = FailingPeriod(alerter, RELIABLE_ALERT_KEY + sink.name)
+        self._failing_deliveries = 0  # deliveries in flight that have failed at least once
+        self._stop = stop
+
+    async def deliver(self, events: list[Event]) -> None:
+        """Returns when every event is delivered or dead-lettered; raises DeliveryFailed
+        (ON_FAILURE=exit; its `delivered` says how many leading events got through) or
+        SinkAuthError (never retried)."""
+        backoff = Backoff(self.config.retry_base_delay_s, self.config.retry_max_delay_s, jitter=self._random)
+        position, failed_once = 0, False  # events[:position] are delivered or dead-lettered
+        try:
+            while position < len(events):
+                try:
+                    await self.sink.deliver(events[position:])
+                    break
+                except SinkAuthError:
+                    raise
+                except DeliveryError as error:
+                    if not failed_once:
+                        failed_once, self._failing_deliveries = True, self._failing_deliveries + 1
+                    delivered, failed = self._progress_of(error, len(events) - position)
+                    position += delivered
+                    if delivered:
+                        backoff.reset()  # its retries count the failed attempts for events[position:]
+                    if position < len(events):
+                        skipped = await self._handle_failure(events, position, failed, error, backoff)
+                        position += skipped
+                        if skipped:
+                            backoff.reset()
+            else:
+                return  # the last events were dead-lettered: the failing period goes on
+        finally:
+            self._failing_deliveries -= failed_once
+        if not self._failing_deliveries:
+            self._recovered()
+
+    async def check(self) -> str:
+        return await self.sink.check()
+
+    async def aclose(self) -> None:
+        await self.sink.aclose()
+
+    # -- failure handling -------------------------------------------------------------------------
+
+    @staticmethod
+    def _progress_of(error: DeliveryError, remaining: int) -> tuple[int, int]:
+        """(events delivered, events the failure covers), both kept within the remaining events."""
+        delivered = min(max(error.delivered, 0), remaining)
+        failed = remaining - delivered if error.failed is None else error.failed
+        return delivered, min(max(failed, 1), max(remaining - delivered, 1))
+
+    def _max_attempts(self, error: DeliveryError) -> int:
+        return max(1, self.config.retry_max_attempts) if error.retryable else 1
+
+    @property
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
+    async def _handle_failure(self, events: list[Event], position: int, failed: int,
+                              error: DeliveryError, backoff: Backoff) -> int:
+        """Waits before the next attempt, or applies ON_FAILURE; returns how many events are
+        done with (dead-lettered), 0 when they are to be tried again."""
+        self.failing.failed()
+        attempts = backoff.retries + 1  # this failure included
+        if attempts < self._max_attempts(error):
+            delay = backoff.next_delay(error.retry_after)
+            self._log_attempt(f"attempt {attempts} of {self.config.retry_max_attempts}", delay, error)
+            await self._sleep(delay)
+            return 0
+        failing = events[position:position + failed]
+        if self.config.on_failure == "retry":
+            backoff.retries += 1
+            return await self._keep_retrying(failing, attempts, error)
+        if self.config.on_failure == "skip":
+            return await self._dead_letter(failing, attempts, error, position)
+        self._alert(failing, attempts, error, "wal2http stops (ON_FAILURE=exit); nothing from the first "
+                    "of these events on is acknowledged, so it is sent again after a restart", stops=True)
+        raise DeliveryFailed(f"delivery to the {self.name} sink failed after {attempts} attempt(s): "
+                               f"{error}; {position} of the {len(events)} events were delivered, event "
+                               f"{events[position].get('id')} and those after it were not", position)
+
+    async def _keep_retrying(self, failing: list[Event], attempts: int, error: DeliveryError) -> int:
+        delay = max(self.config.retry_max_delay_s, RETRY_FOREVER_MIN_DELAY_S)
+        if not self.failing.alerted and not self._stopping:
+            self._alert(failing, attempts, error, f"wal2http keeps retrying every {delay:g} s "
+                        "(ON_FAILURE=retry) and holds back everything after these events")
+        self._log_attempt(f"attempt {attempts}, retrying until it works (ON_FAILURE=retry)", delay, error)
+        await self._sleep(delay)
+        return 0
+
+    async def _dead_letter(self, failing: list[Event], attempts: int, error: DeliveryError,
+                           position: int) -> int:
+        """Appends the failing events to DEAD_LETTER_FILE; if that fails too, nothing can be
+        acknowledged, so it is ON_FAILURE=exit after all."""
+        path = self.config.dead_letter_file
+        try:
+            await trio.to_thread.run_sync(append_dead_letters, path, failing)
+        except OSError as exc:
+            self._alert(failing, attempts, error, f"writing them to DEAD_LETTER_FILE {path} failed too "
+                        f"({exc}), so wal2http stops; they are sent again after a restart", stops=True)
+            raise DeliveryFailed(f"cannot append {len(failing)} undeliverable event(s) to DEAD_LETTER_FILE "
+                                   f"{path}: {exc}; nothing from event {failing[0].get('id')} on is "
+                                   "acknowledged", position) from None
+        self._alert(failing, attempts, error, f"the events were appended to DEAD_LETTER_FILE {path} "
+                    "(ON_FAILURE=skip) and wal2http goes on")
+        logger.error("dead-lettered %d event(s) to %s: %s", len(failing), path, describe_event_ids(failing))
+        return len(failing)
+
+    def _log_attempt(self, attempt: str, delay: float, error: DeliveryError) -> None:
+        logger.warning("delivery to the %s sink failed (%s): %s; retrying in %.1f s",
+                       self.name, attempt, error, delay)
+
+    def _alert(self, failing: list[Event], attempts: int, error: DeliveryError, action: str,
+               stops: bool = False) -> None:
+        """The alert for events that could not be delivered.  When wal2http stops, the alert has
+        its own key and subject: an earlier alert (say, a skip a minute ago) must not hold back
+        the mail that says the service is down."""
+        subject = f"delivery to the {self.name} sink is failing"
+        if stops:
+            subject = f"wal2http stopped: delivery to the {self.name} sink failed"
+        self.failing.alert(
+            subject,
+            f"wal2http could not deliver events to the {self.name} sink.\n"
+            f"Failing since: {_utc_text(self.failing.since)} ({attempts} attempt(s) for these events)\n"
+            f"Events: {describe_event_ids(failing)}\n"
+            f"Last error: {error}\n"
+            f"What happens now: {action}.\n", key_suffix=":stopped" if stops else "")
+
+    def _recovered(self) -> None:
+        since = self.failing.since
+        if since is None:
+            return  # healthy: the common case, after every delivery
+        if self.failing.alerted:
+            logger.info("delivery to the %s sink recovered", self.name)
+        self.failing.ended(f"delivery to the {self.name} sink recovered",
+                           f"Deliveries to the {self.name} sink work again "
+                           f"(failing since {_utc_text(since)}).\n")
+
+
+# =====================================================================================================
+# 11. stdout sink
+# =====================================================================================================
+# JSON lines on stdout: the sink of `--demo`, and of pipelines that read wal2http's output.
+
+
+def _may_block_forever(out) -> bool:
+    """Whether writing to `out` can wait on a reader (pipe, socket, terminal), as opposed to a
+    regular file or a device like /dev/null."""
+    try:
+        fd = out.fileno()
+        mode = os.fstat(fd).st_mode
+    except (AttributeError, OSError, ValueError):
+        return False  # an in-memory file
+    return not (stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(fd)))
+
+
+def event_lines(events: list[Event]) -> list[str]:
+    """The JSON text of each event (see event_line)."""
+    try:
+        return [event.line for event in events]
+    except AttributeError:  # plain dicts among them
+        return [event_line(event) for event in events]
+
+
+def encode_event_lines(events: list[Event]) -> bytes:
+    """JSON Lines: one compact object per event, each line ending in a newline."""
+    return ("\n".join(event_lines(events)) + "\n").encode()
+
+
+class StdoutSink:
+    """JSON lines on stdout (or any binary file), flushed before delivery is confirmed.
+
+    A stdout consumer that stops reading stalls the stream (nothing is confirmed before it is
+    written and flushed), but not the process: SIGTERM still ends it cleanly.
+    """
+
+    name = "stdout"
+    batch_size = 5000
+
+    def __init__(self, out=None):
+        self.out = out if out is not None else sys.stdout.buffer
+        self._may_block = _may_block_forever(self.out)
+
+    async def deliver(self, events: list[Event]) -> None:
+        data = encode_event_lines(events)
+        try:
+            if self._may_block:
+                # In a worker thread: a reader that stops reading blocks only this delivery,
+                # while keepalives, status updates and SIGTERM are still handled.
+                await trio.to_thread.run_sync(self._write, data, abandon_on_cancel=True)
+            else:
+                self._write(data)  # a file or /dev/null: no reader to wait for, no thread hop
+        except OSError as exc:
+            raise DeliveryError(f"cannot write to stdout: {exc}", retryable=False) from None
+
+    def _write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.out.flush()
+
+    async def check(self) -> str:
+        return "stdout is writable" if not self.out.closed else "stdout is closed"
+
+    async def aclose(self) -> None:
+        pass
+
+
+# =====================================================================================================
+# 12. HTTP client (h11 over Trio)
+# =====================================================================================================
+# Theory of operation: one h11.Connection per TCP (or TLS) connection, kept alive between requests
+# and used by one request at a time (a lock serialises callers).  h11 does the framing (Content-Length
+# and chunked bodies, keep-alive rules); this code only moves bytes and turns every failure into a
+# DeliveryError.  HTTP_TIMEOUT_SECS is one deadline over a whole request(): connect, TLS handshake,
+# send and receive.  Retry rule: a request that fails on a *reused* connection before any byte of the
+# answer arrived is sent once more on a fresh connection: the server most likely closed the idle
+# connection just before we used it (RFC 9112 section 9.3.1).  The server may, rarely, have seen the
+# first copy; our receivers deduplicate on event ids (Idempotency-Key, webhook-id, Hook0 event_id),
+# so one duplicate is acceptable, and a connection that never answered is no worse than a retry.
+
+HTTP_MAX_BODY_BYTES = 64 * 1024  #: most bytes of a response body read; the rest is never read
+HTTP_MAX_HEAD_BYTES = 64 * 1024  #: most bytes of a response's status line and headers
+HTTP_RECEIVE_CHUNK_BYTES = 16 * 1024  #: bytes asked of the socket per receive
+HTTP_DEFAULT_PORTS = {"http": 80, "https": 443}
+_URL_SAFE = "!$%&'()*+,/:;=?@[]~"  #: kept as they are in a request target (with letters, digits, -._)
+HTTP_USER_AGENT = f"wal2http/{__version__}"
+#: Headers the client computes itself; callers' values for them are dropped.
+_HTTP_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    headers: dict[str, str]  #: lower-case names; repeated headers joined by ", "
+    body: bytes  #: at most HTTP_MAX_BODY_BYTES
+
+    def scrubbed(self, secrets: Iterable[str]) -> HttpResponse:
+        """This answer with every secret in an error body replaced by `***`: done on the whole
+        body, before anything shortens it (a secret cut in two would no longer be recognised)."""
+        if 200 <= self.status < 300 or not self.body:
+            return self
+        text = self.body.decode("utf-8", "replace")
+        clean = scrub_secrets(text, secrets)
+        return self if clean == text else HttpResponse(self.status, self.headers, clean.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class HttpEndpoint:
+    """A parsed http(s) URL.  `where` names it in messages: scheme, host and port only (user info,
+    path and query may hold a token)."""
+
+    scheme: str
+    host: str  #: host name or IP address, without IPv6 brackets
+    port: int
+    target: str  #: path and query, "/" when empty
+    host_header: str
+    authorization: str | None  #: Basic credentials from user info in the URL, if any
+
+    @property
+    def where(self) -> str:
+        return f"{self.scheme}://{self.host_header}" + ("/..." if self.target != "/" else "")
+
+
+def parse_http_url(url: str, variable: str = "URL") -> HttpEndpoint:
+    """Splits an http:// or https:// URL; raises ConfigError naming `variable` (the setting it
+    comes from) without echoing the URL (it may hold credentials)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        parts = port = None
+    scheme = parts.scheme.lower() if parts else ""
+    if scheme not in HTTP_DEFAULT_PORTS or not parts.hostname or any(c.isspace() for c in url):
+        raise ConfigError(f"{variable} must be an http:// or https:// URL with a host name")
+    if not is_valid_host(parts.hostname):
+        raise ConfigError(f"{variable}: the URL's host is not a valid host name or address")
+    host = parts.hostname if parts.hostname.isascii() else parts.hostname.encode("idna").decode("ascii")
+    port = port or HTTP_DEFAULT_PORTS[scheme]
+    bracketed = f"[{host}]" if ":" in host else host
+    host_header = bracketed if port == HTTP_DEFAULT_PORTS[scheme] else f"{bracketed}:{port}"
+    # A request target is ASCII: percent-encode anything else (as browsers do), keep escapes.
+    target = urllib.parse.quote(parts.path or "/", safe=_URL_SAFE) + (
+        "?" + urllib.parse.quote(parts.query, safe=_URL_SAFE) if parts.query else "")
+    authorization = None
+    if parts.username is not None:  # user info is percent-encoded in a URL: decode it
+        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
+    return HttpEndpoint(scheme, host, port, target, host_header, authorization)
+
+
+def build_ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """The system trust store, plus `ca_file` (HTTP_CA_FILE) when given; hostname checked."""
+    context = ssl.create_default_context()
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load HTTP_CA_FILE {ca_file}: {exc}") from None
+    return context
+
+
+def _merge_headers(*layers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Later layers replace earlier headers of the same name (case-insensitive); framing headers
+    are dropped because the client sets them from the body."""
+    merged: list[tuple[str, str]] = []
+    for layer in layers:
+        names = {name.lower() for name, _ in layer}
+        merged = [(n, v) for n, v in merged if n.lower() not in names]
+        merged.extend((n, v) for n, v in layer if n.lower() not in _HTTP_FRAMING_HEADERS)
+    return merged
+
+
+def _join_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    joined: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+        joined[name] = f"{joined[name]}, {value}" if name in joined else value
+    return joined
+
+
+class _StaleConnection(Exception):
+    """A reused connection failed before any byte of the answer: send once more on a new one."""
+
+
+class _Connection:
+    """One open stream and its h11 state machine."""
+
+    def __init__(self, stream: trio.abc.Stream):
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=HTTP_MAX_HEAD_BYTES)
+        self.exchanges = 0  # completed request/response pairs
+        self.received_bytes = 0  # in the current exchange
+
+    async def next_event(self):
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self.stream.receive_some(HTTP_RECEIVE_CHUNK_BYTES)
+            self.received_bytes += len(data)
+            self.h11.receive_data(data)
+
+    @property
+    def reusable(self) -> bool:
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+
+class HttpClient:
+    """HTTP/1.1 requests to one origin over persistent connections (see the theory above): one
+    connection per request in flight, at most `max_connections` requests in flight (the others
+    wait their turn), idle connections kept for the next requests."""
+
+    def __init__(self, url: str, *, timeout_s: float, ca_file: str | None = None,
+                 headers: Sequence[tuple[str, str]] = (), ssl_context: ssl.SSLContext | None = None,
+                 max_connections: int = 1):
+        self.endpoint = parse_http_url(url)
+        self.timeout_s = timeout_s
+        defaults = [("Host", self.endpoint.host_header), ("User-Agent", HTTP_USER_AGENT)]
+        if self.endpoint.authorization:
+            defaults.append(("Authorization", self.endpoint.authorization))
+        self._headers = _merge_headers(defaults, tuple(headers))
+        _validate_headers(self._headers)
+        self._ssl_context = None
+        if self.endpoint.scheme == "https":
+            self._ssl_context = ssl_context or build_ssl_context(ca_file)
+        self._idle: list[_Connection] = []  # open, kept alive, not in use
+        self._slots = trio.Semaphore(max_connections)  # one per request in flight
+
+    async def request(self, method: str, target: str, *, headers: Sequence[tuple[str, str]] = (),
+                      body: bytes = b"") -> HttpResponse:
+        """Sends one request and returns the answer, whatever its status.  Raises DeliveryError:
+        retryable for connection errors, resets and timeouts; not retryable when TLS verification
+        fails or a header is invalid."""
+        request = self._build_request(method, target, headers, body)
+        try:
+            # A free slot is taken without a schedule point: the request goes out now, rather than
+            # after the replication reader has decoded another chunk (the send itself yields).
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        try:
+            with trio.fail_after(self.timeout_s):
+                return await self._request_once_or_twice(request, body)
+        except trio.TooSlowError:
+            raise DeliveryError(f"no answer from {self.endpoint.where} within {self.timeout_s:g} s "
+                                "(HTTP_TIMEOUT_SECS)", retryable=True) from None
+        finally:
+            self._slots.release()
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await trio.aclose_forcefully(conn.stream)
+
+    def _build_request(self, method: str, target: str, headers: Sequence[tuple[str, str]],
+                       body: bytes) -> h11.Request:
+        all_headers = _merge_headers(self._headers, tuple(headers))
+        if body or method.upper() in ("POST", "PUT", "PATCH"):
+            all_headers.append(("Content-Length", str(len(body))))
+        try:
+            return h11.Request(method=method, target=target, headers=all_headers)
+        except (h11.LocalProtocolError, UnicodeError):
+            # h11's message quotes the offending value, which may be a secret: name nothing.
+            raise DeliveryError(f"invalid {method} request to {self.endpoint.where}: a header or the "
+                                "target has characters HTTP does not allow", retryable=False) from None
+
+    async def _request_once_or_twice(self, request: h11.Request, body: bytes) -> HttpResponse:
+        if self._idle:
+            try:
+                return await self._exchange(self._idle.pop(), request, body)
+            except _StaleConnection:
+                logger.debug("%s closed the kept-alive connection; sending again on a new one",
+                             self.endpoint.where)
+        return await self._exchange(await self._open(), request, body)  # fresh: never _StaleConnection
+
+    async def _open(self) -> _Connection:
+        endpoint = self.endpoint
+        try:
+            stream: trio.abc.Stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+        except OSError as exc:
+            raise DeliveryError(f"cannot connect to {endpoint.where}: {describe_os_error(exc)}",
+                                retryable=True) from None
+        if self._ssl_context is not None:
+            stream = await self._start_tls(stream)
+        return _Connection(stream)
+
+    async def _start_tls(self, stream: trio.abc.Stream) -> trio.SSLStream:
+        # https_compatible: HTTP servers commonly close without a TLS close_notify.
+        tls = trio.SSLStream(stream, self._ssl_context, server_hostname=self.endpoint.host,
+                             https_compatible=True)
+        try:
+            await tls.do_handshake()
+        except BaseException as exc:
+            await trio.aclose_forcefully(stream)
+            if not isinstance(exc, (trio.BrokenResourceError, OSError)):
+                raise  # cancelled (the deadline)
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise DeliveryError(f"TLS verification of {self.endpoint.where} failed: "
+                                    f"{cause.verify_message or cause}; trust its CA with HTTP_CA_FILE",
+                                    retryable=False) from None
+            raise DeliveryError(f"TLS handshake with {self.endpoint.where} failed: {cause or exc}",
+                                retryable=True) from None
+        return tls
+
+    async def _exchange(self, conn: _Connection, request: h11.Request, body: bytes) -> HttpResponse:
+        """One request/response on `conn`; closes it on any failure or when it cannot be reused."""
+        reused = conn.exchanges > 0
+        conn.received_bytes = 0
+        try:
+            early = await self._send_request(conn, request, body)
+            response = early or await self._receive_response(conn)
+            if reused and response.status == 408:
+                # Usually the server's idle timeout, written on the kept-alive connection before
+                # our request reached it: not an answer to it.  Send again on a new connection.
+                raise _StaleConnection("408 on a kept-alive connection")
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError) as exc:
+            await trio.aclose_forcefully(conn.stream)
+            if reused and conn.received_bytes == 0:
+                raise _StaleConnection(str(exc)) from None
+            raise DeliveryError(f"connection to {self.endpoint.where} failed: {_describe_io_error(exc)}",
+                                retryable=True) from None
+        except BaseException:
+            await trio.aclose_forcefully(conn.stream)  # cancelled or timed out mid-exchange: state unknown
+            raise
+        conn.exchanges += 1
+        if early is None and conn.reusable:
+            conn.h11.start_next_cycle()
+            self._idle.append(conn)
+        else:
+            await trio.aclose_forcefully(conn.stream)  # e.g. an early answer left our request half sent
+        return response
+
+    async def _send_request(self, conn: _Connection, request: h11.Request, body: bytes) -> HttpResponse | None:
+        """Writes the request; None once it is all sent.  A server may answer before reading the
+        whole body (a 413 for a batch over its limit, a 401) and close: then the send fails, and
+        the answer it sent first is returned, because that is what counts."""
+        data = conn.h11.send(request)
+        if body:
+            data += conn.h11.send(h11.Data(data=body))
+        data += conn.h11.send(h11.EndOfMessage())
+        try:
+            await conn.stream.send_all(data)
+        except (OSError, trio.BrokenResourceError) as exc:
+            response = await self._early_response(conn)
+            if response is None:
+                raise exc from None
+            return response
+        return None
+
+    async def _early_response(self, conn: _Connection) -> HttpResponse | None:
+        """The whole answer the server sent before our send failed, or None."""
+        try:
+            return await self._receive_response(conn)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
+            return None
+
+    async def _receive_response(self, conn: _Connection) -> HttpResponse:
+        """Reads the answer; stops reading the body at HTTP_MAX_BODY_BYTES (the connection is then
+        closed, since the rest of the body was never read)."""
+        event = await conn.next_event()
+        while isinstance(event, h11.InformationalResponse):  # 100 Continue and the like
+            event = await conn.next_event()
+        if not isinstance(event, h11.Response):
+            raise h11.RemoteProtocolError(f"expected a response, got {type(event).__name__}")
+        body = bytearray()
+        while True:
+            part = await conn.next_event()
+            if isinstance(part, h11.Data):
+                body += part.data[:HTTP_MAX_BODY_BYTES - len(body)]
+                if len(body) >= HTTP_MAX_BODY_BYTES:
+                    break
+            elif isinstance(part, h11.EndOfMessage):
+                break
+            else:
+                raise h11.RemoteProtocolError(f"unexpected {type(part).__name__} in a response body")
+        return HttpResponse(event.status_code, _join_headers(event.headers), bytes(body))
+
+
+def _validate_headers(headers: list[tuple[str, str]]) -> None:
+    """Fails at start-up (exit 2) on a header h11 would refuse, naming the header but not its value."""
+    for name, value in headers:
+        try:
+            host = [] if name.lower() == "host" else [("Host", "x")]  # h11 requires exactly one
+            h11.Request(method="GET", target="/", headers=[*host, (name, value)])
+        except (h11.LocalProtocolError, UnicodeError):  # h11 takes ASCII only
+            raise ConfigError(f"HTTP header {name.encode('ascii', 'replace').decode()!r} has a name or value "
+                              "HTTP does not allow: control or non-ASCII characters (check HTTP_HEADERS)") from None
+
+
+def _describe_io_error(exc: BaseException) -> str:
+    """A short reason without any request data: the cause of a Trio error, or the error itself."""
+    if isinstance(exc, trio.ClosedResourceError):
+        return "connection closed"
+    if isinstance(exc, h11.RemoteProtocolError):
+        return f"invalid HTTP from the server ({exc})"
+    cause = exc.__cause__ or exc
+    return str(cause) or type(cause).__name__
+
+
+# =====================================================================================================
+# 13. HTTP sink
+# =====================================================================================================
+# POST each event (HTTP_BATCH_SIZE=1) or {"events": [...]} (N>1) to HTTP_ENDPOINT_URL, optionally
+# signed the Standard Webhooks way (https://www.standardwebhooks.com/, spec/standard-webhooks.md:
+# "Signature scheme").  Retries and ON_FAILURE are ReliableSink's job; this sink says what happened.
+
+HTTP_RETRYABLE_STATUSES = frozenset({408, 425, 429})  #: retried besides every 5xx, by both HTTP sinks
+HTTP_ERROR_BODY_CHARS = 200  #: how much of a failed response's body goes into the error message
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def is_retryable_status(status: int) -> bool:
+    """Whether an answer with this status may succeed when sent again (HTTP and Hook0 sinks):
+    408, 425, 429 and 5xx; 6xx-9xx are not HTTP and never retried."""
+    return 500 <= status < 600 or status in HTTP_RETRYABLE_STATUSES
+
+
+class _RequestSink:
+    """What the HTTP and Hook0 sinks share: events go out in order, `batch_size` per request
+    (`_send`), a failed request says how many events before it were delivered; and every text
+    that may reach a log or a mail is scrubbed of the configured secrets (a receiver may echo a
+    token back in its error body)."""
+
+    name = ""
+    batch_size = 1
+    _client: HttpClient
+
+    def __init__(self, config):
+        self._secrets = config_secrets(config)
+
+    async def deliver(self, events: list[Event]) -> None:
+        for start in range(0, len(events), self.batch_size):
+            batch = events[start:start + self.batch_size]
+            try:
+                await self._send(batch)
+            except DeliveryError as error:
+                raise DeliveryError(str(error), retryable=error.retryable, retry_after=error.retry_after,
+                                    delivered=start, failed=len(batch)) from None
+
+    async def _send(self, events: list[Event]) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _redact(self, text: str) -> str:
+        return scrub_secrets(text, self._secrets)
+
+
+def build_message_id(events: list[Event], batched: bool) -> str:
+    """Idempotency-Key and webhook-id: the event's id, or for a batch `<first id>..<last id>`.  A
+    batch is a run of consecutive events of the stream, so this names exactly the events it
+    holds: sent again, it keeps its id; cut differently after a restart, it gets a new one, and
+    a receiver that deduplicates on it never drops events it has not seen."""
+    first = str(events[0]["id"])
+    return f"{first}..{events[-1]['id']}" if batched else first
+
+
+def build_http_body(events: list[Event], batched: bool) -> bytes:
+    """One event as itself, or a batch as {"events": [...]} in order."""
+    if not batched:
+        return event_line(events[0]).encode()
+    return ('{"events":[' + ",".join(event_lines(events)) + "]}").encode()
+
+
+def decode_signing_secret(secret: str) -> bytes:
+    """The HMAC key: base64 after `whsec_` (Standard Webhooks secrets), else the UTF-8 bytes."""
+    if secret.startswith(WEBHOOK_SECRET_PREFIX):
+        try:
+            key = base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX):], validate=True)
+        except binascii.Error:
+            key = b""
+        if not key:
+            raise ConfigError(f"HTTP_SIGNING_SECRET starts with '{WEBHOOK_SECRET_PREFIX}' but what "
+                              "follows is not valid base64")
+        return key
+    return secret.encode("utf-8")
+
+
+def sign_webhook(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """`v1,<base64 HMAC-SHA256 of "<msg_id>.<timestamp>.<body>">` (webhook-signature header)."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    digest = hmac.new(decode_signing_secret(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode("ascii")
+
+
+def decode_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP-date (RFC 9110 section 10.2.3).
+    None when absent or unreadable; never negative."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():  # str.isdigit alone takes "²" too, which float() refuses
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def shorten_body(body: bytes, limit: int = HTTP_ERROR_BODY_CHARS) -> str:
+    text = body.decode("utf-8", errors="replace").strip()
+    text = " ".join(text.split())  # one line in the log
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def classify_http_response(response: HttpResponse, where: str) -> DeliveryError | None:
+    """None for 2xx (delivered); otherwise the DeliveryError to raise: retryable for 408, 425, 429
+    and 5xx (with Retry-After), not retryable for every other status."""
+    status = response.status
+    if 200 <= status < 300:
+        return None
+    detail = shorten_body(response.body)
+    message = f"{where} answered HTTP {status}" + (f": {detail}" if detail else "")
+    return DeliveryError(message, retryable=is_retryable_status(status),
+                         retry_after=decode_retry_after(response.headers.get("retry-after")))
+
+
+class HttpSink(_RequestSink):
+    """POSTs events to HTTP_ENDPOINT_URL (see the README, "HTTP sink")."""
+
+    name = "http"
+
+    def __init__(self, config, *, ssl_context: ssl.SSLContext | None = None, alerter=None):
+        super().__init__(config)
+        self.batch_size = max(1, config.http_batch_size)
+        self._alerter = alerter
+        self._secret = config.http_signing_secret
+        if self._secret:
+            decode_signing_secret(self._secret)  # a bad whsec_ secret is a start-up error
+        self._client = HttpClient(config.http_endpoint_url, timeout_s=config.http_timeout_s,
+                                  ca_file=config.http_ca_file, headers=config.http_headers,
+                                  ssl_context=ssl_context, max_connections=config.delivery_concurrency)
+        self._clock = time.time  # replaced by tests
+
+    async def check(self) -> str:
+        """--check: any HTTP answer to an OPTIONS request (which no receiver takes as an event)
+        proves the endpoint reachable; connection and TLS failures raise DeliveryError."""
+        response = await self._client.request("OPTIONS", self._client.endpoint.target)
+        return f"{self._client.endpoint.where} is reachable (OPTIONS answered {response.status})"
+
+    async def _send(self, events: list[Event]) -> None:
+        batched = self.batch_size > 1
+        body = build_http_body(events, batched)
+        message_id = build_message_id(events, batched)
+        headers = [("Content-Type", "application/json"), ("Idempotency-Key", message_id)]
+        if self._secret:
+            headers.extend(self._signature_headers(message_id, body))
+        response = await self._client.request("POST", self._client.endpoint.target, headers=headers, body=body)
+        response = response.scrubbed(self._secrets)
+        if response.status in (401, 403):  # rejected credentials are exit 4, never retried
+            message = self._redact(f"{self._client.endpoint.where} rejected our credentials (HTTP {response.status}): "
+                                   "check HTTP_HEADERS / the URL's user info; nothing was acknowledged")
+            if self._alerter is not None:
+                self._alerter.alert("http-auth", "the HTTP endpoint rejected the credentials", message)
+            raise SinkAuthError(message)
+        error = classify_http_response(response, self._client.endpoint.where)
+        if error is not None:
+            raise DeliveryError(self._redact(str(error)), retryable=error.retryable,
+                                retry_after=error.retry_after)
+
+    def _signature_headers(self, msg_id: str, body: bytes) -> list[tuple[str, str]]:
+        timestamp = int(self._clock())  # signed at each attempt: receivers reject stale timestamps
+        return [("webhook-id", msg_id), ("webhook-timestamp", str(timestamp)),
+                ("webhook-signature", sign_webhook(self._secret, msg_id, timestamp, body))]
+
+
+# =====================================================================================================
+# 14. Hook0 sink: mapping (pure)
+# =====================================================================================================
+# Nothing here touches a socket: events (Event or dict: any mapping) in, Hook0 bodies (or a
+# non-retryable DeliveryError) out.
+
+#: Appended to HOOK0_API_URL when it has no path (or only "/").
+HOOK0_API_PATH = "/api/v1"
+#: Columns that make a table an outbox table (README, "Hook0 sink").
+HOOK0_OUTBOX_COLUMNS = ("event_id", "event_type", "created_at", "payload", "metadata", "labels")
+#: Hook0's own limits (api/src/handlers/events.rs and validators.rs): checked before sending so
+#: the error names the column instead of coming back as a 422.
+HOOK0_EVENT_TYPE_MAX_CHARS = 200
+HOOK0_EVENT_TYPE_PART_MAX_CHARS = 50          # service, resource_type, verb when creating a type
+HOOK0_PAYLOAD_MAX_CHARS = 699_050             # 512 KiB of payload once base64 encoded
+HOOK0_LABELS_MIN_ENTRIES = 1
+HOOK0_LABELS_MAX_ENTRIES = 10
+HOOK0_METADATA_MAX_ENTRIES = 50
+HOOK0_PROPERTY_MAX_BYTES = 50                 # keys and values of labels and metadata, UTF-8
+#: Namespace of the uuid5 event ids of HOOK0_TABLE_EVENTS: fixed forever, or ids change.
+HOOK0_TABLE_EVENT_NAMESPACE = uuid.UUID("86ce6e04-7559-46d8-9ac2-f6c5bdb0c64b")
+#: Operations that become table events under HOOK0_TABLE_EVENTS (truncate and message do not).
+HOOK0_TABLE_EVENT_OPS = frozenset({"insert", "update", "delete"})
+HOOK0_PAYLOAD_CONTENT_TYPE = "application/json"
+
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def hook0_api_base(url: str) -> str:
+    """The API base for HOOK0_API_URL: `/api/v1` appended when the URL has no path or only `/`,
+    a trailing slash removed otherwise (`https://h/` -> `https://h/api/v1`,
+    `https://h/hook0/api/v1/` -> `https://h/hook0/api/v1`)."""
+    parts = urlsplit(url.strip())
+    path = parts.path.rstrip("/") or HOOK0_API_PATH
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def _table_name(event: Mapping) -> str:
+    return f"{event.get('schema')}.{event.get('table')}"
+
+
+def _undeliverable(event: Mapping, column: str, problem: str) -> DeliveryError:
+    """The error for a row Hook0 cannot take: names table, column and event, never retried."""
+    return DeliveryError(
+        f"cannot send event {event.get('id')} of table {_table_name(event)} to Hook0: "
+        f"column {column} {problem}", retryable=False)
+
+
+def _columns_sent(event: Mapping) -> set[str]:
+    columns = set(event.get("new") or ()) | set(event.get("old") or ())
+    return columns | set(event.get("unchanged_toast") or ())
+
+
+def is_hook0_outbox_event(event: Mapping, known_outbox_tables: Collection[tuple[str, str]] = (),
+                          table_columns: Collection[str] | None = None) -> bool:
+    """Whether the event's table is an outbox table.  An insert or update carries every column
+    the table had when the change was decoded (sent, or listed as unchanged TOAST): that decides,
+    never the table's current columns, which a later ALTER TABLE may already have changed while
+    this event waits for delivery or a retry.  Otherwise `table_columns`, the table's columns from
+    its latest Relation message, decides when given; else `known_outbox_tables` ((schema, table)
+    pairs recognised earlier) and what the event carries."""
+    if event.get("op") in ("insert", "update"):
+        return set(HOOK0_OUTBOX_COLUMNS) <= _columns_sent(event)
+    if table_columns is not None:
+        return set(HOOK0_OUTBOX_COLUMNS) <= set(table_columns)
+    if (event.get("schema"), event.get("table")) in known_outbox_tables:
+        return True
+    sent = _columns_sent(event)
+    if event.get("op") == "delete" and "event_id" in sent and sent <= set(HOOK0_OUTBOX_COLUMNS):
+        # Under the default replica identity a delete carries only the key: an outbox table's
+        # event_id.  Decided the same way in every session, restarted or not.
+        return True
+    return set(HOOK0_OUTBOX_COLUMNS) <= sent
+
+
+def convert_hook0_string(value) -> str | None:
+    """One label or metadata value as Hook0's string: text as is, numbers and booleans as their
+    JSON text ("3", "true"), objects and arrays as compact JSON text, null as None (dropped)."""
+    if value is None or isinstance(value, str):
+        return value
+    return encode_json(value)
+
+
+def convert_hook0_string_map(event: Mapping, column: str, value) -> dict[str, str]:
+    """A labels/metadata column as a string-to-string map; a NULL column is an empty map."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _undeliverable(event, column, f"is a JSON {type(value).__name__}, not an object")
+    converted = {key: convert_hook0_string(item) for key, item in value.items()}
+    return {key: item for key, item in converted.items() if item is not None}
+
+
+def hook0_string_map_problem(values: Mapping[str, str], min_entries: int,
+                             max_entries: int) -> str | None:
+    """What breaks Hook0's size rules for labels and metadata (validators.rs), or None: entry
+    count, and every key and value 1 to 50 bytes of UTF-8.  Used for HOOK0_LABELS too."""
+    if not min_entries <= len(values) <= max_entries:
+        return f"has {len(values)} entries; Hook0 accepts {min_entries} to {max_entries}"
+    for key, value in values.items():
+        for what, text in (("key", key), ("value", value)):
+            size = len(text.encode("utf-8"))
+            if not 1 <= size <= HOOK0_PROPERTY_MAX_BYTES:
+                return (f"has a {what} of {size} bytes (key {key[:60]!r}); "
+                        f"Hook0 accepts 1 to {HOOK0_PROPERTY_MAX_BYTES}")
+    return None
+
+
+def _check_string_map(event: Mapping, column: str, values: dict[str, str], min_entries: int,
+                      max_entries: int) -> None:
+    problem = hook0_string_map_problem(values, min_entries, max_entries)
+    if problem:
+        raise _undeliverable(event, column, problem)
+
+
+def _check_event_type(event: Mapping, column: str, event_type) -> str:
+    if event_type is None:
+        raise _undeliverable(event, column, "is NULL or missing")
+    if not isinstance(event_type, str):
+        raise _undeliverable(event, column, "is not text")
+    if not 1 <= len(event_type) <= HOOK0_EVENT_TYPE_MAX_CHARS:
+        raise _undeliverable(event, column, f"is {len(event_type)} characters long; Hook0 accepts "
+                                            f"1 to {HOOK0_EVENT_TYPE_MAX_CHARS}")
+    if _CONTROL_CHARACTER.search(event_type):
+        raise _undeliverable(event, column, "contains control characters")
+    return event_type
+
+
+def _check_payload(event: Mapping, column: str, text: str) -> str:
+    if len(text) > HOOK0_PAYLOAD_MAX_CHARS:
+        raise _undeliverable(event, column, f"is {len(text)} characters of JSON; Hook0 accepts at "
+                                            f"most {HOOK0_PAYLOAD_MAX_CHARS}")
+    return text
+
+
+def encode_hook0_timestamp(moment: datetime.datetime) -> str:
+    """RFC 3339 in UTC with `Z`, fractional digits as PostgreSQL prints them (none when zero)."""
+    moment = moment.astimezone(datetime.timezone.utc)
+    text = (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}"
+            f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}")
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}".rstrip("0")
+    return text + "Z"
+
+
+def convert_hook0_occurred_at(event: Mapping, created_at) -> str:
+    """`created_at` (timestamptz text, any offset) in UTC; NULL -> the transaction's commit time.
+    A timestamp without a zone is taken as UTC (wal2http reads with TimeZone UTC)."""
+    if created_at is None:
+        created_at = event.get("commit_time")
+        if created_at is None:   # row changes always have a commit time; be safe anyway
+            return encode_hook0_timestamp(datetime.datetime.now(datetime.timezone.utc))
+    try:
+        moment = datetime.datetime.fromisoformat(str(created_at))
+    except ValueError:
+        raise _undeliverable(event, "created_at", f"is {str(created_at)[:40]!r}, not a date and "
+                                                  "time Hook0 accepts") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return encode_hook0_timestamp(moment)
+
+
+def _labels_from_config(config) -> dict[str, str]:
+    return dict(config.hook0_labels or ())
+
+
+def _convert_event_id(event: Mapping, value) -> str:
+    if value is None:
+        raise _undeliverable(event, "event_id", "is NULL or missing")
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise _undeliverable(event, "event_id", f"is {str(value)[:60]!r}, not a UUID") from None
+
+
+def build_hook0_outbox_event(event: Mapping, config, application_id: str) -> dict:
+    """The Hook0 body for an inserted or updated outbox row (README, "Hook0 sink")."""
+    row = event.get("new") or {}
+    for column in set(event.get("unchanged_toast") or ()) & set(HOOK0_OUTBOX_COLUMNS):
+        # An update that left a large value alone: PostgreSQL did not send it, and sending {}
+        # (or HOOK0_LABELS) in its place would be sending wrong data.
+        raise _undeliverable(event, column, "was not sent by PostgreSQL (an unchanged TOASTed value "
+                                            "of an update; REPLICA IDENTITY FULL sends it)")
+    event_id = _convert_event_id(event, row.get("event_id"))
+    event_type = _check_event_type(event, "event_type", row.get("event_type"))
+    if row.get("payload") is None:
+        raise _undeliverable(event, "payload", "is NULL or missing")
+    payload = _check_payload(event, "payload", encode_json(row["payload"]))
+    metadata = convert_hook0_string_map(event, "metadata", row.get("metadata"))
+    _check_string_map(event, "metadata", metadata, 0, HOOK0_METADATA_MAX_ENTRIES)
+    labels = convert_hook0_string_map(event, "labels", row.get("labels")) or _labels_from_config(config)
+    if not labels:
+        raise _undeliverable(event, "labels", "is empty and HOOK0_LABELS is not set; Hook0 needs "
+                                              "at least one label")
+    _check_string_map(event, "labels", labels, HOOK0_LABELS_MIN_ENTRIES, HOOK0_LABELS_MAX_ENTRIES)
+    return {
+        "application_id": application_id,
+        "event_id": event_id,
+        "event_type": event_type,
+        "payload": payload,
+        "payload_content_type": HOOK0_PAYLOAD_CONTENT_TYPE,
+        "metadata": metadata,
+        "occurred_at": convert_hook0_occurred_at(event, row.get("created_at")),
+        "labels": labels,
+    }
+
+
+def build_hook0_table_event_id(event: Mapping, slot_name: str) -> str:
+    """The deterministic event_id of a table event: uuid5 over the slot name, the table and the
+    wal2http event id.  The event id alone is unique within one slot's stream; the slot and table
+    keep two databases that happen to reach the same LSN from sharing ids (Hook0 would answer 409
+    and the second event would be lost as a "redelivery")."""
+    return str(uuid.uuid5(HOOK0_TABLE_EVENT_NAMESPACE, f"{slot_name}:{_table_name(event)}:{event['id']}"))
+
+
+def hook0_name(name: str, max_bytes: int = HOOK0_PROPERTY_MAX_BYTES) -> str:
+    """A schema or table name as Hook0 takes it in a label or an event type part: as it is when
+    it fits in `max_bytes` of UTF-8 (PostgreSQL allows 63), else its first characters, `~` and 8
+    hex digits of its SHA-256, so that it stays recognisable, distinct and the same every time."""
+    if len(name.encode("utf-8")) <= max_bytes:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+    head = name.encode("utf-8")[:max_bytes - 9].decode("utf-8", "ignore")
+    return f"{head}~{digest}"
+
+
+def build_hook0_table_event(event: Mapping, config, application_id: str) -> dict:
+    """The Hook0 body of a plain table's change under HOOK0_TABLE_EVENTS=true: event type
+    `<schema>.<table>.<op>` and labels exactly {"schema", "table"} (README, "Hook0 sink").  A dot
+    in a name becomes `_` in the event type (a type has three dot-separated parts), and a name
+    longer than Hook0 allows is shortened by `hook0_name`."""
+    schema, table = event["schema"], event["table"]
+    event_type = _check_event_type(event, "(event type)", ".".join(
+        hook0_name(part.replace(".", "_")) for part in (schema, table)) + f".{event['op']}")
+    labels = {"schema": hook0_name(schema), "table": hook0_name(table)}
+    _check_string_map(event, "(labels)", labels, HOOK0_LABELS_MIN_ENTRIES, HOOK0_LABELS_MAX_ENTRIES)
+    return {
+        "application_id": application_id,
+        "event_id": build_hook0_table_event_id(event, config.slot_name),
+        "event_type": event_type,
+        "payload": _check_payload(event, "(whole event as payload)", event_line(event)),
+        "payload_content_type": HOOK0_PAYLOAD_CONTENT_TYPE,
+        "metadata": {},
+        "occurred_at": convert_hook0_occurred_at(event, None),
+        "labels": labels,
+    }
+
+
+def build_hook0_event(event: Mapping, config, application_id: str, *,
+                      known_outbox_tables: Collection[tuple[str, str]] = (),
+                      table_columns: Collection[str] | None = None) -> dict | None:
+    """The Hook0 body for a wal2http event, or None when the event is not sent to Hook0.
+
+    Outbox rows (insert, update) are mapped; deletes of outbox rows, truncates and messages are
+    ignored; other tables' rows are ignored unless HOOK0_TABLE_EVENTS, which maps their inserts,
+    updates and deletes to `<schema>.<table>.<op>`.  An undeliverable row raises a
+    `DeliveryError(retryable=False)` naming the table and column.
+    """
+    op = event.get("op")
+    if op not in HOOK0_TABLE_EVENT_OPS:
+        return None
+    if is_hook0_outbox_event(event, known_outbox_tables, table_columns):
+        return build_hook0_outbox_event(event, config, application_id) if op != "delete" else None
+    if config.hook0_table_events:
+        return build_hook0_table_event(event, config, application_id)
+    return None
+
+
+# =====================================================================================================
+# 15. Hook0 sink: answers (pure)
+# =====================================================================================================
+# Hook0 answers errors as RFC 7807 problem JSON with an "id" (api/src/problems.rs); its rate
+# limiter may answer 429 as text/plain "Too many requests, retry in Ns" with Retry-After.
+
+_RETRY_IN = re.compile(rb"retry in (\d+(?:\.\d+)?)\s*s", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Hook0Answer:
+    """What a Hook0 response says: status, problem id ("" when none) and its text."""
+
+    status: int
+    problem_id: str = ""
+    title: str = ""
+    detail: str = ""
+    validation: object = None
+    retry_after_s: float | None = None
+    secrets: tuple[str, ...] = dataclasses.field(default=(), repr=False)  #: scrubbed from describe()
+
+    def describe(self) -> str:
+        """Short text for errors and logs: status, id, title, detail, validation; secrets scrubbed
+        before it is shortened (a secret cut in two would no longer be recognised)."""
+        head = f"{self.status} {self.problem_id}".strip()
+        text = "; ".join(part for part in (self.title, self.detail) if part)
+        if self.validation:
+            try:
+                text += f"; validation: {encode_json(self.validation)}"
+            except (ValueError, RecursionError):  # 1e999, or nested too deep to write back
+                text += "; validation: (unreadable)"
+        # As written inside JSON text too (a secret with a quote or a backslash is escaped there).
+        secrets = [*self.secrets, *(json.dumps(s)[1:-1] for s in self.secrets)]
+        return _shorten(scrub_secrets(f"{head}: {text}" if text else head, secrets))
+
+
+def _shorten(text: str, limit: int = 500) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def decode_hook0_retry_after(value: str | None, body: bytes = b"") -> float | None:
+    """Seconds to wait: the Retry-After header (as the HTTP sink reads it), else the rate
+    limiter's text body "Too many requests, retry in Ns"; None when neither says."""
+    seconds = decode_retry_after(value)
+    if seconds is not None:
+        return seconds
+    found = _RETRY_IN.search(body[:200])
+    return float(found.group(1)) if found else None
+
+
+def decode_hook0_answer(response: HttpResponse, secrets: Iterable[str] = ()) -> Hook0Answer:
+    """A Hook0 response as a `Hook0Answer` whose text shows none of `secrets` (its problem id,
+    which decides what happens, is read as sent); never raises on a malformed body."""
+    secrets = tuple(secrets)
+    retry_after_s = decode_hook0_retry_after(response.headers.get("retry-after"), response.body)
+    problem = {}
+    if "json" in response.headers.get("content-type", ""):
+        try:
+            problem = json.loads(response.body)
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json follows
+            problem = {}
+    if not isinstance(problem, dict):
+        problem = {}
+    if not problem and response.body and not 200 <= response.status < 300:
+        text = scrub_secrets(response.body.decode("utf-8", "replace"), secrets)  # before it is cut
+        problem = {"detail": text[:300].strip()}
+    return Hook0Answer(response.status, str(problem.get("id") or ""), str(problem.get("title") or ""),
+                       str(problem.get("detail") or ""), problem.get("validation"), retry_after_s, secrets)
+
+
+def split_hook0_event_type(event_type: str) -> tuple[str, str, str] | None:
+    """`service.resource_type.verb` -> its three parts, or None when Hook0 could not create it
+    (not exactly three non-empty parts of at most 50 characters)."""
+    parts = event_type.split(".")
+    if len(parts) != 3 or not all(1 <= len(part) <= HOOK0_EVENT_TYPE_PART_MAX_CHARS for part in parts):
+        return None
+    return parts[0], parts[1], parts[2]
+
+
+# =====================================================================================================
+# 16. Hook0 sink: delivery (I/O)
+# =====================================================================================================
+# One event per request; HttpClient raises DeliveryError(retryable=True) on connection errors and
+# timeouts.  ReliableSink wraps this sink for retries, ON_FAILURE and the dead-letter file.
+
+HOOK0_ALERT_AUTH = "hook0-auth"
+HOOK0_ALERT_QUOTA = "hook0-quota"
+HOOK0_ALERT_EVENT_TYPE = "hook0-event-type:"   # + the event type
+
+
+class Hook0Sink(_RequestSink):
+    """Sends events to Hook0's `POST <api>/event`, one per request (see the README, "Hook0 sink")."""
+
+    name = "hook0"
+    batch_size = 1
+
+    def __init__(self, config, alerter, *, ssl_context: ssl.SSLContext | None = None):
+        super().__init__(config)
+        self.config = config
+        self.alerter = alerter
+        self.api_base = hook0_api_base(config.hook0_api_url)
+        endpoint = parse_http_url(self.api_base)
+        self._api_path = endpoint.target  # percent-encoded
+        self._shown_base = endpoint.where  #: for messages: scheme://host:port/... only
+        try:
+            self.application_id = str(uuid.UUID(config.hook0_application_id))
+        except (TypeError, ValueError):
+            raise ConfigError("HOOK0_APPLICATION_ID must be a UUID") from None
+        self._token = config.hook0_api_token
+        self._client = HttpClient(self.api_base, timeout_s=config.http_timeout_s,
+                                  ca_file=config.http_ca_file, ssl_context=ssl_context,
+                                  headers=(("Authorization", f"Bearer {self._token}"),),
+                                  max_connections=config.delivery_concurrency)
+        self._outbox_tables: set[tuple[str, str]] = set()
+        # (schema, table) -> column names, filled by the replication loop from Relation messages
+        # (sent before a table's first change in every session): outbox or not is then known
+        # from the table itself, even for a delete that carries only the key.
+        self.relation_columns: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._warned_tables: set[tuple[str, str]] = set()
+        self._rate_limited_until = 0.0  # Trio time before which no request goes out
+
+    # -- Sink interface ---------------------------------------------------------------------------
+
+    async def check(self) -> str:
+        """--check: lists the application's event types, which needs a working token."""
+        query = urlencode({"application_id": self.application_id})
+        response = await self._client.request("GET", f"{self._api_path}/event_types?{query}")
+        answer = decode_hook0_answer(response, self._secrets)
+        if 200 <= answer.status < 300 and "json" in response.headers.get("content-type", ""):
+            return f"Hook0 API {self._shown_base} accepts the token for application {self.application_id}"
+        if 200 <= answer.status < 300:   # e.g. a web front end at that URL: not the API
+            raise DeliveryError(f"{self._shown_base}/event_types answered {answer.status} without JSON: "
+                                "is HOOK0_API_URL the Hook0 API?", retryable=False)
+        if answer.status in (401, 403):
+            raise self._auth_error(answer, "listing event types")
+        raise DeliveryError(self._redact(f"Hook0 API {self._shown_base} answered {answer.describe()} "
+                                         "when listing event types"),
+                            retryable=is_retryable_status(answer.status), retry_after=answer.retry_after_s)
+
+    # -- one event --------------------------------------------------------------------------------
+
+    async def _send(self, events: list[Event]) -> None:
+        event = events[0]  # batch_size is 1
+        try:
+            body = self._build(event)
+        except RecursionError:  # jsonb nested deeper than Python's JSON reader follows
+            raise DeliveryError(f"cannot send event {event['id']} to Hook0: its JSON is nested too "
+                                "deeply to be read here", retryable=False) from None
+        if body is None:
+            return
+        where = f"event {event.get('id')} of table {_table_name(event)}"
+        answer = await self._post_event(body)
+        if answer.problem_id == "EventTypeDoesNotExist" and self.config.hook0_create_event_types:
+            await self._create_event_type(body["event_type"], where)
+            answer = await self._post_event(body)
+            if answer.problem_id == "EventTypeDoesNotExist":
+                raise DeliveryError(f"Hook0 still rejects event type {body['event_type']!r} of {where} "
+                                    "after creating it", retryable=False)
+        self._check_event_answer(answer, body, where)
+
+    def _build(self, event: Mapping) -> dict | None:
+        """Maps the event, remembering outbox tables (for deletes) and warning once per table whose
+        rows are ignored."""
+        table = (event.get("schema"), event.get("table"))
+        columns = self.relation_columns.get(table)
+        if event.get("op") in ("insert", "update") and is_hook0_outbox_event(event, (), columns):
+            self._outbox_tables.add(table)
+        body = build_hook0_event(event, self.config, self.application_id,
+                                 known_outbox_tables=self._outbox_tables, table_columns=columns)
+        if (body is None and event.get("op") in ("insert", "update") and table not in self._outbox_tables
+                and table not in self._warned_tables):
+            self._warned_tables.add(table)
+            logger.warning("Hook0 sink: ignoring changes of table %s: it is not an outbox table "
+                           "(columns %s) and HOOK0_TABLE_EVENTS is false",
+                           _table_name(event), ", ".join(HOOK0_OUTBOX_COLUMNS))
+        return body
+
+    async def _post_event(self, body: dict) -> Hook0Answer:
+        """One POST; Hook0's rate limit (429 with a delay) holds back every request to the API,
+        not just the one it answered, for as long as it asks (at most RETRY_MAX_DELAY_MS)."""
+        if trio.current_time() < self._rate_limited_until:
+            await trio.sleep_until(self._rate_limited_until)
+        response = await self._client.request(
+            "POST", f"{self._api_path}/event", headers=(("Content-Type", "application/json"),),
+            body=encode_json(body).encode("utf-8"))
+        answer = decode_hook0_answer(response, self._secrets)
+        if answer.status == 429 and answer.retry_after_s:
+            self._rate_limited_until = max(self._rate_limited_until,
+                                           trio.current_time() + min(answer.retry_after_s, self.config.retry_max_delay_s))
+        return answer
+
+    def _check_event_answer(self, answer: Hook0Answer, body: dict, where: str) -> None:
+        """Returns when Hook0 has the event (2xx, or 409 EventAlreadyIngested: a redelivery);
+        raises SinkAuthError or DeliveryError otherwise, as the README's Hook0 table of answers says."""
+        if 200 <= answer.status < 300:
+            return
+        if answer.status == 409 and answer.problem_id == "EventAlreadyIngested":
+            logger.debug("Hook0 already had %s (event_id %s): counted as delivered", where, body["event_id"])
+            return
+        if answer.status in (401, 403):
+            raise self._auth_error(answer, f"sending {where}")
+        if answer.problem_id == "EventTypeDoesNotExist":
+            event_type = body["event_type"]
+            self.alerter.alert(
+                HOOK0_ALERT_EVENT_TYPE + event_type,
+                f"Hook0 event type {event_type} does not exist",
+                f"Hook0 application {self.application_id} has no event type {event_type!r}, so {where} "
+                "could not be delivered. Create the event type in Hook0, or set "
+                "HOOK0_CREATE_EVENT_TYPES=true.")
+            raise DeliveryError(f"Hook0 has no event type {event_type!r} ({where}); create it or set "
+                                "HOOK0_CREATE_EVENT_TYPES=true", retryable=False)
+        if answer.problem_id == "TooManyEventsToday":
+            self.alerter.alert(HOOK0_ALERT_QUOTA, "Hook0 daily event quota reached",
+                               self._redact(f"Hook0 refuses new events: {answer.describe()}"))
+        raise DeliveryError(self._redact(f"Hook0 answered {answer.describe()} for {where}"),
+                            retryable=is_retryable_status(answer.status), retry_after=answer.retry_after_s)
+
+    async def _create_event_type(self, event_type: str, where: str) -> None:
+        """POST <api>/event_types for HOOK0_CREATE_EVENT_TYPES; Hook0 reactivates an existing one,
+        and older versions answer 409 EventTypeAlreadyExist, which is as good."""
+        parts = split_hook0_event_type(event_type)
+        if parts is None:
+            raise DeliveryError(
+                f"Hook0 has no event type {event_type!r} ({where}) and HOOK0_CREATE_EVENT_TYPES cannot "
+                "create it: an event type must be service.resource_type.verb (three dot-separated "
+                f"parts of 1 to {HOOK0_EVENT_TYPE_PART_MAX_CHARS} characters)", retryable=False)
+        service, resource_type, verb = parts
+        body = {"application_id": self.application_id, "service": service,
+                "resource_type": resource_type, "verb": verb}
+        response = await self._client.request(
+            "POST", f"{self._api_path}/event_types", headers=(("Content-Type", "application/json"),),
+            body=encode_json(body).encode("utf-8"))
+        answer = decode_hook0_answer(response, self._secrets)
+        if 200 <= answer.status < 300 or answer.problem_id == "EventTypeAlreadyExist":
+            logger.info("Hook0 sink: created event type %s in application %s",
+                        event_type, self.application_id)
+            return
+        if answer.status in (401, 403):
+            raise self._auth_error(answer, f"creating event type {event_type!r}")
+        raise DeliveryError(self._redact(f"Hook0 answered {answer.describe()} when creating event type "
+                                         f"{event_type!r} for {where}"),
+                            retryable=is_retryable_status(answer.status), retry_after=answer.retry_after_s)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _auth_error(self, answer: Hook0Answer, doing: str) -> SinkAuthError:
+        """Alerts and returns the exit-4 error for a rejected token (never retried)."""
+        message = self._redact(
+            f"Hook0 rejected HOOK0_API_TOKEN ({answer.status} {answer.problem_id or 'no problem id'}) when "
+            f"{doing}: check the token and its rights on application {self.application_id}")
+        self.alerter.alert(HOOK0_ALERT_AUTH, "Hook0 rejected the API token", message)
+        return SinkAuthError(message)
+
+
+# =====================================================================================================
+# 17. Alerts
+# =====================================================================================================
+# Alerts are always logged; mailed when EMAIL_SMTP_HOST, EMAIL_FROM and EMAIL_TO are set.
+# `alert()` / `recovered()` never block and never raise: they put the mail on a bounded channel
+# (a full channel drops the mail, with a log line).  `Alerter.run` sends the mails one at a time
+# with smtplib in a worker thread, so a dead or slow SMTP server never holds up replication.
+
+ALERT_REPEAT_S = 300.0  #: one mail per alert key per 5 minutes at most
+ALERT_QUEUE_SIZE = 32  #: mails waiting for the SMTP thread; more are dropped
+SMTP_TIMEOUT_S = 30.0  #: each SMTP operation (connect, each command)
+SMTP_SEND_DEADLINE_S = 120.0  #: one whole mail; the thread is abandoned after that
+ALERT_SUBJECT_PREFIX = "[wal2http]"
+MAX_SUBJECT_CHARS = 200
+
+
+def _utc_text(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _one_line(text: str, limit: int) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def build_alert_message(config: Config, *, kind: str, key: str, subject: str, body: str,
+                        since: datetime.datetime, now: datetime.datetime) -> email.message.EmailMessage:
+    """The mail for an alert (kind "ALERT") or a recovery (kind "RECOVERED"): pure."""
+    message = email.message.EmailMessage()
+    message["Subject"] = f"{ALERT_SUBJECT_PREFIX} {kind}: {_one_line(subject, MAX_SUBJECT_CHARS)}"
+    message["From"] = config.email_from or ""
+    message["To"] = ", ".join(config.email_to)
+    message["Date"] = email.utils.format_datetime(now)
+    message["Message-ID"] = email.utils.make_msgid(domain="wal2http.invalid")
+    where = f"slot {config.slot_name}"
+    if config.conninfo:
+        info = config.conninfo
+        where += f" on {info.host}:{info.port}/{info.dbname}"
+    lines = [f"wal2http on {socket.gethostname()} ({where})", "",
+             f"What failed:   {key}: {subject}"]
+    if kind == "RECOVERED":
+        lines += [f"Failing since: {_utc_text(since)} (UTC)", f"Recovered at:  {_utc_text(now)} (UTC)"]
+    else:
+        lines += [f"Failing since: {_utc_text(since)} (UTC)",
+                  f"Repeated at most every {int(ALERT_REPEAT_S // 60)} minutes while it lasts."]
+    message.set_content("\n".join(lines + ["", body, ""]))
+    return message
+
+
+def _open_smtp(config: Config, ssl_context: ssl.SSLContext, timeout_s: float) -> smtplib.SMTP:
+    """Blocking: connect, greet, STARTTLS or SSL per EMAIL_SMTP_TLS, log in when a user is set."""
+    host, port, tls = config.email_smtp_host, config.email_smtp_port, config.email_smtp_tls
+    if tls == "ssl":
+        smtp: smtplib.SMTP = smtplib.SMTP_SSL(host, port, timeout=timeout_s, context=ssl_context)
+    else:
+        smtp = smtplib.SMTP(host, port, timeout=timeout_s)
+    try:
+        smtp.ehlo()
+        if tls == "starttls":
+            smtp.starttls(context=ssl_context)
+        if config.email_smtp_username:
+            smtp.login(config.email_smtp_username, config.email_smtp_password or "")
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
+def send_smtp_message(config: Config, message: email.message.EmailMessage, *,
+                      ssl_context: ssl.SSLContext, timeout_s: float = SMTP_TIMEOUT_S) -> None:
+    """Blocking: one mail through EMAIL_SMTP_HOST (run it in a thread).  Raises OSError or
+    smtplib.SMTPException on failure."""
+    with _open_smtp(config, ssl_context, timeout_s) as smtp:
+        smtp.send_message(message)
+
+
+async def check_smtp(config: Config, ssl_context: ssl.SSLContext | None = None,
+                     timeout_s: float = SMTP_TIMEOUT_S) -> None:
+    """--check: connect to and greet the SMTP server (TLS and login as configured); send nothing."""
+    context = ssl_context or ssl.create_default_context()
+
+    def greet() -> None:
+        with _open_smtp(config, context, timeout_s) as smtp:
+            smtp.noop()
+
+    try:
+        await _run_in_worker_thread(greet)
+    except (OSError, smtplib.SMTPException) as exc:
+        detail = scrub_secrets(_one_line(f"{type(exc).__name__}: {exc}", 300), config_secrets(config))
+        raise PreconditionError(f"SMTP server {config.email_smtp_host}:{config.email_smtp_port} "
+                                f"(EMAIL_SMTP_HOST): {detail}") from None
+
+
+async def _run_in_worker_thread(function: Callable[[], None]) -> None:
+    """In a worker thread, abandoned on cancel: a hung SMTP server never blocks the caller."""
+    await trio.to_thread.run_sync(function, abandon_on_cancel=True)
+
+
+@dataclasses.dataclass
+class _AlertState:
+    since: datetime.datetime
+    mailed_at: float | None = None  # `now()` when the last mail for this key was queued
+
+
+class Alerter:
+    """Logs alerts, and mails them (rate-limited per key) when email is configured.
+
+    `send_mail(message)` is the blocking sender (default: smtplib per EMAIL_*); `now` the
+    monotonic clock used for the 5-minute rule; `ssl_context` verifies the SMTP server (default:
+    the system store).
+    """
+
+    def __init__(self, config: Config, *,
+                 send_mail: Callable[[email.message.EmailMessage], None] | None = None,
+                 now: Callable[[], float] = time.monotonic, ssl_context: ssl.SSLContext | None = None,
+                 smtp_timeout_s: float = SMTP_TIMEOUT_S, queue_size: int = ALERT_QUEUE_SIZE):
+        self._config = config
+        self._enabled = email_enabled(config)
+        self._now = now
+        self._secrets = config_secrets(config)
+        self._ssl_context = ssl_context
+        self._smtp_timeout_s = smtp_timeout_s
+        self._send_mail = send_mail or self._send_smtp
+        self._states: dict[str, _AlertState] = {}
+        # When each key's alert was last mailed; kept across recoveries, so a flapping failure
+        # is still mailed at most once per ALERT_REPEAT_S.
+        self._last_mailed: dict[str, float] = {}
+        self._send_channel, self._receive_channel = trio.open_memory_channel(queue_size)
+        self._drained = trio.Event()
+
+    def _send_smtp(self, message: email.message.EmailMessage) -> None:
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        send_smtp_message(self._config, message, ssl_context=self._ssl_context,
+                          timeout_s=self._smtp_timeout_s)
+
+    def alert(self, key: str, subject: str, body: str, since: datetime.datetime | None = None) -> None:
+        """Something failed (since `since`, default now): log it, and mail it unless this key was
+        mailed less than 5 min ago."""
+        subject, body = scrub_secrets(subject, self._secrets), scrub_secrets(body, self._secrets)
+        logger.warning("alert [%s]: %s: %s", key, subject, _one_line(body, 500))
+        state = self._states.setdefault(key, _AlertState(since=since or datetime.datetime.now(datetime.timezone.utc)))
+        if not self._enabled:
+            return
+        last = self._last_mailed.get(key)
+        if last is not None and self._now() - last < ALERT_REPEAT_S:
+            logger.debug("alert [%s] already mailed less than %d s ago", key, ALERT_REPEAT_S)
+            return
+        if self._queue("ALERT", key, subject, body, state):
+            state.mailed_at = self._last_mailed[key] = self._now()
+
+    def recovered(self, key: str, subject: str, body: str) -> None:
+        """The failure behind `key` is over: log it; mail it if the failure was mailed."""
+        subject, body = scrub_secrets(subject, self._secrets), scrub_secrets(body, self._secrets)
+        state = self._states.pop(key, None)
+        if state is None:
+            logger.debug("recovered [%s] without an earlier alert: %s", key, subject)
+            return
+        logger.info("recovered [%s]: %s: %s", key, subject, _one_line(body, 500))
+        if self._enabled and state.mailed_at is not None:
+            self._queue("RECOVERED", key, subject, body, state)
+
+    def _queue(self, kind: str, key: str, subject: str, body: str, state: _AlertState) -> bool:
+        try:
+            message = build_alert_message(self._config, kind=kind, key=key, subject=subject,
+                                          body=body, since=state.since,
+                                          now=datetime.datetime.now(datetime.timezone.utc))
+            self._send_channel.send_nowait(message)
+        except trio.WouldBlock:
+            logger.warning("alert mail for [%s] dropped: %d mails already wait for the SMTP server",
+                           key, self._send_channel.statistics().max_buffer_size)
+            return False
+        except Exception as exc:  # never let an alert break the caller
+            logger.warning("alert mail for [%s] not queued: %s", key, type(exc).__name__)
+            return False
+        return True
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Sends queued mails one by one; never returns."""
+        task_status.started()
+        try:
+            async with self._receive_channel:
+                async for message in self._receive_channel:
+                    await self._deliver(message)
+        finally:
+            self._drained.set()  # also when cancelled: drain() must not wait for a sender that is gone
+        await trio.sleep_forever()
+
+    async def drain(self, timeout_s: float) -> None:
+        """At exit: take no new mail and let the queued ones go out (bounded), so the alert that
+        comes with exit code 3 or 4 is not lost.  Needs `run` running."""
+        self._send_channel.close()
+        with trio.move_on_after(timeout_s):
+            await self._drained.wait()
+
+    async def _deliver(self, message: email.message.EmailMessage) -> None:
+        subject = message["Subject"]
+        server = f"{self._config.email_smtp_host}:{self._config.email_smtp_port}"
+        with trio.move_on_after(SMTP_SEND_DEADLINE_S) as scope:
+            try:
+                await _run_in_worker_thread(lambda: self._send_mail(message))
+            except Exception as exc:  # a failed mail is logged and dropped, never fatal
+                detail = scrub_secrets(_one_line(f"{type(exc).__name__}: {exc}", 300), self._secrets)
+                logger.warning("could not send alert mail %r via %s: %s", subject, server, detail)
+                return
+            logger.info("alert mail %r sent to %s", subject, ", ".join(self._config.email_to))
+        if scope.cancelled_caught:
+            logger.warning("could not send alert mail %r via %s: gave up after %.0f s",
+                           subject, server, SMTP_SEND_DEADLINE_S)
+
+
+# =====================================================================================================
+# 18. Configuration
+# =====================================================================================================
+# Pure: environment mapping and argv in, a frozen `Config` (or a one-line ConfigError naming the
+# variable) out.  No socket is opened here.  Every setting is one entry of SETTINGS, which drives
+# --help, the flags, the environment, Config's fields, describe_config() and config_secrets(); a
+# few plain functions hold the rules between settings (choose_sink, check_sink_settings,
+# check_retry_delays, smtp_port_and_tls).  The rule for secrets: no error message, log line or
+# repr() built here contains the database password, HOOK0_API_TOKEN, EMAIL_SMTP_PASSWORD,
+# HTTP_SIGNING_SECRET, an HTTP_HEADERS value or a URL's credentials; the database is only ever
+# shown through ConnInfo.describe().
+
+DEFAULT_PG_HOST = "localhost"
+DEFAULT_PG_PORT = 5432
+DEFAULT_PG_USER = "postgres"  #: when the OS user cannot be determined
+DEFAULT_SSLMODE = "prefer"
+DEFAULT_CONNECT_TIMEOUT_S = 10.0  #: used when connect_timeout is unset or 0: never wait forever
+MIN_CONNECT_TIMEOUT_S = 2.0  #: libpq raises 1 s to 2 s too: shorter timeouts are unreliable
+DEFAULT_APPLICATION_NAME = "wal2http"
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+URL_SCHEMES = ("postgresql://", "postgres://")
+
+#: libpq keywords DATABASE_URL may set ("Parameter Key Words" in the libpq docs), each with the
+#: environment variable that fills it when the string leaves it out ("Environment Variables").
+CONNINFO_KEYWORDS = {
+    "host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "password": "PGPASSWORD",
+    "dbname": "PGDATABASE", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "connect_timeout": "PGCONNECT_TIMEOUT",
+    "application_name": "PGAPPNAME", "fallback_application_name": None,
+    "target_session_attrs": "PGTARGETSESSIONATTRS", "load_balance_hosts": "PGLOADBALANCEHOSTS",
+}
+#: target_session_attrs as libpq defines them: which server of several hosts will do.
+TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+LOAD_BALANCE_HOSTS = ("disable", "random")
+
+#: libpq keywords accepted and ignored: TCP tuning and client-side choices wal2http makes its own way
+#: (it always speaks UTF-8, never uses GSSAPI or channel binding).  None: any value is ignored; a
+#: set: only these values are (a value that asks for a feature wal2http lacks is an error).
+IGNORED_CONNINFO_KEYWORDS: dict[str, frozenset[str] | None] = {
+    "keepalives": None, "keepalives_idle": None, "keepalives_interval": None,
+    "keepalives_count": None, "tcp_user_timeout": None, "client_encoding": None,
+    "sslcompression": None,
+    "sslsni": None, "krbsrvname": None, "gsslib": None,
+    "gssencmode": frozenset({"disable", "allow", "prefer"}),
+    "channel_binding": frozenset({"disable", "prefer"}),
+    "sslnegotiation": frozenset({"postgres"}),
+}
+
+_CONNINFO_WHITESPACE = " \t\n\r\f\v"
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnInfo:
+    """Where and how to connect to PostgreSQL, after libpq's precedence: string, PG*, defaults.
+    With several hosts, `host` and `port` are the first; `each_host()` gives one ConnInfo per
+    host, in the order they are to be tried."""
+
+    host: str  # hostname, IP address, or a Unix socket directory (starts with "/")
+    port: int
+    user: str
+    password: str | None = dataclasses.field(repr=False)
+    dbname: str
+    sslmode: str
+    sslrootcert: str | None
+    sslcert: str | None
+    sslkey: str | None
+    connect_timeout_s: float
+    application_name: str
+    hosts: tuple[tuple[str, int], ...] = ()  #: every (host, port), in order; () means just host:port
+    target_session_attrs: str = "any"
+    load_balance_hosts: str = "disable"
+
+    def each_host(self) -> list[ConnInfo]:
+        """One ConnInfo per host to try, in order (shuffled with load_balance_hosts=random)."""
+        hosts = list(self.hosts or [(self.host, self.port)])
+        if self.load_balance_hosts == "random":
+            random.shuffle(hosts)
+        return [dataclasses.replace(self, host=host, port=port, hosts=()) for host, port in hosts]
+
+    def describe(self) -> str:
+        """Where this connects, as a URL fit for a log line: the password, if any, as `***`."""
+        user = urllib.parse.quote(self.user, safe="") + (":***" if self.password else "")
+        query = [f"sslmode={self.sslmode}"]
+        sockets = [host for host, _ in self.hosts or [(self.host, self.port)] if is_unix_socket(host)]
+        if sockets:
+            query.insert(0, f"host={urllib.parse.quote(','.join(sockets))}")
+        where = ",".join(_url_host(host, port) for host, port in self.hosts or [(self.host, self.port)])
+        for name, value, default in (("target_session_attrs", self.target_session_attrs, "any"),
+                                     ("load_balance_hosts", self.load_balance_hosts, "disable")):
+            if value != default:
+                query.append(f"{name}={value}")
+        return f"postgresql://{user}@{where}/{urllib.parse.quote(self.dbname, safe='')}?{'&'.join(query)}"
+
+
+def _url_host(host: str, port: int) -> str:
+    if is_unix_socket(host):
+        return f":{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _conninfo_error(reason: str, source: str = "DATABASE_URL") -> ConfigError:
+    where = "" if source == "DATABASE_URL" else f" (from {source})"
+    return ConfigError(f"DATABASE_URL: {reason}{where}")
+
+
+def _keyword_error(reason: str) -> ConfigError:
+    return _conninfo_error(f"not a valid key=value connection string: {reason}")
+
+
+def _percent_decode(text: str, part: str) -> str:
+    """Strict RFC 3986 percent-decoding, as libpq does it: bad escapes and NUL bytes are errors."""
+    if _BAD_PERCENT.search(text):
+        raise _conninfo_error(f"invalid percent-encoding in the {part}")
+    try:
+        decoded = urllib.parse.unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise _conninfo_error(f"the {part} is not valid UTF-8 after percent-decoding") from None
+    if "\0" in decoded:
+        raise _conninfo_error(f"the {part} contains a NUL byte")
+    return decoded
+
+
+def _split_url_hosts(hostports: str) -> list[tuple[str, str]]:
+    """`host[:port],...` from a URL's authority, as libpq's comma-separated host and port lists."""
+    if "," not in hostports:
+        return _split_url_hostport(hostports)
+    hosts, ports = [], []
+    for hostport in hostports.split(","):
+        pairs = dict(_split_url_hostport(hostport))
+        hosts.append(pairs.get("host", ""))
+        ports.append(pairs.get("port", ""))
+    return [("host", ",".join(hosts)), ("port", ",".join(ports))]
+
+
+def _split_url_hostport(hostport: str) -> list[tuple[str, str]]:
+    """`host[:port]` or `[ipv6][:port]` from a URL's authority, percent-decoded."""
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0:
+            raise _conninfo_error("an IPv6 address opened with '[' has no closing ']'")
+        host, after = hostport[1:end], hostport[end + 1:]
+        if after and not after.startswith(":"):
+            raise _conninfo_error("unexpected text after the ']' of an IPv6 address")
+        port = after[1:]
+    else:
+        host, _, port = hostport.partition(":")
+    pairs = [("host", _percent_decode(host, "host"))] if host else []
+    return pairs + ([("port", _percent_decode(port, "port"))] if port else [])
+
+
+def _split_url(text: str) -> list[tuple[str, str]]:
+    """postgresql://[user[:password]@][host][:port][/dbname][?keyword=value&...] as pairs."""
+    rest = text.split("://", 1)[1]
+    rest, _, query = rest.partition("?")
+    authority, _, path = rest.partition("/")
+    # The last '@' ends the user info: a password holding an unencoded '@' still parses.
+    userinfo, at, hostport = authority.rpartition("@")
+    pairs: list[tuple[str, str]] = []
+    if at:
+        user, colon, password = userinfo.partition(":")
+        pairs.append(("user", _percent_decode(user, "user name")))
+        if colon:
+            pairs.append(("password", _percent_decode(password, "password")))
+    pairs += _split_url_hosts(hostport)
+    if path:
+        pairs.append(("dbname", _percent_decode(path, "database name")))
+    for item in filter(None, query.split("&")):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise _conninfo_error("a query parameter has no '=' (use keyword=value)")
+        key = _percent_decode(key, "query parameters")
+        value = _percent_decode(value, "query parameters")
+        if key == "ssl" and value == "true":  # libpq's JDBC-compatible spelling
+            key, value = "sslmode", "require"
+        pairs.append((key, value))
+    return pairs
+
+
+def _scan_keyword_values(text: str) -> list[tuple[str, str]]:
+    """libpq `keyword = value` pairs as (keyword, value).
+
+    Whitespace may surround '='; a value is either bare (up to whitespace) or single-quoted; a
+    backslash takes the next character literally in both ("Connection Strings" in the libpq docs).
+    """
+    pairs, pos, end = [], 0, len(text)
+
+    def skip_space(i: int) -> int:
+        while i < end and text[i] in _CONNINFO_WHITESPACE:
+            i += 1
+        return i
+
+    while (pos := skip_space(pos)) < end:
+        start = pos
+        while pos < end and text[pos] not in _CONNINFO_WHITESPACE and text[pos] != "=":
+            pos += 1
+        key = text[start:pos]
+        pos = skip_space(pos)
+        if pos >= end or text[pos] != "=":
+            raise _keyword_error("a keyword is missing its '=' (quote values that hold spaces: key='...')")
+        pos = skip_space(pos + 1)
+        quoted, chars = pos < end and text[pos] == "'", []
+        pos += quoted
+        while True:
+            if pos >= end:
+                if quoted:
+                    raise _keyword_error("a quoted value has no closing quote")
+                break
+            char = text[pos]
+            if char == "\\":
+                if pos + 1 >= end:
+                    raise _keyword_error("a value ends with a lone backslash")
+                chars.append(text[pos + 1])
+                pos += 2
+                continue
+            if (quoted and char == "'") or (not quoted and char in _CONNINFO_WHITESPACE):
+                pos += quoted
+                break
+            chars.append(char)
+            pos += 1
+        pairs.append((key, "".join(chars)))
+    return pairs
+
+
+def _split_connection_string(text: str) -> list[tuple[str, str]]:
+    if text.startswith(URL_SCHEMES):
+        return _split_url(text)
+    if "://" in text.split("=", 1)[0] or (text and "=" not in text):
+        raise ConfigError("DATABASE_URL must start with postgresql:// or postgres://, "
+                          "or use the libpq key=value form")
+    return _scan_keyword_values(text)
+
+
+def _collect_keywords(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Checks the keywords; later pairs win, as in libpq.  Empty values count as unset."""
+    given: dict[str, str] = {}
+    previous = ""
+    for key, value in pairs:
+        if key in CONNINFO_KEYWORDS:
+            if value:
+                given[key] = value
+        elif key in IGNORED_CONNINFO_KEYWORDS:
+            allowed = IGNORED_CONNINFO_KEYWORDS[key]
+            if allowed is not None and value not in allowed:
+                raise _conninfo_error(f"this {key} value is not supported (wal2http supports only "
+                                      f"{', '.join(sorted(allowed))})")
+        elif previous == "password" or not re.fullmatch(r"[a-z_]{1,40}", key):
+            # What follows an unquoted password may be the rest of it: never echo it.
+            raise _conninfo_error("unsupported keyword after the password (a password that "
+                                  "holds spaces must be quoted: password='...')")
+        else:
+            raise _conninfo_error(f"unsupported keyword {key!r} (supported: "
+                                  f"{', '.join(k for k in CONNINFO_KEYWORDS)})")
+        previous = key
+    return given
+
+
+def _default_user() -> str:
+    try:
+        return getpass.getuser() or DEFAULT_PG_USER
+    except (OSError, KeyError, ImportError):
+        return DEFAULT_PG_USER
+
+
+def _parse_port(text: str, source: str) -> int:
+    if not text:
+        return DEFAULT_PG_PORT
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise _conninfo_error("the port must be a number from 1 to 65535", source)
+    return int(text)
+
+
+def _parse_hosts(host_text: str, port_text: str, source) -> tuple[tuple[str, int], ...]:
+    """libpq's lists: hosts and ports comma-separated, one port for all hosts or one per host; an
+    empty entry is the default."""
+    hosts = [host or DEFAULT_PG_HOST for host in host_text.split(",")]
+    ports = [_parse_port(port, source("port")) for port in port_text.split(",")]
+    if len(ports) == 1:
+        ports *= len(hosts)
+    if len(ports) != len(hosts):
+        raise _conninfo_error(f"{len(hosts)} hosts but {len(ports)} ports are given (give one port "
+                              "for all hosts, or one per host)", source("port", "DATABASE_URL"))
+    return tuple(zip(hosts, ports))
+
+
+def _parse_choice(values: Mapping[str, str], key: str, choices: tuple[str, ...], source) -> str:
+    value = values.get(key, choices[0]).lower()
+    if value not in choices:
+        raise _conninfo_error(f"{key} must be one of {', '.join(choices)}", source(key, "DATABASE_URL"))
+    return value
+
+
+def _parse_connect_timeout(text: str | None, source: str) -> float:
+    """libpq's rule (whole seconds, under 2 means 2) except that 0 or unset is our 10 s."""
+    if text is None:
+        return DEFAULT_CONNECT_TIMEOUT_S
+    try:
+        seconds = int(text.strip())
+    except ValueError:
+        raise _conninfo_error("connect_timeout must be a whole number of seconds", source) from None
+    if seconds <= 0:
+        return DEFAULT_CONNECT_TIMEOUT_S
+    return max(float(seconds), MIN_CONNECT_TIMEOUT_S)
+
+
+def parse_database_url(text: str, environ: Mapping[str, str]) -> ConnInfo:
+    """DATABASE_URL (URL or key=value form) -> ConnInfo, with libpq's PG* variables and defaults.
+
+    Several hosts (`host=a,b port=5432,5433`, `postgresql://a:5432,b:5433/db`) are tried in
+    order at each connection, as libpq does.  `service` files and other libpq features wal2http
+    lacks are a ConfigError naming DATABASE_URL; no message ever contains the password.
+    """
+    given = _collect_keywords(_split_connection_string(text.strip()))
+    values: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    for key, variable in CONNINFO_KEYWORDS.items():
+        if key in given:
+            values[key], sources[key] = given[key], "DATABASE_URL"
+        elif variable and environ.get(variable):
+            values[key], sources[key] = environ[variable], variable
+    source = sources.get
+    hosts = _parse_hosts(values.get("host", ""), values.get("port", ""), source)
+    sslmode = values.get("sslmode", DEFAULT_SSLMODE).lower()
+    if sslmode not in SSLMODES:
+        raise _conninfo_error(f"sslmode must be one of {', '.join(SSLMODES)}",
+                              source("sslmode", "DATABASE_URL"))
+    user = values.get("user") or _default_user()
+    return ConnInfo(
+        host=hosts[0][0], port=hosts[0][1], user=user, password=values.get("password"),
+        dbname=values.get("dbname", user), sslmode=sslmode,
+        sslrootcert=values.get("sslrootcert"), sslcert=values.get("sslcert"),
+        sslkey=values.get("sslkey"),
+        connect_timeout_s=_parse_connect_timeout(values.get("connect_timeout"),
+                                                 source("connect_timeout", "DATABASE_URL")),
+        application_name=values.get("application_name")
+        or values.get("fallback_application_name", DEFAULT_APPLICATION_NAME),
+        hosts=hosts if len(hosts) > 1 else (),
+        target_session_attrs=_parse_choice(values, "target_session_attrs", TARGET_SESSION_ATTRS, source),
+        load_balance_hosts=_parse_choice(values, "load_balance_hosts", LOAD_BALANCE_HOSTS, source),
+    )
+
+
+# --- Value parsers: (text, variable) -> value; each message is one line and names the variable ------
+
+SINKS = ("stdout", "http", "hook0")
+ON_FAILURE_CHOICES = ("exit", "retry", "skip")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SMTP_TLS_MODES = ("starttls", "ssl", "none")
+SMTP_SSL_PORT = 465
+MAX_DELIVERY_CONCURRENCY = 256  #: most requests in flight at once
+SMTP_SUBMISSION_PORT = 587
+MAX_SLOT_NAME_LENGTH = 63  #: NAMEDATALEN - 1
+TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+#: Headers that frame the HTTP message: set by the HTTP sink alone.
+RESERVED_HTTP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_SLOT_NAME = re.compile(r"[a-z0-9_]+")
+def _shown(value: str) -> str:
+    """A non-secret value quoted for an error message: one line, bounded."""
+    return repr(value if len(value) <= 60 else value[:57] + "...")
+
+
+def _as_given(value: str, variable: str) -> str:
+    return value
+
+
+def _stripped(value: str, variable: str) -> str:
+    return value.strip()
+
+
+def parse_bool(value: str, variable: str) -> bool:
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{variable} must be true or false (or 1/0, yes/no, on/off), got {_shown(value)}")
+
+
+def _int_parser(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
+    def parse(value: str, variable: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            number = None
+        if number is None or number < minimum or (maximum is not None and number > maximum):
+            bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+            raise ConfigError(f"{variable} must be a whole number {bound}, got {_shown(value)}")
+        return number
+    return parse
+
+
+def _parse_milliseconds(value: str, variable: str) -> float:
+    """Whole milliseconds >= 0, as seconds."""
+    return _int_parser(0)(value, variable) / 1000
+
+
+def _parse_seconds(value: str, variable: str) -> float:
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{variable} must be a number of seconds greater than 0, got {_shown(value)}")
+    return seconds
+
+
+def _choice_parser(choices: tuple[str, ...], upper: bool = False) -> Callable[[str, str], str]:
+    def parse(value: str, variable: str) -> str:
+        word = value.strip().upper() if upper else value.strip().lower()
+        if word not in choices:
+            raise ConfigError(f"{variable} must be one of {', '.join(choices)}, got {_shown(value)}")
+        return word
+    return parse
+
+
+def _parse_sink(value: str, variable: str) -> str:
+    sink = value.strip().lower()
+    if sink not in SINKS:
+        raise ConfigError(f"{variable}: Event sink must be one of: 'http', 'hook0', or 'stdout' "
+                          f"(got {_shown(value)})")
+    return sink
+
+
+def _parse_host(value: str, variable: str) -> str:
+    host = value.strip()
+    if not is_valid_host(host):
+        raise ConfigError(f"{variable} is not a valid host name or address, got {_shown(value)}")
+    return host
+
+
+def _parse_http_url(value: str, variable: str) -> str:
+    """Checked as the HTTP client will read it (parse_http_url); never echoed: the URL may carry
+    credentials or a token in its query."""
+    url = value.strip()
+    parse_http_url(url, variable)
+    return url
+
+
+def _parse_hook0_api_url(value: str, variable: str) -> str:
+    url = _parse_http_url(value, variable)
+    if urllib.parse.urlsplit(url).query:
+        raise ConfigError(f"{variable}: the URL of Hook0's API takes no query (?...)")
+    return url
+
+
+def _parse_slot_name(value: str, variable: str) -> str:
+    name = value.strip()
+    if not _SLOT_NAME.fullmatch(name) or len(name) > MAX_SLOT_NAME_LENGTH:
+        raise ConfigError(f"{variable} must be 1 to {MAX_SLOT_NAME_LENGTH} lowercase letters, "
+                          f"digits or underscores, got {_shown(value)}")
+    return name
+
+
+def _parse_publications(value: str, variable: str) -> tuple[str, ...]:
+    names = [name.strip() for name in value.split(",")]
+    if not all(names):
+        raise ConfigError(f"{variable} must be publication names separated by commas, with no empty "
+                          f"name, got {_shown(value)}")
+    return tuple(dict.fromkeys(names))  # duplicates dropped, order kept
+
+
+def _parse_json_object(value: str, variable: str) -> dict:
+    try:
+        data = json.loads(value)
+    except json.JSONDecodeError as exc:
+        # The decoder's message holds a position, never the text: safe for header values too.
+        raise ConfigError(f"{variable} must be a JSON object: {exc.msg} at character {exc.pos}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{variable} must be a JSON object, e.g. {{\"name\": \"value\"}}")
+    return data
+
+
+def _parse_http_headers(value: str, variable: str) -> tuple[tuple[str, str], ...]:
+    headers = []
+    for name, header_value in _parse_json_object(value, variable).items():
+        if not _HTTP_TOKEN.fullmatch(name):
+            raise ConfigError(f"{variable}: {_shown(name)} is not a valid header name")
+        if name.lower() in RESERVED_HTTP_HEADERS:
+            raise ConfigError(f"{variable}: the {name} header is set by wal2http itself")
+        if not isinstance(header_value, str) or any(c in header_value for c in "\r\n\0"):
+            raise ConfigError(f"{variable}: the value of {name} must be a string on one line")
+        headers.append((name, header_value))
+    return tuple(headers)
+
+
+def _parse_hook0_labels(value: str, variable: str) -> tuple[tuple[str, str], ...]:
+    """Converted and checked by Hook0's rules as each event's labels are: checked here, or every
+    event that falls back on these labels would be undeliverable."""
+    labels = {}
+    for name, label in _parse_json_object(value, variable).items():
+        if isinstance(label, (dict, list)):
+            raise ConfigError(f"{variable}: label {_shown(name)} must be a string, number or boolean")
+        if isinstance(label, float) and not math.isfinite(label):
+            raise ConfigError(f"{variable}: label {_shown(name)} must be a finite number")
+        if label is not None:
+            labels[name] = convert_hook0_string(label)
+    problem = hook0_string_map_problem(labels, 0, HOOK0_LABELS_MAX_ENTRIES)
+    if problem:
+        raise ConfigError(f"{variable} {problem}")
+    return tuple(labels.items())
+
+
+def _parse_uuid(value: str, variable: str) -> str:
+    try:
+        return str(uuid.UUID(value.strip()))
+    except ValueError:
+        raise ConfigError(f"{variable} must be a UUID, got {_shown(value)}") from None
+
+
+def _parse_bearer_token(value: str, variable: str) -> str:
+    token = value.strip()  # a secret file's trailing newline is not part of the token
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise ConfigError(f"{variable} has characters a bearer token cannot have "
+                          "(spaces, control or non-ASCII characters)")
+    return token
+
+
+def _parse_signing_secret(value: str, variable: str) -> str:
+    decode_signing_secret(value)  # the HTTP sink's own reading: a bad whsec_ secret fails here
+    return value
+
+
+def _parse_file(value: str, variable: str) -> str:
+    path = value.strip()
+    if not os.path.isfile(path):
+        raise ConfigError(f"{variable}: no such file {_shown(path)}")
+    return path
+
+
+def _parse_address(value: str, variable: str) -> str:
+    address = value.strip()
+    if "@" not in address or any(c in address for c in "\r\n\0"):
+        raise ConfigError(f"{variable} must be an email address, got {_shown(value)}")
+    return address
+
+
+def _parse_recipients(value: str, variable: str) -> tuple[str, ...]:
+    return tuple(_parse_address(item, variable) for item in value.split(",") if item.strip())
+
+
+# --- Secrets: what in a setting's value must never be shown --------------------------------------
+# Each function takes the value as given (text) or as parsed: the text is scrubbed from errors
+# raised while parsing, the parsed value from everything built later.
+
+URL_TOKEN_USER_MIN_CHARS = 16  #: a URL user name this long is taken for a token
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """The credentials in a URL's user info (its password, or a user name with no password, as
+    written and decoded) and the Basic header value built from them: never to be shown."""
+    try:
+        parts = urllib.parse.urlsplit(url or "")
+        username, password = parts.username, parts.password
+    except ValueError:
+        return []
+    if username is None:
+        return []
+    user, secret = urllib.parse.unquote(username), urllib.parse.unquote(password or "")
+    basic = base64.b64encode(f"{user}:{secret}".encode()).decode("ascii")
+    # A user name is no secret (hiding "wal2http" would mangle every message that contains it),
+    # unless it is the credential: alone (https://<token>@host), or long, beside a dummy password
+    # (https://<api key>:X@host, https://<token>:x-oauth-basic@host).
+    values = [password, secret, basic]
+    if not password or len(user) >= URL_TOKEN_USER_MIN_CHARS:
+        values += [username, user]
+    return [value for value in values if value]
+
+
+def _whole_value(value) -> list[str]:
+    return [value] if isinstance(value, str) else []
+
+
+def _header_values(value) -> list[str]:
+    if isinstance(value, str):
+        try:
+            return [str(item) for item in json.loads(value).values()]
+        except (ValueError, AttributeError):
+            return []
+    return [header_value for _, header_value in value]
+
+
+def _database_passwords(value) -> list[str]:
+    try:
+        return [item for key, item in _split_connection_string(value or "") if key == "password"]
+    except ConfigError:
+        return []
+
+
+# --- The settings: one table drives --help, the flags, the environment, Config, logs, secrets -----
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting: its environment variable (the flag is the same name, `--lower-case-dashed`),
+    the Config field it fills, and everything else about it."""
+
+    variable: str
+    field: str
+    group: str  #: database, replication, delivery, logging, or a sink or alerts: http, hook0, email
+    parse: Callable[[str, str], object]  #: (text, variable) -> value, or a ConfigError naming it
+    default: object  #: the Config field's default
+    help: str
+    shown_default: str = ""  #: the default as --help shows it, when the value's text would not do
+    secrets: Callable[[object], list[str]] | None = None  #: its secrets; also keeps it out of repr()
+    required: bool = False  #: required when its group is the chosen sink
+    log: str = ""  #: its name in the start-up description (describe_config), if shown there
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.variable.lower().replace("_", "-")
+
+    @property
+    def help_default(self) -> str:
+        if self.shown_default or self.default is None:
+            return self.shown_default or "unset"
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        if isinstance(self.default, tuple):
+            return ",".join(self.default)
+        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("DATABASE_URL", "database_url", "database", _as_given, None,
+            "postgresql://user:password@host:port/dbname?sslmode=... or libpq key=value form; "
+            "PG* variables fill what it leaves out", "required except with --demo",
+            secrets=_database_passwords, log="database"),
+    Setting("SLOT_NAME", "slot_name", "replication", _parse_slot_name, "sub",
+            "logical replication slot (pgoutput)", log="slot"),
+    Setting("PUB_NAME", "publications", "replication", _parse_publications, ("pub",),
+            "publication(s), comma-separated", log="publications"),
+    Setting("CREATE_SLOT", "create_slot", "replication", parse_bool, True,
+            "create the slot if it does not exist"),
+    Setting("EVENT_SINK", "event_sink", "delivery", _parse_sink, "stdout", "stdout, http or hook0",
+            "hook0 if all HOOK0_* are set, else http if HTTP_ENDPOINT_URL is set, else stdout",
+            log="sink"),
+    Setting("SLOT_FAILOVER", "slot_failover", "replication", parse_bool, False,
+            "create the slot with failover (PostgreSQL 17+), so standbys with slot "
+            "synchronisation keep it; an existing slot is altered"),
+    Setting("FEEDBACK_INTERVAL_SECS", "feedback_interval_s", "replication", _parse_seconds, 1.0,
+            "seconds between standby status updates (fractions allowed)"),
+    Setting("STREAMING", "streaming", "replication", parse_bool, False,
+            "stream large in-progress transactions (PostgreSQL 14+)"),
+    Setting("ON_FAILURE", "on_failure", "delivery", _choice_parser(ON_FAILURE_CHOICES), "exit",
+            "when delivery retries are exhausted: exit, retry or skip", log="on_failure"),
+    Setting("DEAD_LETTER_FILE", "dead_letter_file", "delivery", _stripped,
+            "wal2http-dead-letter.jsonl", "where ON_FAILURE=skip writes events"),
+    Setting("RETRY_MAX_ATTEMPTS", "retry_max_attempts", "delivery", _int_parser(1), 5,
+            "attempts per delivery, the first included"),
+    Setting("RETRY_BASE_DELAY_MS", "retry_base_delay_s", "delivery", _parse_milliseconds, 1.0,
+            "first backoff delay, milliseconds", "1000"),
+    Setting("RETRY_MAX_DELAY_MS", "retry_max_delay_s", "delivery", _parse_milliseconds, 30.0,
+            "largest backoff delay, milliseconds", "30000"),
+    Setting("DELIVERY_CONCURRENCY", "delivery_concurrency", "delivery",
+            _int_parser(1, MAX_DELIVERY_CONCURRENCY), 1,
+            "HTTP and Hook0 requests in flight at once (1-256); events of one row stay in order",
+            log="concurrency"),
+    Setting("LOG_LEVEL", "log_level", "logging", _choice_parser(LOG_LEVELS, upper=True), "INFO",
+            "DEBUG, INFO, WARNING or ERROR"),
+    Setting("HTTP_ENDPOINT_URL", "http_endpoint_url", "http", _parse_http_url, None,
+            "http:// or https:// URL the HTTP sink POSTs to", secrets=url_secrets, required=True),
+    Setting("HTTP_BATCH_SIZE", "http_batch_size", "http", _int_parser(1), 1,
+            "events per HTTP request"),
+    Setting("HTTP_TIMEOUT_SECS", "http_timeout_s", "http", _parse_seconds, 10.0,
+            "timeout of each HTTP request, seconds"),
+    Setting("HTTP_HEADERS", "http_headers", "http", _parse_http_headers, (),
+            "JSON object of extra request headers", "unset", secrets=_header_values),
+    Setting("HTTP_SIGNING_SECRET", "http_signing_secret", "http", _parse_signing_secret, None,
+            "Standard Webhooks signing secret (whsec_...)", secrets=_whole_value),
+    Setting("HTTP_CA_FILE", "http_ca_file", "http", _parse_file, None,
+            "extra trusted CA certificates (PEM) for https"),
+    Setting("HOOK0_API_URL", "hook0_api_url", "hook0", _parse_hook0_api_url, None,
+            "Hook0 API URL (/api/v1 is added when it has no path)", secrets=url_secrets,
+            required=True),
+    Setting("HOOK0_APPLICATION_ID", "hook0_application_id", "hook0", _parse_uuid, None,
+            "Hook0 application id (UUID)", required=True),
+    Setting("HOOK0_API_TOKEN", "hook0_api_token", "hook0", _parse_bearer_token, None,
+            "Hook0 API token", secrets=_whole_value, required=True),
+    Setting("HOOK0_TABLE_EVENTS", "hook0_table_events", "hook0", parse_bool, False,
+            "send every row change, not only outbox rows"),
+    Setting("HOOK0_LABELS", "hook0_labels", "hook0", _parse_hook0_labels, (),
+            "JSON object of labels for events without labels", "unset"),
+    Setting("HOOK0_CREATE_EVENT_TYPES", "hook0_create_event_types", "hook0", parse_bool, False,
+            "create missing Hook0 event types"),
+    Setting("EMAIL_SMTP_HOST", "email_smtp_host", "email", _parse_host, None,
+            "SMTP server for alert mails"),
+    Setting("EMAIL_SMTP_PORT", "email_smtp_port", "email", _int_parser(1, 65535),
+            SMTP_SUBMISSION_PORT, "SMTP port", "465 with EMAIL_SMTP_TLS=ssl, else 587"),
+    Setting("EMAIL_SMTP_USERNAME", "email_smtp_username", "email", _as_given, None,
+            "SMTP login (no login when unset)"),
+    Setting("EMAIL_SMTP_PASSWORD", "email_smtp_password", "email", _as_given, None,
+            "SMTP password", secrets=_whole_value),
+    Setting("EMAIL_FROM", "email_from", "email", _parse_address, None,
+            "sender address of alert mails"),
+    Setting("EMAIL_TO", "email_to", "email", _parse_recipients, (),
+            "recipients of alert mails, comma-separated", "unset", log="alerts"),
+    Setting("EMAIL_SMTP_TLS", "email_smtp_tls", "email", _choice_parser(SMTP_TLS_MODES),
+            "starttls", "starttls, ssl or none", "ssl on port 465, else starttls"),
+)
+
+
+def _config_field(setting: Setting) -> tuple[str, type, dataclasses.Field]:
+    return setting.field, object, dataclasses.field(default=setting.default,
+                                                    repr=setting.secrets is None)
+
+
+Config = dataclasses.make_dataclass(
+    "Config", [_config_field(SETTINGS[0]), ("conninfo", object, dataclasses.field(default=None))]
+    + [_config_field(setting) for setting in SETTINGS[1:]], frozen=True,
+    namespace={"__module__": __name__, "__doc__": (
+        "Everything wal2http runs with (frozen): a field per entry of SETTINGS, named by its "
+        "`field`, with its default\n(secret-bearing ones left out of repr()), and `conninfo`, "
+        "DATABASE_URL as parse_database_url() reads it.")})
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (exit 2, one line) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # Keep option names, drop values: `--databse-url postgresql://u:pw@h` must not echo pw.
+        if message.startswith("unrecognized arguments:"):
+            names = [arg.split("=", 1)[0] for arg in message.split(":", 1)[1].split()
+                     if arg.startswith("-")]
+            message = (f"unrecognized option(s): {' '.join(names)}" if names
+                       else "unexpected arguments (options take the form --name value)")
+        message = re.sub(r"(--[\w-]+)=\S+", r"\1=...", message)
+        raise ConfigError(f"command line: {message} (see --help)")
+
+
+#: --help lists these groups' settings under their own heading, the others under "options".
+HELP_GROUPS = {"http": "HTTP sink (EVENT_SINK=http)", "hook0": "Hook0 sink (EVENT_SINK=hook0)",
+               "email": "email alerts"}
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """Every long option mirrors an environment variable; a flag wins over the environment.  The
+    usage line names the program as it was run (argparse's default: the basename of argv[0])."""
+    parser = _ArgumentParser(
+        allow_abbrev=False,
+        description="Stream PostgreSQL logical replication changes to stdout, HTTP or Hook0.",
+        epilog="Each option can also be set by the environment variable shown; an empty variable "
+               "counts as unset. Booleans accept true/false, 1/0, yes/no, on/off.")
+    groups = {group: parser.add_argument_group(title) for group, title in HELP_GROUPS.items()}
+    for setting in SETTINGS:
+        extra = {"nargs": "?", "const": "true"} if setting.parse is parse_bool else {}
+        shown = f"[env {setting.variable}; default: {setting.help_default}]"
+        groups.get(setting.group, parser).add_argument(
+            setting.flag, dest=setting.variable, default=None, metavar=setting.variable,
+            help=f"{setting.help} {shown}", **extra)
+    parser.add_argument("--check", action="store_true",
+                        help="verify the database, publication, slot and sink, print one line "
+                             "per check, and exit (0 only if all pass)")
+    parser.add_argument("--demo", action="store_true",
+                        help="run against a throwaway local PostgreSQL with a demo table")
+    parser.add_argument("--version", action="version", version=f"wal2http {__version__}")
+    return parser
+
+
+# --- Building the Config: the table, then the rules that tie settings together -------------------
+
+def _raw_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str | None]:
+    """Flag over environment; empty or blank means unset (the default applies)."""
+    raw = {}
+    for setting in SETTINGS:
+        value = getattr(args, setting.variable)
+        if value is None:
+            value = environ.get(setting.variable)
+        raw[setting.variable] = value if value is not None and value.strip() else None
+    return raw
+
+
+def _database_settings(url: str | None, environ: Mapping[str, str], mode: str) -> dict:
+    if mode == "demo":  # the demo starts its own server and sets these itself
+        return {"database_url": None, "conninfo": None}
+    if url is None:
+        raise ConfigError("DATABASE_URL is required (postgresql://user:password@host:5432/dbname "
+                          "or libpq key=value form; --database-url works too), or use --demo")
+    return {"database_url": url, "conninfo": parse_database_url(url, environ)}
+
+
+def _missing(settings: Mapping[str, object], sink: str) -> list[str]:
+    """The variables `sink` requires that are not set, in table order."""
+    return [setting.variable for setting in SETTINGS
+            if setting.group == sink and setting.required and settings.get(setting.field) is None]
+
+
+def choose_sink(settings: Mapping[str, object]) -> str:
+    """EVENT_SINK if set, else the priority rule: Hook0 if all its required variables are set
+    (HOOK0_API_URL, HOOK0_APPLICATION_ID, HOOK0_API_TOKEN), else HTTP if HTTP_ENDPOINT_URL is,
+    else stdout."""
+    if settings.get("event_sink"):
+        return settings["event_sink"]
+    return next((sink for sink in ("hook0", "http") if not _missing(settings, sink)), "stdout")
+
+
+def check_sink_settings(settings: Mapping[str, object], sink: str) -> None:
+    missing = _missing(settings, sink)
+    if missing and sink == "http":
+        raise ConfigError(f"HTTP event sink specified but missing {', '.join(missing)}")
+    if missing:
+        raise ConfigError(f"Hook0 event sink specified but missing required configuration "
+                          f"({', '.join(missing)})")
+
+
+def check_retry_delays(settings: Mapping[str, object]) -> None:
+    base = settings.get("retry_base_delay_s", Config.retry_base_delay_s)  # or the default
+    largest = settings.get("retry_max_delay_s", Config.retry_max_delay_s)
+    if base > largest:
+        raise ConfigError(f"RETRY_BASE_DELAY_MS ({round(base * 1000)}) must not be larger than "
+                          f"RETRY_MAX_DELAY_MS ({round(largest * 1000)})")
+
+
+def smtp_port_and_tls(settings: Mapping[str, object]) -> dict:
+    """EMAIL_SMTP_TLS and EMAIL_SMTP_PORT default from each other: 465 <-> ssl, else starttls/587."""
+    port, tls = settings.get("email_smtp_port"), settings.get("email_smtp_tls")
+    tls = tls or ("ssl" if port == SMTP_SSL_PORT else "starttls")
+    port = port or (SMTP_SSL_PORT if tls == "ssl" else SMTP_SUBMISSION_PORT)
+    return {"email_smtp_port": port, "email_smtp_tls": tls}
+
+
+def _given_secrets(raw: Mapping[str, str | None], environ: Mapping[str, str]) -> list[str]:
+    """The secrets in the settings as given, for scrubbing an error raised while parsing them."""
+    secrets = [environ.get("PGPASSWORD", "")]
+    for setting in SETTINGS:
+        if setting.secrets and raw[setting.variable]:
+            secrets += setting.secrets(raw[setting.variable])
+    return secrets
+
+
+def load_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, str]:
+    """Command line and environment -> (Config, mode), mode being "run", "check" or "demo".
+
+    --help and --version raise SystemExit(0) from argparse; every problem is a one-line
+    ConfigError naming the variable, without secrets.
+    """
+    args = build_arg_parser().parse_args(argv)
+    if args.check and args.demo:
+        raise ConfigError("command line: --check and --demo cannot be used together")
+    mode = "check" if args.check else "demo" if args.demo else "run"
+    raw = _raw_settings(args, environ)
+    try:
+        settings = {setting.field: setting.parse(raw[setting.variable], setting.variable)
+                    for setting in SETTINGS if raw[setting.variable] is not None}
+        settings["event_sink"] = sink = choose_sink(settings)
+        check_sink_settings(settings, sink)
+        settings.update(_database_settings(settings.get("database_url"), environ, mode))
+        check_retry_delays(settings)
+        settings.update(smtp_port_and_tls(settings))
+    except ConfigError as exc:
+        raise ConfigError(scrub_secrets(str(exc), _given_secrets(raw, environ))) from None
+    return Config(**settings), mode
+
+
+def config_secrets(config: Config) -> tuple[str, ...]:
+    """Every secret value the config holds, for scrubbing text built from outside input."""
+    values = [config.conninfo.password if config.conninfo else None]
+    for setting in SETTINGS:
+        value = getattr(config, setting.field)
+        if setting.secrets and value:
+            values += setting.secrets(value)
+    return tuple(dict.fromkeys(value for value in values if value))
+
+
+def email_enabled(config: Config) -> bool:
+    return bool(config.email_smtp_host and config.email_from and config.email_to)
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Problems worth a WARNING at start-up that do not stop wal2http."""
+    warnings = []
+    email_parts = {"EMAIL_SMTP_HOST": config.email_smtp_host, "EMAIL_FROM": config.email_from,
+                   "EMAIL_TO": config.email_to}
+    if not email_enabled(config) and (any(email_parts.values()) or config.email_smtp_username
+                                      or config.email_smtp_password):
+        missing = ", ".join(name for name, value in email_parts.items() if not value)
+        warnings.append(f"email alerts are disabled: EMAIL_SMTP_HOST, EMAIL_FROM and EMAIL_TO "
+                        f"must all be set (missing: {missing})")
+    if bool(config.email_smtp_username) != bool(config.email_smtp_password):
+        warnings.append("EMAIL_SMTP_USERNAME and EMAIL_SMTP_PASSWORD should be set together")
+    if config.email_smtp_password and config.email_smtp_tls == "none":
+        warnings.append("EMAIL_SMTP_TLS=none sends EMAIL_SMTP_PASSWORD unencrypted")
+    hook0_parts = (config.hook0_api_url, config.hook0_application_id, config.hook0_api_token)
+    if config.event_sink != "hook0" and any(hook0_parts):
+        warnings.append(f"HOOK0_* settings are ignored: the event sink is {config.event_sink}")
+    if config.event_sink != "http" and config.http_endpoint_url:
+        warnings.append(f"HTTP_ENDPOINT_URL is ignored: the event sink is {config.event_sink}")
+    if config.event_sink == "http" and config.http_signing_secret and \
+            not config.http_signing_secret.startswith(WEBHOOK_SECRET_PREFIX):
+        warnings.append("HTTP_SIGNING_SECRET does not start with whsec_: Standard Webhooks libraries "
+                        "expect whsec_ followed by the base64 of the key (wal2http signs with the "
+                        "secret's UTF-8 bytes as the key)")
+    if config.event_sink == "stdout" and config.delivery_concurrency > 1:
+        warnings.append("DELIVERY_CONCURRENCY is ignored: the stdout sink writes one batch at a time")
+    return warnings
+
+
+def _describe(config: Config, field: str) -> str:
+    """One setting's value as the start-up log shows it: never a secret, never a URL's path."""
+    value = getattr(config, field)
+    if field == "database_url":
+        return config.conninfo.describe() if config.conninfo else "(demo)"
+    if field == "email_to":
+        return ", ".join(value) if email_enabled(config) else "log only"
+    if field == "event_sink" and value == "http" and config.http_endpoint_url:
+        return f"http {parse_http_url(config.http_endpoint_url).where}"
+    if field == "event_sink" and value == "hook0" and config.hook0_api_url:
+        return (f"hook0 {parse_http_url(config.hook0_api_url).where} "
+                f"application {config.hook0_application_id}")
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def describe_config(config: Config) -> str:
+    """One line for the start-up log: the settings the table gives a `log` name, shown safely."""
+    return " ".join(f"{setting.log}={_describe(config, setting.field)}"
+                    for setting in SETTINGS if setting.log)
+
+
+# =====================================================================================================
+# 19. Service: run() and --check
 # =====================================================================================================
 
 
