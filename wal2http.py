@@ -3130,12 +3130,8 @@ class ReplicationStream:
                 await self.conn.send(self.ack.status_update())
         elif tag == ERROR_RESPONSE:
             raise classify_server_error(ServerError(decode_error_fields(body)), "replication stream", streaming=True)
-        elif tag == NOTICE_RESPONSE:
-            fields = decode_error_fields(body, "NoticeResponse")
-            logger.info("PostgreSQL %s: %s", fields.get("S", "NOTICE"), fields.get("M", ""))
-        elif tag == PARAMETER_STATUS:
-            name, value = decode_parameter_status(body)
-            self.conn.parameters[name] = value
+        elif self.conn.handle_asynchronous(tag, body):
+            pass  # a notice, a parameter status: as anywhere else
         elif tag in (COPY_DONE, COMMAND_COMPLETE, READY_FOR_QUERY):  # e.g. the server shuts down
             raise ConnectionLost("PostgreSQL ended the replication stream")
         else:
