@@ -7149,7 +7149,9 @@ class TestConcurrentDeliveryEndToEnd:
         await sql(cluster, db, "CREATE TABLE c (id int PRIMARY KEY, n int)")
         dead = tmp_path / "dead-letters.jsonl"
         async with OverlapReceiver.serve() as receiver, reference(cluster, db) as ref:
-            receiver.script = lambda r: Reply(500) if any(map(row_is(5, n=0), events_in(r))) else None
+            # each failed attempt takes 0.1 s: meanwhile every other row has long gone
+            receiver.script = lambda r: (Reply(500, delay_s=0.1) if any(map(row_is(5, n=0), events_in(r)))
+                                         else None)
             config = http_config_for(cluster, db, receiver, on_failure="skip", dead_letter_file=str(dead),
                                      delivery_concurrency=4)
             async with service(config):
