@@ -1672,6 +1672,31 @@ class TestDeliveryScheduler:
         scheduler.add(2, claims({"op": "message", "prefix": "a"}))
         assert scheduler.ready() == [0, 1]
 
+    def test_ready_up_to_a_limit_and_rows_around_a_truncate(self):
+        """The checks that skip walking a queue: rows of a table go freely once the table has no
+        truncate (exclusive claim) left ahead of them, and wait while it has one."""
+        truncate = {"op": "truncate", "schema": "public", "table": "t"}
+        scheduler = w.DeliveryScheduler()
+        scheduler.add(0, claims(truncate))
+        for ticket in range(1, 5):
+            scheduler.add(ticket, claims(row_event(ticket)))
+        assert scheduler.ready() == [0]
+        scheduler.start(0)
+        assert scheduler.ready() == []
+        scheduler.done(0)
+        assert scheduler.ready() == [1, 2, 3, 4]
+        assert scheduler.ready(limit=2) == [1, 2] and scheduler.ready(limit=0) == []
+        scheduler.add(5, claims(truncate))
+        scheduler.add(6, claims(row_event(9)))
+        assert scheduler.ready() == [1, 2, 3, 4]  # the truncate waits for them, row 9 for the truncate
+        for ticket in (1, 2, 3, 4):
+            scheduler.start(ticket)
+            scheduler.done(ticket)
+        assert scheduler.ready() == [5]
+        scheduler.start(5)
+        scheduler.done(5)
+        assert scheduler.ready() == [6]
+
     def test_random_schedules_keep_every_row_in_order(self):
         """Random batches over a few rows and tables, started and finished in random order as far
         as the scheduler allows: no batch starts while an earlier conflicting one is unfinished,
