@@ -402,8 +402,9 @@ def _concurrency_table(url: str, delay_ms: float, parser: str) -> None:
     slots = _concurrency_setup(url, runs)
     receiver, port = start_receiver(parser, delay_ms)
     print(f"\nreceiver answering after {delay_ms:g} ms:")
-    print("| events | HTTP_BATCH_SIZE | DELIVERY_CONCURRENCY | events | rate (events/s) | ratio to concurrency 1 |")
-    print("|---|---|---|---|---|---|")
+    print("| workload | HTTP_BATCH_SIZE | DELIVERY_CONCURRENCY | events | rate (events/s) | ratio to concurrency 1 "
+          "| wal2http CPU |")
+    print("|---|---|---|---|---|---|---|")
     base: dict[int, float] = {}
     try:
         for slot, (label, batch, conc, one_row, events) in zip(slots, runs):
@@ -417,7 +418,9 @@ def _concurrency_table(url: str, delay_ms: float, parser: str) -> None:
             rate = events / result["delivery_seconds"]
             base.setdefault(batch, rate)  # the first run of each batch size is its concurrency 1
             kind = "same row, updates" if one_row else "distinct rows"
-            print(f"| {kind} | {batch} | {conc} | {events:,} | {rate:,.0f} | {rate / base[batch]:.1f}x |", flush=True)
+            cpu = result["user_seconds"] + result["system_seconds"]
+            print(f"| {kind} | {batch} | {conc} | {events:,} | {rate:,.0f} | {rate / base[batch]:.1f}x "
+                  f"| {cpu:.2f} s |", flush=True)
     finally:
         receiver.kill()
         sql(url, *[f"SELECT pg_drop_replication_slot('{slot}')" for slot in slots])
