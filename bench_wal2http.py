@@ -374,13 +374,13 @@ def concurrency(args) -> None:
         cluster.remove()
 
 
-def _concurrency_setup(url: str, runs: list) -> list[str]:
+def _concurrency_setup(url: str, runs: list, delay_ms: float) -> list[str]:
     """Tables, publications and slots for the runs, then their writes; returns the slot names.
     Distinct rows: inserts in transactions of up to 1,000; one row: updates of a
     row inserted before the slot was made, 100 per transaction."""
     slots = []
     for index, (_label, batch, conc, one_row, events) in enumerate(runs):
-        name = f"c{index}_{batch}_{conc}"
+        name = f"d{delay_ms:g}_c{index}_{batch}_{conc}".replace(".", "_")
         ddl = (f"CREATE TABLE {name} (id int PRIMARY KEY, n bigint); INSERT INTO {name} VALUES (1, 0)" if one_row
                else TABLE_SQL.replace("bench", name, 1))
         sql(url, *ddl.split("; "), f"CREATE PUBLICATION {name} FOR TABLE {name}",
@@ -399,7 +399,7 @@ def _concurrency_setup(url: str, runs: list) -> list[str]:
 def _concurrency_table(url: str, delay_ms: float, parser: str) -> None:
     runs = [(label, batch, conc, one_row, concurrency_events(batch, conc, one_row, delay_ms))
             for label, batch, conc, one_row in CONCURRENCY_RUNS]
-    slots = _concurrency_setup(url, runs)
+    slots = _concurrency_setup(url, runs, delay_ms)
     receiver, port = start_receiver(parser, delay_ms)
     print(f"\nreceiver answering after {delay_ms:g} ms:")
     print("| workload | HTTP_BATCH_SIZE | DELIVERY_CONCURRENCY | events | rate (events/s) | ratio to concurrency 1 "
