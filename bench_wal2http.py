@@ -5,6 +5,8 @@
     python bench_wal2http.py --latency       # 200 single-row transactions/s for 10 s: p50/p99
     python bench_wal2http.py --http          # also the HTTP sink, batch sizes 1 and 500
     python bench_wal2http.py --http --http-batch 500 --repeat 6   # medians over 6 rounds
+    python bench_wal2http.py --concurrency   # DELIVERY_CONCURRENCY against a receiver taking 20 ms
+    python bench_wal2http.py --concurrency --receiver-delay-ms 20 100
 
 Needs requirements-bench.txt (orjson, for the HTTP receiver; `--receiver-json json` uses the
 stdlib's parser instead).
@@ -17,6 +19,13 @@ receiver parses every body and counts the events.  On a 2-core machine that rece
 cores with wal2http and the walsender, so its CPU lowers the rate measured; it parses with orjson
 (the same objects as json.loads, in half the time) to keep that artefact small.  The output gives
 each process's CPU time, so where the time went is visible.
+
+--concurrency measures DELIVERY_CONCURRENCY against a receiver that answers every request after a
+fixed delay (a slow real receiver), on as many connections as are opened: HTTP_BATCH_SIZE=1 at
+concurrency 1, 8, 32 and 64, HTTP_BATCH_SIZE=100 at 1 and 8, each over distinct rows (inserts),
+and the worst case, every event an update of the same row (its order allows one request at a
+time), at 1 and 32.  Each run gets its own table, publication and slot, sized so that it lasts a
+few seconds; its rate counts from the start of the first request to the last event delivered.
 """
 
 from __future__ import annotations
@@ -94,10 +103,14 @@ async def _child(env: dict, end_lsn: int, expect: int, latency: bool) -> dict:
         ack = await nursery.start(lambda task_status: w.run(config, sink=sink, stop=stop, task_status=task_status))
         while ack.flushed_lsn < end_lsn or sink.count < expect:
             await trio.sleep(0.005)
-        elapsed = time.perf_counter() - started
+        finished = time.perf_counter()
+        elapsed = finished - started
         usage = resource.getrusage(resource.RUSAGE_SELF)
         stop.set()
-    result = {"events": sink.count, "seconds": elapsed, "user_seconds": usage.ru_utime - usage_started.ru_utime,
+    first_request_at = getattr(sink, "first_request_at", None)
+    result = {"events": sink.count, "seconds": elapsed,
+              "delivery_seconds": finished - first_request_at if first_request_at else elapsed,
+              "user_seconds": usage.ru_utime - usage_started.ru_utime,
               "system_seconds": usage.ru_stime - usage_started.ru_stime,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if latencies:
@@ -110,8 +123,11 @@ async def _child(env: dict, end_lsn: int, expect: int, latency: bool) -> dict:
 class _CountingHttp:
     def __init__(self, sink):
         self.sink, self.name, self.batch_size, self.count = sink, sink.name, sink.batch_size, 0
+        self.first_request_at: float | None = None  # perf_counter() when the first request began
 
     async def deliver(self, events):
+        if self.first_request_at is None:
+            self.first_request_at = time.perf_counter()
         await self.sink.deliver(events)
         self.count += len(events)
 
@@ -135,16 +151,18 @@ def run_child(env: dict, end_lsn: int, expect: int, latency: bool = False) -> di
 # ---------------------------------------------------------------------------------------------------
 
 
-def start_receiver(parser: str = "json") -> tuple[subprocess.Popen, int]:
+def start_receiver(parser: str = "json", delay_ms: float = 0.0) -> tuple[subprocess.Popen, int]:
     """A receiver as lean as a Python one gets, so that on a 2-core machine it takes as little CPU
     as possible from wal2http and the walsender: blocking sockets, a thread per connection, HTTP/1.1
     with Content-Length bodies (what wal2http sends), and a full parse of every body (`json.loads`,
     or with `parser="orjson"` orjson's, which builds the same objects in half the time) to count
-    events."""
+    events.  With `delay_ms`, each POST is answered that long after it arrived (a slow receiver;
+    the connections wait independently, so N requests in flight take one delay, not N)."""
     code = r'''
-import socket, sys, threading
+import socket, sys, threading, time
 import {parser} as json
 count = 0
+DELAY_S = {delay_s}
 def handle(conn):
     global count
     data = b""
@@ -171,6 +189,8 @@ def handle(conn):
             conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(answer), answer))
             continue
         doc = json.loads(body)
+        if DELAY_S:
+            time.sleep(DELAY_S)
         count += len(doc["events"]) if "events" in doc else 1
         conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
 listener = socket.create_server(("127.0.0.1", 0))
@@ -182,7 +202,8 @@ while True:
     if importlib.util.find_spec(parser) is None:
         raise SystemExit(f"the receiver parses with {parser}, which is not installed: "
                          "pip install -r requirements-bench.txt, or use --receiver-json json")
-    proc = subprocess.Popen([sys.executable, "-c", code.replace("{parser}", parser)], stdout=subprocess.PIPE, text=True)
+    code = code.replace("{parser}", parser).replace("{delay_s}", repr(delay_ms / 1000))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     return proc, int(proc.stdout.readline())
 
 
@@ -324,6 +345,87 @@ def throughput(args) -> None:
         cluster.remove()
 
 
+#: --concurrency runs: (label, HTTP_BATCH_SIZE, DELIVERY_CONCURRENCY, every event updates one row)
+CONCURRENCY_RUNS = [("rows", 1, 1, False), ("rows", 1, 8, False), ("rows", 1, 32, False),
+                    ("rows", 1, 64, False), ("rows", 100, 1, False), ("rows", 100, 8, False),
+                    ("one row", 1, 1, True), ("one row", 1, 32, True)]
+CONCURRENCY_RUN_S = 3.0  #: each run is sized to last about this long at its ideal rate...
+CONCURRENCY_EVENTS = (100, 20_000)  #: ...within these bounds
+
+
+def concurrency_events(batch: int, concurrency: int, one_row: bool, delay_ms: float) -> int:
+    """Events for one run: what its ideal rate (a full batch per request, `concurrency` requests
+    per delay; one request per delay when every event is of the same row) gives in
+    CONCURRENCY_RUN_S."""
+    ideal_rate = (1 if one_row else concurrency) * batch * 1000 / delay_ms
+    low, high = CONCURRENCY_EVENTS
+    return max(low, min(high, round(ideal_rate * CONCURRENCY_RUN_S)))
+
+
+def concurrency(args) -> None:
+    """For each receiver delay: every run of CONCURRENCY_RUNS on its own table, publication and
+    slot (all slots made before the writes), then drained one after the other."""
+    cluster = w.DemoCluster()
+    try:
+        cluster.start()
+        for delay_ms in args.receiver_delay_ms:
+            _concurrency_table(cluster.url, delay_ms, args.receiver_json)
+    finally:
+        cluster.remove()
+
+
+def _concurrency_setup(url: str, runs: list, delay_ms: float) -> list[str]:
+    """Tables, publications and slots for the runs, then their writes; returns the slot names.
+    Distinct rows: inserts in transactions of up to 1,000; one row: updates of a
+    row inserted before the slot was made, 100 per transaction."""
+    slots = []
+    for index, (_label, batch, conc, one_row, events) in enumerate(runs):
+        name = f"d{delay_ms:g}_c{index}_{batch}_{conc}".replace(".", "_")
+        ddl = (f"CREATE TABLE {name} (id int PRIMARY KEY, n bigint); INSERT INTO {name} VALUES (1, 0)" if one_row
+               else TABLE_SQL.replace("bench", name, 1))
+        sql(url, *ddl.split("; "), f"CREATE PUBLICATION {name} FOR TABLE {name}",
+            f"SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')")
+        slots.append(name)
+    for name, (_label, _batch, _conc, one_row, events) in zip(slots, runs):
+        if one_row:
+            update = f"UPDATE {name} SET n = n + 1 WHERE id = 1; "
+            sql(url, *[f"BEGIN; {update * min(100, events - done)}COMMIT" for done in range(0, events, 100)])
+        else:
+            insert = INSERT_SQL.replace("bench", name, 1)
+            sql(url, *[insert.format(n=min(1000, events - done)) for done in range(0, events, 1000)])
+    return slots
+
+
+def _concurrency_table(url: str, delay_ms: float, parser: str) -> None:
+    runs = [(label, batch, conc, one_row, concurrency_events(batch, conc, one_row, delay_ms))
+            for label, batch, conc, one_row in CONCURRENCY_RUNS]
+    slots = _concurrency_setup(url, runs, delay_ms)
+    receiver, port = start_receiver(parser, delay_ms)
+    print(f"\nreceiver answering after {delay_ms:g} ms:")
+    print("| workload | HTTP_BATCH_SIZE | DELIVERY_CONCURRENCY | events | rate (events/s) | ratio to concurrency 1 "
+          "| wal2http CPU |")
+    print("|---|---|---|---|---|---|---|")
+    base: dict[int, float] = {}
+    try:
+        for slot, (label, batch, conc, one_row, events) in zip(slots, runs):
+            env = {"DATABASE_URL": url, "PUB_NAME": slot, "SLOT_NAME": slot, "CREATE_SLOT": "false",
+                   "LOG_LEVEL": "WARNING", "EVENT_SINK": "http", "HTTP_BATCH_SIZE": str(batch),
+                   "DELIVERY_CONCURRENCY": str(conc), "HTTP_ENDPOINT_URL": f"http://127.0.0.1:{port}/hook"}
+            received = received_events(port)
+            result = run_child(env, 0, events)  # until the last event is delivered, not acknowledged
+            if received_events(port) - received != events:
+                raise SystemExit(f"the receiver parsed {received_events(port) - received} events, not {events}")
+            rate = events / result["delivery_seconds"]
+            base.setdefault(batch, rate)  # the first run of each batch size is its concurrency 1
+            kind = "same row, updates" if one_row else "distinct rows"
+            cpu = result["user_seconds"] + result["system_seconds"]
+            print(f"| {kind} | {batch} | {conc} | {events:,} | {rate:,.0f} | {rate / base[batch]:.1f}x "
+                  f"| {cpu:.2f} s |", flush=True)
+    finally:
+        receiver.kill()
+        sql(url, *[f"SELECT pg_drop_replication_slot('{slot}')" for slot in slots])
+
+
 def latency(args) -> None:
     cluster = w.DemoCluster()
     try:
@@ -363,6 +465,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="rounds of the throughput comparison")
     parser.add_argument("--receiver-json", choices=("orjson", "json"), default="orjson",
                         help="the HTTP receiver's JSON parser: orjson (requirements-bench.txt) or the stdlib's")
+    parser.add_argument("--concurrency", action="store_true",
+                        help="DELIVERY_CONCURRENCY 1-64 against a receiver that answers after a delay")
+    parser.add_argument("--receiver-delay-ms", type=float, nargs="+", default=[20.0],
+                        help="with --concurrency: the receiver's delay per request (several: one table each)")
     parser.add_argument("--rate", type=int, default=200)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -372,6 +478,8 @@ def main() -> None:
         print(json.dumps(trio.run(_child, spec["env"], spec["end_lsn"], spec["expect"], spec["latency"])))
     elif args.latency:
         latency(args)
+    elif args.concurrency:
+        concurrency(args)
     else:
         throughput(args)
 

@@ -1487,7 +1487,9 @@ class TestLowWatermark:
 
     def test_a_batch_never_done_holds_everything_after_it(self):
         ack = w.AckTracker()
-        first, _never_done, later = ack.pending([10]), ack.pending([20]), ack.pending([30])
+        first = ack.pending([10])
+        ack.pending([20])  # never done: its delivery failed
+        later = ack.pending([30])
         ack.done(later)
         ack.done(first)
         assert ack.flushed_lsn == 10  # the failed batch is never done: nothing past it is acknowledged
@@ -1581,6 +1583,31 @@ class TestDeliveryScheduler:
         scheduler.add(1, claims({"op": "message", "prefix": "b"}))
         scheduler.add(2, claims({"op": "message", "prefix": "a"}))
         assert scheduler.ready() == [0, 1]
+
+    def test_ready_up_to_a_limit_and_rows_around_a_truncate(self):
+        """The checks that skip walking a queue: rows of a table go freely once the table has no
+        truncate (exclusive claim) left ahead of them, and wait while it has one."""
+        truncate = {"op": "truncate", "schema": "public", "table": "t"}
+        scheduler = w.DeliveryScheduler()
+        scheduler.add(0, claims(truncate))
+        for ticket in range(1, 5):
+            scheduler.add(ticket, claims(row_event(ticket)))
+        assert scheduler.ready() == [0]
+        scheduler.start(0)
+        assert scheduler.ready() == []
+        scheduler.done(0)
+        assert scheduler.ready() == [1, 2, 3, 4]
+        assert scheduler.ready(limit=2) == [1, 2] and scheduler.ready(limit=0) == []
+        scheduler.add(5, claims(truncate))
+        scheduler.add(6, claims(row_event(9)))
+        assert scheduler.ready() == [1, 2, 3, 4]  # the truncate waits for them, row 9 for the truncate
+        for ticket in (1, 2, 3, 4):
+            scheduler.start(ticket)
+            scheduler.done(ticket)
+        assert scheduler.ready() == [5]
+        scheduler.start(5)
+        scheduler.done(5)
+        assert scheduler.ready() == [6]
 
     def test_random_schedules_keep_every_row_in_order(self):
         """Random batches over a few rows and tables, started and finished in random order as far
@@ -6519,7 +6546,7 @@ class E2EReceiver(ScriptedReceiver):
             request = await self._read_request(stream, conn, index)
             if request is None:
                 return
-            reply = self.replies.pop(0) if self.replies else self.default
+            reply = self.reply_for(request)
             number = len(self.requests)
             self.requests.append(request)
             self.answers.append(reply)
@@ -6538,6 +6565,10 @@ class E2EReceiver(ScriptedReceiver):
             if conn.our_state is h11.MUST_CLOSE or reply.silent_close_after:
                 return
             conn.start_next_cycle()
+
+    def reply_for(self, request) -> Reply:
+        """The answer to this request: the next scripted reply, then `default`."""
+        return self.replies.pop(0) if self.replies else self.default
 
     def posts(self):
         return [r for r in self.requests if r.method == "POST"]
@@ -6631,6 +6662,18 @@ async def table(cluster, db, ddl="CREATE TABLE t (id int PRIMARY KEY, v text)"):
     await sql(cluster, db, ddl)
 
 
+def drop_inactive_slots(cluster, db) -> None:
+    """Drops the database's slots once they are inactive (waits up to 10 s for that)."""
+    deadline = time.monotonic() + 10
+    while True:
+        left = cluster.psql(db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                                "WHERE database = current_database() AND NOT active; "
+                                "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()")
+        if left.strip().splitlines()[-1] == "0" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+
+
 # =====================================================================================================
 # The tests
 # =====================================================================================================
@@ -6652,14 +6695,8 @@ class TestHttpEndToEnd:
         """Each test makes two slots (its own and the reference's): drop them at the end, so the
         suite stays far below max_replication_slots and no slot keeps WAL."""
         yield
-        deadline = time.monotonic() + 10
-        while True:
-            left = cluster.psql(db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                                    "WHERE database = current_database() AND NOT active; "
-                                    "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()")
-            if left.strip().splitlines()[-1] == "0" or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        drop_inactive_slots(cluster, db)
+
 
     # -- 1. bodies, order, ids, keep-alive ------------------------------------------------------------
 
@@ -7122,3 +7159,314 @@ class TestHttpEndToEnd:
         assert [r.headers["idempotency-key"] for r in receiver.requests] == [event["id"]] * 2
         assert [r.connection for r in receiver.requests] == [0, 1]
         assert 1 <= elapsed < 5
+
+
+# =====================================================================================================
+# Concurrent delivery end to end (DELIVERY_CONCURRENCY)
+# =====================================================================================================
+
+class OverlapReceiver(E2EReceiver):
+    """E2EReceiver for concurrent delivery: a request that `script(request)` does not answer (it
+    returns a Reply or None) is answered 200 after a random delay of up to `max_delay_s`, on as
+    many connections as the client opens.  `most_in_flight`: the most requests received and not
+    yet answered at any one moment."""
+
+    def __init__(self, replies=(), default: Reply | None = None):
+        super().__init__(replies, default)
+        self.max_delay_s = 0.02
+        self.script = lambda request: None
+        self.most_in_flight = 0
+        self._random = random.Random(20261206)
+
+    def reply_for(self, request) -> Reply:
+        return self.script(request) or Reply(200, delay_s=self._random.uniform(0, self.max_delay_s))
+
+    def _notify(self) -> None:
+        self.most_in_flight = max(self.most_in_flight, len(self.requests) - len(self.answered))
+        super()._notify()
+
+    def received(self) -> list[dict]:
+        """The events of every POST in the order the requests arrived, failed attempts included."""
+        return [e for request in self.posts() for e in events_in(request)]
+
+    def attempts(self, predicate) -> list[tuple[list[dict], int]]:
+        """(events, status answered) of every POST carrying an event that satisfies `predicate`."""
+        return [(events_in(request), reply.status) for request, reply in zip(self.requests, self.answers)
+                if request.method == "POST" and any(predicate(e) for e in events_in(request))]
+
+
+def row_is(row_id: int, **values):
+    """A predicate: the event is a change of the row with this id (and these values in `new`)."""
+    def matches(event) -> bool:
+        row = event["new"] or event["key"] or {}
+        return row.get("id") == row_id and all(row.get(k) == v for k, v in values.items())
+    return matches
+
+
+def in_own_transactions(statements) -> str:
+    """One query string that commits each statement as its own transaction (one round trip)."""
+    return " ".join(f"BEGIN; {statement}; COMMIT;" for statement in statements)
+
+
+def concurrent_workload(rng: random.Random, counters: int = 30) -> tuple[list[str], int]:
+    """Transactions over table c (each update adds 1 to the row's counter n), table tr (inserts
+    and truncates) and transactional messages of prefixes p and q (their content counts up per
+    prefix); returns the statements and the number of events they make."""
+    statements, events = [f"INSERT INTO c SELECT g, 0 FROM generate_series(1, {counters}) g"], counters
+    tr_rows, messages = 0, {"p": 0, "q": 0}
+    for step in range(90):
+        kind = 0.8 if step % 12 == 11 else rng.random()  # a truncate at least every 12 transactions
+        if kind < 0.6:
+            rows = rng.sample(range(1, counters + 1), rng.choice([1, 1, 2]))
+            statements.append(f"UPDATE c SET n = n + 1 WHERE id IN ({', '.join(map(str, rows))})")
+            events += len(rows)
+        elif kind < 0.78:
+            tr_rows += 1
+            statements.append(f"INSERT INTO tr VALUES ({tr_rows})")
+            events += 1
+        elif kind < 0.85:
+            statements.append("TRUNCATE tr")
+            events += 1
+        else:
+            prefix = rng.choice("pq")
+            messages[prefix] += 1
+            statements.append(f"SELECT pg_logical_emit_message(true, '{prefix}', '{messages[prefix]}')")
+            events += 1
+    return statements, events
+
+
+def assert_order_per_row_table_and_prefix(received: list[dict], expected: list[dict]) -> None:
+    """Every expected event arrived; duplicates are allowed, reorders are not: for each row of c
+    its counter never goes down, each truncate of tr comes after the table's earlier events and
+    before its later ones, and the messages of each prefix count up."""
+    assert {e["id"] for e in received} == {e["id"] for e in expected}
+    counters: dict[int, list[int]] = {}
+    for event in received:
+        if event["table"] == "c":
+            counters.setdefault(event["key"]["id"], []).append(event["new"]["n"])
+    assert counters and all(seen == sorted(seen) for seen in counters.values()), counters
+    rank, truncates = {}, 0  # tr events between truncates k and k+1: 2k; truncate k: 2k-1
+    for event in expected:
+        if event["table"] == "tr":
+            truncates += event["op"] == "truncate"
+            rank[event["id"]] = 2 * truncates - (event["op"] == "truncate")
+    ranks = [rank[e["id"]] for e in received if e["id"] in rank]
+    assert truncates and ranks == sorted(ranks)
+    for prefix in "pq":
+        seen = [int(e["content"]) for e in received if e["op"] == "message" and e["prefix"] == prefix]
+        assert seen == sorted(seen), (prefix, seen)
+
+
+class TestConcurrentDeliveryEndToEnd:
+    """DELIVERY_CONCURRENCY against the real PostgreSQL: requests overlap, each row (and each
+    table's truncates, each prefix's messages) stays in commit order, the slot is a low
+    watermark, and ON_FAILURE applies to the failed batch alone."""
+
+    @pytest.fixture(autouse=True)
+    def _drop_slots_afterwards(self, cluster, db):
+        yield
+        drop_inactive_slots(cluster, db)
+
+    # -- 1. overlap and order -------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("concurrency, batch_size", [(1, 1), (16, 1), (8, 4)])
+    async def test_requests_overlap_and_rows_truncates_and_prefixes_stay_in_order(
+            self, cluster, db, concurrency, batch_size):
+        await sql(cluster, db, "CREATE TABLE c (id int PRIMARY KEY, n int)", "CREATE TABLE tr (id int PRIMARY KEY)")
+        statements, count = concurrent_workload(random.Random(concurrency))
+        async with OverlapReceiver.serve() as receiver, reference(cluster, db) as ref:
+            config = http_config_for(cluster, db, receiver, delivery_concurrency=concurrency,
+                                     http_batch_size=batch_size)
+            async with service(config):
+                await sql(cluster, db, in_own_transactions(statements))
+                expected = await ref.wait_for(count)
+                await receiver.wait(lambda r: len(r.delivered()) >= count)
+                end = max(lsn(e["commit_lsn"]) for e in expected)
+                await wait_until(lambda: confirmed_past(cluster, db, end), timeout=10)
+        assert len(expected) == count
+        assert all(a.status == 200 for a in receiver.answers)  # nothing failed, so nothing twice
+        assert_order_per_row_table_and_prefix(receiver.received(), expected)
+        assert sorted(receiver.delivered_ids()) == sorted(e["id"] for e in expected)
+        if concurrency == 1:
+            assert receiver.most_in_flight == 1 and receiver.connections == 1
+            assert receiver.delivered() == expected  # one at a time: the total commit order
+        else:
+            assert receiver.most_in_flight > 2, receiver.most_in_flight  # requests really overlap
+            assert receiver.most_in_flight <= concurrency and receiver.connections <= concurrency
+        position = {e["id"]: i for i, e in enumerate(expected)}
+        for request in receiver.posts():
+            inside = [position[e["id"]] for e in events_in(request)]
+            assert inside == list(range(inside[0], inside[0] + len(inside)))  # a run of consecutive events
+            if batch_size > 1:
+                first, last = events_in(request)[0]["id"], events_in(request)[-1]["id"]
+                assert request.headers["idempotency-key"] == f"{first}..{last}"
+
+    # -- 2. kill -9 while one request hangs -----------------------------------------------------------
+
+    async def test_kill_9_while_one_request_hangs_holds_the_slot_there_and_a_restart_delivers_it(
+            self, cluster, db):
+        await table(cluster, db)
+        async with reference(cluster, db) as ref:
+            async with OverlapReceiver.serve() as hanging:
+                hanging.script = lambda r: Reply(hang=True) if any(map(row_is(3), events_in(r))) else None
+                env = http_env(cluster, db, hanging, http_timeout_secs=60, delivery_concurrency=4)
+                async with CliProcess(env).running() as proc:
+                    await proc.wait_started()
+                    await sql(cluster, db, in_own_transactions(f"INSERT INTO t VALUES ({i}, 'k{i}')"
+                                                               for i in range(1, 13)))
+                    expected = await ref.wait_for(12)
+                    hung = expected[2]
+                    await hanging.wait(lambda r: len(r.delivered()) == 11)  # every other row went
+                    await wait_until(lambda: confirmed_past(cluster, db, lsn(expected[1]["commit_lsn"])))
+                    await status_updates_seen(cluster, db, 3)
+                    assert await slot_confirmed(cluster, db) < lsn(hung["commit_lsn"])
+                    proc.process.kill()  # SIGKILL
+                    assert await proc.wait_exit(timeout=10) == -signal.SIGKILL
+            assert sorted(hanging.delivered_ids()) == sorted(e["id"] for e in expected if e is not hung)
+            assert await slot_confirmed(cluster, db) < lsn(hung["commit_lsn"])  # never passed it
+            async with OverlapReceiver.serve() as healthy:
+                env = {**env, "HTTP_ENDPOINT_URL": healthy.url("/hooks/pg?source=e2e")}
+                async with CliProcess(env).running():
+                    await healthy.wait(lambda r: hung["id"] in r.delivered_ids())
+                    await wait_until(lambda: confirmed_past(cluster, db, lsn(expected[-1]["commit_lsn"])))
+        # resumed at the hanging event's transaction: it and everything after it, same ids
+        assert sorted(healthy.delivered_ids()) == sorted(e["id"] for e in expected[2:])
+        by_id = {e["id"]: e for e in expected}
+        assert all(by_id[e["id"]] == e for e in healthy.delivered() + hanging.delivered())
+
+    # -- 3. ON_FAILURE with one failing batch among successful ones ------------------------------------
+
+    async def test_exit_lets_the_requests_in_flight_finish_and_acknowledges_nothing_past_the_failure(
+            self, cluster, db):
+        await table(cluster, db)
+        async with reference(cluster, db) as ref:
+            async with OverlapReceiver.serve() as bad:
+                bad.script = lambda r: Reply(400, body=b"rejected") if any(map(row_is(5), events_in(r))) else None
+                env = http_env(cluster, db, bad, on_failure="exit", delivery_concurrency=4)
+                async with CliProcess(env).running() as proc:
+                    await proc.wait_started()
+                    await sql(cluster, db, in_own_transactions(f"INSERT INTO t VALUES ({i}, 'x')"
+                                                               for i in range(1, 13)))
+                    assert await proc.wait_exit(timeout=15) == 3
+            expected = await ref.wait_for(12)
+            failed = expected[4]
+            stderr = proc.stderr.decode()
+            assert failed["id"] in stderr and "400" in stderr and "Traceback" not in stderr
+            assert bad.attempts(row_is(5)) == [([failed], 400)]  # a 400 is not retried
+            delivered = set(bad.delivered_ids())
+            assert {e["id"] for e in expected[:4]} <= delivered  # sent before it: finished, not abandoned
+            assert failed["id"] not in delivered
+            assert await slot_confirmed(cluster, db) < lsn(failed["commit_lsn"])
+            async with OverlapReceiver.serve() as good:
+                async with CliProcess({**env, "HTTP_ENDPOINT_URL": good.url("/hooks")}).running() as proc:
+                    await good.wait(lambda r: {e["id"] for e in expected[4:]} <= set(r.delivered_ids()))
+                    await wait_until(lambda: confirmed_past(cluster, db, lsn(expected[-1]["commit_lsn"])))
+                    proc.process.send_signal(signal.SIGTERM)
+                    assert await proc.wait_exit(timeout=15) == 0
+        assert set(good.delivered_ids()) <= {e["id"] for e in expected}
+
+    async def test_skip_dead_letters_the_failed_batch_then_the_rows_later_batches_go(self, cluster, db, tmp_path):
+        await sql(cluster, db, "CREATE TABLE c (id int PRIMARY KEY, n int)")
+        dead = tmp_path / "dead-letters.jsonl"
+        async with OverlapReceiver.serve() as receiver, reference(cluster, db) as ref:
+            # each failed attempt takes 0.1 s: meanwhile every other row has long gone
+            receiver.script = lambda r: (Reply(500, delay_s=0.1) if any(map(row_is(5, n=0), events_in(r)))
+                                         else None)
+            config = http_config_for(cluster, db, receiver, on_failure="skip", dead_letter_file=str(dead),
+                                     delivery_concurrency=4)
+            async with service(config):
+                await sql(cluster, db, in_own_transactions(
+                    [f"INSERT INTO c VALUES ({i}, 0)" for i in range(1, 11)]
+                    + ["UPDATE c SET n = n + 1 WHERE id = 5", "UPDATE c SET n = n + 1 WHERE id = 6",
+                       "UPDATE c SET n = n + 1 WHERE id = 5"]))
+                expected = await ref.wait_for(13)
+                await receiver.wait(lambda r: len(r.delivered()) == 12)
+                await wait_until(lambda: confirmed_past(cluster, db, lsn(expected[-1]["commit_lsn"])), timeout=10)
+        failed = expected[4]
+        assert dead.read_bytes().splitlines(keepends=True) == [failed.line.encode() + b"\n"]
+        assert sorted(receiver.delivered_ids()) == sorted(e["id"] for e in expected if e is not failed)
+        row_5 = [(events[0]["new"]["n"], status) for events, status in receiver.attempts(row_is(5))]
+        assert row_5 == [(0, 500)] * 3 + [(1, 200), (2, 200)]  # dead-lettered after 3 attempts, then the rest
+
+    async def test_retry_holds_back_only_what_is_ordered_after_the_failing_batch(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE c (id int PRIMARY KEY, n int)")
+        failing = trio.Event()  # set: row 5 is accepted again
+        async with OverlapReceiver.serve() as receiver, reference(cluster, db) as ref:
+            receiver.script = lambda r: (Reply(503) if not failing.is_set() and any(map(row_is(5), events_in(r)))
+                                         else None)
+            config = http_config_for(cluster, db, receiver, on_failure="retry", delivery_concurrency=4)
+            async with service(config):
+                await sql(cluster, db, in_own_transactions(
+                    [f"INSERT INTO c VALUES ({i}, 0)" for i in range(1, 11)]
+                    + ["UPDATE c SET n = n + 1 WHERE id = 5"]
+                    + [f"INSERT INTO c VALUES ({i}, 0)" for i in range(11, 15)]))
+                expected = await ref.wait_for(15)
+                insert_5, update_5 = expected[4], expected[10]
+                others = {e["id"] for e in expected} - {insert_5["id"], update_5["id"]}
+                await receiver.wait(lambda r: others <= set(r.delivered_ids()))  # the rest flows
+                await receiver.wait(lambda r: len(r.attempts(row_is(5))) >= 5)  # past RETRY_MAX_ATTEMPTS=3
+                await wait_until(lambda: confirmed_past(cluster, db, lsn(expected[3]["commit_lsn"])))
+                await status_updates_seen(cluster, db, 2)
+                assert await slot_confirmed(cluster, db) < lsn(insert_5["commit_lsn"])
+                assert {e["id"] for events, _ in receiver.attempts(row_is(5)) for e in events} == {insert_5["id"]}
+                failing.set()
+                await receiver.wait(lambda r: update_5["id"] in r.delivered_ids())
+                await wait_until(lambda: confirmed_past(cluster, db, lsn(expected[-1]["commit_lsn"])), timeout=10)
+        row_5 = [(events[0]["id"], status) for events, status in receiver.attempts(row_is(5))]
+        retried = len(row_5) - 2
+        assert row_5 == [(insert_5["id"], 503)] * retried + [(insert_5["id"], 200), (update_5["id"], 200)]
+        assert sorted(receiver.delivered_ids()) == sorted(e["id"] for e in expected)
+
+    # -- 4. Hook0 -------------------------------------------------------------------------------------
+
+    async def test_hook0_requests_overlap_and_a_429_holds_back_every_request(self, cluster, db):
+        await sql(cluster, db, OUTBOX_DDL)
+        rows = [outbox_row(payload={"n": n}) for n in range(12)]
+        async with InstrumentedHook0Double.serve() as double:
+            double.hold_after = 0  # every answer waits for `release`
+            config = hook0_config_for(cluster, db, double, delivery_concurrency=4, retry_max_delay_ms=5000)
+            async with running_hook0(config):
+                await sql(cluster, db, in_own_transactions(outbox_insert(row) for row in rows[:4]))
+                with trio.fail_after(15):
+                    await double.wait_for(lambda: len(double.events) == 4)  # four in flight, none answered
+                assert double.holding.is_set()
+                double.release.set()
+                with trio.fail_after(15):
+                    await double.wait_for(lambda: len(event_posts(double)) == 4)
+                double.fail_next("rate_limited", retry_after="2")
+                await sql(cluster, db, in_own_transactions(outbox_insert(row) for row in rows[4:]))
+                with trio.fail_after(15):
+                    await double.wait_for(lambda: len(double.events) == 12)
+        assert sorted(e["event_id"] for e in double.events) == sorted(r["event_id"] for r in rows)
+        posts = event_posts(double)
+        (refused,) = [r for r in posts if r.status == 429]
+        after = [r.at - refused.at for r in posts if r.at > refused.at]
+        sent_before_the_answer = [gap for gap in after if gap < 0.5]
+        assert len(sent_before_the_answer) <= 3, after  # only those already on their way
+        assert all(gap < 0.5 or gap >= 2.0 for gap in after), after  # then nothing for Retry-After
+        assert len(after) - len(sent_before_the_answer) >= 5, after  # the rest went after the pause
+
+    # -- 5. batch ids ---------------------------------------------------------------------------------
+
+    async def test_a_retried_batch_keeps_its_webhook_id_and_every_signature_verifies(self, cluster, db):
+        from standardwebhooks.webhooks import Webhook
+        await table(cluster, db)
+        failures = [Reply(500), Reply(503)]
+        async with OverlapReceiver.serve() as receiver, reference(cluster, db) as ref:
+            receiver.script = lambda r: failures.pop(0) if failures and any(map(row_is(8), events_in(r))) else None
+            config = http_config_for(cluster, db, receiver, http_batch_size=5, delivery_concurrency=4,
+                                     http_signing_secret=SIGNING_SECRET)
+            async with service(config):
+                await sql(cluster, db, "INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g")
+                expected = await ref.wait_for(20)
+                await receiver.wait(lambda r: len(r.delivered()) >= 20)
+        assert sorted(receiver.delivered_ids()) == sorted(e["id"] for e in expected)
+        for request in receiver.posts():
+            inside = events_in(request)
+            assert Webhook(SIGNING_SECRET).verify(request.body, request.headers) == {"events": inside}
+            assert request.headers["webhook-id"] == f"{inside[0]['id']}..{inside[-1]['id']}"
+            assert request.headers["idempotency-key"] == request.headers["webhook-id"]
+        attempts = [r for r in receiver.posts() if any(map(row_is(8), events_in(r)))]
+        assert [status for _, status in receiver.attempts(row_is(8))] == [500, 503, 200]
+        assert len({r.body for r in attempts}) == 1  # the same batch, sent again
+        assert {r.headers["webhook-id"] for r in attempts} == {f"{expected[5]['id']}..{expected[9]['id']}"}

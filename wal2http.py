@@ -2893,10 +2893,15 @@ class DeliveryScheduler:
     are.  A batch leaves its queues when it is done (delivered or dead-lettered), not when it
     is sent, and a failed one stays: so a batch never overtakes an earlier batch of the same
     row, whether that one is waiting, in flight, or being retried.  With no claims at all (one
-    request at a time), every batch may go at once."""
+    request at a time), every batch may go at once.
+
+    Each check costs O(claims), not O(queue): an exclusive claim may go only at the head of its
+    queue, and a shared one looks along its queue only while the queue holds an exclusive claim
+    (a table's queue holds every batch of the table, 2 x DELIVERY_CONCURRENCY of them)."""
 
     def __init__(self):
-        self._queues: dict[tuple, collections.deque] = {}  # resource -> deque of [ticket, exclusive]
+        self._queues: dict[tuple, collections.deque] = {}  # resource -> deque of (ticket, exclusive)
+        self._exclusive: dict[tuple, int] = {}  # resource -> exclusive claims in its queue
         self._claims: dict[int, dict[tuple, bool]] = {}  # ticket -> its claims, until done
         self._waiting: dict[int, None] = {}  # tickets added and not started, in order
 
@@ -2906,28 +2911,41 @@ class DeliveryScheduler:
         self._waiting[ticket] = None
         for resource, exclusive in claims.items():
             self._queues.setdefault(resource, collections.deque()).append((ticket, exclusive))
+            self._exclusive[resource] = self._exclusive.get(resource, 0) + exclusive
 
-    def ready(self) -> list[int]:
-        """The waiting batches that may go now, in stream order."""
-        return [ticket for ticket in self._waiting if self._may_go(ticket)]
+    def ready(self, limit: int | None = None) -> list[int]:
+        """The waiting batches that may go now (at most `limit`), in stream order."""
+        found: list[int] = []
+        for ticket in self._waiting:
+            if limit is not None and len(found) >= limit:
+                break
+            if self._may_go(ticket):
+                found.append(ticket)
+        return found
 
     def start(self, ticket: int) -> None:
         del self._waiting[ticket]
 
     def done(self, ticket: int) -> None:
-        for resource in self._claims.pop(ticket):
+        for resource, exclusive in self._claims.pop(ticket).items():
             queue = self._queues[resource]
-            queue.remove(next(entry for entry in queue if entry[0] == ticket))
+            queue.remove((ticket, exclusive))
+            self._exclusive[resource] -= exclusive
             if not queue:
-                del self._queues[resource]
+                del self._queues[resource], self._exclusive[resource]
 
     def _may_go(self, ticket: int) -> bool:
         for resource, exclusive in self._claims[ticket].items():
-            for other, other_exclusive in self._queues[resource]:
-                if other == ticket:
-                    break
-                if exclusive or other_exclusive:
+            queue = self._queues[resource]
+            if exclusive:
+                if queue[0][0] != ticket:
                     return False
+            elif self._exclusive[resource]:
+                for other, other_exclusive in queue:
+                    if other == ticket:
+                        break
+                    if other_exclusive:
+                        return False
         return True
 
 
@@ -3253,7 +3271,8 @@ class DeliveryLoop:
         """Starts the batches the scheduler lets go, while fewer than `concurrency` are in flight."""
         if self._failure is not None or self.stopping:
             return
-        for ticket in self._scheduler.ready()[:self.concurrency - self.requests_in_flight]:
+        free = self.concurrency - self.requests_in_flight
+        for ticket in self._scheduler.ready(free) if free > 0 else ():
             self._scheduler.start(ticket)
             self._began()
             self._nursery.start_soon(self._deliver_concurrently, ticket)
