@@ -5,6 +5,7 @@
     python bench_wal2http.py --latency       # 200 single-row transactions/s for 10 s: p50/p99
     python bench_wal2http.py --http          # also the HTTP sink, batch sizes 1 and 500
     python bench_wal2http.py --http --http-batch 500 --repeat 6   # medians over 6 rounds
+    python bench_wal2http.py --scrape        # also: how long a /metrics scrape takes meanwhile
     python bench_wal2http.py --concurrency   # DELIVERY_CONCURRENCY against a receiver taking 20 ms
     python bench_wal2http.py --concurrency --receiver-delay-ms 20 100
 
@@ -35,6 +36,7 @@ import importlib.util
 import json
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -207,6 +209,34 @@ while True:
     return proc, int(proc.stdout.readline())
 
 
+def start_scraper(port: int, interval_s: float = 0.1):
+    """Scrapes http://127.0.0.1:<port>/metrics every interval_s in a thread (far more often than
+    Prometheus would) until `stop()`; returns (stop, durations in seconds, sizes in bytes)."""
+    import threading
+    import urllib.request  # here, not at the top: the child's peak RSS would count it
+    durations: list[float] = []
+    sizes: list[int] = []
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.wait(interval_s):
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                    sizes.append(len(response.read()))
+            except OSError:
+                continue  # not listening yet, or already stopped
+            durations.append(time.perf_counter() - started)
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        done.set()
+        thread.join()
+    return stop, durations, sizes
+
+
 def received_events(port: int) -> int:
     """How many events the receiver has parsed so far."""
     import urllib.request  # here, not at the top: the child's peak RSS would count it
@@ -317,7 +347,22 @@ def throughput(args) -> None:
                         child_env.update(EVENT_SINK="http", HTTP_ENDPOINT_URL=f"http://127.0.0.1:{port}/hook",
                                          HTTP_BATCH_SIZE=consumer[4:])
                     received = received_events(port) if consumer.startswith("http") else 0
+                    scraper = None
+                    if args.scrape and consumer == "w2h":
+                        with socket.socket() as free:
+                            free.bind(("127.0.0.1", 0))
+                            child_env["OPS_ADDR"] = f"127.0.0.1:{free.getsockname()[1]}"
+                        scraper = start_scraper(int(child_env["OPS_ADDR"].rsplit(":", 1)[1]))
                     result = run_child(child_env, end_lsn, args.rows)
+                    if scraper:
+                        stop, durations, sizes = scraper
+                        stop()
+                        if durations:
+                            ordered = sorted(durations)
+                            print(f"  /metrics while streaming: {len(ordered)} scrapes of {max(sizes):,} bytes, "
+                                  f"p50 {1000 * ordered[len(ordered) // 2]:.1f} ms, "
+                                  f"p99 {1000 * ordered[int(len(ordered) * 0.99)]:.1f} ms, "
+                                  f"max {1000 * ordered[-1]:.1f} ms")
                     if consumer.startswith("http") and received_events(port) - received != args.rows:
                         raise SystemExit(f"the receiver parsed {received_events(port) - received} events, "
                                          f"not {args.rows}")
@@ -471,6 +516,8 @@ def main() -> None:
                         help="with --concurrency: the receiver's delay per request (several: one table each)")
     parser.add_argument("--rate", type=int, default=200)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--scrape", action="store_true",
+                        help="with the stdout sink: scrape /metrics every 0.1 s and report how long it takes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

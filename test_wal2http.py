@@ -107,6 +107,12 @@ class TestConfig:
         ("RETRY_MAX_DELAY_MS", "60000", "retry_max_delay_s", 60.0),
         ("DELIVERY_CONCURRENCY", "256", "delivery_concurrency", 256),
         ("SLOT_FAILOVER", "on", "slot_failover", True),
+        ("OPS_ADDR", "127.0.0.1:9187", "ops_addr", ("127.0.0.1", 9187)),
+        ("OPS_ADDR", ":9187", "ops_addr", ("", 9187)),
+        ("OPS_ADDR", "[::1]:9187", "ops_addr", ("::1", 9187)),
+        ("OPS_TOKEN", " 0ps-T0ken \n", "ops_token", "0ps-T0ken"),
+        ("SLOT_CHECK_INTERVAL_SECS", "0.5", "slot_check_interval_s", 0.5),
+        ("SLOT_MAX_RETAINED_MB", "64", "slot_max_retained_mb", 64),
         ("DELIVERY_CONCURRENCY", " 8 ", "delivery_concurrency", 8),
         ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
         ("HTTP_BATCH_SIZE", "50", "http_batch_size", 50),
@@ -152,7 +158,8 @@ class TestConfig:
             "--http-signing-secret", "--http-ca-file", "--hook0-api-url", "--hook0-application-id",
             "--hook0-api-token", "--hook0-table-events", "--hook0-labels", "--hook0-create-event-types",
             "--email-smtp-host", "--email-smtp-port", "--email-smtp-username", "--email-smtp-password",
-            "--email-from", "--email-to", "--email-smtp-tls"]
+            "--email-from", "--email-to", "--email-smtp-tls", "--ops-addr", "--ops-token",
+            "--slot-check-interval-secs", "--slot-max-retained-mb"]
 
     @pytest.mark.parametrize("env,argv,expected", [
         ({}, [], "sub"),
@@ -387,6 +394,7 @@ class TestConfig:
         "HOOK0_API_URL": ("https://Secret-Hook0-Url-Token-77@hook0.example.org", "Secret-Hook0-Url-Token-77"),
         "HOOK0_API_TOKEN": ("Secret-Hook0-Token-77", "Secret-Hook0-Token-77"),
         "EMAIL_SMTP_PASSWORD": ("Secret-Smtp-Pw-77", "Secret-Smtp-Pw-77"),
+        "OPS_TOKEN": ("Secret-Ops-Token-77", "Secret-Ops-Token-77"),
     }
 
     @pytest.mark.parametrize("variable", list(SECRET_SAMPLES))
@@ -7104,7 +7112,9 @@ class TestHttpEndToEnd:
         assert connect_line(lines, cluster)
         assert [line for line in lines if line.startswith("FAIL ")] == [
             "FAIL sink http: no answer within 2 s", "FAIL email: no answer within 2 s"], lines
-        assert elapsed < 2 + 2 + 4  # two bounded checks plus start-up and the database checks
+        # Each silent server cost its check the connect timeout (2 s), never HTTP_TIMEOUT_SECS (30 s)
+        # or the SMTP timeout: the total stays far below 30 s, start-up on a loaded machine included.
+        assert elapsed < 2 + 2 + 12
 
     async def test_large_transaction_in_batches_of_500(self, cluster, db):
         await table(cluster, db)
@@ -7470,3 +7480,880 @@ class TestConcurrentDeliveryEndToEnd:
         assert [status for _, status in receiver.attempts(row_is(8))] == [500, 503, 200]
         assert len({r.body for r in attempts}) == 1  # the same batch, sent again
         assert {r.headers["webhook-id"] for r in attempts} == {f"{expected[5]['id']}..{expected[9]['id']}"}
+
+
+# =====================================================================================================
+# Operations port: /health, /ready, /status, /metrics, and the slot guard
+# =====================================================================================================
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402 - test-only dependency
+
+OPS_TOKEN = "0ps-T0ken-Secret"
+
+
+def ops_config(port: int, token: str | None = None, host: str = "127.0.0.1", **fields):
+    return w.Config(ops_addr=(host, port), ops_token=token, **fields)
+
+
+async def ops_get(port: int, target: str, *, token: str | None = None, method: str = "GET",
+                  headers=()) -> w.HttpResponse:
+    """One request to the operations port on a fresh connection."""
+    extra = list(headers) + ([("Authorization", f"Bearer {token}")] if token else [])
+    client = w.HttpClient(f"http://127.0.0.1:{port}/", timeout_s=10, headers=extra)
+    try:
+        return await client.request(method, target)
+    finally:
+        await client.aclose()
+
+
+def ops_json(response: w.HttpResponse) -> dict:
+    assert response.headers["content-type"] == "application/json"
+    return json.loads(response.body)
+
+
+def metric_families(text: str) -> dict:
+    """The exposition parsed by prometheus_client: {family name: family}."""
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def metric_value(families: dict, family: str, sample: str | None = None, **labels) -> float:
+    found = [s.value for s in families[family].samples
+             if s.name == (sample or family) and all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(found) == 1, (family, labels, found)
+    return found[0]
+
+
+async def scrape(port: int, token: str | None = None) -> dict:
+    response = await ops_get(port, "/metrics", token=token)
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return metric_families(response.body.decode())
+
+
+@asynccontextmanager
+async def ops_server(config, stats=None):
+    """run_ops_server alone (no replication), on config.ops_addr; yields the Stats it reads."""
+    stats = stats or w.Stats(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(w.run_ops_server, config, stats))
+        yield stats
+        nursery.cancel_scope.cancel()
+
+
+async def raw_exchange(port: int, data: bytes, *, close_write: bool = False, timeout: float = 10) -> bytes:
+    """Sends bytes on a new connection and returns everything the server sends until it closes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    received = b""
+    try:
+        with trio.fail_after(timeout):
+            await stream.send_all(data)
+            if close_write:
+                await stream.send_eof()
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    finally:
+        await stream.aclose()
+    return received
+
+
+async def closed_by_peer(stream) -> bool:
+    """Waits for the server to close the connection: end of stream, or a reset."""
+    try:
+        return await stream.receive_some(65536) == b""
+    except trio.BrokenResourceError:
+        return True
+
+
+def fake_request(target: str, *headers: tuple[str, str], method: str = "GET") -> h11.Request:
+    return h11.Request(method=method, target=target, headers=[("Host", "x"), *headers])
+
+
+class TestOpsConfig:
+    @pytest.mark.parametrize("text, expected", [
+        ("127.0.0.1:9187", ("127.0.0.1", 9187)), (":9187", ("", 9187)), ("[::1]:1", ("::1", 1)),
+        ("localhost:65535", ("localhost", 65535)), (" 0.0.0.0:80 ", ("0.0.0.0", 80)),
+    ])
+    def test_addresses(self, text, expected):
+        assert w.parse_ops_addr(text) == expected
+        assert load({"OPS_ADDR": text}).ops_addr == expected
+
+    @pytest.mark.parametrize("text", ["9187", "host:0", "host:65536", "host:", "a b:80", "host:8o",
+                                      "http://host:80", "[::1]", "host:-1"])
+    def test_bad_addresses_name_ops_addr(self, text):
+        assert config_error({"OPS_ADDR": text}).startswith("OPS_ADDR must be host:port")
+
+    def test_defaults(self):
+        config = load()
+        assert (config.ops_addr, config.ops_token) == (None, None)
+        assert (config.slot_check_interval_s, config.slot_max_retained_mb) == (30.0, 4096)
+
+    def test_guard_settings(self):
+        config = load({"SLOT_CHECK_INTERVAL_SECS": "0.5", "SLOT_MAX_RETAINED_MB": "10"})
+        assert (config.slot_check_interval_s, config.slot_max_retained_mb) == (0.5, 10)
+        assert "SLOT_CHECK_INTERVAL_SECS" in config_error({"SLOT_CHECK_INTERVAL_SECS": "0"})
+        assert "SLOT_MAX_RETAINED_MB" in config_error({"SLOT_MAX_RETAINED_MB": "0"})
+        assert load(argv=["--slot-max-retained-mb", "7"]).slot_max_retained_mb == 7
+
+    def test_token_is_a_secret(self):
+        config = load({"OPS_TOKEN": OPS_TOKEN + "\n"})
+        assert config.ops_token == OPS_TOKEN
+        assert OPS_TOKEN not in repr(config)
+        assert OPS_TOKEN in w.config_secrets(config)
+        message = config_error({"OPS_TOKEN": OPS_TOKEN, "ON_FAILURE": OPS_TOKEN})
+        assert OPS_TOKEN not in message
+        assert "OPS_TOKEN" in config_error({"OPS_TOKEN": "two words"})
+
+    @pytest.mark.parametrize("addr, token, warned", [
+        (":9187", None, True), ("0.0.0.0:9187", None, True), ("10.1.2.3:9187", None, True),
+        ("127.0.0.1:9187", None, False), ("localhost:9187", None, False), ("[::1]:9187", None, False),
+        (":9187", OPS_TOKEN, False),
+    ])
+    def test_warning_beyond_loopback_without_token(self, addr, token, warned):
+        env = {"OPS_ADDR": addr, **({"OPS_TOKEN": token} if token else {})}
+        warnings = [text for text in w.config_warnings(load(env)) if "OPS_ADDR" in text]
+        assert bool(warnings) == warned
+        if warned:
+            assert "/health, /ready and /metrics" in warnings[0] and "row data" in warnings[0]
+
+
+class TestMetrics:
+    def test_histogram_buckets_are_upper_bounds(self):
+        histogram = w.Histogram()
+        for value in (0.001, 0.0011, 60.0, 61.0, -1.0):
+            histogram.observe(value)
+        assert histogram.bounds[0] == 0.001 and histogram.bounds[-1] == 60.0
+        assert histogram.counts[0] == 2  # 0.001 itself, and a negative clock step as 0
+        assert histogram.counts[1] == 1
+        assert histogram.counts[-2] == 1 and histogram.counts[-1] == 1  # 60 s, then +Inf
+        assert histogram.count == 5
+
+    def test_exposition_parses_with_every_family(self):
+        stats = w.Stats(w.Config())
+        stats.events_confirmed.update(insert=7, update=2, delete=1)
+        stats.events_dead_lettered.update(insert=1)
+        stats.transactions = 3
+        stats.requests.update(ok=4, retried=2, failed=1)
+        for seconds in (0.0005, 0.02, 3.0, 100.0):
+            stats.request_seconds.observe(seconds)
+        stats.commit_to_delivery_seconds.observe(0.2)
+        stats.server_version = '15.4 (Debian "x"\\y\nz)'  # escaped, and read back as it was
+        stats.slot = w.SlotHealth(exists=True, wal_status="extended", retained_wal_bytes=123,
+                                  safe_wal_size_bytes=None, current_wal_lsn=500)
+        families = metric_families(w.build_metrics_text(stats))
+        assert metric_value(families, "wal2http_events_delivered", "wal2http_events_delivered_total", op="insert") == 6
+        assert metric_value(families, "wal2http_events_delivered", "wal2http_events_delivered_total", op="update") == 2
+        assert families["wal2http_events_delivered"].type == "counter"
+        assert metric_value(families, "wal2http_events_dead_lettered", "wal2http_events_dead_lettered_total") == 1
+        assert metric_value(families, "wal2http_transactions", "wal2http_transactions_total") == 3
+        for outcome, count in (("ok", 4), ("retried", 2), ("failed", 1)):
+            assert metric_value(families, "wal2http_delivery_requests", "wal2http_delivery_requests_total",
+                                outcome=outcome) == count
+        duration = families["wal2http_delivery_duration_seconds"]
+        assert duration.type == "histogram"
+        buckets = {s.labels["le"]: s.value for s in duration.samples if s.name.endswith("_bucket")}
+        assert buckets["0.001"] == 1 and buckets["0.025"] == 2 and buckets["60.0"] == 3 and buckets["+Inf"] == 4
+        assert metric_value(families, "wal2http_delivery_duration_seconds",
+                            "wal2http_delivery_duration_seconds_count") == 4
+        assert metric_value(families, "wal2http_delivery_duration_seconds",
+                            "wal2http_delivery_duration_seconds_sum") == pytest.approx(103.0205)
+        assert metric_value(families, "wal2http_slot_retained_wal_bytes") == 123
+        assert "wal2http_slot_safe_wal_size_bytes" not in families  # unlimited
+        statuses = {s.labels["status"]: s.value for s in families["wal2http_slot_wal_status"].samples}
+        assert statuses == {"reserved": 0, "extended": 1, "unreserved": 0, "lost": 0}
+        info = families["wal2http_build_info"].samples[0]
+        assert info.labels == {"version": w.__version__, "server_version": stats.server_version}
+        assert metric_value(families, "wal2http_up", component="postgres") == 0  # connecting
+        assert metric_value(families, "wal2http_up", component="sink") == 1
+        assert metric_value(families, "wal2http_tap_clients") == 0
+        assert metric_value(families, "wal2http_tap_clients_closed", "wal2http_tap_clients_closed_total",
+                            reason="too_slow") == 0
+        for name in ("wal2http_confirmed_lsn", "wal2http_server_wal_end_lsn", "wal2http_replication_lag_bytes",
+                     "wal2http_delivery_requests_in_flight", "wal2http_reconnects", "wal2http_alerts",
+                     "wal2http_commit_to_delivery_seconds", "process_resident_memory_bytes",
+                     "process_cpu_seconds", "process_start_time_seconds"):
+            assert name in families, name
+        assert metric_value(families, "process_resident_memory_bytes") > 1_000_000
+        assert time.time() - 86400 < metric_value(families, "process_start_time_seconds") <= time.time()
+
+    def test_commit_time_is_read_from_the_envelope_not_from_row_data(self):
+        line = ('{"id":"0/1:0","op":"insert","schema":"public","table":"t","key":{"id":1},'
+                '"new":{"j":{"commit_time":"1999-01-01T00:00:00Z"}},"old":null,"unchanged_toast":[],'
+                '"xid":1,"lsn":"0/1","commit_lsn":"0/1","commit_time":"2026-11-27T16:25:11.5Z","seq":0}')
+        expected = datetime.datetime(2026, 11, 27, 16, 25, 11, 500000, datetime.timezone.utc).timestamp()
+        assert w.commit_time_of(w.Event(line)) == expected
+        assert w.event_op(w.Event(line)) == "insert"
+        assert w.commit_time_of({"commit_time": None}) is None
+
+    def test_confirmed_chunks_are_counted_by_op_and_transaction(self):
+        stats = w.Stats(w.Config())
+
+        class Loop:
+            ack = w.AckTracker()
+            events, in_flight = [], None
+        stats.attach(Loop())
+        inserts = [w.Event.from_dict({"id": f"0/10:{i}", "op": "insert", "commit_time": COMMIT_TIME_TEXT})
+                   for i in range(3)]
+        update = w.Event.from_dict({"id": "0/10:3", "op": "update", "commit_time": COMMIT_TIME_TEXT})
+        commit_us = (time.time_ns() // 1000 - w.PG_EPOCH_OFFSET_US) - 2_000_000  # committed 2 s ago
+        chunks = [w.Chunk(inserts[:2]), w.Chunk([inserts[2], update], 0x20, {"update": 1}, commit_us),
+                  w.Chunk([], 0x30),  # a transaction with no event (a table outside the publication)
+                  w.Chunk([w.Event.from_dict({"id": "0/40:m", "op": "message", "commit_time": None})],
+                          None, {"message": 1})]
+        for chunk in chunks:
+            stats.chunk_taken(chunk)
+        stats.chunks_confirmed(1)
+        assert stats.events_delivered()["insert"] == 2 and stats.transactions == 0
+        stats.chunks_confirmed(3)
+        assert {op: n for op, n in stats.events_delivered().items() if n} == {"insert": 3, "update": 1, "message": 1}
+        assert stats.transactions == 1
+        assert stats.commit_to_delivery_seconds.count == 1
+        assert 2.0 <= stats.commit_to_delivery_seconds.sum < 60
+
+    def test_dead_letters_are_not_delivered_and_counters_never_go_down(self):
+        stats = w.Stats(w.Config())
+        stats.events_confirmed["update"] = 5
+        assert stats.events_delivered()["update"] == 5
+        stats.dead_lettered([w.Event.from_dict({"id": "0/1:0", "op": "update"})])
+        assert stats.events_delivered()["update"] == 5  # its chunk is not confirmed yet
+        stats.events_confirmed["update"] = 7
+        assert stats.events_delivered()["update"] == 6
+        assert stats.events_dead_lettered["update"] == 1
+
+    def test_assembler_counts_every_op_but_plain_inserts(self):
+        assembler = w.ChangeAssembler(chunk_events=2)
+        feed = Feeder(assembler)
+        try:
+            chunks = transaction(
+                feed, w.Insert(None, 16400, ROW), w.Update(None, 16400, None, None, ROW),
+                w.Delete(None, 16400, "K", ("42", None, None, None, None)), w.Insert(None, 16400, ROW),
+                w.Message(771, True, 0x16B3748, "p", b"x"), w.Truncate(None, 0, (16400, 16400, 16400)))
+            chunks += feed(w.Message(None, False, 0x16B3900, "p", b"y"))
+        finally:
+            assembler.close()
+        assert sum(len(chunk.events) for chunk in chunks) == 9
+        assert [chunk.commit_time_us for chunk in chunks if chunk.end_lsn] == [COMMIT_TIME]
+        for chunk in chunks:
+            assert chunk.op_counts == w.count_event_ops(chunk.events), chunk
+
+
+    def test_a_streamed_transaction_carries_its_ops_and_commit_time(self):
+        assembler = w.ChangeAssembler(chunk_events=2)
+        feed = Feeder(assembler)
+        try:
+            feed(*stream_block(XID, orders(xid=XID), insert_in(XID, ids_row(1)), first=True))
+            feed(*stream_block(XID, insert_in(801, ids_row(2)), w.Message(XID, True, 0x4000, "m", b"x"),
+                               w.Truncate(XID, 1, (16400,)), w.Delete(801, 16400, "K", ids_row(1))))
+            chunks = feed(stream_commit())
+        finally:
+            assembler.close()
+        assert [len(chunk.events) for chunk in chunks] == [2, 2, 1]
+        for chunk in chunks:
+            assert chunk.op_counts == w.count_event_ops(chunk.events)
+        assert [(chunk.end_lsn, chunk.commit_time_us) for chunk in chunks] == [
+            (None, None), (None, None), (0x5030, COMMIT_TIME)]
+
+
+class TestOpsServer:
+    async def test_endpoints_without_a_token(self):
+        port = free_port()
+        async with ops_server(ops_config(port, slot_name="s1", publications=("p1", "p2"))):
+            health = await ops_get(port, "/health")
+            assert (health.status, ops_json(health)) == (200, {"status": "ok"})
+            ready = await ops_get(port, "/ready")
+            assert (ready.status, ops_json(ready)) == (503, {"status": "unready", "postgres": "connecting",
+                                                             "sink": "ok"})
+            status = await ops_get(port, "/status")
+            document = ops_json(status)
+            assert status.status == 200
+            assert set(document) == {"version", "sink", "slot", "publications", "state", "confirmed_lsn",
+                                     "received_lsn", "server_wal_end_lsn", "lag_bytes", "lag_seconds",
+                                     "events_delivered", "events_per_second", "failing_since", "last_error",
+                                     "slot_health", "backfill"}
+            assert (document["slot"], document["publications"], document["state"]) == ("s1", ["p1", "p2"], "connecting")
+            assert document["backfill"] is None
+            assert set(document["slot_health"]) == {"wal_status", "retained_wal_bytes", "safe_wal_size_bytes"}
+            assert "wal2http_up" in await scrape(port)
+            assert (await ops_get(port, "/nothing")).status == 404
+            assert (await ops_get(port, "/metrics", method="POST")).status == 405
+            head = await ops_get(port, "/health", method="HEAD")
+            assert head.status == 200 and head.body == b""
+
+    async def test_a_token_guards_everything_but_health_and_ready(self, caplog):
+        caplog.set_level(logging.DEBUG)
+        port = free_port()
+        async with ops_server(ops_config(port, OPS_TOKEN)):
+            for path in ("/health", "/ready"):
+                assert (await ops_get(port, path)).status in (200, 503)
+            for path in ("/status", "/metrics"):
+                missing = await ops_get(port, path)
+                assert missing.status == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+                assert (await ops_get(port, path, token="wrong")).status == 401
+                assert (await ops_get(port, path, token=OPS_TOKEN + "x")).status == 401
+                assert (await ops_get(port, f"{path}?token=nope")).status == 401
+                assert (await ops_get(port, f"{path}?token=%E2%82%AC%FF")).status == 401
+                assert (await ops_get(port, f"{path}?a=1&token={urllib.parse.quote(OPS_TOKEN)}")).status == 200
+                assert (await ops_get(port, path, token=OPS_TOKEN)).status == 200
+                assert (await ops_get(port, f"{path}?token={OPS_TOKEN}")).status == 200
+                basic = ("Authorization", "Basic " + base64.b64encode(f"x:{OPS_TOKEN}".encode()).decode())
+                assert (await ops_get(port, path, headers=[basic])).status == 401
+            assert (await ops_get(port, "/nothing", token=OPS_TOKEN)).status == 404
+        assert OPS_TOKEN not in caplog.text and "nope" not in caplog.text
+
+    @pytest.mark.parametrize("host, token, open_paths", [
+        ("0.0.0.0", None, {"/health", "/ready", "/metrics"}),
+        ("10.0.0.1", None, {"/health", "/ready", "/metrics"}),
+        ("::", None, {"/health", "/ready", "/metrics"}),
+        ("0.0.0.0", OPS_TOKEN, {"/health", "/ready", "/metrics", "/status"}),
+        ("127.0.0.1", None, {"/health", "/ready", "/metrics", "/status"}),
+    ])
+    def test_row_data_is_off_beyond_loopback_without_a_token(self, host, token, open_paths):
+        config = ops_config(9187, token, host)
+        server = w.OpsServer(config, w.Stats(config))
+        auth = [("Authorization", f"Bearer {token}")] if token else []
+        for path in ("/health", "/ready", "/metrics", "/status"):
+            status = server.route(fake_request(path, *auth)).status
+            assert (status != 404) == (path in open_paths), (path, status)
+
+    async def test_keep_alive_serves_several_requests_on_one_connection(self):
+        port = free_port()
+        request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        async with ops_server(ops_config(port)):
+            answer = await raw_exchange(port, request * 3 + b"GET /health HTTP/1.1\r\nHost: x\r\n"
+                                        b"Connection: close\r\n\r\n")
+        assert answer.count(b"HTTP/1.1 200 ") == 4
+        assert answer.count(b'{"status": "ok"}') == 4
+
+    @pytest.mark.parametrize("data, status", [
+        (b"\x16\x03\x01\x02\x00garbage\r\n\r\n", b"400"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (17 * 1024) + b"\r\n\r\n", b"431"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", b"413"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"413"),
+        (b"GET /health HTTP/1.1\r\n\r\n", b"400"),  # no Host
+    ])
+    async def test_bad_requests_get_4xx_and_a_closed_socket(self, data, status):
+        port = free_port()
+        async with ops_server(ops_config(port)):
+            answer = await raw_exchange(port, data)
+            assert answer.startswith(b"HTTP/1.1 " + status), answer[:80]
+            assert (await ops_get(port, "/health")).status == 200
+
+    async def test_a_16_mib_head_costs_a_closed_socket(self):
+        port = free_port()
+        async with ops_server(ops_config(port)):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            sent = 0
+            with trio.fail_after(20):
+                try:
+                    await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+                    while sent < 16 * 2**20:
+                        await stream.send_all(b"a" * 65536)
+                        sent += 65536
+                except trio.BrokenResourceError:
+                    pass  # the server closed it long before
+            await stream.aclose()
+            assert sent < 16 * 2**20
+            assert (await ops_get(port, "/health")).status == 200
+
+    async def test_slowloris_is_closed_after_the_head_deadline(self, monkeypatch):
+        monkeypatch.setattr(w, "OPS_HEAD_TIMEOUT_S", 0.5)
+        port = free_port()
+        async with ops_server(ops_config(port)):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            started = trio.current_time()
+            with trio.fail_after(5):
+                await stream.send_all(b"GET /health HTTP/1.1\r\n")
+                with contextlib.suppress(trio.BrokenResourceError):
+                    for _ in range(20):
+                        await trio.sleep(0.1)
+                        await stream.send_all(b"X-A: b\r\n")
+                assert await closed_by_peer(stream)
+            assert 0.4 < trio.current_time() - started < 3
+            await stream.aclose()
+            # an idle kept-alive connection is closed too
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            with trio.fail_after(5):
+                await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+                started = trio.current_time()
+                assert await closed_by_peer(stream)
+            assert 0.4 < trio.current_time() - started < 3
+            await stream.aclose()
+
+    async def test_at_most_64_connections_the_rest_closed_at_once(self, monkeypatch):
+        monkeypatch.setattr(w, "OPS_HEAD_TIMEOUT_S", 2.0)
+        port = free_port()
+        async with ops_server(ops_config(port)):
+            idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(w.OPS_MAX_CONNECTIONS)]
+
+            async def refused():  # closed without a word: the cap (once the server accepted them all)
+                return await raw_exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n") == b""
+            await wait_until(refused, timeout=5)
+            for stream in idle:
+                await stream.aclose()
+            await wait_until(lambda: _health_ok(port), timeout=10)
+
+    async def test_a_port_in_use_is_a_config_error_naming_ops_addr(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            with pytest.raises(BaseExceptionGroup) as info:
+                async with ops_server(ops_config(port)):
+                    pass
+        error = w.first_error(info.value)
+        assert isinstance(error, w.ConfigError) and error.exit_code == 2
+        assert str(error).startswith(f"OPS_ADDR: cannot listen on 127.0.0.1:{port}: ")
+
+
+async def _health_ok(port: int) -> bool:
+    try:
+        return (await ops_get(port, "/health")).status == 200
+    except w.DeliveryError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def own_cluster(cluster):
+    """A cluster of the operations tests' own, of `cluster`'s version: they stop it and make it
+    invalidate slots, which must not touch the session's cluster."""
+    root = tempfile.mkdtemp(prefix=f"wal2http-test-ops-pg{cluster.major}-")
+    pg = PgCluster(root, cluster.major)
+    try:
+        pg.init()
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"could not start PostgreSQL: {exc.stderr or exc.stdout}", pytrace=False)
+    yield pg
+    pg.stop("immediate")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def ops_env(cluster, db, receiver=None, **overrides) -> dict[str, str]:
+    """Settings with the operations port on a free loopback port (`port` in the result's OPS_ADDR)."""
+    settings = {"ops_addr": f"127.0.0.1:{free_port()}", "slot_check_interval_secs": "0.2", **overrides}
+    return http_env(cluster, db, receiver, **settings) if receiver else make_env(cluster, db, **settings)
+
+
+def ops_port(config) -> int:
+    return config.ops_addr[1]
+
+
+async def ops_document(port: int, path: str, token: str | None = None) -> tuple[int, dict]:
+    response = await ops_get(port, path, token=token)
+    return response.status, ops_json(response)
+
+
+async def ready_is(port: int, expected: bool) -> bool:
+    status, _ = await ops_document(port, "/ready")
+    return (status == 200) == expected
+
+
+async def delivered_metric(port: int, token: str | None = None) -> dict[str, float]:
+    families = await scrape(port, token)
+    return {s.labels["op"]: s.value for s in families["wal2http_events_delivered"].samples
+            if s.name == "wal2http_events_delivered_total"}
+
+
+class TestOpsEndToEnd:
+    async def test_every_endpoint_while_streaming(self, cluster, db):
+        await table(cluster, db)
+        async with E2EReceiver.serve() as receiver:
+            config = w.load_config([], ops_env(cluster, db, receiver, ops_token=OPS_TOKEN))[0]
+            port = ops_port(config)
+            async with service(config):
+                await sql(cluster, db, "INSERT INTO t VALUES (1, 'a'), (2, 'b')",
+                          "UPDATE t SET v = 'c' WHERE id = 1", "DELETE FROM t WHERE id = 2",
+                          "SELECT pg_logical_emit_message(true, 'p', 'hello')",
+                          "TRUNCATE t")
+                await receiver.wait(lambda r: len(r.delivered()) == 6)
+                expected = {"insert": 2, "update": 1, "delete": 1, "message": 1, "truncate": 1}
+                assert {op: sum(e["op"] == op for e in receiver.delivered()) for op in expected} == expected
+                await wait_until(lambda: _delivered_is(port, expected))
+                assert await ops_document(port, "/ready") == (200, {"status": "ready", "postgres": "streaming",
+                                                                    "sink": "ok"})
+                assert await ops_document(port, "/health") == (200, {"status": "ok"})
+                assert (await ops_get(port, "/status")).status == 401
+                await wait_until(lambda: _slot_read(port))
+                _, status = await ops_document(port, "/status", OPS_TOKEN)
+                families = await scrape(port, OPS_TOKEN)
+        assert (status["state"], status["sink"], status["slot"], status["publications"]) == (
+            "streaming", "http", db, ["pub"])
+        assert status["events_delivered"] == 6
+        assert lsn(status["confirmed_lsn"]) >= max(lsn(e["commit_lsn"]) for e in receiver.delivered())
+        assert lsn(status["received_lsn"]) >= lsn(status["confirmed_lsn"])
+        assert (status["failing_since"], status["last_error"]) == (None, None)
+        assert status["slot_health"]["wal_status"] in ("reserved", "extended")
+        assert status["slot_health"]["retained_wal_bytes"] >= 0
+        assert status["events_per_second"] >= 0 and status["lag_seconds"] == 0
+        assert metric_value(families, "wal2http_transactions", "wal2http_transactions_total") == 5
+        assert metric_value(families, "wal2http_delivery_requests", "wal2http_delivery_requests_total",
+                            outcome="ok") == len(receiver.posts()) == 6
+        assert metric_value(families, "wal2http_delivery_duration_seconds",
+                            "wal2http_delivery_duration_seconds_count") == 6
+        assert metric_value(families, "wal2http_commit_to_delivery_seconds",
+                            "wal2http_commit_to_delivery_seconds_count") == 5
+        assert metric_value(families, "wal2http_up", component="postgres") == 1
+        assert metric_value(families, "wal2http_confirmed_lsn") == lsn(status["confirmed_lsn"])
+        assert families["wal2http_build_info"].samples[0].labels["server_version"][:2].isdigit()
+        assert metric_value(families, "wal2http_slot_retained_wal_bytes") >= 0
+
+    async def test_readiness_follows_the_sink(self, cluster, db):
+        await table(cluster, db)
+        async with E2EReceiver.serve(default=Reply(500, body=b"receiver down")) as receiver:
+            config = w.load_config([], ops_env(cluster, db, receiver, on_failure="retry"))[0]
+            port = ops_port(config)
+            async with service(config):
+                assert await ready_is(port, True)
+                await sql(cluster, db, "INSERT INTO t VALUES (1, 'a')")
+                await wait_until(lambda: ready_is(port, False))
+                status_code, ready = await ops_document(port, "/ready")
+                assert (status_code, ready["postgres"]) == (503, "streaming")
+                assert ready["sink"].startswith("failing since 20")
+                _, status = await ops_document(port, "/status")
+                assert "HTTP 500" in status["last_error"] and status["failing_since"] is not None
+                assert metric_value(await scrape(port), "wal2http_up", component="sink") == 0
+                receiver.default = Reply(200)
+                await wait_until(lambda: ready_is(port, True))
+                _, status = await ops_document(port, "/status")
+                families = await scrape(port)
+        assert (status["last_error"], status["failing_since"]) == (None, None)
+        retried = metric_value(families, "wal2http_delivery_requests", "wal2http_delivery_requests_total",
+                               outcome="retried")
+        assert retried == len(receiver.posts()) - 1 >= 1
+        assert metric_value(families, "wal2http_delivery_requests", "wal2http_delivery_requests_total",
+                            outcome="failed") == 0
+
+    async def test_readiness_follows_postgresql(self, own_cluster):
+        db = "readiness"
+        own_cluster.psql("postgres", f"CREATE DATABASE {db}")
+        own_cluster.psql(db, "CREATE PUBLICATION pub FOR ALL TABLES")
+        config = w.load_config([], ops_env(own_cluster, db))[0]
+        port = ops_port(config)
+        async with running(config):
+            assert await ready_is(port, True)
+            await trio.to_thread.run_sync(own_cluster.stop)
+            await wait_until(lambda: ready_is(port, False))
+            assert (await ops_document(port, "/ready"))[1]["postgres"] in (
+                "reconnecting after an error", "connecting")
+            families = await scrape(port)
+            assert metric_value(families, "wal2http_up", component="postgres") == 0
+            await trio.to_thread.run_sync(own_cluster.start)
+            await wait_until(lambda: ready_is(port, True), timeout=60)
+            assert metric_value(await scrape(port), "wal2http_reconnects", "wal2http_reconnects_total") >= 1
+
+    async def test_lag_grows_while_the_sink_stalls_and_returns_to_zero(self, cluster, db):
+        await table(cluster, db)
+        sink = MemorySink()
+        sink.gate = trio.Event()
+        config = w.load_config([], ops_env(cluster, db))[0]
+        port = ops_port(config)
+        async with running(config, sink):
+            await sql(cluster, db, "INSERT INTO t SELECT g, 'x' FROM generate_series(1, 10) g")
+            await wait_until(lambda: _lag(port, lambda bytes_, seconds: bytes_ > 0 and seconds > 0))
+            first = await ops_document(port, "/status")
+            await sql(cluster, db, "INSERT INTO t VALUES (11, 'more')")
+            await wait_until(lambda: _status_grew(port, first[1]))
+            families = await scrape(port)
+            assert metric_value(families, "wal2http_delivery_requests_in_flight") == 1
+            assert metric_value(families, "wal2http_replication_lag_bytes") > 0
+            sink.gate.set()
+            await sink.wait_for(11)
+            await wait_until(lambda: _lag(port, lambda bytes_, seconds: bytes_ == 0 and seconds == 0), timeout=60)
+            assert metric_value(await scrape(port), "wal2http_delivery_requests_in_flight") == 0
+
+    async def test_hostile_clients_cost_nothing_while_events_flow(self, cluster, db, monkeypatch):
+        monkeypatch.setattr(w, "OPS_HEAD_TIMEOUT_S", 1.0)
+        await table(cluster, db)
+        async with E2EReceiver.serve() as receiver:
+            config = w.load_config([], ops_env(cluster, db, receiver, http_batch_size=50))[0]
+            port = ops_port(config)
+            async with service(config), trio.open_nursery() as attackers:
+                held: list = []
+                attackers.start_soon(_hold_connections, port, 1000, held)
+                attackers.start_soon(_send_garbage, port, 50)
+                attackers.start_soon(_big_head, port)
+                attackers.start_soon(_slowloris, port, 20)
+                await wait_until(lambda: len(held) == 1000)  # all opened (the server closes the idle ones)
+                for start in range(0, 500, 50):
+                    await sql(cluster, db, f"INSERT INTO t SELECT g, 'x' FROM generate_series({start + 1}, {start + 50}) g")
+                    await trio.sleep(0.05)
+                await receiver.wait(lambda r: len(r.delivered()) == 500, timeout=60)
+                await wait_until(lambda: _health_ok(port), timeout=20)  # served again as soon as slots free up
+                attackers.cancel_scope.cancel()
+            assert sorted(e["key"]["id"] for e in receiver.delivered()) == list(range(1, 501))
+
+
+async def _delivered_is(port: int, expected: dict) -> bool:
+    delivered = await delivered_metric(port, OPS_TOKEN)
+    return {op: n for op, n in delivered.items() if n} == expected
+
+
+async def _slot_read(port: int) -> bool:
+    _, status = await ops_document(port, "/status", OPS_TOKEN)
+    return status["slot_health"]["wal_status"] is not None
+
+
+async def _lag(port: int, predicate) -> bool:
+    """The lag of /status, and the same of /metrics (read a moment later)."""
+    _, status = await ops_document(port, "/status")
+    families = await scrape(port)
+    return (predicate(status["lag_bytes"], status["lag_seconds"])
+            and predicate(metric_value(families, "wal2http_replication_lag_bytes"), status["lag_seconds"]))
+
+
+async def _status_grew(port: int, before: dict) -> bool:
+    _, now = await ops_document(port, "/status")
+    return now["lag_bytes"] > before["lag_bytes"] and now["lag_seconds"] > before["lag_seconds"]
+
+
+async def _hold_connections(port: int, count: int, streams: list) -> None:
+    """Opens `count` connections that say nothing, and keeps them open."""
+    try:
+        for _ in range(count):
+            streams.append(await trio.open_tcp_stream("127.0.0.1", port))
+        await trio.sleep_forever()
+    finally:
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
+
+
+async def _send_garbage(port: int, count: int) -> None:
+    for number in range(count):
+        with contextlib.suppress(OSError, trio.BrokenResourceError, trio.TooSlowError):
+            await raw_exchange(port, random.Random(number).randbytes(3000), timeout=5)
+
+
+async def _big_head(port: int) -> None:
+    """A 16 MiB request head, sent until the server closes the connection."""
+    with contextlib.suppress(OSError, trio.BrokenResourceError):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(b"GET / HTTP/1.1\r\nX: ")
+            for _ in range(256):
+                await stream.send_all(b"a" * 65536)
+
+
+async def _slowloris(port: int, count: int) -> None:
+    async def one():
+        with contextlib.suppress(OSError, trio.BrokenResourceError):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(b"GET /health HTTP/1.1\r\n")
+                while True:
+                    await trio.sleep(0.2)
+                    await stream.send_all(b"X: y\r\n")
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(one)
+
+
+def mails_about(handler, *fragments) -> list:
+    return [m for m in handler.messages if all(f in m.mail["Subject"] for f in fragments)]
+
+
+async def invalidate_slot(cluster, db, slot: str) -> None:
+    """Makes PostgreSQL invalidate the slot: max_slot_wal_keep_size tiny, WAL written past it and
+    segments switched, then CHECKPOINT (which removes the WAL and marks the slot lost)."""
+    await sql(cluster, db, "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'", "SELECT pg_reload_conf()")
+    query = f"SELECT wal_status FROM pg_replication_slots WHERE slot_name = {w.quote_literal(slot)}"
+    with trio.fail_after(60):
+        while (await sql(cluster, db, query))[0][0] != "lost":
+            await sql(cluster, db, "CREATE TABLE IF NOT EXISTS filler (v text)",
+                      "INSERT INTO filler SELECT repeat('w', 1000) FROM generate_series(1, 3000)",
+                      "SELECT pg_switch_wal()", "CHECKPOINT")
+
+
+async def restore_wal_keep(cluster, db) -> None:
+    await sql(cluster, db, "ALTER SYSTEM RESET max_slot_wal_keep_size", "SELECT pg_reload_conf()")
+
+
+class TestSlotGuard:
+    @pytest.mark.parametrize("row, expected", [
+        (None, w.SlotHealth(exists=False, current_wal_lsn=0x3000000)),
+        ('{"slot_name": "s", "wal_status": "reserved", "safe_wal_size": null, "restart_lsn": "0/1000000",'
+         ' "confirmed_flush_lsn": "0/2000000"}',
+         w.SlotHealth(exists=True, wal_status="reserved", retained_wal_bytes=0x2000000, safe_wal_size_bytes=None,
+                      confirmed_flush_lsn=0x2000000, current_wal_lsn=0x3000000)),
+        ('{"slot_name": "s", "wal_status": "lost", "safe_wal_size": null, "restart_lsn": null,'
+         ' "confirmed_flush_lsn": "0/2000000", "conflicting": false, "invalidation_reason": "wal_removed"}',
+         w.SlotHealth(exists=True, wal_status="lost", confirmed_flush_lsn=0x2000000, current_wal_lsn=0x3000000,
+                      invalidation_reason="wal_removed")),
+        ('{"slot_name": "s", "wal_status": "unreserved", "safe_wal_size": -5, "restart_lsn": "0/1000000",'
+         ' "confirmed_flush_lsn": "0/1000000", "conflicting": true}',
+         w.SlotHealth(exists=True, wal_status="unreserved", retained_wal_bytes=0x2000000, safe_wal_size_bytes=-5,
+                      confirmed_flush_lsn=0x1000000, current_wal_lsn=0x3000000, conflicting=True)),
+    ])
+    def test_decoding_every_server_version(self, row, expected):
+        assert w.decode_slot_health("0/3000000", row) == expected
+
+    def test_lost_means_lost_invalidated_or_conflicting(self):
+        assert not w.SlotHealth(exists=True, wal_status="unreserved").lost
+        assert w.SlotHealth(exists=True, wal_status="lost").lost
+        assert w.SlotHealth(exists=True, wal_status="reserved", invalidation_reason="rows_removed").lost
+        assert w.SlotHealth(exists=True, conflicting=True).lost
+        assert not w.SlotHealth(exists=False).lost
+
+    def test_the_lost_slot_message_says_what_happened_and_what_to_do(self):
+        message = w.build_slot_lost_message("my_slot", "wal_status lost", 0x16B3748)
+        assert "invalidated by PostgreSQL (wal_status lost)" in message
+        assert "after its last confirmed position 0/16B3748 are lost" in message
+        assert ("SELECT pg_drop_replication_slot('my_slot'); "
+                "SELECT pg_create_logical_replication_slot('my_slot', 'pgoutput');") in message
+        assert "backfill" in message and "\n" not in message
+
+    @pytest.mark.parametrize("message, detail", [
+        ('cannot read from logical replication slot "s"',  # START_REPLICATION, PostgreSQL 13-15
+         "This slot has been invalidated because it exceeded the maximum reserved size."),
+        ('can no longer get changes from replication slot "s"',
+         "This slot has been invalidated because it exceeded the maximum reserved size."),
+        ('can no longer get changes from replication slot "s"',  # 17+
+         'This replication slot has been invalidated due to "wal_removed".'),
+    ])
+    def test_the_servers_own_words_are_recognised(self, message, detail):
+        error = w.classify_server_error(w.ServerError({"S": "ERROR", "C": "55000", "M": message, "D": detail}),
+                                        "START_REPLICATION failed")
+        assert w.is_slot_invalidated_error(error)
+        assert w.describe_invalidation(error) == detail.rstrip(".")
+        assert not w.is_slot_invalidated_error(w.PreconditionError("publication 'x' does not exist"))
+
+    def test_alerts_once_per_period_repeated_after_5_minutes_then_recovered(self):
+        clock, alerter = FakeClock(), FakeAlerter()
+        guard = w.SlotGuard(w.Config(slot_name="s", slot_max_retained_mb=1), alerter, now=clock)
+        over = w.SlotHealth(exists=True, wal_status="unreserved", retained_wal_bytes=3 * 2**20)
+        guard.check(over)
+        clock.now += 60
+        guard.check(over)
+        assert alerter.keys() == ["slot-retained", "slot-unreserved"]
+        assert alerter.alerts[0][1] == "slot s retains 3.0 MB of WAL"
+        assert alerter.alerts[1][1] == "slot s is unreserved: PostgreSQL may soon remove WAL it needs"
+        clock.now += w.ALERT_REPEAT_S
+        guard.check(over)
+        assert alerter.keys() == ["slot-retained", "slot-unreserved"] * 2
+        guard.check(w.SlotHealth(exists=True, wal_status="reserved", retained_wal_bytes=1000))
+        guard.check(w.SlotHealth(exists=True, wal_status="reserved", retained_wal_bytes=1000))
+        assert [(key, subject) for key, subject, _ in alerter.recoveries] == [
+            ("slot-retained", "slot s recovered: retains 0.0 MB of WAL"),
+            ("slot-unreserved", "slot s recovered: wal_status reserved")]
+        with pytest.raises(w.SlotInvalidated, match="was invalidated by PostgreSQL"):
+            guard.check(w.SlotHealth(exists=True, wal_status="lost"))
+        assert alerter.keys()[-1] == "slot-lost"
+
+    async def test_reads_the_slot_on_this_server(self, cluster, db):
+        await create_slot(cluster, db)
+        async with w.open_pg_connection(w.parse_database_url(cluster.url(db), {}), replication=False) as conn:
+            health = await w.read_slot_health(conn, db)
+            missing = await w.read_slot_health(conn, "no_such_slot")
+        assert health.exists and health.wal_status == "reserved" and not health.lost
+        assert health.retained_wal_bytes >= 0 and health.current_wal_lsn > 0
+        assert health.confirmed_flush_lsn > 0
+        assert not missing.exists and missing.current_wal_lsn > 0
+
+    async def test_a_failing_check_is_logged_once_and_retried(self, caplog):
+        config = w.load_config([], {"DATABASE_URL": f"postgresql://u@127.0.0.1:{free_port()}/d?connect_timeout=2",
+                                    "SLOT_CHECK_INTERVAL_SECS": "0.05"})[0]
+        stats = w.Stats(config)
+        attempts = 0
+        real_open = w.open_pg_connection
+
+        def counting_open(*args, **kwargs):
+            nonlocal attempts
+            attempts += 1
+            return real_open(*args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(w, "open_pg_connection", counting_open)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(w.run_slot_guard, config, stats, w.Alerter(config))
+                await wait_until(lambda: attempts >= 5)
+                nursery.cancel_scope.cancel()
+        assert len(logged(caplog, "slot guard: cannot read replication slot")) == 1
+        assert stats.slot is None
+
+    async def test_retained_wal_alert_then_recovered(self, cluster, db):
+        await table(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+        sink = MemorySink()
+        sink.gate = trio.Event()
+        with smtp_server() as (handler, smtp_port):
+            env = ops_env(cluster, db, slot_max_retained_mb="1", **{k.lower(): v for k, v in email_env(smtp_port).items()})
+            config = w.load_config([], env)[0]
+            async with running(config, sink):
+                await sql(cluster, db, "INSERT INTO t SELECT g, repeat('r', 1000) FROM generate_series(1, 3000) g")
+                await wait_until(lambda: mails_about(handler, "ALERT", f"slot {db} retains"), timeout=60)
+                families = await scrape(ops_port(config))
+                assert metric_value(families, "wal2http_slot_retained_wal_bytes") > 2**20
+                assert metric_value(families, "wal2http_alerts", "wal2http_alerts_total") >= 1
+                sink.gate.set()
+                await sink.wait_for(3000)
+                with trio.fail_after(90):  # restart_lsn moves at the next running-xacts record
+                    while not mails_about(handler, "RECOVERED", f"slot {db}"):
+                        await sql(cluster, db, "CHECKPOINT")
+                        await trio.sleep(0.5)
+        (alert,) = mails_about(handler, "ALERT", f"slot {db} retains")
+        assert re.search(rf"\[wal2http\] ALERT: slot {db} retains [\d.,]+ MB of WAL", alert.mail["Subject"])
+        assert "SLOT_MAX_RETAINED_MB=1" in alert.mail.get_content()
+        (recovered,) = mails_about(handler, "RECOVERED", f"slot {db}")
+        assert "recovered" in recovered.mail["Subject"] and "has recovered" in recovered.mail.get_content()
+
+    async def test_check_reports_wal_status_and_retained_wal(self, cluster, db):
+        env = make_env(cluster, db)
+        result = await trio.to_thread.run_sync(run_cli, ["--check"], env)
+        assert f"ok slot {db}: does not exist yet; wal2http creates it (CREATE_SLOT=true)" in result.stdout
+        await create_slot(cluster, db)
+        result = await trio.to_thread.run_sync(run_cli, ["--check"], env)
+        assert re.search(rf"^ok slot {db}: wal_status reserved, retains [\d.,]+ MB of WAL$", result.stdout, re.M)
+        assert result.returncode == 0
+
+    async def test_bad_ops_addr_and_a_port_in_use_are_exit_2(self, cluster, db):
+        result = await trio.to_thread.run_sync(run_cli, [], make_env(cluster, db, ops_addr="9187"))
+        assert result.returncode == 2 and "OPS_ADDR must be host:port" in result.stderr
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = await trio.to_thread.run_sync(run_cli, [], make_env(cluster, db, ops_addr=f"127.0.0.1:{port}"))
+        assert result.returncode == 2
+        assert f"OPS_ADDR: cannot listen on 127.0.0.1:{port}" in result.stderr
+        assert "Traceback" not in result.stderr
+
+    async def test_an_invalidated_slot_is_an_alert_and_exit_4_never_recreated(self, own_cluster):
+        db = "lossy"
+        own_cluster.psql("postgres", f"CREATE DATABASE {db}")
+        own_cluster.psql(db, "CREATE PUBLICATION pub FOR ALL TABLES")
+        await table(own_cluster, db)
+        sink = MemorySink()
+        sink.gate = trio.Event()  # nothing is confirmed: the slot stays behind
+        try:
+            with smtp_server() as (handler, smtp_port):
+                mail = {k.lower(): v for k, v in email_env(smtp_port).items()}
+                config = w.load_config([], ops_env(own_cluster, db, **mail))[0]
+                with pytest.raises(BaseExceptionGroup) as info:
+                    async with running(config, sink):
+                        await sql(own_cluster, db, "INSERT INTO t VALUES (1, 'x')")
+                        await invalidate_slot(own_cluster, db, db)
+                        await trio.sleep_forever()  # run() ends by itself
+                error = w.first_error(info.value)
+                assert isinstance(error, w.SlotInvalidated) and error.exit_code == 4
+                assert f"replication slot '{db}' (SLOT_NAME) was invalidated by PostgreSQL" in str(error)
+                assert f"SELECT pg_drop_replication_slot('{db}');" in str(error)
+                (alert,) = mails_about(handler, "ALERT", f"slot {db} was invalidated by PostgreSQL (lost)")
+                assert f"pg_create_logical_replication_slot('{db}', 'pgoutput')" in alert.mail.get_content()
+                # What the replication connection itself gets from this server is recognised
+                with pytest.raises(w.PreconditionError) as streaming:
+                    await w.run_replication(config, MemorySink(), trio.Event())
+                assert w.is_slot_invalidated_error(streaming.value), streaming.value
+                assert "invalidated" in w.describe_invalidation(streaming.value)
+                # The command line on the lost slot: --check fails, running is exit 4 with the mail sent
+                env = make_env(own_cluster, db, **mail)
+                check = await trio.to_thread.run_sync(run_cli, ["--check"], env)
+                assert check.returncode == 4
+                assert re.search(rf"^FAIL slot {db}: replication slot '{db}' \(SLOT_NAME\) was invalidated",
+                                 check.stdout, re.M)
+                handler.messages.clear()
+                result = await trio.to_thread.run_sync(run_cli, [], env)
+                assert result.returncode == 4, result.stderr
+                assert "was invalidated by PostgreSQL" in result.stderr and "are lost" in result.stderr
+                assert "pg_drop_replication_slot" in result.stderr and "Traceback" not in result.stderr
+                assert mails_about(handler, "ALERT", "invalidated")
+                rows = await sql(own_cluster, db, f"SELECT wal_status FROM pg_replication_slots WHERE slot_name = '{db}'")
+                assert rows == [("lost",)]  # still there, never re-created behind the operator's back
+        finally:
+            await restore_wal_keep(own_cluster, db)

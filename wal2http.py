@@ -17,28 +17,30 @@ LOG_LEVEL,
 HTTP_ENDPOINT_URL, HTTP_BATCH_SIZE, HTTP_TIMEOUT_SECS, HTTP_HEADERS, HTTP_SIGNING_SECRET,
 HTTP_CA_FILE, HOOK0_API_URL, HOOK0_APPLICATION_ID, HOOK0_API_TOKEN, HOOK0_TABLE_EVENTS,
 HOOK0_LABELS, HOOK0_CREATE_EVENT_TYPES, EMAIL_SMTP_HOST, EMAIL_SMTP_PORT, EMAIL_SMTP_USERNAME,
-EMAIL_SMTP_PASSWORD, EMAIL_FROM, EMAIL_TO, EMAIL_SMTP_TLS.
+EMAIL_SMTP_PASSWORD, EMAIL_FROM, EMAIL_TO, EMAIL_SMTP_TLS, OPS_ADDR, OPS_TOKEN,
+SLOT_CHECK_INTERVAL_SECS, SLOT_MAX_RETAINED_MB.
 
 Protocol references (PostgreSQL documentation): "Frontend/Backend Protocol" (message formats,
 SASL authentication), "Streaming Replication Protocol", "Logical Streaming Replication Protocol"
 and "Logical Replication Message Formats".
 
 Contents (`grep -n '^# [0-9]' wal2http.py`), in the order an event travels: PostgreSQL's bytes,
-decoded, become an event, which the delivery loop hands to a sink; alerts, configuration and the
-command line come last.  Sections 2, 3, 5-8, 14, 15 and 18 are pure: nothing there touches a
-socket or a thread (the envelope's spill file for streamed transactions aside), and each is tested
-with bytes and values alone; the other sections say what I/O they do.
+decoded, become an event, which the delivery loop hands to a sink; alerts, the operations port,
+configuration and the command line come last.  Sections 2, 3, 5-8, 14, 15 and 19 are pure:
+nothing there touches a socket or a thread (the envelope's spill file for streamed transactions
+aside), and each is tested with bytes and values alone; the other sections say what I/O they do.
   1. Errors and failing periods        12. HTTP client (h11 over Trio)
   2. Wire codec (sans-IO)              13. HTTP sink
   3. Authentication (pure)             14. Hook0 sink: mapping (pure)
   4. PostgreSQL connection (I/O)       15. Hook0 sink: answers (pure)
   5. Replication framing (sans-IO)     16. Hook0 sink: delivery (I/O)
   6. pgoutput decoder                  17. Alerts
-  7. Type conversion                   18. Configuration
-  8. Event envelope                    19. Service: run() and --check
-  9. Replication loop and the          20. --demo: a throwaway PostgreSQL
-     acknowledgement rule              21. Command line
- 10. Delivery: the sink interface, retries, ON_FAILURE, dead-letter file
+  7. Type conversion                   18. Operations port: /health, /ready, /status, /metrics,
+  8. Event envelope                        the slot guard
+  9. Replication loop and the          19. Configuration
+     acknowledgement rule              20. Service: run() and --check
+ 10. Delivery: the sink interface,     21. --demo: a throwaway PostgreSQL
+     retries, ON_FAILURE, dead letters 22. Command line
  11. stdout sink
 """
 
@@ -47,6 +49,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -2102,6 +2105,10 @@ class Chunk:
 
     events: list[Event]
     end_lsn: int | None = None
+    #: How many events of each op other than insert (the rest are inserts), for the metrics:
+    #: counted where each non-insert event is built, so the insert hot path counts nothing.
+    op_counts: dict[str, int] | None = None
+    commit_time_us: int | None = None  #: with end_lsn: the commit time (pgoutput's, from 2000-01-01)
 
 
 @dataclasses.dataclass(slots=True)
@@ -2309,6 +2316,27 @@ def _change_event(ctx: _TxnContext, op: str, writer: RelationWriter, key: str, n
         wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
 
 
+def event_op(event: Event | Mapping) -> str:
+    """An event's op without decoding it: the envelope writes it right after the id, which holds
+    no quote."""
+    line = getattr(event, "line", None)
+    if line is None or not line.startswith('{"id":"'):
+        return event["op"]
+    start = line.index('"', 7) + 8  # past '","op":"'
+    return line[start:line.index('"', start)]
+
+
+def count_event_ops(events: Iterable[Event]) -> dict[str, int] | None:
+    """Chunk.op_counts of these events, one by one (for the paths that build events slowly anyway:
+    streamed transactions, a split chunk, dead-lettered events)."""
+    counts: dict[str, int] = {}
+    for event in events:
+        op = event_op(event)
+        if op != "insert":
+            counts[op] = counts.get(op, 0) + 1
+    return counts or None
+
+
 def build_truncate_event(ctx: _TxnContext, writer: RelationWriter, message: Truncate, wal_start: int) -> Event:
     seq = ctx.seq
     ctx.seq = seq + 1
@@ -2432,6 +2460,7 @@ class ChangeAssembler:
         self._txn: _TxnContext | None = None
         self._txn_commit_lsn = 0
         self._pending: list[Event] = []
+        self._pending_ops: dict[str, int] | None = None  # non-insert events in _pending (Chunk.op_counts)
         self._stream: _StreamBuffer | None = None  # the stream between Stream Start and Stream Stop
         self._streams: dict[int, _StreamBuffer] = {}
         self._memory_bytes = 0
@@ -2471,6 +2500,8 @@ class ChangeAssembler:
         if data[0] in _CHANGE_OPS and self._txn is not None and self._stream is None:
             pending = self._pending  # the hot path: a plain Insert, Update or Delete
             pending.append(self._write_change(self._txn, data, False, wal_start))
+            if data[0] != _INSERT:
+                self._count_op(_CHANGE_OPS[data[0]])
             return () if len(pending) < self.chunk_events else self._flush_full()
         message = decode_pgoutput(data, self._stream is not None)
         return self._handlers[message.__class__](message, wal_start, data)
@@ -2502,8 +2533,8 @@ class ChangeAssembler:
         if message.commit_lsn != self._txn_commit_lsn:
             raise ProtocolError(f"malformed pgoutput Commit message: commit LSN {format_lsn(message.commit_lsn)} "
                                 f"differs from the Begin's final LSN {self._txn.commit_lsn}")
-        chunk = Chunk(self._pending, message.end_lsn)
-        self._txn, self._pending = None, []
+        chunk = Chunk(self._pending, message.end_lsn, self._pending_ops, message.commit_time)
+        self._txn, self._pending, self._pending_ops = None, [], None
         return (chunk,)
 
     def _on_change(self, message, wal_start: int, data: bytes) -> tuple:
@@ -2515,7 +2546,13 @@ class ChangeAssembler:
                                 "outside a transaction")
         for relid in message.relids:
             self._pending.append(build_truncate_event(self._txn, self._writer(relid, data), message, wal_start))
+            self._count_op("truncate")
         return self._flush_full()
+
+    def _count_op(self, op: str) -> None:
+        """Counts a non-insert event just added to _pending (see Chunk.op_counts)."""
+        counts = self._pending_ops = self._pending_ops or {}
+        counts[op] = counts.get(op, 0) + 1
 
     def _write_change(self, ctx: _TxnContext, data: bytes, in_stream: bool, wal_start: int,
                       generation: int | None = None) -> Event:
@@ -2538,18 +2575,25 @@ class ChangeAssembler:
             return ()
         chunks = []
         while len(self._pending) >= self.chunk_events:  # a Truncate of many tables may add several
-            chunks.append(Chunk(self._pending[:self.chunk_events]))
+            events = self._pending[:self.chunk_events]
             self._pending = self._pending[self.chunk_events:]
+            op_counts = self._pending_ops
+            if op_counts and self._pending:  # split: count exactly what each part holds (rare)
+                op_counts, self._pending_ops = count_event_ops(events), count_event_ops(self._pending)
+            else:
+                self._pending_ops = None
+            chunks.append(Chunk(events, None, op_counts))
         return tuple(chunks)
 
     def _on_message(self, message: Message, wal_start: int, data: bytes) -> tuple:
         if not message.transactional:
-            return (Chunk([build_message_event(None, message)]),)
+            return (Chunk([build_message_event(None, message)], None, {"message": 1}),)
         if self._stream is not None:
             return self._buffer(message, wal_start, data)
         if self._txn is None:
             raise ProtocolError("unexpected transactional pgoutput Message message outside a transaction")
         self._pending.append(build_message_event(self._txn, message))
+        self._count_op("message")
         return self._flush_full()
 
     def _writer(self, relid: int, data: bytes) -> RelationWriter:
@@ -2653,10 +2697,11 @@ class ChangeAssembler:
                                 "was never streamed")
         ctx = _TxnContext(message.xid, format_lsn(message.commit_lsn),
                           _commit_time_text(message.commit_time, "Stream Commit"))
-        self._replay = self._replay_stream(stream, ctx, message.end_lsn)
+        self._replay = self._replay_stream(stream, ctx, message.end_lsn, message.commit_time)
         return self._replay
 
-    def _replay_stream(self, stream: _StreamBuffer, ctx: _TxnContext, end_lsn: int) -> Iterator[Chunk]:
+    def _replay_stream(self, stream: _StreamBuffer, ctx: _TxnContext, end_lsn: int,
+                       commit_time_us: int) -> Iterator[Chunk]:
         """The events of a committed stream, chunk by chunk, reading the spill file as it goes."""
         try:
             events: list[Event] = []
@@ -2666,9 +2711,9 @@ class ChangeAssembler:
                     continue
                 events.extend(self._replayed_events(ctx, generation, data, wal_start))
                 while len(events) >= self.chunk_events:
-                    yield Chunk(events[:self.chunk_events])
+                    yield Chunk(events[:self.chunk_events], None, count_event_ops(events[:self.chunk_events]))
                     events = events[self.chunk_events:]
-            yield Chunk(events, end_lsn)
+            yield Chunk(events, end_lsn, count_event_ops(events), commit_time_us)
         finally:
             stream.close()
             self._replay = None
@@ -2789,6 +2834,7 @@ class AckTracker:
         self._batches: dict[int, list] = {}  # ticket -> [done, chunk marks], not yet confirmed
         self._next_ticket = 0
         self._oldest = 0  # the oldest ticket not yet confirmed
+        self.stats = None  # the operations port's Stats, told of each chunk confirmed
 
     def queued(self) -> None:
         self.in_flight += 1
@@ -2810,9 +2856,12 @@ class AckTracker:
         batches = self._batches
         batches[ticket][0] = True
         while self._oldest in batches and batches[self._oldest][0]:
-            for end_lsn in batches.pop(self._oldest)[1]:
+            marks = batches.pop(self._oldest)[1]
+            for end_lsn in marks:
                 self.delivered(end_lsn)
             self._oldest += 1
+            if self.stats is not None:
+                self.stats.chunks_confirmed(len(marks))
 
     def delivered(self, end_lsn: int | None) -> None:
         self.in_flight -= 1
@@ -3193,6 +3242,7 @@ class DeliveryLoop:
         self._room = trio.Event()  # set when a batch is done
         self._nursery: trio.Nursery | None = None
         self._failure: DeliveryFailed | None = None
+        self.stats = ack.stats.attach(self) if ack.stats is not None else None  # counts chunks taken
 
     async def run(self, receive_channel) -> None:
         async with trio.open_nursery() as nursery, receive_channel:
@@ -3207,6 +3257,8 @@ class DeliveryLoop:
                     self.deadline = taken_at + self.linger_s
                 self.events.extend(chunk.events)
                 self.marks.append((len(self.events), chunk.end_lsn))
+                if self.stats is not None:
+                    self.stats.chunk_taken(chunk)
                 if len(self.events) >= self.batch_size:
                     while len(self.events) >= self.batch_size and not self.stopping:
                         await self._flush(self.batch_size)
@@ -3225,6 +3277,12 @@ class DeliveryLoop:
             logger.warning("shutdown: the delivery of %s did not finish within %g s and is abandoned; "
                            "nothing from its first event on is acknowledged, so it is sent again at the "
                            "next start", describe_event_ids(abandoned), timeout_s)
+
+    def oldest_event(self) -> Event | None:
+        """The oldest event taken and not yet confirmed (for the lag the operations port shows)."""
+        for batch in self.batches.values():
+            return batch[0]
+        return self.events[0] if self.events else None
 
     async def _next_chunk(self, receive_channel):
         """The next chunk; None when a partial batch should go out now.  A chunk already queued
@@ -3466,15 +3524,18 @@ class ReconnectPolicy:
 
 
 async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_STATUS_IGNORED,
-                          alerter=None) -> AckTracker:
+                          alerter=None, stats=None) -> AckTracker:
     """Stream until `stop` is set, reconnecting with backoff (ReconnectPolicy) when the
-    connection is lost; any other error propagates."""
+    connection is lost; any other error propagates.  `stats`: the operations port's Stats."""
     ack = AckTracker()
+    ack.stats = stats
     policy, started = ReconnectPolicy(ack, alerter), False
 
     def on_streaming():
         nonlocal started
         policy.streaming()
+        if stats is not None:
+            stats.state = "streaming"
         if not started:
             started = True
             task_status.started(ack)
@@ -3489,6 +3550,8 @@ async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_
             if not isinstance(error, ConnectionLost):
                 raise error from None
             delay = policy.session_failed(error)
+            if stats is not None:
+                stats.reconnecting()
         with trio.move_on_after(delay):
             await stop.wait()
     return ack
@@ -3561,8 +3624,10 @@ class ReliableSink:
     the shutdown timeout, but no new alert says they keep retrying."""
 
     def __init__(self, sink: Sink, config, alerter, *, sleep=trio.sleep, random=random.random,
-                 stop: trio.Event | None = None):
+                 stop: trio.Event | None = None, stats=None):
         self.sink = sink
+        self.stats = stats  # the operations port's Stats (requests, dead letters), or None
+        self.last_error: str | None = None  # of the failing period, for /status
         self.config = config
         self.name = sink.name
         self.batch_size = sink.batch_size
@@ -3581,14 +3646,18 @@ class ReliableSink:
         position, failed_once = 0, False  # events[:position] are delivered or dead-lettered
         try:
             while position < len(events):
+                began = time.perf_counter()
                 try:
                     await self.sink.deliver(events[position:])
+                    self._request_done(began, "ok")
                     break
                 except SinkAuthError:
+                    self._request_done(began, "failed")
                     raise
                 except DeliveryError as error:
                     if not failed_once:
                         failed_once, self._failing_deliveries = True, self._failing_deliveries + 1
+                    self._request_done(began, self._outcome(error, backoff.retries + 1))
                     delivered, failed = self._progress_of(error, len(events) - position)
                     position += delivered
                     if delivered:
@@ -3623,6 +3692,15 @@ class ReliableSink:
     def _max_attempts(self, error: DeliveryError) -> int:
         return max(1, self.config.retry_max_attempts) if error.retryable else 1
 
+    def _outcome(self, error: DeliveryError, attempts: int) -> str:
+        """For the metrics: whether the request that failed is tried again."""
+        retried = attempts < self._max_attempts(error) or self.config.on_failure == "retry"
+        return "retried" if retried else "failed"
+
+    def _request_done(self, began: float, outcome: str) -> None:
+        if self.stats is not None:
+            self.stats.request_done(began, outcome)
+
     @property
     def _stopping(self) -> bool:
         return self._stop is not None and self._stop.is_set()
@@ -3632,6 +3710,7 @@ class ReliableSink:
         """Waits before the next attempt, or applies ON_FAILURE; returns how many events are
         done with (dead-lettered), 0 when they are to be tried again."""
         self.failing.failed()
+        self.last_error = str(error)
         attempts = backoff.retries + 1  # this failure included
         if attempts < self._max_attempts(error):
             delay = backoff.next_delay(error.retry_after)
@@ -3675,6 +3754,8 @@ class ReliableSink:
         self._alert(failing, attempts, error, f"the events were appended to DEAD_LETTER_FILE {path} "
                     "(ON_FAILURE=skip) and wal2http goes on")
         logger.error("dead-lettered %d event(s) to %s: %s", len(failing), path, describe_event_ids(failing))
+        if self.stats is not None:
+            self.stats.dead_lettered(failing)
         return len(failing)
 
     def _log_attempt(self, attempt: str, delay: float, error: DeliveryError) -> None:
@@ -3701,6 +3782,7 @@ class ReliableSink:
         since = self.failing.since
         if since is None:
             return  # healthy: the common case, after every delivery
+        self.last_error = None
         if self.failing.alerted:
             logger.info("delivery to the %s sink recovered", self.name)
         self.failing.ended(f"delivery to the {self.name} sink recovered",
@@ -4930,6 +5012,7 @@ class Alerter:
         self._last_mailed: dict[str, float] = {}
         self._send_channel, self._receive_channel = trio.open_memory_channel(queue_size)
         self._drained = trio.Event()
+        self.alerts_total = 0  # alerts raised (wal2http_alerts_total)
 
     def _send_smtp(self, message: email.message.EmailMessage) -> None:
         if self._ssl_context is None:
@@ -4942,6 +5025,7 @@ class Alerter:
         mailed less than 5 min ago."""
         subject, body = scrub_secrets(subject, self._secrets), scrub_secrets(body, self._secrets)
         logger.warning("alert [%s]: %s: %s", key, subject, _one_line(body, 500))
+        self.alerts_total += 1
         state = self._states.setdefault(key, _AlertState(since=since or datetime.datetime.now(datetime.timezone.utc)))
         if not self._enabled:
             return
@@ -5013,7 +5097,858 @@ class Alerter:
 
 
 # =====================================================================================================
-# 18. Configuration
+# 18. Operations port
+# =====================================================================================================
+# OPS_ADDR serves /health, /ready, /status and /metrics over HTTP/1.1: a small h11 server in the
+# same nursery as replication.  The slot guard reads the slot's retained WAL over its own ordinary
+# connection every SLOT_CHECK_INTERVAL_SECS, whether or not OPS_ADDR is set.
+# Rules: the replication loop only bumps plain integers in `Stats`, once per chunk or per sink
+# request, never per event; the JSON and the exposition are built when a client asks.  A client of
+# the port costs at most its own socket: a bounded head, deadlines, a cap on connections, and no
+# request ever waits on replication.  Tokens and request targets are never logged.
+
+OPS_MAX_HEAD_BYTES = 16 * 1024  #: request line and headers
+OPS_MAX_CONNECTIONS = 64  #: more are closed at once
+OPS_HEAD_TIMEOUT_S = 5.0  #: a request head must arrive within this (also the keep-alive idle time)
+OPS_SEND_TIMEOUT_S = 10.0  #: a client that does not read its answer is dropped after this
+OPS_RATE_SAMPLE_S = 5.0  #: events_per_second: one sample of the delivered count this often...
+OPS_RATE_WINDOW_S = 60.0  #: ...over the last minute
+#: Histogram buckets (seconds) for webhook latencies, 1 ms to 60 s.
+DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                      30.0, 60.0)
+EVENT_OPS = ("insert", "update", "delete", "truncate", "message", "read")
+REQUEST_OUTCOMES = ("ok", "retried", "failed")
+WAL_STATUSES = ("reserved", "extended", "unreserved", "lost")  #: pg_replication_slots.wal_status
+TAP_CLOSE_REASONS = ("too_slow",)
+SLOT_ALERT_RETAINED = "slot-retained"
+SLOT_ALERT_UNRESERVED = "slot-unreserved"
+SLOT_ALERT_LOST = "slot-lost"
+#: What PostgreSQL says when a client asks for changes from an invalidated slot (SQLSTATE 55000):
+#: START_REPLICATION's check, then the decoding context's (logical.c), with the why as DETAIL;
+#: PostgreSQL 18 says it once, when the slot is acquired.
+SLOT_INVALIDATED_TEXTS = ("cannot read from logical replication slot",
+                          "can no longer get changes from replication slot",
+                          "can no longer access replication slot")
+SLOT_COLUMNS = ("wal_status", "safe_wal_size", "restart_lsn", "confirmed_flush_lsn", "conflicting",
+                "invalidation_reason")  #: read where the server has them (13+, 16+, 17+)
+
+
+class Histogram:
+    """Cumulative on exposition only: `observe` adds to one bucket (the first bound >= value)."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple[float, ...] = DURATION_BUCKETS_S):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        if value < 0.0:  # a clock step
+            value = 0.0
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
+@dataclasses.dataclass
+class SlotHealth:
+    """One reading of the slot by the slot guard (None: the server has no such column)."""
+
+    exists: bool
+    wal_status: str | None = None
+    retained_wal_bytes: int | None = None
+    safe_wal_size_bytes: int | None = None
+    confirmed_flush_lsn: int | None = None
+    current_wal_lsn: int | None = None
+    invalidation_reason: str | None = None
+    conflicting: bool = False
+
+    @property
+    def lost(self) -> bool:
+        return self.exists and (self.wal_status == "lost" or bool(self.invalidation_reason)
+                                or self.conflicting)
+
+
+class Stats:
+    """What the operations port shows, as plain attributes.  The replication loop, the delivery
+    loop and ReliableSink update the counters (one line each, per chunk or per request); the
+    positions are read from the AckTracker and the DeliveryLoop when a client asks."""
+
+    def __init__(self, config=None):
+        self.config = config
+        self.state = "connecting"  # connecting, streaming, reconnecting (stopping: read from `stop`)
+        self.reconnects = 0
+        self.ack: AckTracker | None = None
+        self.delivery: DeliveryLoop | None = None
+        self.sink: ReliableSink | None = None
+        self.alerter: Alerter | None = None
+        self.stop: trio.Event | None = None
+        self.events_confirmed = dict.fromkeys(EVENT_OPS, 0)  # dead-lettered events included
+        self.events_dead_lettered = dict.fromkeys(EVENT_OPS, 0)
+        self.transactions = 0
+        self.requests = dict.fromkeys(REQUEST_OUTCOMES, 0)
+        self.request_seconds = Histogram()
+        self.commit_to_delivery_seconds = Histogram()
+        self.slot: SlotHealth | None = None
+        self.server_version: str | None = None
+        self.tap_clients = 0  # the live tap's, when it comes
+        self.tap_clients_closed = dict.fromkeys(TAP_CLOSE_REASONS, 0)
+        self.started_at = process_start_time()
+        self.rate_samples: list[tuple[float, int]] = []  # (monotonic time, events delivered)
+        self._taken: collections.deque[Chunk] = collections.deque()  # held by the delivery loop, in order
+        self._open_txn_events = False  # the transaction being confirmed has events
+        self._shown_delivered = dict.fromkeys(EVENT_OPS, 0)  # counters never go down
+
+    def start(self, config, sink: ReliableSink, alerter: Alerter, stop: trio.Event) -> None:
+        """What one `run` gives these stats to read."""
+        self.config, self.sink, self.alerter, self.stop = config, sink, alerter, stop
+
+    # -- hooks: once per session, chunk or request --------------------------------------------------
+
+    def attach(self, delivery: DeliveryLoop) -> Stats:
+        """A new session's delivery loop: what the last one held is streamed again."""
+        self.delivery, self.ack = delivery, delivery.ack
+        self._taken, self._open_txn_events = collections.deque(), False
+        return self
+
+    def chunk_taken(self, chunk: Chunk) -> None:
+        self._taken.append(chunk)
+
+    def chunks_confirmed(self, count: int) -> None:
+        """The delivery loop confirmed its `count` oldest chunks: counts their events by op, and
+        each transaction they end (with its commit-to-confirmation time)."""
+        if not count:
+            return
+        confirmed, taken = self.events_confirmed, self._taken
+        now_us = None
+        for _ in range(count):
+            chunk = taken.popleft()
+            events = chunk.events
+            if events:
+                op_counts = chunk.op_counts
+                if op_counts is None:
+                    confirmed["insert"] += len(events)
+                else:
+                    for op, number in op_counts.items():
+                        confirmed[op] = confirmed.get(op, 0) + number
+                    confirmed["insert"] += len(events) - sum(op_counts.values())
+                self._open_txn_events = True
+            if chunk.end_lsn is not None and self._open_txn_events:
+                self._open_txn_events = False
+                self.transactions += 1
+                if chunk.commit_time_us is not None:
+                    now_us = now_us or time.time_ns() // 1000 - PG_EPOCH_OFFSET_US
+                    self.commit_to_delivery_seconds.observe((now_us - chunk.commit_time_us) / 1e6)
+
+    def request_done(self, began: float, outcome: str) -> None:
+        """One sink request (ReliableSink: one sink.deliver call) ended: ok, retried or failed."""
+        self.requests[outcome] += 1
+        self.request_seconds.observe(time.perf_counter() - began)
+
+    def dead_lettered(self, events: list) -> None:
+        others = count_event_ops(events) or {}
+        for op, number in others.items():
+            self.events_dead_lettered[op] = self.events_dead_lettered.get(op, 0) + number
+        self.events_dead_lettered["insert"] += len(events) - sum(others.values())
+
+    def reconnecting(self) -> None:
+        self.state = "reconnecting"
+        self.reconnects += 1
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    @property
+    def current_state(self) -> str:
+        return "stopping" if self.stop is not None and self.stop.is_set() else self.state
+
+    @property
+    def confirmed_lsn(self) -> int:
+        return self.ack.flushed_lsn if self.ack else 0
+
+    @property
+    def received_lsn(self) -> int:
+        return self.ack.received_lsn if self.ack else 0
+
+    @property
+    def server_wal_end_lsn(self) -> int:
+        """The newest of what the stream said and what the slot guard last read."""
+        guard = self.slot.current_wal_lsn if self.slot and self.slot.current_wal_lsn else 0
+        return max(self.received_lsn, guard)
+
+    @property
+    def lag_bytes(self) -> int:
+        return max(0, self.server_wal_end_lsn - self.confirmed_lsn) if self.confirmed_lsn else 0
+
+    def lag_seconds(self, now: float) -> float:
+        """Now minus the commit time of the oldest event handed to the sink and not confirmed."""
+        delivery = self.delivery
+        oldest = delivery.oldest_event() if delivery is not None else None
+        if oldest is None:
+            return 0.0
+        commit = commit_time_of(oldest)
+        return max(0.0, now - commit) if commit is not None else 0.0
+
+    def events_delivered(self) -> dict[str, int]:
+        """Confirmed minus dead-lettered, by op; never lower than what was shown before (a
+        dead-lettered event is counted before the chunk that holds it is confirmed)."""
+        shown = self._shown_delivered
+        for op, number in self.events_confirmed.items():
+            shown[op] = max(shown.get(op, 0), number - self.events_dead_lettered.get(op, 0))
+        return dict(shown)
+
+    @property
+    def in_flight(self) -> int:
+        return self.delivery.requests_in_flight if self.delivery is not None else 0
+
+    @property
+    def failing_since(self) -> float | None:
+        since = self.sink.failing.since if self.sink is not None else None
+        return since.timestamp() if since is not None else None
+
+    def last_error(self) -> str | None:
+        if self.sink is None or self.sink.last_error is None:
+            return None
+        secrets = config_secrets(self.config) if self.config else ()
+        return scrub_secrets(self.sink.last_error, secrets)
+
+    def sample_rate(self, now: float) -> None:
+        self.rate_samples.append((now, sum(self.events_delivered().values())))
+        cutoff = now - OPS_RATE_WINDOW_S
+        while len(self.rate_samples) > 2 and self.rate_samples[1][0] <= cutoff:
+            del self.rate_samples[0]
+
+    def events_per_second(self, now: float) -> float:
+        """Over the last minute (from the samples and the count now)."""
+        if not self.rate_samples:
+            return 0.0
+        then, count_then = self.rate_samples[0]
+        elapsed = now - then
+        count_now = sum(self.events_delivered().values())
+        return (count_now - count_then) / elapsed if elapsed > 0 else 0.0
+
+
+def process_start_time() -> float:
+    """When this process started (POSIX time), from /proc where there is one; else now."""
+    try:
+        with open("/proc/self/stat") as stat:
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/stat") as system:
+            boot = next(int(line.split()[1]) for line in system if line.startswith("btime "))
+        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def commit_time_of(event) -> float | None:
+    """An event's commit_time as a POSIX timestamp, read from its JSON text without decoding it
+    (the key comes after every row value, so the last occurrence is the event's own); None for a
+    non-transactional message."""
+    line = getattr(event, "line", None)
+    if line is None:
+        text = event.get("commit_time") if isinstance(event, Mapping) else None
+    else:
+        start = line.rfind('"commit_time":"')
+        text = line[start + 15:line.find('"', start + 15)] if start >= 0 else None
+    if not text or text[0] not in "0123456789":  # null, or "infinity" cannot be a commit time
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+# --- What the endpoints answer (pure: Stats in, JSON or text out) -------------------------------
+
+def _lsn_or_none(lsn: int) -> str | None:
+    return format_lsn(lsn) if lsn else None
+
+
+def _utc_iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return _utc_text(datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc))
+
+
+def build_readiness(stats: Stats) -> tuple[bool, dict]:
+    """(ready, body) for /ready: streaming from PostgreSQL and the sink not in a failing period.
+    /ready is open to probes without a token, so the reasons carry no error text (/status does)."""
+    state = stats.current_state
+    postgres = {"streaming": "streaming", "connecting": "connecting",
+                "reconnecting": "reconnecting after an error", "stopping": "stopping"}[state]
+    failing = stats.failing_since
+    sink = "ok" if failing is None else f"failing since {_utc_iso(failing)}"
+    ready = state == "streaming" and failing is None
+    return ready, {"status": "ready" if ready else "unready", "postgres": postgres, "sink": sink}
+
+
+def build_status(stats: Stats, now: float, monotonic_now: float) -> dict:
+    """The /status document (README "Operations")."""
+    config = stats.config
+    slot = stats.slot
+    delivered = stats.events_delivered()
+    return {
+        "version": __version__, "sink": config.event_sink, "slot": config.slot_name,
+        "publications": list(config.publications), "state": stats.current_state,
+        "confirmed_lsn": _lsn_or_none(stats.confirmed_lsn),
+        "received_lsn": _lsn_or_none(stats.received_lsn),
+        "server_wal_end_lsn": _lsn_or_none(stats.server_wal_end_lsn),
+        "lag_bytes": stats.lag_bytes, "lag_seconds": round(stats.lag_seconds(now), 3),
+        "events_delivered": sum(delivered.values()),
+        "events_per_second": round(stats.events_per_second(monotonic_now), 1),
+        "failing_since": _utc_iso(stats.failing_since), "last_error": stats.last_error(),
+        "slot_health": {
+            "wal_status": slot.wal_status if slot else None,
+            "retained_wal_bytes": slot.retained_wal_bytes if slot else None,
+            "safe_wal_size_bytes": slot.safe_wal_size_bytes if slot else None,
+        },
+        "backfill": None,
+    }
+
+
+# --- Prometheus text exposition, version 0.0.4 ----------------------------------------------------
+
+def escape_label_value(value: str) -> str:
+    """Backslash, double quote and newline escaped, as the text format requires."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{name}="{escape_label_value(str(value))}"' for name, value in labels.items()) + "}"
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+class Exposition:
+    """Writes metric families: `# HELP`, `# TYPE`, then the samples."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str,
+               samples: Iterable[tuple[Mapping[str, str], float]]) -> None:
+        help_text = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        self.lines += [f"{name}{_labels(labels)} {_number(value)}" for labels, value in samples]
+
+    def one(self, name: str, kind: str, help_text: str, value: float) -> None:
+        self.family(name, kind, help_text, [({}, value)])
+
+    def histogram(self, name: str, help_text: str, histogram: Histogram) -> None:
+        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        cumulative = 0
+        for bound, count in zip((*histogram.bounds, math.inf), histogram.counts):
+            cumulative += count
+            self.lines.append(f'{name}_bucket{{le="{_number(bound)}"}} {cumulative}')
+        self.lines += [f"{name}_sum {_number(histogram.sum)}", f"{name}_count {histogram.count}"]
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _process_metrics(out: Exposition, start_time: float) -> None:
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource  # noqa: PLC0415 - not on every platform; peak RSS as a fallback
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out.one("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss)
+    out.one("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.",
+            time.process_time())
+    out.one("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.",
+            start_time)
+
+
+def build_metrics_text(stats: Stats) -> str:
+    """The /metrics document (every metric is described in the README, "Operations")."""
+    out = Exposition()
+    delivered = stats.events_delivered()
+    out.family("wal2http_events_delivered_total", "counter",
+               "Events the sink confirmed (dead-lettered events not included), by op.",
+               [({"op": op}, delivered.get(op, 0)) for op in EVENT_OPS])
+    out.one("wal2http_transactions_total", "counter", "Transactions whose events the sink confirmed.",
+            stats.transactions)
+    out.one("wal2http_events_dead_lettered_total", "counter",
+            "Events appended to DEAD_LETTER_FILE (ON_FAILURE=skip).", sum(stats.events_dead_lettered.values()))
+    out.family("wal2http_delivery_requests_total", "counter",
+               "Sink requests: ok (2xx), retried (failed, tried again), failed (failed, not retried).",
+               [({"outcome": outcome}, stats.requests[outcome]) for outcome in REQUEST_OUTCOMES])
+    out.one("wal2http_delivery_requests_in_flight", "gauge", "Sink requests being made now.", stats.in_flight)
+    out.histogram("wal2http_delivery_duration_seconds", "Duration of each sink request.",
+                  stats.request_seconds)
+    out.histogram("wal2http_commit_to_delivery_seconds",
+                  "From a transaction's commit to the sink's confirmation of its events.",
+                  stats.commit_to_delivery_seconds)
+    out.one("wal2http_confirmed_lsn", "gauge",
+            "Position confirmed to PostgreSQL as flushed (the slot's confirmed_flush_lsn).", stats.confirmed_lsn)
+    out.one("wal2http_server_wal_end_lsn", "gauge", "End of WAL on the server, as last seen.",
+            stats.server_wal_end_lsn)
+    out.one("wal2http_replication_lag_bytes", "gauge", "Server WAL end minus the confirmed position.",
+            stats.lag_bytes)
+    _slot_metrics(out, stats.slot)
+    up = {"postgres": int(stats.current_state == "streaming"), "sink": int(stats.failing_since is None)}
+    out.family("wal2http_up", "gauge", "1 when the component works: streaming from PostgreSQL; the sink "
+               "not failing.", [({"component": name}, value) for name, value in up.items()])
+    out.one("wal2http_reconnects_total", "counter", "Replication connections lost and retried.",
+            stats.reconnects)
+    out.one("wal2http_alerts_total", "counter", "Alerts raised (logged, and mailed when configured).",
+            stats.alerter.alerts_total if stats.alerter else 0)
+    out.one("wal2http_tap_clients", "gauge", "Live tap clients connected.", stats.tap_clients)
+    out.family("wal2http_tap_clients_closed_total", "counter", "Live tap clients closed by wal2http, by reason.",
+               [({"reason": reason}, count) for reason, count in stats.tap_clients_closed.items()])
+    out.family("wal2http_build_info", "gauge", "wal2http's version and the PostgreSQL server's.",
+               [({"version": __version__, "server_version": stats.server_version or ""}, 1)])
+    _process_metrics(out, stats.started_at)
+    return out.text()
+
+
+def _slot_metrics(out: Exposition, slot: SlotHealth | None) -> None:
+    if slot is None or not slot.exists:
+        return
+    if slot.retained_wal_bytes is not None:
+        out.one("wal2http_slot_retained_wal_bytes", "gauge",
+                "WAL the slot makes PostgreSQL keep (current WAL position minus restart_lsn).",
+                slot.retained_wal_bytes)
+    if slot.safe_wal_size_bytes is not None:
+        out.one("wal2http_slot_safe_wal_size_bytes", "gauge",
+                "WAL that can still be written before the slot is at risk (max_slot_wal_keep_size).",
+                slot.safe_wal_size_bytes)
+    if slot.wal_status is not None:
+        statuses = WAL_STATUSES if slot.wal_status in WAL_STATUSES else (*WAL_STATUSES, slot.wal_status)
+        out.family("wal2http_slot_wal_status", "gauge", "The slot's wal_status: 1 for the current one.",
+                   [({"status": status}, int(status == slot.wal_status)) for status in statuses])
+
+
+# --- The HTTP server (h11) ------------------------------------------------------------------------
+# Theory of operation: one task per connection (at most OPS_MAX_CONNECTIONS; more are closed at
+# once), one h11.Connection per socket, requests answered one after the other on a kept-alive
+# connection.  Each request head must arrive within OPS_HEAD_TIMEOUT_S and fit OPS_MAX_HEAD_BYTES;
+# requests carry no body.  A client that breaks any rule gets a 4xx and a closed socket.
+
+OPS_READ_BYTES = 4096
+_BAD_REQUEST = (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpsAnswer:
+    status: int
+    content_type: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _json_answer(status: int, document: dict) -> OpsAnswer:
+    return OpsAnswer(status, "application/json", json.dumps(document).encode() + b"\n")
+
+
+def answer_health(stats: Stats) -> OpsAnswer:
+    return _json_answer(200, {"status": "ok"})
+
+
+def answer_ready(stats: Stats) -> OpsAnswer:
+    ready, document = build_readiness(stats)
+    return _json_answer(200 if ready else 503, document)
+
+
+def answer_status(stats: Stats) -> OpsAnswer:
+    return _json_answer(200, build_status(stats, time.time(), time.monotonic()))
+
+
+def answer_metrics(stats: Stats) -> OpsAnswer:
+    return OpsAnswer(200, "text/plain; version=0.0.4; charset=utf-8",
+                     build_metrics_text(stats).encode())
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One path of the port.  `token`: OPS_TOKEN required (when set); `row_data`: shows row data,
+    so it is off (404) on an address beyond loopback without OPS_TOKEN."""
+
+    answer: Callable[[Stats], OpsAnswer]
+    token: bool = True
+    row_data: bool = False
+
+
+#: GET routes.  The live tap (GET /events, a WebSocket, and the page on GET /) plugs in here as
+#: routes with row_data=True whose handler takes over the connection: the stream, the h11.Request
+#: already parsed and h11's trailing_data go to trio-websocket for the handshake.
+OPS_ROUTES: dict[str, Route] = {
+    "/health": Route(answer_health, token=False),
+    "/ready": Route(answer_ready, token=False),
+    "/status": Route(answer_status, row_data=True),
+    "/metrics": Route(answer_metrics),
+}
+
+
+def _header(request: h11.Request, name: bytes) -> bytes | None:
+    for key, value in request.headers:
+        if key == name:
+            return value
+    return None
+
+
+def presented_token(request: h11.Request) -> bytes | None:
+    """The token of `Authorization: Bearer <token>`, else of `?token=<token>`."""
+    authorization = _header(request, b"authorization")
+    if authorization is not None and authorization[:7].lower() == b"bearer ":
+        return authorization[7:].strip()
+    _, _, query = request.target.partition(b"?")
+    for name, value in urllib.parse.parse_qsl(query.decode("ascii", "replace"), keep_blank_values=True,
+                                              errors="replace"):
+        if name == "token":
+            return value.encode("utf-8")
+    return None
+
+
+class OpsServer:
+    """Answers the requests of the operations port (see the theory of operation above)."""
+
+    def __init__(self, config, stats: Stats, routes: Mapping[str, Route] = OPS_ROUTES):
+        self.stats = stats
+        self.routes = routes
+        self.token = config.ops_token.encode() if config.ops_token else None
+        self.row_data = self.token is not None or is_loopback_host(config.ops_addr[0])
+        self.connections = 0
+
+    def route(self, request: h11.Request) -> OpsAnswer:
+        """The answer to one request: pure but for reading Stats."""
+        path = request.target.partition(b"?")[0].decode("latin-1")
+        route = self.routes.get(path)
+        if route is None or (route.row_data and not self.row_data):
+            return OpsAnswer(404, "text/plain", b"not found\n")
+        if route.token and self.token is not None:
+            given = presented_token(request)
+            if given is None or not hmac.compare_digest(given, self.token):
+                return OpsAnswer(401, "text/plain", b"a valid OPS_TOKEN is required\n",
+                                 (("WWW-Authenticate", 'Bearer realm="wal2http"'),))
+        if request.method not in (b"GET", b"HEAD"):
+            return OpsAnswer(405, "text/plain", b"only GET\n", (("Allow", "GET, HEAD"),))
+        return route.answer(self.stats)
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """One connection; whatever happens, only this socket is closed."""
+        if self.connections >= OPS_MAX_CONNECTIONS:
+            await _close_quietly(stream)
+            return
+        self.connections += 1
+        try:
+            await self._serve(stream)
+        except (*_IO_ERRORS, h11.LocalProtocolError):
+            pass
+        except Exception:  # noqa: BLE001 - a bug answering one client must not end replication
+            logger.warning("operations port: a connection failed", exc_info=True)
+        finally:
+            self.connections -= 1
+            await _close_quietly(stream)
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=OPS_MAX_HEAD_BYTES)
+        while True:
+            request = None
+            with trio.move_on_after(OPS_HEAD_TIMEOUT_S):
+                try:
+                    request = await self._next_request(stream, conn)
+                except h11.RemoteProtocolError as exc:  # garbage, or a head over the limit (431)
+                    await self._refuse(stream, exc.error_status_hint, "bad request")
+                    return
+            if request is None:
+                return  # closed, or no whole head within OPS_HEAD_TIMEOUT_S
+            if (_header(request, b"content-length") not in (None, b"0")
+                    or _header(request, b"transfer-encoding") is not None):
+                await self._refuse(stream, 413, "requests take no body")
+                return
+            if not isinstance(conn.next_event(), h11.EndOfMessage):
+                return
+            answer = self.route(request)
+            with trio.move_on_after(OPS_SEND_TIMEOUT_S) as scope:
+                await self._send(stream, conn, answer, head_only=request.method == b"HEAD")
+            if scope.cancelled_caught or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+
+    @staticmethod
+    async def _next_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request | None:
+        """The next request head, or None when the client closed the connection.  h11 bounds only
+        what it buffers at once, so the head's size is counted here."""
+        received = 0
+        while True:
+            event = conn.next_event()
+            if received > OPS_MAX_HEAD_BYTES:
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+            if isinstance(event, h11.Request):
+                return event
+            if event is not h11.NEED_DATA:  # ConnectionClosed
+                return None
+            data = await stream.receive_some(OPS_READ_BYTES)
+            received += len(data)
+            conn.receive_data(data)
+
+    @staticmethod
+    async def _send(stream: trio.abc.Stream, conn: h11.Connection, answer: OpsAnswer,
+                    head_only: bool) -> None:
+        headers = [("Content-Type", answer.content_type), ("Content-Length", str(len(answer.body))),
+                   ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"), *answer.headers]
+        data = conn.send(h11.Response(status_code=answer.status, headers=headers))
+        if not head_only:  # HEAD: h11 frames the answer without a body
+            data += conn.send(h11.Data(data=answer.body))
+        data += conn.send(h11.EndOfMessage())
+        await stream.send_all(data)
+
+    @staticmethod
+    async def _refuse(stream: trio.abc.Stream, status: int, reason: str) -> None:
+        status = status if 400 <= status < 500 else 400
+        body = (reason + "\n").encode()
+        phrase = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large",
+                  431: b"Request Header Fields Too Large"}.get(status, b"Bad Request")
+        with trio.move_on_after(1):
+            await stream.send_all(_BAD_REQUEST % (status, phrase, len(body), body))
+
+
+async def run_ops_server(config, stats: Stats, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serves OPS_ADDR until cancelled (returns at once when it is unset).  A port that cannot be
+    bound is a ConfigError naming OPS_ADDR, raised before task_status.started()."""
+    if config.ops_addr is None:
+        task_status.started()
+        return
+    host, port = config.ops_addr
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host or None)
+    except OSError as exc:
+        raise ConfigError(f"OPS_ADDR: cannot listen on {shown}: {exc.strerror or exc}") from None
+    server = OpsServer(config, stats)
+    logger.info("operations port listening on %s (%s)", shown,
+                "token required" if server.token else "no token" if server.row_data
+                else "no token: /health, /ready and /metrics only")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_run_rate_sampler, stats)
+        await nursery.start(trio.serve_listeners, server.handle, listeners)
+        task_status.started()
+
+
+async def _run_rate_sampler(stats: Stats) -> None:
+    while True:
+        stats.sample_rate(time.monotonic())
+        await trio.sleep(OPS_RATE_SAMPLE_S)
+
+
+# --- The slot guard -------------------------------------------------------------------------------
+
+#: The slot and the server's WAL position in one query that works on every version: to_jsonb of
+#: the row has whichever columns this server's pg_replication_slots has (wal_status and
+#: safe_wal_size 13+, conflicting 16+, invalidation_reason 17+).  On a standby (logical decoding
+#: there, 16+) the position is the last WAL replayed.
+SLOT_HEALTH_SQL = """SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn()
+            ELSE pg_catalog.pg_current_wal_lsn() END, pg_catalog.to_jsonb(s)
+FROM (SELECT) AS one LEFT JOIN pg_catalog.pg_replication_slots AS s ON s.slot_name = {slot}"""
+
+
+def decode_slot_health(current_lsn: str | None, row_json: str | None) -> SlotHealth:
+    """One SLOT_HEALTH_SQL row -> SlotHealth (pure)."""
+    current = parse_lsn(current_lsn) if current_lsn else None
+    row = json.loads(row_json) if row_json else None
+    if not row or row.get("slot_name") is None:
+        return SlotHealth(exists=False, current_wal_lsn=current)
+    restart = parse_lsn(row["restart_lsn"]) if row.get("restart_lsn") else None
+    confirmed = parse_lsn(row["confirmed_flush_lsn"]) if row.get("confirmed_flush_lsn") else None
+    safe = row.get("safe_wal_size")
+    return SlotHealth(
+        exists=True, wal_status=row.get("wal_status"),
+        retained_wal_bytes=max(0, current - restart) if current is not None and restart is not None else None,
+        safe_wal_size_bytes=int(safe) if safe is not None else None,
+        confirmed_flush_lsn=confirmed, current_wal_lsn=current,
+        invalidation_reason=row.get("invalidation_reason"), conflicting=row.get("conflicting") is True)
+
+
+async def read_slot_health(conn: PgConnection, slot_name: str) -> SlotHealth:
+    try:
+        (current, row), = await conn.simple_query(SLOT_HEALTH_SQL.format(slot=quote_literal(slot_name)))
+    except ServerError as exc:
+        raise classify_server_error(exc, f"reading replication slot {slot_name!r}") from None
+    return decode_slot_health(current, row)
+
+
+class SlotInvalidated(PreconditionError):
+    """PostgreSQL invalidated the slot: its changes since the last confirmed position are gone."""
+
+
+def build_slot_lost_message(slot_name: str, why: str, confirmed_lsn: int | None) -> str:
+    """What happened, what is lost, and the SQL to go on: one line (exit 4, alert)."""
+    since = f" {format_lsn(confirmed_lsn)}" if confirmed_lsn else ""
+    literal = quote_literal(slot_name)
+    return (f"replication slot {slot_name!r} (SLOT_NAME) was invalidated by PostgreSQL ({why}): the WAL "
+            f"it needed was removed, so the changes committed after its last confirmed position{since} "
+            f"are lost and cannot be streamed; wal2http never re-creates the slot by itself. To go on, "
+            f"drop and re-create the slot: SELECT pg_drop_replication_slot({literal}); SELECT "
+            f"pg_create_logical_replication_slot({literal}, 'pgoutput'); then backfill the tables (a "
+            f"backfill re-sends their current rows) and start wal2http again")
+
+
+def _describe_lost(health: SlotHealth) -> str:
+    parts = [f"wal_status {health.wal_status}"] if health.wal_status else []
+    if health.invalidation_reason:
+        parts.append(f"invalidation_reason {health.invalidation_reason}")
+    if health.conflicting:
+        parts.append("conflicting with recovery")
+    return ", ".join(parts) or "lost"
+
+
+def slot_lost(config, alerter: Alerter, why: str, confirmed_lsn: int | None) -> SlotInvalidated:
+    """Alerts (the mail goes out before the process exits: `run` drains the alerter) and returns
+    the exit-4 error."""
+    message = build_slot_lost_message(config.slot_name, why, confirmed_lsn)
+    alerter.alert(SLOT_ALERT_LOST, f"slot {config.slot_name} was invalidated by PostgreSQL (lost)",
+                  f"{message}.\n\nwal2http has stopped (exit code 4).\n")
+    return SlotInvalidated(message)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:,.1f}"
+
+
+class SlotGuard:
+    """Alerts on one slot reading: retained WAL over SLOT_MAX_RETAINED_MB, wal_status unreserved
+    (and "recovered" when they end); a lost slot is SlotInvalidated."""
+
+    def __init__(self, config, alerter: Alerter, now: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.alerter = alerter
+        self._now = now
+        self._alerted_at: dict[str, float] = {}  # key -> when its alert was last raised
+
+    def _alert(self, key: str, subject: str, body: str) -> None:
+        """Raised when the condition begins, then again every ALERT_REPEAT_S while it lasts (not
+        at every check: the log would repeat it every SLOT_CHECK_INTERVAL_SECS)."""
+        last = self._alerted_at.get(key)
+        if last is None or self._now() - last >= ALERT_REPEAT_S:
+            self._alerted_at[key] = self._now()
+            self.alerter.alert(key, subject, body)
+
+    def _recovered(self, key: str, subject: str, body: str) -> None:
+        if self._alerted_at.pop(key, None) is not None:
+            self.alerter.recovered(key, subject, body)
+
+    def check(self, health: SlotHealth) -> None:
+        if not health.exists:
+            return
+        if health.lost:
+            raise slot_lost(self.config, self.alerter, _describe_lost(health), health.confirmed_flush_lsn)
+        slot, limit = self.config.slot_name, self.config.slot_max_retained_mb
+        retained = health.retained_wal_bytes
+        if retained is not None and retained > limit * 2**20:
+            self._alert(
+                SLOT_ALERT_RETAINED, f"slot {slot} retains {_megabytes(retained)} MB of WAL",
+                f"Replication slot {slot} retains {_megabytes(retained)} MB of WAL, more than "
+                f"SLOT_MAX_RETAINED_MB={limit}: PostgreSQL keeps every WAL file the slot still needs, "
+                f"so its disk fills while wal2http does not confirm events (is the sink stalled?).\n")
+        elif retained is not None:
+            self._recovered(
+                SLOT_ALERT_RETAINED, f"slot {slot} recovered: retains {_megabytes(retained)} MB of WAL",
+                f"Replication slot {slot} has recovered: it retains {_megabytes(retained)} MB of WAL, "
+                f"no more than SLOT_MAX_RETAINED_MB={limit}.\n")
+        if health.wal_status == "unreserved":
+            self._alert(
+                SLOT_ALERT_UNRESERVED, f"slot {slot} is unreserved: PostgreSQL may soon remove WAL it needs",
+                f"Replication slot {slot} has wal_status unreserved: it retains more WAL than "
+                f"max_slot_wal_keep_size allows, and PostgreSQL may remove WAL it needs at the next "
+                f"checkpoint, which invalidates the slot (its changes would be lost).\n")
+        else:
+            self._recovered(
+                SLOT_ALERT_UNRESERVED, f"slot {slot} recovered: wal_status {health.wal_status}",
+                f"Replication slot {slot} has recovered: wal_status is {health.wal_status} again.\n")
+
+
+async def run_slot_guard(config, stats: Stats, alerter: Alerter) -> None:
+    """Reads the slot every SLOT_CHECK_INTERVAL_SECS over its own ordinary connection (opened for
+    each check).  A check that fails is logged once and retried; only a lost slot ends it
+    (SlotInvalidated)."""
+    guard, failing = SlotGuard(config, alerter), False
+    timeout_s = config.conninfo.connect_timeout_s + DEFAULT_QUERY_TIMEOUT_S
+    while True:
+        try:
+            with trio.fail_after(timeout_s):
+                async with open_pg_connection(config.conninfo, replication=False) as conn:
+                    health = await read_slot_health(conn, config.slot_name)
+                    stats.server_version = conn.parameters.get("server_version")
+        except Exception as exc:  # noqa: BLE001 - a reading that fails is never fatal
+            if not failing:
+                logger.warning("slot guard: cannot read replication slot %r: %s; retrying every %g s",
+                               config.slot_name, _describe_check_failure(exc), config.slot_check_interval_s)
+            failing = True
+        else:
+            if failing:
+                logger.info("slot guard: reading replication slot %r works again", config.slot_name)
+            failing = False
+            stats.slot = health
+            guard.check(health)
+        await trio.sleep(config.slot_check_interval_s)
+
+
+def _describe_check_failure(error: Exception) -> str:
+    if isinstance(error, trio.TooSlowError):
+        return "no answer in time"
+    if isinstance(error, Wal2HttpError):
+        return str(error)
+    return f"unexpected {type(error).__name__}: {error}"
+
+
+def is_slot_invalidated_error(error: BaseException) -> bool:
+    return isinstance(error, PreconditionError) and any(text in str(error) for text in SLOT_INVALIDATED_TEXTS)
+
+
+def describe_invalidation(error: PreconditionError) -> str:
+    """Why, as the server's DETAIL says it (classify_server_error puts it in parentheses)."""
+    message = str(error)
+    detail = next(message.split(text, 1)[1] for text in SLOT_INVALIDATED_TEXTS if text in message)
+    if "(" in detail and ")" in detail:
+        return detail.split("(", 1)[1].rsplit(")", 1)[0].strip().rstrip(".")
+    return "lost"
+
+
+async def run_guarded_replication(config, sink, stop: trio.Event, task_status, alerter: Alerter,
+                                  stats: Stats) -> AckTracker:
+    """run_replication beside the slot guard.  A slot PostgreSQL invalidated, seen by the guard or
+    by the replication connection (SLOT_INVALIDATED_TEXTS), ends both with SlotInvalidated (exit 4)
+    and its alert."""
+    async with trio.open_nursery() as nursery:
+        if config.conninfo is not None:
+            nursery.start_soon(run_slot_guard, config, stats, alerter)
+        try:
+            ack = await run_replication(config, sink, stop, task_status, alerter, stats=stats)
+        except PreconditionError as exc:
+            if not is_slot_invalidated_error(exc) or isinstance(exc, SlotInvalidated):
+                raise
+            raise slot_lost(config, alerter, describe_invalidation(exc), stats.confirmed_lsn or None) from None
+        nursery.cancel_scope.cancel()
+    return ack
+
+
+async def check_slot_health(conn: PgConnection, config) -> str:
+    """--check's `ok slot` detail: wal_status and retained WAL; a lost slot fails."""
+    health = await read_slot_health(conn, config.slot_name)
+    if health.lost:
+        raise PreconditionError(build_slot_lost_message(config.slot_name, _describe_lost(health),
+                                                        health.confirmed_flush_lsn))
+    parts = [f"wal_status {health.wal_status}"] if health.wal_status else []
+    if health.retained_wal_bytes is not None:
+        parts.append(f"retains {_megabytes(health.retained_wal_bytes)} MB of WAL")
+    return ", ".join(parts)
+
+
+# =====================================================================================================
+# =====================================================================================================
+# 19. Configuration
 # =====================================================================================================
 # Pure: environment mapping and argv in, a frozen `Config` (or a one-line ConfigError naming the
 # variable) out.  No socket is opened here.  Every setting is one entry of SETTINGS, which drives
@@ -5543,6 +6478,29 @@ def _parse_file(value: str, variable: str) -> str:
     return path
 
 
+def parse_ops_addr(value: str, variable: str = "OPS_ADDR") -> tuple[str, int]:
+    """OPS_ADDR `host:port`, `[ipv6]:port` or `:port` (every interface) -> (host, port)."""
+    text = value.strip()
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if (not colon or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535
+            or (host and not is_valid_host(host))):
+        raise ConfigError(f"{variable} must be host:port with a port from 1 to 65535 (e.g. "
+                          f"127.0.0.1:9187, or :9187 for every interface), got {_shown(value)}")
+    return host, int(port)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether listening on `host` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _parse_address(value: str, variable: str) -> str:
     address = value.strip()
     if "@" not in address or any(c in address for c in "\r\n\0"):
@@ -5711,6 +6669,15 @@ SETTINGS: tuple[Setting, ...] = (
             "recipients of alert mails, comma-separated", "unset", log="alerts"),
     Setting("EMAIL_SMTP_TLS", "email_smtp_tls", "email", _choice_parser(SMTP_TLS_MODES),
             "starttls", "starttls, ssl or none", "ssl on port 465, else starttls"),
+    Setting("OPS_ADDR", "ops_addr", "ops", parse_ops_addr, None,
+            "host:port of the operations port (/health, /ready, /status, /metrics); :9187 listens "
+            "on every interface", "unset (no listener)"),
+    Setting("OPS_TOKEN", "ops_token", "ops", _parse_bearer_token, None,
+            "bearer token the operations port requires (not on /health, /ready)", secrets=_whole_value),
+    Setting("SLOT_CHECK_INTERVAL_SECS", "slot_check_interval_s", "ops", _parse_seconds, 30.0,
+            "seconds between two checks of the slot's retained WAL"),
+    Setting("SLOT_MAX_RETAINED_MB", "slot_max_retained_mb", "ops", _int_parser(1), 4096,
+            "alert when the slot retains more WAL than this, in MB"),
 )
 
 
@@ -5744,7 +6711,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 #: --help lists these groups' settings under their own heading, the others under "options".
 HELP_GROUPS = {"http": "HTTP sink (EVENT_SINK=http)", "hook0": "Hook0 sink (EVENT_SINK=hook0)",
-               "email": "email alerts"}
+               "email": "email alerts", "ops": "operations port and slot guard"}
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -5906,6 +6873,10 @@ def config_warnings(config: Config) -> list[str]:
                         "secret's UTF-8 bytes as the key)")
     if config.event_sink == "stdout" and config.delivery_concurrency > 1:
         warnings.append("DELIVERY_CONCURRENCY is ignored: the stdout sink writes one batch at a time")
+    if config.ops_addr and not config.ops_token and not is_loopback_host(config.ops_addr[0]):
+        warnings.append("OPS_ADDR listens beyond this machine without OPS_TOKEN: only /health, /ready "
+                        "and /metrics are served; /status, the live tap and the page are off because "
+                        "they show row data (set OPS_TOKEN to turn them on)")
     return warnings
 
 
@@ -5931,7 +6902,7 @@ def describe_config(config: Config) -> str:
 
 
 # =====================================================================================================
-# 19. Service: run() and --check
+# 20. Service: run() and --check
 # =====================================================================================================
 
 
@@ -5945,8 +6916,9 @@ def open_sink(config, alerter):
 
 
 async def run(config, *, sink: Sink | None = None, stop: trio.Event | None = None,
-              task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run wal2http until `stop` is set (or forever).  `sink` replaces the configured one.
+              task_status=trio.TASK_STATUS_IGNORED, stats=None) -> None:
+    """Run wal2http until `stop` is set (or forever).  `sink` replaces the configured one; `stats`
+    (an operations `Stats`) is what the operations port and the slot guard read and fill.
 
     task_status.started() is called once streaming has begun, with the AckTracker.
     Raises DeliveryFailed (ON_FAILURE=exit), PreconditionError, or another Wal2HttpError.
@@ -5955,11 +6927,15 @@ async def run(config, *, sink: Sink | None = None, stop: trio.Event | None = Non
     alerter = Alerter(config)
     sink = sink or open_sink(config, alerter)
     logger.info("wal2http %s starting: %s", __version__, describe_config(config))
+    stats = stats if stats is not None else Stats(config)
+    reliable = ReliableSink(sink, config, alerter, stop=stop, stats=stats)
+    stats.start(config, reliable, alerter, stop)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(alerter.run)
+            await nursery.start(run_ops_server, config, stats)
             try:
-                await run_replication(config, ReliableSink(sink, config, alerter, stop=stop), stop, task_status, alerter)
+                await run_guarded_replication(config, reliable, stop, task_status, alerter, stats)
             finally:
                 with trio.CancelScope(shield=True):
                     await sink.aclose()
@@ -6035,8 +7011,8 @@ async def _check_database(conn: PgConnection, config, results: list) -> None:
     ]
     for name, awaitable in checks:
         try:
-            await awaitable
-            results.append((name, None))
+            detail = await awaitable
+            results.append((f"{name}: {detail}" if detail else name, None))
         except ServerError as exc:
             results.append((name, str(classify_server_error(exc, name))))
         except Wal2HttpError as exc:
@@ -6063,17 +7039,20 @@ async def _check_privilege(conn: PgConnection) -> None:
                                 f"ALTER ROLE {quote_ident(conn.conninfo.user)} REPLICATION;")
 
 
-async def _check_slot(conn: PgConnection, config) -> None:
-    """Like ensure_slot, but never creates: a missing slot passes when CREATE_SLOT=true."""
+async def _check_slot(conn: PgConnection, config) -> str:
+    """Like ensure_slot, but never creates: a missing slot passes when CREATE_SLOT=true.  Returns
+    the slot's health (wal_status, retained WAL); a slot PostgreSQL invalidated fails."""
     try:
         await ensure_slot(conn, dataclasses.replace(config, create_slot=False))
     except PreconditionError as exc:
         if not (config.create_slot and "does not exist" in str(exc)):
             raise
+        return "does not exist yet; wal2http creates it (CREATE_SLOT=true)"
+    return await check_slot_health(conn, config)
 
 
 # =====================================================================================================
-# 20. --demo: a throwaway PostgreSQL
+# 21. --demo: a throwaway PostgreSQL
 # =====================================================================================================
 # Runs the real thing end to end against a cluster made with initdb in a temporary directory, run
 # as an unprivileged user when we are root (PostgreSQL refuses to run as root), removed at the end.
@@ -6222,7 +7201,7 @@ async def _demo_session(config) -> None:
 
 
 # =====================================================================================================
-# 21. Command line
+# 22. Command line
 # =====================================================================================================
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
