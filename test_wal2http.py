@@ -7933,6 +7933,10 @@ def ops_env(cluster, db, receiver=None, **overrides) -> dict[str, str]:
     return http_env(cluster, db, receiver, **settings) if receiver else make_env(cluster, db, **settings)
 
 
+async def _in_flight_is(port: int, expected: int) -> bool:
+    return metric_value(await scrape(port), "wal2http_delivery_requests_in_flight") == expected
+
+
 def ops_port(config) -> int:
     return config.ops_addr[1]
 
@@ -8059,6 +8063,21 @@ class TestOpsEndToEnd:
             await sink.wait_for(11)
             await wait_until(lambda: _lag(port, lambda bytes_, seconds: bytes_ == 0 and seconds == 0), timeout=60)
             assert metric_value(await scrape(port), "wal2http_delivery_requests_in_flight") == 0
+
+    async def test_requests_in_flight_with_concurrent_delivery(self, cluster, db):
+        """DELIVERY_CONCURRENCY=4 and a sink that holds every request: four are in flight at
+        once, which the gauge shows; none once they are let through."""
+        await table(cluster, db)
+        sink = MemorySink(batch_size=1)
+        sink.gate = trio.Event()
+        config = w.load_config([], ops_env(cluster, db, delivery_concurrency="4"))[0]
+        port = ops_port(config)
+        async with running(config, sink):
+            await sql(cluster, db, "INSERT INTO t SELECT g, 'x' FROM generate_series(1, 10) g")
+            await wait_until(lambda: _in_flight_is(port, 4))
+            sink.gate.set()
+            await sink.wait_for(10)
+            await wait_until(lambda: _in_flight_is(port, 0))
 
     async def test_hostile_clients_cost_nothing_while_events_flow(self, cluster, db, monkeypatch):
         monkeypatch.setattr(w, "OPS_HEAD_TIMEOUT_S", 1.0)
