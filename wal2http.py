@@ -2387,8 +2387,8 @@ def convert_commit_time(timestamp_us: int) -> str:
 # transactions.  Its only I/O is the spill file.  The path of a row change, the same for Insert,
 # Update and Delete, plain or streamed:
 #   ChangeAssembler.feed (plain) or _replay_stream (streamed, at its Stream Commit)
-#   -> _write_change -> the relation's RelationWriter.write: message bytes -> event JSON text
-#      (or, for what that one pass does not take, decode_pgoutput -> RelationWriter.write_decoded)
+#   -> the relation's RelationWriter.write: message bytes -> event JSON text
+#      (what that one pass does not take: _write_decoded -> RelationWriter.write_decoded)
 
 #: Bytes counted per buffered streamed record on top of its message bytes (tuple, ints, list slot).
 STREAM_RECORD_OVERHEAD_BYTES = 120
@@ -2566,8 +2566,11 @@ class RelationWriter:
             old = "{" + ",".join([old[i] for i in keys]) + "}"
         else:
             old = "{" + ",".join(old) + "}"
-        new = "null" if new is None else "{" + ",".join(new) + "}"
-        return _change_event(ctx, _CHANGE_OPS[tag], self, key, new, old, "[]", wal_start)
+        seq = ctx.seq  # _change_event, inlined: the hot path
+        ctx.seq = seq + 1
+        return Event(_CHANGE_LINE % (
+            ctx.commit_lsn, seq, _CHANGE_OPS[tag], self.head, key, "null" if new is None else "{" + ",".join(new) + "}",
+            old, "[]", ctx.xid_member, wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
 
     def _tuple_members(self, data: bytes, pos: int) -> tuple[list[str], int]:
         """The TupleData at `pos` as its members, and the position after it.  Raises ValueError
@@ -2852,8 +2855,11 @@ class ChangeAssembler:
         if not data:
             raise ProtocolError("malformed XLogData message: no pgoutput message in it")
         if data[0] in _CHANGE_OPS and self._txn is not None and self._stream is None:
-            pending = self._pending  # the hot path: a plain Insert, Update or Delete
-            pending.append(self._write_change(self._txn, data, False, wal_start))
+            # The hot path: a plain Insert, Update or Delete, by its relation's writer.
+            writer = self._writers.get(_U32.unpack_from(data, 1)[0]) if len(data) > 5 else None
+            event = None if writer is None else writer.write(self._txn, data, 5, wal_start)
+            pending = self._pending
+            pending.append(self._write_decoded(self._txn, data, False, wal_start, writer) if event is None else event)
             return () if len(pending) < self.chunk_events else self._flush_full()
         message = decode_pgoutput(data, self._stream is not None)
         return self._handlers[message.__class__](message, wal_start, data)
@@ -2900,21 +2906,12 @@ class ChangeAssembler:
             self._pending.append(build_truncate_event(self._txn, self._writer(relid, data), message, wal_start))
         return self._flush_full()
 
-    def _write_change(self, ctx: _TxnContext, data: bytes, in_stream: bool, wal_start: int,
-                      generation: int | None = None) -> Event:
-        """The event of an Insert, Update or Delete message: plain ones as they come, streamed
-        ones at their Stream Commit (with the relation as it was at cache generation `generation`)."""
-        pos = 5 if in_stream else 1  # the relid, after the tag and in a stream the xid
-        if len(data) > pos + 4:
-            (relid,) = _U32.unpack_from(data, pos)
-            writer = self._writers.get(relid) if generation is None else self._writer_at(relid, generation)
-            event = writer.write(ctx, data, pos + 4, wal_start) if writer is not None else None
-            if event is not None:
-                return event
+    def _write_decoded(self, ctx: _TxnContext, data: bytes, in_stream: bool, wal_start: int,
+                       writer: RelationWriter | None) -> Event:
+        """An Insert, Update or Delete its relation's writer did not take from the bytes (or that
+        names no known relation: then the error says so, after any error in the bytes)."""
         message = decode_pgoutput(data, in_stream)
-        if generation is None:
-            return self._writer(message.relid, data).write_decoded(ctx, message, wal_start)
-        return self._writer_at(message.relid, generation).write_decoded(ctx, message, wal_start)
+        return (writer or self._writer(message.relid, data)).write_decoded(ctx, message, wal_start)
 
     def _flush_full(self) -> tuple:
         if len(self._pending) < self.chunk_events:
@@ -3058,9 +3055,11 @@ class ChangeAssembler:
             self._prune_writer_history()
 
     def _replayed_events(self, ctx: _TxnContext, generation: int, data: bytes, wal_start: int) -> Iterable[Event]:
-        """The events of one buffered record: changes the way plain ones go (_write_change)."""
-        if data[0] in _CHANGE_OPS:
-            return (self._write_change(ctx, data, True, wal_start, generation),)
+        """The events of one buffered record."""
+        if data[0] in _CHANGE_OPS:  # as plain ones go (feed); checked when buffered
+            writer = self._writer_at(_U32.unpack_from(data, 5)[0], generation)
+            event = writer.write(ctx, data, 9, wal_start)
+            return (self._write_decoded(ctx, data, True, wal_start, writer) if event is None else event,)
         message = decode_pgoutput(data, True)
         if message.__class__ is Message:
             return (build_message_event(ctx, message),)
