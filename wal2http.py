@@ -2566,11 +2566,11 @@ class RelationWriter:
             old = "{" + ",".join([old[i] for i in keys]) + "}"
         else:
             old = "{" + ",".join(old) + "}"
+        line, new = (_CHANGE_LINE, "null") if new is None else (_CHANGE_LINE_NEW_MEMBERS, ",".join(new))
         seq = ctx.seq  # _change_event, inlined: the hot path
         ctx.seq = seq + 1
-        return Event(_CHANGE_LINE % (
-            ctx.commit_lsn, seq, _CHANGE_OPS[tag], self.head, key, "null" if new is None else "{" + ",".join(new) + "}",
-            old, "[]", ctx.xid_member, wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
+        return Event(line % (ctx.commit_lsn, seq, _CHANGE_OPS[tag], self.head, key, new, old, "[]",
+                             ctx.xid_member, wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
 
     def _tuple_members(self, data: bytes, pos: int) -> tuple[list[str], int]:
         """The TupleData at `pos` as its members, and the position after it.  Raises ValueError
@@ -2680,6 +2680,8 @@ def _row_json(writer: RelationWriter, row: dict | None) -> str:
 
 _CHANGE_LINE = ('{"id":"%s:%d","op":"%s",%s"key":%s,"new":%s,"old":%s,"unchanged_toast":%s,%s'
                 '"lsn":"%X/%X",%s"seq":%d}')
+#: The same with the new row's members in place: no '{...}' copied before the line is.
+_CHANGE_LINE_NEW_MEMBERS = _CHANGE_LINE.replace('"new":%s', '"new":{%s}')
 _CHANGE_OPS = {INSERT.value: "insert", UPDATE.value: "update", DELETE.value: "delete"}
 _INSERT, _DELETE = INSERT.value, DELETE.value  # plain ints: compared for every change
 
