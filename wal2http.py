@@ -1497,12 +1497,12 @@ def encode_standby_status(write_lsn: int, flush_lsn: int, apply_lsn: int, now_us
 # 6. pgoutput decoder
 # =====================================================================================================
 # Pure: bytes in, frozen dataclasses out.  Layouts from the PostgreSQL docs, "Logical Replication
-# Message Formats" (protocol.sgml).  On the hot path the envelope's RelationWriter (section 8) reads
-# the TupleData of Insert, Update and Delete itself, with the constants below; whatever it does
-# not take comes here, which gives the exact errors.  Integers are big-endian; xids and OIDs unsigned; LSNs are
+# Message Formats" (protocol.sgml).  Integers are big-endian; xids and OIDs unsigned; LSNs are
 # ints; timestamps stay raw ints (microseconds since 2000-01-01 UTC).  Inside a streamed block
 # (between Stream Start and Stream Stop) Relation, Type, Insert, Update, Delete, Truncate and
-# Message carry the (sub)transaction xid first (protocol 2+).
+# Message carry the (sub)transaction xid first (protocol 2+).  On the hot path the envelope's
+# RelationWriter (section 8) reads the TupleData of Insert, Update and Delete itself, with the
+# constants below; what it does not take is decoded here, with the exact errors.
 
 @enum.global_enum
 class PgoutputMessage(_Tag):
