@@ -2539,17 +2539,23 @@ class RelationWriter:
     def write(self, ctx: _TxnContext, data: bytes, pos: int, wal_start: int) -> Event | None:
         """The event of an Insert, Update or Delete message (`data`; `pos`: just after its relid),
         straight from its bytes; None when `write_decoded` must write it."""
+        tag, new = data[0], []
         try:
-            tag, old_kind = data[0], data[pos]
-            old = new = None
-            if tag != _INSERT and (old_kind == TUPLE_KEY or old_kind == TUPLE_OLD):
-                old, pos = self._tuple_members(data, pos + 1)
-            elif tag == _DELETE:
-                return None
-            if tag != _DELETE:
-                if data[pos] != TUPLE_NEW:
+            kind = data[pos]
+            if kind == TUPLE_NEW and tag != _DELETE:  # an Insert, or an Update without its old row
+                old = None
+                pos = self._tuple_members(data, pos + 1, new)
+            elif (kind == TUPLE_KEY or kind == TUPLE_OLD) and tag != _INSERT:
+                old = []
+                pos = self._tuple_members(data, pos + 1, old)
+                if tag == _DELETE:
+                    new = None
+                elif data[pos] == TUPLE_NEW:
+                    pos = self._tuple_members(data, pos + 1, new)
+                else:
                     return None
-                new, pos = self._tuple_members(data, pos + 1)
+            else:
+                return None
         except (IndexError, struct.error, *_VALUE_ERRORS):  # UnicodeDecodeError is a ValueError
             return None
         if pos != len(data):
@@ -2562,23 +2568,26 @@ class RelationWriter:
             key = "{" + ",".join([row[i] for i in keys]) + "}" if keys else "null"
         if old is None:
             old = "null"
-        elif old_kind == TUPLE_KEY:
+        elif kind == TUPLE_KEY:
             old = "{" + ",".join([old[i] for i in keys]) + "}"
         else:
             old = "{" + ",".join(old) + "}"
-        line, new = (_CHANGE_LINE, "null") if new is None else (_CHANGE_LINE_NEW_MEMBERS, ",".join(new))
+        if new is None:
+            line, new = _CHANGE_LINE, "null"
+        else:
+            line, new = _CHANGE_LINE_NEW_MEMBERS, ",".join(new)
         seq = ctx.seq  # _change_event, inlined: the hot path
         ctx.seq = seq + 1
         return Event(line % (ctx.commit_lsn, seq, _CHANGE_OPS[tag], self.head, key, new, old, "[]",
                              ctx.xid_member, wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
 
-    def _tuple_members(self, data: bytes, pos: int) -> tuple[list[str], int]:
-        """The TupleData at `pos` as its members, and the position after it.  Raises ValueError
-        for anything but text and NULL values (IndexError or struct.error for truncated bytes)."""
+    def _tuple_members(self, data: bytes, pos: int, members: list[str]) -> int:
+        """Appends the TupleData at `pos` to `members` as its columns' members; returns the position
+        after it.  Raises ValueError for anything but text and NULL values (IndexError or
+        struct.error for truncated bytes)."""
         if _U16.unpack_from(data, pos)[0] != len(self.columns):
             raise ValueError("column count")
         pos += 2
-        members: list[str] = []
         append, size_of = members.append, _U32.unpack_from
         for member, convert, null in self.columns:
             kind = data[pos]
@@ -2591,7 +2600,7 @@ class RelationWriter:
                 pos += 1
             else:
                 raise ValueError("not a text or NULL value")
-        return members, pos
+        return pos
 
     def write_decoded(self, ctx: _TxnContext, message: Insert | Update | Delete, wal_start: int) -> Event:
         """The event of a decoded change, whatever its values (see the class comment)."""
