@@ -2572,14 +2572,11 @@ class RelationWriter:
             old = "{" + ",".join([old[i] for i in keys]) + "}"
         else:
             old = "{" + ",".join(old) + "}"
-        if new is None:
-            line, new = _CHANGE_LINE, "null"
-        else:
-            line, new = _CHANGE_LINE_NEW_MEMBERS, ",".join(new)
         seq = ctx.seq  # _change_event, inlined: the hot path
         ctx.seq = seq + 1
-        return Event(line % (ctx.commit_lsn, seq, _CHANGE_OPS[tag], self.head, key, new, old, "[]",
-                             ctx.xid_member, wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
+        return Event(_WRITE_LINES[tag] % (
+            ctx.commit_lsn, seq, self.head, key, "" if new is None else ",".join(new), old, ctx.xid_member,
+            wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
 
     def _tuple_members(self, data: bytes, pos: int, members: list[str]) -> int:
         """Appends the TupleData at `pos` to `members` as its columns' members; returns the position
@@ -2689,9 +2686,20 @@ def _row_json(writer: RelationWriter, row: dict | None) -> str:
 
 _CHANGE_LINE = ('{"id":"%s:%d","op":"%s",%s"key":%s,"new":%s,"old":%s,"unchanged_toast":%s,%s'
                 '"lsn":"%X/%X",%s"seq":%d}')
-#: The same with the new row's members in place: no '{...}' copied before the line is.
-_CHANGE_LINE_NEW_MEMBERS = _CHANGE_LINE.replace('"new":%s', '"new":{%s}')
 _CHANGE_OPS = {INSERT.value: "insert", UPDATE.value: "update", DELETE.value: "delete"}
+
+
+def _write_line(op: str, new: str) -> str:
+    """_CHANGE_LINE for RelationWriter.write: the op and an empty unchanged_toast in place, and the
+    new row's members inside `new` (so no '{...}' is copied before the line is)."""
+    return (_CHANGE_LINE.replace('"op":"%s"', f'"op":"{op}"').replace('"new":%s', f'"new":{new}')
+            .replace('"unchanged_toast":%s', '"unchanged_toast":[]'))
+
+
+#: Message tag -> its line template in RelationWriter.write.  A Delete has no new row: its
+#: members' text is "" there, after the null.
+_WRITE_LINES = {INSERT.value: _write_line("insert", "{%s}"), UPDATE.value: _write_line("update", "{%s}"),
+                DELETE.value: _write_line("delete", "null%s")}
 _INSERT, _DELETE = INSERT.value, DELETE.value  # plain ints: compared for every change
 
 
