@@ -1117,12 +1117,12 @@ def encode_standby_status(write_lsn: int, flush_lsn: int, apply_lsn: int, now_us
 # 6. pgoutput decoder
 # =====================================================================================================
 # Pure: bytes in, frozen dataclasses out.  Layouts from the PostgreSQL docs, "Logical Replication
-# Message Formats" (protocol.sgml).  On the hot path the envelope's RelationWriter (section 8) reads
-# the TupleData of Insert, Update and Delete itself, with the constants below; whatever it does
-# not take comes here, which gives the exact errors.  Integers are big-endian; xids and OIDs unsigned; LSNs are
+# Message Formats" (protocol.sgml).  Integers are big-endian; xids and OIDs unsigned; LSNs are
 # ints; timestamps stay raw ints (microseconds since 2000-01-01 UTC).  Inside a streamed block
 # (between Stream Start and Stream Stop) Relation, Type, Insert, Update, Delete, Truncate and
-# Message carry the (sub)transaction xid first (protocol 2+).
+# Message carry the (sub)transaction xid first (protocol 2+).  On the hot path the envelope's
+# RelationWriter (section 8) reads the TupleData of Insert, Update and Delete itself, with the
+# constants below; what it does not take is decoded here, with the exact errors.
 
 @enum.global_enum
 class PgoutputMessage(_Tag):
@@ -2007,8 +2007,8 @@ def convert_commit_time(timestamp_us: int) -> str:
 # transactions.  Its only I/O is the spill file.  The path of a row change, the same for Insert,
 # Update and Delete, plain or streamed:
 #   ChangeAssembler.feed (plain) or _replay_stream (streamed, at its Stream Commit)
-#   -> _write_change -> the relation's RelationWriter.write: message bytes -> event JSON text
-#      (or, for what that one pass does not take, decode_pgoutput -> RelationWriter.write_decoded)
+#   -> the relation's RelationWriter.write: message bytes -> event JSON text
+#      (what that one pass does not take: _write_decoded -> RelationWriter.write_decoded)
 
 #: Bytes counted per buffered streamed record on top of its message bytes (tuple, ints, list slot).
 STREAM_RECORD_OVERHEAD_BYTES = 120
@@ -2163,17 +2163,23 @@ class RelationWriter:
     def write(self, ctx: _TxnContext, data: bytes, pos: int, wal_start: int) -> Event | None:
         """The event of an Insert, Update or Delete message (`data`; `pos`: just after its relid),
         straight from its bytes; None when `write_decoded` must write it."""
+        tag, new = data[0], []
         try:
-            tag, old_kind = data[0], data[pos]
-            old = new = None
-            if tag != _INSERT and (old_kind == TUPLE_KEY or old_kind == TUPLE_OLD):
-                old, pos = self._tuple_members(data, pos + 1)
-            elif tag == _DELETE:
-                return None
-            if tag != _DELETE:
-                if data[pos] != TUPLE_NEW:
+            kind = data[pos]
+            if kind == TUPLE_NEW and tag != _DELETE:  # an Insert, or an Update without its old row
+                old = None
+                pos = self._tuple_members(data, pos + 1, new)
+            elif (kind == TUPLE_KEY or kind == TUPLE_OLD) and tag != _INSERT:
+                old = []
+                pos = self._tuple_members(data, pos + 1, old)
+                if tag == _DELETE:
+                    new = None
+                elif data[pos] == TUPLE_NEW:
+                    pos = self._tuple_members(data, pos + 1, new)
+                else:
                     return None
-                new, pos = self._tuple_members(data, pos + 1)
+            else:
+                return None
         except (IndexError, struct.error, *_VALUE_ERRORS):  # UnicodeDecodeError is a ValueError
             return None
         if pos != len(data):
@@ -2186,20 +2192,23 @@ class RelationWriter:
             key = "{" + ",".join([row[i] for i in keys]) + "}" if keys else "null"
         if old is None:
             old = "null"
-        elif old_kind == TUPLE_KEY:
+        elif kind == TUPLE_KEY:
             old = "{" + ",".join([old[i] for i in keys]) + "}"
         else:
             old = "{" + ",".join(old) + "}"
-        new = "null" if new is None else "{" + ",".join(new) + "}"
-        return _change_event(ctx, _CHANGE_OPS[tag], self, key, new, old, "[]", wal_start)
+        seq = ctx.seq  # _change_event, inlined: the hot path
+        ctx.seq = seq + 1
+        return Event(_WRITE_LINES[tag] % (
+            ctx.commit_lsn, seq, self.head, key, "" if new is None else ",".join(new), old, ctx.xid_member,
+            wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
 
-    def _tuple_members(self, data: bytes, pos: int) -> tuple[list[str], int]:
-        """The TupleData at `pos` as its members, and the position after it.  Raises ValueError
-        for anything but text and NULL values (IndexError or struct.error for truncated bytes)."""
+    def _tuple_members(self, data: bytes, pos: int, members: list[str]) -> int:
+        """Appends the TupleData at `pos` to `members` as its columns' members; returns the position
+        after it.  Raises ValueError for anything but text and NULL values (IndexError or
+        struct.error for truncated bytes)."""
         if _U16.unpack_from(data, pos)[0] != len(self.columns):
             raise ValueError("column count")
         pos += 2
-        members: list[str] = []
         append, size_of = members.append, _U32.unpack_from
         for member, convert, null in self.columns:
             kind = data[pos]
@@ -2212,7 +2221,7 @@ class RelationWriter:
                 pos += 1
             else:
                 raise ValueError("not a text or NULL value")
-        return members, pos
+        return pos
 
     def write_decoded(self, ctx: _TxnContext, message: Insert | Update | Delete, wal_start: int) -> Event:
         """The event of a decoded change, whatever its values (see the class comment)."""
@@ -2302,6 +2311,19 @@ def _row_json(writer: RelationWriter, row: dict | None) -> str:
 _CHANGE_LINE = ('{"id":"%s:%d","op":"%s",%s"key":%s,"new":%s,"old":%s,"unchanged_toast":%s,%s'
                 '"lsn":"%X/%X",%s"seq":%d}')
 _CHANGE_OPS = {INSERT.value: "insert", UPDATE.value: "update", DELETE.value: "delete"}
+
+
+def _write_line(op: str, new: str) -> str:
+    """_CHANGE_LINE for RelationWriter.write: the op and an empty unchanged_toast in place, and the
+    new row's members inside `new` (so no '{...}' is copied before the line is)."""
+    return (_CHANGE_LINE.replace('"op":"%s"', f'"op":"{op}"').replace('"new":%s', f'"new":{new}')
+            .replace('"unchanged_toast":%s', '"unchanged_toast":[]'))
+
+
+#: Message tag -> its line template in RelationWriter.write.  A Delete has no new row: its
+#: members' text is "" there, after the null.
+_WRITE_LINES = {INSERT.value: _write_line("insert", "{%s}"), UPDATE.value: _write_line("update", "{%s}"),
+                DELETE.value: _write_line("delete", "null%s")}
 _INSERT, _DELETE = INSERT.value, DELETE.value  # plain ints: compared for every change
 
 
@@ -2498,8 +2520,11 @@ class ChangeAssembler:
         if not data:
             raise ProtocolError("malformed XLogData message: no pgoutput message in it")
         if data[0] in _CHANGE_OPS and self._txn is not None and self._stream is None:
-            pending = self._pending  # the hot path: a plain Insert, Update or Delete
-            pending.append(self._write_change(self._txn, data, False, wal_start))
+            # The hot path: a plain Insert, Update or Delete, by its relation's writer.
+            writer = self._writers.get(_U32.unpack_from(data, 1)[0]) if len(data) > 5 else None
+            event = None if writer is None else writer.write(self._txn, data, 5, wal_start)
+            pending = self._pending
+            pending.append(self._write_decoded(self._txn, data, False, wal_start, writer) if event is None else event)
             if data[0] != _INSERT:
                 self._count_op(_CHANGE_OPS[data[0]])
             return () if len(pending) < self.chunk_events else self._flush_full()
@@ -2554,21 +2579,12 @@ class ChangeAssembler:
         counts = self._pending_ops = self._pending_ops or {}
         counts[op] = counts.get(op, 0) + 1
 
-    def _write_change(self, ctx: _TxnContext, data: bytes, in_stream: bool, wal_start: int,
-                      generation: int | None = None) -> Event:
-        """The event of an Insert, Update or Delete message: plain ones as they come, streamed
-        ones at their Stream Commit (with the relation as it was at cache generation `generation`)."""
-        pos = 5 if in_stream else 1  # the relid, after the tag and in a stream the xid
-        if len(data) > pos + 4:
-            (relid,) = _U32.unpack_from(data, pos)
-            writer = self._writers.get(relid) if generation is None else self._writer_at(relid, generation)
-            event = writer.write(ctx, data, pos + 4, wal_start) if writer is not None else None
-            if event is not None:
-                return event
+    def _write_decoded(self, ctx: _TxnContext, data: bytes, in_stream: bool, wal_start: int,
+                       writer: RelationWriter | None) -> Event:
+        """An Insert, Update or Delete its relation's writer did not take from the bytes (or that
+        names no known relation: then the error says so, after any error in the bytes)."""
         message = decode_pgoutput(data, in_stream)
-        if generation is None:
-            return self._writer(message.relid, data).write_decoded(ctx, message, wal_start)
-        return self._writer_at(message.relid, generation).write_decoded(ctx, message, wal_start)
+        return (writer or self._writer(message.relid, data)).write_decoded(ctx, message, wal_start)
 
     def _flush_full(self) -> tuple:
         if len(self._pending) < self.chunk_events:
@@ -2720,9 +2736,11 @@ class ChangeAssembler:
             self._prune_writer_history()
 
     def _replayed_events(self, ctx: _TxnContext, generation: int, data: bytes, wal_start: int) -> Iterable[Event]:
-        """The events of one buffered record: changes the way plain ones go (_write_change)."""
-        if data[0] in _CHANGE_OPS:
-            return (self._write_change(ctx, data, True, wal_start, generation),)
+        """The events of one buffered record."""
+        if data[0] in _CHANGE_OPS:  # as plain ones go (feed); checked when buffered
+            writer = self._writer_at(_U32.unpack_from(data, 5)[0], generation)
+            event = writer.write(ctx, data, 9, wal_start)
+            return (self._write_decoded(ctx, data, True, wal_start, writer) if event is None else event,)
         message = decode_pgoutput(data, True)
         if message.__class__ is Message:
             return (build_message_event(ctx, message),)
