@@ -404,15 +404,15 @@ class MessageBuffer:
         whose content starts with the byte `kind` and holds the header `layout` describes (see
         copy_data_layout), take it and return (the fields of `layout`, the bytes after them);
         otherwise None (next_message then gives it)."""
-        data, pos = self._data, self._pos
-        if len(data) - pos < layout.size:
+        data, pos, size = self._data, self._pos, layout.size
+        if len(data) - pos < size:
             return None
         fields = layout.unpack_from(data, pos)
         end = pos + 1 + fields[1]
-        if fields[0] != _COPY_DATA or fields[2] != kind or len(data) < end or end - pos < layout.size:
+        if fields[0] != _COPY_DATA or fields[2] != kind or len(data) < end or end - pos < size:
             return None
         self._pos = end
-        return fields, bytes(data[pos + layout.size:end])
+        return fields, bytes(data[pos + size:end])
 
     def pending(self) -> int:
         """Bytes received but not yet returned as messages."""
@@ -1080,8 +1080,9 @@ class ReplicationMessage(_Tag):
 
 PG_EPOCH_OFFSET_US = 946_684_800_000_000  #: 2000-01-01 minus 1970-01-01, in microseconds
 
-#: XLogData's header: 'w', wal_start, wal_end, server clock; the pgoutput message follows it.
-XLOG_DATA_HEADER = struct.Struct("!BQQQ")
+#: XLogData's header: 'w', wal_start, wal_end, and the server's clock (skipped: nothing reads it);
+#: the pgoutput message follows it.
+XLOG_DATA_HEADER = struct.Struct("!BQQ8x")
 #: A CopyData holding XLogData, up to the pgoutput message: (tag, length, *XLOG_DATA_HEADER).
 XLOG_DATA_FRAME = copy_data_layout(XLOG_DATA_HEADER)
 _KEEPALIVE = struct.Struct("!BQQB")
@@ -1093,7 +1094,7 @@ def decode_xlog_data(body: bytes) -> tuple[int, int, bytes]:
     header = XLOG_DATA_HEADER
     if len(body) < header.size:
         raise ProtocolError("malformed XLogData message: truncated header")
-    _, wal_start, wal_end, _ = header.unpack_from(body)
+    _, wal_start, wal_end = header.unpack_from(body)
     return wal_start, wal_end, body[header.size:]
 
 
@@ -3183,7 +3184,7 @@ class ReplicationStream:
                     return
                 await self.handle_message(*message)
                 continue
-            (_, _, _, wal_start, wal_end, _), payload = xlog
+            (_, _, _, wal_start, wal_end), payload = xlog
             if wal_end > ack.received_lsn:
                 ack.received_lsn = wal_end
             chunks = feed(wal_start, payload)
