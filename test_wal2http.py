@@ -68,7 +68,8 @@ def config_error(env=None, argv=(), with_db=True) -> str:
     with pytest.raises(w.ConfigError) as info:
         load(env, argv, with_db)
     message = str(info.value)
-    assert "\n" not in message and message.strip() == message
+    assert "\n" not in message
+    assert message.strip() == message
     return message
 
 
@@ -80,7 +81,8 @@ class TestConfig:
     def test_defaults_match_the_contract(self):
         config, mode = w.load_config([], {"DATABASE_URL": DB_URL})
         assert mode == "run"
-        assert config.database_url == DB_URL and config.conninfo.host == "db.example.org"
+        assert config.database_url == DB_URL
+        assert config.conninfo.host == "db.example.org"
         assert dataclasses.replace(config, database_url=None, conninfo=None) == w.Config()
         assert (config.slot_name, config.publications, config.create_slot) == ("sub", ("pub",), True)
         assert (config.event_sink, config.feedback_interval_s, config.streaming) == ("stdout", 1.0, False)
@@ -89,7 +91,8 @@ class TestConfig:
         assert (config.log_level, config.http_batch_size, config.http_timeout_s) == ("INFO", 1, 10.0)
         assert (config.http_headers, config.hook0_labels, config.email_to) == ((), (), ())
         assert (config.email_smtp_port, config.email_smtp_tls) == (587, "starttls")
-        assert not config.hook0_table_events and not config.hook0_create_event_types
+        assert not config.hook0_table_events
+        assert not config.hook0_create_event_types
 
     SETTINGS = [
         ("SLOT_NAME", "my_slot_2", "slot_name", "my_slot_2"),
@@ -182,7 +185,8 @@ class TestConfig:
 
     def test_bare_boolean_flag_means_true(self):
         config = load({"STREAMING": "false"}, ["--streaming", "--hook0-table-events"])
-        assert config.streaming and config.hook0_table_events
+        assert config.streaming
+        assert config.hook0_table_events
         assert not load(argv=["--create-slot", "off"]).create_slot
 
     @pytest.mark.parametrize("word", ["maybe", "2", "ja", "tru"])
@@ -309,7 +313,9 @@ class TestConfig:
         assert config_error({"DATABASE_URL": "  "}, with_db=False).startswith("DATABASE_URL is required")
         assert config_error(argv=["--check"], with_db=False).startswith("DATABASE_URL is required")
         config, mode = w.load_config(["--demo"], {})
-        assert mode == "demo" and config.database_url is None and config.conninfo is None
+        assert mode == "demo"
+        assert config.database_url is None
+        assert config.conninfo is None
 
     def test_modes(self):
         assert w.load_config(["--check"], {"DATABASE_URL": DB_URL})[1] == "check"
@@ -325,7 +331,8 @@ class TestConfig:
     ])
     def test_command_line_errors_are_config_errors_without_values(self, argv, shown):
         message = config_error(argv=argv)
-        assert shown in message and "Typo-Secret-9" not in message
+        assert shown in message
+        assert "Typo-Secret-9" not in message
 
     def test_help_lists_every_option_variable_and_default(self, capsys, monkeypatch):
         monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a help text
@@ -339,7 +346,8 @@ class TestConfig:
             assert f"[env {setting.variable}; default: {setting.help_default}]" in options
         for flag in ("--check", "--demo", "--version", "--help"):
             assert flag in out
-        assert "default: sub]" in out and "default: wal2http-dead-letter.jsonl]" in out
+        assert "default: sub]" in out
+        assert "default: wal2http-dead-letter.jsonl]" in out
 
     def test_help_lists_sink_and_alert_settings_under_their_heading(self, capsys, monkeypatch):
         monkeypatch.setenv("COLUMNS", "1000")
@@ -395,9 +403,11 @@ class TestConfig:
         value, secret = self.SECRET_SAMPLES[variable]
         config = load({variable: value})
         assert secret in w.config_secrets(config)
-        assert secret not in repr(config) and secret not in w.describe_config(config)
+        assert secret not in repr(config)
+        assert secret not in w.describe_config(config)
         message = config_error({variable: value, "ON_FAILURE": secret})  # an error that echoes it
-        assert message.startswith("ON_FAILURE must be one of") and secret not in message
+        assert message.startswith("ON_FAILURE must be one of")
+        assert secret not in message
         assert w.scrub_secrets(f"x {secret} y", w.config_secrets(config)) == "x *** y"
 
     @pytest.mark.parametrize("run_as,prog", [("script", "wal2http.py"), ("command", "wal2http"),
@@ -506,9 +516,11 @@ class TestConfig:
         assert "slot=orders_slot publications=a,b" in line
         assert "database=postgresql://app:***@db.example.org:5432/app" in line
         assert "alerts=ops@example.org" in line
-        assert "Url-Pw-1" not in line and "Tok-1" not in line
+        assert "Url-Pw-1" not in line
+        assert "Tok-1" not in line
         hook0 = w.describe_config(load(HOOK0))
-        assert "sink=hook0 https://hook0.example.org" in hook0 and APP_ID in hook0
+        assert "sink=hook0 https://hook0.example.org" in hook0
+        assert APP_ID in hook0
         assert "database=(demo)" in w.describe_config(w.load_config(["--demo"], {})[0])
 
     @pytest.mark.parametrize("env,enabled,warning", [
@@ -669,7 +681,8 @@ class TestConnInfo:
 
     def test_several_hosts_from_the_environment(self):
         info = conninfo("dbname=d", PGHOST="a,b", PGPORT="1,2", PGTARGETSESSIONATTRS="read-write")
-        assert info.hosts == (("a", 1), ("b", 2)) and info.target_session_attrs == "read-write"
+        assert info.hosts == (("a", 1), ("b", 2))
+        assert info.target_session_attrs == "read-write"
 
     @pytest.mark.parametrize("attrs", ["any", "read-write", "read-only", "primary", "standby", "prefer-standby"])
     def test_target_session_attrs(self, attrs):
@@ -721,8 +734,11 @@ class TestConnInfo:
         with pytest.raises(w.ConfigError) as info:
             conninfo(text)
         message = str(info.value)
-        assert fragment in message and "DATABASE_URL" in message and "\n" not in message
-        assert "s3cret" not in message and "PW" not in message
+        assert fragment in message
+        assert "DATABASE_URL" in message
+        assert "\n" not in message
+        assert "s3cret" not in message
+        assert "PW" not in message
 
     @pytest.mark.parametrize("variable,value,fragment", [
         ("PGPORT", "abc", "port"), ("PGPORT", "1,2,3", "1 hosts but 3 ports"),
@@ -733,7 +749,9 @@ class TestConnInfo:
         with pytest.raises(w.ConfigError) as info:
             w.parse_database_url("dbname=d", {variable: value, "PGPASSWORD": "s3cretPW"})
         message = str(info.value)
-        assert fragment in message and "DATABASE_URL" in message and variable in message
+        assert fragment in message
+        assert "DATABASE_URL" in message
+        assert variable in message
         assert "s3cretPW" not in message
 
     @pytest.mark.parametrize("text,described", [
@@ -756,7 +774,8 @@ class TestConnInfo:
     def test_describe_shows_no_password(self, text, described):
         info = conninfo(text)
         assert info.describe() == described
-        assert "secret" not in info.describe() and "p@ss" not in info.describe()
+        assert "secret" not in info.describe()
+        assert "p@ss" not in info.describe()
         again = w.parse_database_url(info.describe(), {})  # the description is a connection string
         assert (again.host, again.port, again.user, again.dbname, again.sslmode) == \
             (info.host, info.port, info.user, info.dbname, info.sslmode)
@@ -770,7 +789,8 @@ class TestConnInfo:
     def test_a_string_that_cannot_be_described_is_an_error_without_its_password(self, text, password):
         with pytest.raises(w.ConfigError) as info:
             conninfo(text)
-        assert "DATABASE_URL" in str(info.value) and password not in str(info.value)
+        assert "DATABASE_URL" in str(info.value)
+        assert password not in str(info.value)
 
 
 # =====================================================================================================
@@ -868,8 +888,10 @@ class TestAlerts:
         assert received.mail["To"] == "ops@example.org"
         body = received.mail.get_content()
         assert "503 Service Unavailable from hooks.example.org" in body
-        assert "sink: HTTP sink failing" in body and "slot orders" in body
-        assert "Failing since:" in body and "Z (UTC)" in body
+        assert "sink: HTTP sink failing" in body
+        assert "slot orders" in body
+        assert "Failing since:" in body
+        assert "Z (UTC)" in body
         assert logged(caplog, "alert [sink]: HTTP sink failing")[0].levelno == logging.WARNING
 
     async def test_several_recipients(self):
@@ -899,7 +921,8 @@ class TestAlerts:
         assert logins == [(b"alerts", password.encode())]
         assert handler.messages[0].login == "alerts"
         raw = handler.messages[0].mail.as_string()
-        assert password not in raw and "***" in raw
+        assert password not in raw
+        assert "***" in raw
         assert all(password not in record.getMessage() for record in caplog.records)
 
     async def test_rejected_login_is_logged_without_password(self, caplog):
@@ -928,7 +951,9 @@ class TestAlerts:
                 alerter.alert("sink", "failing", "third, 5 minutes after the first")
                 await wait_until_true(lambda: len(handler.messages) == 3)
         bodies = [m.mail.get_content() for m in handler.messages]
-        assert "first" in bodies[0] and "a different key" in bodies[1] and "third" in bodies[2]
+        assert "first" in bodies[0]
+        assert "a different key" in bodies[1]
+        assert "third" in bodies[2]
 
     async def test_recovered_mail_only_after_an_alert(self, caplog):
         caplog.set_level(logging.DEBUG, logger="wal2http")
@@ -950,7 +975,8 @@ class TestAlerts:
                             "[wal2http] ALERT: HTTP sink failing"]
         assert "5 minutes later" in handler.messages[2].mail.get_content()
         recovered = handler.messages[1].mail.get_content()
-        assert "after 3 attempts" in recovered and "Recovered at:" in recovered
+        assert "after 3 attempts" in recovered
+        assert "Recovered at:" in recovered
         assert "Failing since:" in recovered
         assert logged(caplog, "recovered [sink]")[0].levelno == logging.INFO
 
@@ -1142,7 +1168,8 @@ class TestWireCodec:
         fields = w.decode_error_fields(body)
         assert fields == {"S": "ERROR", "C": "28P01", "M": "password authentication failed"}
         error = w.ServerError(fields)
-        assert error.sqlstate == "28P01" and "password authentication failed" in str(error)
+        assert error.sqlstate == "28P01"
+        assert "password authentication failed" in str(error)
 
     @pytest.mark.parametrize("body", [b"", b"SERROR\0", b"SERROR\0\0\0", b"S\xff\0\0"])
     def test_malformed_error_fields(self, body):
@@ -1274,11 +1301,13 @@ class TestAuthenticator:
     def test_scram_exchange(self):
         auth = w.Authenticator("user", "pencil")
         first = auth.answer(w.AUTH_SASL, sasl_mechanisms("SCRAM-SHA-256-PLUS", w.SCRAM_MECHANISM))
-        assert first.startswith(b"p") and cstr(w.SCRAM_MECHANISM) in first
+        assert first.startswith(b"p")
+        assert cstr(w.SCRAM_MECHANISM) in first
         nonce = re.search(rb"r=([^,\x00]+)", first).group(1)
         server_first = b"r=" + nonce + b"srv,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
         final = auth.answer(w.AUTH_SASL_CONTINUE, server_first)
-        assert final.startswith(b"p") and b"c=biws,r=" + nonce + b"srv,p=" in final
+        assert final.startswith(b"p")
+        assert b"c=biws,r=" + nonce + b"srv,p=" in final
         with pytest.raises(w.AuthenticationError, match="signature"):
             auth.answer(w.AUTH_SASL_FINAL, b"v=" + base64.b64encode(bytes(32)))
 
@@ -1346,7 +1375,8 @@ class TestReplicationFraming:
 
     def test_standby_status_update(self):
         data = w.encode_standby_status(10, 9, 8, w.PG_EPOCH_OFFSET_US + 5, True)
-        assert data[:1] == b"d" and struct.unpack("!i", data[1:5])[0] == len(data) - 1
+        assert data[:1] == b"d"
+        assert struct.unpack("!i", data[1:5])[0] == len(data) - 1
         assert struct.unpack("!cQQQqB", data[5:]) == (b"r", 10, 9, 8, 5, 1)
 
     def test_proto_version_by_server(self):
@@ -1469,7 +1499,8 @@ class TestLowWatermark:
         assert len(orders) == 120
         for order in orders:
             ack = run_completion_order(self.BATCHES, order)
-            assert ack.flushed_lsn == 400 and ack.in_flight == 0
+            assert ack.flushed_lsn == 400
+            assert ack.in_flight == 0
 
     def test_random_completion_orders_of_many_batches(self):
         rng = random.Random(20261206)
@@ -1705,7 +1736,8 @@ class TestConcurrentDeliveryLoop:
                 sink.gate(f"e{n}").set()
             await wait_until_true(lambda: ack.flushed_lsn == 4)
             nursery.cancel_scope.cancel()
-        assert sink.finished == ["e0", "e1", "e2", "e3"] and sink.most_in_flight == 1
+        assert sink.finished == ["e0", "e1", "e2", "e3"]
+        assert sink.most_in_flight == 1
 
     async def test_a_failed_batch_lets_the_others_finish_then_fails(self, autojump_clock):
         """ON_FAILURE=exit: nothing new is sent, the requests in flight finish, DeliveryFailed
@@ -1727,7 +1759,8 @@ class TestConcurrentDeliveryLoop:
                 sink.gate("e2").set()  # the failure waits for it
                 await trio.sleep_forever()
         failure = w.first_error(raised.value)
-        assert isinstance(failure, w.DeliveryFailed) and str(failure) == "e1 failed"
+        assert isinstance(failure, w.DeliveryFailed)
+        assert str(failure) == "e1 failed"
         assert sink.finished == ["e0", "e2"]
         assert ack.flushed_lsn == 1
 
@@ -1842,7 +1875,8 @@ class TestReconnectBackoff:
 
         alerter = await run_replication_with(monkeypatch, session, lambda a: len(starts) >= 20 and a.recoveries)
         gaps = [round(b - a) for a, b in zip(starts, starts[1:])]
-        assert gaps[:6] == [1, 2, 4, 8, 16, 30] and set(gaps[6:]) == {30}
+        assert gaps[:6] == [1, 2, 4, 8, 16, 30]
+        assert set(gaps[6:]) == {30}
         assert [key for key, _, _ in alerter.alerts] == ["postgresql"]
         assert "decoding failed at the same place" in alerter.alerts[0][2]
         assert alerter.alert_times[0] - starts[0] >= w.RECONNECT_ALERT_AFTER_S
@@ -1862,7 +1896,8 @@ class TestReconnectBackoff:
             raise w.ConnectionLost("disk full while spilling (53100)")
 
         alerter = await run_replication_with(monkeypatch, session, lambda a: len(starts) >= 12)
-        assert len(alerter.alerts) == 1 and alerter.alert_times[0] - starts[0] < 2 * w.RECONNECT_ALERT_AFTER_S
+        assert len(alerter.alerts) == 1
+        assert alerter.alert_times[0] - starts[0] < 2 * w.RECONNECT_ALERT_AFTER_S
         gaps = [round(b - a) for a, b in zip(starts, starts[1:])]
         # Streaming a minute resets the backoff (it may have been a healthy session); a slow setup does not.
         assert gaps[:4] == ([62] * 4 if streams else [62, 63, 65, 69])
@@ -2001,7 +2036,8 @@ class TestReaderYields:
         monkeypatch.setattr(w, "YIELD_EVERY_MESSAGES", 10)
         seen = await self._progress_seen_by_another_task(200, in_flight=True)
         gaps = [b - a for a, b in zip(seen, seen[1:])]
-        assert seen[0] == 0 and seen[-1] == 203
+        assert seen[0] == 0
+        assert seen[-1] == 203
         # Trio runs the tasks of each scheduling batch in random order, so the other task may see two
         # of the reader's steps at once; +1 for the Relation or Begin before the count starts.
         assert max(gaps) <= 21
@@ -2193,7 +2229,8 @@ class TestPgoutput:
         truncate = w.decode_pgoutput(encode_pgoutput(w.Truncate(None, 2, (1,))))
         assert (truncate.cascade, truncate.restart_identity) == (False, True)
         insert = w.decode_pgoutput(encode_pgoutput(w.Insert(None, 1, (None, w.UNCHANGED_TOAST, "x", b"\0"))))
-        assert insert.new[1] is w.UNCHANGED_TOAST and repr(insert.new[1]) == "UNCHANGED_TOAST"
+        assert insert.new[1] is w.UNCHANGED_TOAST
+        assert repr(insert.new[1]) == "UNCHANGED_TOAST"
         assert type(insert.new[3]) is bytes
 
     def test_xid_only_inside_a_stream(self):
@@ -2209,7 +2246,8 @@ class TestPgoutput:
             "I": "Insert", "U": "Update", "D": "Delete", "T": "Truncate", "S": "Stream Start",
             "E": "Stream Stop", "c": "Stream Commit", "A": "Stream Abort", "b": "Begin Prepare",
             "P": "Prepare", "K": "Commit Prepared", "r": "Rollback Prepared", "p": "Stream Prepare"}
-        assert w.INSERT == ord("I") and w.STREAM_COMMIT == ord("c")
+        assert w.INSERT == ord("I")
+        assert w.STREAM_COMMIT == ord("c")
 
     @pytest.mark.parametrize("data, reason", [
         (b"", "empty"),
@@ -2344,7 +2382,8 @@ class TestTypes:
     @pytest.mark.parametrize("oid, text, expected", TYPE_CASES + ARRAY_CASES)
     def test_contract_value(self, oid, text, expected):
         value = w.convert_value(oid, text)
-        assert value == expected and type(value) is type(expected)
+        assert value == expected
+        assert type(value) is type(expected)
         json.dumps(value, allow_nan=False)  # always valid JSON
 
     @pytest.mark.parametrize("oid, text", MALFORMED_ARRAYS)
@@ -2383,8 +2422,10 @@ class TestTypes:
     def test_json_text_reads_back_as_the_contract_value(self, oid, text, expected):
         json_text = w.json_text_for(oid)(text)
         value = json.loads(json_text, parse_constant=_refuse_json_constant)
-        assert value == expected and type(value) is type(expected)
-        assert "\n" not in json_text and "\r" not in json_text
+        assert value == expected
+        assert type(value) is type(expected)
+        assert "\n" not in json_text
+        assert "\r" not in json_text
 
     def test_jsonb_is_written_as_postgres_prints_it(self):
         text = '{"x": 1.000000000000000000001, "big": 123456789012345678901234567890.5, "s": "a\\nb\\u0001"}'
@@ -2495,7 +2536,8 @@ def feed():
 class TestEnvelope:
     def test_insert_event_exactly(self, feed):
         chunks = transaction(feed, w.Insert(None, 16400, ROW))
-        assert len(chunks) == 1 and chunks[0].end_lsn == END_LSN
+        assert len(chunks) == 1
+        assert chunks[0].end_lsn == END_LSN
         (event,) = chunks[0].events
         assert list(event) == EVENT_KEYS
         assert event == {
@@ -2503,7 +2545,8 @@ class TestEnvelope:
             "new": ROW_JSON, "old": None, "unchanged_toast": [], "xid": 771, "lsn": "0/16B3720",
             "commit_lsn": "0/16B37A0", "commit_time": COMMIT_TIME_TEXT, "seq": 0}
         assert list(event["new"]) == ["id", "status", "amount", "meta", "created"]
-        assert json.loads(event.line) == event.data and "\n" not in event.line
+        assert json.loads(event.line) == event.data
+        assert "\n" not in event.line
 
     def test_an_event_is_its_json_line(self, feed):
         (event,) = events_of(transaction(feed, w.Insert(None, 16400, ROW)))
@@ -2519,14 +2562,20 @@ class TestEnvelope:
         line = '{"id":"0/1:0","op":"insert","new":{"n": 1.5}}'
         event = w.Event(line)
         assert event == {"id": "0/1:0", "op": "insert", "new": {"n": 1.5}} == event.data
-        assert {"id": "0/1:0", "op": "insert", "new": {"n": 1.5}} == event and event == w.Event(line)
+        assert {"id": "0/1:0", "op": "insert", "new": {"n": 1.5}} == event
+        assert event == w.Event(line)
         assert event != w.Event(line.replace("1.5", "1.50"))  # the same value, written otherwise
-        assert event != {"id": "0/1:0"} and event != "text"
-        assert list(event) == ["id", "op", "new"] and event.get("op") == "insert" and len(event) == 3
-        assert "new" in event and event.get("missing") is None
+        assert event != {"id": "0/1:0"}
+        assert event != "text"
+        assert list(event) == ["id", "op", "new"]
+        assert event.get("op") == "insert"
+        assert len(event) == 3
+        assert "new" in event
+        assert event.get("missing") is None
         assert w.Event('{"id":"0/1:0",not json at all')["id"] == "0/1:0"  # the id, without decoding
         assert w.Event.from_dict({"id": "x", "a": [1, "é"]}).line == '{"id":"x","a":[1,"é"]}'
-        assert w.event_line({"id": "x", "v": None}) == '{"id":"x","v":null}' and w.event_line(event) is line
+        assert w.event_line({"id": "x", "v": None}) == '{"id":"x","v":null}'
+        assert w.event_line(event) is line
         assert repr(event) == f"Event({line})"
         with pytest.raises(TypeError):
             hash(event)
@@ -2606,7 +2655,8 @@ class TestEnvelope:
         feed(w.Begin(COMMIT_LSN, COMMIT_TIME, 1))
         assert feed.assembler.in_transaction
         feed(w.Commit(0, COMMIT_LSN, END_LSN, COMMIT_TIME))
-        assert not feed.assembler.in_transaction and feed.assembler.open_streams == 0
+        assert not feed.assembler.in_transaction
+        assert feed.assembler.open_streams == 0
 
     def test_empty_transaction_still_ends_with_end_lsn(self, feed):
         chunks = transaction(feed, relations=())
@@ -2614,13 +2664,16 @@ class TestEnvelope:
 
     def test_update_keeping_the_key(self, feed):
         (event,) = events_of(transaction(feed, w.Update(None, 16400, None, None, ROW)))
-        assert event["op"] == "update" and event["old"] is None and event["key"] == {"id": 42}
+        assert event["op"] == "update"
+        assert event["old"] is None
+        assert event["key"] == {"id": 42}
         assert event["new"] == ROW_JSON
 
     def test_update_changing_the_key(self, feed):
         old = ("41", None, None, None, None)
         (event,) = events_of(transaction(feed, w.Update(None, 16400, "K", old, ROW)))
-        assert event["key"] == {"id": 42} and event["old"] == {"id": 41}
+        assert event["key"] == {"id": 42}
+        assert event["old"] == {"id": 41}
 
     def test_update_replica_identity_full(self, feed):
         old = ("42", "open", "19.90", '{"a": 0}', "2026-11-27 16:00:00+00")
@@ -2638,7 +2691,8 @@ class TestEnvelope:
 
     def test_delete_full_identity(self, feed):
         (event,) = events_of(transaction(feed, w.Delete(None, 16400, "O", ROW), relations=(orders("f"),)))
-        assert event["old"] == ROW_JSON and event["key"] == {"id": 42}
+        assert event["old"] == ROW_JSON
+        assert event["key"] == {"id": 42}
 
     def test_replica_identity_nothing_has_no_key(self, feed):
         (event,) = events_of(transaction(feed, w.Insert(None, 16400, ROW), relations=(orders("n"),)))
@@ -2652,20 +2706,24 @@ class TestEnvelope:
     def test_unchanged_toast_without_old(self, feed):
         new = ("42", "paid", "19.90", w.UNCHANGED_TOAST, "2026-11-27 16:25:11.123456+00")
         (event,) = events_of(transaction(feed, w.Update(None, 16400, None, None, new)))
-        assert "meta" not in event["new"] and event["unchanged_toast"] == ["meta"]
+        assert "meta" not in event["new"]
+        assert event["unchanged_toast"] == ["meta"]
 
     def test_unchanged_toast_filled_from_full_old_row(self, feed):
         new = ("42", w.UNCHANGED_TOAST, "19.90", w.UNCHANGED_TOAST, "2026-11-27 16:25:11.123456+00")
         old = ("42", "paid", "1.00", '{"a": 1}', "2026-11-27 16:00:00+00")
         (event,) = events_of(transaction(feed, w.Update(None, 16400, "O", old, new), relations=(orders("f"),)))
-        assert event["new"] == ROW_JSON and list(event["new"]) == list(ROW_JSON)
+        assert event["new"] == ROW_JSON
+        assert list(event["new"]) == list(ROW_JSON)
         assert event["unchanged_toast"] == []
 
     def test_unchanged_toast_filled_from_key_only_where_it_has_it(self, feed):
         new = ("43", "paid", "19.90", w.UNCHANGED_TOAST, "2026-11-27 16:25:11.123456+00")
         (event,) = events_of(transaction(feed, w.Update(None, 16400, "K", ("42", None, None, None, None), new)))
-        assert event["unchanged_toast"] == ["meta"] and "meta" not in event["new"]
-        assert event["old"] == {"id": 42} and event["key"] == {"id": 43}
+        assert event["unchanged_toast"] == ["meta"]
+        assert "meta" not in event["new"]
+        assert event["old"] == {"id": 42}
+        assert event["key"] == {"id": 43}
 
     def test_truncate_several_tables(self, feed):
         relations = (orders(), orders(oid=16401, name="lines"), orders(oid=16402, name="refunds"))
@@ -2679,7 +2737,8 @@ class TestEnvelope:
         assert (first["key"], first["new"], first["old"], first["unchanged_toast"]) == (None, None, None, [])
         assert (first["cascade"], first["restart_identity"]) == (True, True)
         assert (events[3]["cascade"], events[3]["restart_identity"]) == (False, False)
-        assert events[1]["lsn"] == events[2]["lsn"] and events[1]["id"] != events[2]["id"]
+        assert events[1]["lsn"] == events[2]["lsn"]
+        assert events[1]["id"] != events[2]["id"]
 
     def test_transactional_message_counts_in_seq(self, feed):
         message = w.Message(None, True, 0x16B3790, "audit", "é".encode())
@@ -2693,10 +2752,12 @@ class TestEnvelope:
 
     def test_non_transactional_binary_message_is_its_own_chunk(self, feed):
         chunks = feed(w.Message(None, False, 0x16B3790, "bin", b"\xff\x00"))
-        assert len(chunks) == 1 and chunks[0].end_lsn is None
+        assert len(chunks) == 1
+        assert chunks[0].end_lsn is None
         (event,) = chunks[0].events
         assert list(event) == EVENT_KEYS[:8] + ["prefix", "content_base64", "transactional"] + EVENT_KEYS[8:]
-        assert event["id"] == "0/16B3790:m" and event["content_base64"] == "/wA="
+        assert event["id"] == "0/16B3790:m"
+        assert event["content_base64"] == "/wA="
         assert (event["xid"], event["commit_lsn"], event["commit_time"], event["seq"]) == (None, None, None, None)
         assert event["transactional"] is False
 
@@ -2718,14 +2779,17 @@ class TestEnvelope:
         feed = Feeder(w.ChangeAssembler(chunk_events=2))
         assert feed(w.Begin(COMMIT_LSN, COMMIT_TIME, 5), orders(), w.Insert(None, 16400, ROW)) == []
         (chunk,) = feed(w.Insert(None, 16400, ROW))
-        assert len(chunk.events) == 2 and chunk.end_lsn is None
+        assert len(chunk.events) == 2
+        assert chunk.end_lsn is None
         (last,) = feed(w.Commit(0, COMMIT_LSN, END_LSN, COMMIT_TIME))
-        assert last.events == [] and last.end_lsn == END_LSN
+        assert last.events == []
+        assert last.end_lsn == END_LSN
 
     def test_relation_change_mid_transaction(self, feed):
         wider = orders(columns=ORDERS_COLUMNS + (w.Column(0, "note", 25, -1),))
         events = events_of(transaction(feed, w.Insert(None, 16400, ROW), wider, w.Insert(None, 16400, ROW + ("hi",))))
-        assert "note" not in events[0]["new"] and events[1]["new"]["note"] == "hi"
+        assert "note" not in events[0]["new"]
+        assert events[1]["new"]["note"] == "hi"
 
     def test_relation_change_mid_transaction_replaces_the_key_and_columns_of_updates_and_deletes(self, feed):
         rekeyed = orders(columns=(w.Column(0, "id", 20, -1), w.Column(1, "status", 25, -1)))
@@ -2817,7 +2881,8 @@ def spill_fds(directory: str) -> list[str]:
 class TestStreaming:
     def test_commit_delivers_everything_in_order(self, feed):
         feed(*stream_block(XID, orders(xid=XID), insert_in(XID, ids_row(1)), first=True))
-        assert feed.assembler.open_streams == 1 and not feed.assembler.in_transaction
+        assert feed.assembler.open_streams == 1
+        assert not feed.assembler.in_transaction
         feed(*stream_block(XID, insert_in(801, ids_row(2)), w.Message(XID, True, 0x4000, "m", b"x"),
                            w.Truncate(XID, 1, (16400,)), w.Delete(801, 16400, "K", ids_row(1))))
         assert feed.assembler.open_streams == 1
@@ -2828,14 +2893,16 @@ class TestStreaming:
         assert [e["id"] for e in events] == [f"0/5000:{n}" for n in range(5)]
         assert {e["xid"] for e in events} == {XID}  # also the changes made in subtransaction 801
         assert {e["commit_time"] for e in events} == {COMMIT_TIME_TEXT}
-        assert events[0]["new"]["id"] == 1 and events[1]["new"]["id"] == 2
+        assert events[0]["new"]["id"] == 1
+        assert events[1]["new"]["id"] == 2
         assert [c.end_lsn for c in chunks] == [0x5030]
         assert events[2]["lsn"] == "0/4000"
 
     def test_abort_delivers_nothing(self, feed):
         feed(*stream_block(XID, orders(xid=XID), insert_in(XID), first=True))
         assert feed(w.StreamAbort(XID, XID)) == []
-        assert feed.assembler.open_streams == 0 and feed.assembler.buffered_bytes == 0
+        assert feed.assembler.open_streams == 0
+        assert feed.assembler.buffered_bytes == 0
         with pytest.raises(ProtocolError, match="never streamed"):
             feed(stream_commit())
 
@@ -2865,8 +2932,10 @@ class TestStreaming:
         assert feed.assembler.open_streams == 2
         second = events_of(feed(stream_commit(900, 0x7000, 0x7010)))
         first = events_of(feed(stream_commit(800, 0x8000, 0x8010)))
-        assert [e["new"]["id"] for e in second] == [10, 11] and {e["xid"] for e in second} == {900}
-        assert [e["new"]["id"] for e in first] == [1, 2] and first[0]["id"] == "0/8000:0"
+        assert [e["new"]["id"] for e in second] == [10, 11]
+        assert {e["xid"] for e in second} == {900}
+        assert [e["new"]["id"] for e in first] == [1, 2]
+        assert first[0]["id"] == "0/8000:0"
 
     def test_chunking_a_big_streamed_transaction(self):
         feed = Feeder(w.ChangeAssembler(chunk_events=1000))
@@ -2889,12 +2958,14 @@ class TestStreaming:
             events = []
             for chunk in chunks:
                 events.extend(chunk.events)
-            assert spill_fds(str(tmp_path)) == [] and os.listdir(tmp_path) == []
+            assert spill_fds(str(tmp_path)) == []
+            assert os.listdir(tmp_path) == []
             return events, spilled
 
         in_memory, spilled_none = run(16 * 2**20)
         on_disk, spilled = run(2000)
-        assert spilled_none == [] and len(spilled) == 1
+        assert spilled_none == []
+        assert len(spilled) == 1
         assert on_disk == in_memory
         assert len(in_memory) == 700 - 167
 
@@ -2914,7 +2985,8 @@ class TestStreaming:
         assert 0 < largest <= bound
         chunks = iter(assembler.feed(0x9000, encode_pgoutput(stream_commit(900))))
         first = next(chunks)  # lazily: the first chunk before the rest is read
-        assert len(first.events) == 1000 and assembler.buffered_bytes <= bound
+        assert len(first.events) == 1000
+        assert assembler.buffered_bytes <= bound
         assert len(first.events) + sum(len(c.events) for c in chunks) == 3000
         assert [e["new"]["id"] for e in events_of(feed(stream_commit(800)))] == list(range(0, 3000, 500))
 
@@ -2958,7 +3030,8 @@ class TestStreaming:
         Feeder(assembler)(*stream_block(XID, orders(xid=XID), *[insert_in(XID)] * 50, first=True))
         assert len(spill_fds(str(tmp_path))) == 1
         assembler.close()
-        assert spill_fds(str(tmp_path)) == [] and assembler.open_streams == 0
+        assert spill_fds(str(tmp_path)) == []
+        assert assembler.open_streams == 0
 
     def test_stream_commit_must_be_consumed_before_feeding_on(self, feed):
         feed(*stream_block(XID, orders(xid=XID), insert_in(XID), first=True))
@@ -3292,18 +3365,22 @@ class TestHttpClient:
     def test_invalid_header_is_a_config_error_without_the_value(self):
         with pytest.raises(w.ConfigError) as info:
             w.HttpClient("http://127.0.0.1:1/", timeout_s=1, headers=[("X-Token", "abc\r\nevil")])
-        assert "X-Token" in str(info.value) and "evil" not in str(info.value)
+        assert "X-Token" in str(info.value)
+        assert "evil" not in str(info.value)
 
     @pytest.mark.parametrize("host", ["smtp.example.com:587", "smtp://x", "a b", "@@@"])
     def test_smtp_host_with_a_port_or_scheme_is_a_config_error(self, host):
         with pytest.raises(w.ConfigError, match="EMAIL_SMTP_HOST"):
             load({"EMAIL_SMTP_HOST": host, "EMAIL_FROM": "w@example.org", "EMAIL_TO": "ops@example.org"})
-        assert w.is_valid_host("smtp.example.com") and w.is_valid_host("my_host") and w.is_valid_host("::1")
+        assert w.is_valid_host("smtp.example.com")
+        assert w.is_valid_host("my_host")
+        assert w.is_valid_host("::1")
 
     def test_non_ascii_header_value_is_a_config_error(self):
         with pytest.raises(w.ConfigError, match="non-ASCII") as info:
             w.HttpClient("http://127.0.0.1:1/", timeout_s=1, headers=[("Authorization", "Bearer caf\u00e9-token")])
-        assert "Authorization" in str(info.value) and "caf" not in str(info.value)
+        assert "Authorization" in str(info.value)
+        assert "caf" not in str(info.value)
 
     async def test_concurrent_requests_take_turns_on_one_connection(self):
         replies = [Reply(200, body=b"first", delay_s=1.0), Reply(200, body=b"second")]
@@ -3336,7 +3413,8 @@ class TestHttpClient:
         assert request.headers["host"] == f"127.0.0.1:{receiver.port}"
         assert request.headers["user-agent"] == f"wal2http/{w.__version__}"
         assert request.headers["authorization"] == SECRET_HEADER_VALUE
-        assert request.headers["x-one"] == "1" and request.headers["content-length"] == "2"
+        assert request.headers["x-one"] == "1"
+        assert request.headers["content-length"] == "2"
 
     async def test_chunked_response(self):
         async with ScriptedReceiver.serve([Reply(200, body=b"0123456789" * 5, chunked=True)]) as receiver:
@@ -3344,7 +3422,8 @@ class TestHttpClient:
             first = await client.request("GET", "/")
             second = await client.request("GET", "/")
             await client.aclose()
-        assert first.body == b"0123456789" * 5 and second.status == 200
+        assert first.body == b"0123456789" * 5
+        assert second.status == 200
         assert receiver.connections == 1
 
     async def test_keep_alive_reuses_one_connection(self):
@@ -3353,7 +3432,8 @@ class TestHttpClient:
             for _ in range(5):
                 assert (await client.request("POST", "/hook", body=b"x")).status == 200
             await client.aclose()
-        assert receiver.connections == 1 and len(receiver.requests) == 5
+        assert receiver.connections == 1
+        assert len(receiver.requests) == 5
 
     async def test_reopens_after_connection_close(self):
         async with ScriptedReceiver.serve([Reply(200, close_after=True)]) as receiver:
@@ -3385,7 +3465,8 @@ class TestHttpClient:
             response = await client.request("POST", "/hook", body=b"x" * (8 << 20))
             assert (response.status, response.body) == (413, b"too large")
             error = w.classify_http_response(response, client.endpoint.where)
-            assert not error.retryable and "413" in str(error)
+            assert not error.retryable
+            assert "413" in str(error)
             assert (await client.request("POST", "/hook", body=b"small")).status == 200
             await client.aclose()
         assert heads == [b"POST /hook HTTP/1.1"] * 2
@@ -3439,8 +3520,10 @@ class TestHttpClient:
             with pytest.raises(w.DeliveryError) as info:
                 await client.request("POST", "/hook", body=b"1")
             await client.aclose()
-        assert info.value.retryable and f"127.0.0.1:{receiver.port}" in str(info.value)
-        assert len(receiver.requests) == 1 and receiver.connections == 1
+        assert info.value.retryable
+        assert f"127.0.0.1:{receiver.port}" in str(info.value)
+        assert len(receiver.requests) == 1
+        assert receiver.connections == 1
 
     async def test_connection_refused_is_retryable(self):
         with socket.socket() as unused:
@@ -3450,7 +3533,8 @@ class TestHttpClient:
                                   headers=[("Authorization", SECRET_HEADER_VALUE)])
             with pytest.raises(w.DeliveryError) as info:
                 await client.request("POST", "/", body=b"x")
-        assert info.value.retryable and f"127.0.0.1:{port}" in str(info.value)
+        assert info.value.retryable
+        assert f"127.0.0.1:{port}" in str(info.value)
         assert SECRET_HEADER_VALUE not in str(info.value)
 
     async def test_timeout_is_retryable_and_on_time(self):
@@ -3463,7 +3547,8 @@ class TestHttpClient:
             # the next request opens a new connection (the hung one is closed)
             assert (await client.request("POST", "/hook", body=b"y")).status == 200
             await client.aclose()
-        assert info.value.retryable and "HTTP_TIMEOUT_SECS" in str(info.value)
+        assert info.value.retryable
+        assert "HTTP_TIMEOUT_SECS" in str(info.value)
         assert SECRET_HEADER_VALUE not in str(info.value)
         assert 0.5 <= elapsed < 2.0
         assert receiver.connections == 2
@@ -3473,7 +3558,8 @@ class TestHttpClient:
         async with ScriptedReceiver.serve([Reply(500, body=huge), Reply(200, body=b"ok")]) as receiver:
             client = w.HttpClient(receiver.url(), timeout_s=5)
             response = await client.request("POST", "/hook", body=b"x")
-            assert response.status == 500 and response.body == huge[:w.HTTP_MAX_BODY_BYTES]
+            assert response.status == 500
+            assert response.body == huge[:w.HTTP_MAX_BODY_BYTES]
             assert (await client.request("POST", "/hook", body=b"y")).body == b"ok"
             await client.aclose()
         assert receiver.connections == 2   # the unread rest made the first connection unusable
@@ -3484,7 +3570,8 @@ class TestHttpClient:
             assert (await client.request("POST", "/hook", body=b"1")).status == 200
             assert (await client.request("POST", "/hook", body=b"2")).status == 200
             await client.aclose()
-        assert receiver.connections == 1 and [r.body for r in receiver.requests] == [b"1", b"2"]
+        assert receiver.connections == 1
+        assert [r.body for r in receiver.requests] == [b"1", b"2"]
         assert receiver.requests[0].headers["host"] == f"localhost:{receiver.port}"
 
     async def test_https_untrusted_certificate_is_refused(self, server_tls):
@@ -3492,7 +3579,8 @@ class TestHttpClient:
             client = w.HttpClient(receiver.url(host="localhost"), timeout_s=5)   # system store only
             with pytest.raises(w.DeliveryError) as info:
                 await client.request("POST", "/hook", body=b"1")
-        assert not info.value.retryable and "TLS verification" in str(info.value)
+        assert not info.value.retryable
+        assert "TLS verification" in str(info.value)
         assert receiver.requests == []
 
     async def test_https_wrong_hostname_is_refused(self, ca, ca_file):
@@ -3502,7 +3590,8 @@ class TestHttpClient:
             client = w.HttpClient(receiver.url(host="localhost"), timeout_s=5, ca_file=ca_file)
             with pytest.raises(w.DeliveryError) as info:
                 await client.request("POST", "/hook", body=b"1")
-        assert not info.value.retryable and "TLS verification" in str(info.value)
+        assert not info.value.retryable
+        assert "TLS verification" in str(info.value)
 
     def test_missing_ca_file_is_a_config_error(self, tmp_path):
         with pytest.raises(w.ConfigError, match="HTTP_CA_FILE"):
@@ -3545,7 +3634,9 @@ class TestHttpSink:
         if retryable is None:
             assert error is None
         else:
-            assert error.retryable is retryable and f"HTTP {status}" in str(error) and "nope" in str(error)
+            assert error.retryable is retryable
+            assert f"HTTP {status}" in str(error)
+            assert "nope" in str(error)
 
     def test_classify_shortens_the_body(self):
         error = w.classify_http_response(w.HttpResponse(400, {}, b"e" * 5000), "http://h/x")
@@ -3561,7 +3652,8 @@ class TestHttpSink:
 
     def test_classify_reads_retry_after(self):
         error = w.classify_http_response(w.HttpResponse(429, {"retry-after": "12"}, b""), "http://h/x")
-        assert error.retryable and error.retry_after == 12.0
+        assert error.retryable
+        assert error.retry_after == 12.0
 
     async def test_single_events_one_request_each(self):
         events = make_events(3)
@@ -3670,7 +3762,8 @@ class TestHttpSink:
                 await sink.deliver(make_events(4))
             await sink.aclose()
         assert (info.value.delivered, info.value.failed, info.value.retryable) == (0, 4, False)
-        assert "400" in str(info.value) and '{"error":"bad"}' in str(info.value)
+        assert "400" in str(info.value)
+        assert '{"error":"bad"}' in str(info.value)
 
     async def test_secrets_never_in_errors_or_alerts(self):
         secret = "whsec_" + base64.b64encode(b"k" * 24).decode()
@@ -3695,7 +3788,8 @@ class TestHttpSink:
             with pytest.raises(w.DeliveryError) as info:
                 await sink.deliver(make_events(1))
             await sink.aclose()
-        assert "400" in str(info.value) and "s3cr3t" not in str(info.value)
+        assert "400" in str(info.value)
+        assert "s3cr3t" not in str(info.value)
 
     async def test_url_credentials_never_in_errors_or_alerts(self):
         basic = base64.b64encode(b"hook-user:Url-Pw-77").decode()
@@ -3724,7 +3818,8 @@ class TestHttpSink:
             with pytest.raises(w.SinkAuthError) as info:
                 await sink.deliver(make_events(2))
             await sink.aclose()
-        assert info.value.exit_code == 4 and f"HTTP {status}" in str(info.value)
+        assert info.value.exit_code == 4
+        assert f"HTTP {status}" in str(info.value)
         assert len(receiver.requests) == 1  # never retried, nothing dead-lettered
         assert [key for key, _, _ in alerter.alerts] == ["http-auth"]
         assert not any(SECRET_HEADER_VALUE in t for t in [str(info.value)] + [b for _, _, b in alerter.alerts])
@@ -3734,7 +3829,8 @@ class TestHttpSink:
             sink = w.HttpSink(http_config(http_endpoint_url=receiver.url("/hook")))
             detail = await sink.check()
             await sink.aclose()
-        assert "405" in detail and [(r.method, r.body) for r in receiver.requests] == [("OPTIONS", b"")]
+        assert "405" in detail
+        assert [(r.method, r.body) for r in receiver.requests] == [("OPTIONS", b"")]
 
     async def test_check_raises_when_unreachable(self, server_tls):
         async with ScriptedReceiver.serve(ssl_context=server_tls) as receiver:
@@ -3800,10 +3896,14 @@ class TestReliableSink:
             with caplog.at_level(logging.WARNING, logger="wal2http"):
                 await sink.deliver(events)
             await sink.aclose()
-        assert len(receiver.requests) == 3 and sleep.delays == [1.0, 2.0]
-        assert alerter.alerts == [] and alerter.recoveries == []
+        assert len(receiver.requests) == 3
+        assert sleep.delays == [1.0, 2.0]
+        assert alerter.alerts == []
+        assert alerter.recoveries == []
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert len(warnings) == 2 and "attempt 1 of 5" in warnings[0] and "retrying in 1.0 s" in warnings[0]
+        assert len(warnings) == 2
+        assert "attempt 1 of 5" in warnings[0]
+        assert "retrying in 1.0 s" in warnings[0]
         assert "attempt 2 of 5" in warnings[1]
 
     async def test_retry_after_is_honoured(self):
@@ -3813,7 +3913,8 @@ class TestReliableSink:
             sink = w.ReliableSink(w.HttpSink(config), config, RecordingAlerter(), sleep=sleep, random=lambda: 0.0)
             await sink.deliver(make_events(1))
             await sink.aclose()
-        assert len(receiver.requests) == 2 and sleep.delays == [7.0]
+        assert len(receiver.requests) == 2
+        assert sleep.delays == [7.0]
 
     async def test_400_is_not_retried(self, tmp_path):
         sleep = RecordingSleep()
@@ -3824,8 +3925,10 @@ class TestReliableSink:
             with pytest.raises(w.DeliveryFailed) as info:
                 await sink.deliver(make_events(1))
             await sink.aclose()
-        assert len(receiver.requests) == 1 and sleep.delays == []
-        assert info.value.delivered == 0 and "invalid payload" in str(info.value)
+        assert len(receiver.requests) == 1
+        assert sleep.delays == []
+        assert info.value.delivered == 0
+        assert "invalid payload" in str(info.value)
         assert len(alerter.alerts) == 1
 
     async def test_timeouts_retried_with_autojump_clock(self, autojump_clock):
@@ -3844,12 +3947,16 @@ class TestReliableSink:
         sink = FlakySink([retryable("HTTP 503", delivered=2, failed=1), retryable("HTTP 503"), retryable("HTTP 503")])
         with pytest.raises(w.DeliveryFailed) as info:
             await w.ReliableSink(sink, config, alerter, sleep=RecordingSleep()).deliver(events)
-        assert info.value.delivered == 2 and events[2]["id"] in str(info.value)
+        assert info.value.delivered == 2
+        assert events[2]["id"] in str(info.value)
         assert sink.delivered == [e["id"] for e in events[:2]]
         # after the partial success the rest is retried, never the delivered events again
         assert sink.calls[1] == [e["id"] for e in events[2:]]
         (key, subject, body), = alerter.alerts
-        assert "fake" in subject and events[2]["id"] in body and "HTTP 503" in body and "Failing since" in body
+        assert "fake" in subject
+        assert events[2]["id"] in body
+        assert "HTTP 503" in body
+        assert "Failing since" in body
 
     async def test_exit_counts_attempts_per_delivery(self):
         """Progress resets the attempt count: failure, partial success (its failure is attempt 1
@@ -3879,9 +3986,11 @@ class TestReliableSink:
         assert lines[0] == '{"id":"earlier"}'   # appended, never truncated
         assert [json.loads(line) for line in lines[1:]] == [events[1], events[2], events[3]]
         assert lines[1] == compact(events[1]).decode()
-        assert fsynced and fsynced[-1] == path.stat().st_size   # the whole file was on disk
+        assert fsynced
+        assert fsynced[-1] == path.stat().st_size   # the whole file was on disk
         assert sink.delivered == [events[0]["id"]]
-        assert len(alerter.alerts) == 2 and str(path) in alerter.alerts[0][2]
+        assert len(alerter.alerts) == 2
+        assert str(path) in alerter.alerts[0][2]
 
     async def test_skip_with_unwritable_dead_letter_file_exits(self, tmp_path):
         config = http_config(on_failure="skip", dead_letter_file=str(tmp_path / "missing-dir" / "d.jsonl"))
@@ -3890,7 +3999,8 @@ class TestReliableSink:
         alerter = RecordingAlerter()
         with pytest.raises(w.DeliveryFailed, match="DEAD_LETTER_FILE") as info:
             await w.ReliableSink(sink, config, alerter, sleep=RecordingSleep()).deliver(events)
-        assert info.value.delivered == 1 and "missing-dir" in alerter.alerts[0][2]
+        assert info.value.delivered == 1
+        assert "missing-dir" in alerter.alerts[0][2]
 
     async def test_stop_is_mailed_even_right_after_a_skip_alert(self, tmp_path):
         """A skip alert, then the dead-letter file fails within 5 minutes: wal2http stops, and that
@@ -3910,7 +4020,8 @@ class TestReliableSink:
         first, second = (m.mail for m in handler.messages)
         assert first["Subject"] == "[wal2http] ALERT: delivery to the fake sink is failing"
         assert second["Subject"] == "[wal2http] ALERT: wal2http stopped: delivery to the fake sink failed"
-        assert "still bad" in second.get_content() and "wal2http stops" in second.get_content()
+        assert "still bad" in second.get_content()
+        assert "wal2http stops" in second.get_content()
         for mail in (first, second):
             assert len(set(re.findall(r"Failing since: *(\S+)", mail.get_content()))) == 1
 
@@ -3920,7 +4031,8 @@ class TestReliableSink:
         reliable = w.ReliableSink(FlakySink([fatal()]), config, alerter, sleep=RecordingSleep())
         await reliable.deliver(make_events(1))
         await reliable.deliver(make_events(1, start=1))
-        assert len(alerter.alerts) == 1 and len(alerter.recoveries) == 1
+        assert len(alerter.alerts) == 1
+        assert len(alerter.recoveries) == 1
 
     async def test_retry_keeps_going_at_max_delay_then_recovers(self):
         events = make_events(3)
@@ -3934,14 +4046,16 @@ class TestReliableSink:
         (key, _, body), = alerter.alerts
         assert events[1]["id"] in body
         (recovered_key, subject, _), = alerter.recoveries
-        assert recovered_key == key and "recovered" in subject
+        assert recovered_key == key
+        assert "recovered" in subject
 
     async def test_retry_is_cancellable(self, autojump_clock):
         config = http_config(on_failure="retry", retry_max_attempts=1, retry_max_delay_s=30.0)
         sink = FlakySink([fatal()] * 1000)
         with trio.move_on_after(3600) as scope:
             await w.ReliableSink(sink, config, RecordingAlerter()).deliver(make_events(1))
-        assert scope.cancelled_caught and 100 <= len(sink.calls) <= 125
+        assert scope.cancelled_caught
+        assert 100 <= len(sink.calls) <= 125
 
     async def test_sink_auth_error_propagates_at_once(self):
         class Rejecting(FlakySink):
@@ -3954,7 +4068,8 @@ class TestReliableSink:
         with pytest.raises(w.SinkAuthError):
             await w.ReliableSink(sink, http_config(on_failure="retry"), RecordingAlerter(), sleep=sleep).deliver(
                 make_events(1))
-        assert len(sink.calls) == 1 and sleep.delays == []
+        assert len(sink.calls) == 1
+        assert sleep.delays == []
 
     async def test_no_new_retrying_alert_once_shutdown_began(self, autojump_clock):
         """ON_FAILURE=retry: attempts that run out after SIGTERM (within the shutdown timeout)
@@ -4432,7 +4547,8 @@ class TestHook0Mapping:
         with pytest.raises(w.DeliveryError) as caught:
             self.build(outbox_event(**{column: value}))
         assert caught.value.retryable is False
-        assert "table public.outbox" in str(caught.value) and "event 0/16B37A0:3" in str(caught.value)
+        assert "table public.outbox" in str(caught.value)
+        assert "event 0/16B37A0:3" in str(caught.value)
         assert fragment in str(caught.value)
 
     def test_largest_payload_is_accepted(self):
@@ -4460,7 +4576,8 @@ class TestHook0Mapping:
         now_plain = ("id", "event_id", "event_type", "created_at", "payload", "labels")  # metadata dropped
         assert w.is_hook0_outbox_event(event, (), now_plain)
         body = w.build_hook0_event(event, hook0_config(), APP_ID, table_columns=now_plain)
-        assert body is not None and body["event_type"] == "billing.invoice.paid"
+        assert body is not None
+        assert body["event_type"] == "billing.invoice.paid"
         plain = {**event, "new": {"id": 7, "name": "x"}}
         assert not w.is_hook0_outbox_event(plain, (), w.HOOK0_OUTBOX_COLUMNS + ("id",))
 
@@ -4581,16 +4698,19 @@ class TestHook0Mapping:
 
     def test_decode_answer_never_raises_on_garbage(self):
         answer = w.decode_hook0_answer(w.HttpResponse(500, {"content-type": "application/json"}, b"\xff{"))
-        assert answer.status == 500 and answer.problem_id == ""
+        assert answer.status == 500
+        assert answer.problem_id == ""
 
     @pytest.mark.parametrize("status", [201, 400])
     def test_decode_answer_never_raises_on_deep_or_huge_json(self, status):
         json_type = {"content-type": "application/problem+json"}
         deep = w.decode_hook0_answer(w.HttpResponse(status, json_type, b"[" * 5000 + b"]" * 5000))
-        assert deep.status == status and deep.problem_id == ""
+        assert deep.status == status
+        assert deep.problem_id == ""
         huge = w.decode_hook0_answer(w.HttpResponse(
             422, json_type, b'{"id": "Invalid", "validation": {"n": 1e999, "deep": ' + b"[" * 900 + b"]" * 900 + b"}}"))
-        assert huge.problem_id == "Invalid" and huge.describe().startswith("422 Invalid")
+        assert huge.problem_id == "Invalid"
+        assert huge.describe().startswith("422 Invalid")
 
     def test_status_classes(self):
         assert [w.is_retryable_status(status) for status in (500, 503, 599, 600, 999, 429, 400)] == [
@@ -4598,14 +4718,16 @@ class TestHook0Mapping:
 
     def test_api_url_credentials_not_in_the_config_repr(self):
         config = load({**HOOK0, "HOOK0_API_URL": "https://u:Url-Pw-9@hook0.example.org/"})
-        assert "Url-Pw-9" not in repr(config) and "Url-Pw-9" in w.config_secrets(config)
+        assert "Url-Pw-9" not in repr(config)
+        assert "Url-Pw-9" in w.config_secrets(config)
 
     def test_a_secret_escaped_inside_validation_json_is_scrubbed(self):
         secret = 'Tok"en\\Secret-9'
         body = json.dumps({"id": "Invalid", "validation": {"field": [secret]}}).encode()
         answer = w.decode_hook0_answer(w.HttpResponse(422, {"content-type": "application/problem+json"}, body),
                                        [secret])
-        assert "Secret-9" not in answer.describe() and "***" in answer.describe()
+        assert "Secret-9" not in answer.describe()
+        assert "***" in answer.describe()
 
     def test_secrets_never_change_what_a_problem_id_means(self):
         """Scrubbing is for what is shown: a secret that happens to occur in a problem id must not
@@ -4614,16 +4736,19 @@ class TestHook0Mapping:
         answer = w.decode_hook0_answer(w.HttpResponse(409, {"content-type": "application/problem+json"}, body),
                                        ["Ingested"])
         assert answer.problem_id == "EventAlreadyIngested"
-        assert "Ingested" not in answer.describe() and "***" in answer.describe()
+        assert "Ingested" not in answer.describe()
+        assert "***" in answer.describe()
 
     def test_a_long_secret_echoed_is_scrubbed_before_the_body_is_shortened(self):
         token = "biscuit-" + "t" * 300  # Hook0 tokens are long: cut at 300 bytes, its start would show
         body = f"{'x' * 280} you sent {token}".encode()
         answer = w.decode_hook0_answer(w.HttpResponse(400, {"content-type": "text/plain"}, body), [token])
-        assert token[:12] not in answer.describe() and "***" in answer.describe()
+        assert token[:12] not in answer.describe()
+        assert "***" in answer.describe()
         body = f"{'x' * 180} you sent {token}".encode()  # the HTTP sink shows 200 characters
         http = w.classify_http_response(w.HttpResponse(400, {}, body).scrubbed([token]), "http://h")
-        assert token[:12] not in str(http) and "***" in str(http)
+        assert token[:12] not in str(http)
+        assert "***" in str(http)
 
 
 # =====================================================================================================
@@ -4734,7 +4859,8 @@ class TestHook0Sink:
             with pytest.raises(w.DeliveryError) as caught:
                 await sink.deliver([outbox_event(event_type="refund")])
         assert caught.value.retryable is False
-        assert "'refund'" in str(caught.value) and "service.resource_type.verb" in str(caught.value)
+        assert "'refund'" in str(caught.value)
+        assert "service.resource_type.verb" in str(caught.value)
         assert [request.path for request in double.requests] == ["/api/v1/event"]
 
     async def test_table_events_create_their_types_and_use_stable_ids(self):
@@ -4757,7 +4883,8 @@ class TestHook0Sink:
             with pytest.raises(w.SinkAuthError) as caught:
                 await reliable.deliver([outbox_event()])
         assert caught.value.exit_code == 4
-        assert "HOOK0_API_TOKEN" in str(caught.value) and "403 AuthInvalidBiscuit" in str(caught.value)
+        assert "HOOK0_API_TOKEN" in str(caught.value)
+        assert "403 AuthInvalidBiscuit" in str(caught.value)
         assert [request.status for request in double.requests] == [403]
         assert "hook0-auth" in alerter.keys()
         assert_no_token(caught.value, *[text for alert in alerter.alerts for text in alert])
@@ -4813,7 +4940,8 @@ class TestHook0Sink:
             await reliable.deliver([outbox_event()])
         assert [request.status for request in double.requests][-1] == 201
         assert [request.status for request in double.requests].count(201) == 1
-        assert 7 in sleep.delays and len(double.requests) == 3
+        assert 7 in sleep.delays
+        assert len(double.requests) == 3
         assert double.events == [expected_body()]
 
     async def test_retry_after_is_capped_at_the_maximum_delay(self):
@@ -4821,7 +4949,8 @@ class TestHook0Sink:
         async with open_hook0(retry_max_delay_s=2.0) as (double, sink, alerter):
             double.fail_next("rate_limited_text", retry_after="3600")
             await w.ReliableSink(sink, sink.config, alerter, sleep=sleep).deliver([outbox_event()])
-        assert sleep.delays and max(sleep.delays) <= 2.0
+        assert sleep.delays
+        assert max(sleep.delays) <= 2.0
         assert len(double.events) == 1
 
     @pytest.mark.parametrize("kind, status", [("rate_limited_text", 429), ("rate_limited", 429),
@@ -4851,7 +4980,8 @@ class TestHook0Sink:
             with pytest.raises(w.DeliveryError) as caught:
                 await sink.deliver([outbox_event()])
         assert caught.value.retryable is False
-        assert problem_id in str(caught.value) and _PROBLEM_TITLES[problem_id][1] in str(caught.value)
+        assert problem_id in str(caught.value)
+        assert _PROBLEM_TITLES[problem_id][1] in str(caught.value)
         assert "table public.outbox" in str(caught.value)
 
     async def test_double_validation_is_reported(self):
@@ -4871,7 +5001,8 @@ class TestHook0Sink:
         with pytest.raises(w.DeliveryError) as caught:
             await sink.deliver([outbox_event()])
         await sink.aclose()
-        assert caught.value.retryable is True and caught.value.delivered == 0
+        assert caught.value.retryable is True
+        assert caught.value.delivered == 0
         assert_no_token(caught.value)
 
     async def test_non_outbox_rows_warn_once_per_table(self, caplog):
@@ -4881,7 +5012,8 @@ class TestHook0Sink:
                                 table_event("insert", "0/A:2", table="other"), table_event("delete", "0/A:3")])
         warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
         assert len(warnings) == 2
-        assert "public.items" in warnings[0] and "HOOK0_TABLE_EVENTS" in warnings[0]
+        assert "public.items" in warnings[0]
+        assert "HOOK0_TABLE_EVENTS" in warnings[0]
         assert "public.other" in warnings[1]
         assert double.requests == []
 
@@ -4929,7 +5061,8 @@ class TestHook0Sink:
                     await attempt
                 messages.append(caught.value)
         assert {"hook0-quota", "hook0-event-type:billing.invoice.voided", "hook0-auth"} <= set(alerter.keys())
-        assert len(double.events) == 0 and len((tmp_path / "dead.jsonl").read_text().splitlines()) == 4
+        assert len(double.events) == 0
+        assert len((tmp_path / "dead.jsonl").read_text().splitlines()) == 4
         assert_no_token(*messages, *[record.getMessage() for record in caplog.records],
                         *[text for alert in alerter.alerts for text in alert])
 
@@ -5028,7 +5161,8 @@ class TestHook0Double:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.send, double, "POST", "/api/v1/event", expected_body())
                 await double.wait_for(lambda: len(double.requests) == 1)
-            assert double.requests[0].status == 429 and double.events == []
+            assert double.requests[0].status == 429
+            assert double.events == []
 
 
 # =====================================================================================================
@@ -5320,7 +5454,8 @@ class TestSeveralHosts:
             result = await trio.to_thread.run_sync(lambda: run_cli([], make_env(cluster, db, slot_failover="true")))
             assert result.returncode == 2, result.stderr
             (line,) = [l for l in result.stderr.splitlines() if "SLOT_FAILOVER" in l]
-            assert "needs PostgreSQL 17 or later" in line and f"this server is {cluster.major}" in line
+            assert "needs PostgreSQL 17 or later" in line
+            assert f"this server is {cluster.major}" in line
             assert await sql(cluster, db, f"SELECT 1 FROM pg_replication_slots WHERE slot_name = '{db}'") == []
             return
         caplog.set_level(logging.INFO, logger="wal2http")
@@ -5364,10 +5499,12 @@ class TestEndToEnd:
         assert list(first) == ["id", "op", "schema", "table", "key", "new", "old", "unchanged_toast",
                                "xid", "lsn", "commit_lsn", "commit_time", "seq"]
         assert (first["schema"], first["table"], first["seq"]) == ("public", "t", 0)
-        assert events[1]["seq"] == 1 and events[1]["xid"] == first["xid"]
+        assert events[1]["seq"] == 1
+        assert events[1]["xid"] == first["xid"]
         assert first["id"] == f"{first['commit_lsn']}:0"
         assert first["commit_time"].endswith("Z")
-        assert events[5]["cascade"] is False and events[5]["restart_identity"] is False
+        assert events[5]["cascade"] is False
+        assert events[5]["restart_identity"] is False
 
     async def test_a_new_process_never_reports_below_the_slots_confirmed_position(self, cluster, db):
         """At connect the walsender re-reads WAL from restart_lsn, and its keepalives may carry
@@ -5383,7 +5520,8 @@ class TestEndToEnd:
             assert ack.flushed_lsn >= lsn(confirmed)
             ack.keepalive(lsn(confirmed) - 1, True)  # as during the walsender's catch-up
             write, flush = struct.unpack_from("!QQ", ack.status_update(), 6)
-            assert flush >= lsn(confirmed) and write >= lsn(confirmed)
+            assert flush >= lsn(confirmed)
+            assert write >= lsn(confirmed)
 
     async def test_replica_identity_full_and_nothing(self, cluster, db):
         await sql(cluster, db, "CREATE TABLE f (id int PRIMARY KEY, v text)", "ALTER TABLE f REPLICA IDENTITY FULL",
@@ -5394,9 +5532,12 @@ class TestEndToEnd:
             events = await sink.wait_for(4)
         insert, update, delete, other = events
         assert update["key"] == {"id": 1, "v": "b"}  # FULL: every column is the identity
-        assert update["old"] == {"id": 1, "v": "a"} and update["new"] == {"id": 1, "v": "b"}
-        assert delete["old"] == {"id": 1, "v": "b"} and delete["new"] is None
-        assert other["key"] is None and other["new"] == {"id": 1, "v": "x"}
+        assert update["old"] == {"id": 1, "v": "a"}
+        assert update["new"] == {"id": 1, "v": "b"}
+        assert delete["old"] == {"id": 1, "v": "b"}
+        assert delete["new"] is None
+        assert other["key"] is None
+        assert other["new"] == {"id": 1, "v": "x"}
 
     async def test_unchanged_toast(self, cluster, db):
         big = "x" * 100_000
@@ -5409,8 +5550,10 @@ class TestEndToEnd:
                       f"INSERT INTO f VALUES (1, '{big}', 1)", "UPDATE f SET n = 2")
             events = await sink.wait_for(4)
         plain, full = events[1], events[3]
-        assert plain["new"] == {"id": 1, "n": 2} and plain["unchanged_toast"] == ["big"]
-        assert full["new"] == {"id": 1, "big": big, "n": 2} and full["unchanged_toast"] == []
+        assert plain["new"] == {"id": 1, "n": 2}
+        assert plain["unchanged_toast"] == ["big"]
+        assert full["new"] == {"id": 1, "big": big, "n": 2}
+        assert full["unchanged_toast"] == []
 
     async def test_logical_messages(self, cluster, db):
         async with running(make_config(cluster, db)) as (sink, ack):
@@ -5419,10 +5562,14 @@ class TestEndToEnd:
             events = await sink.wait_for(2)
         tx, nontx = events
         assert (tx["op"], tx["prefix"], tx["content"], tx["transactional"]) == ("message", "p", "héllo", True)
-        assert tx["schema"] is None and tx["table"] is None and tx["seq"] == 0
+        assert tx["schema"] is None
+        assert tx["table"] is None
+        assert tx["seq"] == 0
         assert nontx["content_base64"] == base64.b64encode(b"\xff\x00").decode()
         assert nontx["transactional"] is False
-        assert nontx["xid"] is None and nontx["commit_lsn"] is None and nontx["commit_time"] is None
+        assert nontx["xid"] is None
+        assert nontx["commit_lsn"] is None
+        assert nontx["commit_time"] is None
         assert nontx["id"] == f"{nontx['lsn']}:m"
 
     async def test_schema_change_mid_stream(self, cluster, db):
@@ -5506,7 +5653,8 @@ class TestEndToEnd:
             await sql(cluster, db, "INSERT INTO r VALUES (2)")
             events = await sink.wait_for(2, timeout=60)
         ids = [e["new"]["id"] for e in events]
-        assert ids[-1] == 2 and set(ids) == {1, 2}
+        assert ids[-1] == 2
+        assert set(ids) == {1, 2}
 
 
     async def test_every_contract_type_round_trips(self, cluster, db):
@@ -5555,7 +5703,8 @@ class TestEndToEnd:
             events = await sink.wait_for(2)
         assert sorted(e["table"] for e in events) == ["ch", "p"]
         assert all(e["cascade"] and e["restart_identity"] for e in events)
-        assert [e["seq"] for e in events] == [0, 1] and events[0]["xid"] == events[1]["xid"]
+        assert [e["seq"] for e in events] == [0, 1]
+        assert events[0]["xid"] == events[1]["xid"]
 
     async def test_streamed_large_transaction_once_in_order(self, cluster, db):
         await sql(cluster, db, "CREATE TABLE big (id int PRIMARY KEY, v text)")
@@ -5568,7 +5717,8 @@ class TestEndToEnd:
             await wait_until(lambda: ack.flushed_lsn >= w.parse_lsn(lsn))
         assert len(events) == 100_000
         assert [e["new"]["id"] for e in events] == list(range(1, 100_001))
-        assert [e["seq"] for e in events[:3]] == [0, 1, 2] and events[-1]["seq"] == 99_999
+        assert [e["seq"] for e in events[:3]] == [0, 1, 2]
+        assert events[-1]["seq"] == 99_999
         assert len({e["xid"] for e in events}) == 1
 
     async def test_streamed_rollbacks_deliver_nothing(self, cluster, db):
@@ -5746,7 +5896,8 @@ class TestCommandLine:
         result = run_cli(["--check"], make_env(cluster, db))
         assert result.returncode == 0, result.stdout + result.stderr
         lines = result.stdout.splitlines()
-        assert all(line.startswith("ok ") for line in lines) and len(lines) >= 5
+        assert all(line.startswith("ok ") for line in lines)
+        assert len(lines) >= 5
         assert any("wal_level" in line for line in lines)
 
     def test_check_reports_failures(self, cluster, db):
@@ -5775,7 +5926,8 @@ class TestCommandLine:
         assert result.returncode == 0, result.stderr
         events = [json.loads(line) for line in result.stdout.splitlines()]
         assert [e["op"] for e in events] == ["insert", "insert", "update", "message", "delete", "truncate"]
-        assert events[0]["new"]["amount"] == "19.90" and events[0]["new"]["tags"] == ["new", "web"]
+        assert events[0]["new"]["amount"] == "19.90"
+        assert events[0]["new"]["tags"] == ["new", "web"]
         assert "throwaway PostgreSQL is stopped and removed" in result.stderr
 
     async def test_jsonb_is_written_exactly_as_postgres_prints_it(self, cluster, db):
@@ -5898,7 +6050,8 @@ class TestServerVersions:
         assert [(e["op"], e["new"]["id"]) for e in proc.events] == [("insert", 1), ("insert", 2)]
         lines = [line for line in proc.stderr.decode().splitlines() if PROTOCOL_1_LINE in line]
         assert len(lines) == 1, proc.stderr.decode()
-        assert f"PostgreSQL {old_cluster.major}." in lines[0] and "STREAMING=true is ignored" in lines[0]
+        assert f"PostgreSQL {old_cluster.major}." in lines[0]
+        assert "STREAMING=true is ignored" in lines[0]
         assert "pgoutput protocol 1" in proc.stderr.decode()
 
     def test_demo_on_protocol_1_shows_the_rows(self, old_cluster):
@@ -5966,7 +6119,8 @@ def hook0_env(cluster, dbname, double, **overrides) -> dict[str, str]:
 
 def hook0_config_for(cluster, dbname, double, **overrides):
     config, mode = w.load_config([], hook0_env(cluster, dbname, double, **overrides))
-    assert mode == "run" and config.event_sink == "hook0"
+    assert mode == "run"
+    assert config.event_sink == "hook0"
     return config
 
 
@@ -6121,7 +6275,8 @@ class TestHook0EndToEnd:
                 with trio.fail_after(15):
                     await double.wait_for(lambda: len(double.events) >= 2)
         outbox, tick = double.events
-        assert outbox["event_id"] == row["event_id"] and tick["event_type"] == "public.tick.insert"
+        assert outbox["event_id"] == row["event_id"]
+        assert tick["event_type"] == "public.tick.insert"
         commit_time = json.loads(tick["payload"])["commit_time"]
         assert parse_time(outbox["occurred_at"]) == parse_time(commit_time)
         assert parse_time(tick["occurred_at"]) == parse_time(commit_time)
@@ -6261,7 +6416,8 @@ class TestHook0EndToEnd:
             with trio.fail_after(15), pytest.raises(w.DeliveryFailed) as failed:
                 await w.run(config)
         message = str(failed.value)
-        assert "public.outbox" in message and "column labels" in message, message
+        assert "public.outbox" in message, message
+        assert "column labels" in message, message
         assert failed.value.exit_code == 3
         assert double.events == []
         assert await slot_confirmed(cluster, db) < lsn
@@ -6304,14 +6460,17 @@ class TestHook0EndToEnd:
         assert letter["new"] == {"event_id": bad["event_id"], "event_type": "billing.invoice.paid",
                                  "created_at": "2026-11-27T16:25:11Z", "payload": None,
                                  "metadata": {"source": "e2e"}, "labels": {"tenant": "acme"}}
-        assert letter["seq"] == 1 and letter["id"] == f"{letter['commit_lsn']}:1"
+        assert letter["seq"] == 1
+        assert letter["id"] == f"{letter['commit_lsn']}:1"
         with open(dead, "rb") as file:   # the stdout format: one line per event, jsonb as PostgreSQL prints it
             data = file.read()
-        assert data.count(b"\n") == 1 and data.endswith(b"}\n")
+        assert data.count(b"\n") == 1
+        assert data.endswith(b"}\n")
         assert b',"new":{"event_id":' in data
         assert b'"payload":null,"metadata":{"source": "e2e"},"labels":{"tenant": "acme"}},"old":null,' in data
         logged_errors = " ".join(r.getMessage() for r in caplog.records)
-        assert "public.outbox" in logged_errors and "column payload" in logged_errors
+        assert "public.outbox" in logged_errors
+        assert "column payload" in logged_errors
 
     # -- 7. HOOK0_TABLE_EVENTS ------------------------------------------------------------------------
 
@@ -6367,7 +6526,8 @@ class TestHook0EndToEnd:
         assert second_run[:2] == [(t, i, 409) for t, i in first_run]
         assert [(t, s) for t, _, s in second_run[2:]] == [("public.items.delete", 201), ("public.items.insert", 201)]
         ids = [event["event_id"] for event in double.events]
-        assert len(set(ids)) == 4 and all(str(uuid.UUID(i)) == i for i in ids)
+        assert len(set(ids)) == 4
+        assert all(str(uuid.UUID(i)) == i for i in ids)
         payloads = [json.loads(event["payload"]) for event in double.events]
         assert [(p["op"], p["table"], p["key"], p["new"], p["old"]) for p in payloads] == [
             ("insert", "items", {"id": 1}, {"id": 1, "name": "widget"}, None),
@@ -6406,7 +6566,8 @@ class TestHook0EndToEnd:
                     await double.wait_for(lambda: len(double.events) >= 1)
         refused, accepted = event_posts(double)
         assert refused.status == (503 if kind == "service_unavailable" else 429)
-        assert accepted.status == 201 and accepted.json()["event_id"] == row["event_id"]
+        assert accepted.status == 201
+        assert accepted.json()["event_id"] == row["event_id"]
         gap = accepted.at - refused.at
         assert 1.0 <= gap < 4.0, gap
 
@@ -6726,8 +6887,10 @@ class TestHttpEndToEnd:
             assert any(v == "v1" and hmac.compare_digest(sig, wanted) for v, sig in signatures), h
             wrong = base64.b64encode(hmac.new(b"other key", signed, hashlib.sha256).digest()).decode()
             assert all(sig != wrong for _, sig in signatures)
-            assert h["authorization"] == AUTH_HEADER_VALUE and h["x-tenant"] == "acme"
-            assert SIGNING_SECRET not in json.dumps(h) and SIGNING_SECRET.encode() not in request.body
+            assert h["authorization"] == AUTH_HEADER_VALUE
+            assert h["x-tenant"] == "acme"
+            assert SIGNING_SECRET not in json.dumps(h)
+            assert SIGNING_SECRET.encode() not in request.body
         if batch_size == 1:
             assert [r.headers["webhook-id"] for r in receiver.requests] == [e["id"] for e in expected]
 
@@ -6780,7 +6943,8 @@ class TestHttpEndToEnd:
             expected = await ref.wait_for(3)
             a, b, c = expected
             assert "Traceback" not in stderr
-            assert b["id"] in stderr and "400" in stderr
+            assert b["id"] in stderr
+            assert "400" in stderr
             assert [r.status for r in bad.answers] == [200, 400]  # a 400 is not retried
             assert events_in(bad.requests[1]) == [b]
             assert bad.delivered() == [a]
@@ -6898,11 +7062,14 @@ class TestHttpEndToEnd:
                     assert await proc.wait_exit(timeout=20) == 3
             await wait_until(lambda: mails.messages, timeout=5)
         (ids,) = {tuple(e["id"] for e in events_in(r)) for r in receiver.requests}
-        assert len(ids) == 2 and len(receiver.requests) == 3  # RETRY_MAX_ATTEMPTS, then exit
-        assert len(mails.messages) == 1 and logins == [(b"alerts", smtp_password.encode())]
+        assert len(ids) == 2
+        assert len(receiver.requests) == 3  # RETRY_MAX_ATTEMPTS, then exit
+        assert len(mails.messages) == 1
+        assert logins == [(b"alerts", smtp_password.encode())]
         mail = mails.messages[0]
         assert mail.rcpt_tos == ["ops@example.org", "dba@example.org"]
-        assert "ALERT" in mail.mail["Subject"] and "http" in mail.mail["Subject"]
+        assert "ALERT" in mail.mail["Subject"]
+        assert "http" in mail.mail["Subject"]
         body = mail.mail.get_content()
         assert all(event_id in body for event_id in ids)
         assert "500" in body
@@ -6947,7 +7114,8 @@ class TestHttpEndToEnd:
         assert result.returncode == 0, result.stdout + result.stderr
         assert "ok sink http" in result.stdout.splitlines()
         assert all(line.startswith("ok ") for line in result.stdout.splitlines())
-        assert [r.method for r in receiver.requests] and "POST" not in [r.method for r in receiver.requests]
+        assert [r.method for r in receiver.requests]
+        assert "POST" not in [r.method for r in receiver.requests]
         env = {**env, "HTTP_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}/hooks"}
         started = time.monotonic()
         result = await trio.to_thread.run_sync(lambda: run_cli(["--check"], env, timeout=30))
@@ -6966,7 +7134,8 @@ class TestHttpEndToEnd:
                 result = await trio.to_thread.run_sync(lambda: run_cli(["--check"], env, timeout=30))
             assert result.returncode == 0, result.stdout + result.stderr
             lines = result.stdout.splitlines()
-            assert "ok email" in lines and "ok sink http" in lines
+            assert "ok email" in lines
+            assert "ok sink http" in lines
             assert mails.messages == []  # it greets, sends nothing
             env = {**env, "EMAIL_SMTP_PORT": str(free_port())}
             started = time.monotonic()
@@ -6994,7 +7163,9 @@ class TestHttpEndToEnd:
                     await wait_until(lambda: len(mails.messages) >= 2, timeout=10)
         assert receiver.delivered() == expected
         subjects = [m.mail["Subject"] for m in mails.messages]
-        assert len(subjects) == 2 and "ALERT" in subjects[0] and "RECOVERED" in subjects[1], subjects
+        assert len(subjects) == 2, subjects
+        assert "ALERT" in subjects[0], subjects
+        assert "RECOVERED" in subjects[1], subjects
         assert expected[0]["id"] in mails.messages[0].mail.get_content()
 
     async def test_hanging_smtp_server_never_delays_delivery(self, cluster, db):
@@ -7020,7 +7191,8 @@ class TestHttpEndToEnd:
                     with trio.fail_after(5):
                         await receiver.wait(lambda r: len(r.delivered()) == 20)
                         await wait_until(lambda: confirmed_past(cluster, db, lsn(expected[-1]["commit_lsn"])))
-                    assert held and not release.is_set()  # the alert mail is still stuck meanwhile
+                    assert held
+                    assert not release.is_set()  # the alert mail is still stuck meanwhile
                     release.set()
             nursery.cancel_scope.cancel()
         assert receiver.delivered() == expected
