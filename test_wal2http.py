@@ -54,6 +54,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DB_URL = "postgresql://app:Db-Pa55word-1@db.example.org:5432/app"
 DB_PASSWORD = "Db-Pa55word-1"
 APP_ID = "3f1c2a9e-8b7d-4c6e-9f0a-1b2c3d4e5f60"
+APPLICATION_ID = "4fd3ed86-2a5a-4d45-9c1c-0fdf6c7e6c6a"
+TOKEN = "EoQBChoKBHRlc3QYAyIKCggIgAgSAxiBCB"   # shaped like a biscuit; never in any message
 HOOK0 = {"HOOK0_API_URL": "https://hook0.example.org", "HOOK0_APPLICATION_ID": APP_ID,
          "HOOK0_API_TOKEN": "Hook0-T0ken-Secret"}
 
@@ -71,6 +73,285 @@ def config_error(env=None, argv=(), with_db=True) -> str:
     assert "\n" not in message
     assert message.strip() == message
     return message
+
+
+# =====================================================================================================
+# Shared fakes, builders and waits
+# =====================================================================================================
+# Every test class takes its stand-ins from here: one recording alerter, one recording sleep, the
+# fake sinks (kept, delayed, failing as scripted, or held per event), one builder of a Config
+# without a database and one of the environment of a test database (with presets per sink), one
+# test CA, and one way to wait for a condition.
+
+
+class RecordingAlerter:
+    """Stands in for the Alerter: records alerts (with the Trio time of each, inside a Trio run)
+    and recoveries; like the real one, `alert` never blocks and never raises."""
+
+    def __init__(self):
+        self.alerts: list[tuple[str, str, str]] = []
+        self.recoveries: list[tuple[str, str, str]] = []
+        self.alert_times: list[float | None] = []
+
+    def alert(self, key: str, subject: str, body: str, since=None) -> None:
+        self.alerts.append((key, subject, body))
+        try:
+            self.alert_times.append(trio.current_time())
+        except RuntimeError:  # outside a Trio run
+            self.alert_times.append(None)
+
+    def recovered(self, key: str, subject: str, body: str) -> None:
+        self.recoveries.append((key, subject, body))
+
+    def keys(self) -> list[str]:
+        return [key for key, _, _ in self.alerts]
+
+
+class RecordingSleep:
+    """Injected as ReliableSink's sleep: records the delays without waiting them."""
+
+    def __init__(self):
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        await trio.lowlevel.checkpoint()
+
+
+class Observed:
+    """Something a test waits on (a sink, a receiver, a process): each change calls `_notify()`,
+    which wakes `wait_for`, so nothing polls."""
+
+    def __init__(self):
+        self._changed = trio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, condition, timeout: float = 15) -> None:
+        """Waits until condition(self) holds, re-checked after every change; fails after `timeout` s."""
+        with trio.fail_after(timeout):
+            while not condition(self):
+                await self._changed.wait()
+
+
+async def wait_until(predicate, timeout: float = 30, interval: float = 0.05):
+    """Polls a sync or async condition until it holds (for state nothing notifies: PostgreSQL, logs,
+    an SMTP server's thread); returns its value."""
+    with trio.fail_after(timeout):
+        while True:
+            result = predicate()
+            if hasattr(result, "__await__"):
+                result = await result
+            if result:
+                return result
+            await trio.sleep(interval)
+
+
+class MemorySink(Observed):
+    """A sink that keeps what it is given (`events`, and `batches` as delivered); `gate` (a
+    trio.Event) can hold deliveries back."""
+
+    name = "memory"
+
+    def __init__(self, batch_size: int = 1000):
+        super().__init__()
+        self.batch_size = batch_size
+        self.events: list[dict] = []
+        self.batches: list[list] = []
+        self.gate: trio.Event | None = None
+
+    async def deliver(self, events):
+        if self.gate is not None:
+            await self.gate.wait()
+        self.batches.append(list(events))
+        self.events.extend(events)
+        self._notify()
+
+    async def wait_for(self, count: int, timeout: float = 30) -> list[dict]:
+        """Waits until `count` events have arrived; returns them all."""
+        await super().wait_for(lambda sink: len(sink.events) >= count, timeout)
+        return self.events
+
+    async def check(self):
+        return "ok"
+
+    async def aclose(self):
+        pass
+
+
+class FlakySink:
+    """A sink failing as scripted: each entry is None (deliver all) or a DeliveryError to raise."""
+
+    name = "fake"
+    batch_size = 10
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.calls: list[list[str]] = []
+        self.delivered: list[str] = []
+
+    async def deliver(self, events):
+        self.calls.append([e["id"] for e in events])
+        outcome = self.script.pop(0) if self.script else None
+        if outcome is None:
+            self.delivered += [e["id"] for e in events]
+            return
+        self.delivered += [e["id"] for e in events[:outcome.delivered]]
+        raise outcome
+
+    async def check(self):
+        return "ok"
+
+    async def aclose(self):
+        pass
+
+
+class GatedSink:
+    """Each deliver() call waits until the test opens its gate (by the first event's id), or
+    fails when told to; records the calls in flight at once."""
+
+    name = "gated"
+
+    def __init__(self, batch_size=1):
+        self.batch_size = batch_size
+        self.gates: dict[str, trio.Event] = {}
+        self.failures: dict[str, BaseException] = {}
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self.in_flight = self.most_in_flight = 0
+
+    def gate(self, event_id):
+        return self.gates.setdefault(event_id, trio.Event())
+
+    async def deliver(self, events):
+        first = events[0]["id"]
+        self.started.append(first)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await self.gate(first).wait()
+            if first in self.failures:
+                raise self.failures[first]
+            self.finished.append(first)
+        finally:
+            self.in_flight -= 1
+
+
+# -- Config builders: `offline_config` (no database) takes Config fields, `make_env`/`make_config`
+# -- (a test database) take settings; each takes presets (dicts) first, then single values.
+
+HTTP_FIELDS = {"event_sink": "http"}  #: the HTTP sink (the test gives http_endpoint_url)
+HOOK0_FIELDS = {"event_sink": "hook0", "hook0_api_url": "http://127.0.0.1:9", "hook0_application_id": APPLICATION_ID,
+                "hook0_api_token": TOKEN, "retry_max_attempts": 3, "retry_base_delay_s": 0.01,
+                "retry_max_delay_s": 30.0}  #: the Hook0 sink, fast retries
+
+
+def mail_fields(port: int, tls: str = "none") -> dict:
+    """The alert mail's fields for an SMTP server on 127.0.0.1:`port`."""
+    return {"email_smtp_host": "127.0.0.1", "email_smtp_port": port, "email_smtp_tls": tls,
+            "email_from": "wal2http@example.org", "email_to": ("ops@example.org",)}
+
+
+def offline_config(*presets: dict, **fields) -> w.Config:
+    """A Config without a database (for the tests of one part): the presets' fields, then `fields`."""
+    settings = {"database_url": None, "conninfo": None}
+    for preset in presets:
+        settings.update(preset)
+    return w.Config(**{**settings, **fields})
+
+
+def http_settings(receiver) -> dict:
+    """The settings of the HTTP sink posting to `receiver` (a ScriptedReceiver), fast retries."""
+    return {"event_sink": "http", "http_endpoint_url": receiver.url("/hooks/pg?source=e2e"),
+            "retry_base_delay_ms": 10, "retry_max_delay_ms": 50, "retry_max_attempts": 3,
+            "http_timeout_secs": 5}
+
+
+def hook0_settings(double) -> dict:
+    """The settings of the Hook0 sink posting to `double` (a Hook0Double), fast retries."""
+    return {"event_sink": "hook0", "hook0_api_url": double.url, "hook0_application_id": APPLICATION_ID,
+            "hook0_api_token": TOKEN, "retry_base_delay_ms": 10, "retry_max_delay_ms": 50,
+            "retry_max_attempts": 3}
+
+
+def email_settings(port: int) -> dict:
+    """The settings of the alert mail to an SMTP server on 127.0.0.1:`port`."""
+    return {"email_smtp_host": "127.0.0.1", "email_smtp_port": port, "email_smtp_tls": "none",
+            "email_from": "wal2http@example.org", "email_to": "ops@example.org"}
+
+
+def make_env(cluster, dbname: str, *presets: dict, **overrides) -> dict[str, str]:
+    """The environment of wal2http for `dbname` (its slot named after it): the presets' settings,
+    then `overrides` (the variables' names in lower case)."""
+    env = {"DATABASE_URL": cluster.url(dbname), "SLOT_NAME": dbname, "FEEDBACK_INTERVAL_SECS": "0.2",
+           "LOG_LEVEL": "DEBUG"}
+    for settings in (*presets, overrides):
+        env.update({k.upper(): str(v) for k, v in settings.items()})
+    return env
+
+
+def make_config(cluster, dbname: str, *presets: dict, **overrides) -> w.Config:
+    """make_env read as wal2http reads it: a Config to run (with the event sink asked for)."""
+    env = make_env(cluster, dbname, *presets, **overrides)
+    config, mode = w.load_config([], env)
+    assert mode == "run"
+    if "EVENT_SINK" in env:
+        assert config.event_sink == env["EVENT_SINK"]
+    return config
+
+
+@contextlib.asynccontextmanager
+async def running(config, sink=None):
+    """wal2http.run in this process with a MemorySink (or `sink`) until the block ends; yields
+    (sink, ack tracker)."""
+    sink = sink or MemorySink()
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        ack = await nursery.start(lambda task_status: w.run(config, sink=sink, stop=stop, task_status=task_status))
+        yield sink, ack
+        stop.set()
+
+
+@asynccontextmanager
+async def service(config):
+    """wal2http.run with its configured sink (HTTP, Hook0) in this process until the block ends;
+    yields the AckTracker.  The exit path is the normal one (stop, final status update, alert drain)."""
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        ack = await nursery.start(lambda task_status: w.run(config, stop=stop, task_status=task_status))
+        yield ack
+        stop.set()
+
+
+# -- One test CA (trustme): a server context for localhost and 127.0.0.1, a client context and a
+# -- CA file trusting it.
+
+@pytest.fixture(scope="session")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_tls(ca):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def client_tls(ca):
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+@pytest.fixture
+def ca_file(ca, tmp_path):
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
 
 
 # =====================================================================================================
@@ -831,12 +1112,6 @@ def smtp_server(**kwargs):
         controller.stop()
 
 
-def mail_config(port, tls="none", **overrides):
-    settings = dict(email_smtp_host="127.0.0.1", email_smtp_port=port, email_smtp_tls=tls,
-                    email_from="wal2http@example.org", email_to=("ops@example.org",))
-    return w.Config(**{**settings, **overrides})
-
-
 @contextlib.asynccontextmanager
 async def running_alerter(config, **kwargs):
     alerter = w.Alerter(config, **kwargs)
@@ -846,24 +1121,8 @@ async def running_alerter(config, **kwargs):
         nursery.cancel_scope.cancel()
 
 
-async def wait_until_true(predicate, timeout_s=10.0):
-    with trio.fail_after(timeout_s):
-        while not predicate():
-            await trio.sleep(0.01)
-
-
 def logged(caplog, fragment):
     return [r for r in caplog.records if fragment in r.getMessage()]
-
-
-@pytest.fixture
-def tls_contexts():
-    ca = trustme.CA()
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return server, client
 
 
 class FakeClock:
@@ -878,9 +1137,9 @@ class TestAlerts:
     async def test_alert_mail_arrives(self, caplog):
         caplog.set_level(logging.DEBUG, logger="wal2http")
         with smtp_server() as (handler, port):
-            async with running_alerter(mail_config(port, slot_name="orders")) as alerter:
+            async with running_alerter(offline_config(mail_fields(port), slot_name="orders")) as alerter:
                 alerter.alert("sink", "HTTP sink failing", "503 Service Unavailable from hooks.example.org")
-                await wait_until_true(lambda: handler.messages)
+                await wait_until(lambda: handler.messages)
         received = handler.messages[0]
         assert received.mail_from == "wal2http@example.org"
         assert received.rcpt_tos == ["ops@example.org"]
@@ -896,10 +1155,10 @@ class TestAlerts:
 
     async def test_several_recipients(self):
         with smtp_server() as (handler, port):
-            config = mail_config(port, email_to=("a@example.org", "b@example.org", "c@example.net"))
+            config = offline_config(mail_fields(port), email_to=("a@example.org", "b@example.org", "c@example.net"))
             async with running_alerter(config) as alerter:
                 alerter.alert("k", "subject", "body")
-                await wait_until_true(lambda: handler.messages)
+                await wait_until(lambda: handler.messages)
         assert handler.messages[0].rcpt_tos == ["a@example.org", "b@example.org", "c@example.net"]
         assert handler.messages[0].mail["To"] == "a@example.org, b@example.org, c@example.net"
 
@@ -913,11 +1172,11 @@ class TestAlerts:
             return AuthResult(success=auth_data.password == password.encode(), auth_data=auth_data)
 
         with smtp_server(authenticator=authenticator, auth_require_tls=False) as (handler, port):
-            config = mail_config(port, email_smtp_username="alerts", email_smtp_password=password)
+            config = offline_config(mail_fields(port), email_smtp_username="alerts", email_smtp_password=password)
             async with running_alerter(config) as alerter:
                 # A careless caller that puts the secret in the text: it is scrubbed.
                 alerter.alert("auth", f"failed with {password}", f"password was {password}")
-                await wait_until_true(lambda: handler.messages)
+                await wait_until(lambda: handler.messages)
         assert logins == [(b"alerts", password.encode())]
         assert handler.messages[0].login == "alerts"
         raw = handler.messages[0].mail.as_string()
@@ -930,10 +1189,10 @@ class TestAlerts:
         password = "Wrong-Pa55word-42"
         with smtp_server(authenticator=lambda *args: AuthResult(success=False, handled=False),
                          auth_require_tls=False) as (handler, port):
-            config = mail_config(port, email_smtp_username="alerts", email_smtp_password=password)
+            config = offline_config(mail_fields(port), email_smtp_username="alerts", email_smtp_password=password)
             async with running_alerter(config) as alerter:
                 alerter.alert("k", "s", "b")
-                await wait_until_true(lambda: logged(caplog, "could not send alert mail"))
+                await wait_until(lambda: logged(caplog, "could not send alert mail"))
         assert handler.messages == []
         assert "SMTPAuthenticationError" in logged(caplog, "could not send alert mail")[0].getMessage()
         assert all(password not in record.getMessage() for record in caplog.records)
@@ -941,15 +1200,15 @@ class TestAlerts:
     async def test_same_alert_mailed_once_per_five_minutes(self):
         clock = FakeClock()
         with smtp_server() as (handler, port):
-            async with running_alerter(mail_config(port), now=clock) as alerter:
+            async with running_alerter(offline_config(mail_fields(port)), now=clock) as alerter:
                 alerter.alert("sink", "failing", "first")
                 clock.now += w.ALERT_REPEAT_S - 1
                 alerter.alert("sink", "failing", "second, within 5 minutes")
                 alerter.alert("other", "marker", "a different key is not limited")
-                await wait_until_true(lambda: len(handler.messages) == 2)
+                await wait_until(lambda: len(handler.messages) == 2)
                 clock.now += 1
                 alerter.alert("sink", "failing", "third, 5 minutes after the first")
-                await wait_until_true(lambda: len(handler.messages) == 3)
+                await wait_until(lambda: len(handler.messages) == 3)
         bodies = [m.mail.get_content() for m in handler.messages]
         assert "first" in bodies[0]
         assert "a different key" in bodies[1]
@@ -959,7 +1218,7 @@ class TestAlerts:
         caplog.set_level(logging.DEBUG, logger="wal2http")
         clock = FakeClock()
         with smtp_server() as (handler, port):
-            async with running_alerter(mail_config(port), now=clock) as alerter:
+            async with running_alerter(offline_config(mail_fields(port)), now=clock) as alerter:
                 alerter.recovered("never-failed", "HTTP sink", "nothing to recover from")
                 alerter.alert("sink", "HTTP sink failing", "503")
                 alerter.recovered("sink", "HTTP sink delivers again", "after 3 attempts")
@@ -968,7 +1227,7 @@ class TestAlerts:
                 alerter.recovered("sink", "HTTP sink delivers again", "that failure was not mailed: neither is this")
                 clock.now += w.ALERT_REPEAT_S
                 alerter.alert("sink", "HTTP sink failing", "5 minutes later: mailed")
-                await wait_until_true(lambda: len(handler.messages) == 3)
+                await wait_until(lambda: len(handler.messages) == 3)
         subjects = [m.mail["Subject"] for m in handler.messages]
         assert subjects == ["[wal2http] ALERT: HTTP sink failing",
                             "[wal2http] RECOVERED: HTTP sink delivers again",
@@ -980,55 +1239,55 @@ class TestAlerts:
         assert "Failing since:" in recovered
         assert logged(caplog, "recovered [sink]")[0].levelno == logging.INFO
 
-    async def test_starttls_verified_with_trustme(self, tls_contexts):
-        server_context, client_context = tls_contexts
+    async def test_starttls_verified_with_trustme(self, server_tls, client_tls):
+        server_context, client_context = server_tls, client_tls
         with smtp_server(tls_context=server_context, require_starttls=True) as (handler, port):
-            async with running_alerter(mail_config(port, tls="starttls"),
+            async with running_alerter(offline_config(mail_fields(port, "starttls")),
                                        ssl_context=client_context) as alerter:
                 alerter.alert("k", "over starttls", "body")
-                await wait_until_true(lambda: handler.messages)
+                await wait_until(lambda: handler.messages)
         assert handler.messages[0].tls
 
-    async def test_starttls_with_untrusted_certificate_fails_cleanly(self, tls_contexts, caplog):
-        server_context, _ = tls_contexts
+    async def test_starttls_with_untrusted_certificate_fails_cleanly(self, server_tls, caplog):
+        server_context = server_tls
         with smtp_server(tls_context=server_context, require_starttls=True) as (handler, port):
-            async with running_alerter(mail_config(port, tls="starttls")) as alerter:
+            async with running_alerter(offline_config(mail_fields(port, "starttls"))) as alerter:
                 alerter.alert("k", "s", "b")
-                await wait_until_true(lambda: logged(caplog, "could not send alert mail"))
+                await wait_until(lambda: logged(caplog, "could not send alert mail"))
         assert handler.messages == []
         assert "CERTIFICATE_VERIFY_FAILED" in logged(caplog, "could not send alert mail")[0].getMessage()
 
-    async def test_implicit_tls(self, tls_contexts):
-        server_context, client_context = tls_contexts
+    async def test_implicit_tls(self, server_tls, client_tls):
+        server_context, client_context = server_tls, client_tls
         with smtp_server(ssl_context=server_context) as (handler, port):
-            async with running_alerter(mail_config(port, tls="ssl"), ssl_context=client_context) as alerter:
+            async with running_alerter(offline_config(mail_fields(port, "ssl")), ssl_context=client_context) as alerter:
                 alerter.alert("k", "over smtps", "body")
-                await wait_until_true(lambda: handler.messages)
+                await wait_until(lambda: handler.messages)
         assert handler.messages[0].mail["Subject"] == "[wal2http] ALERT: over smtps"
 
     async def test_dead_smtp_server_never_blocks_or_raises(self, caplog):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]  # closed when the block ends: connections are refused
-        async with running_alerter(mail_config(port)) as alerter:
+        async with running_alerter(offline_config(mail_fields(port))) as alerter:
             alerter.alert("first", "s1", "b")
-            await wait_until_true(lambda: len(logged(caplog, "could not send alert mail")) == 1)
+            await wait_until(lambda: len(logged(caplog, "could not send alert mail")) == 1)
             alerter.alert("second", "s2", "b")  # the run task keeps going
-            await wait_until_true(lambda: len(logged(caplog, "could not send alert mail")) == 2)
+            await wait_until(lambda: len(logged(caplog, "could not send alert mail")) == 2)
         assert "[wal2http] ALERT: s2" in logged(caplog, "could not send alert mail")[1].getMessage()
 
     async def test_slow_smtp_server_never_blocks_or_raises(self, caplog):
         with socket.socket() as silent:  # accepts TCP connections (backlog), never answers
             silent.bind(("127.0.0.1", 0))
             silent.listen(8)
-            config = mail_config(silent.getsockname()[1])
+            config = offline_config(mail_fields(silent.getsockname()[1]))
             async with running_alerter(config, smtp_timeout_s=0.5) as alerter:
                 start = trio.current_time()
                 alerter.alert("first", "s1", "b")
                 alerter.alert("second", "s2", "b")
                 assert trio.current_time() - start < 0.1
                 assert not logged(caplog, "could not send alert mail")  # still waiting on the server
-                await wait_until_true(lambda: len(logged(caplog, "could not send alert mail")) == 2)
+                await wait_until(lambda: len(logged(caplog, "could not send alert mail")) == 2)
         assert all("timed out" in r.getMessage() for r in logged(caplog, "could not send alert mail"))
 
     async def test_run_cancels_promptly_while_a_send_hangs(self):
@@ -1036,14 +1295,14 @@ class TestAlerts:
             silent.bind(("127.0.0.1", 0))
             silent.listen(8)
             with trio.fail_after(5):
-                async with running_alerter(mail_config(silent.getsockname()[1]),
+                async with running_alerter(offline_config(mail_fields(silent.getsockname()[1])),
                                            smtp_timeout_s=30) as alerter:
                     alerter.alert("k", "s", "b")
                     await trio.sleep(0.2)  # let the worker thread start its connection
 
     async def test_full_queue_drops_and_never_raises(self, caplog):
         sent = []
-        alerter = w.Alerter(mail_config(25), send_mail=sent.append, queue_size=1)
+        alerter = w.Alerter(offline_config(mail_fields(25)), send_mail=sent.append, queue_size=1)
         alerter.alert("a", "s", "b")  # queued (run is not started yet)
         alerter.alert("b", "s", "b")  # dropped
         assert logged(caplog, "alert mail for [b] dropped")
@@ -1058,10 +1317,10 @@ class TestAlerts:
                 raise OSError("connection reset")
             sent.append(message)
 
-        async with running_alerter(mail_config(25), send_mail=send_mail) as alerter:
+        async with running_alerter(offline_config(mail_fields(25)), send_mail=send_mail) as alerter:
             alerter.alert("a", "boom", "b")
             alerter.alert("b", "fine", "b")
-            await wait_until_true(lambda: sent)
+            await wait_until(lambda: sent)
         assert "OSError: connection reset" in logged(caplog, "could not send alert mail")[0].getMessage()
         assert sent[0]["Subject"] == "[wal2http] ALERT: fine"
 
@@ -1079,7 +1338,7 @@ class TestAlerts:
     def test_build_alert_message_keeps_the_subject_on_one_line(self):
         from datetime import datetime, timezone
         moment = datetime(2026, 11, 27, 16, 25, 11, tzinfo=timezone.utc)
-        message = w.build_alert_message(mail_config(25), kind="ALERT", key="k",
+        message = w.build_alert_message(offline_config(mail_fields(25)), kind="ALERT", key="k",
                                         subject="line one\r\nBcc: evil@example.org", body="details",
                                         since=moment, now=moment)
         assert message["Subject"] == "[wal2http] ALERT: line one Bcc: evil@example.org"
@@ -1414,17 +1673,6 @@ class TestAckTracker:
         assert struct.unpack_from("!QQQ", data, 6) == (90, 77, 77)
 
 
-class _RecordingSink:
-    name = "test"
-
-    def __init__(self, batch_size=1, fail_at=None):
-        self.batch_size = batch_size
-        self.batches = []
-
-    async def deliver(self, events):
-        self.batches.append(list(events))
-
-
 def chunk(events, end_lsn):
     """What the assembler hands the delivery loop: events, and the end LSN they complete (or None)."""
     return types.SimpleNamespace(events=events, end_lsn=end_lsn)
@@ -1445,7 +1693,7 @@ async def run_delivery_loop(loop, receive, ack, feed=None):
 class TestDeliveryLoop:
     async def test_batches_span_chunks_and_ack_follows(self):
         ack = w.AckTracker()
-        sink = _RecordingSink(batch_size=3)
+        sink = MemorySink(batch_size=3)
         loop = w.DeliveryLoop(sink, ack, batch_size=3, linger_s=0.01)
         send, receive = trio.open_memory_channel(10)
         for c in (chunk([1, 2], 10), chunk([3, 4], None), chunk([5], 20), chunk([], 30)):
@@ -1657,37 +1905,6 @@ class TestDeliveryScheduler:
         return any(resource in b and (exclusive or b[resource]) for resource, exclusive in a.items())
 
 
-class GatedSink:
-    """Each deliver() call waits until the test opens its gate (by the first event's id), or
-    fails when told to; records the calls in flight at once."""
-
-    name = "gated"
-
-    def __init__(self, batch_size=1):
-        self.batch_size = batch_size
-        self.gates: dict[str, trio.Event] = {}
-        self.failures: dict[str, BaseException] = {}
-        self.started: list[str] = []
-        self.finished: list[str] = []
-        self.in_flight = self.most_in_flight = 0
-
-    def gate(self, event_id):
-        return self.gates.setdefault(event_id, trio.Event())
-
-    async def deliver(self, events):
-        first = events[0]["id"]
-        self.started.append(first)
-        self.in_flight += 1
-        self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        try:
-            await self.gate(first).wait()
-            if first in self.failures:
-                raise self.failures[first]
-            self.finished.append(first)
-        finally:
-            self.in_flight -= 1
-
-
 def keyed(n, row, end_lsn=None, table="t"):
     event = {**row_event(row, table=table), "id": f"e{n}"}
     return chunk([event], end_lsn)
@@ -1707,17 +1924,17 @@ class TestConcurrentDeliveryLoop:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(loop.run, receive)
             await feed_chunks(send, ack, [keyed(n, row=n, end_lsn=10 * (n + 1)) for n in range(5)])
-            await wait_until_true(lambda: len(sink.started) == 3)
+            await wait_until(lambda: len(sink.started) == 3)
             await trio.sleep(1)
             assert sorted(sink.started) == ["e0", "e1", "e2"]  # three rows at once, no more
             sink.gate("e2").set()  # the third finishes first: nothing acknowledged yet
-            await wait_until_true(lambda: len(sink.started) == 4)
+            await wait_until(lambda: len(sink.started) == 4)
             assert ack.flushed_lsn == 0
             sink.gate("e0").set()
-            await wait_until_true(lambda: ack.flushed_lsn == 10)
+            await wait_until(lambda: ack.flushed_lsn == 10)
             for n in range(5):
                 sink.gate(f"e{n}").set()
-            await wait_until_true(lambda: ack.flushed_lsn == 50)
+            await wait_until(lambda: ack.flushed_lsn == 50)
             nursery.cancel_scope.cancel()
         assert sink.most_in_flight == 3
 
@@ -1730,11 +1947,11 @@ class TestConcurrentDeliveryLoop:
             nursery.start_soon(loop.run, receive)
             await feed_chunks(send, ack, [keyed(n, row=7, end_lsn=n + 1) for n in range(4)])
             for n in range(4):
-                await wait_until_true(lambda: len(sink.started) == n + 1)
+                await wait_until(lambda: len(sink.started) == n + 1)
                 await trio.sleep(1)
                 assert len(sink.started) == n + 1  # the next one waits for this one
                 sink.gate(f"e{n}").set()
-            await wait_until_true(lambda: ack.flushed_lsn == 4)
+            await wait_until(lambda: ack.flushed_lsn == 4)
             nursery.cancel_scope.cancel()
         assert sink.finished == ["e0", "e1", "e2", "e3"]
         assert sink.most_in_flight == 1
@@ -1750,9 +1967,9 @@ class TestConcurrentDeliveryLoop:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(loop.run, receive)
                 await feed_chunks(send, ack, [keyed(n, row=n, end_lsn=n + 1) for n in range(4)])
-                await wait_until_true(lambda: len(sink.started) == 2)
+                await wait_until(lambda: len(sink.started) == 2)
                 sink.gate("e0").set()
-                await wait_until_true(lambda: len(sink.started) == 3)  # e2 takes e0's place
+                await wait_until(lambda: len(sink.started) == 3)  # e2 takes e0's place
                 sink.gate("e1").set()  # fails
                 await trio.sleep(1)
                 assert sorted(sink.started) == ["e0", "e1", "e2"]  # e3 is not sent
@@ -1771,7 +1988,7 @@ class TestConcurrentDeliveryLoop:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(loop.run, receive)
             await feed_chunks(send, ack, [keyed(n, row=n, end_lsn=n + 1) for n in range(2)])
-            await wait_until_true(lambda: len(sink.started) == 2)
+            await wait_until(lambda: len(sink.started) == 2)
 
             async def release():
                 await trio.sleep(2)
@@ -1830,24 +2047,10 @@ class TestStreamingSafety:
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 6
 
 
-class TimedAlerter:
-    """Records alerts (with the Trio time of each) and recoveries."""
-
-    def __init__(self):
-        self.alerts, self.recoveries, self.alert_times = [], [], []
-
-    def alert(self, key, subject, body, since=None):
-        self.alerts.append((key, subject, body))
-        self.alert_times.append(trio.current_time())
-
-    def recovered(self, key, subject, body):
-        self.recoveries.append((key, subject, body))
-
-
 async def run_replication_with(monkeypatch, session, until):
     """run_replication with `session` in place of a real one, until `until()`; returns the alerter."""
     monkeypatch.setattr(w, "_run_session_or_stop", session)
-    alerter, stop = TimedAlerter(), trio.Event()
+    alerter, stop = RecordingAlerter(), trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: w.run_replication(None, None, stop, trio.TASK_STATUS_IGNORED, alerter))
         while not until(alerter):
@@ -3111,10 +3314,11 @@ async def receive_h11_request(stream, conn: h11.Connection):
             return None
 
 
-class ScriptedReceiver:
+class ScriptedReceiver(Observed):
     """Answers requests with the scripted replies in order, then with `default`."""
 
     def __init__(self, replies=(), default: Reply | None = None):
+        super().__init__()
         self.replies = list(replies)
         self.default = default or Reply(200)
         self.requests: list[Recorded] = []
@@ -3123,7 +3327,6 @@ class ScriptedReceiver:
         self.port = 0
         self.host = "127.0.0.1"
         self.scheme = "http"
-        self._changed = trio.Event()
 
     @classmethod
     @asynccontextmanager
@@ -3147,15 +3350,6 @@ class ScriptedReceiver:
         host = host or self.host
         bracketed = f"[{host}]" if ":" in host else host
         return f"{self.scheme}://{bracketed}:{self.port}{path}"
-
-    async def wait_for(self, condition) -> None:
-        """Waits (no polling sleep) until condition(self) holds."""
-        while not condition(self):
-            await self._changed.wait()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         index = self.connections
@@ -3212,35 +3406,6 @@ class ScriptedReceiver:
         return data + conn.send(h11.EndOfMessage())
 
 
-def http_config(**overrides):
-    fields = dict(database_url=None, conninfo=None, event_sink="http")
-    fields.update(overrides)
-    return w.Config(**fields)
-
-
-class RecordingAlerter:
-    def __init__(self):
-        self.alerts: list[tuple[str, str, str]] = []
-        self.recoveries: list[tuple[str, str, str]] = []
-
-    def alert(self, key: str, subject: str, body: str, since=None) -> None:
-        self.alerts.append((key, subject, body))
-
-    def recovered(self, key: str, subject: str, body: str) -> None:
-        self.recoveries.append((key, subject, body))
-
-
-class RecordingSleep:
-    """Injected as ReliableSink's sleep: records the delays, returns at once."""
-
-    def __init__(self):
-        self.delays: list[float] = []
-
-    async def __call__(self, delay: float) -> None:
-        self.delays.append(delay)
-        await trio.lowlevel.checkpoint()
-
-
 def make_events(count: int, start: int = 0) -> list[dict]:
     return [{"id": f"0/16B37A0:{i}", "op": "insert", "schema": "public", "table": "orders",
              "key": {"id": i}, "new": {"id": i, "note": "héllo ✓"}, "old": None, "unchanged_toast": [],
@@ -3267,25 +3432,6 @@ def have_ipv6_loopback() -> bool:
         return True
     except OSError:
         return False
-
-
-@pytest.fixture(scope="module")
-def ca():
-    return trustme.CA()
-
-
-@pytest.fixture
-def server_tls(ca):
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
-    return context
-
-
-@pytest.fixture
-def ca_file(ca, tmp_path):
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
 
 
 # =====================================================================================================
@@ -3623,7 +3769,7 @@ class TestHttpSink:
 
     def test_bad_whsec_secret_is_a_config_error(self):
         with pytest.raises(w.ConfigError, match="HTTP_SIGNING_SECRET"):
-            w.HttpSink(http_config(http_endpoint_url="http://127.0.0.1:1/", http_signing_secret="whsec_!!"))
+            w.HttpSink(offline_config(HTTP_FIELDS, http_endpoint_url="http://127.0.0.1:1/", http_signing_secret="whsec_!!"))
 
     @pytest.mark.parametrize("status, retryable", [
         (200, None), (204, None), (408, True), (425, True), (429, True), (500, True), (503, True),
@@ -3658,7 +3804,7 @@ class TestHttpSink:
     async def test_single_events_one_request_each(self):
         events = make_events(3)
         async with ScriptedReceiver.serve() as receiver:
-            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url("/in?src=pg")))
+            sink = w.HttpSink(offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url("/in?src=pg")))
             await sink.deliver(events)
             await sink.aclose()
         assert [json.loads(r.body) for r in receiver.requests] == events
@@ -3673,7 +3819,7 @@ class TestHttpSink:
     async def test_batches_keep_the_order(self):
         events = make_events(7)
         async with ScriptedReceiver.serve() as receiver:
-            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url(), http_batch_size=3))
+            sink = w.HttpSink(offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url(), http_batch_size=3))
             assert sink.batch_size == 3
             await sink.deliver(events[:3])
             await sink.deliver(events[3:6])
@@ -3692,7 +3838,7 @@ class TestHttpSink:
     async def test_custom_headers(self):
         headers = (("Authorization", SECRET_HEADER_VALUE), ("X-Tenant", "acme"))
         async with ScriptedReceiver.serve() as receiver:
-            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url(), http_headers=headers))
+            sink = w.HttpSink(offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url(), http_headers=headers))
             await sink.deliver(make_events(1))
             await sink.aclose()
         assert receiver.requests[0].headers["authorization"] == SECRET_HEADER_VALUE
@@ -3705,7 +3851,7 @@ class TestHttpSink:
     async def test_signature_verifies(self, secret, key, batch_size):
         events = make_events(2)
         async with ScriptedReceiver.serve() as receiver:
-            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url(), http_batch_size=batch_size,
+            sink = w.HttpSink(offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url(), http_batch_size=batch_size,
                                           http_signing_secret=secret))
             sink._clock = lambda: 1764260711.9
             await sink.deliver(events)
@@ -3728,7 +3874,7 @@ class TestHttpSink:
         secret = "whsec_" + base64.b64encode(b"a real 24-byte key here!").decode()
         events = make_events(count)
         async with ScriptedReceiver.serve() as receiver:
-            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url(), http_batch_size=batch_size,
+            sink = w.HttpSink(offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url(), http_batch_size=batch_size,
                                           http_signing_secret=secret))
             await sink.deliver(events)
             await sink.aclose()
@@ -3747,7 +3893,7 @@ class TestHttpSink:
     async def test_failed_event_reports_the_delivered_count(self):
         async with ScriptedReceiver.serve([Reply(200), Reply(200), Reply(503, headers=(("Retry-After", "4"),))]) \
                 as receiver:
-            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url()))
+            sink = w.HttpSink(offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url()))
             with pytest.raises(w.DeliveryError) as info:
                 await sink.deliver(make_events(5))
             await sink.aclose()
@@ -3757,7 +3903,7 @@ class TestHttpSink:
 
     async def test_batch_failure_covers_the_batch(self):
         async with ScriptedReceiver.serve([Reply(400, body=b'{"error":"bad"}')]) as receiver:
-            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url(), http_batch_size=10))
+            sink = w.HttpSink(offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url(), http_batch_size=10))
             with pytest.raises(w.DeliveryError) as info:
                 await sink.deliver(make_events(4))
             await sink.aclose()
@@ -3770,7 +3916,7 @@ class TestHttpSink:
         echo = f"bad token {SECRET_HEADER_VALUE}, secret {secret}".encode()
         alerter = RecordingAlerter()
         async with ScriptedReceiver.serve([Reply(400, body=echo)]) as receiver:
-            config = http_config(http_endpoint_url=receiver.url(), http_signing_secret=secret,
+            config = offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url(), http_signing_secret=secret,
                                  http_headers=(("Authorization", SECRET_HEADER_VALUE),))
             sink = w.ReliableSink(w.HttpSink(config), config, alerter, sleep=RecordingSleep())
             with pytest.raises(w.DeliveryFailed) as info:
@@ -3784,7 +3930,7 @@ class TestHttpSink:
         token = "Bearer " + "s3cr3t" * 20
         echo = f"{'x' * 170} header was {token}".encode()  # the error shows 200 characters: a cut token
         async with ScriptedReceiver.serve([Reply(400, body=echo)]) as receiver:
-            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url(), http_headers=(("Authorization", token),)))
+            sink = w.HttpSink(offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url(), http_headers=(("Authorization", token),)))
             with pytest.raises(w.DeliveryError) as info:
                 await sink.deliver(make_events(1))
             await sink.aclose()
@@ -3797,7 +3943,7 @@ class TestHttpSink:
         alerter = RecordingAlerter()
         async with ScriptedReceiver.serve([Reply(400, body=echo)]) as receiver:
             url = receiver.url().replace("http://", "http://hook-user:Url-Pw-77@")
-            config = http_config(http_endpoint_url=url)
+            config = offline_config(HTTP_FIELDS, http_endpoint_url=url)
             sink = w.ReliableSink(w.HttpSink(config), config, alerter, sleep=RecordingSleep())
             with pytest.raises(w.DeliveryFailed) as info:
                 await sink.deliver(make_events(1))
@@ -3812,7 +3958,7 @@ class TestHttpSink:
         echo = f"bad token {SECRET_HEADER_VALUE}".encode()
         alerter = RecordingAlerter()
         async with ScriptedReceiver.serve([Reply(status, body=echo)]) as receiver:
-            config = http_config(http_endpoint_url=receiver.url(), on_failure="skip",
+            config = offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url(), on_failure="skip",
                                  http_headers=(("Authorization", SECRET_HEADER_VALUE),))
             sink = w.ReliableSink(w.HttpSink(config, alerter=alerter), config, alerter, sleep=RecordingSleep())
             with pytest.raises(w.SinkAuthError) as info:
@@ -3826,7 +3972,7 @@ class TestHttpSink:
 
     async def test_check_sends_no_event(self):
         async with ScriptedReceiver.serve([Reply(405)]) as receiver:
-            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url("/hook")))
+            sink = w.HttpSink(offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url("/hook")))
             detail = await sink.check()
             await sink.aclose()
         assert "405" in detail
@@ -3834,7 +3980,7 @@ class TestHttpSink:
 
     async def test_check_raises_when_unreachable(self, server_tls):
         async with ScriptedReceiver.serve(ssl_context=server_tls) as receiver:
-            sink = w.HttpSink(http_config(http_endpoint_url=receiver.url(host="localhost")))
+            sink = w.HttpSink(offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url(host="localhost")))
             with pytest.raises(w.DeliveryError, match="TLS"):
                 await sink.check()
 
@@ -3842,33 +3988,6 @@ class TestHttpSink:
 # =====================================================================================================
 # Reliable delivery
 # =====================================================================================================
-
-class FlakySink:
-    """A sink failing as scripted: each entry is None (deliver all) or a DeliveryError to raise."""
-
-    name = "fake"
-    batch_size = 10
-
-    def __init__(self, script):
-        self.script = list(script)
-        self.calls: list[list[str]] = []
-        self.delivered: list[str] = []
-
-    async def deliver(self, events):
-        self.calls.append([e["id"] for e in events])
-        outcome = self.script.pop(0) if self.script else None
-        if outcome is None:
-            self.delivered += [e["id"] for e in events]
-            return
-        self.delivered += [e["id"] for e in events[:outcome.delivered]]
-        raise outcome
-
-    async def check(self):
-        return "ok"
-
-    async def aclose(self):
-        pass
-
 
 def retryable(message="boom", **kwargs):
     return w.DeliveryError(message, retryable=True, **kwargs)
@@ -3891,7 +4010,7 @@ class TestReliableSink:
         sleep = RecordingSleep()
         alerter = RecordingAlerter()
         async with ScriptedReceiver.serve([Reply(500), Reply(500)]) as receiver:
-            config = http_config(http_endpoint_url=receiver.url(), retry_base_delay_s=1.0, retry_max_delay_s=30.0)
+            config = offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url(), retry_base_delay_s=1.0, retry_max_delay_s=30.0)
             sink = w.ReliableSink(w.HttpSink(config), config, alerter, sleep=sleep, random=lambda: 1.0)
             with caplog.at_level(logging.WARNING, logger="wal2http"):
                 await sink.deliver(events)
@@ -3909,7 +4028,7 @@ class TestReliableSink:
     async def test_retry_after_is_honoured(self):
         sleep = RecordingSleep()
         async with ScriptedReceiver.serve([Reply(429, headers=(("Retry-After", "7"),))]) as receiver:
-            config = http_config(http_endpoint_url=receiver.url())
+            config = offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url())
             sink = w.ReliableSink(w.HttpSink(config), config, RecordingAlerter(), sleep=sleep, random=lambda: 0.0)
             await sink.deliver(make_events(1))
             await sink.aclose()
@@ -3920,7 +4039,7 @@ class TestReliableSink:
         sleep = RecordingSleep()
         alerter = RecordingAlerter()
         async with ScriptedReceiver.serve([Reply(400, body=b"invalid payload")]) as receiver:
-            config = http_config(http_endpoint_url=receiver.url(), on_failure="exit")
+            config = offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url(), on_failure="exit")
             sink = w.ReliableSink(w.HttpSink(config), config, alerter, sleep=sleep)
             with pytest.raises(w.DeliveryFailed) as info:
                 await sink.deliver(make_events(1))
@@ -3933,7 +4052,7 @@ class TestReliableSink:
 
     async def test_timeouts_retried_with_autojump_clock(self, autojump_clock):
         """Backoff in virtual time: the real trio.sleep, no waiting."""
-        config = http_config(retry_max_attempts=4, retry_base_delay_s=1.0, retry_max_delay_s=30.0)
+        config = offline_config(HTTP_FIELDS, retry_max_attempts=4, retry_base_delay_s=1.0, retry_max_delay_s=30.0)
         sink = FlakySink([retryable(), retryable(), retryable()])
         started = trio.current_time()
         await w.ReliableSink(sink, config, RecordingAlerter(), random=lambda: 1.0).deliver(make_events(2))
@@ -3943,7 +4062,7 @@ class TestReliableSink:
     async def test_exit_reports_the_delivered_count(self):
         events = make_events(5)
         alerter = RecordingAlerter()
-        config = http_config(on_failure="exit", retry_max_attempts=3)
+        config = offline_config(HTTP_FIELDS, on_failure="exit", retry_max_attempts=3)
         sink = FlakySink([retryable("HTTP 503", delivered=2, failed=1), retryable("HTTP 503"), retryable("HTTP 503")])
         with pytest.raises(w.DeliveryFailed) as info:
             await w.ReliableSink(sink, config, alerter, sleep=RecordingSleep()).deliver(events)
@@ -3961,7 +4080,7 @@ class TestReliableSink:
     async def test_exit_counts_attempts_per_delivery(self):
         """Progress resets the attempt count: failure, partial success (its failure is attempt 1
         for the rest), failure, success: never 3 failures in a row for the same events."""
-        config = http_config(on_failure="exit", retry_max_attempts=3)
+        config = offline_config(HTTP_FIELDS, on_failure="exit", retry_max_attempts=3)
         sink = FlakySink([retryable(), retryable(delivered=1, failed=1), retryable()])
         await w.ReliableSink(sink, config, RecordingAlerter(), sleep=RecordingSleep()).deliver(make_events(3))
         assert sink.delivered == [e["id"] for e in make_events(3)]
@@ -3971,7 +4090,7 @@ class TestReliableSink:
         path = tmp_path / "dead.jsonl"
         path.write_text('{"id":"earlier"}\n')
         alerter = RecordingAlerter()
-        config = http_config(on_failure="skip", dead_letter_file=str(path), retry_max_attempts=2)
+        config = offline_config(HTTP_FIELDS, on_failure="skip", dead_letter_file=str(path), retry_max_attempts=2)
         sink = FlakySink([fatal("HTTP 400", delivered=1, failed=1), retryable(), retryable()])
         fsynced = []
         real_fsync = os.fsync
@@ -3993,7 +4112,7 @@ class TestReliableSink:
         assert str(path) in alerter.alerts[0][2]
 
     async def test_skip_with_unwritable_dead_letter_file_exits(self, tmp_path):
-        config = http_config(on_failure="skip", dead_letter_file=str(tmp_path / "missing-dir" / "d.jsonl"))
+        config = offline_config(HTTP_FIELDS, on_failure="skip", dead_letter_file=str(tmp_path / "missing-dir" / "d.jsonl"))
         events = make_events(3)
         sink = FlakySink([fatal(delivered=1, failed=1)])
         alerter = RecordingAlerter()
@@ -4007,7 +4126,7 @@ class TestReliableSink:
         mail is not held back by the limit on identical alerts.  One failure start in each mail."""
         path = tmp_path / "d.jsonl"
         with smtp_server() as (handler, port):
-            config = mail_config(port, on_failure="skip", dead_letter_file=str(path))
+            config = offline_config(mail_fields(port), on_failure="skip", dead_letter_file=str(path))
             sink = FlakySink([fatal(delivered=0, failed=1), fatal("still bad", delivered=0, failed=1)])
             async with running_alerter(config) as alerter:
                 reliable = w.ReliableSink(sink, config, alerter, sleep=RecordingSleep())
@@ -4016,7 +4135,7 @@ class TestReliableSink:
                 path.mkdir()  # appending to it now fails
                 with pytest.raises(w.DeliveryFailed, match="DEAD_LETTER_FILE"):
                     await reliable.deliver(make_events(1))
-                await wait_until_true(lambda: len(handler.messages) == 2)
+                await wait_until(lambda: len(handler.messages) == 2)
         first, second = (m.mail for m in handler.messages)
         assert first["Subject"] == "[wal2http] ALERT: delivery to the fake sink is failing"
         assert second["Subject"] == "[wal2http] ALERT: wal2http stopped: delivery to the fake sink failed"
@@ -4026,7 +4145,7 @@ class TestReliableSink:
             assert len(set(re.findall(r"Failing since: *(\S+)", mail.get_content()))) == 1
 
     async def test_skip_then_success_sends_recovered(self, tmp_path):
-        config = http_config(on_failure="skip", dead_letter_file=str(tmp_path / "d.jsonl"))
+        config = offline_config(HTTP_FIELDS, on_failure="skip", dead_letter_file=str(tmp_path / "d.jsonl"))
         alerter = RecordingAlerter()
         reliable = w.ReliableSink(FlakySink([fatal()]), config, alerter, sleep=RecordingSleep())
         await reliable.deliver(make_events(1))
@@ -4038,7 +4157,7 @@ class TestReliableSink:
         events = make_events(3)
         alerter = RecordingAlerter()
         sleep = RecordingSleep()
-        config = http_config(on_failure="retry", retry_max_attempts=2, retry_base_delay_s=1.0, retry_max_delay_s=30.0)
+        config = offline_config(HTTP_FIELDS, on_failure="retry", retry_max_attempts=2, retry_base_delay_s=1.0, retry_max_delay_s=30.0)
         sink = FlakySink([retryable(delivered=1, failed=1)] + [retryable()] * 6)
         await w.ReliableSink(sink, config, alerter, sleep=sleep, random=lambda: 1.0).deliver(events)
         assert sink.delivered == [e["id"] for e in events]
@@ -4050,7 +4169,7 @@ class TestReliableSink:
         assert "recovered" in subject
 
     async def test_retry_is_cancellable(self, autojump_clock):
-        config = http_config(on_failure="retry", retry_max_attempts=1, retry_max_delay_s=30.0)
+        config = offline_config(HTTP_FIELDS, on_failure="retry", retry_max_attempts=1, retry_max_delay_s=30.0)
         sink = FlakySink([fatal()] * 1000)
         with trio.move_on_after(3600) as scope:
             await w.ReliableSink(sink, config, RecordingAlerter()).deliver(make_events(1))
@@ -4066,7 +4185,7 @@ class TestReliableSink:
         sink = Rejecting([])
         sleep = RecordingSleep()
         with pytest.raises(w.SinkAuthError):
-            await w.ReliableSink(sink, http_config(on_failure="retry"), RecordingAlerter(), sleep=sleep).deliver(
+            await w.ReliableSink(sink, offline_config(HTTP_FIELDS, on_failure="retry"), RecordingAlerter(), sleep=sleep).deliver(
                 make_events(1))
         assert len(sink.calls) == 1
         assert sleep.delays == []
@@ -4074,7 +4193,7 @@ class TestReliableSink:
     async def test_no_new_retrying_alert_once_shutdown_began(self, autojump_clock):
         """ON_FAILURE=retry: attempts that run out after SIGTERM (within the shutdown timeout)
         do not mail that wal2http keeps retrying: it is stopping."""
-        config = http_config(on_failure="retry", retry_max_attempts=2, retry_max_delay_s=1.0)
+        config = offline_config(HTTP_FIELDS, on_failure="retry", retry_max_attempts=2, retry_max_delay_s=1.0)
         stop, alerter = trio.Event(), RecordingAlerter()
         stop.set()
         sink = FlakySink([retryable()] * 10)
@@ -4085,7 +4204,7 @@ class TestReliableSink:
         assert alerter.alerts == []
 
     async def test_the_retrying_alert_goes_out_while_running(self, autojump_clock):
-        config = http_config(on_failure="retry", retry_max_attempts=2, retry_max_delay_s=1.0)
+        config = offline_config(HTTP_FIELDS, on_failure="retry", retry_max_attempts=2, retry_max_delay_s=1.0)
         alerter = RecordingAlerter()
         sink = FlakySink([retryable()] * 10)
         with trio.move_on_after(5):
@@ -4094,44 +4213,14 @@ class TestReliableSink:
         assert "keeps retrying" in alerter.alerts[0][2]
 
     async def test_passes_the_sink_interface_through(self):
-        reliable = w.ReliableSink(FlakySink([]), http_config(), RecordingAlerter())
+        reliable = w.ReliableSink(FlakySink([]), offline_config(HTTP_FIELDS), RecordingAlerter())
         assert (reliable.name, reliable.batch_size, await reliable.check()) == ("fake", 10, "ok")
         await reliable.aclose()
-
-
-APPLICATION_ID = "4fd3ed86-2a5a-4d45-9c1c-0fdf6c7e6c6a"
-TOKEN = "EoQBChoKBHRlc3QYAyIKCggIgAgSAxiBCB"   # shaped like a biscuit; never in any message
 
 
 # =====================================================================================================
 # Helpers: config, alerter
 # =====================================================================================================
-
-def hook0_config(**overrides):
-    """A Config with the Hook0 sink's fields."""
-    fields = dict(database_url=None, conninfo=None, event_sink="hook0", hook0_api_url="http://127.0.0.1:9",
-                  hook0_application_id=APPLICATION_ID, hook0_api_token=TOKEN,
-                  retry_max_attempts=3, retry_base_delay_s=0.01, retry_max_delay_s=30.0)
-    fields.update(overrides)
-    return w.Config(**fields)
-
-
-class FakeAlerter:
-    """Records alerts; like the real Alerter, `alert` never blocks and never raises."""
-
-    def __init__(self):
-        self.alerts: list[tuple[str, str, str]] = []
-        self.recoveries: list[tuple[str, str, str]] = []
-
-    def alert(self, key, subject, body, since=None):
-        self.alerts.append((key, subject, body))
-
-    def recovered(self, key, subject, body):
-        self.recoveries.append((key, subject, body))
-
-    def keys(self):
-        return [key for key, _, _ in self.alerts]
-
 
 def outbox_event(**row_overrides):
     """An insert into public.outbox as the decode part emits it."""
@@ -4223,11 +4312,12 @@ class _Rejected(Exception):
         self.answer = answer
 
 
-class Hook0Double:
+class Hook0Double(Observed):
     """A Hook0 API on 127.0.0.1 (port 0): `url` (no path: clients append /api/v1), `events`
     (accepted event bodies), `event_types`, `requests` (every request with the status answered)."""
 
     def __init__(self, *, token=TOKEN, application_id=APPLICATION_ID, event_types=("billing.invoice.paid",)):
+        super().__init__()
         self.token = token
         self.application_id = application_id
         self.event_types: set[str] = set(event_types)
@@ -4235,7 +4325,6 @@ class Hook0Double:
         self.requests: list[RecordedRequest] = []
         self.url = ""
         self._scripted: list[tuple[str, tuple]] = []
-        self._changed = trio.Event()
 
     @classmethod
     @asynccontextmanager
@@ -4274,11 +4363,6 @@ class Hook0Double:
             answer = problem(problem_id, detail=f"scripted {problem_id}", headers=headers)
         self._scripted.extend([(path, answer)] * times)
 
-    async def wait_for(self, predicate):
-        """Waits until predicate() holds, re-checked after every request."""
-        while not predicate():
-            await self._changed.wait()
-
     # -- HTTP/1.1 with h11 ------------------------------------------------------------------------
 
     async def _serve_connection(self, stream):
@@ -4291,8 +4375,7 @@ class Hook0Double:
                 status, headers, body = self._answer(request)
                 request.status = status
                 self.requests.append(request)
-                self._changed.set()
-                self._changed = trio.Event()
+                self._notify()
                 headers = [*headers, ("content-length", str(len(body)))]
                 await stream.send_all(connection.send(h11.Response(status_code=status, headers=headers)))
                 await stream.send_all(connection.send(h11.Data(data=body)))
@@ -4469,7 +4552,7 @@ def _event_type_json(name):
 
 class TestHook0Mapping:
     def build(self, event, **config):
-        return w.build_hook0_event(event, hook0_config(**config), APPLICATION_ID)
+        return w.build_hook0_event(event, offline_config(HOOK0_FIELDS, **config), APPLICATION_ID)
 
     def test_outbox_insert_exact_body(self):
         assert self.build(outbox_event()) == expected_body()
@@ -4575,7 +4658,7 @@ class TestHook0Mapping:
         event = outbox_event()
         now_plain = ("id", "event_id", "event_type", "created_at", "payload", "labels")  # metadata dropped
         assert w.is_hook0_outbox_event(event, (), now_plain)
-        body = w.build_hook0_event(event, hook0_config(), APP_ID, table_columns=now_plain)
+        body = w.build_hook0_event(event, offline_config(HOOK0_FIELDS), APP_ID, table_columns=now_plain)
         assert body is not None
         assert body["event_type"] == "billing.invoice.paid"
         plain = {**event, "new": {"id": 7, "name": "x"}}
@@ -4591,7 +4674,7 @@ class TestHook0Mapping:
         for event in (full_delete, truncate, message):
             assert self.build(event, hook0_table_events=table_events) is None
         key_only_delete = {**outbox_event(), "op": "delete", "old": {"id": 7}, "new": None}
-        assert w.build_hook0_event(key_only_delete, hook0_config(hook0_table_events=table_events), APPLICATION_ID,
+        assert w.build_hook0_event(key_only_delete, offline_config(HOOK0_FIELDS, hook0_table_events=table_events), APPLICATION_ID,
                                    known_outbox_tables={("public", "outbox")}) is None
 
     def test_other_tables_are_ignored_without_table_events(self):
@@ -4689,7 +4772,7 @@ class TestHook0Mapping:
             assert bad not in str(info.value)
 
     def test_api_url_path_is_percent_encoded_shown_without_it_and_a_query_refused(self):
-        sink = w.Hook0Sink(hook0_config(hook0_api_url="https://user:pw@hook0.example.org:8443/ho\u00f6k/"),
+        sink = w.Hook0Sink(offline_config(HOOK0_FIELDS, hook0_api_url="https://user:pw@hook0.example.org:8443/ho\u00f6k/"),
                            RecordingAlerter())
         assert sink._api_path == "/ho%C3%B6k"
         assert sink._shown_base == "https://hook0.example.org:8443/..."
@@ -4755,23 +4838,12 @@ class TestHook0Mapping:
 # TestHook0Sink: against Hook0Double
 # =====================================================================================================
 
-class SleepRecorder:
-    """Injected as ReliableSink's sleep: records the delays without waiting them."""
-
-    def __init__(self):
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds):
-        self.delays.append(seconds)
-        await trio.lowlevel.checkpoint()
-
-
 @asynccontextmanager
 async def open_hook0(double_options=None, **config):
     """A Hook0Double and a Hook0Sink configured for it."""
     async with Hook0Double.serve(**(double_options or {})) as double:
-        alerter = FakeAlerter()
-        sink = w.Hook0Sink(hook0_config(hook0_api_url=double.url, **config), alerter)
+        alerter = RecordingAlerter()
+        sink = w.Hook0Sink(offline_config(HOOK0_FIELDS, hook0_api_url=double.url, **config), alerter)
         try:
             yield double, sink, alerter
         finally:
@@ -4797,7 +4869,7 @@ class TestHook0Sink:
 
     async def test_api_url_with_path_is_used_as_is(self):
         async with Hook0Double.serve() as double:
-            sink = w.Hook0Sink(hook0_config(hook0_api_url=double.url + "/api/v1/"), FakeAlerter())
+            sink = w.Hook0Sink(offline_config(HOOK0_FIELDS, hook0_api_url=double.url + "/api/v1/"), RecordingAlerter())
             await sink.deliver([outbox_event()])
             await sink.aclose()
         assert [request.path for request in double.requests] == ["/api/v1/event"]
@@ -4879,7 +4951,7 @@ class TestHook0Sink:
     async def test_rejected_token_is_an_auth_error_with_an_alert_never_retried(self, tmp_path):
         async with open_hook0(double_options={"token": "another-token"}, on_failure="retry",
                               dead_letter_file=str(tmp_path / "dead.jsonl")) as (double, sink, alerter):
-            reliable = w.ReliableSink(sink, sink.config, alerter, sleep=SleepRecorder())
+            reliable = w.ReliableSink(sink, sink.config, alerter, sleep=RecordingSleep())
             with pytest.raises(w.SinkAuthError) as caught:
                 await reliable.deliver([outbox_event()])
         assert caught.value.exit_code == 4
@@ -4898,7 +4970,7 @@ class TestHook0Sink:
     async def test_empty_labels_without_hook0_labels_are_dead_lettered(self, tmp_path):
         dead_letter = tmp_path / "dead.jsonl"
         async with open_hook0(on_failure="skip", dead_letter_file=str(dead_letter)) as (double, sink, alerter):
-            reliable = w.ReliableSink(sink, sink.config, alerter, sleep=SleepRecorder())
+            reliable = w.ReliableSink(sink, sink.config, alerter, sleep=RecordingSleep())
             await reliable.deliver([outbox_event(labels=None)])
         assert double.requests == []
         assert dead_letter.read_text().splitlines() == [
@@ -4908,7 +4980,7 @@ class TestHook0Sink:
         dead_letter = tmp_path / "dead.jsonl"
         good = outbox_event(event_id=str(uuid.UUID(int=2)))
         async with open_hook0(on_failure="skip", dead_letter_file=str(dead_letter)) as (double, sink, alerter):
-            reliable = w.ReliableSink(sink, sink.config, alerter, sleep=SleepRecorder())
+            reliable = w.ReliableSink(sink, sink.config, alerter, sleep=RecordingSleep())
             await reliable.deliver([outbox_event(payload=None)])
             await reliable.deliver([good])
             with pytest.raises(w.DeliveryError, match="table public.outbox .*column payload is NULL"):
@@ -4927,13 +4999,13 @@ class TestHook0Sink:
             with pytest.raises(w.DeliveryError, match="event 0/16B37A0:0 .*nested too deeply") as caught:
                 await sink.deliver([deep])
             assert not caught.value.retryable
-            await w.ReliableSink(sink, sink.config, alerter, sleep=SleepRecorder()).deliver([deep, good])
+            await w.ReliableSink(sink, sink.config, alerter, sleep=RecordingSleep()).deliver([deep, good])
         assert dead_letter.read_text() == deep.line + "\n"
         assert [event["event_id"] for event in double.events] == [good["new"]["event_id"]]
 
     @pytest.mark.parametrize("kind", ["rate_limited_text", "rate_limited", "service_unavailable"])
     async def test_retry_after_is_honoured(self, kind):
-        sleep = SleepRecorder()
+        sleep = RecordingSleep()
         async with open_hook0() as (double, sink, alerter):
             double.fail_next(kind, times=2, retry_after="7")
             reliable = w.ReliableSink(sink, sink.config, alerter, sleep=sleep)
@@ -4945,7 +5017,7 @@ class TestHook0Sink:
         assert double.events == [expected_body()]
 
     async def test_retry_after_is_capped_at_the_maximum_delay(self):
-        sleep = SleepRecorder()
+        sleep = RecordingSleep()
         async with open_hook0(retry_max_delay_s=2.0) as (double, sink, alerter):
             double.fail_next("rate_limited_text", retry_after="3600")
             await w.ReliableSink(sink, sink.config, alerter, sleep=sleep).deliver([outbox_event()])
@@ -4997,7 +5069,7 @@ class TestHook0Sink:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        sink = w.Hook0Sink(hook0_config(hook0_api_url=f"http://127.0.0.1:{port}"), FakeAlerter())
+        sink = w.Hook0Sink(offline_config(HOOK0_FIELDS, hook0_api_url=f"http://127.0.0.1:{port}"), RecordingAlerter())
         with pytest.raises(w.DeliveryError) as caught:
             await sink.deliver([outbox_event()])
         await sink.aclose()
@@ -5050,7 +5122,7 @@ class TestHook0Sink:
         messages = []
         async with open_hook0(on_failure="skip", dead_letter_file=str(tmp_path / "dead.jsonl"),
                               retry_max_attempts=2) as (double, sink, alerter):
-            reliable = w.ReliableSink(sink, sink.config, alerter, sleep=SleepRecorder())
+            reliable = w.ReliableSink(sink, sink.config, alerter, sleep=RecordingSleep())
             for kind, times in (("internal", 2), ("too_many_events_today", 2), ("Validation", 1)):
                 double.fail_next(kind, times=times)
                 await reliable.deliver([outbox_event(event_id=str(uuid.uuid4()))])
@@ -5079,7 +5151,7 @@ class TestHook0Sink:
 
     def test_application_id_must_be_a_uuid(self):
         with pytest.raises(w.ConfigError, match="HOOK0_APPLICATION_ID"):
-            w.Hook0Sink(hook0_config(hook0_application_id="acme"), FakeAlerter())
+            w.Hook0Sink(offline_config(HOOK0_FIELDS, hook0_application_id="acme"), RecordingAlerter())
 
 
 # =====================================================================================================
@@ -5160,7 +5232,7 @@ class TestHook0Double:
             double.fail_next("rate_limited_text", retry_after="3")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.send, double, "POST", "/api/v1/event", expected_body())
-                await double.wait_for(lambda: len(double.requests) == 1)
+                await double.wait_for(lambda double: len(double.requests) == 1)
             assert double.requests[0].status == 429
             assert double.events == []
 
@@ -5168,61 +5240,6 @@ class TestHook0Double:
 # =====================================================================================================
 # Running wal2http against the test cluster
 # =====================================================================================================
-
-
-def make_env(cluster, dbname: str, **overrides) -> dict[str, str]:
-    env = {"DATABASE_URL": cluster.url(dbname), "SLOT_NAME": dbname, "FEEDBACK_INTERVAL_SECS": "0.2",
-           "LOG_LEVEL": "DEBUG"}
-    env.update({k.upper(): str(v) for k, v in overrides.items()})
-    return env
-
-
-def make_config(cluster, dbname: str, **overrides):
-    config, mode = w.load_config([], make_env(cluster, dbname, **overrides))
-    assert mode == "run"
-    return config
-
-
-class MemorySink:
-    """A sink that keeps what it is given; `gate` (a trio.Event) can hold deliveries back."""
-
-    name = "memory"
-
-    def __init__(self, batch_size: int = 1000):
-        self.batch_size = batch_size
-        self.events: list[dict] = []
-        self.gate: trio.Event | None = None
-        self._changed = trio.Event()
-
-    async def deliver(self, events):
-        if self.gate is not None:
-            await self.gate.wait()
-        self.events.extend(events)
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_for(self, count: int, timeout: float = 30) -> list[dict]:
-        with trio.fail_after(timeout):
-            while len(self.events) < count:
-                await self._changed.wait()
-        return self.events
-
-    async def check(self):
-        return "ok"
-
-    async def aclose(self):
-        pass
-
-
-@contextlib.asynccontextmanager
-async def running(config, sink=None):
-    """wal2http.run in this process until the block ends; yields (sink, ack tracker)."""
-    sink = sink or MemorySink()
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        ack = await nursery.start(lambda task_status: w.run(config, sink=sink, stop=stop, task_status=task_status))
-        yield sink, ack
-        stop.set()
 
 
 async def sql(cluster, dbname: str, *statements: str) -> list[tuple]:
@@ -5240,18 +5257,6 @@ async def slot_confirmed(cluster, dbname: str, slot: str | None = None) -> int:
     rows = await sql(cluster, dbname, "SELECT confirmed_flush_lsn FROM pg_replication_slots "
                                       f"WHERE slot_name = {w.quote_literal(slot or dbname)}")
     return w.parse_lsn(rows[0][0]) if rows and rows[0][0] else 0
-
-
-async def wait_until(predicate, timeout: float = 30, interval: float = 0.05):
-    """Poll an async or sync condition until it holds (for state outside this process)."""
-    with trio.fail_after(timeout):
-        while True:
-            result = predicate()
-            if hasattr(result, "__await__"):
-                result = await result
-            if result:
-                return result
-            await trio.sleep(interval)
 
 
 def data_events(events):
@@ -5791,17 +5796,17 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 60) -> subpro
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-class CliProcess:
+class CliProcess(Observed):
     """wal2http.py as a child process; collects stdout events and stderr lines."""
 
     def __init__(self, env: dict[str, str], args=(), pause_after: int | None = None):
+        super().__init__()
         self.env, self.args = env, list(args)
         self.pause_after = pause_after  # stop reading stdout after this many events (the pipe fills up)
         self.events: list[dict] = []
         self.lines: list[bytes] = []  # stdout as written, one per event
         self.stderr = b""
         self.process = None
-        self._changed = trio.Event()
 
     @contextlib.asynccontextmanager
     async def running(self):
@@ -5827,24 +5832,18 @@ class CliProcess:
             *lines, pending = pending.split(b"\n")
             self.lines.extend(lines)
             self.events.extend(json.loads(line) for line in lines)
-            self._changed.set()
-            self._changed = trio.Event()
+            self._notify()
             if self.pause_after is not None and len(self.events) >= self.pause_after:
                 await trio.sleep_forever()
-        self._changed.set()
+        self._changed.set()  # left set at the end: waiters keep re-checking (e.g. for the exit code)
 
     async def _read_stderr(self):
         async for data in self.process.stderr:
             self.stderr += data
-            self._changed.set()
-            self._changed = trio.Event()
+            self._notify()
 
     async def wait_for(self, predicate, timeout: float = 60):
-        with trio.fail_after(timeout):
-            while not predicate(self):
-                if self.process.returncode is not None and not predicate(self):
-                    await trio.sleep(0)
-                await self._changed.wait()
+        await super().wait_for(predicate, timeout)
 
     async def wait_started(self):
         await self.wait_for(lambda p: b"streaming from slot" in p.stderr)
@@ -6109,32 +6108,6 @@ def max_lsn(rows) -> int:
     return max(w.parse_lsn(lsn) for (lsn,) in rows)
 
 
-def hook0_env(cluster, dbname, double, **overrides) -> dict[str, str]:
-    settings = dict(event_sink="hook0", hook0_api_url=double.url, hook0_application_id=APPLICATION_ID,
-                    hook0_api_token=TOKEN, retry_base_delay_ms=10, retry_max_delay_ms=50,
-                    retry_max_attempts=3)
-    settings.update(overrides)
-    return make_env(cluster, dbname, **settings)
-
-
-def hook0_config_for(cluster, dbname, double, **overrides):
-    config, mode = w.load_config([], hook0_env(cluster, dbname, double, **overrides))
-    assert mode == "run"
-    assert config.event_sink == "hook0"
-    return config
-
-
-@asynccontextmanager
-async def running_hook0(config):
-    """wal2http.run with its own (Hook0) sink in this process until the block ends; yields the
-    AckTracker.  The exit path is the normal one (stop, final status update, alert drain)."""
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        ack = await nursery.start(lambda task_status: w.run(config, stop=stop, task_status=task_status))
-        yield ack
-        stop.set()
-
-
 async def create_slot(cluster, dbname, slot=None):
     await sql(cluster, dbname, f"SELECT pg_create_logical_replication_slot({w.quote_literal(slot or dbname)}, "
                                "'pgoutput')")
@@ -6154,11 +6127,6 @@ def read_dead_letters(path) -> list[dict]:
 
 def parse_time(text: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def email_env(port) -> dict[str, str]:
-    return {"EMAIL_SMTP_HOST": "127.0.0.1", "EMAIL_SMTP_PORT": str(port), "EMAIL_SMTP_TLS": "none",
-            "EMAIL_FROM": "wal2http@example.org", "EMAIL_TO": "ops@example.org"}
 
 
 def mail_text(message) -> str:
@@ -6218,7 +6186,7 @@ class TestHook0EndToEnd:
         await sql(cluster, db, OUTBOX_DDL)
         first, second, third = (str(uuid.uuid4()) for _ in range(3))
         async with Hook0Double.serve() as double:
-            async with running_hook0(hook0_config_for(cluster, db, double)):
+            async with service(make_config(cluster, db, hook0_settings(double))):
                 (before,), = await sql(cluster, db, "SELECT clock_timestamp()")
                 await sql(cluster, db, outbox_insert(
                     {"event_id": first, "event_type": "billing.invoice.paid",
@@ -6235,7 +6203,7 @@ class TestHook0EndToEnd:
                      "payload": {"k": "v"}, "metadata": None, "labels": {"tenant": "acme"}}))
                 (after,), = await sql(cluster, db, "SELECT clock_timestamp()")
                 with trio.fail_after(15):
-                    await double.wait_for(lambda: len(double.events) >= 3)
+                    await double.wait_for(lambda double: len(double.events) >= 3)
         assert double.events[:2] == [
             {"application_id": APPLICATION_ID, "event_id": first, "event_type": "billing.invoice.paid",
              # jsonb keeps keys shortest first; compact separators, UTF-8 as is
@@ -6270,10 +6238,10 @@ class TestHook0EndToEnd:
         await sql(cluster, db, OUTBOX_DDL, "CREATE TABLE tick (id int PRIMARY KEY)")
         row = outbox_row(created_at=None)
         async with Hook0Double.serve(event_types=("billing.invoice.paid", "public.tick.insert")) as double:
-            async with running_hook0(hook0_config_for(cluster, db, double, hook0_table_events="true")):
+            async with service(make_config(cluster, db, hook0_settings(double), hook0_table_events="true")):
                 await sql(cluster, db, f"BEGIN; {outbox_insert(row)}; INSERT INTO tick VALUES (1); COMMIT")
                 with trio.fail_after(15):
-                    await double.wait_for(lambda: len(double.events) >= 2)
+                    await double.wait_for(lambda double: len(double.events) >= 2)
         outbox, tick = double.events
         assert outbox["event_id"] == row["event_id"]
         assert tick["event_type"] == "public.tick.insert"
@@ -6288,13 +6256,13 @@ class TestHook0EndToEnd:
         early = [outbox_row(payload={"n": n}) for n in range(2)]
         rows = [outbox_row(payload={"n": n}) for n in range(2, 8)]
         async with InstrumentedHook0Double.serve() as double:
-            env = hook0_env(cluster, db, double)
+            env = make_env(cluster, db, hook0_settings(double))
             first = CliProcess(env)
             async with first.running():
                 with trio.fail_after(15):
                     await first.wait_started()
                     lsn_early = max_lsn(await sql(cluster, db, outbox_insert(*early)))
-                    await double.wait_for(lambda: len(double.events) >= 2)
+                    await double.wait_for(lambda double: len(double.events) >= 2)
                     await wait_until(lambda: _gt(slot_confirmed(cluster, db), lsn_early), timeout=10)
                     # Hook0 takes the first three rows of the next transaction, but the answer to the
                     # third never reaches wal2http: the transaction is not confirmed when it dies.
@@ -6315,7 +6283,7 @@ class TestHook0EndToEnd:
             second = CliProcess(env)
             async with second.running():
                 with trio.fail_after(15):
-                    await double.wait_for(lambda: len(double.events) >= 8)
+                    await double.wait_for(lambda double: len(double.events) >= 8)
                     await wait_until(lambda: _gt(slot_confirmed(cluster, db), lsn), timeout=10)
                 second.process.send_signal(signal.SIGTERM)
                 assert await second.wait_exit(timeout=15) == 0
@@ -6336,13 +6304,13 @@ class TestHook0EndToEnd:
         good = outbox_row()
         with smtp_server() as (mail, port):
             async with Hook0Double.serve() as double:
-                config = hook0_config_for(cluster, db, double, on_failure="skip", dead_letter_file=dead,
-                                          **{k.lower(): v for k, v in email_env(port).items()})
-                async with running_hook0(config):
+                config = make_config(cluster, db, hook0_settings(double), email_settings(port), on_failure="skip",
+                                     dead_letter_file=dead)
+                async with service(config):
                     await sql(cluster, db, outbox_insert(unknown[0]), outbox_insert(unknown[1]),
                               outbox_insert(good))
                     with trio.fail_after(15):
-                        await double.wait_for(lambda: len(double.events) >= 1)
+                        await double.wait_for(lambda double: len(double.events) >= 1)
                 # leaving the block drains the queued alert mails
         assert [event["event_id"] for event in double.events] == [good["event_id"]]
         posts = event_posts(double)
@@ -6364,10 +6332,10 @@ class TestHook0EndToEnd:
         row = outbox_row(event_type="shop.order.created")
         async with Hook0Double.serve() as double:
             assert "shop.order.created" not in double.event_types
-            async with running_hook0(hook0_config_for(cluster, db, double, hook0_create_event_types="true")):
+            async with service(make_config(cluster, db, hook0_settings(double), hook0_create_event_types="true")):
                 await sql(cluster, db, outbox_insert(row))
                 with trio.fail_after(15):
-                    await double.wait_for(lambda: len(double.events) >= 1)
+                    await double.wait_for(lambda double: len(double.events) >= 1)
         assert [(r.method, r.path, r.status) for r in double.requests] == [
             ("POST", "/api/v1/event", 400), ("POST", "/api/v1/event_types", 201), ("POST", "/api/v1/event", 201)]
         assert double.requests[1].json() == {"application_id": APPLICATION_ID, "service": "shop",
@@ -6390,7 +6358,7 @@ class TestHook0EndToEnd:
                 token = wrong if how == "wrong token" else TOKEN
                 if how != "wrong token":
                     double.fail_next("AuthNoAuthorizationHeader")
-                env = {**hook0_env(cluster, db, double, hook0_api_token=token), **email_env(port)}
+                env = make_env(cluster, db, hook0_settings(double), email_settings(port), hook0_api_token=token)
                 result = await trio.to_thread.run_sync(partial(run_cli, [], env, timeout=40))
             assert result.returncode == 4, result.stderr
             assert "Traceback" not in result.stderr
@@ -6412,7 +6380,7 @@ class TestHook0EndToEnd:
         row = outbox_row(labels={})
         lsn = max_lsn(await sql(cluster, db, outbox_insert(row)))
         async with Hook0Double.serve() as double:
-            config = hook0_config_for(cluster, db, double)   # ON_FAILURE=exit
+            config = make_config(cluster, db, hook0_settings(double))   # ON_FAILURE=exit
             with trio.fail_after(15), pytest.raises(w.DeliveryFailed) as failed:
                 await w.run(config)
         message = str(failed.value)
@@ -6427,11 +6395,11 @@ class TestHook0EndToEnd:
         empty, null, only_nulls, own = (outbox_row(labels={}), outbox_row(labels=None),
                                         outbox_row(labels={"tenant": None}), outbox_row(labels={"region": "eu"}))
         async with Hook0Double.serve() as double:
-            config = hook0_config_for(cluster, db, double, hook0_labels='{"tenant":"acme"}')
-            async with running_hook0(config):
+            config = make_config(cluster, db, hook0_settings(double), hook0_labels='{"tenant":"acme"}')
+            async with service(config):
                 await sql(cluster, db, outbox_insert(empty, null, only_nulls, own))
                 with trio.fail_after(15):
-                    await double.wait_for(lambda: len(double.events) >= 4)
+                    await double.wait_for(lambda double: len(double.events) >= 4)
         assert [(e["event_id"], e["labels"]) for e in double.events] == [
             (empty["event_id"], {"tenant": "acme"}), (null["event_id"], {"tenant": "acme"}),
             (only_nulls["event_id"], {"tenant": "acme"}), (own["event_id"], {"region": "eu"})]
@@ -6445,12 +6413,12 @@ class TestHook0EndToEnd:
         before, bad, after, later = (outbox_row(payload={"n": 1}), outbox_row(payload=None),
                                      outbox_row(payload={"n": 3}), outbox_row(payload={"n": 4}))
         async with Hook0Double.serve() as double:
-            config = hook0_config_for(cluster, db, double, on_failure="skip", dead_letter_file=dead)
-            async with running_hook0(config):
+            config = make_config(cluster, db, hook0_settings(double), on_failure="skip", dead_letter_file=dead)
+            async with service(config):
                 await sql(cluster, db, outbox_insert(before, bad, after))
                 lsn = max_lsn(await sql(cluster, db, outbox_insert(later)))
                 with trio.fail_after(15):
-                    await double.wait_for(lambda: len(double.events) >= 3)
+                    await double.wait_for(lambda double: len(double.events) >= 3)
                     await wait_until(lambda: _gt(slot_confirmed(cluster, db), lsn), timeout=10)
         assert [e["event_id"] for e in double.events] == [before["event_id"], after["event_id"], later["event_id"]]
         assert all(r.json()["event_id"] != bad["event_id"] for r in event_posts(double))
@@ -6481,12 +6449,12 @@ class TestHook0EndToEnd:
         types = ("public.audit.insert", "public.audit.delete", "billing.invoice.paid")
         row = outbox_row()
         async with InstrumentedHook0Double.serve(event_types=types) as double:
-            async with running_hook0(hook0_config_for(cluster, db, double, hook0_table_events="true")):
+            async with service(make_config(cluster, db, hook0_settings(double), hook0_table_events="true")):
                 await sql(cluster, db, "INSERT INTO audit VALUES ('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'n')",
                           "DELETE FROM audit", outbox_insert(row), "DELETE FROM outbox",
                           "INSERT INTO audit VALUES ('b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'm')")
                 with trio.fail_after(15):
-                    await double.wait_for(lambda: len(double.events) >= 4)
+                    await double.wait_for(lambda double: len(double.events) >= 4)
         assert [e["event_type"] for e in double.events] == [
             "public.audit.insert", "public.audit.delete", "billing.invoice.paid", "public.audit.insert"]
 
@@ -6494,11 +6462,11 @@ class TestHook0EndToEnd:
         await sql(cluster, db, "CREATE TABLE items (id int PRIMARY KEY, name text)")
         types = ("public.items.insert", "public.items.update", "public.items.delete")
         async with InstrumentedHook0Double.serve(event_types=types) as double:
-            config = hook0_config_for(cluster, db, double, hook0_table_events="true")
+            config = make_config(cluster, db, hook0_settings(double), hook0_table_events="true")
             # First run (a child process): Hook0 takes the insert and the update, but the update's
             # answer never comes back and wal2http is killed before it confirms the transaction.
             double.hold_after = 2
-            first = CliProcess(hook0_env(cluster, db, double, hook0_table_events="true"))
+            first = CliProcess(make_env(cluster, db, hook0_settings(double), hook0_table_events="true"))
             async with first.running():
                 with trio.fail_after(15):
                     await first.wait_started()
@@ -6516,10 +6484,10 @@ class TestHook0EndToEnd:
             double.release.set()
             restart_index = len(double.requests)
             # Second run from the unconfirmed position: the same changes, the same uuids.
-            async with running_hook0(config):
+            async with service(config):
                 await sql(cluster, db, "TRUNCATE items", "INSERT INTO items VALUES (2, 'after')")
                 with trio.fail_after(15):
-                    await double.wait_for(lambda: len(double.events) >= 4)
+                    await double.wait_for(lambda double: len(double.events) >= 4)
         assert [event_type for event_type, _ in first_run] == ["public.items.insert", "public.items.update"]
         second_run = [(r.json()["event_type"], r.json()["event_id"], r.status)
                       for r in event_posts(double, restart_index)]
@@ -6559,11 +6527,11 @@ class TestHook0EndToEnd:
         async with InstrumentedHook0Double.serve() as double:
             double.fail_next(kind, retry_after=retry_after)
             # Retry-After is honoured up to RETRY_MAX_DELAY_MS: allow 5 s, far above the jitter
-            config = hook0_config_for(cluster, db, double, retry_max_delay_ms=5000)
-            async with running_hook0(config):
+            config = make_config(cluster, db, hook0_settings(double), retry_max_delay_ms=5000)
+            async with service(config):
                 await sql(cluster, db, outbox_insert(row))
                 with trio.fail_after(15):
-                    await double.wait_for(lambda: len(double.events) >= 1)
+                    await double.wait_for(lambda double: len(double.events) >= 1)
         refused, accepted = event_posts(double)
         assert refused.status == (503 if kind == "service_unavailable" else 429)
         assert accepted.status == 201
@@ -6576,7 +6544,7 @@ class TestHook0EndToEnd:
     @pytest.mark.parametrize("suffix", ["", "/", "/api/v1/"])
     async def test_check_accepts_the_right_token(self, cluster, db, suffix):
         async with Hook0Double.serve() as double:
-            env = hook0_env(cluster, db, double, hook0_api_url=double.url + suffix)
+            env = make_env(cluster, db, hook0_settings(double), hook0_api_url=double.url + suffix)
             result = await trio.to_thread.run_sync(partial(run_cli, ["--check"], env, timeout=30))
         assert result.returncode == 0, result.stdout + result.stderr
         assert "ok sink hook0" in result.stdout.splitlines()
@@ -6589,7 +6557,7 @@ class TestHook0EndToEnd:
     async def test_check_with_a_wrong_token_fails_with_exit_4(self, cluster, db):
         wrong = "Wr0ng-T0ken-EoQBChoKBHRlc3Q-zz"
         async with Hook0Double.serve() as double:
-            env = hook0_env(cluster, db, double, hook0_api_token=wrong)
+            env = make_env(cluster, db, hook0_settings(double), hook0_api_token=wrong)
             result = await trio.to_thread.run_sync(partial(run_cli, ["--check"], env, timeout=30))
         assert result.returncode == 4, result.stdout + result.stderr
         lines = result.stdout.splitlines()
@@ -6613,23 +6581,23 @@ class TestHook0EndToEnd:
         dead = str(tmp_path / "dead.jsonl")
         r1, r2, r3 = outbox_row(payload={"n": 1}), outbox_row(payload={"n": 2}), outbox_row(payload={"n": 3})
         async with Hook0Double.serve() as double:
-            config = hook0_config_for(cluster, db, double, hook0_table_events="true", on_failure="skip",
+            config = make_config(cluster, db, hook0_settings(double), hook0_table_events="true", on_failure="skip",
                                       dead_letter_file=dead)
-            async with running_hook0(config):
+            async with service(config):
                 await sql(cluster, db, outbox_insert(r1, r2))
                 lsn = max_lsn(await sql(cluster, db, "DELETE FROM outbox WHERE event_id = "
                                         f"{w.quote_literal(r1['event_id'])} RETURNING pg_current_wal_insert_lsn()"))
                 with trio.fail_after(15):
-                    await double.wait_for(lambda: len(double.events) >= 2)
+                    await double.wait_for(lambda double: len(double.events) >= 2)
                     await wait_until(lambda: _gt(slot_confirmed(cluster, db), lsn), timeout=10)
             first_process = [r.json()["event_type"] for r in event_posts(double)]
             assert first_process == ["billing.invoice.paid", "billing.invoice.paid"]   # delete ignored
             # a restart: the first change the new process sees is a delete of an outbox row
-            async with running_hook0(config):
+            async with service(config):
                 await sql(cluster, db, f"DELETE FROM outbox WHERE event_id = {w.quote_literal(r2['event_id'])}",
                           outbox_insert(r3))
                 with trio.fail_after(15):
-                    await double.wait_for(lambda: len(double.events) >= 3)
+                    await double.wait_for(lambda double: len(double.events) >= 3)
         assert [e["event_id"] for e in double.events] == [r1["event_id"], r2["event_id"], r3["event_id"]]
         sent_types = [r.json()["event_type"] for r in event_posts(double)]
         assert "public.outbox.delete" not in sent_types, sent_types
@@ -6640,7 +6608,7 @@ class TestHook0EndToEnd:
         # from outside (an embedding application, `import wal2http`), the alerter task is cancelled
         # too, so Alerter.drain waits the whole ALERT_DRAIN_TIMEOUT_S (15 s) for nothing.
         async with Hook0Double.serve() as double:
-            config = hook0_config_for(cluster, db, double)
+            config = make_config(cluster, db, hook0_settings(double))
             async with trio.open_nursery() as nursery:
                 await nursery.start(lambda task_status: w.run(config, task_status=task_status))
                 cancelled_at = trio.current_time()
@@ -6710,10 +6678,6 @@ class E2EReceiver(ScriptedReceiver):
     def delivered_ids(self) -> list[str]:
         return [e["id"] for e in self.delivered()]
 
-    async def wait(self, condition, timeout: float = 15) -> None:
-        with trio.fail_after(timeout):
-            await self.wait_for(condition)
-
 
 def events_in(request) -> list[dict]:
     """The events a request carried: one event, or the `events` of a batch."""
@@ -6721,30 +6685,6 @@ def events_in(request) -> list[dict]:
     if isinstance(body, dict) and list(body) == ["events"]:
         return body["events"]
     return [body]
-
-
-def http_env(cluster, db, receiver, **overrides) -> dict[str, str]:
-    settings = {"event_sink": "http", "http_endpoint_url": receiver.url("/hooks/pg?source=e2e"),
-                "retry_base_delay_ms": 10, "retry_max_delay_ms": 50, "retry_max_attempts": 3,
-                "http_timeout_secs": 5}
-    settings.update(overrides)
-    return make_env(cluster, db, **settings)
-
-
-def http_config_for(cluster, db, receiver, **overrides):
-    config, mode = w.load_config([], http_env(cluster, db, receiver, **overrides))
-    assert mode == "run"
-    return config
-
-
-@asynccontextmanager
-async def service(config):
-    """wal2http.run with the configured sink (here: HTTP) in this process; yields the AckTracker."""
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        ack = await nursery.start(lambda task_status: w.run(config, stop=stop, task_status=task_status))
-        yield ack
-        stop.set()
 
 
 @asynccontextmanager
@@ -6828,10 +6768,10 @@ class TestHttpEndToEnd:
     async def test_bodies_are_exactly_the_ordered_events_over_one_connection(self, cluster, db, batch_size):
         await table(cluster, db)
         async with E2EReceiver.serve() as receiver, reference(cluster, db) as ref:
-            config = http_config_for(cluster, db, receiver, http_batch_size=batch_size)
+            config = make_config(cluster, db, http_settings(receiver), http_batch_size=batch_size)
             async with service(config):
                 await sql(cluster, db, *WORKLOAD)
-                await receiver.wait(lambda r: len(r.delivered()) >= WORKLOAD_EVENTS)
+                await receiver.wait_for(lambda r: len(r.delivered()) >= WORKLOAD_EVENTS)
                 expected = await ref.wait_for(WORKLOAD_EVENTS, timeout=15)
                 end = max(lsn(e["commit_lsn"]) for e in expected)
                 await wait_until(lambda: confirmed_past(cluster, db, end), timeout=10)
@@ -6863,14 +6803,14 @@ class TestHttpEndToEnd:
         await table(cluster, db)
         headers = json.dumps({"Authorization": AUTH_HEADER_VALUE, "X-Tenant": "acme"})
         async with E2EReceiver.serve() as receiver, reference(cluster, db) as ref:
-            config = http_config_for(cluster, db, receiver, http_batch_size=batch_size,
+            config = make_config(cluster, db, http_settings(receiver), http_batch_size=batch_size,
                                      http_signing_secret=SIGNING_SECRET, http_headers=headers)
             before = int(time.time())
             async with service(config):
                 await sql(cluster, db, "INSERT INTO t SELECT g, 'héllo ✓' FROM generate_series(1, 6) g",
                           "SELECT pg_logical_emit_message(false, 'e2e', 'not in a transaction')",
                           "INSERT INTO t VALUES (7, 'seven')", "UPDATE t SET v = 'x' WHERE id < 3")
-                await receiver.wait(lambda r: len(r.delivered()) >= 10)
+                await receiver.wait_for(lambda r: len(r.delivered()) >= 10)
                 expected = await ref.wait_for(10)
                 assert [e["id"].endswith(":m") for e in expected].count(True) == 1
             after = int(time.time())
@@ -6900,12 +6840,12 @@ class TestHttpEndToEnd:
         await table(cluster, db)
         async with E2EReceiver.serve([Reply(500, body=b"oops"), Reply(500)]) as receiver:
             receiver.gate_from = 2  # the third attempt (the 200) waits until the test says so
-            config = http_config_for(cluster, db, receiver)
+            config = make_config(cluster, db, http_settings(receiver))
             async with service(config) as ack:
                 (held,), = await sql(cluster, db,
                                      "INSERT INTO t VALUES (1, 'retried') RETURNING pg_current_wal_insert_lsn()")
                 held_lsn = lsn(held)
-                await receiver.wait(lambda r: len(r.requests) == 3)
+                await receiver.wait_for(lambda r: len(r.requests) == 3)
                 await wait_until(lambda: ack.received_lsn > held_lsn, timeout=10)
                 await status_updates_seen(cluster, db, 3)  # several status updates went out meanwhile
                 assert ack.flushed_lsn < held_lsn
@@ -6913,11 +6853,11 @@ class TestHttpEndToEnd:
                 assert receiver.answered == [(receiver.requests[0], receiver.answers[0]),
                                              (receiver.requests[1], receiver.answers[1])]
                 receiver.gate.set()
-                await receiver.wait(lambda r: len(r.delivered()) == 1)
+                await receiver.wait_for(lambda r: len(r.delivered()) == 1)
                 (event,) = receiver.delivered()
                 await wait_until(lambda: confirmed_past(cluster, db, lsn(event["commit_lsn"])), timeout=10)
                 await sql(cluster, db, "INSERT INTO t VALUES (2, 'sentinel')")
-                await receiver.wait(lambda r: len(r.delivered()) == 2)
+                await receiver.wait_for(lambda r: len(r.delivered()) == 2)
         first = receiver.requests[:3]
         assert [a.status for a in receiver.answers] == [500, 500, 200, 200]
         assert len(receiver.requests) == 4  # delivered once: no resend after the 200
@@ -6932,7 +6872,7 @@ class TestHttpEndToEnd:
         await table(cluster, db)
         async with reference(cluster, db) as ref:
             async with E2EReceiver.serve([Reply(200), Reply(400, body=b'{"error": "rejected"}')]) as bad:
-                env = http_env(cluster, db, bad, on_failure="exit")
+                env = make_env(cluster, db, http_settings(bad), on_failure="exit")
                 async with CliProcess(env).running() as proc:
                     await proc.wait_started()
                     await sql(cluster, db, "INSERT INTO t VALUES (1, 'a')", "INSERT INTO t VALUES (2, 'b')",
@@ -6952,10 +6892,10 @@ class TestHttpEndToEnd:
             async with E2EReceiver.serve() as good:
                 restarted = CliProcess({**env, "HTTP_ENDPOINT_URL": good.url("/hooks/pg?source=e2e")})
                 async with restarted.running() as proc:
-                    await good.wait(lambda r: c["id"] in r.delivered_ids())
+                    await good.wait_for(lambda r: c["id"] in r.delivered_ids())
                     await sql(cluster, db, "INSERT INTO t VALUES (4, 'd')")
                     expected = await ref.wait_for(4)
-                    await good.wait(lambda r: expected[3]["id"] in r.delivered_ids())
+                    await good.wait_for(lambda r: expected[3]["id"] in r.delivered_ids())
                     await wait_until(lambda: confirmed_past(cluster, db, lsn(expected[3]["commit_lsn"])))
                     proc.process.send_signal(signal.SIGTERM)
                     assert await proc.wait_exit(timeout=15) == 0
@@ -6970,12 +6910,12 @@ class TestHttpEndToEnd:
         dead = tmp_path / "dead-letters.jsonl"
         replies = [Reply(200), Reply(500), Reply(503), Reply(500)]  # the second event fails 3 times
         async with E2EReceiver.serve(replies) as receiver, reference(cluster, db) as ref:
-            config = http_config_for(cluster, db, receiver, on_failure="skip", dead_letter_file=str(dead))
+            config = make_config(cluster, db, http_settings(receiver), on_failure="skip", dead_letter_file=str(dead))
             async with service(config):
                 await sql(cluster, db, "INSERT INTO t VALUES (1, 'a')", "INSERT INTO t VALUES (2, 'héllo ✓')",
                           "INSERT INTO t VALUES (3, 'c')")
                 a, b, c = await ref.wait_for(3)
-                await receiver.wait(lambda r: c["id"] in r.delivered_ids())
+                await receiver.wait_for(lambda r: c["id"] in r.delivered_ids())
                 await wait_until(lambda: confirmed_past(cluster, db, lsn(c["commit_lsn"])), timeout=10)
         assert receiver.delivered() == [a, c]
         assert [json.loads(r.body)["id"] for r in receiver.requests] == [a["id"], b["id"], b["id"], b["id"], c["id"]]
@@ -6990,13 +6930,13 @@ class TestHttpEndToEnd:
         await table(cluster, db)
         failures = 8  # more than RETRY_MAX_ATTEMPTS=3: the policy takes over, then it recovers
         async with E2EReceiver.serve([Reply(503)] * failures) as receiver, reference(cluster, db) as ref:
-            config = http_config_for(cluster, db, receiver, on_failure="retry")
+            config = make_config(cluster, db, http_settings(receiver), on_failure="retry")
             async with service(config):
                 await sql(cluster, db, *[f"INSERT INTO t VALUES ({i}, 'r{i}')" for i in range(1, 6)],
                           "INSERT INTO t SELECT g, 'many' FROM generate_series(10, 29) g",
                           "DELETE FROM t WHERE id = 3")
                 expected = await ref.wait_for(26)
-                await receiver.wait(lambda r: len(r.delivered()) >= 26)
+                await receiver.wait_for(lambda r: len(r.delivered()) >= 26)
                 end = lsn(expected[-1]["commit_lsn"])
                 await wait_until(lambda: confirmed_past(cluster, db, end), timeout=10)
         assert receiver.delivered() == expected  # in order, nothing lost, nothing twice
@@ -7012,13 +6952,13 @@ class TestHttpEndToEnd:
         async with reference(cluster, db) as ref:
             slow = [Reply(200)] * 3
             async with E2EReceiver.serve(slow, default=Reply(hang=True)) as hanging:
-                env = http_env(cluster, db, hanging, http_timeout_secs=60)
+                env = make_env(cluster, db, http_settings(hanging), http_timeout_secs=60)
                 async with CliProcess(env).running() as proc:
                     await proc.wait_started()
                     await sql(cluster, db, *[f"INSERT INTO t VALUES ({i}, 'k{i}')" for i in range(1, 6)],
                               "INSERT INTO t SELECT g, 'k' FROM generate_series(10, 19) g")
                     expected = await ref.wait_for(15)
-                    await hanging.wait(lambda r: len(r.requests) == 4)  # the fourth hangs
+                    await hanging.wait_for(lambda r: len(r.requests) == 4)  # the fourth hangs
                     proc.process.kill()  # SIGKILL
                     assert await proc.wait_exit(timeout=10) == -signal.SIGKILL
             first = hanging.delivered()
@@ -7027,7 +6967,7 @@ class TestHttpEndToEnd:
             async with E2EReceiver.serve() as healthy:
                 env = {**env, "HTTP_ENDPOINT_URL": healthy.url("/hooks/pg?source=e2e")}
                 async with CliProcess(env).running():
-                    await healthy.wait(lambda r: expected[-1]["id"] in r.delivered_ids())
+                    await healthy.wait_for(lambda r: expected[-1]["id"] in r.delivered_ids())
         second = healthy.delivered()
         assert second in [expected[k:] for k in range(4)]  # resumes at or before the hanging event
         seen = {e["id"]: e for e in first}
@@ -7049,7 +6989,7 @@ class TestHttpEndToEnd:
 
         with smtp_server(authenticator=authenticator, auth_require_tls=False) as (mails, smtp_port):
             async with E2EReceiver.serve(default=Reply(500, body=echo)) as receiver:
-                env = http_env(cluster, db, receiver, on_failure="exit", http_batch_size=5,
+                env = make_env(cluster, db, http_settings(receiver), on_failure="exit", http_batch_size=5,
                                database_url=cluster.url(db, "scram_user", SCRAM_PASSWORD, sslmode="require"),
                                http_signing_secret=SIGNING_SECRET,
                                http_headers=json.dumps({"Authorization": AUTH_HEADER_VALUE}),
@@ -7087,7 +7027,7 @@ class TestHttpEndToEnd:
         dead_port = free_port()  # nothing listens there
         async with reference(cluster, db) as ref:
             async with E2EReceiver.serve([Reply(200)], default=Reply(500)) as receiver:
-                env = http_env(cluster, db, receiver, on_failure="exit",
+                env = make_env(cluster, db, http_settings(receiver), on_failure="exit",
                                email_smtp_host="127.0.0.1", email_smtp_port=dead_port, email_smtp_tls="none",
                                email_from="wal2http@example.org", email_to="ops@example.org")
                 async with CliProcess(env).running() as proc:
@@ -7109,7 +7049,7 @@ class TestHttpEndToEnd:
 
     async def test_check_reports_the_http_sink(self, cluster, db):
         async with E2EReceiver.serve() as receiver:
-            env = http_env(cluster, db, receiver)
+            env = make_env(cluster, db, http_settings(receiver))
             result = await trio.to_thread.run_sync(lambda: run_cli(["--check"], env, timeout=30))
         assert result.returncode == 0, result.stdout + result.stderr
         assert "ok sink http" in result.stdout.splitlines()
@@ -7129,7 +7069,7 @@ class TestHttpEndToEnd:
     async def test_check_reports_the_email_server(self, cluster, db):
         async with E2EReceiver.serve() as receiver:
             with smtp_server() as (mails, smtp_port):
-                env = http_env(cluster, db, receiver, email_smtp_host="127.0.0.1", email_smtp_port=smtp_port,
+                env = make_env(cluster, db, http_settings(receiver), email_smtp_host="127.0.0.1", email_smtp_port=smtp_port,
                                email_smtp_tls="none", email_from="wal2http@example.org", email_to="ops@example.org")
                 result = await trio.to_thread.run_sync(lambda: run_cli(["--check"], env, timeout=30))
             assert result.returncode == 0, result.stdout + result.stderr
@@ -7153,13 +7093,13 @@ class TestHttpEndToEnd:
         await table(cluster, db)
         with smtp_server() as (mails, smtp_port):
             async with E2EReceiver.serve([Reply(503)] * 6) as receiver, reference(cluster, db) as ref:
-                config = http_config_for(cluster, db, receiver, on_failure="retry", email_smtp_host="127.0.0.1",
+                config = make_config(cluster, db, http_settings(receiver), on_failure="retry", email_smtp_host="127.0.0.1",
                                          email_smtp_port=smtp_port, email_smtp_tls="none",
                                          email_from="wal2http@example.org", email_to="ops@example.org")
                 async with service(config):
                     await sql(cluster, db, "INSERT INTO t VALUES (1, 'a')", "INSERT INTO t VALUES (2, 'b')")
                     expected = await ref.wait_for(2)
-                    await receiver.wait(lambda r: len(r.delivered()) == 2)
+                    await receiver.wait_for(lambda r: len(r.delivered()) == 2)
                     await wait_until(lambda: len(mails.messages) >= 2, timeout=10)
         assert receiver.delivered() == expected
         subjects = [m.mail["Subject"] for m in mails.messages]
@@ -7182,14 +7122,14 @@ class TestHttpEndToEnd:
             listeners = await nursery.start(partial(trio.serve_tcp, silent_smtp, 0, host="127.0.0.1"))
             smtp_port = listeners[0].socket.getsockname()[1]
             async with E2EReceiver.serve([Reply(503)] * 5) as receiver, reference(cluster, db) as ref:
-                config = http_config_for(cluster, db, receiver, on_failure="retry", email_smtp_host="127.0.0.1",
+                config = make_config(cluster, db, http_settings(receiver), on_failure="retry", email_smtp_host="127.0.0.1",
                                          email_smtp_port=smtp_port, email_smtp_tls="none",
                                          email_from="wal2http@example.org", email_to="ops@example.org")
                 async with service(config):
                     await sql(cluster, db, *[f"INSERT INTO t VALUES ({i}, 'x')" for i in range(1, 21)])
                     expected = await ref.wait_for(20)
                     with trio.fail_after(5):
-                        await receiver.wait(lambda r: len(r.delivered()) == 20)
+                        await receiver.wait_for(lambda r: len(r.delivered()) == 20)
                         await wait_until(lambda: confirmed_past(cluster, db, lsn(expected[-1]["commit_lsn"])))
                     assert held
                     assert not release.is_set()  # the alert mail is still stuck meanwhile
@@ -7202,11 +7142,11 @@ class TestHttpEndToEnd:
         replies = [Reply(200), Reply(200, close_after=True), Reply(200), Reply(200, silent_close_after=True),
                    Reply(200), Reply(200, drop=True)]
         async with E2EReceiver.serve(replies) as receiver, reference(cluster, db) as ref:
-            config = http_config_for(cluster, db, receiver)
+            config = make_config(cluster, db, http_settings(receiver))
             async with service(config):
                 await sql(cluster, db, *[f"INSERT INTO t VALUES ({i}, 'x')" for i in range(1, 11)])
                 expected = await ref.wait_for(10)
-                await receiver.wait(lambda r: len(r.delivered()) >= 10)
+                await receiver.wait_for(lambda r: len(r.delivered()) >= 10)
         delivered = receiver.delivered()
         assert delivered == expected  # a dropped request is retried: same event, same id
         assert [json.loads(r.body)["id"] for r in receiver.requests] == \
@@ -7245,13 +7185,13 @@ class TestHttpEndToEnd:
         await table(cluster, db)
         total = 2500 + 3  # more than one chunk of the assembler (CHUNK_EVENTS) in one transaction
         async with E2EReceiver.serve() as receiver, reference(cluster, db) as ref:
-            config = http_config_for(cluster, db, receiver, http_batch_size=500)
+            config = make_config(cluster, db, http_settings(receiver), http_batch_size=500)
             async with service(config):
                 await sql(cluster, db, "INSERT INTO t VALUES (0, 'before')",
                           "INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 2500) g",
                           "INSERT INTO t VALUES (-1, 'after'), (-2, 'after')")
                 expected = await ref.wait_for(total)
-                await receiver.wait(lambda r: len(r.delivered()) >= total)
+                await receiver.wait_for(lambda r: len(r.delivered()) >= total)
                 await wait_until(lambda: confirmed_past(cluster, db, lsn(expected[-1]["commit_lsn"])), timeout=10)
         assert receiver.delivered() == expected
         assert all(len(events_in(r)) <= 500 for r in receiver.requests)
@@ -7260,12 +7200,12 @@ class TestHttpEndToEnd:
     async def test_sigterm_while_retrying_exits_0_without_acknowledging(self, cluster, db):
         await table(cluster, db)
         async with E2EReceiver.serve(default=Reply(503)) as receiver, reference(cluster, db) as ref:
-            env = http_env(cluster, db, receiver, on_failure="retry")
+            env = make_env(cluster, db, http_settings(receiver), on_failure="retry")
             async with CliProcess(env).running() as proc:
                 await proc.wait_started()
                 await sql(cluster, db, "INSERT INTO t VALUES (1, 'never delivered')")
                 (event,) = await ref.wait_for(1)
-                await receiver.wait(lambda r: len(r.requests) >= 5)  # past RETRY_MAX_ATTEMPTS: retrying
+                await receiver.wait_for(lambda r: len(r.requests) >= 5)  # past RETRY_MAX_ATTEMPTS: retrying
                 proc.process.send_signal(signal.SIGTERM)
                 started = trio.current_time()
                 assert await proc.wait_exit(timeout=20) == 0
@@ -7283,12 +7223,12 @@ class TestHttpEndToEnd:
     async def test_a_receiver_hanging_past_the_timeout_is_retried_on_a_new_connection(self, cluster, db):
         await table(cluster, db)
         async with E2EReceiver.serve([Reply(hang=True)]) as receiver, reference(cluster, db) as ref:
-            config = http_config_for(cluster, db, receiver, http_timeout_secs=1)
+            config = make_config(cluster, db, http_settings(receiver), http_timeout_secs=1)
             async with service(config):
                 started = trio.current_time()
                 await sql(cluster, db, "INSERT INTO t VALUES (1, 'late')")
                 (event,) = await ref.wait_for(1)
-                await receiver.wait(lambda r: len(r.delivered()) == 1)
+                await receiver.wait_for(lambda r: len(r.delivered()) == 1)
                 elapsed = trio.current_time() - started
         assert receiver.delivered() == [event]
         assert [r.headers["idempotency-key"] for r in receiver.requests] == [event["id"]] * 2
