@@ -79,9 +79,10 @@ def config_error(env=None, argv=(), with_db=True) -> str:
 # Shared fakes, builders and waits
 # =====================================================================================================
 # Every test class takes its stand-ins from here: one recording alerter, one recording sleep, the
-# fake sinks (kept, delayed, failing as scripted, or held per event), one builder of a Config
-# without a database and one of the environment of a test database (with presets per sink), one
-# test CA, and one way to wait for a condition.
+# fake sinks (kept, failing as scripted, or held per event), one builder of a Config without a
+# database and one of the environment of a test database (with presets per sink), the runners of
+# wal2http in this process, one test CA, and two ways to wait: `Observed.wait_for` for what notifies
+# its changes (sinks, receivers, the Hook0 double, a child process), `wait_until` for the rest.
 
 
 class RecordingAlerter:
@@ -3271,7 +3272,7 @@ SECRET_HEADER_VALUE = "Bearer s3cr3t-t0ken"   # must never appear in any message
 
 
 # =====================================================================================================
-# Helpers: scripted receiver, config, alerter, events
+# Helpers: scripted receiver, events
 # =====================================================================================================
 
 @dataclasses.dataclass
@@ -3320,8 +3321,19 @@ async def receive_h11_request(stream, conn: h11.Connection):
             return None
 
 
+def events_in(request) -> list[dict]:
+    """The events a request carried: one event, or the `events` of a batch."""
+    body = json.loads(request.body)
+    if isinstance(body, dict) and list(body) == ["events"]:
+        return body["events"]
+    return [body]
+
+
 class ScriptedReceiver(Observed):
-    """Answers requests with the scripted replies in order, then with `default`."""
+    """Answers requests with the scripted replies in order, then with `default`.  Records which
+    reply each request got (`answers`, in request order), which requests were answered (`answered`:
+    (request, reply) once the answer is sent), and can hold every answer from request number
+    `gate_from` (0-based) on until `gate` is set."""
 
     def __init__(self, replies=(), default: Reply | None = None):
         super().__init__()
@@ -3333,6 +3345,10 @@ class ScriptedReceiver(Observed):
         self.port = 0
         self.host = "127.0.0.1"
         self.scheme = "http"
+        self.answers: list[Reply] = []
+        self.answered: list[tuple] = []
+        self.gate_from: int | None = None
+        self.gate = trio.Event()
 
     @classmethod
     @asynccontextmanager
@@ -3357,6 +3373,16 @@ class ScriptedReceiver(Observed):
         bracketed = f"[{host}]" if ":" in host else host
         return f"{self.scheme}://{bracketed}:{self.port}{path}"
 
+    def posts(self):
+        return [r for r in self.requests if r.method == "POST"]
+
+    def delivered(self) -> list[dict]:
+        """The events of every request answered 2xx, in the order they were answered."""
+        return [e for request, reply in self.answered if 200 <= reply.status < 300 for e in events_in(request)]
+
+    def delivered_ids(self) -> list[str]:
+        return [e["id"] for e in self.delivered()]
+
     async def _handle(self, stream: trio.abc.Stream) -> None:
         index = self.connections
         self.connections += 1
@@ -3377,8 +3403,12 @@ class ScriptedReceiver(Observed):
             if request is None:
                 return
             reply = self.replies.pop(0) if self.replies else self.default
+            number = len(self.requests)
             self.requests.append(request)
+            self.answers.append(reply)
             self._notify()
+            if self.gate_from is not None and number >= self.gate_from:
+                await self.gate.wait()
             if reply.hang:
                 await trio.sleep_forever()
             if reply.delay_s:
@@ -3386,6 +3416,8 @@ class ScriptedReceiver(Observed):
             if reply.drop:
                 return
             await stream.send_all(self._encode_reply(conn, reply))
+            self.answered.append((request, reply))
+            self._notify()
             if conn.our_state is h11.MUST_CLOSE or reply.silent_close_after:
                 return
             conn.start_next_cycle()
@@ -4225,7 +4257,7 @@ class TestReliableSink:
 
 
 # =====================================================================================================
-# Helpers: config, alerter
+# Helpers: Hook0 events and bodies
 # =====================================================================================================
 
 def outbox_event(**row_overrides):
@@ -5244,7 +5276,7 @@ class TestHook0Double:
 
 
 # =====================================================================================================
-# Running wal2http against the test cluster
+# PostgreSQL helpers: SQL over our own connection, slot positions
 # =====================================================================================================
 
 
@@ -6636,63 +6668,6 @@ SIGNING_SECRET = "whsec_" + base64.b64encode(SIGNING_KEY).decode()
 # Helpers
 # =====================================================================================================
 
-class E2EReceiver(ScriptedReceiver):
-    """ScriptedReceiver that also records which reply each request got (`answers`, in request
-    order), which requests were answered (`answered`: (request, reply) once the answer is sent),
-    and can hold every answer from request number `gate_from` (0-based) on until `gate` is set."""
-
-    def __init__(self, replies=(), default: Reply | None = None):
-        super().__init__(replies, default)
-        self.answers: list[Reply] = []
-        self.answered: list[tuple] = []
-        self.gate_from: int | None = None
-        self.gate = trio.Event()
-
-    async def _serve_connection(self, stream, index: int) -> None:
-        conn = h11.Connection(h11.SERVER)
-        while True:
-            request = await self._read_request(stream, conn, index)
-            if request is None:
-                return
-            reply = self.replies.pop(0) if self.replies else self.default
-            number = len(self.requests)
-            self.requests.append(request)
-            self.answers.append(reply)
-            self._notify()
-            if self.gate_from is not None and number >= self.gate_from:
-                await self.gate.wait()
-            if reply.hang:
-                await trio.sleep_forever()
-            if reply.delay_s:
-                await trio.sleep(reply.delay_s)
-            if reply.drop:
-                return
-            await stream.send_all(self._encode_reply(conn, reply))
-            self.answered.append((request, reply))
-            self._notify()
-            if conn.our_state is h11.MUST_CLOSE or reply.silent_close_after:
-                return
-            conn.start_next_cycle()
-
-    def posts(self):
-        return [r for r in self.requests if r.method == "POST"]
-
-    def delivered(self) -> list[dict]:
-        """The events of every request answered 2xx, in the order they were answered."""
-        return [e for request, reply in self.answered if 200 <= reply.status < 300 for e in events_in(request)]
-
-    def delivered_ids(self) -> list[str]:
-        return [e["id"] for e in self.delivered()]
-
-
-def events_in(request) -> list[dict]:
-    """The events a request carried: one event, or the `events` of a batch."""
-    body = json.loads(request.body)
-    if isinstance(body, dict) and list(body) == ["events"]:
-        return body["events"]
-    return [body]
-
-
 @asynccontextmanager
 async def reference(cluster, db):
     """A second slot of the same database streaming into a MemorySink: the expected event list."""
@@ -6773,7 +6748,7 @@ class TestHttpEndToEnd:
     @pytest.mark.parametrize("batch_size", [1, 50])
     async def test_bodies_are_exactly_the_ordered_events_over_one_connection(self, cluster, db, batch_size):
         await table(cluster, db)
-        async with E2EReceiver.serve() as receiver, reference(cluster, db) as ref:
+        async with ScriptedReceiver.serve() as receiver, reference(cluster, db) as ref:
             config = make_config(cluster, db, http_settings(receiver), http_batch_size=batch_size)
             async with service(config):
                 await sql(cluster, db, *WORKLOAD)
@@ -6808,7 +6783,7 @@ class TestHttpEndToEnd:
     async def test_signatures_verify_independently(self, cluster, db, batch_size):
         await table(cluster, db)
         headers = json.dumps({"Authorization": AUTH_HEADER_VALUE, "X-Tenant": "acme"})
-        async with E2EReceiver.serve() as receiver, reference(cluster, db) as ref:
+        async with ScriptedReceiver.serve() as receiver, reference(cluster, db) as ref:
             config = make_config(cluster, db, http_settings(receiver), http_batch_size=batch_size,
                                      http_signing_secret=SIGNING_SECRET, http_headers=headers)
             before = int(time.time())
@@ -6844,7 +6819,7 @@ class TestHttpEndToEnd:
 
     async def test_500_500_200_delivered_once_and_slot_held_until_the_200(self, cluster, db):
         await table(cluster, db)
-        async with E2EReceiver.serve([Reply(500, body=b"oops"), Reply(500)]) as receiver:
+        async with ScriptedReceiver.serve([Reply(500, body=b"oops"), Reply(500)]) as receiver:
             receiver.gate_from = 2  # the third attempt (the 200) waits until the test says so
             config = make_config(cluster, db, http_settings(receiver))
             async with service(config) as ack:
@@ -6877,7 +6852,7 @@ class TestHttpEndToEnd:
     async def test_exit_on_400_keeps_the_slot_before_it_and_a_restart_delivers_it(self, cluster, db):
         await table(cluster, db)
         async with reference(cluster, db) as ref:
-            async with E2EReceiver.serve([Reply(200), Reply(400, body=b'{"error": "rejected"}')]) as bad:
+            async with ScriptedReceiver.serve([Reply(200), Reply(400, body=b'{"error": "rejected"}')]) as bad:
                 env = make_env(cluster, db, http_settings(bad), on_failure="exit")
                 async with CliProcess(env).running() as proc:
                     await proc.wait_started()
@@ -6895,7 +6870,7 @@ class TestHttpEndToEnd:
             assert events_in(bad.requests[1]) == [b]
             assert bad.delivered() == [a]
             assert await slot_confirmed(cluster, db) < lsn(b["commit_lsn"])  # nothing acknowledged past it
-            async with E2EReceiver.serve() as good:
+            async with ScriptedReceiver.serve() as good:
                 restarted = CliProcess({**env, "HTTP_ENDPOINT_URL": good.url("/hooks/pg?source=e2e")})
                 async with restarted.running() as proc:
                     await good.wait_for(lambda r: c["id"] in r.delivered_ids())
@@ -6915,7 +6890,7 @@ class TestHttpEndToEnd:
         await table(cluster, db)
         dead = tmp_path / "dead-letters.jsonl"
         replies = [Reply(200), Reply(500), Reply(503), Reply(500)]  # the second event fails 3 times
-        async with E2EReceiver.serve(replies) as receiver, reference(cluster, db) as ref:
+        async with ScriptedReceiver.serve(replies) as receiver, reference(cluster, db) as ref:
             config = make_config(cluster, db, http_settings(receiver), on_failure="skip", dead_letter_file=str(dead))
             async with service(config):
                 await sql(cluster, db, "INSERT INTO t VALUES (1, 'a')", "INSERT INTO t VALUES (2, 'héllo ✓')",
@@ -6935,7 +6910,7 @@ class TestHttpEndToEnd:
         caplog.set_level(logging.INFO, logger="wal2http")
         await table(cluster, db)
         failures = 8  # more than RETRY_MAX_ATTEMPTS=3: the policy takes over, then it recovers
-        async with E2EReceiver.serve([Reply(503)] * failures) as receiver, reference(cluster, db) as ref:
+        async with ScriptedReceiver.serve([Reply(503)] * failures) as receiver, reference(cluster, db) as ref:
             config = make_config(cluster, db, http_settings(receiver), on_failure="retry")
             async with service(config):
                 await sql(cluster, db, *[f"INSERT INTO t VALUES ({i}, 'r{i}')" for i in range(1, 6)],
@@ -6957,7 +6932,7 @@ class TestHttpEndToEnd:
         await table(cluster, db)
         async with reference(cluster, db) as ref:
             slow = [Reply(200)] * 3
-            async with E2EReceiver.serve(slow, default=Reply(hang=True)) as hanging:
+            async with ScriptedReceiver.serve(slow, default=Reply(hang=True)) as hanging:
                 env = make_env(cluster, db, http_settings(hanging), http_timeout_secs=60)
                 async with CliProcess(env).running() as proc:
                     await proc.wait_started()
@@ -6970,7 +6945,7 @@ class TestHttpEndToEnd:
             first = hanging.delivered()
             assert first == expected[:3]
             assert await slot_confirmed(cluster, db) < lsn(expected[3]["commit_lsn"])
-            async with E2EReceiver.serve() as healthy:
+            async with ScriptedReceiver.serve() as healthy:
                 env = {**env, "HTTP_ENDPOINT_URL": healthy.url("/hooks/pg?source=e2e")}
                 async with CliProcess(env).running():
                     await healthy.wait_for(lambda r: expected[-1]["id"] in r.delivered_ids())
@@ -6994,7 +6969,7 @@ class TestHttpEndToEnd:
             return AuthResult(success=auth_data.password == smtp_password.encode(), auth_data=auth_data)
 
         with smtp_server(authenticator=authenticator, auth_require_tls=False) as (mails, smtp_port):
-            async with E2EReceiver.serve(default=Reply(500, body=echo)) as receiver:
+            async with ScriptedReceiver.serve(default=Reply(500, body=echo)) as receiver:
                 env = make_env(cluster, db, http_settings(receiver), on_failure="exit", http_batch_size=5,
                                database_url=cluster.url(db, "scram_user", SCRAM_PASSWORD, sslmode="require"),
                                http_signing_secret=SIGNING_SECRET,
@@ -7032,7 +7007,7 @@ class TestHttpEndToEnd:
         await table(cluster, db)
         dead_port = free_port()  # nothing listens there
         async with reference(cluster, db) as ref:
-            async with E2EReceiver.serve([Reply(200)], default=Reply(500)) as receiver:
+            async with ScriptedReceiver.serve([Reply(200)], default=Reply(500)) as receiver:
                 env = make_env(cluster, db, http_settings(receiver), on_failure="exit",
                                email_smtp_host="127.0.0.1", email_smtp_port=dead_port, email_smtp_tls="none",
                                email_from="wal2http@example.org", email_to="ops@example.org")
@@ -7054,7 +7029,7 @@ class TestHttpEndToEnd:
     # -- 9. --check -----------------------------------------------------------------------------------
 
     async def test_check_reports_the_http_sink(self, cluster, db):
-        async with E2EReceiver.serve() as receiver:
+        async with ScriptedReceiver.serve() as receiver:
             env = make_env(cluster, db, http_settings(receiver))
             result = await trio.to_thread.run_sync(lambda: run_cli(["--check"], env, timeout=30))
         assert result.returncode == 0, result.stdout + result.stderr
@@ -7073,7 +7048,7 @@ class TestHttpEndToEnd:
         assert "Traceback" not in result.stderr
 
     async def test_check_reports_the_email_server(self, cluster, db):
-        async with E2EReceiver.serve() as receiver:
+        async with ScriptedReceiver.serve() as receiver:
             with smtp_server() as (mails, smtp_port):
                 env = make_env(cluster, db, http_settings(receiver), email_smtp_host="127.0.0.1", email_smtp_port=smtp_port,
                                email_smtp_tls="none", email_from="wal2http@example.org", email_to="ops@example.org")
@@ -7098,7 +7073,7 @@ class TestHttpEndToEnd:
     async def test_retry_alert_mail_then_one_recovered_mail(self, cluster, db):
         await table(cluster, db)
         with smtp_server() as (mails, smtp_port):
-            async with E2EReceiver.serve([Reply(503)] * 6) as receiver, reference(cluster, db) as ref:
+            async with ScriptedReceiver.serve([Reply(503)] * 6) as receiver, reference(cluster, db) as ref:
                 config = make_config(cluster, db, http_settings(receiver), on_failure="retry", email_smtp_host="127.0.0.1",
                                          email_smtp_port=smtp_port, email_smtp_tls="none",
                                          email_from="wal2http@example.org", email_to="ops@example.org")
@@ -7127,7 +7102,7 @@ class TestHttpEndToEnd:
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(partial(trio.serve_tcp, silent_smtp, 0, host="127.0.0.1"))
             smtp_port = listeners[0].socket.getsockname()[1]
-            async with E2EReceiver.serve([Reply(503)] * 5) as receiver, reference(cluster, db) as ref:
+            async with ScriptedReceiver.serve([Reply(503)] * 5) as receiver, reference(cluster, db) as ref:
                 config = make_config(cluster, db, http_settings(receiver), on_failure="retry", email_smtp_host="127.0.0.1",
                                          email_smtp_port=smtp_port, email_smtp_tls="none",
                                          email_from="wal2http@example.org", email_to="ops@example.org")
@@ -7147,7 +7122,7 @@ class TestHttpEndToEnd:
         await table(cluster, db)
         replies = [Reply(200), Reply(200, close_after=True), Reply(200), Reply(200, silent_close_after=True),
                    Reply(200), Reply(200, drop=True)]
-        async with E2EReceiver.serve(replies) as receiver, reference(cluster, db) as ref:
+        async with ScriptedReceiver.serve(replies) as receiver, reference(cluster, db) as ref:
             config = make_config(cluster, db, http_settings(receiver))
             async with service(config):
                 await sql(cluster, db, *[f"INSERT INTO t VALUES ({i}, 'x')" for i in range(1, 11)])
@@ -7190,7 +7165,7 @@ class TestHttpEndToEnd:
     async def test_large_transaction_in_batches_of_500(self, cluster, db):
         await table(cluster, db)
         total = 2500 + 3  # more than one chunk of the assembler (CHUNK_EVENTS) in one transaction
-        async with E2EReceiver.serve() as receiver, reference(cluster, db) as ref:
+        async with ScriptedReceiver.serve() as receiver, reference(cluster, db) as ref:
             config = make_config(cluster, db, http_settings(receiver), http_batch_size=500)
             async with service(config):
                 await sql(cluster, db, "INSERT INTO t VALUES (0, 'before')",
@@ -7205,7 +7180,7 @@ class TestHttpEndToEnd:
 
     async def test_sigterm_while_retrying_exits_0_without_acknowledging(self, cluster, db):
         await table(cluster, db)
-        async with E2EReceiver.serve(default=Reply(503)) as receiver, reference(cluster, db) as ref:
+        async with ScriptedReceiver.serve(default=Reply(503)) as receiver, reference(cluster, db) as ref:
             env = make_env(cluster, db, http_settings(receiver), on_failure="retry")
             async with CliProcess(env).running() as proc:
                 await proc.wait_started()
@@ -7228,7 +7203,7 @@ class TestHttpEndToEnd:
 
     async def test_a_receiver_hanging_past_the_timeout_is_retried_on_a_new_connection(self, cluster, db):
         await table(cluster, db)
-        async with E2EReceiver.serve([Reply(hang=True)]) as receiver, reference(cluster, db) as ref:
+        async with ScriptedReceiver.serve([Reply(hang=True)]) as receiver, reference(cluster, db) as ref:
             config = make_config(cluster, db, http_settings(receiver), http_timeout_secs=1)
             async with service(config):
                 started = trio.current_time()
