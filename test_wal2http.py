@@ -244,9 +244,9 @@ class GatedSink:
 # -- (a test database) take settings; each takes presets (dicts) first, then single values.
 
 HTTP_FIELDS = {"event_sink": "http"}  #: the HTTP sink (the test gives http_endpoint_url)
-HOOK0_FIELDS = {"event_sink": "hook0", "hook0_api_url": "http://127.0.0.1:9", "hook0_application_id": APPLICATION_ID,
-                "hook0_api_token": TOKEN, "retry_max_attempts": 3, "retry_base_delay_s": 0.01,
-                "retry_max_delay_s": 30.0}  #: the Hook0 sink, fast retries
+HOOK0_FIELDS = {"event_sink": "hook0", "hook0_api_url": "http://127.0.0.1:9",  #: the Hook0 sink, fast retries
+                "hook0_application_id": APPLICATION_ID, "hook0_api_token": TOKEN, "retry_max_attempts": 3,
+                "retry_base_delay_s": 0.01, "retry_max_delay_s": 30.0}
 
 
 def mail_fields(port: int, tls: str = "none") -> dict:
@@ -1140,7 +1140,7 @@ class TestAlerts:
         with smtp_server() as (handler, port):
             async with running_alerter(offline_config(mail_fields(port), slot_name="orders")) as alerter:
                 alerter.alert("sink", "HTTP sink failing", "503 Service Unavailable from hooks.example.org")
-                await wait_until(lambda: handler.messages)
+                await wait_until(lambda: handler.messages, timeout=10)
         received = handler.messages[0]
         assert received.mail_from == "wal2http@example.org"
         assert received.rcpt_tos == ["ops@example.org"]
@@ -1159,7 +1159,7 @@ class TestAlerts:
             config = offline_config(mail_fields(port), email_to=("a@example.org", "b@example.org", "c@example.net"))
             async with running_alerter(config) as alerter:
                 alerter.alert("k", "subject", "body")
-                await wait_until(lambda: handler.messages)
+                await wait_until(lambda: handler.messages, timeout=10)
         assert handler.messages[0].rcpt_tos == ["a@example.org", "b@example.org", "c@example.net"]
         assert handler.messages[0].mail["To"] == "a@example.org, b@example.org, c@example.net"
 
@@ -1177,7 +1177,7 @@ class TestAlerts:
             async with running_alerter(config) as alerter:
                 # A careless caller that puts the secret in the text: it is scrubbed.
                 alerter.alert("auth", f"failed with {password}", f"password was {password}")
-                await wait_until(lambda: handler.messages)
+                await wait_until(lambda: handler.messages, timeout=10)
         assert logins == [(b"alerts", password.encode())]
         assert handler.messages[0].login == "alerts"
         raw = handler.messages[0].mail.as_string()
@@ -1193,7 +1193,7 @@ class TestAlerts:
             config = offline_config(mail_fields(port), email_smtp_username="alerts", email_smtp_password=password)
             async with running_alerter(config) as alerter:
                 alerter.alert("k", "s", "b")
-                await wait_until(lambda: logged(caplog, "could not send alert mail"))
+                await wait_until(lambda: logged(caplog, "could not send alert mail"), timeout=10)
         assert handler.messages == []
         assert "SMTPAuthenticationError" in logged(caplog, "could not send alert mail")[0].getMessage()
         assert all(password not in record.getMessage() for record in caplog.records)
@@ -1206,10 +1206,10 @@ class TestAlerts:
                 clock.now += w.ALERT_REPEAT_S - 1
                 alerter.alert("sink", "failing", "second, within 5 minutes")
                 alerter.alert("other", "marker", "a different key is not limited")
-                await wait_until(lambda: len(handler.messages) == 2)
+                await wait_until(lambda: len(handler.messages) == 2, timeout=10)
                 clock.now += 1
                 alerter.alert("sink", "failing", "third, 5 minutes after the first")
-                await wait_until(lambda: len(handler.messages) == 3)
+                await wait_until(lambda: len(handler.messages) == 3, timeout=10)
         bodies = [m.mail.get_content() for m in handler.messages]
         assert "first" in bodies[0]
         assert "a different key" in bodies[1]
@@ -1228,7 +1228,7 @@ class TestAlerts:
                 alerter.recovered("sink", "HTTP sink delivers again", "that failure was not mailed: neither is this")
                 clock.now += w.ALERT_REPEAT_S
                 alerter.alert("sink", "HTTP sink failing", "5 minutes later: mailed")
-                await wait_until(lambda: len(handler.messages) == 3)
+                await wait_until(lambda: len(handler.messages) == 3, timeout=10)
         subjects = [m.mail["Subject"] for m in handler.messages]
         assert subjects == ["[wal2http] ALERT: HTTP sink failing",
                             "[wal2http] RECOVERED: HTTP sink delivers again",
@@ -1246,7 +1246,7 @@ class TestAlerts:
             async with running_alerter(offline_config(mail_fields(port, "starttls")),
                                        ssl_context=client_context) as alerter:
                 alerter.alert("k", "over starttls", "body")
-                await wait_until(lambda: handler.messages)
+                await wait_until(lambda: handler.messages, timeout=10)
         assert handler.messages[0].tls
 
     async def test_starttls_with_untrusted_certificate_fails_cleanly(self, server_tls, caplog):
@@ -1254,7 +1254,7 @@ class TestAlerts:
         with smtp_server(tls_context=server_context, require_starttls=True) as (handler, port):
             async with running_alerter(offline_config(mail_fields(port, "starttls"))) as alerter:
                 alerter.alert("k", "s", "b")
-                await wait_until(lambda: logged(caplog, "could not send alert mail"))
+                await wait_until(lambda: logged(caplog, "could not send alert mail"), timeout=10)
         assert handler.messages == []
         assert "CERTIFICATE_VERIFY_FAILED" in logged(caplog, "could not send alert mail")[0].getMessage()
 
@@ -1263,7 +1263,7 @@ class TestAlerts:
         with smtp_server(ssl_context=server_context) as (handler, port):
             async with running_alerter(offline_config(mail_fields(port, "ssl")), ssl_context=client_context) as alerter:
                 alerter.alert("k", "over smtps", "body")
-                await wait_until(lambda: handler.messages)
+                await wait_until(lambda: handler.messages, timeout=10)
         assert handler.messages[0].mail["Subject"] == "[wal2http] ALERT: over smtps"
 
     async def test_dead_smtp_server_never_blocks_or_raises(self, caplog):
@@ -1272,9 +1272,9 @@ class TestAlerts:
             port = probe.getsockname()[1]  # closed when the block ends: connections are refused
         async with running_alerter(offline_config(mail_fields(port))) as alerter:
             alerter.alert("first", "s1", "b")
-            await wait_until(lambda: len(logged(caplog, "could not send alert mail")) == 1)
+            await wait_until(lambda: len(logged(caplog, "could not send alert mail")) == 1, timeout=10)
             alerter.alert("second", "s2", "b")  # the run task keeps going
-            await wait_until(lambda: len(logged(caplog, "could not send alert mail")) == 2)
+            await wait_until(lambda: len(logged(caplog, "could not send alert mail")) == 2, timeout=10)
         assert "[wal2http] ALERT: s2" in logged(caplog, "could not send alert mail")[1].getMessage()
 
     async def test_slow_smtp_server_never_blocks_or_raises(self, caplog):
@@ -1288,7 +1288,7 @@ class TestAlerts:
                 alerter.alert("second", "s2", "b")
                 assert trio.current_time() - start < 0.1
                 assert not logged(caplog, "could not send alert mail")  # still waiting on the server
-                await wait_until(lambda: len(logged(caplog, "could not send alert mail")) == 2)
+                await wait_until(lambda: len(logged(caplog, "could not send alert mail")) == 2, timeout=10)
         assert all("timed out" in r.getMessage() for r in logged(caplog, "could not send alert mail"))
 
     async def test_run_cancels_promptly_while_a_send_hangs(self):
@@ -1323,7 +1323,7 @@ class TestAlerts:
         async with running_alerter(offline_config(mail_fields(25)), send_mail=send_mail) as alerter:
             alerter.alert("a", "boom", "b")
             alerter.alert("b", "fine", "b")
-            await wait_until(lambda: sent)
+            await wait_until(lambda: sent, timeout=10)
         assert "OSError: connection reset" in logged(caplog, "could not send alert mail")[0].getMessage()
         assert sent[0]["Subject"] == "[wal2http] ALERT: fine"
 
@@ -1929,17 +1929,17 @@ class TestConcurrentDeliveryLoop:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(loop.run, receive)
             await feed_chunks(send, ack, [keyed(n, row=n, end_lsn=10 * (n + 1)) for n in range(5)])
-            await wait_until(lambda: len(sink.started) == 3)
+            await wait_until(lambda: len(sink.started) == 3, timeout=10)
             await trio.sleep(1)
             assert sorted(sink.started) == ["e0", "e1", "e2"]  # three rows at once, no more
             sink.gate("e2").set()  # the third finishes first: nothing acknowledged yet
-            await wait_until(lambda: len(sink.started) == 4)
+            await wait_until(lambda: len(sink.started) == 4, timeout=10)
             assert ack.flushed_lsn == 0
             sink.gate("e0").set()
-            await wait_until(lambda: ack.flushed_lsn == 10)
+            await wait_until(lambda: ack.flushed_lsn == 10, timeout=10)
             for n in range(5):
                 sink.gate(f"e{n}").set()
-            await wait_until(lambda: ack.flushed_lsn == 50)
+            await wait_until(lambda: ack.flushed_lsn == 50, timeout=10)
             nursery.cancel_scope.cancel()
         assert sink.most_in_flight == 3
 
@@ -1952,11 +1952,11 @@ class TestConcurrentDeliveryLoop:
             nursery.start_soon(loop.run, receive)
             await feed_chunks(send, ack, [keyed(n, row=7, end_lsn=n + 1) for n in range(4)])
             for n in range(4):
-                await wait_until(lambda: len(sink.started) == n + 1)
+                await wait_until(lambda: len(sink.started) == n + 1, timeout=10)
                 await trio.sleep(1)
                 assert len(sink.started) == n + 1  # the next one waits for this one
                 sink.gate(f"e{n}").set()
-            await wait_until(lambda: ack.flushed_lsn == 4)
+            await wait_until(lambda: ack.flushed_lsn == 4, timeout=10)
             nursery.cancel_scope.cancel()
         assert sink.finished == ["e0", "e1", "e2", "e3"]
         assert sink.most_in_flight == 1
@@ -1972,9 +1972,9 @@ class TestConcurrentDeliveryLoop:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(loop.run, receive)
                 await feed_chunks(send, ack, [keyed(n, row=n, end_lsn=n + 1) for n in range(4)])
-                await wait_until(lambda: len(sink.started) == 2)
+                await wait_until(lambda: len(sink.started) == 2, timeout=10)
                 sink.gate("e0").set()
-                await wait_until(lambda: len(sink.started) == 3)  # e2 takes e0's place
+                await wait_until(lambda: len(sink.started) == 3, timeout=10)  # e2 takes e0's place
                 sink.gate("e1").set()  # fails
                 await trio.sleep(1)
                 assert sorted(sink.started) == ["e0", "e1", "e2"]  # e3 is not sent
@@ -1993,7 +1993,7 @@ class TestConcurrentDeliveryLoop:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(loop.run, receive)
             await feed_chunks(send, ack, [keyed(n, row=n, end_lsn=n + 1) for n in range(2)])
-            await wait_until(lambda: len(sink.started) == 2)
+            await wait_until(lambda: len(sink.started) == 2, timeout=10)
 
             async def release():
                 await trio.sleep(2)
@@ -3807,7 +3807,8 @@ class TestHttpSink:
 
     def test_bad_whsec_secret_is_a_config_error(self):
         with pytest.raises(w.ConfigError, match="HTTP_SIGNING_SECRET"):
-            w.HttpSink(offline_config(HTTP_FIELDS, http_endpoint_url="http://127.0.0.1:1/", http_signing_secret="whsec_!!"))
+            w.HttpSink(offline_config(HTTP_FIELDS, http_endpoint_url="http://127.0.0.1:1/",
+                                      http_signing_secret="whsec_!!"))
 
     @pytest.mark.parametrize("status, retryable", [
         (200, None), (204, None), (408, True), (425, True), (429, True), (500, True), (503, True),
@@ -3968,7 +3969,8 @@ class TestHttpSink:
         token = "Bearer " + "s3cr3t" * 20
         echo = f"{'x' * 170} header was {token}".encode()  # the error shows 200 characters: a cut token
         async with ScriptedReceiver.serve([Reply(400, body=echo)]) as receiver:
-            sink = w.HttpSink(offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url(), http_headers=(("Authorization", token),)))
+            sink = w.HttpSink(offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url(),
+                                             http_headers=(("Authorization", token),)))
             with pytest.raises(w.DeliveryError) as info:
                 await sink.deliver(make_events(1))
             await sink.aclose()
@@ -4048,7 +4050,8 @@ class TestReliableSink:
         sleep = RecordingSleep()
         alerter = RecordingAlerter()
         async with ScriptedReceiver.serve([Reply(500), Reply(500)]) as receiver:
-            config = offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url(), retry_base_delay_s=1.0, retry_max_delay_s=30.0)
+            config = offline_config(HTTP_FIELDS, http_endpoint_url=receiver.url(), retry_base_delay_s=1.0,
+                                    retry_max_delay_s=30.0)
             sink = w.ReliableSink(w.HttpSink(config), config, alerter, sleep=sleep, random=lambda: 1.0)
             with caplog.at_level(logging.WARNING, logger="wal2http"):
                 await sink.deliver(events)
@@ -4150,7 +4153,8 @@ class TestReliableSink:
         assert str(path) in alerter.alerts[0][2]
 
     async def test_skip_with_unwritable_dead_letter_file_exits(self, tmp_path):
-        config = offline_config(HTTP_FIELDS, on_failure="skip", dead_letter_file=str(tmp_path / "missing-dir" / "d.jsonl"))
+        config = offline_config(HTTP_FIELDS, on_failure="skip",
+                                dead_letter_file=str(tmp_path / "missing-dir" / "d.jsonl"))
         events = make_events(3)
         sink = FlakySink([fatal(delivered=1, failed=1)])
         alerter = RecordingAlerter()
@@ -4173,7 +4177,7 @@ class TestReliableSink:
                 path.mkdir()  # appending to it now fails
                 with pytest.raises(w.DeliveryFailed, match="DEAD_LETTER_FILE"):
                     await reliable.deliver(make_events(1))
-                await wait_until(lambda: len(handler.messages) == 2)
+                await wait_until(lambda: len(handler.messages) == 2, timeout=10)
         first, second = (m.mail for m in handler.messages)
         assert first["Subject"] == "[wal2http] ALERT: delivery to the fake sink is failing"
         assert second["Subject"] == "[wal2http] ALERT: wal2http stopped: delivery to the fake sink failed"
@@ -4195,7 +4199,8 @@ class TestReliableSink:
         events = make_events(3)
         alerter = RecordingAlerter()
         sleep = RecordingSleep()
-        config = offline_config(HTTP_FIELDS, on_failure="retry", retry_max_attempts=2, retry_base_delay_s=1.0, retry_max_delay_s=30.0)
+        config = offline_config(HTTP_FIELDS, on_failure="retry", retry_max_attempts=2, retry_base_delay_s=1.0,
+                                retry_max_delay_s=30.0)
         sink = FlakySink([retryable(delivered=1, failed=1)] + [retryable()] * 6)
         await w.ReliableSink(sink, config, alerter, sleep=sleep, random=lambda: 1.0).deliver(events)
         assert sink.delivered == [e["id"] for e in events]
@@ -4223,8 +4228,9 @@ class TestReliableSink:
         sink = Rejecting([])
         sleep = RecordingSleep()
         with pytest.raises(w.SinkAuthError):
-            await w.ReliableSink(sink, offline_config(HTTP_FIELDS, on_failure="retry"), RecordingAlerter(), sleep=sleep).deliver(
-                make_events(1))
+            reliable = w.ReliableSink(sink, offline_config(HTTP_FIELDS, on_failure="retry"), RecordingAlerter(),
+                                      sleep=sleep)
+            await reliable.deliver(make_events(1))
         assert len(sink.calls) == 1
         assert sleep.delays == []
 
@@ -4712,7 +4718,8 @@ class TestHook0Mapping:
         for event in (full_delete, truncate, message):
             assert self.build(event, hook0_table_events=table_events) is None
         key_only_delete = {**outbox_event(), "op": "delete", "old": {"id": 7}, "new": None}
-        assert w.build_hook0_event(key_only_delete, offline_config(HOOK0_FIELDS, hook0_table_events=table_events), APPLICATION_ID,
+        config = offline_config(HOOK0_FIELDS, hook0_table_events=table_events)
+        assert w.build_hook0_event(key_only_delete, config, APPLICATION_ID,
                                    known_outbox_tables={("public", "outbox")}) is None
 
     def test_other_tables_are_ignored_without_table_events(self):
@@ -4810,8 +4817,8 @@ class TestHook0Mapping:
             assert bad not in str(info.value)
 
     def test_api_url_path_is_percent_encoded_shown_without_it_and_a_query_refused(self):
-        sink = w.Hook0Sink(offline_config(HOOK0_FIELDS, hook0_api_url="https://user:pw@hook0.example.org:8443/ho\u00f6k/"),
-                           RecordingAlerter())
+        config = offline_config(HOOK0_FIELDS, hook0_api_url="https://user:pw@hook0.example.org:8443/ho\u00f6k/")
+        sink = w.Hook0Sink(config, RecordingAlerter())
         assert sink._api_path == "/ho%C3%B6k"
         assert sink._shown_base == "https://hook0.example.org:8443/..."
         with pytest.raises(w.ConfigError, match="HOOK0_API_URL"):
@@ -6970,13 +6977,13 @@ class TestHttpEndToEnd:
 
         with smtp_server(authenticator=authenticator, auth_require_tls=False) as (mails, smtp_port):
             async with ScriptedReceiver.serve(default=Reply(500, body=echo)) as receiver:
-                env = make_env(cluster, db, http_settings(receiver), on_failure="exit", http_batch_size=5,
+                env = make_env(cluster, db, http_settings(receiver), email_settings(smtp_port), on_failure="exit",
+                               http_batch_size=5,
                                database_url=cluster.url(db, "scram_user", SCRAM_PASSWORD, sslmode="require"),
                                http_signing_secret=SIGNING_SECRET,
                                http_headers=json.dumps({"Authorization": AUTH_HEADER_VALUE}),
-                               email_smtp_host="127.0.0.1", email_smtp_port=smtp_port, email_smtp_tls="none",
                                email_smtp_username="alerts", email_smtp_password=smtp_password,
-                               email_from="wal2http@example.org", email_to="ops@example.org,dba@example.org")
+                               email_to="ops@example.org,dba@example.org")
                 async with CliProcess(env).running() as proc:
                     await proc.wait_started()
                     await sql(cluster, db, "INSERT INTO t VALUES (1, 'a'), (2, 'b')")
@@ -7008,9 +7015,7 @@ class TestHttpEndToEnd:
         dead_port = free_port()  # nothing listens there
         async with reference(cluster, db) as ref:
             async with ScriptedReceiver.serve([Reply(200)], default=Reply(500)) as receiver:
-                env = make_env(cluster, db, http_settings(receiver), on_failure="exit",
-                               email_smtp_host="127.0.0.1", email_smtp_port=dead_port, email_smtp_tls="none",
-                               email_from="wal2http@example.org", email_to="ops@example.org")
+                env = make_env(cluster, db, http_settings(receiver), email_settings(dead_port), on_failure="exit")
                 async with CliProcess(env).running() as proc:
                     await proc.wait_started()
                     started = trio.current_time()
@@ -7050,8 +7055,7 @@ class TestHttpEndToEnd:
     async def test_check_reports_the_email_server(self, cluster, db):
         async with ScriptedReceiver.serve() as receiver:
             with smtp_server() as (mails, smtp_port):
-                env = make_env(cluster, db, http_settings(receiver), email_smtp_host="127.0.0.1", email_smtp_port=smtp_port,
-                               email_smtp_tls="none", email_from="wal2http@example.org", email_to="ops@example.org")
+                env = make_env(cluster, db, http_settings(receiver), email_settings(smtp_port))
                 result = await trio.to_thread.run_sync(lambda: run_cli(["--check"], env, timeout=30))
             assert result.returncode == 0, result.stdout + result.stderr
             lines = result.stdout.splitlines()
@@ -7074,9 +7078,7 @@ class TestHttpEndToEnd:
         await table(cluster, db)
         with smtp_server() as (mails, smtp_port):
             async with ScriptedReceiver.serve([Reply(503)] * 6) as receiver, reference(cluster, db) as ref:
-                config = make_config(cluster, db, http_settings(receiver), on_failure="retry", email_smtp_host="127.0.0.1",
-                                         email_smtp_port=smtp_port, email_smtp_tls="none",
-                                         email_from="wal2http@example.org", email_to="ops@example.org")
+                config = make_config(cluster, db, http_settings(receiver), email_settings(smtp_port), on_failure="retry")
                 async with service(config):
                     await sql(cluster, db, "INSERT INTO t VALUES (1, 'a')", "INSERT INTO t VALUES (2, 'b')")
                     expected = await ref.wait_for(2)
@@ -7103,9 +7105,7 @@ class TestHttpEndToEnd:
             listeners = await nursery.start(partial(trio.serve_tcp, silent_smtp, 0, host="127.0.0.1"))
             smtp_port = listeners[0].socket.getsockname()[1]
             async with ScriptedReceiver.serve([Reply(503)] * 5) as receiver, reference(cluster, db) as ref:
-                config = make_config(cluster, db, http_settings(receiver), on_failure="retry", email_smtp_host="127.0.0.1",
-                                         email_smtp_port=smtp_port, email_smtp_tls="none",
-                                         email_from="wal2http@example.org", email_to="ops@example.org")
+                config = make_config(cluster, db, http_settings(receiver), email_settings(smtp_port), on_failure="retry")
                 async with service(config):
                     await sql(cluster, db, *[f"INSERT INTO t VALUES ({i}, 'x')" for i in range(1, 21)])
                     expected = await ref.wait_for(20)
@@ -7146,10 +7146,9 @@ class TestHttpEndToEnd:
             smtp_listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
             http_port = http_listeners[0].socket.getsockname()[1]
             smtp_port = smtp_listeners[0].socket.getsockname()[1]
-            env = make_env(cluster, db, database_url=cluster.url(db, connect_timeout=2), event_sink="http",
-                           http_endpoint_url=f"http://127.0.0.1:{http_port}/hooks", http_timeout_secs=30,
-                           email_smtp_host="127.0.0.1", email_smtp_port=smtp_port, email_smtp_tls="none",
-                           email_from="wal2http@example.org", email_to="ops@example.org")
+            env = make_env(cluster, db, email_settings(smtp_port), database_url=cluster.url(db, connect_timeout=2),
+                           event_sink="http", http_endpoint_url=f"http://127.0.0.1:{http_port}/hooks",
+                           http_timeout_secs=30)
             started = time.monotonic()
             result = await trio.to_thread.run_sync(lambda: run_cli(["--check"], env, timeout=30))
             elapsed = time.monotonic() - started
