@@ -3,7 +3,8 @@
 The PostgreSQL tests run against a throwaway cluster of each supported version (ids `[pg14]` ...
 `[pg18]`): the harness, which versions and where their binaries come from, is in conftest.py.
 Without a version's server binaries its tests fail with a message saying how to get them; they
-never skip.
+never skip.  The fakes, builders and waits that the test classes share are in the section "Shared
+fakes, builders and waits" below the constants.
 """
 
 from __future__ import annotations
@@ -58,21 +59,6 @@ APPLICATION_ID = "4fd3ed86-2a5a-4d45-9c1c-0fdf6c7e6c6a"
 TOKEN = "EoQBChoKBHRlc3QYAyIKCggIgAgSAxiBCB"   # shaped like a biscuit; never in any message
 HOOK0 = {"HOOK0_API_URL": "https://hook0.example.org", "HOOK0_APPLICATION_ID": APP_ID,
          "HOOK0_API_TOKEN": "Hook0-T0ken-Secret"}
-
-
-def load(env=None, argv=(), with_db=True):
-    environ = {"DATABASE_URL": DB_URL} if with_db else {}
-    environ.update(env or {})
-    return w.load_config(list(argv), environ)[0]
-
-
-def config_error(env=None, argv=(), with_db=True) -> str:
-    with pytest.raises(w.ConfigError) as info:
-        load(env, argv, with_db)
-    message = str(info.value)
-    assert "\n" not in message
-    assert message.strip() == message
-    return message
 
 
 # =====================================================================================================
@@ -240,8 +226,27 @@ class GatedSink:
             self.in_flight -= 1
 
 
-# -- Config builders: `offline_config` (no database) takes Config fields, `make_env`/`make_config`
-# -- (a test database) take settings; each takes presets (dicts) first, then single values.
+# -- Config builders: `load` reads settings as a user gives them (the tests of the configuration);
+# -- `offline_config` (no database) takes Config fields, `make_env`/`make_config` (a test database)
+# -- take settings; these take presets (dicts) first, then single values.
+
+def load(env=None, argv=(), with_db=True) -> w.Config:
+    """The Config wal2http reads from `env` and `argv` (with DATABASE_URL=DB_URL unless `with_db`
+    is False), as a user gives them."""
+    environ = {"DATABASE_URL": DB_URL} if with_db else {}
+    environ.update(env or {})
+    return w.load_config(list(argv), environ)[0]
+
+
+def config_error(env=None, argv=(), with_db=True) -> str:
+    """The message of the ConfigError that `load` raises: one line, no surrounding space."""
+    with pytest.raises(w.ConfigError) as info:
+        load(env, argv, with_db)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.strip() == message
+    return message
+
 
 HTTP_FIELDS = {"event_sink": "http"}  #: the HTTP sink (the test gives http_endpoint_url)
 HOOK0_FIELDS = {"event_sink": "hook0", "hook0_api_url": "http://127.0.0.1:9",  #: the Hook0 sink, fast retries
