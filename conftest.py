@@ -21,7 +21,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 
@@ -100,10 +99,7 @@ def require_pg_bin(major: int) -> str:
     return bin_dir
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = w._free_tcp_port  #: a free TCP port of 127.0.0.1 (the tool's own, as --demo uses it)
 
 
 # =====================================================================================================
