@@ -6,6 +6,7 @@
     python bench_wal2http.py --http          # also the HTTP sink, batch sizes 1 and 500
     python bench_wal2http.py --http --http-batch 500 --repeat 6   # medians over 6 rounds
     python bench_wal2http.py --scrape        # also: how long a /metrics scrape takes meanwhile
+    python bench_wal2http.py --tap           # also: stdout with one live tap client taking everything
     python bench_wal2http.py --concurrency   # DELIVERY_CONCURRENCY against a receiver taking 20 ms
     python bench_wal2http.py --concurrency --receiver-delay-ms 20 100
 
@@ -32,6 +33,7 @@ few seconds; its rate counts from the start of the first request to the last eve
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -92,23 +94,34 @@ def _epoch(text: str) -> float:
         tzinfo=datetime.timezone.utc).timestamp()
 
 
-async def _child(env: dict, end_lsn: int, expect: int, latency: bool) -> dict:
+async def _child(env: dict, end_lsn: int, expect: int, latency: bool, tap: bool = False) -> dict:
     config, _ = w.load_config([], env)
     w.tune_runtime()  # as `python wal2http.py` does
     latencies = [] if latency else None
     sink = _CountingSink(open(os.devnull, "wb"), latencies)
     if config.event_sink == "http":
         sink = _CountingHttp(w.HttpSink(config))
-    stop = trio.Event()
+    stop, stats = trio.Event(), None
     async with trio.open_nursery() as nursery:
+        if tap:  # the operations port first, so that the tap client gets every event
+            stats = w.Stats(config)
+            await nursery.start(w.run_ops_server, config, stats)
+            while not stats.tap.clients:
+                await trio.sleep(0.001)
+            config = dataclasses.replace(config, ops_addr=None)
         started, usage_started = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-        ack = await nursery.start(lambda task_status: w.run(config, sink=sink, stop=stop, task_status=task_status))
+        ack = await nursery.start(lambda task_status: w.run(config, sink=sink, stop=stop, stats=stats,
+                                                            task_status=task_status))
         while ack.flushed_lsn < end_lsn or sink.count < expect:
             await trio.sleep(0.005)
         finished = time.perf_counter()
         elapsed = finished - started
         usage = resource.getrusage(resource.RUSAGE_SELF)
         stop.set()
+        if tap:
+            while any(client.unwritten for client in stats.tap.clients):  # the client has had them all
+                await trio.sleep(0.005)
+            nursery.cancel_scope.cancel()
     first_request_at = getattr(sink, "first_request_at", None)
     result = {"events": sink.count, "seconds": elapsed,
               "delivery_seconds": finished - first_request_at if first_request_at else elapsed,
@@ -140,8 +153,8 @@ class _CountingHttp:
         await self.sink.aclose()
 
 
-def run_child(env: dict, end_lsn: int, expect: int, latency: bool = False) -> dict:
-    spec = json.dumps({"env": env, "end_lsn": end_lsn, "expect": expect, "latency": latency})
+def run_child(env: dict, end_lsn: int, expect: int, latency: bool = False, tap: bool = False) -> dict:
+    spec = json.dumps({"env": env, "end_lsn": end_lsn, "expect": expect, "latency": latency, "tap": tap})
     out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"wal2http child failed:\n{out.stderr[-3000:]}")
@@ -207,6 +220,58 @@ while True:
     code = code.replace("{parser}", parser).replace("{delay_s}", repr(delay_ms / 1000))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     return proc, int(proc.stdout.readline())
+
+
+def start_tap_client(port: int) -> subprocess.Popen:
+    """A WebSocket client of GET /events as lean as a Python one gets (a blocking socket, frames
+    parsed by hand: the server's frames are unmasked), in its own process: it connects as soon as
+    the port listens, counts the text messages until the connection ends, and prints the count and
+    the close code (none: wal2http stopped; 1013: it fell behind)."""
+    code = r'''
+import socket, struct, sys, time
+port = int(sys.argv[1])
+while True:
+    try:
+        sock = socket.create_connection(("127.0.0.1", port))
+        break
+    except OSError:
+        time.sleep(0.001)
+sock.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+data = b""
+while b"\r\n\r\n" not in data:
+    data += sock.recv(65536)
+head, _, data = data.partition(b"\r\n\r\n")
+assert head.startswith(b"HTTP/1.1 101"), head
+print("connected", flush=True)
+count, code, pos = 0, None, 0
+while code is None:
+    more = sock.recv(1 << 20)
+    if not more:
+        break
+    data = data[pos:] + more
+    pos = 0
+    while len(data) - pos >= 2:
+        opcode, size = data[pos] & 15, data[pos + 1] & 127
+        start = pos + 2 + (2 if size == 126 else 8 if size == 127 else 0)
+        if len(data) < start:
+            break
+        if size == 126:
+            size = struct.unpack_from("!H", data, pos + 2)[0]
+        elif size == 127:
+            size = struct.unpack_from("!Q", data, pos + 2)[0]
+        if len(data) < start + size:
+            break
+        if opcode == 1:
+            count += 1
+        elif opcode == 8:
+            code = struct.unpack_from("!H", data, start)[0]
+            break
+        pos = start + size
+print(count, code, flush=True)
+'''
+    proc = subprocess.Popen([sys.executable, "-c", code, str(port)], stdout=subprocess.PIPE, text=True)
+    return proc
 
 
 def start_scraper(port: int, interval_s: float = 0.1):
@@ -311,7 +376,8 @@ def throughput(args) -> None:
         cluster.start()
         url = cluster.url
         batches = [b for b in (1, 500) if args.http and args.http_batch in (None, b)]
-        rounds = [["ref", "w2h"] + [f"http{b}" for b in batches if b == 500 or r == 0] for r in range(args.repeat)]
+        rounds = [["ref", "w2h"] + (["tap"] if args.tap else []) + [f"http{b}" for b in batches if b == 500 or r == 0]
+                  for r in range(args.repeat)]
         slots = [f"bench_{c}_{r}" for r, consumers in enumerate(rounds) for c in consumers]
         if len(slots) > 10:  # the default max_replication_slots and max_wal_senders
             sql(url, f"ALTER SYSTEM SET max_replication_slots = {len(slots) + 2}",
@@ -331,7 +397,7 @@ def throughput(args) -> None:
             for r, consumers in enumerate(rounds):
                 if args.repeat > 1:
                     print(f"round {r + 1} of {args.repeat}")
-                rates = {}
+                rates, cpu_seconds = {}, {}
                 for consumer in consumers:
                     server_cpu = _server_cpu_s(cluster)
                     receiver_cpu = _process_cpu_s(receiver.pid) if receiver else 0.0
@@ -347,13 +413,21 @@ def throughput(args) -> None:
                         child_env.update(EVENT_SINK="http", HTTP_ENDPOINT_URL=f"http://127.0.0.1:{port}/hook",
                                          HTTP_BATCH_SIZE=consumer[4:])
                     received = received_events(port) if consumer.startswith("http") else 0
-                    scraper = None
+                    scraper = tap = None
+                    if consumer == "tap":
+                        with socket.socket() as free:
+                            free.bind(("127.0.0.1", 0))
+                            child_env["OPS_ADDR"] = f"127.0.0.1:{free.getsockname()[1]}"
+                        tap = start_tap_client(int(child_env["OPS_ADDR"].rsplit(":", 1)[1]))
                     if args.scrape and consumer == "w2h":
                         with socket.socket() as free:
                             free.bind(("127.0.0.1", 0))
                             child_env["OPS_ADDR"] = f"127.0.0.1:{free.getsockname()[1]}"
                         scraper = start_scraper(int(child_env["OPS_ADDR"].rsplit(":", 1)[1]))
-                    result = run_child(child_env, end_lsn, args.rows)
+                    result = run_child(child_env, end_lsn, args.rows, tap=tap is not None)
+                    if tap:
+                        tap_out = tap.communicate(timeout=60)[0].split()
+                        print(f"  live tap client: {tap_out[1]} messages, close code {tap_out[2]}")
                     if scraper:
                         stop, durations, sizes = scraper
                         stop()
@@ -370,9 +444,15 @@ def throughput(args) -> None:
                     if consumer == "w2h":
                         name, ratio = "stdout", f"{rate / rates['ref']:.2f}x of pg_recvlogical"
                         ratios.setdefault("stdout / pg_recvlogical", []).append(rate / rates["ref"])
+                    elif consumer == "tap":
+                        name, ratio = "stdout + 1 tap client", f"{rate / rates['w2h']:.2f}x of stdout"
+                        ratios.setdefault("stdout + tap client / stdout", []).append(rate / rates["w2h"])
+                        ratios.setdefault("CPU: stdout + tap client / stdout", []).append(
+                            (result["user_seconds"] + result["system_seconds"]) / cpu_seconds["w2h"])
                     else:
                         name, ratio = f"http batch={consumer[4:]}", f"{rate / rates['w2h']:.2f}x of stdout"
                         ratios.setdefault(f"http batch={consumer[4:]} / stdout", []).append(rate / rates["w2h"])
+                    cpu_seconds[consumer] = result["user_seconds"] + result["system_seconds"]
                     cpu = f"CPU {result['user_seconds']:.2f} s user + {result['system_seconds']:.2f} s system"
                     others = f"walsender CPU {_server_cpu_s(cluster) - server_cpu:.2f} s"
                     if consumer.startswith("http"):
@@ -518,11 +598,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--scrape", action="store_true",
                         help="with the stdout sink: scrape /metrics every 0.1 s and report how long it takes")
+    parser.add_argument("--tap", action="store_true",
+                        help="also the stdout sink with one live tap client (GET /events) taking every event")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        print(json.dumps(trio.run(_child, spec["env"], spec["end_lsn"], spec["expect"], spec["latency"])))
+        print(json.dumps(trio.run(_child, spec["env"], spec["end_lsn"], spec["expect"], spec["latency"],
+                                  spec.get("tap", False))))
     elif args.latency:
         latency(args)
     elif args.concurrency:

@@ -18,6 +18,7 @@ import email.policy
 import functools
 import hashlib
 import hmac
+import io
 import itertools
 import json
 import logging
@@ -4780,7 +4781,7 @@ class TestAlerts:
 
 
 # =====================================================================================================
-# Operations port and slot guard
+# Operations port, slot guard and live tap
 # =====================================================================================================
 
 
@@ -5480,6 +5481,347 @@ class TestSlotGuard:
             await restore_wal_keep(own_cluster, db)
 
 
+import trio_websocket  # noqa: E402 - the live tap's tests only
+
+WEBSOCKET_HEADERS = (("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                     ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13"))
+
+
+@asynccontextmanager
+async def tap_client(port: int, query: str = "", headers=(), receive_buffer: int | None = None):
+    """A WebSocket client of /events (trio-websocket), on a socket of our own so that its receive
+    buffer can be made small (a client that stops reading then stops the server's writes soon)."""
+    sock = trio.socket.socket()
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(10):
+                websocket = await trio_websocket.wrap_client_stream(
+                    nursery, stream, f"127.0.0.1:{port}", "/events" + (f"?{query}" if query else ""),
+                    extra_headers=[(k.encode(), v.encode()) for k, v in headers])
+            yield websocket
+            nursery.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def tap_refusal(port: int, query: str = "", headers=()) -> tuple[int, bytes] | None:
+    """The status and body of a refused /events handshake; None when it is accepted."""
+    try:
+        with trio.fail_after(10):
+            async with trio_websocket.open_websocket_url(
+                    f"ws://127.0.0.1:{port}/events" + (f"?{query}" if query else ""),
+                    extra_headers=[(k.encode(), v.encode()) for k, v in headers]):
+                return None
+    except trio_websocket.ConnectionRejected as rejected:
+        return rejected.status_code, rejected.body
+
+
+async def read_tap(websocket, count: int | None = None, timeout: float = 30):
+    """Messages until `count` (or until the connection closes): (messages, close reason or None)."""
+    messages: list[str] = []
+    with trio.fail_after(timeout):
+        try:
+            while count is None or len(messages) < count:
+                messages.append(await websocket.get_message())
+        except trio_websocket.ConnectionClosed as closed:
+            return messages, closed.reason
+    return messages, None
+
+
+async def collect_tap(websocket, messages: list[str], done: trio.Event) -> None:
+    """Appends the client's messages until its connection closes."""
+    with contextlib.suppress(trio_websocket.ConnectionClosed):
+        while True:
+            messages.append(await websocket.get_message())
+    done.set()
+
+
+async def start_service(nursery: trio.Nursery, config, sink) -> tuple[w.Stats, trio.Event]:
+    """wal2http.run in `nursery` with a Stats of ours (to see the tap's clients), until the
+    returned event is set."""
+    stats, stop = w.Stats(config), trio.Event()
+    await nursery.start(lambda task_status: w.run(config, sink=sink, stop=stop, stats=stats,
+                                                  task_status=task_status))
+    return stats, stop
+
+
+def tap_selects(query: str, event: dict) -> bool:
+    """The filter rule, written again plainly: the expectation of the tests."""
+    params = urllib.parse.parse_qs(query)
+    names = [n for value in params.get("table", []) for n in value.split(",") if n]
+    ops = [o for value in params.get("op", []) for o in value.split(",") if o]
+    if ops and event["op"] not in ops:
+        return False
+    if not names:
+        return True
+    return event["table"] is not None and any(
+        name == f"{event['schema']}.{event['table']}" or (name.endswith(".*") and name[:-2] == event["schema"])
+        for name in names)
+
+
+class TestTapFilter:
+    @pytest.mark.parametrize("query,expected", [
+        ("", w.TapFilter()),
+        ("token=x", w.TapFilter()),
+        ("table=public.orders", w.TapFilter(tables=frozenset({"public.orders"}))),
+        ("table=public.orders,public.items&table=%20app.*%20",
+         w.TapFilter(tables=frozenset({"public.orders", "public.items"}), schemas=frozenset({"app"}))),
+        ("table=public.orders%2Capp.*", w.TapFilter(tables=frozenset({"public.orders"}), schemas=frozenset({"app"}))),
+        ("op=insert,update&op=delete", w.TapFilter(ops=frozenset({"insert", "update", "delete"}))),
+        ("table=&op=", w.TapFilter()),
+        ("table=my.dotted.name", w.TapFilter(tables=frozenset({"my.dotted.name"}))),
+        ("table=%C3%A9t%C3%A9.*", w.TapFilter(schemas=frozenset({"été"}))),
+    ])
+    def test_query_strings(self, query, expected):
+        assert w.parse_tap_filter(query) == expected
+
+    @pytest.mark.parametrize("query,message", [
+        ("op=insrt", "op=insrt: one of insert, update, delete, truncate, message, read expected"),
+        ("table=orders", "table=orders: schema.table or schema.* expected"),
+        ("table=.*", "table=.*: schema.table or schema.* expected"),
+        ("table=public.o*", "table=public.o*: schema.table or schema.* expected"),
+    ])
+    def test_bad_query_strings(self, query, message):
+        with pytest.raises(w.TapRequestError) as info:
+            w.parse_tap_filter(query)
+        assert str(info.value) == message
+
+    @pytest.mark.parametrize("event", [
+        {"id": "0/1:0", "op": "insert", "schema": "public", "table": "orders", "key": {"id": 1}},
+        {"id": "0/1:0", "op": "update", "schema": "sch\u00e9ma \"q\"", "table": "t,\\x", "key": None},
+        {"id": "0/1:0", "op": "message", "schema": None, "table": None, "key": None},
+        {"op": "delete", "id": "0/1:0", "table": "late", "schema": "keys"},  # not the envelope's order
+    ])
+    def test_event_table_from_the_text_or_the_value(self, event):
+        expected = (event["schema"], event["table"])
+        assert w.event_table(w.Event.from_dict(event)) == expected
+        assert w.event_table(event) == expected
+
+    def test_matches(self):
+        orders = w.Event.from_dict({"id": "0/1:0", "op": "insert", "schema": "public", "table": "orders"})
+        message = w.Event.from_dict({"id": "0/1:1", "op": "message", "schema": None, "table": None})
+        assert w.parse_tap_filter("table=public.*").matches(orders)
+        assert w.parse_tap_filter("table=public.orders&op=insert").matches(orders)
+        assert not w.parse_tap_filter("table=public.orders&op=delete").matches(orders)
+        assert not w.parse_tap_filter("table=public.items").matches(orders)
+        assert not w.parse_tap_filter("table=public.*").matches(message)
+        assert w.parse_tap_filter("op=message").matches(message)
+
+
+class TestTapClientQueue:
+    @staticmethod
+    def events(first: int, count: int) -> tuple[list, list[bytes]]:
+        events = [w.Event.from_dict({"id": f"0/1:{n}", "op": "insert" if n % 2 else "delete",
+                                     "schema": "public", "table": "t"}) for n in range(first, first + count)]
+        return events, [w.encode_text_frame(line) for line in w.event_lines(events)]
+
+    @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+    def test_frames_are_wsprotos(self, size):
+        import wsproto.frame_protocol
+        text = ("é" + "x" * size)[:size] if size else ""
+        protocol = wsproto.frame_protocol.FrameProtocol(client=False, extensions=[])
+        assert w.encode_text_frame(text) == protocol.send_data(text, fin=True)
+
+    @pytest.mark.parametrize("sent,expected", [(0, (0, b"")), (2, (1, b"c")), (3, (1, b"")), (4, (2, b"ef")),
+                                               (6, (2, b"")), (7, (3, b""))])
+    def test_split_written(self, sent, expected):
+        assert w.split_written([b"abc", b"def", b"g"], sent) == expected
+
+    async def test_more_than_a_thousand_unwritten_is_too_slow(self):
+        client = w.TapClient(w.TapFilter())
+        assert client.offer(*self.events(0, 999)) is False
+        assert await client.next_frames() == self.events(0, 250)[1]  # being written: still unwritten
+        assert client.offer(*self.events(999, 1)) is False  # 1,000 unwritten
+        assert client.offer(*self.events(1000, 5)) is True  # the 1,001st: behind
+        assert (client.too_slow, client.unwritten, len(client.frames)) == (True, 1000, 750)
+        assert client.offer(*self.events(1005, 1)) is False  # counted once, nothing more queued
+        assert list(client.frames) == self.events(250, 750)[1]
+        client.written(250)
+        frames = [frame for _ in range(3) for frame in await client.next_frames()]
+        assert frames == self.events(250, 750)[1]
+        assert await client.next_frames() == []  # then the close
+
+    async def test_only_what_it_asked_for_counts(self):
+        client = w.TapClient(w.parse_tap_filter("op=insert"))
+        events, frames = self.events(0, 2000)
+        assert client.offer(events, frames) is False
+        assert list(client.frames) == frames[1::2]
+
+    async def test_the_page_is_the_one_client_of_many_that_lags(self):
+        stats = w.Stats(w.Config())
+        fast, slow = w.TapClient(w.TapFilter()), w.TapClient(w.TapFilter())
+        stats.tap.clients += [fast, slow]
+        for first in range(0, 1500, 250):
+            stats.tap.publish(self.events(first, 250)[0])
+            while fast.frames:
+                fast.written(len(await fast.next_frames()))
+        assert (fast.too_slow, slow.too_slow, stats.tap_clients_closed["too_slow"]) == (False, True, 1)
+        assert stats.tap_clients == 2
+
+    async def test_written_at_once_when_the_socket_takes_it(self):
+        client = w.TapClient(w.TapFilter())
+        taken: list[bytes] = []
+
+        def write_now(frames):  # takes 3 frames, the third in part
+            taken.extend(frames[:3])
+            return 3, b"rest of the third"
+
+        client.write_now = write_now
+        events, frames = self.events(0, 5)
+        assert client.offer(events, frames) is False
+        assert taken == frames[:3] and list(client.frames) == [b"rest of the third", *frames[3:]]
+        assert client.unwritten == 3
+        assert client.offer(*self.events(5, 1)) is False  # something queued: queued after it
+        assert taken == frames[:3] and client.unwritten == 4
+
+    async def test_a_fault_closes_the_client_not_delivery(self, caplog):
+        stats = w.Stats(w.Config())
+        client = w.TapClient(w.TapFilter())
+        client.write_now = lambda frames: 1 / 0
+        stats.tap.clients.append(client)
+        stats.chunk_taken(w.Chunk(self.events(0, 3)[0]))
+        assert client.too_slow and client.write_now is None and not client.frames
+        assert logged(caplog, "live tap: a client is closed after an error")
+        assert await client.next_frames() == []  # then the close
+
+
+class TestTapConfig:
+    def test_tap_max_clients(self):
+        assert load().tap_max_clients == 16
+        assert load({"TAP_MAX_CLIENTS": "3"}).tap_max_clients == 3
+        assert load(argv=["--tap-max-clients", "32"]).tap_max_clients == 32
+        for bad in ("0", "33", "x"):
+            assert config_error({"TAP_MAX_CLIENTS": bad}) == (
+                f"TAP_MAX_CLIENTS must be a whole number from 1 to 32, got {bad!r}")
+
+
+def tap_request(target: str, host: str = "127.0.0.1:9187") -> h11.Request:
+    """A WebSocket handshake (answered as a plain GET where the path is not /events)."""
+    return h11.Request(method="GET", target=target, headers=[("Host", host), *WEBSOCKET_HEADERS])
+
+
+class TestTapServer:
+    """The handshake's rules on the port alone (no replication)."""
+
+    async def test_origin(self):
+        port = free_port()
+        async with ops_server(ops_config(port)):
+            assert await tap_refusal(port) is None  # no Origin: not a browser
+            assert await tap_refusal(port, headers=[("Origin", f"http://127.0.0.1:{port}")]) is None
+            for origin in ("http://evil.example", f"https://127.0.0.1:{port}", "http://127.0.0.1",
+                           f"http://127.0.0.1:{port}.evil.example", "null"):
+                assert await tap_refusal(port, headers=[("Origin", origin)]) == (
+                    403, b"a WebSocket from another origin is refused\n"), origin
+
+    async def test_client_cap(self):
+        port = free_port()
+        async with ops_server(ops_config(port, tap_max_clients=2)) as stats:
+            async with tap_client(port), tap_client(port, "op=insert"):
+                await wait_until(lambda: stats.tap_clients == 2, timeout=10)
+                assert metric_value(await scrape(port), "wal2http_tap_clients") == 2
+                assert await tap_refusal(port) == (503, b"the live tap has TAP_MAX_CLIENTS clients already\n")
+                assert stats.tap_clients == 2
+            await wait_until(lambda: stats.tap_clients == 0, timeout=10)
+            assert metric_value(await scrape(port), "wal2http_tap_clients") == 0
+            assert await tap_refusal(port) is None
+
+    async def test_token(self):
+        port = free_port()
+        async with ops_server(ops_config(port, OPS_TOKEN)):
+            assert (await tap_refusal(port))[0] == 401
+            assert (await tap_refusal(port, "token=wrong"))[0] == 401
+            assert (await tap_refusal(port, headers=[("Authorization", "Bearer wrong")]))[0] == 401
+            assert await tap_refusal(port, f"token={OPS_TOKEN}") is None
+            assert await tap_refusal(port, f"op=insert&token={urllib.parse.quote(OPS_TOKEN)}") is None
+            assert await tap_refusal(port, headers=[("Authorization", f"Bearer {OPS_TOKEN}")]) is None
+            assert (await ops_get(port, "/")).status == 401
+            assert (await ops_get(port, "/", token=OPS_TOKEN)).status == 200
+            assert (await ops_get(port, f"/?token={OPS_TOKEN}")).status == 200
+
+    async def test_bad_filters_and_plain_requests(self):
+        port = free_port()
+        async with ops_server(ops_config(port)):
+            assert await tap_refusal(port, "op=insrt") == (
+                400, b"op=insrt: one of insert, update, delete, truncate, message, read expected\n")
+            plain = await ops_get(port, "/events")
+            assert (plain.status, plain.headers["upgrade"]) == (426, "websocket")
+            half = await ops_get(port, "/events", headers=[("Upgrade", "websocket"), ("Connection", "Upgrade")])
+            assert half.status == 400  # no Sec-WebSocket-Key
+            assert (await ops_get(port, "/health")).status == 200  # the port goes on
+
+    @pytest.mark.parametrize("target", ["/", "/events"])
+    def test_off_beyond_loopback_without_token(self, target):
+        stats = w.Stats(w.Config())
+        request = tap_request(target)
+        served = 101 if target == "/events" else 200  # a TapFilter: the handshake goes on
+
+        def status(answer) -> int:
+            return 101 if isinstance(answer, w.TapFilter) else answer.status
+
+        assert status(w.OpsServer(ops_config(9187, host="0.0.0.0"), stats).route(request)) == 404
+        assert status(w.OpsServer(ops_config(9187, host="127.0.0.1"), stats).route(request)) == served
+        with_token = w.OpsServer(ops_config(9187, OPS_TOKEN, host="0.0.0.0"), stats)
+        assert status(with_token.route(request)) == 401
+        assert status(with_token.route(tap_request(f"{target}?token={OPS_TOKEN}"))) == served
+
+    @pytest.mark.parametrize("target", ["/", "/events", "/status"])
+    def test_dns_rebinding_gets_nothing_without_token(self, target):
+        stats = w.Stats(w.Config())
+        loopback, with_token = w.OpsServer(ops_config(9187), stats), w.OpsServer(ops_config(9187, OPS_TOKEN), stats)
+        served = (w.TapFilter,) if target == "/events" else (w.OpsAnswer,)
+        for host in ("127.0.0.1:9187", "localhost:9187", "[::1]:9187", "127.0.0.1", "LOCALHOST"):
+            answer = loopback.route(tap_request(target, host))
+            assert isinstance(answer, served) and getattr(answer, "status", 200) == 200, host
+        for host in ("evil.example:9187", "evil.example", "127.0.0.1.evil.example:9187", "[::1", ""):
+            answer = loopback.route(tap_request(target, host))
+            assert (answer.status, answer.body) == (403, b"without OPS_TOKEN, row data is served to this machine's "
+                                                         b"own names only (Host: 127.0.0.1, [::1] or localhost)\n")
+        assert loopback.route(tap_request("/health", "evil.example")).status == 200  # no row data
+        answer = with_token.route(tap_request(f"{target}?token={OPS_TOKEN}", "wal2http.internal:9187"))
+        assert isinstance(answer, w.TapFilter) or answer.status == 200  # the token protects
+
+    def test_handshake_goes_to_trio_websocket_byte_for_byte(self):
+        conn = h11.Connection(h11.SERVER)
+        head = (b"GET /events?op=insert HTTP/1.1\r\nHost: 127.0.0.1:9\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n")
+        conn.receive_data(head + b"\x81")
+        request = conn.next_event()
+        assert w.encode_request_head(request) == head
+        assert (conn.next_event(), conn.next_event(), conn.trailing_data) == (
+            h11.EndOfMessage(), h11.PAUSED, (b"\x81", False))
+
+
+class TestPage:
+    async def test_page_and_its_policy(self):
+        port = free_port()
+        async with ops_server(ops_config(port)):
+            page = await ops_get(port, "/")
+            head = await ops_get(port, "/", method="HEAD")
+        assert (page.status, page.headers["content-type"]) == (200, "text/html; charset=utf-8")
+        assert head.status == 200 and head.body == b""
+        text = page.body.decode()
+        assert text == w.TAP_PAGE
+        policy = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+        script = re.search(r"<script>(.*)</script>", text, re.S).group(1)
+        style = re.search(r"<style>(.*)</style>", text, re.S).group(1)
+        digest = lambda body: "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+        assert policy == {"default-src": "'none'", "script-src": digest(script), "style-src": digest(style),
+                          "connect-src": "'self'", "img-src": "data:", "base-uri": "'none'",
+                          "form-action": "'none'", "frame-ancestors": "'none'"}
+        assert page.headers["referrer-policy"] == "no-referrer"
+        assert text.count("<script") == text.count("<style") == 1
+        assert not re.search(r"(src|href)=\"(?!data:)", text)  # nothing loaded but the page itself
+        assert not re.search(r"[a-z]+://[\w\[]", text)  # no absolute URL: nothing from another origin
+        assert "innerHTML" not in text and "insertAdjacentHTML" not in text and "eval(" not in text
+        assert " on" not in re.sub(r"<script>.*</script>", "", text, flags=re.S).split("<body>")[1].replace(
+            " only", "")  # no inline event handler in the markup
+
+
 # =====================================================================================================
 # Configuration
 # =====================================================================================================
@@ -5524,6 +5866,7 @@ class TestConfig:
         ("OPS_TOKEN", " 0ps-T0ken \n", "ops_token", "0ps-T0ken"),
         ("SLOT_CHECK_INTERVAL_SECS", "0.5", "slot_check_interval_s", 0.5),
         ("SLOT_MAX_RETAINED_MB", "64", "slot_max_retained_mb", 64),
+        ("TAP_MAX_CLIENTS", "32", "tap_max_clients", 32),
         ("DELIVERY_CONCURRENCY", " 8 ", "delivery_concurrency", 8),
         ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
         ("HTTP_BATCH_SIZE", "50", "http_batch_size", 50),
@@ -5570,7 +5913,7 @@ class TestConfig:
             "--hook0-api-token", "--hook0-table-events", "--hook0-labels", "--hook0-create-event-types",
             "--email-smtp-host", "--email-smtp-port", "--email-smtp-username", "--email-smtp-password",
             "--email-from", "--email-to", "--email-smtp-tls", "--ops-addr", "--ops-token",
-            "--slot-check-interval-secs", "--slot-max-retained-mb"]
+            "--slot-check-interval-secs", "--slot-max-retained-mb", "--tap-max-clients"]
 
     @pytest.mark.parametrize("env,argv,expected", [
         ({}, [], "sub"),
@@ -8404,3 +8747,301 @@ class TestOpsEndToEnd:
                 await wait_until(lambda: _health_ok(port), timeout=20)  # served again as soon as slots free up
                 attackers.cancel_scope.cancel()
             assert sorted(e["key"]["id"] for e in receiver.delivered()) == list(range(1, 501))
+
+
+class TestTapEndToEnd:
+    """Clients of a wal2http streaming from the test PostgreSQL."""
+
+    QUERIES = ["", "table=public.a", "table=other.*&table=public.b", "table=public.a%2Cother.c&op=insert",
+               "op=update,delete", "op=message", "op=truncate&op=insert"]
+
+    async def test_messages_are_the_stdout_lines_filtered_on_the_server(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE a (id int PRIMARY KEY, v text)", "CREATE TABLE b (id int PRIMARY KEY)",
+                  "CREATE SCHEMA other", "CREATE TABLE other.c (k text PRIMARY KEY, n int)")
+        out = io.BytesIO()
+        config = w.load_config([], ops_env(cluster, db))[0]
+        port = ops_port(config)
+        received: dict[str, list[str]] = {}
+        async with trio.open_nursery() as nursery, contextlib.AsyncExitStack() as clients:
+            stats, stop = await start_service(nursery, config, w.StdoutSink(out))
+            done = {q: trio.Event() for q in self.QUERIES}
+            for query in self.QUERIES:
+                websocket = await clients.enter_async_context(tap_client(port, query))
+                nursery.start_soon(collect_tap, websocket, received.setdefault(query, []), done[query])
+            await wait_until(lambda: stats.tap_clients == len(self.QUERIES), timeout=10)
+            await sql(cluster, db, "INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 600) g",
+                      "INSERT INTO b VALUES (1), (2)", "INSERT INTO other.c VALUES ('x', 1), ('<y>', 2)",
+                      "BEGIN; UPDATE a SET v = 'héllo ✓' WHERE id < 3; DELETE FROM b WHERE id = 1; "
+                      "SELECT pg_logical_emit_message(true, 'p', 'in a transaction'); "
+                      "UPDATE other.c SET n = 3; COMMIT",
+                      "SELECT pg_logical_emit_message(false, 'p', 'not transactional')",
+                      "TRUNCATE b", "DELETE FROM a WHERE id > 590", "INSERT INTO b VALUES (3)")
+            total = 600 + 2 + 2 + 2 + 1 + 1 + 2 + 1 + 1 + 10 + 1
+            await wait_until(lambda: out.getvalue().count(b"\n") == total)
+            await wait_until(lambda: all(c.unwritten == 0 for c in stats.tap.clients), timeout=10)
+            stop.set()  # then each client has all it will get, and its connection closes
+            with trio.fail_after(30):
+                for event in done.values():
+                    await event.wait()
+        lines = out.getvalue().decode().splitlines()
+        assert len(lines) == total
+        events = [json.loads(line) for line in lines]
+        assert {e["op"] for e in events} == {"insert", "update", "delete", "truncate", "message"}
+        for query in self.QUERIES:
+            expected = [line for line, event in zip(lines, events) if tap_selects(query, event)]
+            assert expected, query
+            assert received[query] == expected, query
+        assert len(received["table=public.a"]) == 600 + 2 + 10
+
+    async def test_a_client_that_stops_reading_is_closed_too_slow_and_costs_nothing(self, cluster, db):
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, pad text)")
+        sink = MemorySink()
+        config = w.load_config([], ops_env(cluster, db))[0]
+        port = ops_port(config)
+        rows = 6000  # 12 MB of events: more than the sockets' buffers and 1,000 events
+        async with running(config, sink):
+            async with tap_client(port, receive_buffer=4096) as slow:
+                await wait_until(lambda: _tap_gauge(port, 1))
+                await sql(cluster, db, f"INSERT INTO t SELECT g, repeat('x', 2000) FROM generate_series(1, {rows}) g")
+                await sink.wait_for(rows, timeout=60)  # delivery never waited for the slow client
+                families = await scrape(port)
+                assert metric_value(families, "wal2http_tap_clients_closed",
+                                    "wal2http_tap_clients_closed_total", reason="too_slow") == 1
+                messages, reason = await read_tap(slow, timeout=60)  # reads again: what was queued, then 1013
+                await wait_until(lambda: _tap_gauge(port, 0))
+        lines = [event.line for event in sink.events]
+        assert len(lines) == rows
+        assert (reason.code, reason.reason) == (1013, "too slow")
+        assert 1000 <= len(messages) < rows  # the 1,000 unwritten when it fell behind, and those before
+        assert messages == lines[:len(messages)]  # in stream order, none missing, then the close
+
+
+async def _tap_gauge(port: int, expected: int) -> bool:
+    return metric_value(await scrape(port), "wal2http_tap_clients") == expected
+
+
+# --- The page in a real browser: headless Chromium driven over the DevTools protocol ---------------
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--remote-debugging-port=0")
+XSS = "<img src=x onerror=\"document.title='pwned'\">"
+VISIBLE_ROWS_JS = ("[...document.querySelectorAll('#rows tr')].filter((row) => !row.hidden)"
+                   ".map((row) => [...row.cells].map((cell) => cell.textContent))")
+#: Pixels of the chart's fill colour (#90caf9): there only where events/s is above zero.
+CHART_FILL_JS = """(() => {
+  const canvas = document.getElementById("chart");
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let count = 0;
+  for (let i = 0; i < data.length; i += 4)
+    if (data[i] === 144 && data[i + 1] === 202 && data[i + 2] === 249 && data[i + 3] === 255) count++;
+  return count;
+})()"""
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's Chromium, headless, for the module's tests: (DevTools port, browser path), read from
+    DevToolsActivePort in its profile directory."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.fail("Chromium not found: install it (`apt-get install chromium`) or run `bash .ci/run`",
+                    pytrace=False)
+    profile = tempfile.mkdtemp(prefix="wal2http-test-chromium-")
+    with open(os.path.join(profile, "stderr.log"), "wb") as log:
+        process = subprocess.Popen([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    try:
+        active = os.path.join(profile, "DevToolsActivePort")
+        deadline = time.monotonic() + 60
+        while not (os.path.exists(active) and len(open(active).read().splitlines()) >= 2):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"Chromium did not start: {open(os.path.join(profile, 'stderr.log')).read()[-2000:]}",
+                            pytrace=False)
+            time.sleep(0.05)
+        port, path = open(active).read().splitlines()[:2]
+        yield int(port), path
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+class DevTools:
+    """One DevTools protocol connection (a trio-websocket client): commands and their replies, and
+    every event kept, by session."""
+
+    def __init__(self, websocket):
+        self.websocket = websocket
+        self.numbers = itertools.count(1)
+        self.replies: dict[int, dict] = {}
+        self.events: list[dict] = []
+        self._changed = trio.Event()
+
+    async def run_reader(self) -> None:
+        while True:
+            message = json.loads(await self.websocket.get_message())
+            if "id" in message:
+                self.replies[message["id"]] = message
+            else:
+                self.events.append(message)
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def send(self, method: str, session: str | None = None, **params) -> dict:
+        number = next(self.numbers)
+        command = {"id": number, "method": method, "params": params}
+        if session:
+            command["sessionId"] = session
+        await self.websocket.send_message(json.dumps(command))
+        with trio.fail_after(30):
+            while number not in self.replies:
+                await self._changed.wait()
+        reply = self.replies.pop(number)
+        assert "error" not in reply, (method, reply["error"])
+        return reply["result"]
+
+
+@dataclasses.dataclass
+class BrowserPage:
+    tools: DevTools
+    session: str
+
+    async def send(self, method: str, **params) -> dict:
+        return await self.tools.send(method, self.session, **params)
+
+    async def evaluate(self, expression: str):
+        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout: float = 30):
+        """Polls `expression` in the page until it is truthy; returns its value."""
+        with trio.fail_after(timeout):
+            while not (value := await self.evaluate(expression)):
+                await trio.sleep(0.05)
+        return value
+
+    def events(self, method: str) -> list[dict]:
+        return [e["params"] for e in self.tools.events if e.get("sessionId") == self.session and e["method"] == method]
+
+    def errors(self) -> list:
+        """What the page reported as errors: console.error, uncaught exceptions, browser log errors
+        (CSP violations, failed loads)."""
+        return ([e for e in self.events("Runtime.consoleAPICalled") if e["type"] in ("error", "assert")]
+                + self.events("Runtime.exceptionThrown")
+                + [e for e in self.events("Log.entryAdded") if e["entry"]["level"] == "error"])
+
+
+@asynccontextmanager
+async def browser_page(chromium):
+    """A new tab of the test's Chromium, 1200x800, with the Page, Runtime, Log and Network events on."""
+    port, path = chromium
+    async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}{path}", max_message_size=2**26) as websocket:
+        async with trio.open_nursery() as nursery:
+            tools = DevTools(websocket)
+            nursery.start_soon(tools.run_reader)
+            target = (await tools.send("Target.createTarget", url="about:blank"))["targetId"]
+            session = (await tools.send("Target.attachToTarget", targetId=target, flatten=True))["sessionId"]
+            page = BrowserPage(tools, session)
+            for domain in ("Page", "Runtime", "Log", "Network"):
+                await page.send(f"{domain}.enable")
+            await page.send("Emulation.setDeviceMetricsOverride", width=1200, height=800, deviceScaleFactor=1,
+                            mobile=False)
+            yield page
+            await tools.send("Target.closeTarget", targetId=target)
+            nursery.cancel_scope.cancel()
+
+
+async def set_filter(page: BrowserPage, table: str, op: str) -> list[list[str]]:
+    """Types into Table and picks Op as a user would (input and change events); the rows shown."""
+    await page.evaluate(f"""(() => {{
+      const table = document.getElementById("table"), op = document.getElementById("op");
+      table.value = {json.dumps(table)}; table.dispatchEvent(new Event("input"));
+      op.value = {json.dumps(op)}; op.dispatchEvent(new Event("change"));
+    }})()""")
+    return await page.evaluate(VISIBLE_ROWS_JS)
+
+
+class TestPageInBrowser:
+    async def test_the_page_shows_the_stream(self, cluster, db, chromium):
+        await sql(cluster, db, "CREATE TABLE orders (id int PRIMARY KEY, note text)",
+                  "CREATE TABLE items (id int PRIMARY KEY)", "CREATE TABLE notes (k text PRIMARY KEY)")
+        config = w.load_config([], ops_env(cluster, db, ops_token=OPS_TOKEN))[0]
+        port = ops_port(config)
+        origin = f"http://127.0.0.1:{port}"
+        async with running(config) as (sink, _ack), browser_page(chromium) as page:
+            url = f"{origin}/?token={OPS_TOKEN}"
+            await page.send("Page.navigate", url=url)
+            await page.wait_for(f"location.href === {json.dumps(url)} && document.readyState === 'complete'")
+            await page.wait_for("document.getElementById('tap').textContent === 'connected'")
+            await page.wait_for("document.getElementById('state').textContent === 'streaming'")
+            assert await page.evaluate("document.querySelectorAll('#rows tr').length") == 0
+            # Changes made in PostgreSQL after the page loaded appear in it, newest first
+            await sql(cluster, db, "INSERT INTO orders VALUES (1, 'first'), (2, 'second')",
+                      "UPDATE orders SET note = 'changed' WHERE id = 1", "INSERT INTO items VALUES (7)",
+                      "DELETE FROM orders WHERE id = 2", f"INSERT INTO notes VALUES ({w.quote_literal(XSS)})")
+            await sink.wait_for(6)
+            await page.wait_for("document.querySelectorAll('#rows tr').length === 6")
+            rows = await page.evaluate(VISIBLE_ROWS_JS)
+            assert [row[1:] for row in rows] == [
+                [e["op"], f"{e['schema']}.{e['table']}", json.dumps(e["key"], separators=(",", ":")), e["id"]]
+                for e in reversed(sink.events)]
+            assert [row[2] for row in rows] == ["public.notes", "public.orders", "public.items", "public.orders",
+                                                "public.orders", "public.orders"]
+            assert all(re.fullmatch(r"\d\d:\d\d:\d\d\.\d\d\d", row[0]) for row in rows)
+            # The hostile value is text: shown as it is, never markup, never run
+            assert rows[0][3] == json.dumps({"k": XSS}, separators=(",", ":"))
+            assert await page.evaluate("document.querySelectorAll('#rows img, #detail img').length") == 0
+            await page.evaluate("document.querySelector('#rows tr').click()")
+            assert await page.evaluate("document.getElementById('detail').textContent") == sink.events[-1].line
+            assert await page.evaluate("document.title") == "wal2http live tap"
+            # Table and Op narrow the rows already shown
+            assert [r[2] for r in await set_filter(page, "public.orders", "")] == ["public.orders"] * 4
+            assert [r[1:3] for r in await set_filter(page, "public.orders", "insert")] == [["insert", "public.orders"]] * 2
+            assert [r[2] for r in await set_filter(page, " public.* ", "insert")] == [
+                "public.notes", "public.items", "public.orders", "public.orders"]
+            assert [r[1] for r in await set_filter(page, "public.items, public.orders", "delete")] == ["delete"]
+            assert len(await set_filter(page, "", "")) == 6
+            # Pause holds new rows; resume shows them
+            await page.evaluate("document.getElementById('pause').click()")
+            await sql(cluster, db, "INSERT INTO items SELECT g FROM generate_series(10, 12) g")
+            await page.wait_for("document.getElementById('waiting').textContent === '3 waiting'")
+            assert await page.evaluate("document.querySelectorAll('#rows tr').length") == 6
+            assert await page.evaluate("document.getElementById('pause').textContent") == "Resume"
+            await page.evaluate("document.getElementById('pause').click()")
+            await page.wait_for("document.querySelectorAll('#rows tr').length === 9")
+            assert [r[3] for r in (await page.evaluate(VISIBLE_ROWS_JS))[:3]] == ['{"id":12}', '{"id":11}', '{"id":10}']
+            # The chart draws events/s; the status bar shows the sink and the slot
+            assert await page.wait_for(CHART_FILL_JS) > 0
+            await page.wait_for("document.getElementById('slot').textContent.startsWith('reserved')")
+            assert await page.evaluate("document.getElementById('sink').textContent") == "ok"
+            if os.environ.get("LIVE_TAP_SCREENSHOT"):  # the README's picture: LIVE_TAP_SCREENSHOT=live-tap.png
+                height = await page.evaluate("Math.ceil(document.querySelector('main').getBoundingClientRect().bottom)")
+                shot = await page.send("Page.captureScreenshot", format="png",
+                                       clip={"x": 0, "y": 0, "width": 1200, "height": height, "scale": 1})
+                with open(os.environ["LIVE_TAP_SCREENSHOT"], "wb") as out:
+                    out.write(base64.b64decode(shot["data"]))
+            errors = page.errors()
+            requests = [e["request"]["url"] for e in page.events("Network.requestWillBeSent")]
+            sockets = [e["url"] for e in page.events("Network.webSocketCreated")]
+            # Defence in depth: markup put in on purpose still loads and runs nothing (the policy)
+            violated = await page.evaluate(f"""new Promise((resolve) => {{
+              const seen = [];
+              document.addEventListener("securitypolicyviolation", (event) => {{
+                seen.push(event.effectiveDirective);
+                if (seen.includes("script-src-attr")) resolve(seen);
+              }});
+              document.getElementById("detail").innerHTML = {json.dumps(XSS.replace("src=x", "src=data:,x"))};
+            }})""")
+            assert await page.evaluate("document.title") == "wal2http live tap"
+        assert violated == ["script-src-attr"]
+        assert errors == []
+        assert f"{origin}/?token={OPS_TOKEN}" in requests and f"{origin}/status?token={OPS_TOKEN}" in requests
+        assert all(url.startswith(f"{origin}/") or url.startswith("data:") for url in requests), requests
+        assert sockets == [f"ws://127.0.0.1:{port}/events?token={OPS_TOKEN}"]

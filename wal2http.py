@@ -18,7 +18,7 @@ HTTP_ENDPOINT_URL, HTTP_BATCH_SIZE, HTTP_TIMEOUT_SECS, HTTP_HEADERS, HTTP_SIGNIN
 HTTP_CA_FILE, HOOK0_API_URL, HOOK0_APPLICATION_ID, HOOK0_API_TOKEN, HOOK0_TABLE_EVENTS,
 HOOK0_LABELS, HOOK0_CREATE_EVENT_TYPES, EMAIL_SMTP_HOST, EMAIL_SMTP_PORT, EMAIL_SMTP_USERNAME,
 EMAIL_SMTP_PASSWORD, EMAIL_FROM, EMAIL_TO, EMAIL_SMTP_TLS, OPS_ADDR, OPS_TOKEN,
-SLOT_CHECK_INTERVAL_SECS, SLOT_MAX_RETAINED_MB.
+SLOT_CHECK_INTERVAL_SECS, SLOT_MAX_RETAINED_MB, TAP_MAX_CLIENTS.
 
 Protocol references (PostgreSQL documentation): "Frontend/Backend Protocol" (message formats,
 SASL authentication), "Streaming Replication Protocol", "Logical Streaming Replication Protocol"
@@ -36,7 +36,7 @@ aside), and each is tested with bytes and values alone; the other sections say w
   5. Replication framing (sans-IO)     16. Hook0 sink: delivery (I/O)
   6. pgoutput decoder                  17. Alerts
   7. Type conversion                   18. Operations port: /health, /ready, /status, /metrics,
-  8. Event envelope                        the slot guard
+  8. Event envelope                        the slot guard, the live tap and its page
   9. Replication loop and the          19. Configuration
      acknowledgement rule              20. Service: run() and --check
  10. Delivery: the sink interface,     21. --demo: a throwaway PostgreSQL
@@ -5212,7 +5212,7 @@ class Stats:
         self.commit_to_delivery_seconds = Histogram()
         self.slot: SlotHealth | None = None
         self.server_version: str | None = None
-        self.tap_clients = 0  # the live tap's, when it comes
+        self.tap = LiveTap(self)
         self.tap_clients_closed = dict.fromkeys(TAP_CLOSE_REASONS, 0)
         self.started_at = process_start_time()
         self.rate_samples: list[tuple[float, int]] = []  # (monotonic time, events delivered)
@@ -5233,7 +5233,11 @@ class Stats:
         return self
 
     def chunk_taken(self, chunk: Chunk) -> None:
+        """The delivery loop took `chunk` (in stream order) to hand its events to the sink: the
+        live tap's hook too, one attribute check per chunk while no tap client is connected."""
         self._taken.append(chunk)
+        if self.tap.clients:
+            self.tap.publish(chunk.events)
 
     def chunks_confirmed(self, count: int) -> None:
         """The delivery loop confirmed its `count` oldest chunks: counts their events by op, and
@@ -5277,6 +5281,10 @@ class Stats:
         self.reconnects += 1
 
     # -- reading ------------------------------------------------------------------------------------
+
+    @property
+    def tap_clients(self) -> int:
+        return len(self.tap.clients)
 
     @property
     def current_state(self) -> str:
@@ -5548,6 +5556,412 @@ def _slot_metrics(out: Exposition, slot: SlotHealth | None) -> None:
                    [({"status": status}, int(status == slot.wal_status)) for status in statuses])
 
 
+# --- The live tap: filters and client queues ---------------------------------------------------
+# Theory of operation: Stats.chunk_taken hands each chunk's events to LiveTap.publish as the
+# delivery loop takes it, in stream order, only while a client is connected.  publish never waits:
+# it frames each event's line once as a WebSocket text message, for every client; a client whose
+# queue is empty gets at once what its socket takes without waiting (`write_now`: a non-blocking
+# write, since the delivery loop may take many chunks before a writer task runs); the rest goes to
+# its queue, which its writer task sends in writes of up to TAP_WRITE_EVENTS messages.  A client
+# with more than TAP_QUEUE_EVENTS events
+# queued and not yet written has fallen behind: it gets no new event, takes what is queued, then
+# the close 1013 "too slow" (within TAP_DRAIN_TIMEOUT_S, or its socket is closed).
+
+TAP_QUEUE_EVENTS = 1000  #: a client with more events queued and not yet written is too slow
+TAP_WRITE_EVENTS = 250  #: most messages in one write to a client's socket
+TAP_DRAIN_TIMEOUT_S = 30.0  #: a client found too slow has this long to take its queue and the close
+TAP_CLOSE_TOO_SLOW = 1013  #: WebSocket close code "Try Again Later" (RFC 6455 registry)
+TAP_MAX_MESSAGE_BYTES = 4096  #: largest message a tap client may send (it has nothing to say)
+
+
+class TapRequestError(ValueError):
+    """A /events query string that cannot be a filter (answered 400 with this message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TapFilter:
+    """What one tap client asked for: `table=schema.table` or `schema.*`, `op=insert,...`.
+    Empty sets select everything."""
+
+    tables: frozenset[str] = frozenset()  # "schema.table"
+    schemas: frozenset[str] = frozenset()  # from "schema.*"
+    ops: frozenset[str] = frozenset()
+
+    @property
+    def everything(self) -> bool:
+        return not (self.tables or self.schemas or self.ops)
+
+    def matches(self, event) -> bool:
+        if self.ops and event_op(event) not in self.ops:
+            return False
+        if not (self.tables or self.schemas):
+            return True
+        schema, table = event_table(event)
+        return schema is not None and (schema in self.schemas or f"{schema}.{table}" in self.tables)
+
+
+def parse_tap_filter(query: str) -> TapFilter:
+    """/events' query string -> TapFilter.  `table` and `op` are repeatable or comma-separated
+    and URL-decoded; other parameters (the token) are ignored.  Raises TapRequestError."""
+    tables: set[str] = set()
+    schemas: set[str] = set()
+    ops: set[str] = set()
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True, errors="replace"):
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        if name == "table":
+            for item in items:
+                if item.endswith(".*") and len(item) > 2:
+                    schemas.add(item[:-2])
+                elif item.strip(".").count(".") and "*" not in item:
+                    tables.add(item)
+                else:
+                    raise TapRequestError(f"table={item}: schema.table or schema.* expected")
+        elif name == "op":
+            unknown = [item for item in items if item not in EVENT_OPS]
+            if unknown:
+                raise TapRequestError(f"op={unknown[0]}: one of {', '.join(EVENT_OPS)} expected")
+            ops.update(items)
+    return TapFilter(frozenset(tables), frozenset(schemas), frozenset(ops))
+
+
+_JSON_VALUE = json.JSONDecoder()
+
+
+def event_table(event) -> tuple[str | None, str | None]:
+    """(schema, table) of an event: read from its text, where the envelope writes them right after
+    the op, without decoding the rest; from its value otherwise (and for messages: None)."""
+    line = getattr(event, "line", None)
+    if line is not None and line.startswith('{"id":"'):
+        start = line.index('"', 7) + 8  # past '","op":"'
+        position = line.index('"', start) + 1
+        try:
+            if line.startswith(',"schema":', position):
+                schema, position = _JSON_VALUE.raw_decode(line, position + 10)
+                if line.startswith(',"table":', position):
+                    return schema, _JSON_VALUE.raw_decode(line, position + 9)[0]
+        except ValueError:
+            pass
+    return event["schema"], event["table"]
+
+
+_FRAME_HEAD_16 = struct.Struct(">BBH")
+_FRAME_HEAD_64 = struct.Struct(">BBQ")
+
+
+def encode_text_frame(text: str) -> bytes:
+    """One whole WebSocket text message from a server (RFC 6455 section 5.2: FIN and opcode 1 in
+    the first byte, unmasked, no extension negotiated): the same bytes as wsproto writes.  Built
+    once per event and written to every client that asked for it."""
+    payload = text.encode()
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65536:
+        return _FRAME_HEAD_16.pack(0x81, 126, size) + payload
+    return _FRAME_HEAD_64.pack(0x81, 127, size) + payload
+
+
+class TapClient:
+    """One WebSocket client of the live tap: its filter, and what is queued for it: the frames of
+    its events (the first may be the rest of a frame `write_now` wrote in part)."""
+
+    def __init__(self, selection: TapFilter):
+        self.selection = selection
+        self.frames: collections.deque[bytes] = collections.deque()
+        #: Set by its writer while nothing else writes to its socket: frames -> (how many it took,
+        #: the bytes left of the last one taken when it went out in part), without waiting.
+        self.write_now: Callable[[list[bytes]], tuple[int, bytes]] | None = None
+        self.unwritten = 0  # events queued, or being written
+        self.too_slow = False
+        self.closing = False  # its writer is closing the WebSocket
+        self.drain_scope = trio.CancelScope()  # its writer's: gets a deadline when it falls behind
+        self._wakeup = trio.Event()
+
+    def offer(self, events: list, frames: list[bytes]) -> bool:
+        """Queues the frames of the events it asked for, without waiting.  True when this made it
+        fall behind (more than TAP_QUEUE_EVENTS unwritten): it keeps what fits, and gets no more."""
+        if self.too_slow:
+            return False
+        if not self.selection.everything:
+            matches = self.selection.matches
+            frames = [frame for event, frame in zip(events, frames) if matches(event)]
+            if not frames:
+                return False
+        if not self.frames and self.write_now is not None:
+            taken, rest = self.write_now(frames)
+            frames = ([rest] if rest else []) + frames[taken:]
+            if not frames:
+                return False
+        room = TAP_QUEUE_EVENTS - self.unwritten
+        fell_behind = len(frames) > room
+        self.frames.extend(frames[:room])
+        self.unwritten += min(len(frames), room)
+        if fell_behind:
+            self.fall_behind()
+        self._wakeup.set()
+        return fell_behind
+
+    def fall_behind(self) -> None:
+        """No more events: what is queued, then the close, within TAP_DRAIN_TIMEOUT_S."""
+        self.too_slow, self.write_now = True, None
+        self.drain_scope.deadline = trio.current_time() + TAP_DRAIN_TIMEOUT_S
+        self._wakeup.set()
+
+    async def next_frames(self) -> list[bytes]:
+        """The next frames to write (TAP_WRITE_EVENTS at most); none once the queue is empty and
+        the client fell behind."""
+        while not self.frames:
+            if self.too_slow:
+                return []
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+        queue = self.frames
+        return [queue.popleft() for _ in range(min(len(queue), TAP_WRITE_EVENTS))]
+
+    def written(self, count: int) -> None:
+        self.unwritten -= count
+
+
+class LiveTap:
+    """The tap's clients; `publish` is called by Stats.chunk_taken only while there are some."""
+
+    def __init__(self, stats: Stats):
+        self.stats = stats
+        self.clients: list[TapClient] = []
+
+    def publish(self, events: list) -> None:
+        frames = [encode_text_frame(line) for line in event_lines(events)]
+        for client in self.clients:
+            try:
+                fell_behind = client.offer(events, frames)
+            except Exception:  # noqa: BLE001 - a fault in the tap must not stop delivery
+                logger.warning("live tap: a client is closed after an error", exc_info=True)
+                client.fall_behind()
+                continue
+            if fell_behind:
+                self.stats.tap_clients_closed["too_slow"] += 1
+                logger.warning("live tap: a client fell %d events behind; it gets what is queued for "
+                               "it, then the close %d (too slow)", TAP_QUEUE_EVENTS, TAP_CLOSE_TOO_SLOW)
+
+
+# --- The page (GET /) -------------------------------------------------------------------------------
+# One self-contained document: no external script, style, font or image.  Its script and its style
+# are allowed by hash in the Content-Security-Policy (computed below), nothing else is: no inline
+# event handler, no eval, no other origin.  Every value from the stream goes in with textContent.
+
+TAP_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>wal2http live tap</title>
+<style>
+body { font: 14px system-ui, sans-serif; margin: 0; color: #212121; background: #fafafa; }
+header { display: flex; flex-wrap: wrap; gap: .4em 1.6em; padding: .6em 1em; background: #263238; color: #b0bec5; }
+header b, header output { color: #fff; }
+header .bad { color: #ff8a80; }
+main { padding: 0 1em 1em; }
+canvas { display: block; width: 100%; height: 120px; margin: .8em 0; background: #fff; border: 1px solid #ddd; }
+#controls { display: flex; flex-wrap: wrap; gap: 1em; align-items: center; margin-bottom: .5em; }
+table { border-collapse: collapse; width: 100%; background: #fff; font: 13px ui-monospace, monospace; }
+th, td { text-align: left; padding: .2em .6em; border-bottom: 1px solid #eee; white-space: nowrap;
+         max-width: 32em; overflow: hidden; text-overflow: ellipsis; }
+tbody tr { cursor: pointer; }
+tbody tr:hover { background: #e3f2fd; }
+tbody tr.chosen { background: #bbdefb; }
+pre { background: #fff; border: 1px solid #ddd; padding: .6em; white-space: pre-wrap; word-break: break-all; }
+</style>
+</head>
+<body>
+<header>
+<b>wal2http live tap</b>
+<span>state <output id="state">…</output></span>
+<span>lag <output id="lag">…</output></span>
+<span>events/s <output id="rate">…</output></span>
+<span>sink <output id="sink">…</output></span>
+<span>slot <output id="slot">…</output></span>
+<span>tap <output id="tap">connecting</output></span>
+</header>
+<main>
+<canvas id="chart" width="1200" height="120"></canvas>
+<div id="controls">
+<label>Table <input id="table" size="30" placeholder="public.orders, public.*"></label>
+<label>Op <select id="op"><option value="">all</option><option>insert</option><option>update</option>
+<option>delete</option><option>truncate</option><option>message</option><option>read</option></select></label>
+<button type="button" id="pause">Pause</button>
+<output id="waiting"></output>
+</div>
+<table>
+<thead><tr><th>time (UTC)</th><th>op</th><th>table</th><th>key</th><th>id</th></tr></thead>
+<tbody id="rows"></tbody>
+</table>
+<pre id="detail" hidden></pre>
+</main>
+<script>
+"use strict";
+const KEPT = 500;     // rows kept (and events held while paused)
+const SECONDS = 300;  // the chart's span
+const $ = (id) => document.getElementById(id);
+const token = new URLSearchParams(location.search).get("token");
+const withToken = (path) => token ? path + "?token=" + encodeURIComponent(token) : path;
+let shown = [];       // {event, line, row}, newest first
+let waiting = [];     // received, not shown yet (all of them while paused), oldest first
+let paused = false;
+const perSecond = new Array(SECONDS).fill(0);
+let second = Math.floor(Date.now() / 1000);
+
+function say(id, value, bad) {
+  $(id).textContent = value;
+  $(id).className = bad ? "bad" : "";
+}
+
+function tick() {
+  const now = Math.floor(Date.now() / 1000);
+  for (let n = Math.min(now - second, SECONDS); n > 0; n--) { perSecond.shift(); perSecond.push(0); }
+  second = now;
+}
+
+function receive(line) {
+  const event = JSON.parse(line);
+  tick();
+  perSecond[SECONDS - 1]++;
+  waiting.push({event, line, at: new Date().toISOString()});
+  if (waiting.length > KEPT) waiting.splice(0, waiting.length - KEPT);
+}
+
+function selected() {
+  const op = $("op").value;
+  const names = $("table").value.split(",").map((name) => name.trim()).filter(Boolean);
+  const tableMatches = (e) => e.table != null && names.some((name) => name === e.schema + "." + e.table
+    || (name.endsWith(".*") && name.slice(0, -2) === e.schema));
+  return (e) => (!op || e.op === op) && (!names.length || tableMatches(e));
+}
+
+function refilter() {
+  const keep = selected();
+  for (const item of shown) item.row.hidden = !keep(item.event);
+}
+
+function cell(row, value) {
+  const td = row.insertCell();
+  td.textContent = value;
+  td.title = value;
+}
+
+function choose(item) {
+  for (const chosen of document.querySelectorAll("tr.chosen")) chosen.classList.remove("chosen");
+  item.row.classList.add("chosen");
+  $("detail").textContent = item.line;
+  $("detail").hidden = false;
+}
+
+function makeRow(item) {
+  const e = item.event, row = document.createElement("tr");
+  cell(row, (e.commit_time || item.at).slice(11, 23));
+  cell(row, e.op);
+  cell(row, e.table == null ? "" : e.schema + "." + e.table);
+  cell(row, e.key == null ? "" : JSON.stringify(e.key));
+  cell(row, e.id);
+  row.addEventListener("click", () => choose(item));
+  return row;
+}
+
+function show() {
+  $("waiting").textContent = paused && waiting.length ? waiting.length + " waiting" : "";
+  if (paused || !waiting.length) return;
+  const keep = selected(), rows = $("rows");
+  for (const item of waiting) {
+    item.row = makeRow(item);
+    item.row.hidden = !keep(item.event);
+    rows.prepend(item.row);
+    shown.unshift(item);
+  }
+  waiting = [];
+  while (shown.length > KEPT) shown.pop().row.remove();
+}
+
+function draw() {
+  tick();
+  const canvas = $("chart"), g = canvas.getContext("2d"), w = canvas.width, h = canvas.height;
+  const top = Math.max(10, ...perSecond);
+  const y = (n) => h - n / top * (h - 18);
+  g.clearRect(0, 0, w, h);
+  g.beginPath();
+  g.moveTo(0, h);
+  perSecond.forEach((n, i) => g.lineTo(i * w / (SECONDS - 1), y(n)));
+  g.lineTo(w, h);
+  g.closePath();
+  g.fillStyle = "#90caf9";
+  g.fill();
+  g.strokeStyle = "#1e88e5";
+  g.stroke();
+  g.fillStyle = "#546e7a";
+  g.font = "12px system-ui, sans-serif";
+  g.fillText("events/s over the last " + SECONDS / 60 + " minutes (scale " + top + ")", 6, 13);
+}
+
+function connect() {
+  const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + withToken("/events"));
+  ws.onopen = () => say("tap", "connected");
+  ws.onmessage = (message) => receive(message.data);
+  ws.onclose = (close) => {
+    say("tap", (close.code === 1013 ? "too slow" : "closed") + ", reconnecting", true);
+    setTimeout(connect, 2000);
+  };
+}
+
+function size(bytes) {
+  return bytes == null ? "?" : bytes < 1048576 ? (bytes / 1024).toFixed(0) + " kB" : (bytes / 1048576).toFixed(1) + " MB";
+}
+
+async function poll() {
+  try {
+    const response = await fetch(withToken("/status"), {cache: "no-store"});
+    if (!response.ok) throw new Error("HTTP " + response.status);
+    const s = await response.json(), slot = s.slot_health;
+    say("state", s.state, s.state !== "streaming");
+    say("lag", s.lag_seconds.toFixed(1) + " s, " + size(s.lag_bytes), s.lag_seconds > 60);
+    say("rate", s.events_per_second.toFixed(1));
+    say("sink", s.failing_since ? "failing since " + s.failing_since + ": " + s.last_error : "ok", !!s.failing_since);
+    say("slot", slot.wal_status == null ? "not read yet" : slot.wal_status + ", retains " + size(slot.retained_wal_bytes),
+        slot.wal_status === "unreserved" || slot.wal_status === "lost");
+  } catch (error) {
+    say("state", "no answer (" + error.message + ")", true);
+  }
+  setTimeout(poll, 2000);
+}
+
+$("table").addEventListener("input", refilter);
+$("op").addEventListener("change", refilter);
+$("pause").addEventListener("click", () => {
+  paused = !paused;
+  $("pause").textContent = paused ? "Resume" : "Pause";
+  show();
+});
+setInterval(show, 250);
+setInterval(draw, 1000);
+draw();
+connect();
+poll();
+</script>
+</body>
+</html>
+"""
+
+
+def _csp_hash(page: str, element: str) -> str:
+    """'sha256-...' of the text of the page's one <script> or <style>, as CSP hashes it."""
+    text = page.split(f"<{element}>", 1)[1].split(f"</{element}>", 1)[0]
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+#: The page's script and style by hash, WebSockets and fetches to this origin only, nothing else.
+TAP_PAGE_CSP = (f"default-src 'none'; script-src {_csp_hash(TAP_PAGE, 'script')}; "
+                f"style-src {_csp_hash(TAP_PAGE, 'style')}; connect-src 'self'; img-src data:; "
+                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
 # --- The HTTP server (h11) ------------------------------------------------------------------------
 # Theory of operation: one task per connection (at most OPS_MAX_CONNECTIONS; more are closed at
 # once), one h11.Connection per socket, requests answered one after the other on a kept-alive
@@ -5589,24 +6003,42 @@ def answer_metrics(stats: Stats) -> OpsAnswer:
                      build_metrics_text(stats).encode())
 
 
+_TAP_PAGE_BYTES = TAP_PAGE.encode()
+
+
+def answer_page(stats: Stats) -> OpsAnswer:
+    return OpsAnswer(200, "text/html; charset=utf-8", _TAP_PAGE_BYTES,
+                     (("Content-Security-Policy", TAP_PAGE_CSP), ("Referrer-Policy", "no-referrer"),
+                      ("X-Frame-Options", "DENY")))
+
+
+def answer_events(stats: Stats) -> OpsAnswer:
+    """GET /events without a WebSocket handshake."""
+    return OpsAnswer(426, "text/plain", b"GET /events is a WebSocket (see the README, \"Live tap\")\n",
+                     (("Upgrade", "websocket"),))
+
+
 @dataclasses.dataclass(frozen=True)
 class Route:
     """One path of the port.  `token`: OPS_TOKEN required (when set); `row_data`: shows row data,
-    so it is off (404) on an address beyond loopback without OPS_TOKEN."""
+    so it is off (404) on an address beyond loopback without OPS_TOKEN; `websocket`: a WebSocket
+    handshake there goes to the live tap (`answer` answers any other request)."""
 
     answer: Callable[[Stats], OpsAnswer]
     token: bool = True
     row_data: bool = False
+    websocket: bool = False
 
 
-#: GET routes.  The live tap (GET /events, a WebSocket, and the page on GET /) plugs in here as
-#: routes with row_data=True whose handler takes over the connection: the stream, the h11.Request
-#: already parsed and h11's trailing_data go to trio-websocket for the handshake.
+#: GET routes.  A WebSocket handshake on /events takes over its connection: the request h11
+#: parsed, and what followed it, go to trio-websocket (see OpsServer.serve_tap).
 OPS_ROUTES: dict[str, Route] = {
     "/health": Route(answer_health, token=False),
     "/ready": Route(answer_ready, token=False),
     "/status": Route(answer_status, row_data=True),
     "/metrics": Route(answer_metrics),
+    "/": Route(answer_page, row_data=True),
+    "/events": Route(answer_events, row_data=True, websocket=True),
 }
 
 
@@ -5615,6 +6047,43 @@ def _header(request: h11.Request, name: bytes) -> bytes | None:
         if key == name:
             return value
     return None
+
+
+def is_websocket_request(request: h11.Request) -> bool:
+    """Whether the request asks for a WebSocket (RFC 6455 section 4.1: GET, Upgrade: websocket)."""
+    upgrade = _header(request, b"upgrade")
+    return request.method == b"GET" and upgrade is not None and upgrade.strip().lower() == b"websocket"
+
+
+def refuse_tap_handshake(request: h11.Request, clients: int, max_clients: int) -> OpsAnswer | TapFilter:
+    """The live tap's rules for a WebSocket handshake on /events (token checked before): the
+    client's filter, or the refusal.  A page on another site must not read the stream through a
+    browser on the operator's machine, so an `Origin` other than http:// + the request's Host is
+    403 (cross-site WebSocket hijacking); at most TAP_MAX_CLIENTS clients, more are 503."""
+    origin, host = _header(request, b"origin"), _header(request, b"host") or b""
+    if origin is not None and origin.strip().lower() != b"http://" + host.strip().lower():
+        return OpsAnswer(403, "text/plain", b"a WebSocket from another origin is refused\n")
+    if _header(request, b"sec-websocket-key") is None or _header(request, b"sec-websocket-version") != b"13":
+        return OpsAnswer(400, "text/plain", b"a WebSocket handshake needs Sec-WebSocket-Key and version 13\n",
+                         (("Sec-WebSocket-Version", "13"),))
+    try:
+        selection = parse_tap_filter(request.target.partition(b"?")[2].decode("utf-8", "replace"))
+    except TapRequestError as exc:
+        return OpsAnswer(400, "text/plain", f"{exc}\n".encode())
+    if clients >= max_clients:
+        return OpsAnswer(503, "text/plain", b"the live tap has TAP_MAX_CLIENTS clients already\n")
+    return selection
+
+
+def is_loopback_host_header(host: bytes) -> bool:
+    """Whether a Host header names this machine (a loopback address or localhost, any port).
+    Without OPS_TOKEN, row data goes only to such requests: a web page elsewhere whose name was
+    made to resolve to 127.0.0.1 (DNS rebinding) sends its own name, and gets nothing."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        name, bracket, _ = text[1:].partition("]")
+        return bool(bracket) and is_loopback_host(name)
+    return is_loopback_host(text.rpartition(":")[0] if ":" in text else text)
 
 
 def presented_token(request: h11.Request) -> bytes | None:
@@ -5638,10 +6107,12 @@ class OpsServer:
         self.routes = routes
         self.token = config.ops_token.encode() if config.ops_token else None
         self.row_data = self.token is not None or is_loopback_host(config.ops_addr[0])
+        self.tap_max_clients = config.tap_max_clients
         self.connections = 0
 
-    def route(self, request: h11.Request) -> OpsAnswer:
-        """The answer to one request: pure but for reading Stats."""
+    def route(self, request: h11.Request) -> OpsAnswer | TapFilter:
+        """The answer to one request, or the filter of a tap client to serve: pure but for
+        reading Stats."""
         path = request.target.partition(b"?")[0].decode("latin-1")
         route = self.routes.get(path)
         if route is None or (route.row_data and not self.row_data):
@@ -5651,8 +6122,13 @@ class OpsServer:
             if given is None or not hmac.compare_digest(given, self.token):
                 return OpsAnswer(401, "text/plain", b"a valid OPS_TOKEN is required\n",
                                  (("WWW-Authenticate", 'Bearer realm="wal2http"'),))
+        elif route.row_data and not is_loopback_host_header(_header(request, b"host") or b""):
+            return OpsAnswer(403, "text/plain", b"without OPS_TOKEN, row data is served to this machine's "
+                             b"own names only (Host: 127.0.0.1, [::1] or localhost)\n")
         if request.method not in (b"GET", b"HEAD"):
             return OpsAnswer(405, "text/plain", b"only GET\n", (("Allow", "GET, HEAD"),))
+        if route.websocket and is_websocket_request(request):
+            return refuse_tap_handshake(request, self.stats.tap_clients, self.tap_max_clients)
         return route.answer(self.stats)
 
     async def handle(self, stream: trio.abc.Stream) -> None:
@@ -5690,6 +6166,9 @@ class OpsServer:
             if not isinstance(conn.next_event(), h11.EndOfMessage):
                 return
             answer = self.route(request)
+            if isinstance(answer, TapFilter):
+                await self.serve_tap(stream, request, conn.trailing_data[0], answer)
+                return
             with trio.move_on_after(OPS_SEND_TIMEOUT_S) as scope:
                 await self._send(stream, conn, answer, head_only=request.method == b"HEAD")
             if scope.cancelled_caught or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -5732,6 +6211,140 @@ class OpsServer:
                   431: b"Request Header Fields Too Large"}.get(status, b"Bad Request")
         with trio.move_on_after(1):
             await stream.send_all(_BAD_REQUEST % (status, phrase, len(body), body))
+
+    async def serve_tap(self, stream: trio.abc.Stream, request: h11.Request, trailing: bytes,
+                        selection: TapFilter) -> None:
+        """One live tap client, from its handshake (already checked) to its close.  The client
+        joins the tap before anything is awaited, so TAP_MAX_CLIENTS holds."""
+        import trio_websocket  # noqa: PLC0415 - loaded by the first tap client: others never pay for it
+        client = TapClient(selection)
+        tap = self.stats.tap
+        tap.clients.append(client)
+        try:
+            async with trio.open_nursery() as nursery:
+                with contextlib.suppress(trio_websocket.ConnectionClosed):  # the client went away
+                    websocket = await accept_websocket(nursery, stream, request, trailing)
+                    if websocket is not None:
+                        if isinstance(stream, trio.SocketStream):
+                            client.write_now = direct_writer(websocket, stream.socket)
+                        nursery.start_soon(_read_tap_client, websocket, client, nursery.cancel_scope)
+                        await write_tap_client(websocket, client)
+                nursery.cancel_scope.cancel()
+        finally:
+            tap.clients.remove(client)
+
+
+class _ReplayStream(trio.abc.Stream):
+    """A stream that gives back bytes already read before reading its own: trio-websocket reads
+    the handshake that h11 has parsed already, from the start."""
+
+    def __init__(self, stream: trio.abc.Stream, replay: bytes):
+        self.stream = stream
+        self.replay = replay
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if not self.replay:
+            return await self.stream.receive_some(max_bytes)
+        await trio.lowlevel.checkpoint()
+        size = len(self.replay) if max_bytes is None else max_bytes
+        data, self.replay = self.replay[:size], self.replay[size:]
+        return data
+
+    async def send_all(self, data) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def encode_request_head(request: h11.Request) -> bytes:
+    """A request head as bytes again (header names as the client wrote them)."""
+    lines = [b"%s %s HTTP/%s" % (request.method, request.target, request.http_version)]
+    lines += [name + b": " + value for name, value in request.headers.raw_items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+async def accept_websocket(nursery: trio.Nursery, stream: trio.abc.Stream, request: h11.Request,
+                           trailing: bytes):
+    """trio-websocket's server side on a connection whose handshake h11 has read; None when the
+    handshake does not complete within OPS_HEAD_TIMEOUT_S."""
+    import trio_websocket  # noqa: PLC0415 - see serve_tap
+    replay = _ReplayStream(stream, encode_request_head(request) + trailing)
+    with trio.move_on_after(OPS_HEAD_TIMEOUT_S):
+        handshake = await trio_websocket.wrap_server_stream(
+            nursery, replay, message_queue_size=1, max_message_size=TAP_MAX_MESSAGE_BYTES)
+        return await handshake.accept()
+    return None
+
+
+async def write_tap_client(websocket, client: TapClient) -> None:
+    """Sends the client its queued frames until it falls behind; then what was queued for it and
+    the close 1013, within TAP_DRAIN_TIMEOUT_S (else its socket is closed)."""
+    with client.drain_scope:
+        try:
+            while frames := await client.next_frames():
+                await send_frames(websocket, frames)
+                client.written(len(frames))
+        finally:
+            client.write_now = None
+        client.closing = True
+        await websocket.aclose(TAP_CLOSE_TOO_SLOW, "too slow")
+
+
+async def send_frames(websocket, frames: list[bytes]) -> None:
+    """Whole text messages (encode_text_frame) in one write.  trio-websocket's send_message makes
+    one write per message; this does what it does (writes under the connection's stream lock, a
+    broken stream is ConnectionClosed) once for all of them."""
+    import trio_websocket  # noqa: PLC0415 - see serve_tap
+    if websocket.closed:
+        raise trio_websocket.ConnectionClosed(websocket.closed)
+    async with websocket._stream_lock:
+        try:
+            await websocket._stream.send_all(b"".join(frames))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise trio_websocket.ConnectionClosed(websocket.closed) from None
+
+
+def direct_writer(websocket, sock) -> Callable[[list[bytes]], tuple[int, bytes]]:
+    """TapClient.write_now for a WebSocket on the Trio socket `sock` (non-blocking, as Trio keeps
+    it): writes what the socket takes now, unless the connection is busy writing or closed.  The
+    descriptor is read at each call: a closed socket has none (its number may be another's now)."""
+
+    def write_now(frames: list[bytes]) -> tuple[int, bytes]:
+        fd = sock.fileno()
+        if fd < 0 or websocket.closed or websocket._stream_lock.locked():
+            return 0, b""
+        try:
+            sent = os.write(fd, b"".join(frames))
+        except OSError:  # full (BlockingIOError), or broken: the writer task finds out
+            return 0, b""
+        return split_written(frames, sent)
+
+    return write_now
+
+
+def split_written(frames: list[bytes], sent: int) -> tuple[int, bytes]:
+    """After a write of `sent` bytes of the joined frames: how many frames it took (wholly or in
+    part), and the bytes left of the last one when it went out in part."""
+    for index, frame in enumerate(frames):
+        if sent < len(frame):
+            return (index + 1, frame[sent:]) if sent else (index, b"")
+        sent -= len(frame)
+    return len(frames), b""
+
+
+async def _read_tap_client(websocket, client: TapClient, scope: trio.CancelScope) -> None:
+    """Reads what the client sends (trio-websocket answers pings; messages are dropped) until it
+    closes, then ends its tap, unless wal2http is closing it (then the close is under way)."""
+    import trio_websocket  # noqa: PLC0415 - see serve_tap
+    with contextlib.suppress(trio_websocket.ConnectionClosed):
+        while True:
+            await websocket.get_message()
+    if not client.closing:
+        scope.cancel()
 
 
 async def run_ops_server(config, stats: Stats, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -6697,6 +7310,9 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds between two checks of the slot's retained WAL"),
     Setting("SLOT_MAX_RETAINED_MB", "slot_max_retained_mb", "ops", _int_parser(1), 4096,
             "alert when the slot retains more WAL than this, in MB"),
+    # At most half the port's 64 connections, so that probes and scrapes always get through.
+    Setting("TAP_MAX_CLIENTS", "tap_max_clients", "ops", _int_parser(1, 32), 16,
+            "live tap WebSocket clients at once (GET /events); more get 503"),
 )
 
 
