@@ -35,8 +35,8 @@ aside), and each is tested with bytes and values alone; the other sections say w
   4. PostgreSQL connection (I/O)       15. Hook0 sink: answers (pure)
   5. Replication framing (sans-IO)     16. Hook0 sink: delivery (I/O)
   6. pgoutput decoder                  17. Alerts
-  7. Type conversion                   18. Operations port: /health, /ready, /status, /metrics,
-  8. Event envelope                        the slot guard, the live tap and its page
+  7. Type conversion                   18. Operations port: health, metrics, slot guard,
+  8. Event envelope                        live tap
   9. Replication loop and the          19. Configuration
      acknowledgement rule              20. Service: run() and --check
  10. Delivery: the sink interface,     21. --demo: a throwaway PostgreSQL
@@ -5116,11 +5116,12 @@ class Alerter:
 
 
 # =====================================================================================================
-# 18. Operations port
+# 18. Operations port: health, metrics, slot guard, live tap
 # =====================================================================================================
 # OPS_ADDR serves /health, /ready, /status and /metrics over HTTP/1.1: a small h11 server in the
-# same nursery as replication.  The slot guard reads the slot's retained WAL over its own ordinary
-# connection every SLOT_CHECK_INTERVAL_SECS, whether or not OPS_ADDR is set.
+# same nursery as replication; GET /events hands the connection to trio-websocket (the live tap)
+# and GET / serves the page that shows it.  The slot guard reads the slot's retained WAL over its
+# own ordinary connection every SLOT_CHECK_INTERVAL_SECS, whether or not OPS_ADDR is set.
 # Rules: the replication loop only bumps plain integers in `Stats`, once per chunk or per sink
 # request, never per event; the JSON and the exposition are built when a client asks.  A client of
 # the port costs at most its own socket: a bounded head, deadlines, a cap on connections, and no
