@@ -1436,9 +1436,11 @@ class TestEnvelope:
         writer = w.RelationWriter(orders(), {})
         data = encode_pgoutput(w.Insert(None, 16400, row))
         fast = writer.write(w._TxnContext(771, "0/16B37A0", COMMIT_TIME_TEXT), data, 5, 0x20)
+        insert = writer.write_insert(w._TxnContext(771, "0/16B37A0", COMMIT_TIME_TEXT), data, 0x20)
         general = writer.write_decoded(w._TxnContext(771, "0/16B37A0", COMMIT_TIME_TEXT), w.decode_pgoutput(data), 0x20)
         assert fast is not None
         assert fast.line == general.line
+        assert insert.line == general.line  # feed's path for a plain Insert
         assert json.loads(fast.line) == fast.data
         assert "\n" not in fast.line
 
@@ -1465,6 +1467,9 @@ class TestEnvelope:
         ctx = w._TxnContext(771, "0/16B37A0", COMMIT_TIME_TEXT)
         unreadable = encode_pgoutput(w.Insert(None, 16400, ("x", "a", "1", "{bad", None)))
         assert writer.write(ctx, unreadable, 5, 0x20) is None
+        assert writer.write_insert(ctx, unreadable, 0x20) is None
+        for declined in (unreadable[:-1], unreadable + b"\0", unreadable[:5] + b"K" + unreadable[6:]):
+            assert writer.write_insert(ctx, declined, 0x20) is None
         event = writer.write_decoded(ctx, w.decode_pgoutput(unreadable), 0x20)
         assert event["new"] == {"id": "x", "status": "a", "amount": "1", "meta": "{bad", "created": None}
         toast = encode_pgoutput(w.Update(None, 16400, None, None, ("1", w.UNCHANGED_TOAST, "1", None, None)))
