@@ -2464,7 +2464,7 @@ class TestReconnectBackoff:
         RECONNECT_ALERT_AFTER_S, and progress afterwards is one "recovered"."""
         starts = []
 
-        async def session(config, sink, ack, stop, on_streaming):
+        async def session(config, sink, ack, stop, on_streaming, backfill=None):
             starts.append(trio.current_time())
             on_streaming()
             if len(starts) == 20:  # the server works again: the slot advances
@@ -2489,7 +2489,7 @@ class TestReconnectBackoff:
         never advances the slot): still one alert after RECONNECT_ALERT_AFTER_S."""
         starts = []
 
-        async def session(config, sink, ack, stop, on_streaming):
+        async def session(config, sink, ack, stop, on_streaming, backfill=None):
             starts.append(trio.current_time())
             if streams:
                 on_streaming()
@@ -2506,7 +2506,7 @@ class TestReconnectBackoff:
     async def test_progress_resets_the_backoff(self, autojump_clock, monkeypatch):
         starts = []
 
-        async def session(config, sink, ack, stop, on_streaming):
+        async def session(config, sink, ack, stop, on_streaming, backfill=None):
             starts.append(trio.current_time())
             on_streaming()
             if len(starts) == 5:
@@ -5887,6 +5887,10 @@ class TestConfig:
         ("SLOT_CHECK_INTERVAL_SECS", "0.5", "slot_check_interval_s", 0.5),
         ("SLOT_MAX_RETAINED_MB", "64", "slot_max_retained_mb", 64),
         ("TAP_MAX_CLIENTS", "32", "tap_max_clients", 32),
+        ("BACKFILL_TABLES", ' public.orders, "Sales".*,* ', "backfill_tables", ("public.orders", "Sales.*", "*")),
+        ("BACKFILL_ON_CREATE", "true", "backfill_on_create", True),
+        ("BACKFILL_CHUNK_ROWS", "500", "backfill_chunk_rows", 500),
+        ("STATE_FILE", " /var/lib/wal2http/state.json ", "state_file", "/var/lib/wal2http/state.json"),
         ("DELIVERY_CONCURRENCY", " 8 ", "delivery_concurrency", 8),
         ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
         ("HTTP_BATCH_SIZE", "50", "http_batch_size", 50),
@@ -5933,7 +5937,8 @@ class TestConfig:
             "--hook0-api-token", "--hook0-table-events", "--hook0-labels", "--hook0-create-event-types",
             "--email-smtp-host", "--email-smtp-port", "--email-smtp-username", "--email-smtp-password",
             "--email-from", "--email-to", "--email-smtp-tls", "--ops-addr", "--ops-token",
-            "--slot-check-interval-secs", "--slot-max-retained-mb", "--tap-max-clients"]
+            "--slot-check-interval-secs", "--slot-max-retained-mb", "--tap-max-clients",
+            "--backfill-tables", "--backfill-on-create", "--backfill-chunk-rows", "--state-file"]
 
     @pytest.mark.parametrize("env,argv,expected", [
         ({}, [], "sub"),
