@@ -713,6 +713,8 @@ def _backfill_run(cluster: w.DemoCluster, args, state_file: str, slot: str, conc
     sql(url, f"SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")
     env = {"DATABASE_URL": url, "PUB_NAME": "bench", "SLOT_NAME": slot, "CREATE_SLOT": "false",
            "LOG_LEVEL": "WARNING", "BACKFILL_TABLES": "public.bench", "STATE_FILE": state_file}
+    if args.chunk_rows:
+        env["BACKFILL_CHUNK_ROWS"] = str(args.chunk_rows)
     server_cpu, inserts = _server_cpu_s(cluster), ""
     if concurrent:
         child = subprocess.Popen(child_command(env, 0, args.rows, latency=True, backfill=True),
@@ -755,6 +757,7 @@ def main() -> None:
                         help="DELIVERY_CONCURRENCY 1-64 against a receiver that answers after a delay")
     parser.add_argument("--receiver-delay-ms", type=float, nargs="+", default=[20.0],
                         help="with --concurrency: the receiver's delay per request (several: one table each)")
+    parser.add_argument("--chunk-rows", type=int, help="with --backfill: BACKFILL_CHUNK_ROWS (default: wal2http's)")
     parser.add_argument("--rate", type=int, default=200)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--scrape", action="store_true",
