@@ -9,6 +9,7 @@
     python bench_wal2http.py --tap           # also: stdout with one live tap client taking everything
     python bench_wal2http.py --concurrency   # DELIVERY_CONCURRENCY against a receiver taking 20 ms
     python bench_wal2http.py --concurrency --receiver-delay-ms 20 100
+    python bench_wal2http.py --backfill --repeat 3   # 1,000,000 rows backfilled to stdout, vs COPY
 
 Needs requirements-bench.txt (orjson, for the HTTP receiver; `--receiver-json json` uses the
 stdlib's parser instead).
@@ -28,6 +29,17 @@ concurrency 1, 8, 32 and 64, HTTP_BATCH_SIZE=100 at 1 and 8, each over distinct 
 and the worst case, every event an update of the same row (its order allows one request at a
 time), at 1 and 32.  Each run gets its own table, publication and slot, sized so that it lasts a
 few seconds; its rate counts from the start of the first request to the last event delivered.
+
+--backfill writes a table of --rows rows (1,000,000 by default) like the bench table, vacuums it,
+then in each round: psql's `\copy (SELECT ... ORDER BY id) TO '/dev/null'` of it (the reference:
+PostgreSQL sending the same rows in the same order), a wal2http backfill of it (BACKFILL_TABLES,
+an empty STATE_FILE, a new slot) to the stdout sink with no writes, and one while single-row
+inserts go on into the table at --rate a second; the child counts the read events written and
+stops when the backfill is done (and, with the inserts, once those committed until then are
+written: their commit-to-written latency is measured as --latency measures it).  Rows/s count
+from wal2http's start to the last read event written.  The server's CPU is that of the backends
+that exited meanwhile (the backfill's connection and the walsender; the inserts' backend is
+measured apart and left out).
 """
 
 from __future__ import annotations
@@ -659,6 +671,7 @@ def backfill(args) -> None:
             load = " ".join(f"{value:.2f}" for value in os.getloadavg())
             print(f"round {r + 1} of {args.repeat} (load average {load})")
             copy_rate = _copy_reference(cluster, args.rows)
+            figures.setdefault("COPY: rows/s", []).append(copy_rate)
             for concurrent in (False, True):
                 result = _backfill_run(cluster, args, os.path.join(state_dir, "state.json"), f"bf_{r}_{concurrent:d}",
                                        concurrent)
@@ -668,11 +681,13 @@ def backfill(args) -> None:
                 figures.setdefault(f"backfill {kind} / COPY", []).append(rate / copy_rate)
                 figures.setdefault(f"backfill {kind}: peak RSS MB", []).append(result["peak_rss_mb"])
                 if concurrent:
+                    figures.setdefault("inserts while backfilling: p50 ms", []).append(result["p50_ms"])
                     figures.setdefault("inserts while backfilling: p99 ms", []).append(result["p99_ms"])
         if args.repeat > 1:
             for name, values in figures.items():
-                print(f"{name}: median {statistics.median(values):,.2f}, range {min(values):,.2f}-{max(values):,.2f} "
-                      f"over {len(values)} rounds")
+                low, median, high = (f"{v:,.0f}" if v >= 1000 else f"{v:.2f}"
+                                     for v in (min(values), statistics.median(values), max(values)))
+                print(f"{name}: median {median}, range {low}-{high} over {len(values)} rounds")
     finally:
         cluster.remove()
         shutil.rmtree(state_dir, ignore_errors=True)
