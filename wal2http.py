@@ -3715,19 +3715,21 @@ def _identifier(text: str) -> str:
 def parse_backfill_tables(value: str, variable: str = "BACKFILL_TABLES") -> tuple[str, ...]:
     """`schema.table`, `schema.*` or `*`, comma-separated -> those patterns, each as
     "schema.table", "schema.*" or "*" (quoted names exact, unquoted ones in lower case)."""
+    problem = f"{variable}: expected schema.table, schema.* or *, comma-separated (got {value!r})"
     patterns, pos = [], 0
-    while pos < len(value):
+    while True:
         match = _TABLE_PATTERN.match(value, pos)
-        end = match.end() if match else pos
-        if match is None or (end < len(value) and value[end] != ","):
-            raise ConfigError(f"{variable}: expected schema.table, schema.* or *, comma-separated "
-                              f"(got {value!r})")
+        if match is None:
+            raise ConfigError(problem)
         everything, schema, any_table, table = match.groups()
         patterns.append("*" if everything else
                         f"{_identifier(schema)}.{'*' if any_table else _identifier(table)}")
-        pos = end + 1
-    if not patterns:
-        raise ConfigError(f"{variable}: expected schema.table, schema.* or *, comma-separated (got {value!r})")
+        pos = match.end()
+        if pos == len(value):
+            break
+        if value[pos] != ",":
+            raise ConfigError(problem)
+        pos += 1
     return tuple(dict.fromkeys(patterns))
 
 
