@@ -2658,6 +2658,18 @@ class TestBackfillState:
         assert w.open_backfill(load({"STATE_FILE": str(tmp_path / "none.json")}), None).status() is None
 
 
+    def test_check_reads_it(self, tmp_path):
+        path = tmp_path / "state.json"
+        config = load({"STATE_FILE": str(path), "BACKFILL_TABLES": "public.t"})
+        assert w.check_state_file(config) == (f"state file {path}: 0 table(s) queued, 0 done", None)
+        w.write_file_atomically(str(path), w.encode_state([], [{"schema": "public", "table": "t", "after": None,
+                                                                "rows": 0, "source": "x"}], {"public.u": "then"}))
+        assert w.check_state_file(config) == (f"state file {path}: 1 table(s) queued, 1 done", None)
+        path.write_text("garbage")
+        name, failure = w.check_state_file(config)
+        assert failure.startswith(f"STATE_FILE: {path} is not a wal2http state file")
+
+
 class TestBackfillChunk:
     def test_chunk_query(self):
         table = backfill_table()

@@ -8505,9 +8505,24 @@ async def run_check(config, out=None) -> int:
                                     _check_sink(config)))
     if email_enabled(config):
         results.append(await _check_one("email", config.conninfo.connect_timeout_s, check_smtp(config)))
+    if config.backfill_tables or os.path.exists(config.state_file):
+        results.append(check_state_file(config))
     for name, failure in results:
         print(f"ok {name}" if failure is None else f"FAIL {name}: {failure}", file=out, flush=True)
     return 0 if all(failure is None for _, failure in results) else 4
+
+
+def check_state_file(config) -> tuple[str, str | None]:
+    """--check's STATE_FILE line: readable as a state file, and its directory writable."""
+    name = f"state file {config.state_file}"
+    backfill = Backfill(config)
+    try:
+        backfill.load()
+    except ConfigError as exc:
+        return name, str(exc)
+    if not os.access(os.path.dirname(os.path.abspath(config.state_file)), os.W_OK):
+        return name, "its directory is not writable (the file is replaced atomically, beside it)"
+    return f"{name}: {len(backfill.queue)} table(s) queued, {len(backfill.done)} done", None
 
 
 async def _check_one(name: str, timeout_s: float, awaitable) -> tuple[str, str | None]:
