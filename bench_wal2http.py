@@ -31,7 +31,7 @@ time), at 1 and 32.  Each run gets its own table, publication and slot, sized so
 few seconds; its rate counts from the start of the first request to the last event delivered.
 
 --backfill writes a table of --rows rows (1,000,000 by default) like the bench table, vacuums it,
-then in each round: psql's `\copy (SELECT ... ORDER BY id) TO '/dev/null'` of it (the reference:
+then in each round: psql's `\\copy (SELECT ... ORDER BY id) TO '/dev/null'` of it (the reference:
 PostgreSQL sending the same rows in the same order), a wal2http backfill of it (BACKFILL_TABLES,
 an empty STATE_FILE, a new slot) to the stdout sink with no writes, and one while single-row
 inserts go on into the table at --rate a second; the child counts the read events written and
@@ -159,8 +159,8 @@ async def _child(env: dict, end_lsn: int, expect: int, latency: bool, tap: bool 
                 await trio.sleep(0.005)
             nursery.cancel_scope.cancel()
     first_request_at = getattr(sink, "first_request_at", None)
-    result = {"events": sink.count, "seconds": elapsed, "reads": getattr(sink, "reads", None),
-              "first_read_s": getattr(sink, "first_read_at", started) - started,
+    result = {"events": sink.count, "seconds": elapsed, "reads": sink.reads if backfill else None,
+              "first_read_s": sink.first_read_at - started if backfill else None,
               "delivery_seconds": finished - first_request_at if first_request_at else elapsed,
               "user_seconds": usage.ru_utime - usage_started.ru_utime,
               "system_seconds": usage.ru_stime - usage_started.ru_stime,
@@ -705,7 +705,7 @@ def _backfill_table(url: str, rows: int) -> None:
 
 
 def _copy_reference(cluster: w.DemoCluster, rows: int) -> float:
-    """psql's \copy of the table's rows in key order to /dev/null, timed; returns rows/s."""
+    """psql's \\copy of the table's rows in key order to /dev/null, timed; returns rows/s."""
     server_cpu, client = _server_cpu_s(cluster), resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run([os.path.join(cluster.bin, "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", cluster.url,
