@@ -2685,24 +2685,43 @@ class TestBackfillChunk:
 
     def test_a_read_row_is_written_like_an_inserted_one(self, feed):
         (insert,) = events_of(transaction(feed, w.Insert(None, 16400, ROW)))
-        key, members = w.RelationWriter(orders(), {}).write_data_row(data_row(*ROW))
-        assert insert.line.count(f'"key":{key},"new":{{{members}}}') == 1
-        assert w.RelationWriter(orders("n"), {}).write_data_row(data_row(*ROW))[0] == "null"
-        assert w.RelationWriter(orders(), {}).write_data_row(data_row(None, "x", "not a number", "{", None))[1] == (
-            '"id":null,"status":"x","amount":"not a number","meta":"{","created":null')
+        table = backfill_table()
+        body, key, line = table.read_row(data_row(*ROW))
+        (read,) = self.read_events(table, body, key, line)
+        assert (read["key"], read["new"]) == (insert["key"], insert["new"])
+        assert insert.line.count(line.split('"old":')[0]) == 1  # the same text, from "schema" to "new"'s end
+        assert key == '{"id":42}'
         # more columns than the relation's (the order columns the SELECT adds): read up to its own
-        assert w.RelationWriter(orders(), {}).write_data_row(data_row(*ROW, "extra")) == (key, members)
+        assert table.read_row(data_row(*ROW, "extra"))[1:] == (key, line)
+        odd = table.read_row(data_row(None, "x", "not a number", "{", None))
+        assert odd[1] == "{\"id\":null}"
+        assert self.read_events(table, *odd)[0]["new"] == {
+            "id": None, "status": "x", "amount": "not a number", "meta": "{", "created": None}
+
+    def test_names_with_percent_signs(self):
+        columns = (w.Column(1, "%s", 23, -1), w.Column(0, "100%", 25, -1))
+        writer = w.RelationWriter(w.Relation(None, 1, "a%d", "t%%", "d", columns), {})
+        table = w.BackfillTable("a%d", "t%%", writer, ("%s",), ("integer",), (w.json_text_for(23),), None, None)
+        (read,) = self.read_events(table, *table.read_row(data_row("7", "x%s")))
+        assert (read["schema"], read["table"], read["key"], read["new"]) == (
+            "a%d", "t%%", {"%s": 7}, {"%s": 7, "100%": "x%s"})
+
+    @staticmethod
+    def read_events(table, *row):
+        window = w.ChunkWindow("r", 1, table)
+        window.rows = [row]
+        return window.read_chunk(0x10).events
 
     def test_a_malformed_data_row(self):
-        writer = w.RelationWriter(orders(), {})
+        table = backfill_table()
         row = data_row(*ROW)
         for cut in range(len(row)):
             with pytest.raises(w.ProtocolError, match="malformed DataRow message"):
-                writer.write_data_row(row[:cut])
+                table.read_row(row[:cut])
+        with pytest.raises(w.ProtocolError, match="malformed DataRow message: 4 columns, 5 expected"):
+            table.read_row(data_row(*ROW[:4]))  # a column short
         with pytest.raises(w.ProtocolError, match="malformed DataRow message"):
-            writer.write_data_row(data_row(*ROW[:4]))  # a column short
-        with pytest.raises(w.ProtocolError, match="malformed DataRow message"):
-            writer.write_data_row(data_row("42", "x", None, None, None).replace(b"x", b"\xff"))  # not UTF-8
+            table.read_row(data_row("42", "x", None, None, None).replace(b"x", b"\xff"))  # not UTF-8
 
     def test_data_rows_one_call_each_split_at_every_offset(self):
         stream = b"".join(b"D" + struct.pack("!I", 4 + len(body)) + body
@@ -2742,6 +2761,32 @@ class TestBackfillChunk:
         events = window.read_chunk(0x100).events
         assert [e["id"] for e in events] == ["0/100:r0", "0/100:r2", "0/100:r5"]  # gaps where rows went
         assert [e["key"] for e in events] == [{"id": 1}, {"id": 3}, {"id": 6}]
+
+    def test_rows_are_told_by_their_key_text(self):
+        table = backfill_table()
+        assert table.keyed_by_order
+        window = w.ChunkWindow("run1", 1, table)
+        window.rows = backfill_rows(table, 1, 2, 3, 4, 5)
+        tricky = w.Event.from_dict({"id": "0/1:0", "op": "update", "schema": "public", "table": "orders",
+                                    "key": {"id": 9}, "new": {"id": 9, "status": ',"new":{,"old":null,"schema":'},
+                                    "old": None, "unchanged_toast": []})
+        moved = change("update", 2, old_id=3)  # the key changed from 3 to 2: both rows go
+        toasted = w.Event.from_dict({"id": "0/1:1", "op": "update", "schema": "public", "table": "orders",
+                                     "key": {"id": 5}, "new": {"id": 5}, "old": None, "unchanged_toast": ["meta"]})
+        elsewhere = w.Event.from_dict({"id": "0/1:2", "op": "insert", "schema": "public", "table": "other",
+                                       "key": {"id": 1}, "new": {"j": {"schema": "public", "table": "orders"}}})
+        window.observe([tricky, moved, toasted, elsewhere])
+        assert window.changed == {'{"id":9}', '{"id":2}', '{"id":3}', '{"id":5}'}
+        assert [e["key"] for e in window.read_chunk(0x100).events] == [{"id": 1}, {"id": 4}]
+
+    def test_a_key_that_lacks_a_column_reads_the_chunk_again(self):
+        table = backfill_table()
+        window = w.ChunkWindow("run1", 1, table)
+        window.rows = backfill_rows(table, 1)
+        window.observe([w.Event.from_dict({"id": "0/1:0", "op": "update", "schema": "public", "table": "orders",
+                                           "key": {}, "new": {"status": "x"}, "old": None,
+                                           "unchanged_toast": ["id"]})])
+        assert window.read_chunk(0x100) is None
 
     def test_a_truncate_drops_the_chunk(self):
         table = backfill_table()

@@ -698,6 +698,7 @@ def is_unix_socket(host: str) -> bool:
 
 
 RECEIVE_BYTES = 256 * 1024  #: one socket read
+QUERY_YIELD_EVERY_ROWS = 512  #: a query's rows converted between two schedule points (a power of 2)
 DEFAULT_QUERY_TIMEOUT_S = 60.0  #: simple queries during setup (CREATE_REPLICATION_SLOT can wait on running transactions)
 SESSION_SETTINGS = {  #: startup parameters that make the server's text output predictable
     "DateStyle": "ISO",
@@ -853,6 +854,8 @@ class PgConnection:
                 body = buffer.next_data_row()
                 if body is not None:
                     append(convert_row(body))
+                    if not len(rows) & QUERY_YIELD_EVERY_ROWS - 1:
+                        await trio.lowlevel.checkpoint()  # many rows must not hold up other tasks
                     continue
                 tag, body = await self.receive_message()
                 if tag == DATA_ROW:  # a DataRow split across reads
@@ -2269,40 +2272,6 @@ class RelationWriter:
             else:
                 raise ValueError("not a text or NULL value")
         return pos
-
-    def write_data_row(self, body: bytes) -> tuple[str, str]:
-        """A row a query read: a DataRow's body (text format) whose first columns are this
-        relation's, in order (more may follow).  Gives the JSON texts of its key and of its
-        columns' members in one pass, through the same converters; what that pass does not take
-        (a value its converter refuses, malformed bytes) goes the general way, as a change does
-        (_convert_tuple: such a value stays a string; ProtocolError for a malformed DataRow)."""
-        members = []
-        append, size_of = members.append, _INT32.unpack_from
-        try:
-            if (body[0] << 8 | body[1]) < len(self.columns):
-                raise ValueError("column count")
-            pos = 2
-            for member, convert, null in self.columns:
-                size = size_of(body, pos)[0]
-                start = pos + 4
-                if size < 0:
-                    append(null)
-                    pos = start
-                else:
-                    pos = start + size
-                    append(member + convert(body[start:pos].decode()))
-            if pos > len(body):
-                raise ValueError("truncated")
-        except (IndexError, struct.error, *_VALUE_ERRORS):  # UnicodeDecodeError is a ValueError
-            values = decode_data_row(body)
-            if len(values) < len(self.names):
-                raise ProtocolError(f"malformed DataRow message: {len(values)} columns, {len(self.names)} "
-                                    f"expected for {self.schema}.{self.table}") from None
-            row, _ = _convert_tuple(self, values[:len(self.names)], "DataRow")
-            return _row_json(self, _build_key(self, row)), _row_json(self, row)[1:-1]
-        keys = self.key_indexes
-        key = "{" + ",".join([members[i] for i in keys]) + "}" if keys else "null"
-        return key, ",".join(members)
 
     def write_decoded(self, ctx: _TxnContext, message: Insert | Update | Delete, wal_start: int) -> Event:
         """The event of a decoded change, whatever its values (see the class comment)."""
@@ -3856,20 +3825,62 @@ class BackfillTable:
     #: The SELECT reads the writer's columns, then the order columns that are not among them.
     extra: tuple[str, ...] = dataclasses.field(init=False)
     order_positions: tuple[int, ...] = dataclasses.field(init=False)  #: in the SELECT's columns
+    #: Changes name their row by its key's JSON text, which is the order columns' (see ChunkWindow).
+    keyed_by_order: bool = dataclasses.field(init=False)
+    _key_line: str = dataclasses.field(init=False)  # the key's JSON text, its values as %s
+    _row_line: str = dataclasses.field(init=False)  # a read event from "schema" to its lsn's value
 
     def __post_init__(self) -> None:
-        names = self.writer.names
-        self.extra = tuple(c for c in self.order if c not in names)
-        columns = (*names, *self.extra)
+        writer = self.writer
+        self.extra = tuple(c for c in self.order if c not in writer.names)
+        columns = (*writer.names, *self.extra)
         self.order_positions = tuple(columns.index(c) for c in self.order)
+        self.keyed_by_order = set(self.order) == set(writer.key_names)
+        members = [member.replace("%", "%%") + "%s" for member in writer.members.values()]
+        self._key_line = "{" + ",".join(members[i] for i in writer.key_indexes) + "}" if writer.key_indexes else "null"
+        self._row_line = (writer.head.replace("%", "%%") + '"key":%s,"new":{' + ",".join(members) +
+                          '},"old":null,"unchanged_toast":[],"xid":null,"lsn":"')
 
     @property
     def name(self) -> str:
         return table_text((self.schema, self.table))
 
     def read_row(self, body: bytes) -> tuple[bytes, str, str]:
-        """A DataRow of the chunk's SELECT -> (its bytes, key JSON, new-row members JSON)."""
-        return (body, *self.writer.write_data_row(body))
+        """A DataRow of the chunk's SELECT (text format; the writer's columns first) -> (its bytes,
+        its key's JSON text, its read event's line from "schema" to the lsn's value).  One pass
+        over the bytes, through the writer's converters, as a change's; what it does not take (a
+        value a converter refuses, malformed bytes) goes the general way (_convert_tuple: such a
+        value stays a string; ProtocolError for a malformed DataRow)."""
+        values = []
+        append, size_of = values.append, _INT32.unpack_from
+        try:
+            if (body[0] << 8 | body[1]) < len(self.writer.converters):
+                raise ValueError("column count")
+            pos = 2
+            for convert in self.writer.converters:
+                size = size_of(body, pos)[0]
+                start = pos + 4
+                if size < 0:
+                    append("null")
+                    pos = start
+                else:
+                    pos = start + size
+                    append(convert(body[start:pos].decode()))
+            if pos > len(body):
+                raise ValueError("truncated")
+        except (IndexError, struct.error, *_VALUE_ERRORS):  # UnicodeDecodeError is a ValueError
+            values = self._values_slowly(body)
+        key = self._key_line % tuple([values[i] for i in self.writer.key_indexes])
+        return body, key, self._row_line % (key, *values)
+
+    def _values_slowly(self, body: bytes) -> list[str]:
+        values = decode_data_row(body)
+        names = self.writer.names
+        if len(values) < len(names):
+            raise ProtocolError(f"malformed DataRow message: {len(values)} columns, {len(names)} expected "
+                                f"for {self.name}")
+        row, _ = _convert_tuple(self.writer, values[:len(names)], "DataRow")
+        return [row[name] for name in names]
 
     def order_values(self, body: bytes) -> list[str | None]:
         """A selected row's order-column values as text (the cursor)."""
@@ -3891,8 +3902,7 @@ def build_chunk_query(table: BackfillTable, after: Sequence[str | None] | None, 
             f"ORDER BY {order} LIMIT {limit}")
 
 
-_READ_LINE = ('{"id":"%s:r%d","op":"read",%s"key":%s,"new":{%s},"old":null,"unchanged_toast":[],'
-              '"xid":null,"lsn":"%s","commit_lsn":null,"commit_time":null,"seq":null}')
+_READ_LINE = '{"id":"%s:r%d","op":"read",%s%s","commit_lsn":null,"commit_time":null,"seq":null}'
 
 
 def _order_identity(values: Iterable) -> tuple[str, ...]:
@@ -3904,16 +3914,21 @@ class ChunkWindow:
     """One chunk between its watermarks (pure; the Backfill task fills it, the stream reads it).
 
     `rows` (set before the high watermark is written): per row selected, BackfillTable.read_row's
-    (DataRow bytes, key JSON, new-row members JSON).  `observe` takes the stream's events between the watermarks
-    and notes the rows they change; `read_chunk` at the high watermark gives the read events of
-    the rows left.  A change whose row cannot be told (its event lacks the order columns) makes
-    the whole chunk be read again: `read_chunk` then gives None."""
+    (DataRow bytes, key JSON text, read line).  `observe` takes the stream's events between the
+    watermarks and notes the rows they change; `read_chunk` at the high watermark gives the read
+    events of the rows left.  Rows are told apart by their order columns.  When those are the
+    replica identity's (the primary key, or the index of REPLICA IDENTITY USING INDEX), a change
+    names its row by its key's JSON text (and its old key's, when it changed the key): written by
+    the same converters from the same text as the chunk's, so they compare as they are, at no cost
+    per row.  Otherwise (REPLICA IDENTITY FULL, whose key is every column) both sides are decoded
+    and compared by value.  A change whose row cannot be told (its key lacks a column, being
+    unchanged TOAST) makes the whole chunk be read again: `read_chunk` then gives None."""
 
     def __init__(self, run_id: str, number: int, table: BackfillTable):
         self.run_id, self.number, self.table = run_id, number, table
         self.rows: list[tuple[bytes, str, str]] = []
         self.opened = False  # the low watermark went by in the stream
-        self.changed: set[tuple[str, ...]] = set()
+        self.changed: set = set()  # key JSON texts, or order values (see the class comment)
         self.truncated = False
         self.unknown_row = False
         self.high_lsn: int | None = None
@@ -3927,22 +3942,36 @@ class ChunkWindow:
                             "table": self.table.name})
 
     def observe(self, events: Iterable[Event]) -> None:
-        head, order, where = self._head, self.table.order, (self.table.schema, self.table.table)
+        head = self._head
         for event in events:
-            if head not in event.line:
+            line = event.line
+            at = line.find(',"schema":')  # the first is the envelope's: ids and ops hold none
+            if at < 0 or not line.startswith(head, at + 1):
                 continue
-            data = event.data
-            if (data["schema"], data["table"]) != where:
-                continue
-            if data["op"] == "truncate":
+            op = event_op(event)
+            if op == "truncate":
                 self.truncated = True
-                continue
-            found = False
-            for row in (data["key"], data["new"], data["old"]):
-                if row and all(column in row for column in order):
-                    self.changed.add(_order_identity(row[column] for column in order))
-                    found = True
-            self.unknown_row |= not found
+            elif op != "message":
+                texts = _written_keys(line, at + 1 + len(head)) if self.table.keyed_by_order else None
+                if texts is None or '"unchanged_toast":[]' not in line:
+                    self._observe_decoded(event.data, texts)
+                else:
+                    self.changed.update(texts)
+
+    def _observe_decoded(self, data: Mapping, texts: list[str] | None) -> None:
+        order = self.table.order
+        if texts is not None:  # keyed by order, with unchanged TOAST: is the key whole?
+            if all(column in (data["key"] or ()) for column in order):
+                self.changed.update(texts)
+            else:
+                self.unknown_row = True
+            return
+        found = False
+        for row in (data["key"], data["new"], data["old"]):
+            if row and all(column in row for column in order):
+                self.changed.add(_order_identity(row[column] for column in order))
+                found = True
+        self.unknown_row |= not found
 
     def read_chunk(self, high_lsn: int) -> Chunk | None:
         """The read events of the rows no change touched, at the high watermark `high_lsn`."""
@@ -3952,15 +3981,40 @@ class ChunkWindow:
         rows = enumerate(self.rows)
         if self.truncated:
             rows = ()
+        elif self.changed and self.table.keyed_by_order:
+            changed = self.changed
+            rows = [(n, row) for n, row in rows if row[1] not in changed]
         elif self.changed:
             converters, changed, values = self.table.order_json, self.changed, self.table.order_values
             rows = [(n, row) for n, row in rows if _order_identity(
                 None if v is None else decode_event_line(convert(v))
                 for convert, v in zip(converters, values(row[0]))) not in changed]
-        lsn, head = format_lsn(high_lsn), self._head
-        events = [Event(_READ_LINE % (lsn, n, head, key, new, lsn)) for n, (_, key, new) in rows]
+        lsn = format_lsn(high_lsn)
+        events = [Event(_READ_LINE % (lsn, n, line, lsn)) for n, (_, _, line) in rows]
         self.rows, self.sent = [], len(events)  # the rows' memory goes with the events
         return Chunk(events, high_lsn, {"read": len(events)} if events else None, transaction=False)
+
+
+def _written_keys(line: str, pos: int) -> list[str] | None:
+    """The JSON texts of a change event's `key` and, when not null, `old`, as the envelope wrote
+    them (`pos`: where '"key":' should begin).  Under the replica identity's key, `old` is the old
+    key (an update that changed it, a delete).  None when the line is not as the envelope writes."""
+    if not line.startswith('"key":', pos):
+        return None
+    try:
+        _, end = _JSON_CHECK(line, pos + 6)
+        texts = [line[pos + 6:end]]
+        if not line.startswith(',"new":', end):
+            return None
+        _, old = _JSON_CHECK(line, end + 7)
+        if not line.startswith(',"old":', old):
+            return None
+        _, stop = _JSON_CHECK(line, old + 7)
+    except (StopIteration, ValueError):
+        return None
+    if stop - old - 7 != 4 or not line.startswith("null", old + 7):
+        texts.append(line[old + 7:stop])
+    return texts
 
 
 # --- reading (I/O) --------------------------------------------------------------------------------
