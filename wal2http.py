@@ -84,6 +84,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import typing
 import unicodedata
@@ -4158,6 +4159,8 @@ class Backfill:
         self._run_id = uuid.uuid4().hex[:12]
         self._chunks = 0
         self._wakeup = trio.Event()
+        self._write_lock = threading.Lock()  # _write runs in a worker thread too
+        self._version = self._written = 0  # states made, and the newest written
 
     @property
     def active(self) -> bool:
@@ -4305,11 +4308,13 @@ class Backfill:
                         "resumed after " + str(entry["rows"]) + " rows" if entry["after"] else "started",
                         "?" if table.estimated_rows is None else table.estimated_rows, self.config.backfill_chunk_rows)
             limit = self.config.backfill_chunk_rows
-            while limit:
+            while limit and not self.stopped:
                 limit = await self._read_chunk(conn, ack, table, entry, limit)
         except (BackfillRefused, ServerError) as exc:
             self._refuse(name, str(exc).removeprefix(f"backfill of {name} refused: "))
         else:
+            if self.stopped:  # the state file cannot be written: the entry stays as it is
+                return
             self.done[name] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             logger.info("backfill of %s: done, %d rows", name, entry["rows"])
             self.refused.pop(name, None)
@@ -4355,7 +4360,7 @@ class Backfill:
         await ack.wait_flushed(window.high_lsn)
         entry["after"], entry["rows"] = table.order_values(last), entry["rows"] + selected
         self.rows_total += window.sent
-        self._save()
+        await self._save_in_thread()
         self._log_progress(table, entry)
         if selected < limit:
             return 0
@@ -4389,18 +4394,40 @@ class Backfill:
         return rate, max(0.0, (estimated - entry["rows"]) / rate)
 
     def _save(self) -> None:
-        """Writes STATE_FILE.  A file that cannot be written is an alert and stops backfilling
-        (never replication)."""
+        """Writes STATE_FILE now (a request: saved before the stream goes on)."""
         try:
-            write_file_atomically(self.path, encode_state(self.requests, self.queue, self.done))
+            self._write(*self._snapshot())
         except OSError as exc:
-            if self.stopped is None:
-                self.stopped = f"STATE_FILE {self.path} cannot be written: {exc.strerror or exc}"
-                logger.error("backfill stopped: %s (replication goes on)", self.stopped)
-                if self.alerter is not None:
-                    self.alerter.alert("backfill", "wal2http stopped a backfill: its state file cannot be written",
-                                       f"{self.stopped}\nReplication goes on; no backfill runs until "
-                                       "wal2http is restarted with a STATE_FILE it can write.\n")
+            self._cannot_save(exc)
+
+    async def _save_in_thread(self) -> None:
+        """Writes STATE_FILE in a worker thread (after each chunk: its fsyncs take milliseconds
+        that the replication reader should not wait for)."""
+        try:
+            await trio.to_thread.run_sync(self._write, *self._snapshot())
+        except OSError as exc:
+            self._cannot_save(exc)
+
+    def _snapshot(self) -> tuple[int, bytes]:
+        self._version += 1
+        return self._version, encode_state(self.requests, self.queue, self.done)
+
+    def _write(self, version: int, data: bytes) -> None:
+        """One save at a time, never an older state over a newer one (OSError when it fails)."""
+        with self._write_lock:
+            if version > self._written:
+                write_file_atomically(self.path, data)
+                self._written = version
+
+    def _cannot_save(self, exc: OSError) -> None:
+        """A state file that cannot be written is an alert and stops backfilling (never replication)."""
+        if self.stopped is None:
+            self.stopped = f"STATE_FILE {self.path} cannot be written: {exc.strerror or exc}"
+            logger.error("backfill stopped: %s (replication goes on)", self.stopped)
+            if self.alerter is not None:
+                self.alerter.alert("backfill", "wal2http stopped a backfill: its state file cannot be written",
+                                   f"{self.stopped}\nReplication goes on; no backfill runs until "
+                                   "wal2http is restarted with a STATE_FILE it can write.\n")
 
     def status(self) -> dict | None:
         """The /status `backfill` object; None when no backfill was ever asked for."""
