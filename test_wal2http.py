@@ -9391,11 +9391,11 @@ class TestBackfillEndToEnd:
                   "CREATE TABLE b (id int PRIMARY KEY)", "CREATE TABLE other.c (id int PRIMARY KEY)",
                   "CREATE TABLE other.d (id int PRIMARY KEY)", "INSERT INTO a SELECT generate_series(1, 3)",
                   "INSERT INTO b SELECT generate_series(1, 2)", "INSERT INTO other.c SELECT generate_series(1, 4)",
-                  "INSERT INTO other.d VALUES (1)", "CREATE PUBLICATION some FOR TABLE a, other.c, other.d")
+                  "INSERT INTO other.d VALUES (1)", "CREATE PUBLICATION bf_some FOR TABLE a, other.c, other.d")
         cases = [("public.a", {"public.a": 3}), ("other.*", {"other.c": 4, "other.d": 1}),
                  ("*", {"public.a": 3, "other.c": 4, "other.d": 1}), ("public.*,other.c", {"public.a": 3, "other.c": 4})]
         for number, (tables, expected) in enumerate(cases):
-            config = make_config(cluster, db, pub_name="some", backfill_tables=tables,
+            config = make_config(cluster, db, pub_name="bf_some", backfill_tables=tables,
                                  state_file=str(tmp_path / f"state{number}.json"))
             async with running(config) as (sink, _ack):
                 await Observed.wait_for(sink, lambda s: len(bf_reads(s.events)) >= sum(expected.values()), timeout=30)
@@ -9627,10 +9627,10 @@ class TestBackfillEndToEnd:
                   "CREATE TABLE secret (id int PRIMARY KEY)",
                   "INSERT INTO ok SELECT g, 'ok' FROM generate_series(1, 30) g", "INSERT INTO nokey VALUES (1, 'x')",
                   "INSERT INTO outside VALUES (1)", "INSERT INTO secret VALUES (1)",
-                  "CREATE PUBLICATION some FOR TABLE ok, nokey, secret",
+                  "CREATE PUBLICATION bf_some FOR TABLE ok, nokey, secret",
                   f"CREATE ROLE {role} LOGIN REPLICATION PASSWORD {w.quote_literal(password)}",
                   f"GRANT SELECT ON ok, nokey, outside TO {role}")
-        config = w.load_config([], ops_env(cluster, db, database_url=cluster.url(db, role, password), pub_name="some",
+        config = w.load_config([], ops_env(cluster, db, database_url=cluster.url(db, role, password), pub_name="bf_some",
                                            backfill_tables="public.ok,public.nokey,public.outside,public.secret",
                                            state_file=str(tmp_path / "state.json")))[0]
         port = ops_port(config)
