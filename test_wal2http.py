@@ -2464,7 +2464,7 @@ class TestReconnectBackoff:
         RECONNECT_ALERT_AFTER_S, and progress afterwards is one "recovered"."""
         starts = []
 
-        async def session(config, sink, ack, stop, on_streaming):
+        async def session(config, sink, ack, stop, on_streaming, backfill=None):
             starts.append(trio.current_time())
             on_streaming()
             if len(starts) == 20:  # the server works again: the slot advances
@@ -2489,7 +2489,7 @@ class TestReconnectBackoff:
         never advances the slot): still one alert after RECONNECT_ALERT_AFTER_S."""
         starts = []
 
-        async def session(config, sink, ack, stop, on_streaming):
+        async def session(config, sink, ack, stop, on_streaming, backfill=None):
             starts.append(trio.current_time())
             if streams:
                 on_streaming()
@@ -2506,7 +2506,7 @@ class TestReconnectBackoff:
     async def test_progress_resets_the_backoff(self, autojump_clock, monkeypatch):
         starts = []
 
-        async def session(config, sink, ack, stop, on_streaming):
+        async def session(config, sink, ack, stop, on_streaming, backfill=None):
             starts.append(trio.current_time())
             on_streaming()
             if len(starts) == 5:
@@ -2532,6 +2532,336 @@ def retryable(message="boom", **kwargs):
 
 def fatal(message="bad request", **kwargs):
     return w.DeliveryError(message, retryable=False, **kwargs)
+
+
+# -- Backfill (section 10): the pure parts, the stream side, and POST /backfill
+
+def backfill_table(identity="d", order=("id",), order_types=("bigint",), row_filter=None) -> w.BackfillTable:
+    writer = w.RelationWriter(orders(identity), {})
+    converters = tuple(w.json_text_for({"id": 20, "status": 25}[name]) for name in order)
+    return w.BackfillTable("public", "orders", writer, order, order_types, converters, row_filter, 1000)
+
+
+def backfill_rows(table: w.BackfillTable, *ids: int) -> list[tuple]:
+    """Selected rows as the backfill task keeps them: (order texts, key JSON, new-row members)."""
+    rows = []
+    for row_id in ids:
+        values = (str(row_id), f"s{row_id}", "1.50", '{"a": 1}', "2026-11-27 16:25:11+00")
+        rows.append(((values[0],), *table.writer.write_row(values)))
+    return rows
+
+
+def change(op: str, row_id: int | None, table: str = "orders", old_id: int | None = None, **extra) -> w.Event:
+    new = None if op == "delete" or row_id is None else {"id": row_id, "status": "x"}
+    key = {"id": row_id if op != "delete" else old_id} if op != "truncate" else None
+    old = {"id": old_id} if old_id is not None else None
+    return w.Event.from_dict({"id": "0/1:0", "op": op, "schema": "public", "table": table, "key": key,
+                              "new": new, "old": old, "unchanged_toast": [], **extra})
+
+
+def message_event(prefix: str, content: str, transactional: bool, lsn: str = "0/2000") -> w.Event:
+    return w.Event.from_dict({
+        "id": f"{lsn}:m" if not transactional else "0/3000:1", "op": "message", "schema": None,
+        "table": None, "key": None, "new": None, "old": None, "unchanged_toast": [], "prefix": prefix,
+        "content": content, "transactional": transactional, "xid": None, "lsn": lsn, "commit_lsn": None,
+        "commit_time": None, "seq": None})
+
+
+def watermark_chunk(window: w.ChunkWindow, mark: str, lsn: str) -> w.Chunk:
+    return w.Chunk([message_event(w.WATERMARK_PREFIX, window.watermark(mark), False, lsn)], None, {"message": 1})
+
+
+class TestBackfillPatterns:
+    @pytest.mark.parametrize("text, expected", [
+        ("public.orders", ("public.orders",)),
+        (" public.orders , sales.* ", ("public.orders", "sales.*")),
+        ("*", ("*",)),
+        ('"Sales"."Big Orders",Public.T', ("Sales.Big Orders", "public.t")),
+        ('"a""b".c', ('a"b.c',)),
+        ("public.orders,public.orders", ("public.orders",)),
+    ])
+    def test_patterns(self, text, expected):
+        assert w.parse_backfill_tables(text) == expected
+
+    @pytest.mark.parametrize("text", ["orders", "public.", ".orders", "a.b.c", "public.orders,", ",", "",
+                                      "public.or ders", '"open.t'])
+    def test_bad_patterns_name_the_variable(self, text):
+        with pytest.raises(w.ConfigError) as caught:
+            w.parse_backfill_tables(text)
+        assert str(caught.value).startswith("BACKFILL_TABLES: expected schema.table, schema.* or *")
+        assert caught.value.exit_code == 2
+
+    def test_setting(self):
+        assert load({"BACKFILL_TABLES": "public.a,s.*"}).backfill_tables == ("public.a", "s.*")
+        assert load().backfill_tables == ()
+        assert "BACKFILL_TABLES" in config_error({"BACKFILL_TABLES": "nodot"})
+        assert "BACKFILL_CHUNK_ROWS" in config_error({"BACKFILL_CHUNK_ROWS": "0"})
+        assert (load().backfill_chunk_rows, load().state_file) == (10_000, "wal2http-state.json")
+
+    def test_matching_published_tables(self):
+        published = [("public", "a"), ("public", "b"), ("sales", "c")]
+        assert w.match_tables(("public.b",), published) == ([("public", "b")], [])
+        assert w.match_tables(("sales.*", "public.a"), published) == ([("public", "a"), ("sales", "c")], [])
+        assert w.match_tables(("*",), published) == (published, [])
+        assert w.match_tables(("public.zzz", "other.*"), published) == ([], ["public.zzz"])
+
+
+class TestBackfillState:
+    def test_round_trip(self, tmp_path):
+        requests = [{"tables": ["public.*"], "source": "signal at 0/1", "again": True}]
+        queue = [{"schema": "public", "table": "t", "after": ["42", None], "rows": 10, "source": "BACKFILL_TABLES"}]
+        done = {"public.u": "2026-12-06T10:00:00+00:00"}
+        path = str(tmp_path / "state.json")
+        w.write_file_atomically(path, w.encode_state(requests, queue, done))
+        assert w.decode_state(open(path, "rb").read(), path) == (requests, queue, done)
+        assert os.listdir(tmp_path) == ["state.json"]  # no temporary file left
+
+    def test_replaces_the_file_whole(self, tmp_path):
+        path = str(tmp_path / "state.json")
+        w.write_file_atomically(path, b"first, longer content")
+        w.write_file_atomically(path, b"second")
+        assert open(path, "rb").read() == b"second"
+
+    def test_a_file_that_cannot_be_written(self, tmp_path):
+        (tmp_path / "afile").write_text("")
+        with pytest.raises(OSError):
+            w.write_file_atomically(str(tmp_path / "afile" / "state.json"), b"{}")
+
+    @pytest.mark.parametrize("data", [
+        b"", b"not json", b"[]", b'{"version": 2, "requests": [], "queue": [], "done": {}}',
+        b'{"version": 1, "requests": [], "queue": []}',
+        b'{"version": 1, "requests": [{"tables": "public.t"}], "queue": [], "done": {}}',
+        b'{"version": 1, "requests": [], "queue": [{"schema": "public"}], "done": {}}',
+        b'{"version": 1, "requests": [], "queue": [{"schema": "p", "table": "t", "after": [1], "rows": 0, '
+        b'"source": "x"}], "done": {}}',
+        b'{"version": 1, "requests": [], "queue": [], "done": {"public.t": 1}}',
+    ])
+    def test_a_corrupt_file_is_exit_2_naming_it(self, data):
+        with pytest.raises(w.ConfigError) as caught:
+            w.decode_state(data, "/srv/w/state.json")
+        assert str(caught.value).startswith("STATE_FILE: /srv/w/state.json is not a wal2http state file")
+        assert caught.value.exit_code == 2
+
+    def test_loaded_at_start(self, tmp_path):
+        path = tmp_path / "state.json"
+        path.write_text("{")
+        with pytest.raises(w.ConfigError, match="STATE_FILE: .*state.json is not a wal2http state file"):
+            w.open_backfill(load({"STATE_FILE": str(path)}), None)
+        path.unlink()
+        backfill = w.open_backfill(load({"STATE_FILE": str(path), "BACKFILL_TABLES": "public.t"}), None)
+        assert backfill.requests == [{"tables": ["public.t"], "source": "BACKFILL_TABLES", "again": False}]
+        assert json.loads(path.read_text())["requests"] == backfill.requests  # saved at once
+        assert w.open_backfill(load({"STATE_FILE": str(tmp_path / "none.json")}), None).status() is None
+
+
+class TestBackfillChunk:
+    def test_chunk_query(self):
+        table = backfill_table()
+        columns = '"id", "id", "status", "amount", "meta", "created"'
+        assert w.build_chunk_query(table, None, 100) == (
+            f'SELECT {columns} FROM "public"."orders" ORDER BY "id" LIMIT 100')
+        assert w.build_chunk_query(table, ["4'2"], 5) == (
+            f'SELECT {columns} FROM "public"."orders" WHERE "id" > \'4\'\'2\'::bigint ORDER BY "id" LIMIT 5')
+        composite = backfill_table(order=("id", "status"), order_types=("bigint", "text"), row_filter="amount > 1")
+        assert w.build_chunk_query(composite, ["1", "b"], 7) == (
+            'SELECT "id", "status", "id", "status", "amount", "meta", "created" FROM "public"."orders" '
+            'WHERE (amount > 1) AND ("id", "status") > (\'1\'::bigint, \'b\'::text) ORDER BY "id", "status" LIMIT 7')
+
+    def test_a_read_row_is_written_like_an_inserted_one(self, feed):
+        (insert,) = events_of(transaction(feed, w.Insert(None, 16400, ROW)))
+        key, members = w.RelationWriter(orders(), {}).write_row(ROW)
+        assert insert.line.count(f'"key":{key},"new":{{{members}}}') == 1
+        assert w.RelationWriter(orders("n"), {}).write_row(ROW)[0] == "null"
+        assert w.RelationWriter(orders(), {}).write_row((None, "x", "not a number", "{", None))[1] == (
+            '"id":null,"status":"x","amount":"not a number","meta":"{","created":null')
+
+    def test_read_events_exactly(self):
+        table = backfill_table()
+        window = w.ChunkWindow("run1", 3, table)
+        window.rows = backfill_rows(table, 1, 2)
+        chunk = window.read_chunk(0x16B3748)
+        assert (chunk.end_lsn, chunk.transaction, chunk.op_counts) == (0x16B3748, False, {"read": 2})
+        first = chunk.events[0]
+        assert list(first) == EVENT_KEYS
+        assert first == {
+            "id": "0/16B3748:r0", "op": "read", "schema": "public", "table": "orders", "key": {"id": 1},
+            "new": {"id": 1, "status": "s1", "amount": "1.50", "meta": {"a": 1}, "created": "2026-11-27T16:25:11Z"},
+            "old": None, "unchanged_toast": [], "xid": None, "lsn": "0/16B3748", "commit_lsn": None,
+            "commit_time": None, "seq": None}
+        assert chunk.events[1]["id"] == "0/16B3748:r1"
+
+    def test_rows_changed_between_the_watermarks_are_dropped(self):
+        table = backfill_table()
+        window = w.ChunkWindow("run1", 1, table)
+        window.rows = backfill_rows(table, 1, 2, 3, 4, 5, 6)
+        window.observe([change("insert", 2), change("update", 4, old_id=9), change("delete", None, old_id=5),
+                        change("insert", 3, table="other"), change("insert", 77)])
+        events = window.read_chunk(0x100).events
+        assert [e["id"] for e in events] == ["0/100:r0", "0/100:r2", "0/100:r5"]  # gaps where rows went
+        assert [e["key"] for e in events] == [{"id": 1}, {"id": 3}, {"id": 6}]
+
+    def test_a_truncate_drops_the_chunk(self):
+        table = backfill_table()
+        window = w.ChunkWindow("run1", 1, table)
+        window.rows = backfill_rows(table, 1, 2)
+        window.observe([change("truncate", None)])
+        chunk = window.read_chunk(0x100)
+        assert (chunk.events, chunk.end_lsn, chunk.op_counts) == ([], 0x100, None)
+
+    def test_a_change_that_does_not_name_its_row_reads_the_chunk_again(self):
+        table = backfill_table(order=("id", "status"), order_types=("bigint", "text"))
+        window = w.ChunkWindow("run1", 1, table)
+        window.rows = [(("1", "s1"), *table.writer.write_row(("1", "s1", None, None, None)))]
+        window.observe([w.Event.from_dict({"id": "0/1:0", "op": "delete", "schema": "public", "table": "orders",
+                                           "key": {"id": 1}, "new": None, "old": {"id": 1}})])
+        assert window.unknown_row
+        assert window.read_chunk(0x100) is None
+
+    def test_composite_keys_compare_by_value(self):
+        table = backfill_table(order=("id", "status"), order_types=("bigint", "text"))
+        window = w.ChunkWindow("run1", 1, table)
+        window.rows = [((str(i), f"s{i}"), *table.writer.write_row((str(i), f"s{i}", None, None, None)))
+                       for i in (1, 2)]
+        window.observe([w.Event.from_dict({"id": "0/1:0", "op": "update", "schema": "public", "table": "orders",
+                                           "key": {"id": 2}, "new": {"id": 2, "status": "s2"}, "old": None})])
+        assert [e["key"] for e in window.read_chunk(0x100).events] == [{"id": 1}]
+
+
+class TestBackfillStream:
+    @pytest.fixture
+    def backfill(self, tmp_path):
+        return w.Backfill(load({"STATE_FILE": str(tmp_path / "state.json")}))
+
+    def test_chunks_between_the_watermarks(self, backfill):
+        table = backfill_table()
+        window = backfill.window = w.ChunkWindow("run1", 7, table)
+        window.rows = backfill_rows(table, 1, 2, 3)
+        insert = w.Chunk([change("insert", 1)], 0x50)
+        assert backfill.filter(insert) == (insert,)  # before the low watermark: not looked at
+        assert backfill.filter(watermark_chunk(window, "low", "0/60")) == ()
+        assert window.opened
+        update = w.Chunk([change("update", 2)], 0x70, {"update": 1})
+        assert backfill.filter(update) == (update,)
+        stale = w.ChunkWindow("run0", 7, table)  # an earlier run's chunk: not in memory any more
+        assert backfill.filter(watermark_chunk(stale, "high", "0/75")) == ()
+        (read,) = backfill.filter(watermark_chunk(window, "high", "0/80"))
+        assert [e["id"] for e in read.events] == ["0/80:r0", "0/80:r2"]
+        assert (read.end_lsn, read.transaction) == (0x80, False)
+        assert window.closed.is_set() and backfill.window is None
+        later = w.Chunk([change("delete", None, old_id=3)], 0x90, {"delete": 1})
+        assert backfill.filter(later) == (later,)
+
+    def test_a_signal_is_a_request_and_not_an_event(self, backfill, caplog):
+        signal = message_event(w.BACKFILL_SIGNAL_PREFIX, "public.orders, sales.*", True)
+        other = message_event("audit", "kept", True)
+        insert = change("insert", 1)
+        chunk = w.Chunk([insert, signal, other], 0x99, {"message": 2}, 1234)
+        (out,) = backfill.filter(chunk)
+        assert out.events == [insert, other]
+        assert (out.end_lsn, out.op_counts, out.commit_time_us, out.transaction) == (0x99, {"message": 1}, 1234, True)
+        assert backfill.requests == [{"tables": ["public.orders", "sales.*"], "source": "signal at 0/2000",
+                                      "again": True}]
+        assert json.loads(open(backfill.path).read())["requests"] == backfill.requests  # durable at once
+        bad = w.Chunk([message_event(w.BACKFILL_SIGNAL_PREFIX, "no dot", True)], 0x9A, {"message": 1})
+        assert backfill.filter(bad)[0].events == []
+        assert len(backfill.requests) == 1
+        assert logged(caplog, "expected schema.table")
+
+    def test_an_unwritable_state_file_stops_backfilling_not_replication(self, tmp_path, caplog):
+        (tmp_path / "afile").write_text("")
+        alerts = RecordingAlerter()
+        backfill = w.Backfill(load({"STATE_FILE": str(tmp_path / "afile" / "state.json")}), alerts)
+        backfill.request(("public.t",), "test")
+        assert backfill.stopped.startswith(f"STATE_FILE {tmp_path / 'afile' / 'state.json'} cannot be written")
+        assert backfill.status()["stopped"] == backfill.stopped
+        assert logged(caplog, "backfill stopped")
+        assert [a[0] for a in alerts.alerts] == ["backfill"]
+
+    def test_status(self, backfill):
+        assert backfill.status() is None
+        backfill.request(("public.*",), "POST /backfill")
+        backfill.queue.append({"schema": "public", "table": "t", "after": None, "rows": 0, "source": "x"})
+        status = backfill.status()
+        assert status["requested"] == ["public.*"]
+        assert status["queued"] == ["public.t"]
+        assert (status["table"], status["rows_total"], status["stopped"]) == (None, 0, None)
+
+
+class TestBackfillAcknowledgement:
+    async def test_wait_flushed(self):
+        ack = w.AckTracker(0x10)
+        reached = []
+
+        async def waiter():
+            await ack.wait_flushed(0x30)
+            reached.append(ack.flushed_lsn)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await wait_until(lambda: ack._moved is not None)
+            ack.queued()
+            ack.delivered(0x20)
+            await trio.testing.wait_all_tasks_blocked()
+            assert reached == []
+            ack.keepalive(0x40, True)
+        assert reached == [0x40]
+
+    def test_read_events_are_counted_but_are_no_transaction(self):
+        stats = w.Stats()
+        table = backfill_table()
+        window = w.ChunkWindow("r", 1, table)
+        window.rows = backfill_rows(table, 1, 2)
+        stats._taken.append(window.read_chunk(0x100))
+        stats.chunks_confirmed(1)
+        assert stats.events_confirmed["read"] == 2
+        assert stats.transactions == 0
+        stats.backfill = w.Backfill(load())
+        stats.backfill.rows_total = 2
+        families = metric_families(w.build_metrics_text(stats))
+        assert metric_value(families, "wal2http_backfill_rows", "wal2http_backfill_rows_total") == 2
+        assert metric_value(families, "wal2http_backfill_tables_remaining") == 0
+
+
+class TestBackfillPost:
+    async def post(self, port, body: bytes, token="default", headers=()):
+        token = OPS_TOKEN if token == "default" else token
+        client = w.HttpClient(f"http://127.0.0.1:{port}/", timeout_s=10, headers=[
+            *headers, *([("Authorization", f"Bearer {token}")] if token else [])])
+        try:
+            return await client.request("POST", "/backfill", body=body, headers=[("Content-Type", "application/json")])
+        finally:
+            await client.aclose()
+
+    async def test_post_backfill(self, tmp_path):
+        port = free_port()
+        stats = w.Stats(ops_config(port, OPS_TOKEN))
+        stats.backfill = w.Backfill(load({"STATE_FILE": str(tmp_path / "s.json")}))
+        async with ops_server(ops_config(port, OPS_TOKEN), stats):
+            answer = await self.post(port, b'{"tables": ["public.orders", "sales.*"]}')
+            assert (answer.status, ops_json(answer)) == (202, {"status": "accepted", "tables": ["public.orders", "sales.*"]})
+            assert stats.backfill.requests[-1]["source"] == "POST /backfill"
+            assert (await self.post(port, b'{"tables": ["x"]}', token="wrong")).status == 401
+            assert (await self.post(port, b'{"tables": ["x"]}', token=None)).status == 401
+            for body in (b"", b"{", b'{"tables": "public.t"}', b'{"tables": []}', b'{"tables": [1]}', b'{"other": 1}'):
+                assert (await self.post(port, body)).status == 400, body
+            bad = await self.post(port, b'{"tables": ["nodot"]}')
+            assert (bad.status, bad.body) == (400, b"tables: expected schema.table, schema.* or *, comma-separated "
+                                                   b"(got 'nodot')\n")
+            assert (await ops_get(port, "/backfill", token=OPS_TOKEN)).status == 405
+            too_big = await self.post(port, b'{"tables": ["' + b"a" * w.OPS_MAX_BODY_BYTES + b'.t"]}')
+            assert too_big.status == 413
+            assert (await ops_get(port, "/health")).status == 200  # the port goes on
+        assert len(stats.backfill.requests) == 1
+
+    async def test_post_backfill_needs_a_token(self, tmp_path):
+        port = free_port()
+        stats = w.Stats(ops_config(port))
+        stats.backfill = w.Backfill(load({"STATE_FILE": str(tmp_path / "s.json")}))
+        async with ops_server(ops_config(port), stats):
+            answer = await self.post(port, b'{"tables": ["public.t"]}', token=None)
+            assert answer.status == 403
+            assert b"OPS_TOKEN" in answer.body
+        assert stats.backfill.requests == []
 
 
 class TestReliableSink:
@@ -5887,6 +6217,10 @@ class TestConfig:
         ("SLOT_CHECK_INTERVAL_SECS", "0.5", "slot_check_interval_s", 0.5),
         ("SLOT_MAX_RETAINED_MB", "64", "slot_max_retained_mb", 64),
         ("TAP_MAX_CLIENTS", "32", "tap_max_clients", 32),
+        ("BACKFILL_TABLES", ' public.orders, "Sales".*,* ', "backfill_tables", ("public.orders", "Sales.*", "*")),
+        ("BACKFILL_ON_CREATE", "true", "backfill_on_create", True),
+        ("BACKFILL_CHUNK_ROWS", "500", "backfill_chunk_rows", 500),
+        ("STATE_FILE", " /var/lib/wal2http/state.json ", "state_file", "/var/lib/wal2http/state.json"),
         ("DELIVERY_CONCURRENCY", " 8 ", "delivery_concurrency", 8),
         ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
         ("HTTP_BATCH_SIZE", "50", "http_batch_size", 50),
@@ -5933,7 +6267,8 @@ class TestConfig:
             "--hook0-api-token", "--hook0-table-events", "--hook0-labels", "--hook0-create-event-types",
             "--email-smtp-host", "--email-smtp-port", "--email-smtp-username", "--email-smtp-password",
             "--email-from", "--email-to", "--email-smtp-tls", "--ops-addr", "--ops-token",
-            "--slot-check-interval-secs", "--slot-max-retained-mb", "--tap-max-clients"]
+            "--slot-check-interval-secs", "--slot-max-retained-mb", "--tap-max-clients",
+            "--backfill-tables", "--backfill-on-create", "--backfill-chunk-rows", "--state-file"]
 
     @pytest.mark.parametrize("env,argv,expected", [
         ({}, [], "sub"),

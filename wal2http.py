@@ -18,7 +18,8 @@ HTTP_ENDPOINT_URL, HTTP_BATCH_SIZE, HTTP_TIMEOUT_SECS, HTTP_HEADERS, HTTP_SIGNIN
 HTTP_CA_FILE, HOOK0_API_URL, HOOK0_APPLICATION_ID, HOOK0_API_TOKEN, HOOK0_TABLE_EVENTS,
 HOOK0_LABELS, HOOK0_CREATE_EVENT_TYPES, EMAIL_SMTP_HOST, EMAIL_SMTP_PORT, EMAIL_SMTP_USERNAME,
 EMAIL_SMTP_PASSWORD, EMAIL_FROM, EMAIL_TO, EMAIL_SMTP_TLS, OPS_ADDR, OPS_TOKEN,
-SLOT_CHECK_INTERVAL_SECS, SLOT_MAX_RETAINED_MB, TAP_MAX_CLIENTS.
+SLOT_CHECK_INTERVAL_SECS, SLOT_MAX_RETAINED_MB, TAP_MAX_CLIENTS, BACKFILL_TABLES,
+BACKFILL_ON_CREATE, BACKFILL_CHUNK_ROWS, STATE_FILE.
 
 Protocol references (PostgreSQL documentation): "Frontend/Backend Protocol" (message formats,
 SASL authentication), "Streaming Replication Protocol", "Logical Streaming Replication Protocol"
@@ -26,22 +27,24 @@ and "Logical Replication Message Formats".
 
 Contents (`grep -n '^# [0-9]' wal2http.py`), in the order an event travels: PostgreSQL's bytes,
 decoded, become an event, which the delivery loop hands to a sink; alerts, the operations port,
-configuration and the command line come last.  Sections 2, 3, 5-8, 14, 15 and 19 are pure:
+configuration and the command line come last.  Sections 2, 3, 5-8, 15, 16 and 20 are pure:
 nothing there touches a socket or a thread (the envelope's spill file for streamed transactions
 aside), and each is tested with bytes and values alone; the other sections say what I/O they do.
-  1. Errors and failing periods        12. HTTP client (h11 over Trio)
-  2. Wire codec (sans-IO)              13. HTTP sink
-  3. Authentication (pure)             14. Hook0 sink: mapping (pure)
-  4. PostgreSQL connection (I/O)       15. Hook0 sink: answers (pure)
-  5. Replication framing (sans-IO)     16. Hook0 sink: delivery (I/O)
-  6. pgoutput decoder                  17. Alerts
-  7. Type conversion                   18. Operations port: health, metrics, slot guard,
+  1. Errors and failing periods        13. HTTP client (h11 over Trio)
+  2. Wire codec (sans-IO)              14. HTTP sink
+  3. Authentication (pure)             15. Hook0 sink: mapping (pure)
+  4. PostgreSQL connection (I/O)       16. Hook0 sink: answers (pure)
+  5. Replication framing (sans-IO)     17. Hook0 sink: delivery (I/O)
+  6. pgoutput decoder                  18. Alerts
+  7. Type conversion                   19. Operations port: health, metrics, slot guard,
   8. Event envelope                        live tap
-  9. Replication loop and the          19. Configuration
-     acknowledgement rule              20. Service: run() and --check
- 10. Delivery: the sink interface,     21. --demo: a throwaway PostgreSQL
-     retries, ON_FAILURE, dead letters 22. Command line
- 11. stdout sink
+  9. Replication loop and the          20. Configuration
+     acknowledgement rule              21. Service: run() and --check
+ 10. Backfill: existing rows,          22. --demo: a throwaway PostgreSQL
+     between watermarks                23. Command line
+ 11. Delivery: the sink interface,
+     retries, ON_FAILURE, dead letters
+ 12. stdout sink
 """
 
 from __future__ import annotations
@@ -213,7 +216,7 @@ class Backoff:
 class FailingPeriod:
     """One period during which something keeps failing (a sink, the replication connection):
     when it began, and whether an alert went out, so that its end sends one "recovered" mail.
-    `alerter` is an Alerter (section 9) or anything with its alert/recovered methods."""
+    `alerter` is an Alerter (section 18) or anything with its alert/recovered methods."""
 
     def __init__(self, alerter, key: str):
         self.alerter, self.key = alerter, key
@@ -2110,6 +2113,9 @@ class Chunk:
     #: counted where each non-insert event is built, so the insert hot path counts nothing.
     op_counts: dict[str, int] | None = None
     commit_time_us: int | None = None  #: with end_lsn: the commit time (pgoutput's, from 2000-01-01)
+    #: False for a backfill's read events (section 10): their end_lsn marks their place in the
+    #: stream (everything before it is delivered with them), but they end no transaction.
+    transaction: bool = True
 
 
 @dataclasses.dataclass(slots=True)
@@ -2244,6 +2250,24 @@ class RelationWriter:
             else:
                 raise ValueError("not a text or NULL value")
         return pos
+
+    def write_row(self, values: Sequence[str | None]) -> tuple[str, str]:
+        """A row a query read (its text values in column order, as a DataRow gives them): the JSON
+        texts of its key and of its columns' members, through the same converters.  A value its
+        converter refuses stays a string, as in write_decoded."""
+        members = []
+        append = members.append
+        for (member, convert, null), value in zip(self.columns, values):
+            if value is None:
+                append(null)
+                continue
+            try:
+                append(member + convert(value))
+            except _VALUE_ERRORS:
+                append(member + encode_json_string(value))
+        keys = self.key_indexes
+        key = "{" + ",".join([members[i] for i in keys]) + "}" if keys else "null"
+        return key, ",".join(members)
 
     def write_decoded(self, ctx: _TxnContext, message: Insert | Update | Delete, wal_start: int) -> Event:
         """The event of a decoded change, whatever its values (see the class comment)."""
@@ -2880,6 +2904,7 @@ class AckTracker:
         self._next_ticket = 0
         self._oldest = 0  # the oldest ticket not yet confirmed
         self.stats = None  # the operations port's Stats, told of each chunk confirmed
+        self._moved: trio.Event | None = None  # set when the flushed position moves (wait_flushed)
 
     def queued(self) -> None:
         self.in_flight += 1
@@ -2912,8 +2937,21 @@ class AckTracker:
         self.in_flight -= 1
         if end_lsn is not None and end_lsn > self.flushed_lsn:
             self.flushed_lsn = end_lsn
-            if self.on_progress is not None:
-                self.on_progress()
+            self._advanced()
+
+    def _advanced(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress()
+        if self._moved is not None:
+            self._moved.set()
+            self._moved = None
+
+    async def wait_flushed(self, lsn: int) -> None:
+        """Returns once the flushed position is at `lsn` or past it."""
+        while self.flushed_lsn < lsn:
+            if self._moved is None:
+                self._moved = trio.Event()
+            await self._moved.wait()
 
     def received(self, wal_end: int) -> None:
         if wal_end > self.received_lsn:
@@ -2923,8 +2961,7 @@ class AckTracker:
         self.received(wal_end)
         if assembler_idle and self.in_flight == 0 and wal_end > self.flushed_lsn:
             self.flushed_lsn = wal_end
-            if self.on_progress is not None:
-                self.on_progress()
+            self._advanced()
 
     def resume_from(self, confirmed_lsn: int) -> None:
         """The slot's confirmed_flush_lsn at connect: never report anything below it.  (While the
@@ -3075,9 +3112,10 @@ async def _ensure_failover(conn: PgConnection, config, failover: str | None) -> 
                     "sync_replication_slots keep a copy", config.slot_name)
 
 
-async def ensure_slot(conn: PgConnection, config) -> int:
+async def ensure_slot(conn: PgConnection, config) -> tuple[int, bool]:
     """Check the slot (pgoutput, this database); create it when CREATE_SLOT allows.  Returns its
-    confirmed_flush_lsn (for a new slot, its consistent point; 0 when the server gives none)."""
+    confirmed_flush_lsn (for a new slot, its consistent point; 0 when the server gives none) and
+    whether it was created now."""
     check_slot_failover(config, conn.server_version_num)
     failover = ", failover" if conn.server_version_num >= 170000 else ", NULL"
     rows = await conn.simple_query(
@@ -3092,7 +3130,7 @@ async def ensure_slot(conn: PgConnection, config) -> int:
             raise PreconditionError(f"replication slot {config.slot_name!r} (SLOT_NAME) belongs to "
                                     f"database {database!r}, not {conn.conninfo.dbname!r}")
         await _ensure_failover(conn, config, has_failover)
-        return parse_lsn(confirmed) if confirmed else 0
+        return (parse_lsn(confirmed) if confirmed else 0), False
     if not config.create_slot:
         raise PreconditionError(
             f"replication slot {config.slot_name!r} (SLOT_NAME) does not exist and CREATE_SLOT=false: "
@@ -3104,12 +3142,12 @@ async def ensure_slot(conn: PgConnection, config) -> int:
                                    f"{options}", timeout_s=math.inf)
     logger.info("created replication slot %r", config.slot_name)
     consistent_point = rows[0][1] if rows and len(rows[0]) > 1 else None  # slot_name, consistent_point, ...
-    return parse_lsn(consistent_point) if consistent_point else 0
+    return (parse_lsn(consistent_point) if consistent_point else 0), True
 
 
-async def prepare_replication(conn: PgConnection, config) -> int:
+async def prepare_replication(conn: PgConnection, config) -> tuple[int, bool]:
     """Every precondition of streaming, with errors that say what to fix.  Returns the slot's
-    confirmed position."""
+    confirmed position, and whether the slot was created now."""
     try:
         check_server_version(conn)
         await check_wal_level(conn)
@@ -3177,13 +3215,16 @@ class ReplicationStream:
     """The reader side of one streaming connection."""
 
     def __init__(self, conn: PgConnection, assembler, ack: AckTracker, send_channel, delivery=None,
-                 read_timeout_s: float = READ_IDLE_TIMEOUT_S):
+                 read_timeout_s: float = READ_IDLE_TIMEOUT_S, backfill=None):
         self.read_timeout_s = read_timeout_s
         self.conn = conn
         self.assembler = assembler
         self.ack = ack
         self.send_channel = send_channel
         self.delivery = delivery  # a DeliveryLoop: while it waits for an answer, yield often
+        #: A Backfill (section 10): it sees each chunk holding messages, and every chunk while a
+        #: backfill chunk's window is open, before delivery does.
+        self.backfill = backfill
 
     async def run_reader(self) -> None:
         conn, buffer, timeout_s = self.conn, self.conn.buffer, self.read_timeout_s
@@ -3200,7 +3241,7 @@ class ReplicationStream:
     async def handle_buffered(self) -> None:
         """Every complete message received; XLogData (nearly all of them) on the short path."""
         buffer, feed, ack, send = self.conn.buffer, self.assembler.feed, self.ack, self.send_channel.send
-        delivery, unyielded = self.delivery, 0
+        delivery, backfill, unyielded = self.delivery, self.backfill, 0
         frame, kind = XLOG_DATA_FRAME, XLOG_DATA.value  # kind: a plain int, compared for every message
         while True:
             xlog = buffer.next_copy_data(frame, kind)
@@ -3217,6 +3258,11 @@ class ReplicationStream:
             if chunks:
                 unyielded = 0
                 for chunk in chunks:
+                    if backfill is not None and (chunk.op_counts is not None or backfill.window is not None):
+                        for part in backfill.filter(chunk):
+                            ack.queued()
+                            await send(part)
+                        continue
                     ack.queued()
                     await send(chunk)  # a schedule point
             else:
@@ -3232,8 +3278,9 @@ class ReplicationStream:
             wal_start, wal_end, payload = decode_xlog_data(body)
             self.ack.received(wal_end)
             for chunk in self.assembler.feed(wal_start, payload):
-                self.ack.queued()
-                await self.send_channel.send(chunk)
+                for part in (chunk,) if self.backfill is None else self.backfill.filter(chunk):
+                    self.ack.queued()
+                    await self.send_channel.send(part)
         elif tag == COPY_DATA and body and body[0] == PRIMARY_KEEPALIVE:
             wal_end, reply = decode_keepalive(body)
             idle = not self.assembler.in_transaction and not self.assembler.open_streams
@@ -3422,13 +3469,16 @@ def delivery_concurrency(config, sink) -> int:
     return 1 if sink.name == "stdout" else config.delivery_concurrency
 
 
-async def run_session(config, sink, ack: AckTracker, stop: trio.Event, on_streaming=None) -> None:
-    """One connection from connect to stop or failure.  Returns only after `stop` was set."""
+async def run_session(config, sink, ack: AckTracker, stop: trio.Event, on_streaming=None,
+                      backfill=None) -> None:
+    """One connection from connect to stop or failure.  Returns only after `stop` was set.
+    `backfill`: a Backfill (section 10), whose reading task runs beside the stream."""
     async with open_pg_connection(config.conninfo) as conn:
-        ack.resume_from(await prepare_replication(conn, config))
+        confirmed, created = await prepare_replication(conn, config)
+        ack.resume_from(confirmed)
         read_timeout_s = await read_idle_timeout(conn)
         base_types = await load_domain_base_types(conn)
-        await start_streaming(conn, config, ack.flushed_lsn)
+        proto = await start_streaming(conn, config, ack.flushed_lsn)
         if on_streaming:
             on_streaming()
         assembler = ChangeAssembler(chunk_events=CHUNK_EVENTS, spill_bytes=SPILL_BYTES,
@@ -3438,10 +3488,18 @@ async def run_session(config, sink, ack: AckTracker, stop: trio.Event, on_stream
         linger = BATCH_LINGER_S if sink.batch_size > 1 and sink.name != "stdout" else 0.0
         delivery = DeliveryLoop(sink, ack, sink.batch_size, linger, delivery_concurrency(config, sink))
         stream = ReplicationStream(conn, assembler, ack, send_channel, delivery, read_timeout_s)
+        if backfill is not None and created and config.backfill_on_create:
+            backfill.request(("*",), "BACKFILL_ON_CREATE")
+        if backfill is not None and proto < 2:
+            backfill.refuse_all(f"PostgreSQL {conn.parameters.get('server_version', '?')} cannot backfill: "
+                                "the watermarks are logical messages, which pgoutput carries from PostgreSQL 14")
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run_feedback, conn, ack, config.feedback_interval_s)
                 nursery.start_soon(delivery.run, receive_channel)
+                if backfill is not None and proto >= 2:
+                    stream.backfill = backfill
+                    nursery.start_soon(backfill.run, conn.conninfo, ack)
                 reader_scope = trio.CancelScope()
                 nursery.start_soon(_run_in_scope, reader_scope, stream.run_reader)
                 await stop.wait()
@@ -3471,7 +3529,8 @@ async def _say_goodbye(conn: PgConnection, ack: AckTracker) -> None:
     logger.info("stopped at confirmed position %s", format_lsn(ack.flushed_lsn))
 
 
-async def _run_session_or_stop(config, sink, ack: AckTracker, stop: trio.Event, on_streaming) -> None:
+async def _run_session_or_stop(config, sink, ack: AckTracker, stop: trio.Event, on_streaming,
+                               backfill=None) -> None:
     """run_session, abandoned when `stop` comes before streaming began (connecting, waiting for
     CREATE_REPLICATION_SLOT): nothing is in flight then, so there is nothing to finish."""
     streaming = False
@@ -3488,7 +3547,7 @@ async def _run_session_or_stop(config, sink, ack: AckTracker, stop: trio.Event, 
                 nursery.cancel_scope.cancel()
 
         nursery.start_soon(cancel_setup_on_stop)
-        await run_session(config, sink, ack, stop, started)
+        await run_session(config, sink, ack, stop, started, backfill)
         nursery.cancel_scope.cancel()
 
 
@@ -3569,9 +3628,10 @@ class ReconnectPolicy:
 
 
 async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_STATUS_IGNORED,
-                          alerter=None, stats=None) -> AckTracker:
+                          alerter=None, stats=None, backfill=None) -> AckTracker:
     """Stream until `stop` is set, reconnecting with backoff (ReconnectPolicy) when the
-    connection is lost; any other error propagates.  `stats`: the operations port's Stats."""
+    connection is lost; any other error propagates.  `stats`: the operations port's Stats;
+    `backfill`: a Backfill (section 10)."""
     ack = AckTracker()
     ack.stats = stats
     policy, started = ReconnectPolicy(ack, alerter), False
@@ -3588,7 +3648,7 @@ async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_
     while not stop.is_set():
         policy.session_starts()
         try:
-            await _run_session_or_stop(config, sink, ack, stop, on_streaming)
+            await _run_session_or_stop(config, sink, ack, stop, on_streaming, backfill)
             return ack
         except Exception as exc:  # noqa: BLE001 - sorted below; anything not retryable propagates
             error = first_error(exc)
@@ -3603,7 +3663,659 @@ async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_
 
 
 # =====================================================================================================
-# 10. Delivery: the sink interface, retries, ON_FAILURE, dead-letter file
+# 10. Backfill: existing rows, between watermarks
+# =====================================================================================================
+# Sends the rows a table already has as `read` events while streaming goes on (README, "Backfill").
+# Theory of operation (the DBLog watermark method): a table is read in chunks, in the order of its
+# primary key (or replica-identity index), over an ordinary connection of its own.  Each chunk is
+#   low watermark -> SELECT the next BACKFILL_CHUNK_ROWS rows after the cursor -> high watermark
+# where a watermark is a non-transactional logical message (prefix wal2http.watermark), so it
+# takes its place in the stream at once.  In the stream, between the chunk's two watermarks, every
+# change of the table names a key: that row is dropped from the chunk, because the change (or a
+# later one) carries state at least as new.  At the high watermark the chunk's remaining rows go
+# out as read events, in its place.  So for every row the last event a receiver gets holds the
+# row's latest committed state, whatever writes run during the backfill.
+#
+# Two details make that hold in PostgreSQL, where a commit is written to WAL slightly before other
+# sessions see it: each watermark is made durable at once (the logical walsender sends only flushed
+# WAL; see emit_watermark), and the chunk's snapshot is taken only when no transaction it cannot see
+# has already committed (UNSEEN_COMMITS_SQL), so every transaction the stream shows before the low
+# watermark is in the chunk.
+#
+# Pure: table patterns, the state file's document, the chunk query, ChunkWindow (what the stream
+# shows between the watermarks).  I/O: Backfill (the queue, the state file, the reading task).
+
+BACKFILL_SIGNAL_PREFIX = "wal2http.backfill"  #: pg_logical_emit_message(true, this, '<tables>') asks for one
+WATERMARK_PREFIX = "wal2http.watermark"  #: the chunks' low and high watermarks (never delivered)
+BACKFILL_SERVER_VERSION_NUM = 140000  #: pgoutput carries logical messages, so watermarks, from 14
+BACKFILL_SLOW_CHUNK_S = 2.0  #: a chunk's SELECT slower than this halves the next chunk's rows
+BACKFILL_MIN_CHUNK_ROWS = 10  #: the smallest chunk that adapting goes down to
+BACKFILL_STATEMENT_TIMEOUT_S = 60.0  #: statement_timeout of the backfill connection
+BACKFILL_PROGRESS_S = 5.0  #: a progress line this often while a table is read
+BACKFILL_SNAPSHOT_TRIES = 50  #: snapshots tried per chunk before a new low watermark
+STATE_FORMAT = 1  #: the state file's "version"
+
+#: Transactions the snapshot does not see although they have committed: a snapshot taken while
+#: one of them finished.  Taken again until none (see the section comment).
+UNSEEN_COMMITS_SQL = ("SELECT count(*) FROM pg_catalog.pg_snapshot_xip(pg_catalog.pg_current_snapshot()) AS x "
+                      "WHERE pg_catalog.pg_xact_status(x) = 'committed'")
+
+_TABLE_PATTERN = re.compile(r'\s*(?:(\*)|("(?:[^"]|"")+"|[^".,\s]+)\.(?:(\*)|("(?:[^"]|"")+"|[^".,\s]+)))\s*')
+
+
+class BackfillRefused(Wal2HttpError):
+    """A table cannot be backfilled; the message names it and says why.  The others go on."""
+
+
+def _identifier(text: str) -> str:
+    """An identifier as PostgreSQL reads it: "Quoted" exactly, unquoted folded to lower case."""
+    return text[1:-1].replace('""', '"') if text.startswith('"') else text.lower()
+
+
+def parse_backfill_tables(value: str, variable: str = "BACKFILL_TABLES") -> tuple[str, ...]:
+    """`schema.table`, `schema.*` or `*`, comma-separated -> those patterns, each as
+    "schema.table", "schema.*" or "*" (quoted names exact, unquoted ones in lower case)."""
+    problem = f"{variable}: expected schema.table, schema.* or *, comma-separated (got {value!r})"
+    patterns, pos = [], 0
+    while True:
+        match = _TABLE_PATTERN.match(value, pos)
+        if match is None:
+            raise ConfigError(problem)
+        everything, schema, any_table, table = match.groups()
+        patterns.append("*" if everything else
+                        f"{_identifier(schema)}.{'*' if any_table else _identifier(table)}")
+        pos = match.end()
+        if pos == len(value):
+            break
+        if value[pos] != ",":
+            raise ConfigError(problem)
+        pos += 1
+    return tuple(dict.fromkeys(patterns))
+
+
+def table_text(table: tuple[str, str]) -> str:
+    return f"{table[0]}.{table[1]}"
+
+
+def match_tables(patterns: Iterable[str], published: Iterable[tuple[str, str]]) -> tuple[list, list]:
+    """(the published tables the patterns name, in the order of `published`; the patterns that
+    name a table which is not published, as "schema.table").  `schema.*` and `*` only ever mean
+    published tables."""
+    published = list(published)
+    names = {table_text(t) for t in published}
+    schemas = {p[:-2] for p in patterns if p.endswith(".*")}
+    chosen = [t for t in published
+              if "*" in patterns or t[0] in schemas or table_text(t) in patterns]
+    unknown = [p for p in patterns if p != "*" and not p.endswith(".*") and p not in names]
+    return chosen, unknown
+
+
+# --- the state file -------------------------------------------------------------------------------
+
+def encode_state(requests: list[dict], queue: list[dict], done: dict[str, str]) -> bytes:
+    return (json.dumps({"version": STATE_FORMAT, "requests": requests, "queue": queue, "done": done},
+                       indent=1) + "\n").encode()
+
+
+def decode_state(data: bytes, path: str) -> tuple[list[dict], list[dict], dict[str, str]]:
+    """The state file's (requests, queue, done); ConfigError (exit 2) naming the file when it is
+    not one."""
+    try:
+        document = json.loads(data)
+        if document.get("version") != STATE_FORMAT:
+            raise ValueError(f"version {document.get('version')!r}, expected {STATE_FORMAT}")
+        requests, queue, done = document["requests"], document["queue"], document["done"]
+        for request in requests:
+            if not isinstance(request["source"], str) or not all(isinstance(p, str) for p in request["tables"]):
+                raise ValueError("a request is not {tables, source}")
+        for entry in queue:
+            after = entry["after"]
+            if not (isinstance(entry["schema"], str) and isinstance(entry["table"], str)
+                    and isinstance(entry["rows"], int) and isinstance(entry["source"], str)
+                    and (after is None or all(v is None or isinstance(v, str) for v in after))):
+                raise ValueError("a queue entry is not {schema, table, after, rows, source}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in done.items()):
+            raise ValueError("done is not an object of strings")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"STATE_FILE: {path} is not a wal2http state file ({exc}); move it away "
+                          f"to start over (backfills then start from the beginning)") from None
+    return requests, queue, done
+
+
+def write_file_atomically(path: str, data: bytes) -> None:
+    """Replaces `path` with `data` so that a crash leaves the old file or the new one, never a
+    mix: a temporary file beside it, fsync'ed, renamed over it, then the directory fsync'ed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=".wal2http-state-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    directory_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
+
+
+# --- one table, and one chunk of it ---------------------------------------------------------------
+
+@dataclasses.dataclass
+class BackfillTable:
+    """What reading one table needs, from the catalog (describe_backfill_table)."""
+
+    schema: str
+    table: str
+    writer: RelationWriter  #: the published columns, as pgoutput would send them
+    order: tuple[str, ...]  #: the primary key's (or replica-identity index's) columns
+    order_types: tuple[str, ...]  #: their types as SQL (format_type), for the cursor's literals
+    order_json: tuple[Callable[[str], str], ...]  #: their converters to JSON text
+    row_filter: str | None  #: the publications' row filters, OR-ed (None: every row)
+    estimated_rows: int | None  #: pg_class.reltuples (None: never counted)
+
+    @property
+    def name(self) -> str:
+        return table_text((self.schema, self.table))
+
+
+def build_chunk_query(table: BackfillTable, after: Sequence[str | None] | None, limit: int) -> str:
+    """The SELECT of the next chunk: the order columns, then the published columns, of the rows
+    after the cursor (keyset pagination) that pass the row filter."""
+    order = ", ".join(quote_ident(c) for c in table.order)
+    columns = ", ".join([order, *(quote_ident(c) for c in table.writer.names)])
+    conditions = [f"({table.row_filter})"] if table.row_filter else []
+    if after is not None:
+        values = ", ".join("NULL" if v is None else f"{quote_literal(v)}::{t}" for v, t in zip(after, table.order_types))
+        conditions.append(f"({order}) > ({values})" if len(table.order) > 1 else f"{order} > {values}")
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    return (f"SELECT {columns} FROM {quote_ident(table.schema)}.{quote_ident(table.table)}{where} "
+            f"ORDER BY {order} LIMIT {limit}")
+
+
+_READ_LINE = ('{"id":"%s:r%d","op":"read",%s"key":%s,"new":{%s},"old":null,"unchanged_toast":[],'
+              '"xid":null,"lsn":"%s","commit_lsn":null,"commit_time":null,"seq":null}')
+
+
+def _order_identity(values: Iterable) -> tuple[str, ...]:
+    """A row's order-column values as compared between the chunk and the stream."""
+    return tuple(encode_json(value) for value in values)
+
+
+class ChunkWindow:
+    """One chunk between its watermarks (pure; the Backfill task fills it, the stream reads it).
+
+    `rows` (set before the high watermark is written): per row selected, (order values as text,
+    key JSON, new-row members JSON).  `observe` takes the stream's events between the watermarks
+    and notes the rows they change; `read_chunk` at the high watermark gives the read events of
+    the rows left.  A change whose row cannot be told (its event lacks the order columns) makes
+    the whole chunk be read again: `read_chunk` then gives None."""
+
+    def __init__(self, run_id: str, number: int, table: BackfillTable):
+        self.run_id, self.number, self.table = run_id, number, table
+        self.rows: list[tuple[tuple, str, str]] = []
+        self.opened = False  # the low watermark went by in the stream
+        self.changed: set[tuple[str, ...]] = set()
+        self.truncated = False
+        self.unknown_row = False
+        self.high_lsn: int | None = None
+        self.sent = 0  # read events in the chunk given
+        self.closed = trio.Event()  # the high watermark went by (read_chunk called)
+        self._head = table.writer.head
+
+    def watermark(self, mark: str) -> str:
+        """The content of this chunk's low or high watermark message."""
+        return encode_json({"backfill": self.run_id, "chunk": self.number, "mark": mark,
+                            "table": self.table.name})
+
+    def observe(self, events: Iterable[Event]) -> None:
+        head, order, where = self._head, self.table.order, (self.table.schema, self.table.table)
+        for event in events:
+            if head not in event.line:
+                continue
+            data = event.data
+            if (data["schema"], data["table"]) != where:
+                continue
+            if data["op"] == "truncate":
+                self.truncated = True
+                continue
+            found = False
+            for row in (data["key"], data["new"], data["old"]):
+                if row and all(column in row for column in order):
+                    self.changed.add(_order_identity(row[column] for column in order))
+                    found = True
+            self.unknown_row |= not found
+
+    def read_chunk(self, high_lsn: int) -> Chunk | None:
+        """The read events of the rows no change touched, at the high watermark `high_lsn`."""
+        self.high_lsn = high_lsn
+        if self.unknown_row:
+            return None
+        rows = enumerate(self.rows)
+        if self.truncated:
+            rows = ()
+        elif self.changed:
+            converters, changed = self.table.order_json, self.changed
+            rows = [(n, row) for n, row in rows if _order_identity(
+                None if v is None else decode_event_line(convert(v))
+                for convert, v in zip(converters, row[0])) not in changed]
+        lsn, head = format_lsn(high_lsn), self._head
+        events = [Event(_READ_LINE % (lsn, n, head, key, new, lsn)) for n, (_, key, new) in rows]
+        self.sent = len(events)
+        return Chunk(events, high_lsn, {"read": len(events)} if events else None, transaction=False)
+
+
+# --- reading (I/O) --------------------------------------------------------------------------------
+
+async def read_published_tables(conn: PgConnection, publications: Sequence[str]) -> dict[tuple[str, str], tuple]:
+    """(schema, table) -> (published column names or None for all, row filter or None) over the
+    publications: a row goes out when any publication's filter passes, a column when any lists it."""
+    names = ", ".join(quote_literal(p) for p in publications)
+    details = "attnames::text, rowfilter" if conn.server_version_num >= 150000 else "NULL, NULL"
+    rows = await conn.simple_query(f"SELECT schemaname, tablename, {details} FROM pg_catalog.pg_publication_tables "
+                                   f"WHERE pubname IN ({names}) ORDER BY 1, 2")
+    tables: dict[tuple[str, str], tuple] = {}
+    for schema, table, attnames, row_filter in rows:
+        columns = None if attnames is None else frozenset(decode_array_text(attnames))
+        if (schema, table) in tables:
+            known_columns, known_filter = tables[(schema, table)]
+            columns = None if known_columns is None or columns is None else known_columns | columns
+            row_filter = None if known_filter is None or row_filter is None else f"({known_filter}) OR ({row_filter})"
+        tables[(schema, table)] = (columns, row_filter)
+    return tables
+
+
+_FIRST_USER_OID = 16384  #: FirstNormalObjectId: types from this oid on are the database's own
+
+
+async def describe_backfill_table(conn: PgConnection, schema: str, table: str, published: Mapping,
+                                  base_types: Mapping[int, int]) -> BackfillTable:
+    """The catalog's description of a published table; BackfillRefused saying why it cannot be read."""
+    name = table_text((schema, table))
+    found = await conn.simple_query(
+        "SELECT c.oid, c.relreplident, c.reltuples::bigint, pg_catalog.has_table_privilege(c.oid, 'SELECT') "
+        "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE n.nspname = {quote_literal(schema)} AND c.relname = {quote_literal(table)}")
+    if not found:
+        raise BackfillRefused(f"backfill of {name} refused: the table does not exist")
+    oid, identity, reltuples, may_select = found[0]
+    if may_select != "t":
+        raise BackfillRefused(f"backfill of {name} refused: user {conn.conninfo.user!r} has no SELECT privilege "
+                              f"on it (GRANT SELECT ON {quote_ident(schema)}.{quote_ident(table)} TO "
+                              f"{quote_ident(conn.conninfo.user)};)")
+    columns = await conn.simple_query(
+        "SELECT a.attnum, a.attname, a.atttypid, a.atttypmod, a.attnotnull, a.attgenerated <> '', "
+        "pg_catalog.format_type(a.atttypid, a.atttypmod), t.typname, tn.nspname "
+        "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid "
+        "JOIN pg_catalog.pg_namespace tn ON tn.oid = t.typnamespace "
+        f"WHERE a.attrelid = {oid} AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum")
+    indexes = await conn.simple_query(
+        "SELECT i.indkey::text, i.indisprimary, i.indisreplident FROM pg_catalog.pg_index i "
+        f"WHERE i.indrelid = {oid} AND i.indisunique AND i.indisvalid AND i.indpred IS NULL "
+        "AND i.indexprs IS NULL ORDER BY i.indisprimary DESC, i.indisreplident DESC, i.indexrelid")
+    by_number = {int(row[0]): row for row in columns}
+    order_numbers = choose_order_columns(name, identity, indexes, {n: row[4] == "t" for n, row in by_number.items()})
+    listed, row_filter = published[(schema, table)]
+    sent = [row for row in columns if (listed is None and row[5] != "t") or (
+        listed is not None and row[1] in listed and (row[5] != "t" or conn.server_version_num >= 180000))]
+    key_numbers = set(order_numbers) if identity in "di" else {int(row[0]) for row in sent}
+    types = {int(row[2]): Type(None, int(row[2]), row[8], row[7]) for row in columns if int(row[2]) >= _FIRST_USER_OID}
+    relation = Relation(None, int(oid), schema, table, identity, tuple(
+        Column(COLUMN_FLAG_KEY if int(row[0]) in key_numbers else 0, row[1], int(row[2]), int(row[3])) for row in sent))
+    order = [by_number[n] for n in order_numbers]
+    return BackfillTable(
+        schema, table, RelationWriter(relation, types, base_types=base_types), tuple(row[1] for row in order),
+        tuple(row[6] for row in order),
+        tuple(_column_json_text(Column(0, row[1], int(row[2]), int(row[3])), types, base_types) for row in order),
+        row_filter, int(reltuples) if int(reltuples) >= 0 else None)
+
+
+def choose_order_columns(name: str, identity: str, indexes: list[tuple], not_null: Mapping[int, bool]) -> list[int]:
+    """The column numbers a table is read in the order of: its replica identity's index, or the
+    primary key (under REPLICA IDENTITY FULL, else a unique index on NOT NULL columns).  Changes
+    name their row by these columns, which is what lets a chunk drop the rows they touched."""
+    candidates = [([int(n) for n in keys.split()], primary == "t", replica == "t") for keys, primary, replica in indexes]
+    if identity == "n":
+        raise BackfillRefused(f"backfill of {name} refused: its REPLICA IDENTITY is NOTHING, so its changes do "
+                              "not say which row they touched")
+    for numbers, primary, replica in candidates:
+        if (identity == "i" and replica) or (identity == "d" and primary):
+            return numbers
+    if identity == "f":
+        for numbers, _, _ in candidates:
+            if all(not_null.get(n) for n in numbers):
+                return numbers
+    raise BackfillRefused(f"backfill of {name} refused: it has no primary key or replica-identity index to read "
+                          "it in order by (REPLICA IDENTITY FULL needs a primary key or a unique index on NOT "
+                          "NULL columns)")
+
+
+async def emit_watermark(conn: PgConnection, content: str) -> int:
+    """Writes a watermark; returns its LSN.  It is made durable at once: a logical walsender sends
+    only flushed WAL, and the commit of a transaction with an xid flushes (synchronous_commit is
+    `local` on this connection), so the stream shows the watermark now, not when the WAL writer
+    next runs, and every commit written before it is flushed too."""
+    rows = await conn.simple_query(
+        f"BEGIN; SELECT pg_catalog.pg_logical_emit_message(false, {quote_literal(WATERMARK_PREFIX)}, "
+        f"{quote_literal(content)})::text, pg_catalog.pg_current_xact_id()::text; COMMIT")
+    return parse_lsn(rows[0][0])
+
+
+async def select_chunk(conn: PgConnection, query: str) -> list[tuple] | None:
+    """The rows of `query`, read in a snapshot that sees every transaction committed before it
+    (see the section comment); None when BACKFILL_SNAPSHOT_TRIES snapshots in a row did not."""
+    for attempt in range(BACKFILL_SNAPSHOT_TRIES):
+        await conn.simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        try:
+            (unseen,), = await conn.simple_query(UNSEEN_COMMITS_SQL)
+            if unseen == "0":
+                return await conn.simple_query(query, timeout_s=BACKFILL_STATEMENT_TIMEOUT_S + 10)
+        finally:
+            await conn.simple_query("ROLLBACK")
+        await trio.sleep(0.001 * attempt)
+    return None
+
+
+class Backfill:
+    """The backfills asked for, queued and running, kept across sessions and restarts
+    (STATE_FILE), and the task that reads them.
+
+    A request (BACKFILL_TABLES, BACKFILL_ON_CREATE, the wal2http.backfill signal, POST /backfill)
+    waits as its patterns until the task resolves it against the publications into one queue
+    entry per table (a table already queued is not queued twice); the first entry is read chunk
+    by chunk, its cursor (`after`: the order columns' text of the last row read) saved once the
+    chunk's read events are acknowledged.  The replication reader calls `filter` for each chunk
+    while a window is open or the chunk holds messages: it moves the window and takes the
+    watermarks and signals out of the stream."""
+
+    def __init__(self, config, alerter=None):
+        self.config = config
+        self.alerter = alerter
+        self.path = config.state_file
+        self.requests: list[dict] = []  # {"tables": patterns, "source": text, "again": bool}
+        self.queue: list[dict] = []  # {"schema", "table", "after": cursor or None, "rows", "source"}
+        self.done: dict[str, str] = {}  # "schema.table" -> when its last backfill ended (UTC)
+        self.refused: dict[str, str] = {}  # "schema.table" -> why (this run)
+        self.window: ChunkWindow | None = None
+        self.rows_total = 0  # read events acknowledged (this run)
+        self.stopped: str | None = None  # why backfilling stopped (the state file cannot be written)
+        self.reading: dict | None = None  # the table being read: estimated rows, rate
+        self._run_id = uuid.uuid4().hex[:12]
+        self._chunks = 0
+        self._wakeup = trio.Event()
+
+    @property
+    def active(self) -> bool:
+        """A backfill was asked for (now or in the state file): /status shows it."""
+        return bool(self.requests or self.queue or self.done or self.refused or self.stopped)
+
+    def load(self) -> None:
+        """Reads STATE_FILE (a missing one is an empty state); ConfigError (exit 2) when it is not one."""
+        try:
+            with open(self.path, "rb") as state:
+                data = state.read()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ConfigError(f"STATE_FILE: cannot read {self.path}: {exc.strerror}") from None
+        self.requests, self.queue, self.done = decode_state(data, self.path)
+        if self.queue:
+            logger.info("backfill resumes (STATE_FILE %s): %s", self.path, ", ".join(
+                f"{table_text((e['schema'], e['table']))} after {e['rows']} rows" for e in self.queue))
+
+    def request(self, patterns: Sequence[str], source: str, again: bool = True) -> None:
+        """Asks for a backfill of the tables `patterns` name.  `again`: also tables the state
+        file records as done (False only for BACKFILL_TABLES at start-up).  Saved at once, so a
+        signal acknowledged with its transaction is not lost."""
+        self.requests.append({"tables": list(patterns), "source": source, "again": again})
+        logger.info("backfill of %s asked for (%s)", ", ".join(patterns), source)
+        self._save()
+        self._wakeup.set()
+
+    # -- the stream side (sans-IO but for saving a signal's request) -------------------------------
+
+    def filter(self, chunk: Chunk) -> Sequence[Chunk]:
+        """What goes on to delivery in place of `chunk`."""
+        counts = chunk.op_counts
+        if not counts or "message" not in counts:
+            window = self.window
+            if window is not None and window.opened:
+                window.observe(chunk.events)
+            return (chunk,)
+        if len(chunk.events) == 1 and chunk.end_lsn is None and _is_watermark(chunk.events[0]):
+            return self._at_watermark(chunk.events[0])
+        kept = []
+        for event in chunk.events:
+            if event_op(event) == "message" and event["prefix"] in (BACKFILL_SIGNAL_PREFIX, WATERMARK_PREFIX):
+                if event["prefix"] == BACKFILL_SIGNAL_PREFIX:
+                    self._signal(event)
+                continue
+            kept.append(event)
+        if self.window is not None and self.window.opened:
+            self.window.observe(kept)
+        if len(kept) == len(chunk.events):
+            return (chunk,)
+        return (Chunk(kept, chunk.end_lsn, count_event_ops(kept), chunk.commit_time_us, chunk.transaction),)
+
+    def _at_watermark(self, event: Event) -> Sequence[Chunk]:
+        window = self.window
+        try:
+            mark = json.loads(event["content"])
+            ours = (window is not None and mark["backfill"] == window.run_id and mark["chunk"] == window.number)
+        except (KeyError, TypeError, ValueError):
+            ours = False
+        if not ours:  # an earlier run's, or of a chunk given up: its rows are not in memory
+            logger.debug("watermark %s ignored: not the chunk being read", event.get("content"))
+            return ()
+        if mark["mark"] == "low":
+            window.opened = True
+            return ()
+        self.window = None
+        read = window.read_chunk(parse_lsn(event["lsn"]))
+        window.closed.set()
+        return () if read is None else (read,)
+
+    def _signal(self, event: Event) -> None:
+        where = f"signal at {event['lsn']}"
+        try:
+            patterns = parse_backfill_tables(event.get("content", ""), f"{BACKFILL_SIGNAL_PREFIX} message")
+        except ConfigError as exc:
+            logger.warning("%s ignored: %s", where, exc)
+            return
+        self.request(patterns, where)
+
+    # -- the reading task ---------------------------------------------------------------------------
+
+    async def run(self, conninfo, ack: AckTracker) -> None:
+        """Reads what is asked for, as long as the session streams; never returns.  `conninfo`:
+        the replication connection's server (the watermarks must go into its WAL)."""
+        while True:
+            while self.stopped or not (self.requests or self.queue):
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+            async with open_pg_connection(conninfo, replication=False) as conn:
+                await conn.simple_query(f"SET statement_timeout = '{BACKFILL_STATEMENT_TIMEOUT_S:g}s'; "
+                                        "SET synchronous_commit = local")
+                base_types = await load_domain_base_types(conn)
+                while (self.requests or self.queue) and not self.stopped:
+                    published = await read_published_tables(conn, self.config.publications)
+                    self._resolve(published)
+                    if self.queue and not self.stopped:
+                        await self._read_table(conn, ack, published, base_types)
+
+    def refuse_all(self, reason: str) -> None:
+        """This server cannot backfill: say so for what is asked (kept for a server that can)."""
+        for request in self.requests:
+            for pattern in request["tables"]:
+                self.refused[pattern] = reason
+        for entry in self.queue:
+            self.refused[table_text((entry["schema"], entry["table"]))] = reason
+        if self.requests or self.queue:
+            logger.warning("backfill of %s refused: %s", ", ".join(self.refused), reason)
+
+    def _resolve(self, published: Mapping) -> None:
+        """Requests -> queue entries, one per published table, each table once."""
+        while self.requests:
+            request = self.requests[0]
+            chosen, unknown = match_tables(request["tables"], published)
+            for name in unknown:
+                self._refuse(name, f"it is not in the publication(s) {', '.join(self.config.publications)}")
+            queued = {(e["schema"], e["table"]) for e in self.queue}
+            for schema, table in chosen:
+                name = table_text((schema, table))
+                if (schema, table) in queued:
+                    logger.info("backfill of %s: already queued or running", name)
+                elif not request.get("again", True) and name in self.done:
+                    logger.info("backfill of %s: done at %s (STATE_FILE), not started again", name, self.done[name])
+                else:
+                    self.queue.append({"schema": schema, "table": table, "after": None, "rows": 0,
+                                       "source": request["source"]})
+                    queued.add((schema, table))
+            self.requests.pop(0)
+            self._save()
+
+    def _refuse(self, name: str, reason: str) -> None:
+        self.refused[name] = reason
+        logger.warning("backfill of %s refused: %s", name, reason)
+
+    async def _read_table(self, conn: PgConnection, ack: AckTracker, published: Mapping,
+                          base_types: Mapping[int, int]) -> None:
+        entry = self.queue[0]
+        name = table_text((entry["schema"], entry["table"]))
+        try:
+            table = await describe_backfill_table(conn, entry["schema"], entry["table"], published, base_types)
+            self.reading = {"table": name, "estimated_rows": table.estimated_rows, "rows_at_start": entry["rows"],
+                            "started": trio.current_time(), "logged": trio.current_time()}
+            logger.info("backfill of %s: %s (about %s rows, chunks of %d)", name,
+                        "resumed after " + str(entry["rows"]) + " rows" if entry["after"] else "started",
+                        "?" if table.estimated_rows is None else table.estimated_rows, self.config.backfill_chunk_rows)
+            limit = self.config.backfill_chunk_rows
+            while limit:
+                limit = await self._read_chunk(conn, ack, table, entry, limit)
+        except (BackfillRefused, ServerError) as exc:
+            self._refuse(name, str(exc).removeprefix(f"backfill of {name} refused: "))
+        else:
+            self.done[name] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            logger.info("backfill of %s: done, %d rows", name, entry["rows"])
+            self.refused.pop(name, None)
+        finally:
+            self.reading = None
+        self.queue.pop(0)
+        self._save()
+
+    async def _read_chunk(self, conn: PgConnection, ack: AckTracker, table: BackfillTable, entry: dict,
+                          limit: int) -> int:
+        """One chunk, from its low watermark to the acknowledgement of its read events.  Returns
+        the next chunk's size, 0 when the table is done."""
+        while True:
+            self._chunks += 1
+            window = self.window = ChunkWindow(self._run_id, self._chunks, table)
+            try:
+                await emit_watermark(conn, window.watermark("low"))
+                began = trio.current_time()
+                try:
+                    rows = await select_chunk(conn, build_chunk_query(table, entry["after"], limit))
+                except ServerError as exc:
+                    if exc.fields.get("C") != "57014" or limit <= BACKFILL_MIN_CHUNK_ROWS:
+                        raise
+                    limit = max(BACKFILL_MIN_CHUNK_ROWS, limit // 2)  # statement timeout: smaller chunks
+                    logger.warning("backfill of %s: a chunk's SELECT was cancelled by the statement timeout; "
+                                   "chunks of %d rows from now on", table.name, limit)
+                    continue
+                if rows is None:
+                    continue  # no snapshot seeing every commit came: a new low watermark
+                if not rows:
+                    return 0
+                order_count, write_row = len(table.order), table.writer.write_row
+                window.rows = [(row[:order_count], *write_row(row[order_count:])) for row in rows]
+                seconds = trio.current_time() - began
+                await emit_watermark(conn, window.watermark("high"))
+                await window.closed.wait()
+            finally:
+                self.window = None
+            if not window.unknown_row:
+                break
+            logger.info("backfill of %s: a change between the watermarks did not name its row; the chunk "
+                        "is read again", table.name)
+        await ack.wait_flushed(window.high_lsn)
+        entry["after"], entry["rows"] = list(rows[-1][:order_count]), entry["rows"] + len(rows)
+        self.rows_total += window.sent
+        self._save()
+        self._log_progress(table, entry)
+        if len(rows) < limit:
+            return 0
+        if seconds > BACKFILL_SLOW_CHUNK_S and limit > BACKFILL_MIN_CHUNK_ROWS:
+            limit = max(BACKFILL_MIN_CHUNK_ROWS, limit // 2)
+            logger.info("backfill of %s: a chunk's SELECT took %.1f s; chunks of %d rows from now on",
+                        table.name, seconds, limit)
+        return limit
+
+    def _log_progress(self, table: BackfillTable, entry: dict) -> None:
+        reading, now = self.reading, trio.current_time()
+        if reading is None or now - reading["logged"] < BACKFILL_PROGRESS_S:
+            return
+        reading["logged"] = now
+        rate, left = self.rate_and_eta(entry)
+        estimated = table.estimated_rows
+        logger.info("backfill of %s: %d of about %s rows, %.0f rows/s%s", table.name, entry["rows"],
+                    "?" if estimated is None else estimated, rate,
+                    "" if left is None else f", about {left:.0f} s left")
+
+    def rate_and_eta(self, entry: dict) -> tuple[float, float | None]:
+        """Rows per second read of the current table in this run, and the seconds left at that rate."""
+        reading = self.reading
+        if reading is None:
+            return 0.0, None
+        elapsed = trio.current_time() - reading["started"]
+        rate = (entry["rows"] - reading["rows_at_start"]) / elapsed if elapsed > 0 else 0.0
+        estimated = reading["estimated_rows"]
+        if not rate or estimated is None:
+            return rate, None
+        return rate, max(0.0, (estimated - entry["rows"]) / rate)
+
+    def _save(self) -> None:
+        """Writes STATE_FILE.  A file that cannot be written is an alert and stops backfilling
+        (never replication)."""
+        try:
+            write_file_atomically(self.path, encode_state(self.requests, self.queue, self.done))
+        except OSError as exc:
+            if self.stopped is None:
+                self.stopped = f"STATE_FILE {self.path} cannot be written: {exc.strerror or exc}"
+                logger.error("backfill stopped: %s (replication goes on)", self.stopped)
+                if self.alerter is not None:
+                    self.alerter.alert("backfill", "wal2http stopped a backfill: its state file cannot be written",
+                                       f"{self.stopped}\nReplication goes on; no backfill runs until "
+                                       "wal2http is restarted with a STATE_FILE it can write.\n")
+
+    def status(self) -> dict | None:
+        """The /status `backfill` object; None when no backfill was ever asked for."""
+        if not self.active:
+            return None
+        entry = self.queue[0] if self.queue and self.reading else None
+        rate, left = self.rate_and_eta(entry) if entry else (0.0, None)
+        return {
+            "table": entry and table_text((entry["schema"], entry["table"])),
+            "rows": entry and entry["rows"],
+            "estimated_rows": self.reading and self.reading["estimated_rows"],
+            "rows_per_second": round(rate, 1), "eta_seconds": None if left is None else round(left),
+            "queued": [table_text((e["schema"], e["table"])) for e in self.queue[1 if entry else 0:]],
+            "requested": [p for r in self.requests for p in r["tables"]],
+            "done": sorted(self.done), "refused": dict(self.refused), "rows_total": self.rows_total,
+            "stopped": self.stopped,
+        }
+
+
+def _is_watermark(event: Event) -> bool:
+    return event_op(event) == "message" and event["prefix"] == WATERMARK_PREFIX
+
+
+# =====================================================================================================
+# 11. Delivery: the sink interface, retries, ON_FAILURE, dead-letter file
 # =====================================================================================================
 # The sink interface (`Sink`): every sink (stdout, HTTP, Hook0, ReliableSink around them, and an
 # application's own, passed to `run`) follows it.  Events are Event objects (section 8), written as
@@ -3836,7 +4548,7 @@ class ReliableSink:
 
 
 # =====================================================================================================
-# 11. stdout sink
+# 12. stdout sink
 # =====================================================================================================
 # JSON lines on stdout: the sink of `--demo`, and of pipelines that read wal2http's output.
 
@@ -3903,7 +4615,7 @@ class StdoutSink:
 
 
 # =====================================================================================================
-# 12. HTTP client (h11 over Trio)
+# 13. HTTP client (h11 over Trio)
 # =====================================================================================================
 # Theory of operation: one h11.Connection per TCP (or TLS) connection, kept alive between requests
 # and used by one request at a time (a lock serialises callers).  h11 does the framing (Content-Length
@@ -4236,7 +4948,7 @@ def _describe_io_error(exc: BaseException) -> str:
 
 
 # =====================================================================================================
-# 13. HTTP sink
+# 14. HTTP sink
 # =====================================================================================================
 # POST each event (HTTP_BATCH_SIZE=1) or {"events": [...]} (N>1) to HTTP_ENDPOINT_URL, optionally
 # signed the Standard Webhooks way (https://www.standardwebhooks.com/, spec/standard-webhooks.md:
@@ -4407,7 +5119,7 @@ class HttpSink(_RequestSink):
 
 
 # =====================================================================================================
-# 14. Hook0 sink: mapping (pure)
+# 15. Hook0 sink: mapping (pure)
 # =====================================================================================================
 # Nothing here touches a socket: events (Event or dict: any mapping) in, Hook0 bodies (or a
 # non-retryable DeliveryError) out.
@@ -4428,7 +5140,7 @@ HOOK0_PROPERTY_MAX_BYTES = 50                 # keys and values of labels and me
 #: Namespace of the uuid5 event ids of HOOK0_TABLE_EVENTS: fixed forever, or ids change.
 HOOK0_TABLE_EVENT_NAMESPACE = uuid.UUID("86ce6e04-7559-46d8-9ac2-f6c5bdb0c64b")
 #: Operations that become table events under HOOK0_TABLE_EVENTS (truncate and message do not).
-HOOK0_TABLE_EVENT_OPS = frozenset({"insert", "update", "delete"})
+HOOK0_TABLE_EVENT_OPS = frozenset({"insert", "update", "delete", "read"})
 HOOK0_PAYLOAD_CONTENT_TYPE = "application/json"
 
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -4659,23 +5371,24 @@ def build_hook0_event(event: Mapping, config, application_id: str, *,
                       table_columns: Collection[str] | None = None) -> dict | None:
     """The Hook0 body for a wal2http event, or None when the event is not sent to Hook0.
 
-    Outbox rows (insert, update) are mapped; deletes of outbox rows, truncates and messages are
-    ignored; other tables' rows are ignored unless HOOK0_TABLE_EVENTS, which maps their inserts,
-    updates and deletes to `<schema>.<table>.<op>`.  An undeliverable row raises a
+    Outbox rows (insert, update) are mapped; deletes of outbox rows, a backfill's reads of them
+    (events sent when their rows were inserted), truncates and messages are ignored; other
+    tables' rows are ignored unless HOOK0_TABLE_EVENTS, which maps their inserts, updates,
+    deletes and backfilled reads to `<schema>.<table>.<op>`.  An undeliverable row raises a
     `DeliveryError(retryable=False)` naming the table and column.
     """
     op = event.get("op")
     if op not in HOOK0_TABLE_EVENT_OPS:
         return None
     if is_hook0_outbox_event(event, known_outbox_tables, table_columns):
-        return build_hook0_outbox_event(event, config, application_id) if op != "delete" else None
+        return build_hook0_outbox_event(event, config, application_id) if op in ("insert", "update") else None
     if config.hook0_table_events:
         return build_hook0_table_event(event, config, application_id)
     return None
 
 
 # =====================================================================================================
-# 15. Hook0 sink: answers (pure)
+# 16. Hook0 sink: answers (pure)
 # =====================================================================================================
 # Hook0 answers errors as RFC 7807 problem JSON with an "id" (api/src/problems.rs); its rate
 # limiter may answer 429 as text/plain "Too many requests, retry in Ns" with Retry-After.
@@ -4754,7 +5467,7 @@ def split_hook0_event_type(event_type: str) -> tuple[str, str, str] | None:
 
 
 # =====================================================================================================
-# 16. Hook0 sink: delivery (I/O)
+# 17. Hook0 sink: delivery (I/O)
 # =====================================================================================================
 # One event per request; HttpClient raises DeliveryError(retryable=True) on connection errors and
 # timeouts.  ReliableSink wraps this sink for retries, ON_FAILURE and the dead-letter file.
@@ -4929,7 +5642,7 @@ class Hook0Sink(_RequestSink):
 
 
 # =====================================================================================================
-# 17. Alerts
+# 18. Alerts
 # =====================================================================================================
 # Alerts are always logged; mailed when EMAIL_SMTP_HOST, EMAIL_FROM and EMAIL_TO are set.
 # `alert()` / `recovered()` never block and never raise: they put the mail on a bounded channel
@@ -5142,11 +5855,12 @@ class Alerter:
 
 
 # =====================================================================================================
-# 18. Operations port: health, metrics, slot guard, live tap
+# 19. Operations port: health, metrics, slot guard, live tap
 # =====================================================================================================
 # OPS_ADDR serves /health, /ready, /status and /metrics over HTTP/1.1: a small h11 server in the
 # same nursery as replication; GET /events hands the connection to trio-websocket (the live tap)
-# and GET / serves the page that shows it.  The slot guard reads the slot's retained WAL over its
+# and GET / serves the page that shows it; POST /backfill (the one request with a body) asks for
+# a backfill (section 10).  The slot guard reads the slot's retained WAL over its
 # own ordinary connection every SLOT_CHECK_INTERVAL_SECS, whether or not OPS_ADDR is set.
 # Rules: the replication loop only bumps plain integers in `Stats`, once per chunk or per sink
 # request, never per event; the JSON and the exposition are built when a client asks.  A client of
@@ -5157,6 +5871,7 @@ OPS_MAX_HEAD_BYTES = 16 * 1024  #: request line and headers
 OPS_MAX_CONNECTIONS = 64  #: more are closed at once
 OPS_HEAD_TIMEOUT_S = 5.0  #: a request head must arrive within this (also the keep-alive idle time)
 OPS_SEND_TIMEOUT_S = 10.0  #: a client that does not read its answer is dropped after this
+OPS_MAX_BODY_BYTES = 64 * 1024  #: POST /backfill's body; it must arrive within OPS_HEAD_TIMEOUT_S too
 OPS_RATE_SAMPLE_S = 5.0  #: events_per_second: one sample of the delivered count this often...
 OPS_RATE_WINDOW_S = 60.0  #: ...over the last minute
 #: Histogram buckets (seconds) for webhook latencies, 1 ms to 60 s.
@@ -5239,6 +5954,7 @@ class Stats:
         self.commit_to_delivery_seconds = Histogram()
         self.slot: SlotHealth | None = None
         self.server_version: str | None = None
+        self.backfill: Backfill | None = None
         self.tap = LiveTap(self)
         self.tap_clients_closed = dict.fromkeys(TAP_CLOSE_REASONS, 0)
         self.started_at = process_start_time()
@@ -5284,8 +6000,8 @@ class Stats:
                     for op, number in op_counts.items():
                         confirmed[op] = confirmed.get(op, 0) + number
                     confirmed["insert"] += len(events) - sum(op_counts.values())
-                self._open_txn_events = True
-            if chunk.end_lsn is not None and self._open_txn_events:
+                self._open_txn_events = chunk.transaction or self._open_txn_events
+            if chunk.end_lsn is not None and chunk.transaction and self._open_txn_events:
                 self._open_txn_events = False
                 self.transactions += 1
                 if chunk.commit_time_us is not None:
@@ -5457,7 +6173,7 @@ def build_status(stats: Stats, now: float, monotonic_now: float) -> dict:
             "retained_wal_bytes": slot.retained_wal_bytes if slot else None,
             "safe_wal_size_bytes": slot.safe_wal_size_bytes if slot else None,
         },
-        "backfill": None,
+        "backfill": stats.backfill.status() if stats.backfill else None,
     }
 
 
@@ -5557,6 +6273,11 @@ def build_metrics_text(stats: Stats) -> str:
             stats.reconnects)
     out.one("wal2http_alerts_total", "counter", "Alerts raised (logged, and mailed when configured).",
             stats.alerter.alerts_total if stats.alerter else 0)
+    backfill = stats.backfill
+    out.one("wal2http_backfill_rows_total", "counter", "Rows a backfill sent as read events, acknowledged.",
+            backfill.rows_total if backfill else 0)
+    out.one("wal2http_backfill_tables_remaining", "gauge", "Tables queued or being backfilled.",
+            len(backfill.queue) if backfill else 0)
     out.one("wal2http_tap_clients", "gauge", "Live tap clients connected.", stats.tap_clients)
     out.family("wal2http_tap_clients_closed_total", "counter", "Live tap clients closed by wal2http, by reason.",
                [({"reason": reason}, count) for reason, count in stats.tap_clients_closed.items()])
@@ -5808,6 +6529,7 @@ pre { background: #fff; border: 1px solid #ddd; padding: .6em; white-space: pre-
 <span>events/s <output id="rate">…</output></span>
 <span>sink <output id="sink">…</output></span>
 <span>slot <output id="slot">…</output></span>
+<span>backfill <output id="backfill">…</output></span>
 <span>tap <output id="tap">connecting</output></span>
 </header>
 <main>
@@ -5938,6 +6660,17 @@ function connect() {
   };
 }
 
+function backfill(b) {
+  if (!b) return "none";
+  if (b.stopped) return "stopped: " + b.stopped;
+  const more = b.queued.length + b.requested.length ? ", " + (b.queued.length + b.requested.length) + " more queued" : "";
+  if (b.table) {
+    return b.table + ": " + b.rows + (b.estimated_rows != null ? " of about " + b.estimated_rows : "") + " rows" +
+      (b.eta_seconds != null ? ", " + b.eta_seconds + " s left" : "") + more;
+  }
+  return (more ? "starting" + more : "idle") + ", " + b.rows_total + " rows sent";
+}
+
 function size(bytes) {
   return bytes == null ? "?" : bytes < 1048576 ? (bytes / 1024).toFixed(0) + " kB" : (bytes / 1048576).toFixed(1) + " MB";
 }
@@ -5953,6 +6686,7 @@ async function poll() {
     say("sink", s.failing_since ? "failing since " + s.failing_since + ": " + s.last_error : "ok", !!s.failing_since);
     say("slot", slot.wal_status == null ? "not read yet" : slot.wal_status + ", retains " + size(slot.retained_wal_bytes),
         slot.wal_status === "unreserved" || slot.wal_status === "lost");
+    say("backfill", backfill(s.backfill), !!(s.backfill && (s.backfill.stopped || Object.keys(s.backfill.refused).length)));
   } catch (error) {
     say("state", "no answer (" + error.message + ")", true);
   }
@@ -6039,6 +6773,24 @@ def answer_page(stats: Stats) -> OpsAnswer:
                       ("X-Frame-Options", "DENY")))
 
 
+def answer_backfill(stats: Stats, body: bytes) -> OpsAnswer:
+    """POST /backfill {"tables": ["schema.table", "schema.*", "*", ...]}: 202 once queued (the
+    tables are resolved, or refused, by the backfill task: see /status)."""
+    try:
+        tables = json.loads(body)["tables"]
+        if not isinstance(tables, list) or not tables or not all(isinstance(t, str) for t in tables):
+            raise TypeError
+        patterns = parse_backfill_tables(",".join(tables), "tables")
+    except (ValueError, KeyError, TypeError):  # ConfigError is not one of them
+        return OpsAnswer(400, "text/plain", b'expected {"tables": ["schema.table", "schema.*" or "*", ...]}\n')
+    except ConfigError as exc:
+        return OpsAnswer(400, "text/plain", f"{exc}\n".encode())
+    if stats.backfill is None:  # Stats not given to run()
+        return OpsAnswer(503, "text/plain", b"no backfill in this process\n")
+    stats.backfill.request(patterns, "POST /backfill")
+    return _json_answer(202, {"status": "accepted", "tables": list(patterns)})
+
+
 def answer_events(stats: Stats) -> OpsAnswer:
     """GET /events without a WebSocket handshake."""
     return OpsAnswer(426, "text/plain", b"GET /events is a WebSocket (see the README, \"Live tap\")\n",
@@ -6051,10 +6803,11 @@ class Route:
     so it is off (404) on an address beyond loopback without OPS_TOKEN; `websocket`: a WebSocket
     handshake there goes to the live tap (`answer` answers any other request)."""
 
-    answer: Callable[[Stats], OpsAnswer]
+    answer: Callable[[Stats], OpsAnswer] | None
     token: bool = True
     row_data: bool = False
     websocket: bool = False
+    post: Callable[[Stats, bytes], OpsAnswer] | None = None  #: POST with a body; OPS_TOKEN must be set
 
 
 #: GET routes.  A WebSocket handshake on /events takes over its connection: the request h11
@@ -6066,6 +6819,7 @@ OPS_ROUTES: dict[str, Route] = {
     "/metrics": Route(answer_metrics),
     "/": Route(answer_page, row_data=True),
     "/events": Route(answer_events, row_data=True, websocket=True),
+    "/backfill": Route(None, row_data=True, post=answer_backfill),
 }
 
 
@@ -6137,13 +6891,15 @@ class OpsServer:
         self.tap_max_clients = config.tap_max_clients
         self.connections = 0
 
-    def route(self, request: h11.Request) -> OpsAnswer | TapFilter:
+    def route(self, request: h11.Request, body: bytes = b"") -> OpsAnswer | TapFilter:
         """The answer to one request, or the filter of a tap client to serve: pure but for
-        reading Stats."""
-        path = request.target.partition(b"?")[0].decode("latin-1")
-        route = self.routes.get(path)
+        reading Stats (and POST /backfill's request)."""
+        route = self._route_of(request)
         if route is None or (route.row_data and not self.row_data):
             return OpsAnswer(404, "text/plain", b"not found\n")
+        if route.post is not None and self.token is None:
+            return OpsAnswer(403, "text/plain", b"POST /backfill needs OPS_TOKEN: set it to ask for "
+                             b"backfills over the operations port\n")
         if route.token and self.token is not None:
             given = presented_token(request)
             if given is None or not hmac.compare_digest(given, self.token):
@@ -6152,11 +6908,18 @@ class OpsServer:
         elif route.row_data and not is_loopback_host_header(_header(request, b"host") or b""):
             return OpsAnswer(403, "text/plain", b"without OPS_TOKEN, row data is served to this machine's "
                              b"own names only (Host: 127.0.0.1, [::1] or localhost)\n")
+        if route.post is not None:
+            if request.method != b"POST":
+                return OpsAnswer(405, "text/plain", b"only POST\n", (("Allow", "POST"),))
+            return route.post(self.stats, body)
         if request.method not in (b"GET", b"HEAD"):
             return OpsAnswer(405, "text/plain", b"only GET\n", (("Allow", "GET, HEAD"),))
         if route.websocket and is_websocket_request(request):
             return refuse_tap_handshake(request, self.stats.tap_clients, self.tap_max_clients)
         return route.answer(self.stats)
+
+    def _route_of(self, request: h11.Request) -> Route | None:
+        return self.routes.get(request.target.partition(b"?")[0].decode("latin-1"))
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """One connection; whatever happens, only this socket is closed."""
@@ -6186,13 +6949,20 @@ class OpsServer:
                     return
             if request is None:
                 return  # closed, or no whole head within OPS_HEAD_TIMEOUT_S
-            if (_header(request, b"content-length") not in (None, b"0")
+            route = self._route_of(request)
+            if route is not None and route.post is not None and request.method == b"POST":
+                body = await self._read_body(stream, conn, request)
+                if body is None:
+                    return
+            elif (_header(request, b"content-length") not in (None, b"0")
                     or _header(request, b"transfer-encoding") is not None):
                 await self._refuse(stream, 413, "requests take no body")
                 return
-            if not isinstance(conn.next_event(), h11.EndOfMessage):
-                return
-            answer = self.route(request)
+            else:
+                body = b""
+                if not isinstance(conn.next_event(), h11.EndOfMessage):
+                    return
+            answer = self.route(request, body)
             if isinstance(answer, TapFilter):
                 await self.serve_tap(stream, request, conn.trailing_data[0], answer)
                 return
@@ -6219,6 +6989,28 @@ class OpsServer:
             received += len(data)
             conn.receive_data(data)
 
+    async def _read_body(self, stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request) -> bytes | None:
+        """A POST's body (Content-Length, at most OPS_MAX_BODY_BYTES, within OPS_HEAD_TIMEOUT_S);
+        None when refused or cut off (then the connection ends)."""
+        length = _header(request, b"content-length")
+        if length is None or not length.isdigit() or int(length) > OPS_MAX_BODY_BYTES:
+            await self._refuse(stream, 413 if length and length.isdigit() else 411 if length is None else 400,
+                               f"a body of at most {OPS_MAX_BODY_BYTES} bytes, with Content-Length")
+            return None
+        body = b""
+        with trio.move_on_after(OPS_HEAD_TIMEOUT_S):
+            while True:
+                event = conn.next_event()
+                if isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    return body
+                elif event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(OPS_READ_BYTES))
+                else:
+                    return None
+        return None
+
     @staticmethod
     async def _send(stream: trio.abc.Stream, conn: h11.Connection, answer: OpsAnswer,
                     head_only: bool) -> None:
@@ -6234,7 +7026,7 @@ class OpsServer:
     async def _refuse(stream: trio.abc.Stream, status: int, reason: str) -> None:
         status = status if 400 <= status < 500 else 400
         body = (reason + "\n").encode()
-        phrase = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large",
+        phrase = {400: b"Bad Request", 408: b"Request Timeout", 411: b"Length Required", 413: b"Content Too Large",
                   431: b"Request Header Fields Too Large"}.get(status, b"Bad Request")
         with trio.move_on_after(1):
             await stream.send_all(_BAD_REQUEST % (status, phrase, len(body), body))
@@ -6584,7 +7376,8 @@ async def run_guarded_replication(config, sink, stop: trio.Event, task_status, a
         if config.conninfo is not None:
             nursery.start_soon(run_slot_guard, config, stats, alerter)
         try:
-            ack = await run_replication(config, sink, stop, task_status, alerter, stats=stats)
+            ack = await run_replication(config, sink, stop, task_status, alerter, stats=stats,
+                                        backfill=stats.backfill)
         except PreconditionError as exc:
             if not is_slot_invalidated_error(exc) or isinstance(exc, SlotInvalidated):
                 raise
@@ -6607,7 +7400,7 @@ async def check_slot_health(conn: PgConnection, config) -> str:
 
 # =====================================================================================================
 # =====================================================================================================
-# 19. Configuration
+# 20. Configuration
 # =====================================================================================================
 # Pure: environment mapping and argv in, a frozen `Config` (or a one-line ConfigError naming the
 # variable) out.  No socket is opened here.  Every setting is one entry of SETTINGS, which drives
@@ -7340,6 +8133,15 @@ SETTINGS: tuple[Setting, ...] = (
     # At most half the port's 64 connections, so that probes and scrapes always get through.
     Setting("TAP_MAX_CLIENTS", "tap_max_clients", "ops", _int_parser(1, 32), 16,
             "live tap WebSocket clients at once (GET /events); more get 503"),
+    Setting("BACKFILL_TABLES", "backfill_tables", "backfill", parse_backfill_tables, (),
+            "tables whose existing rows are sent as read events at start-up (schema.table, "
+            "schema.* or *, comma-separated); those STATE_FILE records as done are skipped", "unset"),
+    Setting("BACKFILL_ON_CREATE", "backfill_on_create", "backfill", parse_bool, False,
+            "backfill every published table when wal2http creates the slot"),
+    Setting("BACKFILL_CHUNK_ROWS", "backfill_chunk_rows", "backfill", _int_parser(1, 1_000_000), 10_000,
+            "rows per backfill chunk (halved while a chunk's SELECT takes over 2 s)"),
+    Setting("STATE_FILE", "state_file", "backfill", _stripped, "wal2http-state.json",
+            "where backfill progress is kept, to resume after a restart"),
 )
 
 
@@ -7373,7 +8175,8 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 #: --help lists these groups' settings under their own heading, the others under "options".
 HELP_GROUPS = {"http": "HTTP sink (EVENT_SINK=http)", "hook0": "Hook0 sink (EVENT_SINK=hook0)",
-               "email": "email alerts", "ops": "operations port and slot guard"}
+               "email": "email alerts", "ops": "operations port and slot guard",
+               "backfill": "backfill (existing rows as read events)"}
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -7564,7 +8367,7 @@ def describe_config(config: Config) -> str:
 
 
 # =====================================================================================================
-# 20. Service: run() and --check
+# 21. Service: run() and --check
 # =====================================================================================================
 
 
@@ -7592,6 +8395,7 @@ async def run(config, *, sink: Sink | None = None, stop: trio.Event | None = Non
     stats = stats if stats is not None else Stats(config)
     reliable = ReliableSink(sink, config, alerter, stop=stop, stats=stats)
     stats.start(config, reliable, alerter, stop)
+    stats.backfill = open_backfill(config, alerter)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(alerter.run)
@@ -7611,6 +8415,16 @@ async def run(config, *, sink: Sink | None = None, stop: trio.Event | None = Non
 
 
 ALERT_DRAIN_TIMEOUT_S = 15.0  #: at exit, how long queued alert mails may take to go out
+
+
+def open_backfill(config, alerter) -> Backfill:
+    """The backfills of this run: STATE_FILE's (a file that is not one: exit 2), then
+    BACKFILL_TABLES' (but tables the file records as done)."""
+    backfill = Backfill(config, alerter)
+    backfill.load()
+    if config.backfill_tables:
+        backfill.request(config.backfill_tables, "BACKFILL_TABLES", again=False)
+    return backfill
 
 
 async def run_check(config, out=None) -> int:
@@ -7714,7 +8528,7 @@ async def _check_slot(conn: PgConnection, config) -> str:
 
 
 # =====================================================================================================
-# 21. --demo: a throwaway PostgreSQL
+# 22. --demo: a throwaway PostgreSQL
 # =====================================================================================================
 # Runs the real thing end to end against a cluster made with initdb in a temporary directory, run
 # as an unprivileged user when we are root (PostgreSQL refuses to run as root), removed at the end.
@@ -7863,7 +8677,7 @@ async def _demo_session(config) -> None:
 
 
 # =====================================================================================================
-# 22. Command line
+# 23. Command line
 # =====================================================================================================
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
