@@ -9652,7 +9652,7 @@ class TestBackfillEndToEnd:
                        "BACKFILL_CHUNK_ROWS": "1", "STATE_FILE": "/var/lib/wal2http/state.json"})
         assert (config.backfill_on_create, config.backfill_chunk_rows, config.state_file) == (
             True, 1, "/var/lib/wal2http/state.json")
-        assert "public.t" in str(config.backfill_tables) and "other.*" in str(config.backfill_tables)
+        assert config.backfill_tables == ("public.t", "other.*")
         config = load(argv=["--backfill-chunk-rows", "50", "--state-file", "s.json"], env={"BACKFILL_CHUNK_ROWS": "7"})
         assert (config.backfill_chunk_rows, config.state_file) == (50, "s.json")  # a flag wins
         for variable, value in (("BACKFILL_CHUNK_ROWS", "0"), ("BACKFILL_CHUNK_ROWS", "-5"),
@@ -9932,9 +9932,42 @@ class TestBackfillEndToEnd:
 
     async def test_a_state_file_that_cannot_be_written_stops_the_backfill_not_replication(
             self, cluster, db, tmp_path, caplog):
+        """The state file's directory becomes a regular file while wal2http runs (root writes
+        anywhere, so a read-only mode would not do): a signal's backfill stops with an error, and
+        changes are still delivered."""
         caplog.set_level(logging.INFO, logger="wal2http")
-        (tmp_path / "afile").write_text("a file, so nothing can be made under it (also as root)")
-        state = tmp_path / "afile" / "state.json"
+        (tmp_path / "dir").mkdir()
+        state = tmp_path / "dir" / "state.json"
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, v text)",
+                  "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 200) g")
+        config = make_config(cluster, db, backfill_chunk_rows=10, state_file=str(state))
+
+        def complaints():
+            return [r for r in caplog.records if str(state) in r.getMessage() and r.levelno >= logging.WARNING]
+
+        async with running(config) as (sink, _ack):
+            await sql(cluster, db, "INSERT INTO t VALUES (1000, 'before')")
+            await Observed.wait_for(sink, lambda s: len(s.events) == 1, timeout=30)
+            (tmp_path / "dir").rename(tmp_path / "moved")
+            (tmp_path / "dir").write_text("a file, so nothing can be made under it (also as root)")
+            await sql(cluster, db, f"SELECT pg_logical_emit_message(true, '{BF_SIGNAL}', 'public.t')")
+            await wait_until(complaints, timeout=30)
+            await sql(cluster, db, "INSERT INTO t VALUES (1001, 'after')")
+            await bf_caught_up(cluster, db, sink, "still streaming")
+        assert [e["new"] for e in sink.events if e["op"] == "insert"] == [
+            {"id": 1000, "v": "before"}, {"id": 1001, "v": "after"}]
+        assert len(bf_reads(sink.events)) < 200  # stopped
+        bf_assert_no_internal_messages(sink.events)
+
+    @pytest.mark.parametrize("parent", ["missing", "afile"])
+    async def test_a_state_file_path_that_cannot_be_written_at_start_up_stops_only_the_backfill(
+            self, cluster, db, tmp_path, caplog, parent):
+        """STATE_FILE in a directory that does not exist, or under a regular file, from the start:
+        replication runs, the backfill does not."""
+        caplog.set_level(logging.INFO, logger="wal2http")
+        if parent == "afile":
+            (tmp_path / parent).write_text("a file, so nothing can be made under it (also as root)")
+        state = tmp_path / parent / "state.json"
         await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, v text)",
                   "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 200) g")
         config = make_config(cluster, db, backfill_tables="public.t", backfill_chunk_rows=10, state_file=str(state))
@@ -9945,7 +9978,6 @@ class TestBackfillEndToEnd:
         async with running(config) as (sink, _ack):
             await wait_until(complaints, timeout=30)
             await sql(cluster, db, "INSERT INTO t VALUES (1000, 'after')")
-            await Observed.wait_for(sink, lambda s: any(e["op"] == "insert" for e in s.events), timeout=30)
             await bf_caught_up(cluster, db, sink, "still streaming")
         assert [e["new"] for e in sink.events if e["op"] == "insert"] == [{"id": 1000, "v": "after"}]
         assert len(bf_reads(sink.events)) < 200  # stopped
