@@ -9447,6 +9447,17 @@ def bf_fold(events, table: str) -> dict[tuple, dict]:
     return rows
 
 
+def bf_differences(folded: dict, rows: dict, events, table: str) -> str:
+    """Where a fold and the table differ (up to 5 keys): each side, and the key's events."""
+    keys = sorted(set(folded) ^ set(rows) | {k for k in set(folded) & set(rows) if folded[k] != rows[k]})
+    lines = []
+    for key in keys[:5]:
+        history = [(e["op"], e["id"], e.get("new"), e.get("old")) for e in events if e.get("table") == table
+                   and key in {bf_key(e["key"] or {}), bf_key({k: (e["old"] or {}).get(k) for k, _ in key})}]
+        lines.append(f"{key}: table {rows.get(key)}, fold {folded.get(key)}, events {history}")
+    return f"{len(keys)} keys differ\n" + "\n".join(lines)
+
+
 async def bf_table_rows(cluster, db, name: str, key=("id",)) -> dict[tuple, dict]:
     """The table's rows as JSON (row_to_json: ints and text as the events carry them), by key."""
     rows = [json.loads(text) for (text,) in await sql(cluster, db, f"SELECT row_to_json(r)::text FROM {name} r")]
@@ -9567,17 +9578,29 @@ def bf_peak_rss_kb(pid: int) -> int:
         return int(re.search(r"VmHWM:\s+(\d+) kB", status.read()).group(1))
 
 
+def bf_last_read_key(events) -> int:
+    """The key of the latest read event among the last 500 events (0 when none): where the
+    backfill is."""
+    for event in reversed(events[-500:]):
+        if event["op"] == "read":
+            return event["key"]["id"]
+    return 0
+
+
 async def bf_write_concurrently(cluster, db, rng: random.Random, stop: trio.Event, done: trio.Event,
-                                touched: set[int], commits: list[int]) -> None:
+                                touched: set[int], commits: list[int], events: list[dict]) -> None:
     """Small transactions on table t until `stop`: inserts (upserts) of odd and new keys, updates,
-    deletes and key changes of random rows; `touched` gets every key a statement named."""
+    deletes and key changes of rows, most just ahead of the backfill's latest read (`events`: the
+    sink's), where they fall between a chunk's watermarks; `touched` gets every key named."""
     info = w.parse_database_url(cluster.url(db), {})
-    fresh = itertools.count(100_001)
+    fresh = itertools.count(100_000, 2)  # even: never an upsert's odd key
     async with w.open_pg_connection(info, replication=False) as conn:
         while not stop.is_set():
             statements = []
             for _ in range(rng.randint(1, 3)):
-                kind, row = rng.random(), rng.randint(1, 6100)
+                ahead = bf_last_read_key(events)
+                kind = rng.random()
+                row = rng.randint(ahead + 1, ahead + 200) if rng.random() < 0.7 else rng.randint(1, 6100)
                 touched.add(row)
                 if kind < 0.25:
                     statements.append(f"INSERT INTO t VALUES ({row | 1}, 0, 'inserted') "
@@ -9851,15 +9874,15 @@ class TestBackfillEndToEnd:
         port = ops_port(config)
         stop, written, touched, commits = trio.Event(), trio.Event(), set(), []
         rng = random.Random(f"backfill {cluster.major}")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(bf_write_concurrently, cluster, db, rng, stop, written, touched, commits)
-            async with running(config) as (sink, _ack):
-                await wait_until(lambda: bf_finished(port), timeout=180)
-                stop.set()
-                await written.wait()
-                await bf_caught_up(cluster, db, sink, "writer stopped")
+        async with running(config) as (sink, _ack), trio.open_nursery() as nursery:
+            nursery.start_soon(bf_write_concurrently, cluster, db, rng, stop, written, touched, commits, sink.events)
+            await wait_until(lambda: bf_finished(port), timeout=180)
+            stop.set()
+            await written.wait()
+            await bf_caught_up(cluster, db, sink, "writer stopped")
         events = sink.events
-        assert bf_fold(events, "t") == await bf_table_rows(cluster, db, "t")
+        folded, rows = bf_fold(events, "t"), await bf_table_rows(cluster, db, "t")
+        assert folded == rows, bf_differences(folded, rows, events, "t")
         reads = bf_reads(events, "t")
         read_ids = [read["key"]["id"] for read in reads]
         assert read_ids == sorted(set(read_ids))  # key order, each key read once
