@@ -10058,23 +10058,34 @@ class TestBackfillEndToEnd:
 
     # -- what a backfill reads ---------------------------------------------------------------------------
 
-    async def test_row_filters_and_column_lists_apply(self, cluster, db, tmp_path):
-        """Read events carry what the publication publishes, exactly as the inserts of the same rows
-        did (PostgreSQL 15+ filters rows and columns; 14 has no such syntax)."""
+    FILTERED = {  # publications of table f (id, a, secret) -> the rows and columns published on 15+
+        "column list and row filter": ({"bf_p1": "f (id, a) WHERE (id % 3 = 0)"},
+                                       [{"id": g, "a": f"a{g}"} for g in range(3, 31, 3)]),
+        "two row filters, OR-ed": ({"bf_p1": "f WHERE (id < 5)", "bf_p2": "f WHERE (id > 25)"},
+                                   [{"id": g, "a": f"a{g}", "secret": "hidden"} for g in (1, 2, 3, 4, 26, 27, 28, 29, 30)]),
+    }
+
+    @pytest.mark.parametrize("case", FILTERED)
+    async def test_row_filters_and_column_lists_apply(self, cluster, db, tmp_path, case):
+        """Read events carry what the publications publish, exactly as the inserts of the same rows
+        did (PostgreSQL 15+ filters rows and columns; 14 has no such syntax: every row, whole)."""
+        publications, published = self.FILTERED[case]
         await sql(cluster, db, "CREATE TABLE f (id int PRIMARY KEY, a text, secret text)")
-        create = "CREATE PUBLICATION filtered FOR TABLE f (id, a) WHERE (id % 3 = 0)"
-        if cluster.major >= 15:
-            await sql(cluster, db, create)
-        else:
-            with pytest.raises(w.ServerError) as info:
+        for name, what in publications.items():
+            create = f"CREATE PUBLICATION {name} FOR TABLE {what}"
+            if cluster.major >= 15:
                 await sql(cluster, db, create)
-            assert info.value.fields["C"] == "42601"  # syntax_error
-            await sql(cluster, db, "CREATE PUBLICATION filtered FOR TABLE f")
-        async with running(make_config(cluster, db, slot_name=f"{db}_ref", pub_name="filtered")) as (ref, _ack):
+            else:
+                with pytest.raises(w.ServerError) as info:
+                    await sql(cluster, db, create)
+                assert info.value.fields["C"] == "42601"  # syntax_error
+                await sql(cluster, db, f"CREATE PUBLICATION {name} FOR TABLE f")
+        pub_name = ",".join(publications)
+        async with running(make_config(cluster, db, slot_name=f"{db}_ref", pub_name=pub_name)) as (ref, _ack):
             await sql(cluster, db, "INSERT INTO f SELECT g, 'a' || g, 'hidden' FROM generate_series(1, 30) g")
             await bf_caught_up(cluster, db, ref, "reference")
         inserts = [e for e in ref.events if e["op"] == "insert"]
-        config = make_config(cluster, db, pub_name="filtered", backfill_tables="public.f", backfill_chunk_rows=4,
+        config = make_config(cluster, db, pub_name=pub_name, backfill_tables="public.f", backfill_chunk_rows=4,
                              state_file=str(tmp_path / "state.json"))
         async with running(config) as (sink, _ack):
             await Observed.wait_for(sink, lambda s: len(bf_reads(s.events)) >= len(inserts), timeout=30)
@@ -10082,9 +10093,26 @@ class TestBackfillEndToEnd:
         reads = bf_reads(sink.events)
         assert [(read["key"], read["new"]) for read in reads] == [(i["key"], i["new"]) for i in inserts]
         if cluster.major >= 15:
-            assert [read["new"] for read in reads] == [{"id": g, "a": f"a{g}"} for g in range(3, 31, 3)]
+            assert [read["new"] for read in reads] == published
         else:
             assert [read["new"] for read in reads] == [{"id": g, "a": f"a{g}", "secret": "hidden"} for g in range(1, 31)]
+
+    async def test_progress_is_logged_with_rows_done_and_the_estimate(self, cluster, db, tmp_path, caplog, monkeypatch):
+        """A progress line per chunk here (every few seconds otherwise): the table, rows done, the
+        estimate from pg_class.reltuples, the rate."""
+        monkeypatch.setattr(w, "BACKFILL_PROGRESS_S", 0.0)
+        caplog.set_level(logging.INFO, logger="wal2http")
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, v text)",
+                  "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 100) g", "ANALYZE t")
+        config = make_config(cluster, db, backfill_tables="public.t", backfill_chunk_rows=10,
+                             state_file=str(tmp_path / "state.json"))
+        async with running(config) as (sink, _ack):
+            await Observed.wait_for(sink, lambda s: len(bf_reads(s.events)) >= 100, timeout=30)
+            await bf_caught_up(cluster, db, sink, "logged")
+        lines = [r.getMessage() for r in caplog.records if "public.t" in r.getMessage()
+                 and "about 100 rows" in r.getMessage() and "rows/s" in r.getMessage()]
+        done = [int(found.group(1)) for found in (re.search(r"\b(\d+) of about 100 rows", line) for line in lines) if found]
+        assert done and done == sorted(done) and set(done) <= set(range(10, 101, 10)), lines
 
     async def test_composite_key_replica_identity_index_and_toast(self, cluster, db, tmp_path):
         await sql(cluster, db,
