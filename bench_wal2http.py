@@ -9,6 +9,7 @@
     python bench_wal2http.py --tap           # also: stdout with one live tap client taking everything
     python bench_wal2http.py --concurrency   # DELIVERY_CONCURRENCY against a receiver taking 20 ms
     python bench_wal2http.py --concurrency --receiver-delay-ms 20 100
+    python bench_wal2http.py --backfill --repeat 3   # 1,000,000 rows backfilled to stdout, vs COPY
 
 Needs requirements-bench.txt (orjson, for the HTTP receiver; `--receiver-json json` uses the
 stdlib's parser instead).
@@ -28,21 +29,36 @@ concurrency 1, 8, 32 and 64, HTTP_BATCH_SIZE=100 at 1 and 8, each over distinct 
 and the worst case, every event an update of the same row (its order allows one request at a
 time), at 1 and 32.  Each run gets its own table, publication and slot, sized so that it lasts a
 few seconds; its rate counts from the start of the first request to the last event delivered.
+
+--backfill writes a table of --rows rows (1,000,000 by default) like the bench table, vacuums it,
+then in each round: psql's `\\copy (SELECT ... ORDER BY id) TO '/dev/null'` of it (the reference:
+PostgreSQL sending the same rows in the same order), a wal2http backfill of it (BACKFILL_TABLES,
+an empty STATE_FILE, a new slot) to the stdout sink with no writes, and one while single-row
+inserts go on into the table at --rate a second; the child counts the read events written and
+stops when the backfill is done (and, with the inserts, once those committed until then are
+written: their commit-to-written latency is measured as --latency measures it).  Rows/s count
+from wal2http's start to the last read event written.  The server's CPU is that of the backends
+that exited meanwhile (the backfill's connection and the walsender; the inserts' backend is
+measured apart and left out).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import os
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -72,20 +88,35 @@ def sql(url: str, *statements: str) -> list[tuple]:
 
 
 class _CountingSink(w.StdoutSink):
-    def __init__(self, out, latencies=None):
+    """Counts the events written; with `latencies`, appends (commit time, seconds from commit to
+    written) of each change; with `count_reads`, also counts a backfill's read events (and notes
+    when the last was written).  Events are looked at as text: decoding them would add to what is
+    measured."""
+
+    def __init__(self, out, latencies=None, count_reads=False):
         super().__init__(out)
         self.count = 0
         self.latencies = latencies
+        self.reads = 0 if count_reads else None
+        self.first_read_at = self.last_read_at = 0.0  # perf_counter() when the first, last read event was written
 
     async def deliver(self, events):
         await super().deliver(events)
         self.count += len(events)
+        if self.reads is not None:
+            reads = sum(1 for event in events if event.line.find('"op":"read"', 0, 80) > 0)
+            if reads:
+                self.first_read_at = self.first_read_at or time.perf_counter()
+                self.reads += reads
+                self.last_read_at = time.perf_counter()
         if self.latencies is not None:
             now = time.time()
             for event in events:
-                line = event.line  # read from the text: decoding the event would add to what is measured
-                start = line.index('"commit_time":"') + 15
-                self.latencies.append(now - _epoch(line[start:line.index('"', start)]))
+                line = event.line
+                start = line.find('"commit_time":"') + 15
+                if start > 14:  # a read event has no commit time
+                    commit = _epoch(line[start:line.index('"', start)])
+                    self.latencies.append((commit, now - commit))
 
 
 def _epoch(text: str) -> float:
@@ -94,14 +125,15 @@ def _epoch(text: str) -> float:
         tzinfo=datetime.timezone.utc).timestamp()
 
 
-async def _child(env: dict, end_lsn: int, expect: int, latency: bool, tap: bool = False) -> dict:
+async def _child(env: dict, end_lsn: int, expect: int, latency: bool, tap: bool = False,
+                 backfill: bool = False) -> dict:
     config, _ = w.load_config([], env)
     w.tune_runtime()  # as `python wal2http.py` does
     latencies = [] if latency else None
-    sink = _CountingSink(open(os.devnull, "wb"), latencies)
+    sink = _CountingSink(open(os.devnull, "wb"), latencies, count_reads=backfill)
     if config.event_sink == "http":
         sink = _CountingHttp(w.HttpSink(config))
-    stop, stats = trio.Event(), None
+    stop, stats, cutoff = trio.Event(), w.Stats(config) if backfill else None, float("inf")
     async with trio.open_nursery() as nursery:
         if tap:  # the operations port first, so that the tap client gets every event
             stats = w.Stats(config)
@@ -112,9 +144,13 @@ async def _child(env: dict, end_lsn: int, expect: int, latency: bool, tap: bool 
         started, usage_started = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         ack = await nursery.start(lambda task_status: w.run(config, sink=sink, stop=stop, stats=stats,
                                                             task_status=task_status))
-        while ack.flushed_lsn < end_lsn or sink.count < expect:
-            await trio.sleep(0.005)
-        finished = time.perf_counter()
+        if backfill:
+            print("streaming", flush=True)  # the driver's cue to start writing
+            finished, cutoff = await _backfill_done(env["DATABASE_URL"], config, stats, sink, ack, expect, latency)
+        else:
+            while ack.flushed_lsn < end_lsn or sink.count < expect:
+                await trio.sleep(0.005)
+            finished = time.perf_counter()
         elapsed = finished - started
         usage = resource.getrusage(resource.RUSAGE_SELF)
         stop.set()
@@ -123,16 +159,38 @@ async def _child(env: dict, end_lsn: int, expect: int, latency: bool, tap: bool 
                 await trio.sleep(0.005)
             nursery.cancel_scope.cancel()
     first_request_at = getattr(sink, "first_request_at", None)
-    result = {"events": sink.count, "seconds": elapsed,
+    result = {"events": sink.count, "seconds": elapsed, "reads": sink.reads if backfill else None,
+              "first_read_s": sink.first_read_at - started if backfill else None,
               "delivery_seconds": finished - first_request_at if first_request_at else elapsed,
               "user_seconds": usage.ru_utime - usage_started.ru_utime,
               "system_seconds": usage.ru_stime - usage_started.ru_stime,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if latencies:
-        ordered = sorted(latencies)
-        result["p50_ms"] = 1000 * ordered[len(ordered) // 2]
-        result["p99_ms"] = 1000 * ordered[int(len(ordered) * 0.99)]
+    ordered = sorted(seconds for commit, seconds in latencies or () if commit <= cutoff)
+    if ordered:
+        result.update(latency_events=len(ordered), p50_ms=1000 * ordered[len(ordered) // 2],
+                      p99_ms=1000 * ordered[int(len(ordered) * 0.99)], max_ms=1000 * ordered[-1])
     return result
+
+
+async def _backfill_done(url: str, config, stats, sink: _CountingSink, ack, expect: int,
+                         latency: bool) -> tuple[float, float]:
+    """Waits until the backfill of BACKFILL_TABLES (one table) is done, its `expect` read events
+    (at least) written; with `latency`, then until the changes committed meanwhile are written too.
+    Returns when the last read event was written (perf_counter) and when the backfill was seen done
+    (time.time: the changes committed until then are those written while a backfill ran)."""
+    name = config.backfill_tables[0]
+    while name not in stats.backfill.done:
+        if name in stats.backfill.refused:
+            raise SystemExit(f"the backfill of {name} was refused: {stats.backfill.refused[name]}")
+        await trio.sleep(0.005)
+    cutoff = time.time()
+    if sink.reads < expect:
+        raise SystemExit(f"the backfill of {name} is done, but {sink.reads} read events were written, not {expect}")
+    if latency:
+        (lsn,), = await _sql(url, "SELECT pg_current_wal_lsn()")
+        while ack.flushed_lsn < w.parse_lsn(lsn):
+            await trio.sleep(0.005)
+    return sink.last_read_at, cutoff
 
 
 class _CountingHttp:
@@ -153,9 +211,16 @@ class _CountingHttp:
         await self.sink.aclose()
 
 
-def run_child(env: dict, end_lsn: int, expect: int, latency: bool = False, tap: bool = False) -> dict:
-    spec = json.dumps({"env": env, "end_lsn": end_lsn, "expect": expect, "latency": latency, "tap": tap})
-    out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=False)
+def child_command(env: dict, end_lsn: int, expect: int, latency: bool = False, tap: bool = False,
+                  backfill: bool = False) -> list[str]:
+    spec = {"env": env, "end_lsn": end_lsn, "expect": expect, "latency": latency, "tap": tap, "backfill": backfill}
+    return [sys.executable, __file__, "--child", json.dumps(spec)]
+
+
+def run_child(env: dict, end_lsn: int, expect: int, latency: bool = False, tap: bool = False,
+              backfill: bool = False) -> dict:
+    command = child_command(env, end_lsn, expect, latency, tap, backfill)
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"wal2http child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.splitlines()[-1])
@@ -561,10 +626,9 @@ def latency(args) -> None:
         env = {"DATABASE_URL": url, "SLOT_NAME": "bench_lat", "PUB_NAME": "bench", "CREATE_SLOT": "false",
                "LOG_LEVEL": "WARNING"}
         total = args.rate * args.seconds
-        spec = json.dumps({"env": env, "end_lsn": 0, "expect": total, "latency": True})
-        child = subprocess.Popen([sys.executable, __file__, "--child", spec], stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(child_command(env, 0, total, latency=True), stdout=subprocess.PIPE, text=True)
         time.sleep(2)  # let it connect before the first commit (start-up is not what we measure)
-        trio.run(_write_paced, url, args.rate, args.seconds)
+        trio.run(_write_paced, url, args.rate, lambda written: written < total)
         out, _ = child.communicate(timeout=120)
         result = json.loads(out.splitlines()[-1])
         print(f"latency commit->written: p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms "
@@ -573,17 +637,131 @@ def latency(args) -> None:
         cluster.remove()
 
 
-async def _write_paced(url: str, rate: int, seconds: int) -> None:
+async def _write_paced(url: str, rate: int, more: Callable[[int], bool]) -> tuple[int, float]:
+    """Single-row transactions, `rate` a second, while `more(transactions written so far)`;
+    returns how many were written and the CPU seconds their backend took."""
     async with w.open_pg_connection(w.parse_database_url(url, {}), replication=False) as conn:
-        start = trio.current_time()
-        for i in range(rate * seconds):
-            await trio.sleep_until(start + i / rate)
+        (pid,), = await conn.simple_query("SELECT pg_backend_pid()")
+        start, written = trio.current_time(), 0
+        while more(written):
+            await trio.sleep_until(start + written / rate)
             await conn.simple_query(INSERT_SQL.format(n=1))
+            written += 1
+        return written, _process_cpu_s(int(pid))
+
+
+# ---------------------------------------------------------------------------------------------------
+# --backfill: a table's existing rows as read events, beside PostgreSQL's own COPY of them.
+# ---------------------------------------------------------------------------------------------------
+
+#: The reference: what PostgreSQL takes to send the same rows, in the same order, to a client.
+COPY_SQL = r"\copy (SELECT id, name, amount, created_at, payload FROM bench ORDER BY id) TO '/dev/null'"
+
+
+def backfill(args) -> None:
+    """`--repeat` rounds, each: the COPY reference, a backfill with no writes, then one while
+    single-row inserts (--rate a second, as --latency) go on, each backfill by a new wal2http (a
+    new slot, an empty STATE_FILE).  Ratios are taken within a round."""
+    cluster, state_dir = w.DemoCluster(), tempfile.mkdtemp(prefix="bench-backfill-")
+    try:
+        cluster.start()
+        _backfill_table(cluster.url, args.rows)
+        figures: dict[str, list[float]] = {}
+        for r in range(args.repeat):
+            load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+            print(f"round {r + 1} of {args.repeat} (load average {load})")
+            copy_rate = _copy_reference(cluster, args.rows)
+            figures.setdefault("COPY: rows/s", []).append(copy_rate)
+            for concurrent in (False, True):
+                result = _backfill_run(cluster, args, os.path.join(state_dir, "state.json"), f"bf_{r}_{concurrent:d}",
+                                       concurrent)
+                kind = "with inserts" if concurrent else "alone"
+                rate = result["reads"] / result["seconds"]
+                figures.setdefault(f"backfill {kind}: rows/s", []).append(rate)
+                figures.setdefault(f"backfill {kind} / COPY", []).append(rate / copy_rate)
+                figures.setdefault(f"backfill {kind}: peak RSS MB", []).append(result["peak_rss_mb"])
+                if concurrent:
+                    figures.setdefault("inserts while backfilling: p50 ms", []).append(result["p50_ms"])
+                    figures.setdefault("inserts while backfilling: p99 ms", []).append(result["p99_ms"])
+        if args.repeat > 1:
+            for name, values in figures.items():
+                low, median, high = (f"{v:,.0f}" if v >= 1000 else f"{v:.2f}"
+                                     for v in (min(values), statistics.median(values), max(values)))
+                print(f"{name}: median {median}, range {low}-{high} over {len(values)} rounds")
+    finally:
+        cluster.remove()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _backfill_table(url: str, rows: int) -> None:
+    """The bench table with `rows` rows, vacuumed (hint bits set, visibility map and statistics
+    made), so that neither the reference nor a backfill pays for the load; and its publication."""
+    started = time.perf_counter()
+    sql(url, TABLE_SQL, "CREATE PUBLICATION bench FOR TABLE bench",
+        *[INSERT_SQL.format(n=min(10_000, rows - done)) for done in range(0, rows, 10_000)],
+        "VACUUM (FREEZE, ANALYZE) bench", "CHECKPOINT")
+    (size,), = sql(url, "SELECT pg_size_pretty(pg_total_relation_size('bench'))")
+    print(f"wrote {rows:,} rows ({size}) in {time.perf_counter() - started:.1f} s")
+
+
+def _copy_reference(cluster: w.DemoCluster, rows: int) -> float:
+    """psql's \\copy of the table's rows in key order to /dev/null, timed; returns rows/s."""
+    server_cpu, client = _server_cpu_s(cluster), resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    subprocess.run([os.path.join(cluster.bin, "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", cluster.url,
+                    "-c", COPY_SQL], check=True)
+    seconds = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    psql_cpu = usage.ru_utime + usage.ru_stime - client.ru_utime - client.ru_stime
+    print(f"  COPY (SELECT ... ORDER BY id) TO STDOUT via psql: {seconds:.2f} s, {rows / seconds:,.0f} rows/s "
+          f"(backend CPU {_server_cpu_s(cluster) - server_cpu:.2f} s, psql CPU {psql_cpu:.2f} s)")
+    return rows / seconds
+
+
+def _backfill_run(cluster: w.DemoCluster, args, state_file: str, slot: str, concurrent: bool) -> dict:
+    """One wal2http backfilling the bench table to the stdout sink (to /dev/null) on a new slot,
+    with `concurrent` single-row inserts meanwhile (whose latency it measures); prints the figures
+    and returns the child's."""
+    url = cluster.url
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(state_file)  # else the table, recorded as done, is not backfilled again
+    sql(url, f"SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")
+    env = {"DATABASE_URL": url, "PUB_NAME": "bench", "SLOT_NAME": slot, "CREATE_SLOT": "false",
+           "LOG_LEVEL": "WARNING", "BACKFILL_TABLES": "public.bench", "STATE_FILE": state_file}
+    if args.chunk_rows:
+        env["BACKFILL_CHUNK_ROWS"] = str(args.chunk_rows)
+    server_cpu, inserts = _server_cpu_s(cluster), ""
+    if concurrent:
+        child = subprocess.Popen(child_command(env, 0, args.rows, latency=True, backfill=True),
+                                 stdout=subprocess.PIPE, text=True)
+        if child.stdout.readline() != "streaming\n":
+            raise SystemExit(f"wal2http child failed (exit {child.wait()})")
+        written, writer_cpu = trio.run(_write_paced, url, args.rate, lambda _: child.poll() is None)
+        out, _ = child.communicate()
+        if child.returncode:
+            raise SystemExit(f"wal2http child failed (exit {child.returncode})")
+        result = json.loads(out.splitlines()[-1])
+        inserts = (f"; {written} inserts at {args.rate}/s, commit->written while backfilling: p50 "
+                   f"{result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, max {result['max_ms']:.1f} ms "
+                   f"over {result['latency_events']}, their backend's CPU {writer_cpu:.2f} s")
+    else:
+        result, writer_cpu = run_child(env, 0, args.rows, backfill=True), 0.0
+    server = _server_cpu_s(cluster) - server_cpu - writer_cpu
+    sql(url, f"SELECT pg_drop_replication_slot('{slot}')",
+        f"DELETE FROM bench WHERE id > {args.rows}", "VACUUM bench")  # the table as it was
+    print(f"  wal2http backfill {'with inserts' if concurrent else 'alone'}: {result['seconds']:.2f} s, "
+          f"{result['reads'] / result['seconds']:,.0f} rows/s ({result['reads']:,} read events, the first "
+          f"{result['first_read_s']:.2f} s after start), peak RSS "
+          f"{result['peak_rss_mb']:.1f} MB, CPU {result['user_seconds']:.2f} s user + "
+          f"{result['system_seconds']:.2f} s system (backfill backend + walsender CPU {server:.2f} s){inserts}")
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--rows", type=int, help="rows written (default 200,000; with --backfill 1,000,000)")
+    parser.add_argument("--backfill", action="store_true",
+                        help="a table of --rows rows backfilled to stdout, alone and beside inserts, against COPY")
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--http", action="store_true")
     parser.add_argument("--http-batch", type=int, choices=(1, 500), help="with --http: only this batch size")
@@ -594,6 +772,7 @@ def main() -> None:
                         help="DELIVERY_CONCURRENCY 1-64 against a receiver that answers after a delay")
     parser.add_argument("--receiver-delay-ms", type=float, nargs="+", default=[20.0],
                         help="with --concurrency: the receiver's delay per request (several: one table each)")
+    parser.add_argument("--chunk-rows", type=int, help="with --backfill: BACKFILL_CHUNK_ROWS (default: wal2http's)")
     parser.add_argument("--rate", type=int, default=200)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--scrape", action="store_true",
@@ -602,10 +781,14 @@ def main() -> None:
                         help="also the stdout sink with one live tap client (GET /events) taking every event")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rows is None:
+        args.rows = 1_000_000 if args.backfill else 200_000
     if args.child:
         spec = json.loads(args.child)
         print(json.dumps(trio.run(_child, spec["env"], spec["end_lsn"], spec["expect"], spec["latency"],
-                                  spec.get("tap", False))))
+                                  spec["tap"], spec["backfill"])))
+    elif args.backfill:
+        backfill(args)
     elif args.latency:
         latency(args)
     elif args.concurrency:

@@ -2542,13 +2542,17 @@ def backfill_table(identity="d", order=("id",), order_types=("bigint",), row_fil
     return w.BackfillTable("public", "orders", writer, order, order_types, converters, row_filter, 1000)
 
 
+def data_row(*values: str | None) -> bytes:
+    """A DataRow message's body (text format)."""
+    body = struct.pack("!h", len(values))
+    for value in values:
+        body += struct.pack("!i", -1) if value is None else struct.pack("!i", len(value.encode())) + value.encode()
+    return body
+
+
 def backfill_rows(table: w.BackfillTable, *ids: int) -> list[tuple]:
-    """Selected rows as the backfill task keeps them: (order texts, key JSON, new-row members)."""
-    rows = []
-    for row_id in ids:
-        values = (str(row_id), f"s{row_id}", "1.50", '{"a": 1}', "2026-11-27 16:25:11+00")
-        rows.append(((values[0],), *table.writer.write_row(values)))
-    return rows
+    """Selected rows as the backfill task keeps them: (DataRow bytes, key JSON, new-row members)."""
+    return [table.read_row(data_row(str(i), f"s{i}", "1.50", '{"a": 1}', "2026-11-27 16:25:11+00")) for i in ids]
 
 
 def change(op: str, row_id: int | None, table: str = "orders", old_id: int | None = None, **extra) -> w.Event:
@@ -2654,26 +2658,65 @@ class TestBackfillState:
         assert w.open_backfill(load({"STATE_FILE": str(tmp_path / "none.json")}), None).status() is None
 
 
+    def test_check_reads_it(self, tmp_path):
+        path = tmp_path / "state.json"
+        config = load({"STATE_FILE": str(path), "BACKFILL_TABLES": "public.t"})
+        assert w.check_state_file(config) == (f"state file {path}: 0 table(s) queued, 0 done", None)
+        w.write_file_atomically(str(path), w.encode_state([], [{"schema": "public", "table": "t", "after": None,
+                                                                "rows": 0, "source": "x"}], {"public.u": "then"}))
+        assert w.check_state_file(config) == (f"state file {path}: 1 table(s) queued, 1 done", None)
+        path.write_text("garbage")
+        name, failure = w.check_state_file(config)
+        assert failure.startswith(f"STATE_FILE: {path} is not a wal2http state file")
+
+
 class TestBackfillChunk:
     def test_chunk_query(self):
         table = backfill_table()
-        columns = '"id", "id", "status", "amount", "meta", "created"'
+        columns = '"id", "status", "amount", "meta", "created"'
         assert w.build_chunk_query(table, None, 100) == (
             f'SELECT {columns} FROM "public"."orders" ORDER BY "id" LIMIT 100')
         assert w.build_chunk_query(table, ["4'2"], 5) == (
             f'SELECT {columns} FROM "public"."orders" WHERE "id" > \'4\'\'2\'::bigint ORDER BY "id" LIMIT 5')
         composite = backfill_table(order=("id", "status"), order_types=("bigint", "text"), row_filter="amount > 1")
         assert w.build_chunk_query(composite, ["1", "b"], 7) == (
-            'SELECT "id", "status", "id", "status", "amount", "meta", "created" FROM "public"."orders" '
+            'SELECT "id", "status", "amount", "meta", "created" FROM "public"."orders" '
             'WHERE (amount > 1) AND ("id", "status") > (\'1\'::bigint, \'b\'::text) ORDER BY "id", "status" LIMIT 7')
 
     def test_a_read_row_is_written_like_an_inserted_one(self, feed):
         (insert,) = events_of(transaction(feed, w.Insert(None, 16400, ROW)))
-        key, members = w.RelationWriter(orders(), {}).write_row(ROW)
+        key, members = w.RelationWriter(orders(), {}).write_data_row(data_row(*ROW))
         assert insert.line.count(f'"key":{key},"new":{{{members}}}') == 1
-        assert w.RelationWriter(orders("n"), {}).write_row(ROW)[0] == "null"
-        assert w.RelationWriter(orders(), {}).write_row((None, "x", "not a number", "{", None))[1] == (
+        assert w.RelationWriter(orders("n"), {}).write_data_row(data_row(*ROW))[0] == "null"
+        assert w.RelationWriter(orders(), {}).write_data_row(data_row(None, "x", "not a number", "{", None))[1] == (
             '"id":null,"status":"x","amount":"not a number","meta":"{","created":null')
+        # more columns than the relation's (the order columns the SELECT adds): read up to its own
+        assert w.RelationWriter(orders(), {}).write_data_row(data_row(*ROW, "extra")) == (key, members)
+
+    def test_a_malformed_data_row(self):
+        writer = w.RelationWriter(orders(), {})
+        row = data_row(*ROW)
+        for cut in range(len(row)):
+            with pytest.raises(w.ProtocolError, match="malformed DataRow message"):
+                writer.write_data_row(row[:cut])
+        with pytest.raises(w.ProtocolError, match="malformed DataRow message"):
+            writer.write_data_row(data_row(*ROW[:4]))  # a column short
+        with pytest.raises(w.ProtocolError, match="malformed DataRow message"):
+            writer.write_data_row(data_row("42", "x", None, None, None).replace(b"x", b"\xff"))  # not UTF-8
+
+    def test_data_rows_one_call_each_split_at_every_offset(self):
+        stream = b"".join(b"D" + struct.pack("!I", 4 + len(body)) + body
+                          for body in (data_row("1", None), data_row("2", "b"))) + b"C\0\0\0\x0dSELECT 2\0"
+        for cut in range(len(stream) + 1):
+            buffer, rows = w.MessageBuffer(), []
+            buffer.feed(stream[:cut])
+            while (row := buffer.next_data_row()) is not None:
+                rows.append(w.decode_data_row(row))
+            buffer.feed(stream[cut:])
+            while (row := buffer.next_data_row()) is not None:
+                rows.append(w.decode_data_row(row))
+            assert rows == [("1", None), ("2", "b")]
+            assert buffer.next_message() == (ord("C"), b"SELECT 2\0")
 
     def test_read_events_exactly(self):
         table = backfill_table()
@@ -2711,7 +2754,7 @@ class TestBackfillChunk:
     def test_a_change_that_does_not_name_its_row_reads_the_chunk_again(self):
         table = backfill_table(order=("id", "status"), order_types=("bigint", "text"))
         window = w.ChunkWindow("run1", 1, table)
-        window.rows = [(("1", "s1"), *table.writer.write_row(("1", "s1", None, None, None)))]
+        window.rows = [table.read_row(data_row("1", "s1", None, None, None))]
         window.observe([w.Event.from_dict({"id": "0/1:0", "op": "delete", "schema": "public", "table": "orders",
                                            "key": {"id": 1}, "new": None, "old": {"id": 1}})])
         assert window.unknown_row
@@ -2720,8 +2763,7 @@ class TestBackfillChunk:
     def test_composite_keys_compare_by_value(self):
         table = backfill_table(order=("id", "status"), order_types=("bigint", "text"))
         window = w.ChunkWindow("run1", 1, table)
-        window.rows = [((str(i), f"s{i}"), *table.writer.write_row((str(i), f"s{i}", None, None, None)))
-                       for i in (1, 2)]
+        window.rows = [table.read_row(data_row(str(i), f"s{i}", None, None, None)) for i in (1, 2)]
         window.observe([w.Event.from_dict({"id": "0/1:0", "op": "update", "schema": "public", "table": "orders",
                                            "key": {"id": 2}, "new": {"id": 2, "status": "s2"}, "old": None})])
         assert [e["key"] for e in window.read_chunk(0x100).events] == [{"id": 1}]

@@ -316,6 +316,7 @@ _INT32 = struct.Struct("!i")
 _UINT32 = struct.Struct("!I")
 _HEADER = struct.Struct("!BI")  # tag, length (length counts itself, not the tag)
 _COPY_DATA = COPY_DATA.value  # a plain int: compared for every message
+_DATA_ROW = DATA_ROW.value
 
 
 def _frame(tag: bytes, body: bytes) -> bytes:
@@ -401,6 +402,18 @@ class MessageBuffer:
             return None
         self._pos = end
         return tag, bytes(data[pos + 5:end])
+
+    def next_data_row(self) -> bytes | None:
+        """The body of the next message when it is a whole DataRow (a query's rows come by the
+        thousand: one call each); otherwise None (next_message then gives it)."""
+        data, pos = self._data, self._pos
+        if len(data) - pos < 5 or data[pos] != _DATA_ROW:
+            return None
+        end = pos + 1 + _UINT32.unpack_from(data, pos + 1)[0]
+        if len(data) < end or end - pos < 5:
+            return None
+        self._pos = end
+        return bytes(data[pos + 5:end])
 
     def next_copy_data(self, layout: struct.Struct, kind: int) -> tuple[tuple, bytes] | None:
         """The replication hot path (one call, one copy): when the next message is a whole CopyData
@@ -828,16 +841,22 @@ class PgConnection:
             return False
         return True
 
-    async def simple_query(self, sql: str, timeout_s: float = DEFAULT_QUERY_TIMEOUT_S) -> list[tuple]:
-        """Run one statement; returns its rows (tuples of str or None). ServerError on failure."""
+    async def simple_query(self, sql: str, timeout_s: float = DEFAULT_QUERY_TIMEOUT_S,
+                           convert_row: Callable[[bytes], object] = decode_data_row) -> list:
+        """Run a statement (or several: the rows of all); returns its rows, each DataRow's body
+        through `convert_row` (by default a tuple of str or None).  ServerError on failure."""
         await self.send(encode_query(sql))
-        rows: list[tuple] = []
-        error = None
+        rows: list = []
+        append, buffer, error = rows.append, self.buffer, None
         with trio.move_on_after(timeout_s) as scope:
             while True:
+                body = buffer.next_data_row()
+                if body is not None:
+                    append(convert_row(body))
+                    continue
                 tag, body = await self.receive_message()
-                if tag == DATA_ROW:
-                    rows.append(decode_data_row(body))
+                if tag == DATA_ROW:  # a DataRow split across reads
+                    append(convert_row(body))
                 elif tag == ERROR_RESPONSE:
                     error = ServerError(decode_error_fields(body))
                 elif tag == READY_FOR_QUERY:
@@ -2251,20 +2270,36 @@ class RelationWriter:
                 raise ValueError("not a text or NULL value")
         return pos
 
-    def write_row(self, values: Sequence[str | None]) -> tuple[str, str]:
-        """A row a query read (its text values in column order, as a DataRow gives them): the JSON
-        texts of its key and of its columns' members, through the same converters.  A value its
-        converter refuses stays a string, as in write_decoded."""
+    def write_data_row(self, body: bytes) -> tuple[str, str]:
+        """A row a query read: a DataRow's body (text format) whose first columns are this
+        relation's, in order (more may follow).  Gives the JSON texts of its key and of its
+        columns' members in one pass, through the same converters; what that pass does not take
+        (a value its converter refuses, malformed bytes) goes the general way, as a change does
+        (_convert_tuple: such a value stays a string; ProtocolError for a malformed DataRow)."""
         members = []
-        append = members.append
-        for (member, convert, null), value in zip(self.columns, values):
-            if value is None:
-                append(null)
-                continue
-            try:
-                append(member + convert(value))
-            except _VALUE_ERRORS:
-                append(member + encode_json_string(value))
+        append, size_of = members.append, _INT32.unpack_from
+        try:
+            if (body[0] << 8 | body[1]) < len(self.columns):
+                raise ValueError("column count")
+            pos = 2
+            for member, convert, null in self.columns:
+                size = size_of(body, pos)[0]
+                start = pos + 4
+                if size < 0:
+                    append(null)
+                    pos = start
+                else:
+                    pos = start + size
+                    append(member + convert(body[start:pos].decode()))
+            if pos > len(body):
+                raise ValueError("truncated")
+        except (IndexError, struct.error, *_VALUE_ERRORS):  # UnicodeDecodeError is a ValueError
+            values = decode_data_row(body)
+            if len(values) < len(self.names):
+                raise ProtocolError(f"malformed DataRow message: {len(values)} columns, {len(self.names)} "
+                                    f"expected for {self.schema}.{self.table}") from None
+            row, _ = _convert_tuple(self, values[:len(self.names)], "DataRow")
+            return _row_json(self, _build_key(self, row)), _row_json(self, row)[1:-1]
         keys = self.key_indexes
         key = "{" + ",".join([members[i] for i in keys]) + "}" if keys else "null"
         return key, ",".join(members)
@@ -3818,17 +3853,35 @@ class BackfillTable:
     order_json: tuple[Callable[[str], str], ...]  #: their converters to JSON text
     row_filter: str | None  #: the publications' row filters, OR-ed (None: every row)
     estimated_rows: int | None  #: pg_class.reltuples (None: never counted)
+    #: The SELECT reads the writer's columns, then the order columns that are not among them.
+    extra: tuple[str, ...] = dataclasses.field(init=False)
+    order_positions: tuple[int, ...] = dataclasses.field(init=False)  #: in the SELECT's columns
+
+    def __post_init__(self) -> None:
+        names = self.writer.names
+        self.extra = tuple(c for c in self.order if c not in names)
+        columns = (*names, *self.extra)
+        self.order_positions = tuple(columns.index(c) for c in self.order)
 
     @property
     def name(self) -> str:
         return table_text((self.schema, self.table))
 
+    def read_row(self, body: bytes) -> tuple[bytes, str, str]:
+        """A DataRow of the chunk's SELECT -> (its bytes, key JSON, new-row members JSON)."""
+        return (body, *self.writer.write_data_row(body))
+
+    def order_values(self, body: bytes) -> list[str | None]:
+        """A selected row's order-column values as text (the cursor)."""
+        values = decode_data_row(body)
+        return [values[i] for i in self.order_positions]
+
 
 def build_chunk_query(table: BackfillTable, after: Sequence[str | None] | None, limit: int) -> str:
-    """The SELECT of the next chunk: the order columns, then the published columns, of the rows
-    after the cursor (keyset pagination) that pass the row filter."""
+    """The SELECT of the next chunk: the published columns (then any order column not among
+    them) of the rows after the cursor (keyset pagination) that pass the row filter."""
     order = ", ".join(quote_ident(c) for c in table.order)
-    columns = ", ".join([order, *(quote_ident(c) for c in table.writer.names)])
+    columns = ", ".join(quote_ident(c) for c in (*table.writer.names, *table.extra))
     conditions = [f"({table.row_filter})"] if table.row_filter else []
     if after is not None:
         values = ", ".join("NULL" if v is None else f"{quote_literal(v)}::{t}" for v, t in zip(after, table.order_types))
@@ -3850,15 +3903,15 @@ def _order_identity(values: Iterable) -> tuple[str, ...]:
 class ChunkWindow:
     """One chunk between its watermarks (pure; the Backfill task fills it, the stream reads it).
 
-    `rows` (set before the high watermark is written): per row selected, (order values as text,
-    key JSON, new-row members JSON).  `observe` takes the stream's events between the watermarks
+    `rows` (set before the high watermark is written): per row selected, BackfillTable.read_row's
+    (DataRow bytes, key JSON, new-row members JSON).  `observe` takes the stream's events between the watermarks
     and notes the rows they change; `read_chunk` at the high watermark gives the read events of
     the rows left.  A change whose row cannot be told (its event lacks the order columns) makes
     the whole chunk be read again: `read_chunk` then gives None."""
 
     def __init__(self, run_id: str, number: int, table: BackfillTable):
         self.run_id, self.number, self.table = run_id, number, table
-        self.rows: list[tuple[tuple, str, str]] = []
+        self.rows: list[tuple[bytes, str, str]] = []
         self.opened = False  # the low watermark went by in the stream
         self.changed: set[tuple[str, ...]] = set()
         self.truncated = False
@@ -3900,13 +3953,13 @@ class ChunkWindow:
         if self.truncated:
             rows = ()
         elif self.changed:
-            converters, changed = self.table.order_json, self.changed
+            converters, changed, values = self.table.order_json, self.changed, self.table.order_values
             rows = [(n, row) for n, row in rows if _order_identity(
                 None if v is None else decode_event_line(convert(v))
-                for convert, v in zip(converters, row[0])) not in changed]
+                for convert, v in zip(converters, values(row[0]))) not in changed]
         lsn, head = format_lsn(high_lsn), self._head
         events = [Event(_READ_LINE % (lsn, n, head, key, new, lsn)) for n, (_, key, new) in rows]
-        self.sent = len(events)
+        self.rows, self.sent = [], len(events)  # the rows' memory goes with the events
         return Chunk(events, high_lsn, {"read": len(events)} if events else None, transaction=False)
 
 
@@ -3937,6 +3990,8 @@ async def describe_backfill_table(conn: PgConnection, schema: str, table: str, p
                                   base_types: Mapping[int, int]) -> BackfillTable:
     """The catalog's description of a published table; BackfillRefused saying why it cannot be read."""
     name = table_text((schema, table))
+    if (schema, table) not in published:
+        raise BackfillRefused(f"backfill of {name} refused: it is not in the publications (any more)")
     found = await conn.simple_query(
         "SELECT c.oid, c.relreplident, c.reltuples::bigint, pg_catalog.has_table_privilege(c.oid, 'SELECT') "
         "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
@@ -4006,15 +4061,16 @@ async def emit_watermark(conn: PgConnection, content: str) -> int:
     return parse_lsn(rows[0][0])
 
 
-async def select_chunk(conn: PgConnection, query: str) -> list[tuple] | None:
-    """The rows of `query`, read in a snapshot that sees every transaction committed before it
-    (see the section comment); None when BACKFILL_SNAPSHOT_TRIES snapshots in a row did not."""
+async def select_chunk(conn: PgConnection, query: str, convert_row: Callable[[bytes], object]) -> list | None:
+    """The rows of `query` (through `convert_row`), read in a snapshot that sees every transaction
+    committed before it (see the section comment); None when BACKFILL_SNAPSHOT_TRIES snapshots
+    in a row did not."""
     for attempt in range(BACKFILL_SNAPSHOT_TRIES):
         await conn.simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         try:
             (unseen,), = await conn.simple_query(UNSEEN_COMMITS_SQL)
             if unseen == "0":
-                return await conn.simple_query(query, timeout_s=BACKFILL_STATEMENT_TIMEOUT_S + 10)
+                return await conn.simple_query(query, BACKFILL_STATEMENT_TIMEOUT_S + 10, convert_row)
         finally:
             await conn.simple_query("ROLLBACK")
         await trio.sleep(0.001 * attempt)
@@ -4219,7 +4275,7 @@ class Backfill:
                 await emit_watermark(conn, window.watermark("low"))
                 began = trio.current_time()
                 try:
-                    rows = await select_chunk(conn, build_chunk_query(table, entry["after"], limit))
+                    rows = await select_chunk(conn, build_chunk_query(table, entry["after"], limit), table.read_row)
                 except ServerError as exc:
                     if exc.fields.get("C") != "57014" or limit <= BACKFILL_MIN_CHUNK_ROWS:
                         raise
@@ -4231,8 +4287,8 @@ class Backfill:
                     continue  # no snapshot seeing every commit came: a new low watermark
                 if not rows:
                     return 0
-                order_count, write_row = len(table.order), table.writer.write_row
-                window.rows = [(row[:order_count], *write_row(row[order_count:])) for row in rows]
+                window.rows, last, selected = rows, rows[-1][0], len(rows)
+                del rows  # the window holds them until the high watermark, no longer
                 seconds = trio.current_time() - began
                 await emit_watermark(conn, window.watermark("high"))
                 await window.closed.wait()
@@ -4243,11 +4299,11 @@ class Backfill:
             logger.info("backfill of %s: a change between the watermarks did not name its row; the chunk "
                         "is read again", table.name)
         await ack.wait_flushed(window.high_lsn)
-        entry["after"], entry["rows"] = list(rows[-1][:order_count]), entry["rows"] + len(rows)
+        entry["after"], entry["rows"] = table.order_values(last), entry["rows"] + selected
         self.rows_total += window.sent
         self._save()
         self._log_progress(table, entry)
-        if len(rows) < limit:
+        if selected < limit:
             return 0
         if seconds > BACKFILL_SLOW_CHUNK_S and limit > BACKFILL_MIN_CHUNK_ROWS:
             limit = max(BACKFILL_MIN_CHUNK_ROWS, limit // 2)
@@ -8449,9 +8505,24 @@ async def run_check(config, out=None) -> int:
                                     _check_sink(config)))
     if email_enabled(config):
         results.append(await _check_one("email", config.conninfo.connect_timeout_s, check_smtp(config)))
+    if config.backfill_tables or os.path.exists(config.state_file):
+        results.append(check_state_file(config))
     for name, failure in results:
         print(f"ok {name}" if failure is None else f"FAIL {name}: {failure}", file=out, flush=True)
     return 0 if all(failure is None for _, failure in results) else 4
+
+
+def check_state_file(config) -> tuple[str, str | None]:
+    """--check's STATE_FILE line: readable as a state file, and its directory writable."""
+    name = f"state file {config.state_file}"
+    backfill = Backfill(config)
+    try:
+        backfill.load()
+    except ConfigError as exc:
+        return name, str(exc)
+    if not os.access(os.path.dirname(os.path.abspath(config.state_file)), os.W_OK):
+        return name, "its directory is not writable (the file is replaced atomically, beside it)"
+    return f"{name}: {len(backfill.queue)} table(s) queued, {len(backfill.done)} done", None
 
 
 async def _check_one(name: str, timeout_s: float, awaitable) -> tuple[str, str | None]:
