@@ -9818,6 +9818,10 @@ class TestBackfillEndToEnd:
                       "INSERT INTO a VALUES (41, 'new')", "UPDATE b SET id = 100 WHERE id = 1")
             await wait_until(lambda: bf_finished(port), timeout=60)
             await bf_caught_up(cluster, db, sink, "created")
+            _, status = await ops_document(port, "/status")
+            progress = await bf_progress(port)
+        assert progress == (len(bf_reads(sink.events)), 0)
+        assert "public.a" in json.dumps(status["backfill"]) and "public.b" in json.dumps(status["backfill"])
         for name, count, touched in (("a", 40, {3, 33}), ("b", 25, {1, 20})):
             assert bf_fold(sink.events, name) == await bf_table_rows(cluster, db, name)
             read_ids = {read["key"]["id"] for read in bf_reads(sink.events, name)}
