@@ -9506,13 +9506,13 @@ async def bf_table_rows(cluster, db, name: str, key=("id",)) -> dict[tuple, dict
     return {bf_key({column: row[column] for column in key}): row for row in rows}
 
 
-async def bf_caught_up(cluster, db, observed, tag: str) -> None:
-    """Emits a message after everything committed so far and waits until `observed` (a sink or a
-    CliProcess) has it: the stream has caught up with what came before."""
+async def bf_caught_up(cluster, db, observed, tag: str, events_of=lambda o: o.events) -> None:
+    """Emits a message after everything committed so far and waits until `observed` (a sink, a
+    CliProcess, a receiver with `events_of`) has it: the stream has caught up with what came before."""
     await sql(cluster, db, f"SELECT pg_logical_emit_message(true, 'bf.sentinel', {w.quote_literal(tag)})")
     await Observed.wait_for(observed, lambda o: any(
-        e["op"] == "message" and e.get("prefix") == "bf.sentinel" and e.get("content") == tag for e in o.events),
-        timeout=30)
+        e["op"] == "message" and e.get("prefix") == "bf.sentinel" and e.get("content") == tag
+        for e in events_of(o)), timeout=30)
 
 
 def bf_assert_no_internal_messages(events) -> None:
@@ -9937,6 +9937,42 @@ class TestBackfillEndToEnd:
         first, last = events.index(reads[0]), events.index(reads[-1])
         changes = [e for e in events[first:last] if e["op"] != "read" and e.get("table") == "t"]
         assert len(changes) >= 20, "the writer did not run during the backfill"
+        bf_assert_no_internal_messages(events)
+
+    @pytest.mark.timeout(240)
+    async def test_the_receiver_is_right_with_concurrent_delivery_too(self, cluster, db, tmp_path):
+        """DELIVERY_CONCURRENCY=4 to a receiver that answers after varied delays: events of
+        different rows arrive out of order, a row's own events never do, so folding them in the
+        order the receiver got them still gives the table."""
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL, v text)",
+                  "INSERT INTO t SELECT 2 * g, 0, 'original' FROM generate_series(1, 1000) g")
+        await create_slot(cluster, db)
+        rng = random.Random(f"concurrent delivery {cluster.major}")
+        replies = [Reply(200, delay_s=rng.choice([0, 0, 0.005, 0.02])) for _ in range(5000)]
+        async with ScriptedReceiver.serve(replies) as receiver:
+            config = w.load_config([], ops_env(cluster, db, receiver, delivery_concurrency=4, http_batch_size=10,
+                                               backfill_tables="public.t", backfill_chunk_rows=25,
+                                               state_file=str(tmp_path / "state.json")))[0]
+            port = ops_port(config)
+            stop, written, touched, commits = trio.Event(), trio.Event(), set(), []
+            async with service(config), trio.open_nursery() as nursery:
+                seen: list[dict] = []
+                nursery.start_soon(bf_write_concurrently, cluster, db, rng, stop, written, touched, commits, seen)
+                with trio.fail_after(180):
+                    while not await bf_finished(port):
+                        seen[:] = receiver.delivered()[-500:]  # where the backfill is, for the writer
+                        await trio.sleep(0.02)
+                stop.set()
+                await written.wait()
+                await bf_caught_up(cluster, db, receiver, "delivered", lambda r: r.delivered())
+        events = receiver.delivered()
+        folded, rows = bf_fold(events, "t"), await bf_table_rows(cluster, db, "t")
+        assert folded == rows, bf_differences(folded, rows, events, "t")
+        assert {2 * g for g in range(1, 1001)} - touched <= {read["key"]["id"] for read in bf_reads(events, "t")}
+        assert len(commits) >= 20
+        positions = [(lsn(e["commit_lsn"] or e["lsn"]), e["seq"] if e["seq"] is not None else int(e["id"].split(":r")[1]))
+                     for e in events]
+        assert positions != sorted(positions), "no requests overlapped"
         bf_assert_no_internal_messages(events)
 
     # -- resume ---------------------------------------------------------------------------------------
