@@ -9491,3 +9491,806 @@ class TestPageInBrowser:
         assert f"{origin}/?token={OPS_TOKEN}" in requests and f"{origin}/status?token={OPS_TOKEN}" in requests
         assert all(url.startswith(f"{origin}/") or url.startswith("data:") for url in requests), requests
         assert sockets == [f"ws://127.0.0.1:{port}/events?token={OPS_TOKEN}"]
+
+
+# ----- Backfill end to end
+# Rows that exist before wal2http starts, sent as `read` events while streaming goes on: every
+# trigger (BACKFILL_TABLES, BACKFILL_ON_CREATE, the in-database signal, POST /backfill), the fields
+# and types of read events (against the insert events of the same rows), the consistency property
+# under a concurrent writer (fold every event per key; the result is the table), resume from
+# STATE_FILE after kill -9, the refusals, publication row filters and column lists, keys that are
+# not a one-column primary key, TOAST, and the memory bound.
+
+BF_SIGNAL = "wal2http.backfill"  #: the prefix of the in-database signal (never delivered)
+BF_WATERMARK = "wal2http.watermark"  #: the prefix of the chunks' watermarks (never delivered)
+BF_READ_ID = re.compile(r"([0-9A-F]+/[0-9A-F]+):r(\d+)")
+
+
+def bf_reads(events, table: str | None = None) -> list[dict]:
+    """The read events (of `table` when given), in stream order."""
+    return [e for e in events if e["op"] == "read" and table in (None, e["table"])]
+
+
+def bf_key(values: dict) -> tuple:
+    return tuple(sorted(values.items()))
+
+
+def bf_fold(events, table: str) -> dict[tuple, dict]:
+    """What a receiver applying the events of `table` in order holds, by key: read, insert and
+    update set the row (an update that changed the key removes the old one), delete removes it,
+    truncate empties the table."""
+    rows: dict[tuple, dict] = {}
+    for event in events:
+        if event.get("table") != table:
+            continue
+        if event["op"] == "truncate":
+            rows.clear()
+        elif event["op"] == "delete":
+            rows.pop(bf_key(event["key"]), None)
+        elif event["op"] in ("read", "insert", "update"):
+            if event["op"] == "update" and event["old"] is not None:
+                rows.pop(bf_key({name: event["old"][name] for name in event["key"]}), None)
+            rows[bf_key(event["key"])] = event["new"]
+    return rows
+
+
+def bf_differences(folded: dict, rows: dict, events, table: str) -> str:
+    """Where a fold and the table differ (up to 5 keys): each side, and the key's events."""
+    keys = sorted(set(folded) ^ set(rows) | {k for k in set(folded) & set(rows) if folded[k] != rows[k]})
+    lines = []
+    for key in keys[:5]:
+        history = [(e["op"], e["id"], e.get("new"), e.get("old")) for e in events if e.get("table") == table
+                   and key in {bf_key(e["key"] or {}), bf_key({k: (e["old"] or {}).get(k) for k, _ in key})}]
+        lines.append(f"{key}: table {rows.get(key)}, fold {folded.get(key)}, events {history}")
+    return f"{len(keys)} keys differ\n" + "\n".join(lines)
+
+
+async def bf_table_rows(cluster, db, name: str, key=("id",)) -> dict[tuple, dict]:
+    """The table's rows as JSON (row_to_json: ints and text as the events carry them), by key."""
+    rows = [json.loads(text) for (text,) in await sql(cluster, db, f"SELECT row_to_json(r)::text FROM {name} r")]
+    return {bf_key({column: row[column] for column in key}): row for row in rows}
+
+
+async def bf_caught_up(cluster, db, observed, tag: str, events_of=lambda o: o.events) -> None:
+    """Emits a message after everything committed so far and waits until `observed` (a sink, a
+    CliProcess, a receiver with `events_of`) has it: the stream has caught up with what came before."""
+    await sql(cluster, db, f"SELECT pg_logical_emit_message(true, 'bf.sentinel', {w.quote_literal(tag)})")
+    await Observed.wait_for(observed, lambda o: any(
+        e["op"] == "message" and e.get("prefix") == "bf.sentinel" and e.get("content") == tag
+        for e in events_of(o)), timeout=30)
+
+
+def bf_assert_no_internal_messages(events) -> None:
+    """Neither the signal nor a watermark is ever delivered."""
+    leaked = [e for e in events if e["op"] == "message" and e["prefix"] in (BF_SIGNAL, BF_WATERMARK)]
+    assert leaked == []
+
+
+def bf_assert_read_fields(event: dict) -> None:
+    assert list(event) == EVENT_KEYS
+    assert event["op"] == "read"
+    assert (event["old"], event["unchanged_toast"]) == (None, [])
+    assert (event["xid"], event["commit_lsn"], event["commit_time"], event["seq"]) == (None, None, None, None)
+    found = BF_READ_ID.fullmatch(event["id"])
+    assert found and found.group(1) == event["lsn"], event["id"]
+
+
+def bf_chunks(events, reads) -> list[list[int]]:
+    """The chunks of `reads` (grouped by their high watermark's position, in stream order) as the
+    positions n of their ids; checks that each chunk's events are consecutive in `events`, of
+    one table, and that the chunks' positions go up."""
+    chunks: dict[str, list[dict]] = {}
+    for read in reads:
+        chunks.setdefault(read["lsn"], []).append(read)
+    positions = [lsn(position) for position in chunks]
+    assert positions == sorted(positions) and len(set(positions)) == len(positions)
+    index = {id(event): number for number, event in enumerate(events)}
+    for chunk in chunks.values():
+        places = [index[id(read)] for read in chunk]
+        assert places == list(range(places[0], places[0] + len(places))), "a chunk's reads are not consecutive"
+        assert len({read["table"] for read in chunk}) == 1
+    return [[int(BF_READ_ID.fullmatch(read["id"]).group(2)) for read in chunk] for chunk in chunks.values()]
+
+
+async def bf_progress(port: int, token: str | None = None) -> tuple[float, float]:
+    """(wal2http_backfill_rows_total, wal2http_backfill_tables_remaining) from /metrics."""
+    families = await scrape(port, token)
+    return (metric_value(families, "wal2http_backfill_rows", "wal2http_backfill_rows_total"),
+            metric_value(families, "wal2http_backfill_tables_remaining"))
+
+
+async def bf_finished(port: int, token: str | None = None) -> bool:
+    """Rows were sent and no table is left (False while the port does not answer yet)."""
+    try:
+        rows, remaining = await bf_progress(port, token)
+    except w.DeliveryError:
+        return False
+    return rows > 0 and remaining == 0
+
+
+async def bf_remaining_is(port: int, expected: int, token: str | None = None) -> bool:
+    return (await bf_progress(port, token))[1] == expected
+
+
+async def bf_post(port: int, body, token: str | None = OPS_TOKEN) -> w.HttpResponse:
+    """POST /backfill with `body` (bytes as they are, anything else as JSON)."""
+    headers = [("Content-Type", "application/json")]
+    headers += [("Authorization", f"Bearer {token}")] if token else []
+    client = w.HttpClient(f"http://127.0.0.1:{port}/", timeout_s=10, headers=headers)
+    try:
+        return await client.request("POST", "/backfill",
+                                    body=body if isinstance(body, bytes) else json.dumps(body).encode())
+    finally:
+        await client.aclose()
+
+
+def bf_numbers(path) -> set[int]:
+    """Every whole number written in the JSON state file (values, keys, digits inside strings);
+    empty while there is no file."""
+    try:
+        with open(path) as file:
+            document = json.load(file)
+    except FileNotFoundError:
+        return set()
+    found: set[int] = set()
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                walk(name)
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, bool) or value is None:
+            return
+        elif isinstance(value, int):
+            found.add(value)
+        else:
+            found.update(int(digits) for digits in re.findall(r"\d+", str(value)))
+
+    walk(document)
+    return found
+
+
+def bf_cursor(path, chunk_ends: set[int]) -> int | None:
+    """The last key of the last chunk the state file records as done (keys are chosen so that no
+    count or position can be mistaken for one), or None."""
+    recorded = bf_numbers(path) & chunk_ends
+    return max(recorded) if recorded else None
+
+
+def bf_peak_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read()).group(1))
+
+
+def bf_last_read_key(events) -> int:
+    """The key of the latest read event among the last 500 events (0 when none): where the
+    backfill is."""
+    for event in reversed(events[-500:]):
+        if event["op"] == "read":
+            return event["key"]["id"]
+    return 0
+
+
+async def bf_write_concurrently(cluster, db, rng: random.Random, stop: trio.Event, done: trio.Event,
+                                touched: set[int], commits: list[int], events: list[dict]) -> None:
+    """Small transactions on table t until `stop`: inserts (upserts) of odd and new keys, updates,
+    deletes and key changes of rows, most just ahead of the backfill's latest read (`events`: the
+    sink's), where they fall between a chunk's watermarks; `touched` gets every key named."""
+    info = w.parse_database_url(cluster.url(db), {})
+    fresh = itertools.count(100_000, 2)  # even: never an upsert's odd key
+    async with w.open_pg_connection(info, replication=False) as conn:
+        while not stop.is_set():
+            statements = []
+            for _ in range(rng.randint(1, 3)):
+                ahead = bf_last_read_key(events)
+                kind = rng.random()
+                row = rng.randint(ahead + 1, ahead + 200) if rng.random() < 0.7 else rng.randint(1, 6100)
+                touched.add(row)
+                if kind < 0.25:
+                    statements.append(f"INSERT INTO t VALUES ({row | 1}, 0, 'inserted') "
+                                      "ON CONFLICT (id) DO UPDATE SET n = t.n + 1, v = 'upserted'")
+                    touched.add(row | 1)
+                elif kind < 0.6:
+                    statements.append(f"UPDATE t SET n = n + 1, v = 'updated' WHERE id = {row}")
+                elif kind < 0.85:
+                    statements.append(f"DELETE FROM t WHERE id = {row}")
+                else:
+                    new_key = next(fresh)
+                    touched.add(new_key)
+                    statements.append(f"UPDATE t SET id = {new_key} WHERE id = {row}")
+            await conn.simple_query(in_own_transactions([" ; ".join(statements)]))
+            commits.append(len(statements))
+            await trio.sleep(0.002)  # a steady writer, not a flood that starves the two shared cores
+    done.set()
+
+
+class TestBackfillEndToEnd:
+    """Backfills against the real PostgreSQL of each version (and 13 for the refusal)."""
+
+    @pytest.fixture(autouse=True)
+    def _drop_slots_afterwards(self, request):
+        pairs = [(request.getfixturevalue(name), request.getfixturevalue(database))
+                 for name, database in (("cluster", "db"), ("old_cluster", "old_db"))
+                 if database in request.fixturenames]
+        yield
+        for cluster, db in pairs:
+            drop_inactive_slots(cluster, db)
+
+    class Cli(CliProcess):
+        """A CliProcess whose stdout reader stops after `pause_after` lines until `resume` is set
+        (the pipe fills up and wal2http blocks writing), then reads on to the end (`eof`); with
+        `count_only` it counts the lines and keeps the first and the last, so 200,000 events are
+        not held by the test."""
+
+        def __init__(self, env, pause_after: int | None = None, count_only: bool = False):
+            super().__init__(env, pause_after=pause_after)
+            self.resume = trio.Event()
+            self.count_only = count_only
+            self.count = 0
+            self.first = self.last = b""
+            self.eof = False
+
+        async def _read_stdout(self):
+            pending = b""
+            async for data in self.process.stdout:
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                self.count += len(lines)
+                if self.count_only:
+                    if lines:
+                        self.first, self.last = self.first or lines[0], lines[-1]
+                else:
+                    self.lines.extend(lines)
+                    self.events.extend(json.loads(line) for line in lines)
+                self._notify()
+                if self.pause_after is not None and self.count >= self.pause_after:
+                    await self.resume.wait()
+            self.eof = True
+            self._changed.set()
+
+    # -- settings -----------------------------------------------------------------------------------
+
+    def test_settings_defaults_and_errors(self):
+        config = load()
+        assert (config.backfill_on_create, config.backfill_chunk_rows, config.state_file) == (
+            False, 10_000, "wal2http-state.json")
+        assert not config.backfill_tables
+        config = load({"BACKFILL_TABLES": "public.t,other.*", "BACKFILL_ON_CREATE": "true",
+                       "BACKFILL_CHUNK_ROWS": "1", "STATE_FILE": "/var/lib/wal2http/state.json"})
+        assert (config.backfill_on_create, config.backfill_chunk_rows, config.state_file) == (
+            True, 1, "/var/lib/wal2http/state.json")
+        assert config.backfill_tables == ("public.t", "other.*")
+        config = load(argv=["--backfill-chunk-rows", "50", "--state-file", "s.json"], env={"BACKFILL_CHUNK_ROWS": "7"})
+        assert (config.backfill_chunk_rows, config.state_file) == (50, "s.json")  # a flag wins
+        for variable, value in (("BACKFILL_CHUNK_ROWS", "0"), ("BACKFILL_CHUNK_ROWS", "-5"),
+                                ("BACKFILL_CHUNK_ROWS", "ten"), ("BACKFILL_ON_CREATE", "maybe")):
+            assert variable in config_error({variable: value})
+
+    # -- read events: fields, types, chunks ---------------------------------------------------------
+
+    TYPES_DDL = (
+        "CREATE TYPE bf_mood AS ENUM ('sad', 'ok', 'happy')",
+        "CREATE DOMAIN bf_positive AS int CHECK (VALUE > 0)",
+        "CREATE TYPE bf_pair AS (a int, b text)",
+        "CREATE TABLE ty (id int PRIMARY KEY, i2 int2, i8 int8, o oid, num numeric(12,4), nnan numeric, f4 float4, "
+        "f8 float8, b bool, tx text, vc varchar(20), ch char(4), nm name, u uuid, j json, jb jsonb, d date, "
+        "ts timestamp, tstz timestamptz, tm time, tmtz timetz, iv interval, ba bytea, ia int[], ta text[], "
+        "m2 int[], tsa timestamptz[], mood bf_mood, pos bf_positive, ip inet, mo money, r int4range, pt point, "
+        "pair bf_pair, bits bit varying(8))",
+    )
+    TYPES_ROWS = (
+        r"""INSERT INTO ty VALUES (1, 32767, 9007199254740993, 4294967295, 12345678.9012, 19.90, 1.5, 0.1, true,
+            'hello', 'vc', 'ab', 'nm', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{"a": [1, 2.50, null]}',
+            '{"b": {"c": true}}', '2026-11-27', '2026-11-27 16:25:11.123456', '2026-11-27 16:25:11.5+02',
+            '16:25:11', '16:25:11+02', '1 day 02:03:04', '\x00ff10', '{1,2,3}', '{"a","b c",NULL}',
+            '{{1,2},{3,4}}', '{"2026-01-01 00:00:00+00"}', 'happy', 7, '192.168.0.1/24', 12.34, '[1,10)',
+            '(1.5,2)', '(1,"x y")', B'1010')""",
+        r"""INSERT INTO ty VALUES (2, -32768, -9223372036854775808, 0, -0.0001, 'NaN', 'NaN', '-Infinity', false,
+            '', '', '', '', '00000000-0000-0000-0000-000000000000', 'null', '[]', 'infinity', '-infinity',
+            'infinity', '00:00:00', '00:00:00+00', '-1 mons', '\x', '{}', '{NULL}', '{{NULL,1},{2,NULL}}', '{}',
+            'sad', 1, '::1', -1, 'empty', '(0,0)', '(,)', B'')""",
+        "INSERT INTO ty (id) VALUES (3)",
+        r"""INSERT INTO ty (id, tx, jb, ts, tstz, ta, ba, f4, f8) VALUES (-4, 'héllo ✓ "quoted" \ back',
+            '{"ü": "日本", "n": 1e3, "deep": [{"x": null}]}', '2026-11-27 16:25:11', '1999-12-31 23:59:59.999999+00',
+            '{"with,comma","with\"quote","{braces}"}', '\xdeadbeef', 'Infinity', 1e-300)""",
+    )
+
+    async def test_read_events_are_typed_like_the_inserts_of_the_same_rows(self, cluster, db, tmp_path):
+        await sql(cluster, db, *self.TYPES_DDL)
+        async with reference(cluster, db) as ref:
+            await sql(cluster, db, *self.TYPES_ROWS)
+            inserts = await ref.wait_for(4)
+        await sql(cluster, db, f"SELECT pg_create_logical_replication_slot('{db}_td', 'test_decoding')")
+        config = make_config(cluster, db, backfill_tables="public.ty", backfill_chunk_rows=3,
+                             state_file=str(tmp_path / "state.json"))
+        async with running(config) as (sink, _ack):
+            await Observed.wait_for(sink, lambda s: len(bf_reads(s.events)) >= 4, timeout=30)
+            await bf_caught_up(cluster, db, sink, "types")
+        reads = bf_reads(sink.events)
+        assert [read["key"] for read in reads] == [{"id": -4}, {"id": 1}, {"id": 2}, {"id": 3}]  # key order
+        by_key = {bf_key(insert["key"]): insert for insert in inserts}
+        for read in reads:
+            bf_assert_read_fields(read)
+            insert = by_key[bf_key(read["key"])]
+            assert (read["schema"], read["table"]) == ("public", "ty")
+            assert read["new"] == insert["new"], read["key"]
+            assert list(read["new"]) == list(insert["new"])
+            assert read["key"] == insert["key"]
+        assert bf_chunks(sink.events, reads) == [[0, 1, 2], [0]]
+        bf_assert_no_internal_messages(sink.events)
+        # each chunk's lsn is the position of its high watermark, after a low one
+        rows = await sql(cluster, db, f"SELECT lsn, data FROM pg_logical_slot_peek_changes('{db}_td', NULL, NULL)")
+        marks = sorted(lsn(position) for position, data in rows
+                       if data.startswith(f"message: transactional: 0 prefix: {BF_WATERMARK},"))
+        for position in {lsn(read["lsn"]) for read in reads}:
+            assert position in marks and marks[0] < position
+
+    # -- triggers -----------------------------------------------------------------------------------
+
+    async def test_backfill_tables_at_start_up_names_published_tables(self, cluster, db, tmp_path):
+        """`schema.table`, `schema.*` and `*` (of the publication's tables only), one run each."""
+        await sql(cluster, db, "CREATE SCHEMA other", "CREATE TABLE a (id int PRIMARY KEY)",
+                  "CREATE TABLE b (id int PRIMARY KEY)", "CREATE TABLE other.c (id int PRIMARY KEY)",
+                  "CREATE TABLE other.d (id int PRIMARY KEY)", "INSERT INTO a SELECT generate_series(1, 3)",
+                  "INSERT INTO b SELECT generate_series(1, 2)", "INSERT INTO other.c SELECT generate_series(1, 4)",
+                  "INSERT INTO other.d VALUES (1)", "CREATE PUBLICATION bf_some FOR TABLE a, other.c, other.d")
+        cases = [("public.a", {"public.a": 3}), ("other.*", {"other.c": 4, "other.d": 1}),
+                 ("*", {"public.a": 3, "other.c": 4, "other.d": 1}), ("public.*,other.c", {"public.a": 3, "other.c": 4})]
+        for number, (tables, expected) in enumerate(cases):
+            config = make_config(cluster, db, pub_name="bf_some", backfill_tables=tables,
+                                 state_file=str(tmp_path / f"state{number}.json"))
+            async with running(config) as (sink, _ack):
+                await Observed.wait_for(sink, lambda s: len(bf_reads(s.events)) >= sum(expected.values()), timeout=30)
+                await bf_caught_up(cluster, db, sink, tables)
+            found: dict[str, list[int]] = {}
+            for read in bf_reads(sink.events):
+                found.setdefault(f"{read['schema']}.{read['table']}", []).append(read["key"]["id"])
+            assert found == {name: list(range(1, count + 1)) for name, count in expected.items()}, tables
+            bf_assert_no_internal_messages(sink.events)
+
+    async def test_backfill_on_create_when_wal2http_creates_the_slot(self, cluster, db, tmp_path):
+        await sql(cluster, db, "CREATE TABLE a (id int PRIMARY KEY, v text)", "CREATE TABLE b (id int PRIMARY KEY, v text)",
+                  "INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 40) g",
+                  "INSERT INTO b SELECT g, 'b' || g FROM generate_series(1, 25) g")
+        config = w.load_config([], ops_env(cluster, db, backfill_on_create="true", backfill_chunk_rows=7,
+                                           state_file=str(tmp_path / "state.json")))[0]
+        port = ops_port(config)
+        async with running(config) as (sink, _ack):
+            await sql(cluster, db, "UPDATE a SET v = 'changed' WHERE id IN (3, 33)", "DELETE FROM b WHERE id = 20",
+                      "INSERT INTO a VALUES (41, 'new')", "UPDATE b SET id = 100 WHERE id = 1")
+            await wait_until(lambda: bf_finished(port), timeout=60)
+            await bf_caught_up(cluster, db, sink, "created")
+            _, status = await ops_document(port, "/status")
+            progress = await bf_progress(port)
+        assert progress == (len(bf_reads(sink.events)), 0)
+        assert "public.a" in json.dumps(status["backfill"]) and "public.b" in json.dumps(status["backfill"])
+        for name, count, touched in (("a", 40, {3, 33}), ("b", 25, {1, 20})):
+            assert bf_fold(sink.events, name) == await bf_table_rows(cluster, db, name)
+            read_ids = {read["key"]["id"] for read in bf_reads(sink.events, name)}
+            assert set(range(1, count + 1)) - touched <= read_ids
+        bf_assert_no_internal_messages(sink.events)
+        # the slot exists now: a new start (even with a fresh state file) backfills nothing
+        config = w.load_config([], ops_env(cluster, db, backfill_on_create="true",
+                                           state_file=str(tmp_path / "second.json")))[0]
+        port = ops_port(config)
+        async with running(config) as (sink, _ack):
+            await bf_caught_up(cluster, db, sink, "existing slot")
+            _, status = await ops_document(port, "/status")
+            progress = await bf_progress(port)
+        assert (bf_reads(sink.events), status["backfill"], progress) == ([], None, (0, 0))
+
+    async def test_signal_through_the_database(self, cluster, db, tmp_path):
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, v text)", "CREATE TABLE u (id int PRIMARY KEY, v text)",
+                  "INSERT INTO t SELECT g, 't' FROM generate_series(1, 10) g",
+                  "INSERT INTO u SELECT g, 'u' FROM generate_series(1, 5) g")
+        config = make_config(cluster, db, backfill_chunk_rows=3, state_file=str(tmp_path / "state.json"))
+        async with running(config) as (sink, _ack):
+            await sql(cluster, db, f"BEGIN; SELECT pg_logical_emit_message(true, '{BF_SIGNAL}', 'public.u'); ROLLBACK",
+                      "SELECT pg_logical_emit_message(true, 'app', 'delivered')",
+                      f"SELECT pg_logical_emit_message(true, '{BF_SIGNAL}', 'public.t')")
+            await Observed.wait_for(sink, lambda s: len(bf_reads(s.events)) >= 10, timeout=30)
+            await bf_caught_up(cluster, db, sink, "first")
+            first = len(sink.events)
+            # t is done now; a signal always starts a new backfill of what it names
+            await sql(cluster, db, f"SELECT pg_logical_emit_message(true, '{BF_SIGNAL}', 'public.*')")
+            await Observed.wait_for(sink, lambda s: len(bf_reads(s.events)) >= 25, timeout=30)
+            await bf_caught_up(cluster, db, sink, "second")
+        before, after = sink.events[:first], sink.events[first:]
+        assert [read["key"]["id"] for read in bf_reads(before)] == list(range(1, 11))
+        assert {read["table"] for read in bf_reads(before)} == {"t"}
+        assert [(e["prefix"], e["content"]) for e in before if e["op"] == "message"] == [
+            ("app", "delivered"), ("bf.sentinel", "first")]
+        assert sorted(read["key"]["id"] for read in bf_reads(after, "t")) == list(range(1, 11))
+        assert sorted(read["key"]["id"] for read in bf_reads(after, "u")) == list(range(1, 6))
+        bf_assert_no_internal_messages(sink.events)
+
+    async def test_post_backfill_starts_a_table_once_and_shows_progress(self, cluster, db, tmp_path):
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, v text)",
+                  "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 200) g")
+        config = w.load_config([], ops_env(cluster, db, ops_token=OPS_TOKEN, backfill_chunk_rows=10,
+                                           state_file=str(tmp_path / "state.json")))[0]
+        port = ops_port(config)
+        sink = MemorySink()
+        sink.gate = trio.Event()
+        async with running(config, sink):
+            assert (await ops_document(port, "/status", OPS_TOKEN))[1]["backfill"] is None
+            assert (await bf_post(port, {"tables": ["public.t"]}, token="wrong")).status == 401
+            assert (await bf_post(port, {"tables": ["public.t"]}, token=None)).status == 401
+            for body in (b"not json", b"[1, 2]", {"tables": [42]}):
+                assert 400 <= (await bf_post(port, body)).status < 500, body
+            assert await bf_progress(port, OPS_TOKEN) == (0, 0)  # none of those started anything
+            answer = await bf_post(port, {"tables": ["public.t"]})
+            assert answer.status == 202
+            assert isinstance(ops_json(answer), dict)
+            await wait_until(lambda: bf_remaining_is(port, 1, OPS_TOKEN))
+            # running (its chunks wait on the held sink): asked again, it is not started twice
+            again = await bf_post(port, {"tables": ["public.t"]})
+            assert again.status == 202
+            assert (await bf_progress(port, OPS_TOKEN))[1] == 1
+            assert (await ops_document(port, "/status", OPS_TOKEN))[1]["backfill"] is not None
+            sink.gate.set()
+            await wait_until(lambda: bf_finished(port, OPS_TOKEN), timeout=60)
+            await bf_caught_up(cluster, db, sink, "posted")
+            _, status = await ops_document(port, "/status", OPS_TOKEN)
+            progress = await bf_progress(port, OPS_TOKEN)
+        assert [read["key"]["id"] for read in bf_reads(sink.events, "t")] == list(range(1, 201))
+        assert progress == (200, 0)
+        assert "public.t" in json.dumps(status["backfill"]) or '"t"' in json.dumps(status["backfill"])
+        bf_assert_no_internal_messages(sink.events)
+
+    async def test_post_backfill_is_refused_without_an_ops_token(self, cluster, db, tmp_path):
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t VALUES (1), (2)")
+        config = w.load_config([], ops_env(cluster, db, state_file=str(tmp_path / "state.json")))[0]
+        port = ops_port(config)
+        async with running(config) as (sink, _ack):
+            assert (await bf_post(port, {"tables": ["public.t"]}, token=None)).status == 403
+            await bf_caught_up(cluster, db, sink, "refused")
+            progress = await bf_progress(port)
+        assert (bf_reads(sink.events), progress) == ([], (0, 0))
+
+    # -- consistency ---------------------------------------------------------------------------------
+
+    @pytest.mark.timeout(240)
+    async def test_a_concurrent_writer_never_makes_the_receiver_wrong(self, cluster, db, tmp_path):
+        """3,000 rows in chunks of 50 while a writer inserts, updates, deletes and changes keys:
+        folding every event per key gives exactly the table, and every row nobody touched was read."""
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL, v text)",
+                  "INSERT INTO t SELECT 2 * g, 0, 'original' FROM generate_series(1, 3000) g")
+        await create_slot(cluster, db)
+        config = w.load_config([], ops_env(cluster, db, backfill_tables="public.t", backfill_chunk_rows=50,
+                                           state_file=str(tmp_path / "state.json")))[0]
+        port = ops_port(config)
+        stop, written, touched, commits = trio.Event(), trio.Event(), set(), []
+        rng = random.Random(f"backfill {cluster.major}")
+        async with running(config) as (sink, _ack), trio.open_nursery() as nursery:
+            nursery.start_soon(bf_write_concurrently, cluster, db, rng, stop, written, touched, commits, sink.events)
+            await wait_until(lambda: bf_finished(port), timeout=180)
+            stop.set()
+            await written.wait()
+            await bf_caught_up(cluster, db, sink, "writer stopped")
+        events = sink.events
+        folded, rows = bf_fold(events, "t"), await bf_table_rows(cluster, db, "t")
+        assert folded == rows, bf_differences(folded, rows, events, "t")
+        reads = bf_reads(events, "t")
+        read_ids = [read["key"]["id"] for read in reads]
+        assert read_ids == sorted(set(read_ids))  # key order, each key read once
+        assert {2 * g for g in range(1, 3001)} - touched <= set(read_ids)
+        assert all(len(chunk) <= 50 for chunk in bf_chunks(events, reads))
+        first, last = events.index(reads[0]), events.index(reads[-1])
+        changes = [e for e in events[first:last] if e["op"] != "read" and e.get("table") == "t"]
+        assert len(changes) >= 20, "the writer did not run during the backfill"
+        bf_assert_no_internal_messages(events)
+
+    @pytest.mark.timeout(240)
+    async def test_the_receiver_is_right_with_concurrent_delivery_too(self, cluster, db, tmp_path):
+        """DELIVERY_CONCURRENCY=4 to a receiver that answers after varied delays: events of
+        different rows arrive out of order, a row's own events never do, so folding them in the
+        order the receiver got them still gives the table."""
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL, v text)",
+                  "INSERT INTO t SELECT 2 * g, 0, 'original' FROM generate_series(1, 1000) g")
+        await create_slot(cluster, db)
+        rng = random.Random(f"concurrent delivery {cluster.major}")
+        replies = [Reply(200, delay_s=rng.choice([0, 0, 0.005, 0.02])) for _ in range(5000)]
+        async with ScriptedReceiver.serve(replies) as receiver:
+            config = w.load_config([], ops_env(cluster, db, receiver, delivery_concurrency=4, http_batch_size=10,
+                                               backfill_tables="public.t", backfill_chunk_rows=25,
+                                               state_file=str(tmp_path / "state.json")))[0]
+            port = ops_port(config)
+            stop, written, touched, commits = trio.Event(), trio.Event(), set(), []
+            async with service(config), trio.open_nursery() as nursery:
+                seen: list[dict] = []
+                nursery.start_soon(bf_write_concurrently, cluster, db, rng, stop, written, touched, commits, seen)
+                with trio.fail_after(180):
+                    while not await bf_finished(port):
+                        seen[:] = receiver.delivered()[-500:]  # where the backfill is, for the writer
+                        await trio.sleep(0.02)
+                stop.set()
+                await written.wait()
+                await bf_caught_up(cluster, db, receiver, "delivered", lambda r: r.delivered())
+        events = receiver.delivered()
+        folded, rows = bf_fold(events, "t"), await bf_table_rows(cluster, db, "t")
+        assert folded == rows, bf_differences(folded, rows, events, "t")
+        assert {2 * g for g in range(1, 1001)} - touched <= {read["key"]["id"] for read in bf_reads(events, "t")}
+        assert len(commits) >= 20
+        positions = [(lsn(e["commit_lsn"] or e["lsn"]), e["seq"] if e["seq"] is not None else int(e["id"].split(":r")[1]))
+                     for e in events]
+        assert positions != sorted(positions), "no requests overlapped"
+        bf_assert_no_internal_messages(events)
+
+    # -- resume ---------------------------------------------------------------------------------------
+
+    @pytest.mark.timeout(240)
+    async def test_kill_9_resumes_after_the_last_acknowledged_chunk(self, cluster, db, tmp_path):
+        """Run 1 is killed mid-backfill; run 2 (same STATE_FILE) sends only the rows after the
+        recorded chunk; run 3 finds the table done; run 4, without the file, starts over."""
+        ids = [10 * g + 7 for g in range(1, 3001)]  # a chunk of 100 ends at 1007, 2007, ...: not a count
+        chunk_ends = set(ids[99::100])
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, v text)",
+                  "INSERT INTO t SELECT 10 * g + 7, repeat('r', 100) FROM generate_series(1, 3000) g")
+        state = tmp_path / "state.json"
+        env = ops_env(cluster, db, backfill_tables="public.t", backfill_chunk_rows=100, state_file=str(state))
+        port = int(env["OPS_ADDR"].rsplit(":", 1)[1])
+        first = self.Cli(env, pause_after=600)
+        async with first.running():
+            await wait_until(lambda: bf_cursor(state, chunk_ends), timeout=60)
+            first.process.kill()  # SIGKILL
+            assert await first.wait_exit(timeout=10) == -signal.SIGKILL
+            first.resume.set()
+            await first.wait_for(lambda p: p.eof, timeout=10)
+        cursor = bf_cursor(state, chunk_ends)  # what the file holds after the kill
+        assert cursor < ids[-1]
+        run1 = [read["key"]["id"] for read in bf_reads(first.events)]
+        assert {key for key in ids if key <= cursor} <= set(run1)  # acknowledged chunks were delivered
+
+        second = self.Cli(env)
+        async with second.running():
+            await wait_until(lambda: bf_finished(port), timeout=120)
+            await bf_caught_up(cluster, db, second, "second")
+        run2 = [read["key"]["id"] for read in bf_reads(second.events)]
+        assert run2 == [key for key in ids if key > cursor]  # resumed after the chunk, nothing twice
+        assert len(run2) < len(ids)
+        assert set(run1) | set(run2) == set(ids)
+
+        third = self.Cli(env)
+        async with third.running():
+            await third.wait_started()
+            await bf_caught_up(cluster, db, third, "third")
+            progress = await bf_progress(port)
+        assert (bf_reads(third.events), progress) == ([], (0, 0))  # done: not again at start-up
+
+        state.unlink()
+        fourth = self.Cli(env)
+        async with fourth.running():
+            await wait_until(lambda: bf_finished(port), timeout=120)
+            await bf_caught_up(cluster, db, fourth, "fourth")
+        assert [read["key"]["id"] for read in bf_reads(fourth.events)] == ids
+        for proc in (first, second, third, fourth):
+            bf_assert_no_internal_messages(proc.events)
+            assert b"Traceback" not in proc.stderr
+
+    def test_a_state_file_that_cannot_be_parsed_is_exit_2_naming_it(self, cluster, db, tmp_path):
+        state = tmp_path / "garbled-state.json"
+        state.write_text('{"tables": {"public.t": ')
+        for extra in ({}, {"backfill_tables": "public.t"}):
+            result = run_cli([], make_env(cluster, db, state_file=str(state), **extra), timeout=60)
+            assert result.returncode == 2, result.stderr
+            assert str(state) in result.stderr
+            assert "Traceback" not in result.stderr
+
+    async def test_a_state_file_that_cannot_be_written_stops_the_backfill_not_replication(
+            self, cluster, db, tmp_path, caplog):
+        """The state file's directory becomes a regular file while wal2http runs (root writes
+        anywhere, so a read-only mode would not do): a signal's backfill stops with an error, and
+        changes are still delivered."""
+        caplog.set_level(logging.INFO, logger="wal2http")
+        (tmp_path / "dir").mkdir()
+        state = tmp_path / "dir" / "state.json"
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, v text)",
+                  "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 200) g")
+        config = make_config(cluster, db, backfill_chunk_rows=10, state_file=str(state))
+
+        def complaints():
+            return [r for r in caplog.records if str(state) in r.getMessage() and r.levelno >= logging.WARNING]
+
+        async with running(config) as (sink, _ack):
+            await sql(cluster, db, "INSERT INTO t VALUES (1000, 'before')")
+            await Observed.wait_for(sink, lambda s: len(s.events) == 1, timeout=30)
+            (tmp_path / "dir").rename(tmp_path / "moved")
+            (tmp_path / "dir").write_text("a file, so nothing can be made under it (also as root)")
+            await sql(cluster, db, f"SELECT pg_logical_emit_message(true, '{BF_SIGNAL}', 'public.t')")
+            await wait_until(complaints, timeout=30)
+            await sql(cluster, db, "INSERT INTO t VALUES (1001, 'after')")
+            await bf_caught_up(cluster, db, sink, "still streaming")
+        assert [e["new"] for e in sink.events if e["op"] == "insert"] == [
+            {"id": 1000, "v": "before"}, {"id": 1001, "v": "after"}]
+        assert len(bf_reads(sink.events)) < 200  # stopped
+        bf_assert_no_internal_messages(sink.events)
+
+    @pytest.mark.parametrize("parent", ["missing", "afile"])
+    async def test_a_state_file_path_that_cannot_be_written_at_start_up_stops_only_the_backfill(
+            self, cluster, db, tmp_path, caplog, parent):
+        """STATE_FILE in a directory that does not exist, or under a regular file, from the start:
+        replication runs, the backfill does not."""
+        caplog.set_level(logging.INFO, logger="wal2http")
+        if parent == "afile":
+            (tmp_path / parent).write_text("a file, so nothing can be made under it (also as root)")
+        state = tmp_path / parent / "state.json"
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, v text)",
+                  "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 200) g")
+        config = make_config(cluster, db, backfill_tables="public.t", backfill_chunk_rows=10, state_file=str(state))
+
+        def complaints():
+            return [r for r in caplog.records if str(state) in r.getMessage() and r.levelno >= logging.WARNING]
+
+        async with running(config) as (sink, _ack):
+            await wait_until(complaints, timeout=30)
+            await sql(cluster, db, "INSERT INTO t VALUES (1000, 'after')")
+            await bf_caught_up(cluster, db, sink, "still streaming")
+        assert [e["new"] for e in sink.events if e["op"] == "insert"] == [{"id": 1000, "v": "after"}]
+        assert len(bf_reads(sink.events)) < 200  # stopped
+
+    # -- refusals --------------------------------------------------------------------------------------
+
+    async def test_refusals_name_the_table_and_the_rest_goes_on(self, cluster, db, tmp_path, caplog):
+        """Not in the publication, no key to page by, no SELECT privilege: each refused with a
+        message; the table that can be read is, and streaming goes on."""
+        caplog.set_level(logging.INFO, logger="wal2http")
+        role, password = f"bf_{db}", "Bf-pa55-word"
+        await sql(cluster, db, "CREATE TABLE ok (id int PRIMARY KEY, v text)", "CREATE TABLE nokey (id int, v text)",
+                  "ALTER TABLE nokey REPLICA IDENTITY FULL", "CREATE TABLE outside (id int PRIMARY KEY)",
+                  "CREATE TABLE secret (id int PRIMARY KEY)",
+                  "INSERT INTO ok SELECT g, 'ok' FROM generate_series(1, 30) g", "INSERT INTO nokey VALUES (1, 'x')",
+                  "INSERT INTO outside VALUES (1)", "INSERT INTO secret VALUES (1)",
+                  "CREATE PUBLICATION bf_some FOR TABLE ok, nokey, secret",
+                  f"CREATE ROLE {role} LOGIN REPLICATION PASSWORD {w.quote_literal(password)}",
+                  f"GRANT SELECT ON ok, nokey, outside TO {role}")
+        config = w.load_config([], ops_env(cluster, db, database_url=cluster.url(db, role, password), pub_name="bf_some",
+                                           backfill_tables="public.ok,public.nokey,public.outside,public.secret",
+                                           state_file=str(tmp_path / "state.json")))[0]
+        port = ops_port(config)
+        reasons = {"public.nokey": ("primary key", "replica identity"), "public.outside": ("publication",),
+                   "public.secret": ("privilege", "permission")}
+
+        def refusal(name: str) -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+                    and name in r.getMessage() and any(reason in r.getMessage().lower() for reason in reasons[name])]
+
+        async with running(config) as (sink, _ack):
+            await wait_until(lambda: bf_finished(port), timeout=60)
+            await wait_until(lambda: all(refusal(name) for name in reasons), timeout=30)
+            await sql(cluster, db, "INSERT INTO ok VALUES (100, 'streamed')", "INSERT INTO secret VALUES (2)")
+            await bf_caught_up(cluster, db, sink, "refused")
+        assert [read["key"]["id"] for read in bf_reads(sink.events)] == list(range(1, 31))
+        assert {read["table"] for read in bf_reads(sink.events)} == {"ok"}
+        assert [(e["table"], e["key"]) for e in sink.events if e["op"] == "insert"] == [
+            ("ok", {"id": 100}), ("secret", {"id": 2})]
+
+    async def test_refused_before_postgresql_14(self, old_cluster, old_db, tmp_path, caplog):
+        caplog.set_level(logging.INFO, logger="wal2http")
+        await sql(old_cluster, old_db, "CREATE TABLE o (id int PRIMARY KEY)", "INSERT INTO o VALUES (1), (2)")
+        config = make_config(old_cluster, old_db, backfill_tables="public.o", state_file=str(tmp_path / "state.json"))
+
+        def refusals():
+            return [r for r in caplog.records if r.levelno >= logging.WARNING
+                    and "backfill" in r.getMessage().lower() and "PostgreSQL 14" in r.getMessage()]
+
+        async with running(config) as (sink, _ack):
+            await wait_until(refusals, timeout=30)
+            await sql(old_cluster, old_db, "INSERT INTO o VALUES (3)")
+            await sink.wait_for(1)
+        assert [(e["op"], e["new"]) for e in sink.events] == [("insert", {"id": 3})]
+
+    # -- what a backfill reads ---------------------------------------------------------------------------
+
+    FILTERED = {  # publications of table f (id, a, secret) -> the rows and columns published on 15+
+        "column list and row filter": ({"bf_p1": "f (id, a) WHERE (id % 3 = 0)"},
+                                       [{"id": g, "a": f"a{g}"} for g in range(3, 31, 3)]),
+        "two row filters, OR-ed": ({"bf_p1": "f WHERE (id < 5)", "bf_p2": "f WHERE (id > 25)"},
+                                   [{"id": g, "a": f"a{g}", "secret": "hidden"} for g in (1, 2, 3, 4, 26, 27, 28, 29, 30)]),
+    }
+
+    @pytest.mark.parametrize("case", FILTERED)
+    async def test_row_filters_and_column_lists_apply(self, cluster, db, tmp_path, case):
+        """Read events carry what the publications publish, exactly as the inserts of the same rows
+        did (PostgreSQL 15+ filters rows and columns; 14 has no such syntax: every row, whole)."""
+        publications, published = self.FILTERED[case]
+        await sql(cluster, db, "CREATE TABLE f (id int PRIMARY KEY, a text, secret text)")
+        for name, what in publications.items():
+            create = f"CREATE PUBLICATION {name} FOR TABLE {what}"
+            if cluster.major >= 15:
+                await sql(cluster, db, create)
+            else:
+                with pytest.raises(w.ServerError) as info:
+                    await sql(cluster, db, create)
+                assert info.value.fields["C"] == "42601"  # syntax_error
+                await sql(cluster, db, f"CREATE PUBLICATION {name} FOR TABLE f")
+        pub_name = ",".join(publications)
+        async with running(make_config(cluster, db, slot_name=f"{db}_ref", pub_name=pub_name)) as (ref, _ack):
+            await sql(cluster, db, "INSERT INTO f SELECT g, 'a' || g, 'hidden' FROM generate_series(1, 30) g")
+            await bf_caught_up(cluster, db, ref, "reference")
+        inserts = [e for e in ref.events if e["op"] == "insert"]
+        config = make_config(cluster, db, pub_name=pub_name, backfill_tables="public.f", backfill_chunk_rows=4,
+                             state_file=str(tmp_path / "state.json"))
+        async with running(config) as (sink, _ack):
+            await Observed.wait_for(sink, lambda s: len(bf_reads(s.events)) >= len(inserts), timeout=30)
+            await bf_caught_up(cluster, db, sink, "filtered")
+        reads = bf_reads(sink.events)
+        assert [(read["key"], read["new"]) for read in reads] == [(i["key"], i["new"]) for i in inserts]
+        if cluster.major >= 15:
+            assert [read["new"] for read in reads] == published
+        else:
+            assert [read["new"] for read in reads] == [{"id": g, "a": f"a{g}", "secret": "hidden"} for g in range(1, 31)]
+
+    async def test_progress_is_logged_with_rows_done_and_the_estimate(self, cluster, db, tmp_path, caplog, monkeypatch):
+        """A progress line per chunk here (every few seconds otherwise): the table, rows done, the
+        estimate from pg_class.reltuples, the rate."""
+        monkeypatch.setattr(w, "BACKFILL_PROGRESS_S", 0.0)
+        caplog.set_level(logging.INFO, logger="wal2http")
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY, v text)",
+                  "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 100) g", "ANALYZE t")
+        config = make_config(cluster, db, backfill_tables="public.t", backfill_chunk_rows=10,
+                             state_file=str(tmp_path / "state.json"))
+        async with running(config) as (sink, _ack):
+            await Observed.wait_for(sink, lambda s: len(bf_reads(s.events)) >= 100, timeout=30)
+            await bf_caught_up(cluster, db, sink, "logged")
+        lines = [r.getMessage() for r in caplog.records if "public.t" in r.getMessage()
+                 and "about 100 rows" in r.getMessage() and "rows/s" in r.getMessage()]
+        done = [int(found.group(1)) for found in (re.search(r"\b(\d+) of about 100 rows", line) for line in lines) if found]
+        assert done and done == sorted(done) and set(done) <= set(range(10, 101, 10)), lines
+
+    async def test_composite_key_replica_identity_index_and_toast(self, cluster, db, tmp_path):
+        await sql(cluster, db,
+                  "CREATE TABLE cp (a int, b text, v text, PRIMARY KEY (a, b))",
+                  "INSERT INTO cp SELECT a, b, a || b FROM generate_series(1, 5) a, unnest(ARRAY['x', 'y', 'z']) b",
+                  "CREATE TABLE ri (a int NOT NULL, b int NOT NULL, v text)", "CREATE UNIQUE INDEX ri_ba ON ri (b, a)",
+                  "ALTER TABLE ri REPLICA IDENTITY USING INDEX ri_ba",
+                  "INSERT INTO ri SELECT g % 4, g, 'ri' || g FROM generate_series(1, 13) g",
+                  "CREATE TABLE big (id int PRIMARY KEY, body text)", "ALTER TABLE big ALTER body SET STORAGE EXTERNAL",
+                  "INSERT INTO big SELECT g, repeat(md5(g::text), 6250) FROM generate_series(1, 3) g")
+        config = make_config(cluster, db, backfill_tables="public.cp,public.ri,public.big", backfill_chunk_rows=4,
+                             state_file=str(tmp_path / "state.json"))
+        async with running(config) as (sink, _ack):
+            await Observed.wait_for(sink, lambda s: len(bf_reads(s.events)) >= 15 + 13 + 3, timeout=30)
+            await sql(cluster, db, "UPDATE ri SET v = 'changed' WHERE b = 5", "DELETE FROM cp WHERE a = 1 AND b = 'y'")
+            await bf_caught_up(cluster, db, sink, "keys")
+        events = sink.events
+        composite = bf_reads(events, "cp")
+        assert [(r["key"], r["new"]) for r in composite] == [
+            ({"a": a, "b": b}, {"a": a, "b": b, "v": f"{a}{b}"}) for a in range(1, 6) for b in "xyz"]
+        assert bf_chunks(events, composite) == [[0, 1, 2, 3]] * 3 + [[0, 1, 2]]
+        by_index = bf_reads(events, "ri")
+        assert [r["key"] for r in by_index] == [{"a": g % 4, "b": g} for g in range(1, 14)]  # index (b, a) order
+        assert [r["new"] for r in by_index] == [{"a": g % 4, "b": g, "v": f"ri{g}"} for g in range(1, 14)]
+        (update,) = [e for e in events if e["op"] == "update"]
+        (delete,) = [e for e in events if e["op"] == "delete"]
+        assert update["key"] == by_index[4]["key"]  # a receiver finds the row it was sent
+        assert delete["key"] == composite[1]["key"]
+        toasted = bf_reads(events, "big")
+        assert [r["new"]["body"] for r in toasted] == [hashlib.md5(str(g).encode()).hexdigest() * 6250 for g in (1, 2, 3)]
+        assert all(r["unchanged_toast"] == [] for r in toasted)
+        for read in bf_reads(events):
+            bf_assert_read_fields(read)
+        assert bf_fold(events, "ri") == await bf_table_rows(cluster, db, "ri", key=("a", "b"))
+        assert bf_fold(events, "cp") == await bf_table_rows(cluster, db, "cp", key=("a", "b"))
+
+    # -- memory -------------------------------------------------------------------------------------------
+
+    @pytest.mark.timeout(240)
+    async def test_memory_stays_bounded_at_200000_rows(self, cluster, db, tmp_path):
+        """200,000 rows in chunks of the default size, to the stdout sink: peak RSS under 80 MB."""
+        rows = 200_000
+        await sql(cluster, db, "CREATE TABLE m (id int PRIMARY KEY, name text, amount numeric(12,2), "
+                               "created timestamptz)",
+                  f"INSERT INTO m SELECT g, 'customer ' || g, g / 7.0, now() FROM generate_series(1, {rows}) g")
+        proc = self.Cli(make_env(cluster, db, backfill_tables="public.m", log_level="INFO",
+                                 state_file=str(tmp_path / "state.json")), count_only=True)
+        async with proc.running():
+            await proc.wait_for(lambda p: p.count >= rows, timeout=180)
+            peak_kb = bf_peak_rss_kb(proc.process.pid)
+        first, last = json.loads(proc.first), json.loads(proc.last)
+        assert (first["op"], first["key"], last["op"], last["key"]) == ("read", {"id": 1}, "read", {"id": rows})
+        assert proc.count == rows
+        assert peak_kb < 80 * 1024, f"peak RSS {peak_kb / 1024:.1f} MB"
