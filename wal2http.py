@@ -4172,7 +4172,7 @@ class Backfill:
         try:
             with open(self.path, "rb") as state:
                 data = state.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # nothing to resume (and saving will say so)
             return
         except OSError as exc:
             raise ConfigError(f"STATE_FILE: cannot read {self.path}: {exc.strerror}") from None
@@ -4309,6 +4309,8 @@ class Backfill:
                         "?" if table.estimated_rows is None else table.estimated_rows, self.config.backfill_chunk_rows)
             limit = self.config.backfill_chunk_rows
             while limit and not self.stopped:
+                if self.requests:  # asked for meanwhile: queued now, so this table is not read twice
+                    self._resolve(await read_published_tables(conn, self.config.publications))
                 limit = await self._read_chunk(conn, ack, table, entry, limit)
         except (BackfillRefused, ServerError) as exc:
             self._refuse(name, str(exc).removeprefix(f"backfill of {name} refused: "))
