@@ -3683,16 +3683,17 @@ async def run_replication(config, sink, stop: trio.Event, task_status=trio.TASK_
 #
 # Two details make that hold in PostgreSQL, where a commit is written to WAL slightly before other
 # sessions see it: each watermark is made durable at once (the logical walsender sends only flushed
-# WAL; see emit_watermark), and the chunk's snapshot is taken only when no transaction it cannot see
-# has already committed (UNSEEN_COMMITS_SQL), so every transaction the stream shows before the low
-# watermark is in the chunk.
+# WAL; see emit_watermark), and the chunk's snapshot is taken again while a transaction it cannot
+# see has committed by the commit log (UNSEEN_COMMITS_SQL), so that every transaction the stream
+# shows before the low watermark is in the chunk.  (One whose commit is flushed but whose backend
+# has not yet marked it in the commit log, a window of a few instructions, cannot be seen by any
+# query.)
 #
 # Pure: table patterns, the state file's document, the chunk query, ChunkWindow (what the stream
 # shows between the watermarks).  I/O: Backfill (the queue, the state file, the reading task).
 
 BACKFILL_SIGNAL_PREFIX = "wal2http.backfill"  #: pg_logical_emit_message(true, this, '<tables>') asks for one
 WATERMARK_PREFIX = "wal2http.watermark"  #: the chunks' low and high watermarks (never delivered)
-BACKFILL_SERVER_VERSION_NUM = 140000  #: pgoutput carries logical messages, so watermarks, from 14
 BACKFILL_SLOW_CHUNK_S = 2.0  #: a chunk's SELECT slower than this halves the next chunk's rows
 BACKFILL_MIN_CHUNK_ROWS = 10  #: the smallest chunk that adapting goes down to
 BACKFILL_STATEMENT_TIMEOUT_S = 60.0  #: statement_timeout of the backfill connection
