@@ -699,7 +699,7 @@ def is_unix_socket(host: str) -> bool:
 
 
 RECEIVE_BYTES = 256 * 1024  #: one socket read
-QUERY_YIELD_EVERY_ROWS = 512  #: a query's rows converted between two schedule points (a power of 2)
+QUERY_YIELD_EVERY_ROWS = 128  #: a query's rows converted between two schedule points (a power of 2)
 DEFAULT_QUERY_TIMEOUT_S = 60.0  #: simple queries during setup (CREATE_REPLICATION_SLOT can wait on running transactions)
 SESSION_SETTINGS = {  #: startup parameters that make the server's text output predictable
     "DateStyle": "ISO",
