@@ -69,6 +69,7 @@ import ipaddress
 import json
 import logging
 import math
+import operator
 import os
 import pwd
 import random
@@ -3830,6 +3831,7 @@ class BackfillTable:
     #: Changes name their row by its key's JSON text, which is the order columns' (see ChunkWindow).
     keyed_by_order: bool = dataclasses.field(init=False)
     _key_line: str = dataclasses.field(init=False)  # the key's JSON text, its values as %s
+    _key_values: Callable = dataclasses.field(init=False)  # a row's values -> the key's
     _row_line: str = dataclasses.field(init=False)  # a read event from "schema" to its lsn's value
 
     def __post_init__(self) -> None:
@@ -3839,7 +3841,9 @@ class BackfillTable:
         self.order_positions = tuple(columns.index(c) for c in self.order)
         self.keyed_by_order = set(self.order) == set(writer.key_names)
         members = [member.replace("%", "%%") + "%s" for member in writer.members.values()]
-        self._key_line = "{" + ",".join(members[i] for i in writer.key_indexes) + "}" if writer.key_indexes else "null"
+        keys = writer.key_indexes
+        self._key_line = "{" + ",".join(members[i] for i in keys) + "}" if keys else "null"
+        self._key_values = operator.itemgetter(*keys) if keys else lambda values: ()
         self._row_line = (writer.head.replace("%", "%%") + '"key":%s,"new":{' + ",".join(members) +
                           '},"old":null,"unchanged_toast":[],"xid":null,"lsn":"')
 
@@ -3854,12 +3858,12 @@ class BackfillTable:
         value a converter refuses, malformed bytes) goes the general way (_convert_tuple: such a
         value stays a string; ProtocolError for a malformed DataRow)."""
         values = []
-        append, size_of = values.append, _INT32.unpack_from
+        append, size_of, converters = values.append, _INT32.unpack_from, self.writer.converters
         try:
-            if (body[0] << 8 | body[1]) < len(self.writer.converters):
+            if (body[0] << 8 | body[1]) < len(converters):
                 raise ValueError("column count")
             pos = 2
-            for convert in self.writer.converters:
+            for convert in converters:
                 size = size_of(body, pos)[0]
                 start = pos + 4
                 if size < 0:
@@ -3872,7 +3876,7 @@ class BackfillTable:
                 raise ValueError("truncated")
         except (IndexError, struct.error, *_VALUE_ERRORS):  # UnicodeDecodeError is a ValueError
             values = self._values_slowly(body)
-        key = self._key_line % tuple([values[i] for i in self.writer.key_indexes])
+        key = self._key_line % self._key_values(values)  # one key column: its value, else a tuple
         return body, key, self._row_line % (key, *values)
 
     def _values_slowly(self, body: bytes) -> list[str]:
