@@ -4426,6 +4426,18 @@ class TestHook0Mapping:
     def test_table_event_types_follow_the_operation(self, op):
         assert self.build(table_event(op), hook0_table_events=True)["event_type"] == f"public.items.{op}"
 
+    def test_backfilled_reads(self):
+        read = {**table_event("insert", event_id="0/16B3748:r0"), "op": "read", "xid": None, "commit_lsn": None,
+                "commit_time": None, "seq": None}
+        body = self.build(read, hook0_table_events=True)
+        assert body["event_type"] == "public.items.read"
+        assert body["payload"] == w.encode_json(read)
+        assert self.build(read) is None  # without HOOK0_TABLE_EVENTS, as any table's row
+        outbox_read = {**outbox_event(), "op": "read", "xid": None, "commit_lsn": None, "commit_time": None,
+                       "seq": None}
+        assert self.build(outbox_read) is None  # its event went out when the row was inserted
+        assert self.build(outbox_read, hook0_table_events=True) is None
+
     def test_table_event_ids_are_deterministic(self):
         first = self.build(table_event(event_id="0/16B37A0:0"), hook0_table_events=True)["event_id"]
         again = self.build(table_event(event_id="0/16B37A0:0"), hook0_table_events=True)["event_id"]
