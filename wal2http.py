@@ -371,33 +371,41 @@ class MessageBuffer:
 
     `feed(data)` appends; `next_message()` returns a complete message or None when more bytes are
     needed.  Nothing is returned early: a message split at any offset comes out whole.
+
+    The bytes are held as `bytes`, so a message's body is one slice of them (a bytearray would
+    cost a second copy per message).  What arrives while the next message is still incomplete is
+    kept aside and joined once it is whole, so a large message read in many pieces is copied
+    once, not once per piece.
     """
 
     def __init__(self) -> None:
-        self._data = bytearray()
+        self._data = b""
         self._pos = 0
+        self._later: list[bytes] = []  # received after _data, not yet joined to it
+        self._later_bytes = 0
+        self._missing = 0  # bytes the next message lacked when next_message last looked
 
     def feed(self, data: bytes) -> None:
-        if self._pos and self._pos == len(self._data):
-            self._data.clear()
-            self._pos = 0
-        elif self._pos > 65536:
-            del self._data[:self._pos]
-            self._pos = 0
-        self._data += data
+        self._later.append(data)
+        self._later_bytes += len(data)
+        if self._later_bytes >= self._missing:
+            self._data = b"".join([self._data[self._pos:], *self._later])
+            self._pos, self._later, self._later_bytes, self._missing = 0, [], 0, 0
 
     def next_message(self) -> tuple[int, bytes] | None:
         data, pos = self._data, self._pos
         if len(data) - pos < 5:
+            self._missing = 5 - (len(data) - pos)
             return None
         tag, length = _HEADER.unpack_from(data, pos)
         if length < 4 or length > MAX_BACKEND_MESSAGE_BYTES:
             raise ProtocolError(f"malformed message from server: {chr(tag)!r} with length {length}")
         end = pos + 1 + length
         if len(data) < end:
+            self._missing = end - len(data)
             return None
         self._pos = end
-        return tag, bytes(data[pos + 5:end])
+        return tag, data[pos + 5:end]
 
     def next_copy_data(self, layout: struct.Struct, kind: int) -> tuple[tuple, bytes] | None:
         """The replication hot path (one call, one copy): when the next message is a whole CopyData
@@ -412,11 +420,11 @@ class MessageBuffer:
         if fields[0] != _COPY_DATA or fields[2] != kind or len(data) < end or end - pos < size:
             return None
         self._pos = end
-        return fields, bytes(data[pos + size:end])
+        return fields, data[pos + size:end]
 
     def pending(self) -> int:
         """Bytes received but not yet returned as messages."""
-        return len(self._data) - self._pos
+        return len(self._data) - self._pos + self._later_bytes
 
 
 def copy_data_layout(header: struct.Struct) -> struct.Struct:
