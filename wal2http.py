@@ -2151,7 +2151,7 @@ class RelationWriter:
     """
 
     __slots__ = ("generation", "schema", "table", "names", "converters", "key_indexes", "key_names",
-                 "head", "members", "columns")
+                 "head", "members", "columns", "lines", "insert_line")
 
     def __init__(self, relation: Relation, types: Mapping[int, Type], generation: int = 0,
                  base_types: Mapping[int, int] | None = None):
@@ -2168,6 +2168,8 @@ class RelationWriter:
         self.members = {name: encode_json_string(name) + ":" for name in self.names}  # '"name":'
         self.columns = tuple((member, convert, member + "null")
                              for member, convert in zip(self.members.values(), self.converters))
+        self.lines = _write_lines(self.head, bool(keys))
+        self.insert_line = self.lines[_INSERT].replace('"old":%s', '"old":null')
 
     def write_insert(self, ctx: _TxnContext, data: bytes, wal_start: int) -> Event | None:
         """`write` for a plain Insert (the commonest change, so it takes no detour): the same
@@ -2182,12 +2184,11 @@ class RelationWriter:
         if pos != len(data):
             return None
         keys = self.key_indexes
-        key = "{" + new[keys[0]] + "}" if len(keys) == 1 else (
-            "{" + ",".join([new[i] for i in keys]) + "}" if keys else "null")
+        key = new[keys[0]] if len(keys) == 1 else ",".join([new[i] for i in keys])
         seq = ctx.seq
         ctx.seq = seq + 1
-        return Event(_INSERT_LINE % (ctx.commit_lsn, seq, self.head, key, ",".join(new), ctx.xid_member,
-                                     wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
+        return Event(self.insert_line % (ctx.commit_lsn, seq, key, ",".join(new), ctx.xid_member,
+                                         wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
 
     def write(self, ctx: _TxnContext, data: bytes, pos: int, wal_start: int) -> Event | None:
         """The event of an Insert, Update or Delete message (`data`; `pos`: just after its relid),
@@ -2215,10 +2216,7 @@ class RelationWriter:
             return None
         keys = self.key_indexes
         row = old if new is None else new
-        if len(keys) == 1:
-            key = "{" + row[keys[0]] + "}"
-        else:
-            key = "{" + ",".join([row[i] for i in keys]) + "}" if keys else "null"
+        key = row[keys[0]] if len(keys) == 1 else ",".join([row[i] for i in keys])
         if old is None:
             old = "null"
         elif kind == TUPLE_KEY:
@@ -2227,8 +2225,8 @@ class RelationWriter:
             old = "{" + ",".join(old) + "}"
         seq = ctx.seq  # _change_event, inlined: the hot path
         ctx.seq = seq + 1
-        return Event(_WRITE_LINES[tag] % (
-            ctx.commit_lsn, seq, self.head, key, "" if new is None else ",".join(new), old, ctx.xid_member,
+        return Event(self.lines[tag] % (
+            ctx.commit_lsn, seq, key, "" if new is None else ",".join(new), old, ctx.xid_member,
             wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
 
     def _tuple_members(self, data: bytes, pos: int, members: list[str]) -> int:
@@ -2343,19 +2341,21 @@ _CHANGE_LINE = ('{"id":"%s:%d","op":"%s",%s"key":%s,"new":%s,"old":%s,"unchanged
 _CHANGE_OPS = {INSERT.value: "insert", UPDATE.value: "update", DELETE.value: "delete"}
 
 
-def _write_line(op: str, new: str) -> str:
-    """_CHANGE_LINE for RelationWriter.write: the op and an empty unchanged_toast in place, and the
-    new row's members inside `new` (so no '{...}' is copied before the line is)."""
-    return (_CHANGE_LINE.replace('"op":"%s"', f'"op":"{op}"').replace('"new":%s', f'"new":{new}')
+def _write_lines(head: str, keyed: bool) -> dict[int, str]:
+    """Message tag -> _CHANGE_LINE made for one relation's RelationWriter.write: the op, the
+    relation's schema and table (`head`), the key's braces (its null when the relation has no
+    key) and an empty unchanged_toast in place, and the new row's members inside its braces, so
+    nothing is copied before the line is.  Where a value is null (a Delete's new row, an unkeyed
+    relation's key) the text given for it is "", after the null."""
+    key = '"key":{%s}' if keyed else '"key":null%s'
+    line = (_CHANGE_LINE.replace('%s"key":%s', head.replace("%", "%%") + key)
             .replace('"unchanged_toast":%s', '"unchanged_toast":[]'))
+    return {tag: line.replace('"op":"%s"', f'"op":"{op}"').replace('"new":%s', new)
+            for tag, op, new in ((INSERT.value, "insert", '"new":{%s}'), (UPDATE.value, "update", '"new":{%s}'),
+                                 (DELETE.value, "delete", '"new":null%s'))}
 
 
-#: Message tag -> its line template in RelationWriter.write.  A Delete has no new row: its
-#: members' text is "" there, after the null.
-_WRITE_LINES = {INSERT.value: _write_line("insert", "{%s}"), UPDATE.value: _write_line("update", "{%s}"),
-                DELETE.value: _write_line("delete", "null%s")}
 _INSERT, _DELETE = INSERT.value, DELETE.value  # plain ints: compared for every change
-_INSERT_LINE = _WRITE_LINES[_INSERT].replace('"old":%s', '"old":null')  #: RelationWriter.write_insert's
 
 
 def _change_event(ctx: _TxnContext, op: str, writer: RelationWriter, key: str, new: str, old: str,
