@@ -2550,18 +2550,21 @@ class ChangeAssembler:
             raise RuntimeError("consume the chunks of a Stream Commit before feeding more messages")
         if not data:
             raise ProtocolError("malformed XLogData message: no pgoutput message in it")
-        if data[0] in _CHANGE_OPS and self._txn is not None and self._stream is None:
+        tag, txn = data[0], self._txn
+        if (tag == _INSERT or tag in _CHANGE_OPS) and txn is not None and self._stream is None:
             # The hot path: a plain Insert, Update or Delete, by its relation's writer.
             writer = self._writers.get(_U32.unpack_from(data, 1)[0]) if len(data) > 5 else None
             if writer is None:
                 event = None
-            elif data[0] == _INSERT:
-                event = writer.write_insert(self._txn, data, wal_start)
+            elif tag == _INSERT:
+                event = writer.write_insert(txn, data, wal_start)
             else:
-                event = writer.write(self._txn, data, 5, wal_start)
-                self._count_op(_CHANGE_OPS[data[0]])
+                event = writer.write(txn, data, 5, wal_start)
+                self._count_op(_CHANGE_OPS[tag])
+            if event is None:
+                event = self._write_decoded(txn, data, False, wal_start, writer)
             pending = self._pending
-            pending.append(self._write_decoded(self._txn, data, False, wal_start, writer) if event is None else event)
+            pending.append(event)
             return () if len(pending) < self.chunk_events else self._flush_full()
         message = decode_pgoutput(data, self._stream is not None)
         return self._handlers[message.__class__](message, wal_start, data)
