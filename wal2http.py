@@ -659,7 +659,8 @@ class Authenticator:
 # The thin I/O layer over the codec: TCP or Unix socket, SSLRequest and TLS with libpq's sslmode
 # semantics, the authentication exchange, simple queries.  This is the only section that turns
 # OSError, trio.BrokenResourceError and timeouts into ConnectionLost.  Its rules for host names
-# (is_valid_host, is_ip_address, is_unix_socket) serve the HTTP client and the configuration too.
+# (is_valid_host, is_ip_address, is_unix_socket, is_loopback_host) serve the HTTP client, the
+# operations port and the configuration too.
 
 _HOST_NAME = re.compile(rb"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")  #: no ':', '/', '@', spaces
 
@@ -687,6 +688,16 @@ def is_valid_host(host: str) -> bool:
 def is_unix_socket(host: str) -> bool:
     """libpq's rule: a host that starts with '/' is the directory of a Unix-domain socket."""
     return host.startswith("/")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether listening on `host` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 RECEIVE_BYTES = 256 * 1024  #: one socket read
@@ -6617,7 +6628,6 @@ async def check_slot_health(conn: PgConnection, config) -> str:
 
 
 # =====================================================================================================
-# =====================================================================================================
 # 19. Configuration
 # =====================================================================================================
 # Pure: environment mapping and argv in, a frozen `Config` (or a one-line ConfigError naming the
@@ -6902,8 +6912,10 @@ def _parse_hosts(host_text: str, port_text: str, source) -> tuple[tuple[str, int
     return tuple(zip(hosts, ports))
 
 
-def _parse_choice(values: Mapping[str, str], key: str, choices: tuple[str, ...], source) -> str:
-    value = values.get(key, choices[0]).lower()
+def _parse_choice(values: Mapping[str, str], key: str, choices: tuple[str, ...], source,
+                  default: str | None = None) -> str:
+    """`key`'s value, one of `choices` (the default: the first)."""
+    value = values.get(key, default or choices[0]).lower()
     if value not in choices:
         raise _conninfo_error(f"{key} must be one of {', '.join(choices)}", source(key, "DATABASE_URL"))
     return value
@@ -6939,14 +6951,11 @@ def parse_database_url(text: str, environ: Mapping[str, str]) -> ConnInfo:
             values[key], sources[key] = environ[variable], variable
     source = sources.get
     hosts = _parse_hosts(values.get("host", ""), values.get("port", ""), source)
-    sslmode = values.get("sslmode", DEFAULT_SSLMODE).lower()
-    if sslmode not in SSLMODES:
-        raise _conninfo_error(f"sslmode must be one of {', '.join(SSLMODES)}",
-                              source("sslmode", "DATABASE_URL"))
     user = values.get("user") or _default_user()
     return ConnInfo(
         host=hosts[0][0], port=hosts[0][1], user=user, password=values.get("password"),
-        dbname=values.get("dbname", user), sslmode=sslmode,
+        dbname=values.get("dbname", user),
+        sslmode=_parse_choice(values, "sslmode", SSLMODES, source, DEFAULT_SSLMODE),
         sslrootcert=values.get("sslrootcert"), sslcert=values.get("sslcert"),
         sslkey=values.get("sslkey"),
         connect_timeout_s=_parse_connect_timeout(values.get("connect_timeout"),
@@ -6974,7 +6983,9 @@ FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 #: Headers that frame the HTTP message: set by the HTTP sink alone.
 RESERVED_HTTP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_SLOT_NAME = re.compile(r"[a-z0-9_]+")
+_SLOT_NAME = re.compile(rf"[a-z0-9_]{{1,{MAX_SLOT_NAME_LENGTH}}}")
+
+
 def _shown(value: str) -> str:
     """A non-secret value quoted for an error message: one line, bounded."""
     return repr(value if len(value) <= 60 else value[:57] + "...")
@@ -7042,11 +7053,22 @@ def _parse_sink(value: str, variable: str) -> str:
     return sink
 
 
-def _parse_host(value: str, variable: str) -> str:
-    host = value.strip()
-    if not is_valid_host(host):
-        raise ConfigError(f"{variable} is not a valid host name or address, got {_shown(value)}")
-    return host
+def _text_parser(is_valid: Callable[[str], object], problem: str) -> Callable[[str, str], str]:
+    """A parser of text taken as it is (stripped) when `is_valid`, else a ConfigError saying the
+    variable `problem`."""
+    def parse(value: str, variable: str) -> str:
+        text = value.strip()
+        if not is_valid(text):
+            raise ConfigError(f"{variable} {problem}, got {_shown(value)}")
+        return text
+    return parse
+
+
+_parse_host = _text_parser(is_valid_host, "is not a valid host name or address")
+_parse_slot_name = _text_parser(_SLOT_NAME.fullmatch, f"must be 1 to {MAX_SLOT_NAME_LENGTH} lowercase "
+                                                      "letters, digits or underscores")
+_parse_address = _text_parser(lambda text: "@" in text and not any(c in text for c in "\r\n\0"),
+                              "must be an email address")
 
 
 def _parse_http_url(value: str, variable: str) -> str:
@@ -7062,14 +7084,6 @@ def _parse_hook0_api_url(value: str, variable: str) -> str:
     if urllib.parse.urlsplit(url).query:
         raise ConfigError(f"{variable}: the URL of Hook0's API takes no query (?...)")
     return url
-
-
-def _parse_slot_name(value: str, variable: str) -> str:
-    name = value.strip()
-    if not _SLOT_NAME.fullmatch(name) or len(name) > MAX_SLOT_NAME_LENGTH:
-        raise ConfigError(f"{variable} must be 1 to {MAX_SLOT_NAME_LENGTH} lowercase letters, "
-                          f"digits or underscores, got {_shown(value)}")
-    return name
 
 
 def _parse_publications(value: str, variable: str) -> tuple[str, ...]:
@@ -7159,23 +7173,6 @@ def parse_ops_addr(value: str, variable: str = "OPS_ADDR") -> tuple[str, int]:
         raise ConfigError(f"{variable} must be host:port with a port from 1 to 65535 (e.g. "
                           f"127.0.0.1:9187, or :9187 for every interface), got {_shown(value)}")
     return host, int(port)
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether listening on `host` is reachable from this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _parse_address(value: str, variable: str) -> str:
-    address = value.strip()
-    if "@" not in address or any(c in address for c in "\r\n\0"):
-        raise ConfigError(f"{variable} must be an email address, got {_shown(value)}")
-    return address
 
 
 def _parse_recipients(value: str, variable: str) -> tuple[str, ...]:
@@ -7473,13 +7470,15 @@ def smtp_port_and_tls(settings: Mapping[str, object]) -> dict:
     return {"email_smtp_port": port, "email_smtp_tls": tls}
 
 
+def _setting_secrets(value_of: Callable[[Setting], object]) -> list[str]:
+    """The secrets of the settings that hold some, from their values as `value_of` gives them."""
+    return [secret for setting in SETTINGS if setting.secrets and (value := value_of(setting))
+            for secret in setting.secrets(value)]
+
+
 def _given_secrets(raw: Mapping[str, str | None], environ: Mapping[str, str]) -> list[str]:
     """The secrets in the settings as given, for scrubbing an error raised while parsing them."""
-    secrets = [environ.get("PGPASSWORD", "")]
-    for setting in SETTINGS:
-        if setting.secrets and raw[setting.variable]:
-            secrets += setting.secrets(raw[setting.variable])
-    return secrets
+    return [environ.get("PGPASSWORD", ""), *_setting_secrets(lambda setting: raw[setting.variable])]
 
 
 def load_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, str]:
@@ -7508,11 +7507,8 @@ def load_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, st
 
 def config_secrets(config: Config) -> tuple[str, ...]:
     """Every secret value the config holds, for scrubbing text built from outside input."""
-    values = [config.conninfo.password if config.conninfo else None]
-    for setting in SETTINGS:
-        value = getattr(config, setting.field)
-        if setting.secrets and value:
-            values += setting.secrets(value)
+    values = [config.conninfo.password if config.conninfo else None,
+              *_setting_secrets(lambda setting: getattr(config, setting.field))]
     return tuple(dict.fromkeys(value for value in values if value))
 
 
