@@ -430,6 +430,20 @@ class TestWireCodec:
         assert buffer.next_message() == (ord("Z"), b"I")
         assert buffer.pending() == 0
 
+    def test_a_large_message_in_many_pieces_comes_out_whole_and_nothing_early(self):
+        body = bytes(range(256)) * 4096  # 1 MiB, read in 64 KiB pieces but its last byte
+        data = backend_message(b"d", body) + backend_message(b"Z", b"I")
+        cut = len(data) - 7  # the last byte of the CopyData, and the ReadyForQuery, come last
+        buffer, pieces = w.MessageBuffer(), [data[i:min(i + 65536, cut)] for i in range(0, cut, 65536)]
+        for received, piece in enumerate(pieces, 1):
+            buffer.feed(piece)
+            assert buffer.pending() == sum(map(len, pieces[:received]))
+            assert buffer.next_message() is None
+        buffer.feed(data[cut:])
+        assert buffer.next_message() == (w.COPY_DATA, body)
+        assert buffer.next_message() == (w.READY_FOR_QUERY, b"I")
+        assert buffer.pending() == 0
+
     @pytest.mark.parametrize("length", [0, 3, 2**31 - 1])
     def test_bad_length_is_protocol_error(self, length):
         buffer = w.MessageBuffer()
@@ -1656,6 +1670,19 @@ class TestEnvelope:
     def test_unreadable_value_stays_text(self, feed):
         (event,) = events_of(transaction(feed, w.Insert(None, 16400, ("x", "paid", "1", "{bad", "y"))))
         assert event["new"] == {"id": "x", "status": "paid", "amount": "1", "meta": "{bad", "created": "y"}
+
+    def test_percent_signs_in_names_are_written_as_they_are(self, feed):
+        # The writer's line templates hold the schema and table names: a '%' there is text.
+        columns = (w.Column(1, "id%s", 23, -1), w.Column(0, "n", 25, -1))
+        relation = w.Relation(None, 16400, "s%d", "t%s%%", "d", columns)
+        events = events_of(transaction(
+            feed, w.Insert(None, 16400, ("1", "a%sb")), w.Update(None, 16400, None, None, ("1", "%")),
+            w.Delete(None, 16400, "K", ("1", None)), relations=(relation,)))
+        assert [(e["schema"], e["table"], e["key"]) for e in events] == [("s%d", "t%s%%", {"id%s": 1})] * 3
+        assert [e["new"] for e in events] == [{"id%s": 1, "n": "a%sb"}, {"id%s": 1, "n": "%"}, None]
+        unkeyed = w.Relation(None, 16401, "s%", "u%", "n", columns)
+        (event,) = events_of(transaction(feed, w.Insert(None, 16401, ("2", "%%")), relations=(unkeyed,)))
+        assert (event["table"], event["key"], event["new"]) == ("u%", None, {"id%s": 2, "n": "%%"})
 
     def test_origin_is_ignored(self, feed):
         chunks = transaction(feed, w.Origin(0x99, "elsewhere"), w.Insert(None, 16400, ROW))

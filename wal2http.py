@@ -377,33 +377,41 @@ class MessageBuffer:
 
     `feed(data)` appends; `next_message()` returns a complete message or None when more bytes are
     needed.  Nothing is returned early: a message split at any offset comes out whole.
+
+    The bytes are held as `bytes`, so a message's body is one slice of them (a bytearray would
+    cost a second copy per message).  What arrives while the next message is still incomplete is
+    kept aside and joined once it is whole, so a large message read in many pieces is copied
+    once, not once per piece.
     """
 
     def __init__(self) -> None:
-        self._data = bytearray()
+        self._data = b""
         self._pos = 0
+        self._later: list[bytes] = []  # received after _data, not yet joined to it
+        self._later_bytes = 0
+        self._missing = 0  # bytes the next message lacked when next_message last looked
 
     def feed(self, data: bytes) -> None:
-        if self._pos and self._pos == len(self._data):
-            self._data.clear()
-            self._pos = 0
-        elif self._pos > 65536:
-            del self._data[:self._pos]
-            self._pos = 0
-        self._data += data
+        self._later.append(data)
+        self._later_bytes += len(data)
+        if self._later_bytes >= self._missing:
+            self._data = b"".join([self._data[self._pos:], *self._later])
+            self._pos, self._later, self._later_bytes, self._missing = 0, [], 0, 0
 
     def next_message(self) -> tuple[int, bytes] | None:
         data, pos = self._data, self._pos
         if len(data) - pos < 5:
+            self._missing = 5 - (len(data) - pos)
             return None
         tag, length = _HEADER.unpack_from(data, pos)
         if length < 4 or length > MAX_BACKEND_MESSAGE_BYTES:
             raise ProtocolError(f"malformed message from server: {chr(tag)!r} with length {length}")
         end = pos + 1 + length
         if len(data) < end:
+            self._missing = end - len(data)
             return None
         self._pos = end
-        return tag, bytes(data[pos + 5:end])
+        return tag, data[pos + 5:end]
 
     def next_data_row(self) -> bytes | None:
         """The body of the next message when it is a whole DataRow (a query's rows come by the
@@ -415,7 +423,7 @@ class MessageBuffer:
         if len(data) < end or end - pos < 5:
             return None
         self._pos = end
-        return bytes(data[pos + 5:end])
+        return data[pos + 5:end]
 
     def next_copy_data(self, layout: struct.Struct, kind: int) -> tuple[tuple, bytes] | None:
         """The replication hot path (one call, one copy): when the next message is a whole CopyData
@@ -430,11 +438,11 @@ class MessageBuffer:
         if fields[0] != _COPY_DATA or fields[2] != kind or len(data) < end or end - pos < size:
             return None
         self._pos = end
-        return fields, bytes(data[pos + size:end])
+        return fields, data[pos + size:end]
 
     def pending(self) -> int:
         """Bytes received but not yet returned as messages."""
-        return len(self._data) - self._pos
+        return len(self._data) - self._pos + self._later_bytes
 
 
 def copy_data_layout(header: struct.Struct) -> struct.Struct:
@@ -669,7 +677,8 @@ class Authenticator:
 # The thin I/O layer over the codec: TCP or Unix socket, SSLRequest and TLS with libpq's sslmode
 # semantics, the authentication exchange, simple queries.  This is the only section that turns
 # OSError, trio.BrokenResourceError and timeouts into ConnectionLost.  Its rules for host names
-# (is_valid_host, is_ip_address, is_unix_socket) serve the HTTP client and the configuration too.
+# (is_valid_host, is_ip_address, is_unix_socket, is_loopback_host) serve the HTTP client, the
+# operations port and the configuration too.
 
 _HOST_NAME = re.compile(rb"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")  #: no ':', '/', '@', spaces
 
@@ -697,6 +706,16 @@ def is_valid_host(host: str) -> bool:
 def is_unix_socket(host: str) -> bool:
     """libpq's rule: a host that starts with '/' is the directory of a Unix-domain socket."""
     return host.startswith("/")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether listening on `host` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 RECEIVE_BYTES = 256 * 1024  #: one socket read
@@ -2173,7 +2192,7 @@ class RelationWriter:
     """
 
     __slots__ = ("generation", "schema", "table", "names", "converters", "key_indexes", "key_names",
-                 "head", "members", "columns")
+                 "head", "members", "columns", "lines", "insert_line")
 
     def __init__(self, relation: Relation, types: Mapping[int, Type], generation: int = 0,
                  base_types: Mapping[int, int] | None = None):
@@ -2190,6 +2209,8 @@ class RelationWriter:
         self.members = {name: encode_json_string(name) + ":" for name in self.names}  # '"name":'
         self.columns = tuple((member, convert, member + "null")
                              for member, convert in zip(self.members.values(), self.converters))
+        self.lines = _write_lines(self.head, bool(keys))
+        self.insert_line = self.lines[_INSERT].replace('"old":%s', '"old":null')
 
     def write_insert(self, ctx: _TxnContext, data: bytes, wal_start: int) -> Event | None:
         """`write` for a plain Insert (the commonest change, so it takes no detour): the same
@@ -2204,12 +2225,11 @@ class RelationWriter:
         if pos != len(data):
             return None
         keys = self.key_indexes
-        key = "{" + new[keys[0]] + "}" if len(keys) == 1 else (
-            "{" + ",".join([new[i] for i in keys]) + "}" if keys else "null")
+        key = new[keys[0]] if len(keys) == 1 else ",".join([new[i] for i in keys])
         seq = ctx.seq
         ctx.seq = seq + 1
-        return Event(_INSERT_LINE % (ctx.commit_lsn, seq, self.head, key, ",".join(new), ctx.xid_member,
-                                     wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
+        return Event(self.insert_line % (ctx.commit_lsn, seq, key, ",".join(new), ctx.xid_member,
+                                         wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
 
     def write(self, ctx: _TxnContext, data: bytes, pos: int, wal_start: int) -> Event | None:
         """The event of an Insert, Update or Delete message (`data`; `pos`: just after its relid),
@@ -2237,10 +2257,7 @@ class RelationWriter:
             return None
         keys = self.key_indexes
         row = old if new is None else new
-        if len(keys) == 1:
-            key = "{" + row[keys[0]] + "}"
-        else:
-            key = "{" + ",".join([row[i] for i in keys]) + "}" if keys else "null"
+        key = row[keys[0]] if len(keys) == 1 else ",".join([row[i] for i in keys])
         if old is None:
             old = "null"
         elif kind == TUPLE_KEY:
@@ -2249,8 +2266,8 @@ class RelationWriter:
             old = "{" + ",".join(old) + "}"
         seq = ctx.seq  # _change_event, inlined: the hot path
         ctx.seq = seq + 1
-        return Event(_WRITE_LINES[tag] % (
-            ctx.commit_lsn, seq, self.head, key, "" if new is None else ",".join(new), old, ctx.xid_member,
+        return Event(self.lines[tag] % (
+            ctx.commit_lsn, seq, key, "" if new is None else ",".join(new), old, ctx.xid_member,
             wal_start >> 32, wal_start & 0xFFFFFFFF, ctx.commit_members, seq))
 
     def _tuple_members(self, data: bytes, pos: int, members: list[str]) -> int:
@@ -2365,19 +2382,21 @@ _CHANGE_LINE = ('{"id":"%s:%d","op":"%s",%s"key":%s,"new":%s,"old":%s,"unchanged
 _CHANGE_OPS = {INSERT.value: "insert", UPDATE.value: "update", DELETE.value: "delete"}
 
 
-def _write_line(op: str, new: str) -> str:
-    """_CHANGE_LINE for RelationWriter.write: the op and an empty unchanged_toast in place, and the
-    new row's members inside `new` (so no '{...}' is copied before the line is)."""
-    return (_CHANGE_LINE.replace('"op":"%s"', f'"op":"{op}"').replace('"new":%s', f'"new":{new}')
+def _write_lines(head: str, keyed: bool) -> dict[int, str]:
+    """Message tag -> _CHANGE_LINE made for one relation's RelationWriter.write: the op, the
+    relation's schema and table (`head`), the key's braces (its null when the relation has no
+    key) and an empty unchanged_toast in place, and the new row's members inside its braces, so
+    nothing is copied before the line is.  Where a value is null (a Delete's new row, an unkeyed
+    relation's key) the text given for it is "", after the null."""
+    key = '"key":{%s}' if keyed else '"key":null%s'
+    line = (_CHANGE_LINE.replace('%s"key":%s', head.replace("%", "%%") + key)
             .replace('"unchanged_toast":%s', '"unchanged_toast":[]'))
+    return {tag: line.replace('"op":"%s"', f'"op":"{op}"').replace('"new":%s', new)
+            for tag, op, new in ((INSERT.value, "insert", '"new":{%s}'), (UPDATE.value, "update", '"new":{%s}'),
+                                 (DELETE.value, "delete", '"new":null%s'))}
 
 
-#: Message tag -> its line template in RelationWriter.write.  A Delete has no new row: its
-#: members' text is "" there, after the null.
-_WRITE_LINES = {INSERT.value: _write_line("insert", "{%s}"), UPDATE.value: _write_line("update", "{%s}"),
-                DELETE.value: _write_line("delete", "null%s")}
 _INSERT, _DELETE = INSERT.value, DELETE.value  # plain ints: compared for every change
-_INSERT_LINE = _WRITE_LINES[_INSERT].replace('"old":%s', '"old":null')  #: RelationWriter.write_insert's
 
 
 def _change_event(ctx: _TxnContext, op: str, writer: RelationWriter, key: str, new: str, old: str,
@@ -2572,18 +2591,21 @@ class ChangeAssembler:
             raise RuntimeError("consume the chunks of a Stream Commit before feeding more messages")
         if not data:
             raise ProtocolError("malformed XLogData message: no pgoutput message in it")
-        if data[0] in _CHANGE_OPS and self._txn is not None and self._stream is None:
+        tag, txn = data[0], self._txn
+        if (tag == _INSERT or tag in _CHANGE_OPS) and txn is not None and self._stream is None:
             # The hot path: a plain Insert, Update or Delete, by its relation's writer.
             writer = self._writers.get(_U32.unpack_from(data, 1)[0]) if len(data) > 5 else None
             if writer is None:
                 event = None
-            elif data[0] == _INSERT:
-                event = writer.write_insert(self._txn, data, wal_start)
+            elif tag == _INSERT:
+                event = writer.write_insert(txn, data, wal_start)
             else:
-                event = writer.write(self._txn, data, 5, wal_start)
-                self._count_op(_CHANGE_OPS[data[0]])
+                event = writer.write(txn, data, 5, wal_start)
+                self._count_op(_CHANGE_OPS[tag])
+            if event is None:
+                event = self._write_decoded(txn, data, False, wal_start, writer)
             pending = self._pending
-            pending.append(self._write_decoded(self._txn, data, False, wal_start, writer) if event is None else event)
+            pending.append(event)
             return () if len(pending) < self.chunk_events else self._flush_full()
         message = decode_pgoutput(data, self._stream is not None)
         return self._handlers[message.__class__](message, wal_start, data)
@@ -7543,7 +7565,6 @@ async def check_slot_health(conn: PgConnection, config) -> str:
 
 
 # =====================================================================================================
-# =====================================================================================================
 # 20. Configuration
 # =====================================================================================================
 # Pure: environment mapping and argv in, a frozen `Config` (or a one-line ConfigError naming the
@@ -7828,8 +7849,10 @@ def _parse_hosts(host_text: str, port_text: str, source) -> tuple[tuple[str, int
     return tuple(zip(hosts, ports))
 
 
-def _parse_choice(values: Mapping[str, str], key: str, choices: tuple[str, ...], source) -> str:
-    value = values.get(key, choices[0]).lower()
+def _parse_choice(values: Mapping[str, str], key: str, choices: tuple[str, ...], source,
+                  default: str | None = None) -> str:
+    """`key`'s value, one of `choices` (the default: the first)."""
+    value = values.get(key, default or choices[0]).lower()
     if value not in choices:
         raise _conninfo_error(f"{key} must be one of {', '.join(choices)}", source(key, "DATABASE_URL"))
     return value
@@ -7865,14 +7888,11 @@ def parse_database_url(text: str, environ: Mapping[str, str]) -> ConnInfo:
             values[key], sources[key] = environ[variable], variable
     source = sources.get
     hosts = _parse_hosts(values.get("host", ""), values.get("port", ""), source)
-    sslmode = values.get("sslmode", DEFAULT_SSLMODE).lower()
-    if sslmode not in SSLMODES:
-        raise _conninfo_error(f"sslmode must be one of {', '.join(SSLMODES)}",
-                              source("sslmode", "DATABASE_URL"))
     user = values.get("user") or _default_user()
     return ConnInfo(
         host=hosts[0][0], port=hosts[0][1], user=user, password=values.get("password"),
-        dbname=values.get("dbname", user), sslmode=sslmode,
+        dbname=values.get("dbname", user),
+        sslmode=_parse_choice(values, "sslmode", SSLMODES, source, DEFAULT_SSLMODE),
         sslrootcert=values.get("sslrootcert"), sslcert=values.get("sslcert"),
         sslkey=values.get("sslkey"),
         connect_timeout_s=_parse_connect_timeout(values.get("connect_timeout"),
@@ -7900,7 +7920,9 @@ FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 #: Headers that frame the HTTP message: set by the HTTP sink alone.
 RESERVED_HTTP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_SLOT_NAME = re.compile(r"[a-z0-9_]+")
+_SLOT_NAME = re.compile(rf"[a-z0-9_]{{1,{MAX_SLOT_NAME_LENGTH}}}")
+
+
 def _shown(value: str) -> str:
     """A non-secret value quoted for an error message: one line, bounded."""
     return repr(value if len(value) <= 60 else value[:57] + "...")
@@ -7968,11 +7990,22 @@ def _parse_sink(value: str, variable: str) -> str:
     return sink
 
 
-def _parse_host(value: str, variable: str) -> str:
-    host = value.strip()
-    if not is_valid_host(host):
-        raise ConfigError(f"{variable} is not a valid host name or address, got {_shown(value)}")
-    return host
+def _text_parser(is_valid: Callable[[str], object], problem: str) -> Callable[[str, str], str]:
+    """A parser of text taken as it is (stripped) when `is_valid`, else a ConfigError saying the
+    variable `problem`."""
+    def parse(value: str, variable: str) -> str:
+        text = value.strip()
+        if not is_valid(text):
+            raise ConfigError(f"{variable} {problem}, got {_shown(value)}")
+        return text
+    return parse
+
+
+_parse_host = _text_parser(is_valid_host, "is not a valid host name or address")
+_parse_slot_name = _text_parser(_SLOT_NAME.fullmatch, f"must be 1 to {MAX_SLOT_NAME_LENGTH} lowercase "
+                                                      "letters, digits or underscores")
+_parse_address = _text_parser(lambda text: "@" in text and not any(c in text for c in "\r\n\0"),
+                              "must be an email address")
 
 
 def _parse_http_url(value: str, variable: str) -> str:
@@ -7988,14 +8021,6 @@ def _parse_hook0_api_url(value: str, variable: str) -> str:
     if urllib.parse.urlsplit(url).query:
         raise ConfigError(f"{variable}: the URL of Hook0's API takes no query (?...)")
     return url
-
-
-def _parse_slot_name(value: str, variable: str) -> str:
-    name = value.strip()
-    if not _SLOT_NAME.fullmatch(name) or len(name) > MAX_SLOT_NAME_LENGTH:
-        raise ConfigError(f"{variable} must be 1 to {MAX_SLOT_NAME_LENGTH} lowercase letters, "
-                          f"digits or underscores, got {_shown(value)}")
-    return name
 
 
 def _parse_publications(value: str, variable: str) -> tuple[str, ...]:
@@ -8085,23 +8110,6 @@ def parse_ops_addr(value: str, variable: str = "OPS_ADDR") -> tuple[str, int]:
         raise ConfigError(f"{variable} must be host:port with a port from 1 to 65535 (e.g. "
                           f"127.0.0.1:9187, or :9187 for every interface), got {_shown(value)}")
     return host, int(port)
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether listening on `host` is reachable from this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _parse_address(value: str, variable: str) -> str:
-    address = value.strip()
-    if "@" not in address or any(c in address for c in "\r\n\0"):
-        raise ConfigError(f"{variable} must be an email address, got {_shown(value)}")
-    return address
 
 
 def _parse_recipients(value: str, variable: str) -> tuple[str, ...]:
@@ -8409,13 +8417,15 @@ def smtp_port_and_tls(settings: Mapping[str, object]) -> dict:
     return {"email_smtp_port": port, "email_smtp_tls": tls}
 
 
+def _setting_secrets(value_of: Callable[[Setting], object]) -> list[str]:
+    """The secrets of the settings that hold some, from their values as `value_of` gives them."""
+    return [secret for setting in SETTINGS if setting.secrets and (value := value_of(setting))
+            for secret in setting.secrets(value)]
+
+
 def _given_secrets(raw: Mapping[str, str | None], environ: Mapping[str, str]) -> list[str]:
     """The secrets in the settings as given, for scrubbing an error raised while parsing them."""
-    secrets = [environ.get("PGPASSWORD", "")]
-    for setting in SETTINGS:
-        if setting.secrets and raw[setting.variable]:
-            secrets += setting.secrets(raw[setting.variable])
-    return secrets
+    return [environ.get("PGPASSWORD", ""), *_setting_secrets(lambda setting: raw[setting.variable])]
 
 
 def load_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, str]:
@@ -8444,11 +8454,8 @@ def load_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, st
 
 def config_secrets(config: Config) -> tuple[str, ...]:
     """Every secret value the config holds, for scrubbing text built from outside input."""
-    values = [config.conninfo.password if config.conninfo else None]
-    for setting in SETTINGS:
-        value = getattr(config, setting.field)
-        if setting.secrets and value:
-            values += setting.secrets(value)
+    values = [config.conninfo.password if config.conninfo else None,
+              *_setting_secrets(lambda setting: getattr(config, setting.field))]
     return tuple(dict.fromkeys(value for value in values if value))
 
 
