@@ -10333,3 +10333,48 @@ class TestBackfillEndToEnd:
         assert (first["op"], first["key"], last["op"], last["key"]) == ("read", {"id": 1}, "read", {"id": rows})
         assert proc.count == rows
         assert peak_kb < 80 * 1024, f"peak RSS {peak_kb / 1024:.1f} MB"
+
+
+class TestBackfillAdapting:
+    """The chunk's size goes down when its SELECT is slow or hits the statement timeout."""
+
+    async def test_slow_chunks_are_halved_and_the_table_is_still_complete(self, cluster, db, tmp_path, caplog,
+                                                                           monkeypatch):
+        monkeypatch.setattr(w, "BACKFILL_SLOW_CHUNK_S", 0.0)  # every chunk counts as slow
+        caplog.set_level(logging.INFO, logger="wal2http")
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t SELECT generate_series(1, 300)")
+        config = make_config(cluster, db, backfill_tables="public.t", backfill_chunk_rows=80,
+                             state_file=str(tmp_path / "state.json"))
+        async with running(config) as (sink, _ack):
+            await Observed.wait_for(sink, lambda s: len(bf_reads(s.events)) >= 300, timeout=30)
+            await bf_caught_up(cluster, db, sink, "halved")
+        assert [read["key"]["id"] for read in bf_reads(sink.events)] == list(range(1, 301))
+        sizes = [int(m.group(1)) for m in (re.search(r"chunks of (\d+) rows from now on", r.getMessage())
+                                           for r in caplog.records) if m]
+        assert sizes == [40, 20, 10]  # 80 + 40 + 20 + 10 * 16 = 300: halved down to the smallest
+        assert [len(chunk) for chunk in bf_chunks(sink.events, bf_reads(sink.events))][:4] == [80, 40, 20, 10]
+
+    async def test_a_select_the_statement_timeout_cancels_is_read_again_smaller(self, cluster, db, tmp_path, caplog,
+                                                                                 monkeypatch):
+        monkeypatch.setattr(w, "BACKFILL_STATEMENT_TIMEOUT_S", 0.2)
+        caplog.set_level(logging.INFO, logger="wal2http")
+        await sql(cluster, db, "CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t SELECT generate_series(1, 50)",
+                  "CREATE TABLE u (id int PRIMARY KEY)", "INSERT INTO u VALUES (1)")
+        config = make_config(cluster, db, backfill_tables="public.t,public.u", backfill_chunk_rows=40,
+                             state_file=str(tmp_path / "state.json"))
+        await create_slot(cluster, db)  # before the lock: making a slot waits for transactions with an xid
+        info = w.parse_database_url(cluster.url(db), {})
+        async with w.open_pg_connection(info, replication=False) as locker:
+            await locker.simple_query("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE")  # every SELECT of t waits
+            async with running(config) as (sink, _ack):
+                await Observed.wait_for(sink, lambda s: bf_reads(s.events, "u"), timeout=30)
+                await bf_caught_up(cluster, db, sink, "timeout")
+            await locker.simple_query("ROLLBACK")
+        messages = [r.getMessage() for r in caplog.records]
+        assert [m for m in messages if "cancelled by the statement timeout" in m] == [
+            f"backfill of public.t: a chunk's SELECT was cancelled by the statement timeout; chunks of {n} rows "
+            "from now on" for n in (20, 10)]
+        refused = [m for m in messages if m.startswith("backfill of public.t refused")]
+        assert len(refused) == 1 and "statement timeout" in refused[0]
+        assert bf_reads(sink.events, "t") == []  # and the next table went on
+        assert [read["key"] for read in bf_reads(sink.events, "u")] == [{"id": 1}]
