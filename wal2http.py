@@ -4274,19 +4274,30 @@ class Backfill:
     async def run(self, conninfo, ack: AckTracker) -> None:
         """Reads what is asked for, as long as the session streams; never returns.  `conninfo`:
         the replication connection's server (the watermarks must go into its WAL)."""
+        backoff = Backoff(RECONNECT_BASE_S, RECONNECT_MAX_S)
         while True:
             while self.stopped or not (self.requests or self.queue):
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
-            async with open_pg_connection(conninfo, replication=False) as conn:
-                await conn.simple_query(f"SET statement_timeout = '{BACKFILL_STATEMENT_TIMEOUT_S:g}s'; "
-                                        "SET synchronous_commit = local")
-                base_types = await load_domain_base_types(conn)
-                while (self.requests or self.queue) and not self.stopped:
-                    published = await read_published_tables(conn, self.config.publications)
-                    self._resolve(published)
-                    if self.queue and not self.stopped:
-                        await self._read_table(conn, ack, published, base_types)
+            try:
+                await self._work(conninfo, ack)
+                backoff.reset()
+            except (ServerError, ConnectionLost) as exc:  # never replication's end: try again later
+                delay = backoff.next_delay()
+                logger.warning("backfill: %s; trying again in %.1f s (replication goes on)", exc, delay)
+                await trio.sleep(delay)
+
+    async def _work(self, conninfo, ack: AckTracker) -> None:
+        """Reads until nothing is asked for, over one connection."""
+        async with open_pg_connection(conninfo, replication=False) as conn:
+            await conn.simple_query(f"SET statement_timeout = '{BACKFILL_STATEMENT_TIMEOUT_S:g}s'; "
+                                    "SET synchronous_commit = local")
+            base_types = await load_domain_base_types(conn)
+            while (self.requests or self.queue) and not self.stopped:
+                published = await read_published_tables(conn, self.config.publications)
+                self._resolve(published)
+                if self.queue and not self.stopped:
+                    await self._read_table(conn, ack, published, base_types)
 
     def refuse_all(self, reason: str) -> None:
         """This server cannot backfill: say so for what is asked (kept for a server that can)."""
@@ -4319,6 +4330,12 @@ class Backfill:
             self.requests.pop(0)
             self._save()
 
+    async def _resolve_now(self, conn: PgConnection) -> None:
+        try:
+            self._resolve(await read_published_tables(conn, self.config.publications))
+        except ServerError as exc:  # the table being read goes on; the requests wait
+            logger.warning("backfill: cannot read the publications' tables now (%s); the requests wait", exc)
+
     def _refuse(self, name: str, reason: str) -> None:
         self.refused[name] = reason
         logger.warning("backfill of %s refused: %s", name, reason)
@@ -4337,7 +4354,7 @@ class Backfill:
             limit = self.config.backfill_chunk_rows
             while limit and not self.stopped:
                 if self.requests:  # asked for meanwhile: queued now, so this table is not read twice
-                    self._resolve(await read_published_tables(conn, self.config.publications))
+                    await self._resolve_now(conn)
                 limit = await self._read_chunk(conn, ack, table, entry, limit)
         except (BackfillRefused, ServerError) as exc:
             self._refuse(name, str(exc).removeprefix(f"backfill of {name} refused: "))
