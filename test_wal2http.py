@@ -2569,17 +2569,19 @@ def backfill_table(identity="d", order=("id",), order_types=("bigint",), row_fil
     return w.BackfillTable("public", "orders", writer, order, order_types, converters, row_filter, 1000)
 
 
-def data_row(*values: str | None) -> bytes:
-    """A DataRow message's body (text format)."""
-    body = struct.pack("!h", len(values))
-    for value in values:
-        body += struct.pack("!i", -1) if value is None else struct.pack("!i", len(value.encode())) + value.encode()
-    return body
+def copy_line(*values: str | None) -> bytes:
+    """A row of COPY ... TO STDOUT in text format, as PostgreSQL escapes it."""
+    def escaped(value):
+        if value is None:
+            return "\\N"
+        return (value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+                .replace("\b", "\\b").replace("\f", "\\f").replace("\v", "\\v"))
+    return ("\t".join(escaped(value) for value in values) + "\n").encode()
 
 
 def backfill_rows(table: w.BackfillTable, *ids: int) -> list[tuple]:
-    """Selected rows as the backfill task keeps them: (DataRow bytes, key JSON, new-row members)."""
-    return [table.read_row(data_row(str(i), f"s{i}", "1.50", '{"a": 1}', "2026-11-27 16:25:11+00")) for i in ids]
+    """Selected rows as the backfill task keeps them: (COPY line, key JSON, read line)."""
+    return [table.read_row(copy_line(str(i), f"s{i}", "1.50", '{"a": 1}', "2026-11-27 16:25:11+00")) for i in ids]
 
 
 def change(op: str, row_id: int | None, table: str = "orders", old_id: int | None = None, **extra) -> w.Event:
@@ -2702,25 +2704,27 @@ class TestBackfillChunk:
         table = backfill_table()
         columns = '"id", "status", "amount", "meta", "created"'
         assert w.build_chunk_query(table, None, 100) == (
-            f'SELECT {columns} FROM "public"."orders" ORDER BY "id" LIMIT 100')
+            f'COPY (SELECT {columns} FROM "public"."orders" ORDER BY "id" LIMIT 100) TO STDOUT')
         assert w.build_chunk_query(table, ["4'2"], 5) == (
-            f'SELECT {columns} FROM "public"."orders" WHERE "id" > \'4\'\'2\'::bigint ORDER BY "id" LIMIT 5')
+            f'COPY (SELECT {columns} FROM "public"."orders" WHERE "id" > \'4\'\'2\'::bigint ORDER BY "id" LIMIT 5) '
+            'TO STDOUT')
         composite = backfill_table(order=("id", "status"), order_types=("bigint", "text"), row_filter="amount > 1")
         assert w.build_chunk_query(composite, ["1", "b"], 7) == (
-            'SELECT "id", "status", "amount", "meta", "created" FROM "public"."orders" '
-            'WHERE (amount > 1) AND ("id", "status") > (\'1\'::bigint, \'b\'::text) ORDER BY "id", "status" LIMIT 7')
+            'COPY (SELECT "id", "status", "amount", "meta", "created" FROM "public"."orders" '
+            'WHERE (amount > 1) AND ("id", "status") > (\'1\'::bigint, \'b\'::text) ORDER BY "id", "status" LIMIT 7) '
+            'TO STDOUT')
 
     def test_a_read_row_is_written_like_an_inserted_one(self, feed):
         (insert,) = events_of(transaction(feed, w.Insert(None, 16400, ROW)))
         table = backfill_table()
-        body, key, line = table.read_row(data_row(*ROW))
+        body, key, line = table.read_row(copy_line(*ROW))
         (read,) = self.read_events(table, body, key, line)
         assert (read["key"], read["new"]) == (insert["key"], insert["new"])
         assert insert.line.count(line.split('"old":')[0]) == 1  # the same text, from "schema" to "new"'s end
         assert key == '{"id":42}'
         # more columns than the relation's (the order columns the SELECT adds): read up to its own
-        assert table.read_row(data_row(*ROW, "extra"))[1:] == (key, line)
-        odd = table.read_row(data_row(None, "x", "not a number", "{", None))
+        assert table.read_row(copy_line(*ROW, "extra"))[1:] == (key, line)
+        odd = table.read_row(copy_line(None, "x", "not a number", "{", None))
         assert odd[1] == "{\"id\":null}"
         assert self.read_events(table, *odd)[0]["new"] == {
             "id": None, "status": "x", "amount": "not a number", "meta": "{", "created": None}
@@ -2729,7 +2733,7 @@ class TestBackfillChunk:
         columns = (w.Column(1, "%s", 23, -1), w.Column(0, "100%", 25, -1))
         writer = w.RelationWriter(w.Relation(None, 1, "a%d", "t%%", "d", columns), {})
         table = w.BackfillTable("a%d", "t%%", writer, ("%s",), ("integer",), (w.json_text_for(23),), None, None)
-        (read,) = self.read_events(table, *table.read_row(data_row("7", "x%s")))
+        (read,) = self.read_events(table, *table.read_row(copy_line("7", "x%s")))
         assert (read["schema"], read["table"], read["key"], read["new"]) == (
             "a%d", "t%%", {"%s": 7}, {"%s": 7, "100%": "x%s"})
 
@@ -2739,30 +2743,39 @@ class TestBackfillChunk:
         window.rows = [row]
         return window.read_chunk(0x10).events
 
-    def test_a_malformed_data_row(self):
+    def test_a_malformed_copy_line(self):
         table = backfill_table()
-        row = data_row(*ROW)
+        row = copy_line(*ROW)
         for cut in range(len(row)):
-            with pytest.raises(w.ProtocolError, match="malformed DataRow message"):
+            with pytest.raises(w.ProtocolError, match="malformed CopyData message"):
                 table.read_row(row[:cut])
-        with pytest.raises(w.ProtocolError, match="malformed DataRow message: 4 columns, 5 expected"):
-            table.read_row(data_row(*ROW[:4]))  # a column short
-        with pytest.raises(w.ProtocolError, match="malformed DataRow message"):
-            table.read_row(data_row("42", "x", None, None, None).replace(b"x", b"\xff"))  # not UTF-8
+        with pytest.raises(w.ProtocolError, match="malformed CopyData message: 4 columns, 5 expected"):
+            table.read_row(copy_line(*ROW[:4]))  # a column short
+        with pytest.raises(w.ProtocolError, match="malformed CopyData message: not UTF-8"):
+            table.read_row(copy_line("42", "x", None, None, None).replace(b"x", b"\xff"))
 
-    def test_data_rows_one_call_each_split_at_every_offset(self):
-        stream = b"".join(b"D" + struct.pack("!I", 4 + len(body)) + body
-                          for body in (data_row("1", None), data_row("2", "b"))) + b"C\0\0\0\x0dSELECT 2\0"
+    def test_copy_text_values(self):
+        awkward = "tab\there\nnew line\\back\rcr\bbs\fff\vvt \\N é"
+        assert w.decode_copy_text(copy_line("1", None, awkward, "\\N", "")) == ["1", None, awkward, "\\N", ""]
+        assert w.decode_copy_text(b"a\\qb\n") == ["aqb"]  # any other escaped character stands for itself
+        table = backfill_table()
+        (read,) = self.read_events(table, *table.read_row(copy_line("5", awkward, None, '{"k": "\\\\"}', None)))
+        assert read["new"] == {"id": 5, "status": awkward, "amount": None, "meta": {"k": "\\"}, "created": None}
+
+    def test_rows_many_at_a_call_split_at_every_offset(self):
+        stream = b"".join(b"d" + struct.pack("!I", 4 + len(line)) + line
+                          for line in (copy_line("1", None), copy_line("2", "b"), copy_line("3", ""))) + b"c\0\0\0\x04"
         for cut in range(len(stream) + 1):
             buffer, rows = w.MessageBuffer(), []
             buffer.feed(stream[:cut])
-            while (row := buffer.next_data_row()) is not None:
-                rows.append(w.decode_data_row(row))
+            rows += buffer.next_bodies(ord("d"), 2)
+            rows += buffer.next_bodies(ord("d"), 2)
             buffer.feed(stream[cut:])
-            while (row := buffer.next_data_row()) is not None:
-                rows.append(w.decode_data_row(row))
-            assert rows == [("1", None), ("2", "b")]
-            assert buffer.next_message() == (ord("C"), b"SELECT 2\0")
+            while bodies := buffer.next_bodies(ord("d"), 2):
+                assert len(bodies) <= 2
+                rows += bodies
+            assert [w.decode_copy_text(row) for row in rows] == [["1", None], ["2", "b"], ["3", ""]]
+            assert buffer.next_message() == (ord("c"), b"")
 
     def test_read_events_exactly(self):
         table = backfill_table()
@@ -2826,7 +2839,7 @@ class TestBackfillChunk:
     def test_a_change_that_does_not_name_its_row_reads_the_chunk_again(self):
         table = backfill_table(order=("id", "status"), order_types=("bigint", "text"))
         window = w.ChunkWindow("run1", 1, table)
-        window.rows = [table.read_row(data_row("1", "s1", None, None, None))]
+        window.rows = [table.read_row(copy_line("1", "s1", None, None, None))]
         window.observe([w.Event.from_dict({"id": "0/1:0", "op": "delete", "schema": "public", "table": "orders",
                                            "key": {"id": 1}, "new": None, "old": {"id": 1}})])
         assert window.unknown_row
@@ -2835,7 +2848,7 @@ class TestBackfillChunk:
     def test_composite_keys_compare_by_value(self):
         table = backfill_table(order=("id", "status"), order_types=("bigint", "text"))
         window = w.ChunkWindow("run1", 1, table)
-        window.rows = [table.read_row(data_row(str(i), f"s{i}", None, None, None)) for i in (1, 2)]
+        window.rows = [table.read_row(copy_line(str(i), f"s{i}", None, None, None)) for i in (1, 2)]
         window.observe([w.Event.from_dict({"id": "0/1:0", "op": "update", "schema": "public", "table": "orders",
                                            "key": {"id": 2}, "new": {"id": 2, "status": "s2"}, "old": None})])
         assert [e["key"] for e in window.read_chunk(0x100).events] == [{"id": 1}]

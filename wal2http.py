@@ -299,6 +299,7 @@ class BackendMessage(_Tag):
     COMMAND_COMPLETE = "C"
     EMPTY_QUERY_RESPONSE = "I"
     COPY_BOTH_RESPONSE = "W"
+    COPY_OUT_RESPONSE = "H"
     COPY_DATA = "d"
     COPY_DONE = "c"
     NEGOTIATE_PROTOCOL_VERSION = "v"
@@ -318,7 +319,6 @@ _INT32 = struct.Struct("!i")
 _UINT32 = struct.Struct("!I")
 _HEADER = struct.Struct("!BI")  # tag, length (length counts itself, not the tag)
 _COPY_DATA = COPY_DATA.value  # a plain int: compared for every message
-_DATA_ROW = DATA_ROW.value
 
 
 def _frame(tag: bytes, body: bytes) -> bytes:
@@ -413,17 +413,20 @@ class MessageBuffer:
         self._pos = end
         return tag, data[pos + 5:end]
 
-    def next_data_row(self) -> bytes | None:
-        """The body of the next message when it is a whole DataRow (a query's rows come by the
-        thousand: one call each); otherwise None (next_message then gives it)."""
-        data, pos = self._data, self._pos
-        if len(data) - pos < 5 or data[pos] != _DATA_ROW:
-            return None
-        end = pos + 1 + _UINT32.unpack_from(data, pos + 1)[0]
-        if len(data) < end or end - pos < 5:
-            return None
-        self._pos = end
-        return data[pos + 5:end]
+    def next_bodies(self, tag: int, most: int) -> list[bytes]:
+        """The bodies of the whole messages with this tag at the front (at most `most`): a query's
+        rows come by the thousand, taken here many at a call.  An empty list when the next
+        message is another one or incomplete (next_message then says which)."""
+        data, pos, bodies = self._data, self._pos, []
+        size, length_at = len(data), _UINT32.unpack_from
+        while size - pos >= 5 and data[pos] == tag and len(bodies) < most:
+            end = pos + 1 + length_at(data, pos + 1)[0]
+            if end > size or end - pos < 5:
+                break
+            bodies.append(data[pos + 5:end])
+            pos = end
+        self._pos = pos
+        return bodies
 
     def next_copy_data(self, layout: struct.Struct, kind: int) -> tuple[tuple, bytes] | None:
         """The replication hot path (one call, one copy): when the next message is a whole CopyData
@@ -530,6 +533,29 @@ def decode_data_row(body: bytes) -> tuple[str | None, ...]:
     if pos != len(body):
         raise ProtocolError("malformed DataRow message: trailing bytes")
     return tuple(values)
+
+
+_COPY_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+_COPY_ESCAPE = re.compile(r"\\(.)", re.S)
+
+
+def _copy_unescape(match: re.Match) -> str:
+    return _COPY_ESCAPES.get(match.group(1), match.group(1))  # any other character stands for itself
+
+
+def decode_copy_text(line: bytes) -> list[str | None]:
+    """A row of `COPY ... TO STDOUT` in text format (a CopyData's content: the values separated
+    by tabs, then a newline): its values, `\\N` (NULL) as None, backslash escapes undone."""
+    try:
+        text = line.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("malformed CopyData message: not UTF-8") from None
+    if not text.endswith("\n"):
+        raise ProtocolError("malformed CopyData message: a row must end with a newline")
+    values = text[:-1].split("\t")
+    if "\\" not in text:
+        return values
+    return [None if value == "\\N" else _COPY_ESCAPE.sub(_copy_unescape, value) for value in values]
 
 
 def format_lsn(lsn: int) -> str:
@@ -719,7 +745,7 @@ def is_loopback_host(host: str) -> bool:
 
 
 RECEIVE_BYTES = 256 * 1024  #: one socket read
-QUERY_YIELD_EVERY_ROWS = 128  #: a query's rows converted between two schedule points (a power of 2)
+QUERY_YIELD_EVERY_ROWS = 128  #: a query's rows converted between two schedule points
 DEFAULT_QUERY_TIMEOUT_S = 60.0  #: simple queries during setup (CREATE_REPLICATION_SLOT can wait on running transactions)
 SESSION_SETTINGS = {  #: startup parameters that make the server's text output predictable
     "DateStyle": "ISO",
@@ -863,29 +889,37 @@ class PgConnection:
             return False
         return True
 
-    async def simple_query(self, sql: str, timeout_s: float = DEFAULT_QUERY_TIMEOUT_S,
-                           convert_row: Callable[[bytes], object] = decode_data_row) -> list:
-        """Run a statement (or several: the rows of all); returns its rows, each DataRow's body
-        through `convert_row` (by default a tuple of str or None).  ServerError on failure."""
+    async def simple_query(self, sql: str, timeout_s: float = DEFAULT_QUERY_TIMEOUT_S) -> list[tuple]:
+        """Run a statement (or several: the rows of all); returns its rows (tuples of str or None).
+        ServerError on failure."""
+        return await self._query(sql, timeout_s, DATA_ROW.value, decode_data_row)
+
+    async def copy_out(self, sql: str, convert_line: Callable[[bytes], object],
+                       timeout_s: float = DEFAULT_QUERY_TIMEOUT_S) -> list:
+        """Run `COPY ... TO STDOUT` (text format); returns its rows, each line (its newline
+        included, as CopyData brings it) through `convert_line`.  ServerError on failure."""
+        return await self._query(sql, timeout_s, COPY_DATA.value, convert_line)
+
+    async def _query(self, sql: str, timeout_s: float, row_tag: int, convert: Callable[[bytes], object]) -> list:
         await self.send(encode_query(sql))
         rows: list = []
         append, buffer, error = rows.append, self.buffer, None
         with trio.move_on_after(timeout_s) as scope:
             while True:
-                body = buffer.next_data_row()
-                if body is not None:
-                    append(convert_row(body))
-                    if not len(rows) & QUERY_YIELD_EVERY_ROWS - 1:
-                        await trio.lowlevel.checkpoint()  # many rows must not hold up other tasks
+                bodies = buffer.next_bodies(row_tag, QUERY_YIELD_EVERY_ROWS)
+                if bodies:
+                    rows += map(convert, bodies)
+                    await trio.lowlevel.checkpoint()  # many rows must not hold up other tasks
                     continue
                 tag, body = await self.receive_message()
-                if tag == DATA_ROW:  # a DataRow split across reads
-                    append(convert_row(body))
+                if tag == row_tag:  # a row split across reads
+                    append(convert(body))
                 elif tag == ERROR_RESPONSE:
                     error = ServerError(decode_error_fields(body))
                 elif tag == READY_FOR_QUERY:
                     break
-                elif tag not in (ROW_DESCRIPTION, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE):
+                elif tag not in (ROW_DESCRIPTION, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, COPY_OUT_RESPONSE,
+                                 COPY_DONE):
                     raise ProtocolError(f"unexpected message {chr(tag)!r} in reply to a query")
         if scope.cancelled_caught:
             raise ConnectionLost(f"PostgreSQL did not answer within {timeout_s:g} s: {sql.split()[0]}")
@@ -3873,52 +3907,44 @@ class BackfillTable:
     def name(self) -> str:
         return table_text((self.schema, self.table))
 
-    def read_row(self, body: bytes) -> tuple[bytes, str, str]:
-        """A DataRow of the chunk's SELECT (text format; the writer's columns first) -> (its bytes,
-        its key's JSON text, its read event's line from "schema" to the lsn's value).  One pass
-        over the bytes, through the writer's converters, as a change's; what it does not take (a
-        value a converter refuses, malformed bytes) goes the general way (_convert_tuple: such a
-        value stays a string; ProtocolError for a malformed DataRow)."""
-        values = []
-        append, size_of, converters = values.append, _INT32.unpack_from, self.writer.converters
+    def read_row(self, line: bytes) -> tuple[bytes, str, str]:
+        """A row of the chunk's COPY (text format; the writer's columns first) -> (its bytes, its
+        key's JSON text, its read event's line from "schema" to the lsn's value).  Split by
+        str.split and converted by the writer's converters, as a change's values are; what that
+        does not take (NULLs and escapes, a value a converter refuses, malformed bytes) goes the
+        general way (_convert_tuple: such a value stays a string; ProtocolError when malformed)."""
+        converters = self.writer.converters
         try:
-            if (body[0] << 8 | body[1]) < len(converters):
+            if 92 in line or line[-1] != 10:  # a backslash (NULL, an escape), or no newline at the end
+                raise ValueError("not plain")
+            values = line[:-1].decode().split("\t")
+            if len(values) < len(converters):
                 raise ValueError("column count")
-            pos = 2
-            for convert in converters:
-                size = size_of(body, pos)[0]
-                start = pos + 4
-                if size < 0:
-                    append("null")
-                    pos = start
-                else:
-                    pos = start + size
-                    append(convert(body[start:pos].decode()))
-            if pos > len(body):
-                raise ValueError("truncated")
-        except (IndexError, struct.error, *_VALUE_ERRORS):  # UnicodeDecodeError is a ValueError
-            values = self._values_slowly(body)
+            values = [convert(value) for convert, value in zip(converters, values)]
+        except (IndexError, *_VALUE_ERRORS):  # UnicodeDecodeError is a ValueError
+            values = self._values_slowly(line)
         key = self._key_line % self._key_values(values)  # one key column: its value, else a tuple
-        return body, key, self._row_line % (key, *values)
+        return line, key, self._row_line % (key, *values)
 
-    def _values_slowly(self, body: bytes) -> list[str]:
-        values = decode_data_row(body)
+    def _values_slowly(self, line: bytes) -> list[str]:
+        values = decode_copy_text(line)
         names = self.writer.names
         if len(values) < len(names):
-            raise ProtocolError(f"malformed DataRow message: {len(values)} columns, {len(names)} expected "
+            raise ProtocolError(f"malformed CopyData message: {len(values)} columns, {len(names)} expected "
                                 f"for {self.name}")
-        row, _ = _convert_tuple(self.writer, values[:len(names)], "DataRow")
+        row, _ = _convert_tuple(self.writer, values[:len(names)], "COPY")
         return [row[name] for name in names]
 
-    def order_values(self, body: bytes) -> list[str | None]:
+    def order_values(self, line: bytes) -> list[str | None]:
         """A selected row's order-column values as text (the cursor)."""
-        values = decode_data_row(body)
+        values = decode_copy_text(line)
         return [values[i] for i in self.order_positions]
 
 
 def build_chunk_query(table: BackfillTable, after: Sequence[str | None] | None, limit: int) -> str:
-    """The SELECT of the next chunk: the published columns (then any order column not among
-    them) of the rows after the cursor (keyset pagination) that pass the row filter."""
+    """The SELECT of the next chunk, as COPY (text format: one CopyData a row, split in C): the
+    published columns (then any order column not among them) of the rows after the cursor
+    (keyset pagination) that pass the row filter."""
     order = ", ".join(quote_ident(c) for c in table.order)
     columns = ", ".join(quote_ident(c) for c in (*table.writer.names, *table.extra))
     conditions = [f"({table.row_filter})"] if table.row_filter else []
@@ -3926,8 +3952,8 @@ def build_chunk_query(table: BackfillTable, after: Sequence[str | None] | None, 
         values = ", ".join("NULL" if v is None else f"{quote_literal(v)}::{t}" for v, t in zip(after, table.order_types))
         conditions.append(f"({order}) > ({values})" if len(table.order) > 1 else f"{order} > {values}")
     where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-    return (f"SELECT {columns} FROM {quote_ident(table.schema)}.{quote_ident(table.table)}{where} "
-            f"ORDER BY {order} LIMIT {limit}")
+    return (f"COPY (SELECT {columns} FROM {quote_ident(table.schema)}.{quote_ident(table.table)}{where} "
+            f"ORDER BY {order} LIMIT {limit}) TO STDOUT")
 
 
 _READ_LINE = '{"id":"%s:r%d","op":"read",%s%s","commit_lsn":null,"commit_time":null,"seq":null}'
@@ -3942,7 +3968,7 @@ class ChunkWindow:
     """One chunk between its watermarks (pure; the Backfill task fills it, the stream reads it).
 
     `rows` (set before the high watermark is written): per row selected, BackfillTable.read_row's
-    (DataRow bytes, key JSON text, read line).  `observe` takes the stream's events between the
+    (COPY line, key JSON text, read line).  `observe` takes the stream's events between the
     watermarks and notes the rows they change; `read_chunk` at the high watermark gives the read
     events of the rows left.  Rows are told apart by their order columns.  When those are the
     replica identity's (the primary key, or the index of REPLICA IDENTITY USING INDEX), a change
@@ -4152,7 +4178,7 @@ async def select_chunk(conn: PgConnection, query: str, convert_row: Callable[[by
         try:
             (unseen,), = await conn.simple_query(UNSEEN_COMMITS_SQL)
             if unseen == "0":
-                return await conn.simple_query(query, BACKFILL_STATEMENT_TIMEOUT_S + 10, convert_row)
+                return await conn.copy_out(query, convert_row, BACKFILL_STATEMENT_TIMEOUT_S + 10)
         finally:
             await conn.simple_query("ROLLBACK")
         await trio.sleep(0.001 * attempt)
