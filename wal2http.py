@@ -3956,7 +3956,9 @@ def build_chunk_query(table: BackfillTable, after: Sequence[str | None] | None, 
             f"ORDER BY {order} LIMIT {limit}) TO STDOUT")
 
 
-_READ_LINE = '{"id":"%s:r%d","op":"read",%s%s","commit_lsn":null,"commit_time":null,"seq":null}'
+#: A read event's line: START, its number in the chunk, OP, BackfillTable.read_row's text, END.
+_READ_LINE_START, _READ_LINE_OP = '{"id":"%s:r', '","op":"read",'
+_READ_LINE_END = '%s","commit_lsn":null,"commit_time":null,"seq":null}'
 
 
 def _order_identity(values: Iterable) -> tuple[str, ...]:
@@ -4044,7 +4046,8 @@ class ChunkWindow:
                 None if v is None else decode_event_line(convert(v))
                 for convert, v in zip(converters, values(row[0]))) not in changed]
         lsn = format_lsn(high_lsn)
-        events = [Event(_READ_LINE % (lsn, n, line, lsn)) for n, (_, _, line) in rows]
+        start, end = _READ_LINE_START % lsn, _READ_LINE_END % lsn
+        events = [Event(f"{start}{n}{_READ_LINE_OP}{line}{end}") for n, (_, _, line) in rows]
         self.rows, self.sent = [], len(events)  # the rows' memory goes with the events
         return Chunk(events, high_lsn, {"read": len(events)} if events else None, transaction=False)
 
